@@ -1,0 +1,491 @@
+//! Commands: the verbs of the contract, their bodies, and decoding a NATS
+//! request (subject verb + JSON body) into a typed [`CommandEnvelope`].
+//!
+//! Decoding is strict: unknown fields, wrong types, malformed ids, values
+//! outside the allowed ranges and oversized bodies are a [`DecodeError`]
+//! (`bad_request` on the wire) and never reach the writer.
+
+use super::ids::{Name, ProjectId};
+use super::job::Deployment;
+use super::limits::{ACTOR_BYTES_MAX, PAYLOAD_BYTES_MAX};
+use super::schedule::{Schedule, SchedulePatch};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verb {
+    Create,
+    Start,
+    Stop,
+    Terminate,
+    AssignRegion,
+    ChangeSchedule,
+    RecordSnapshot,
+    DeleteSnapshot,
+    SetSnapshotExpiry,
+    ExpireSnapshots,
+    ConfigureRegion,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 11] = [
+        Verb::Create,
+        Verb::Start,
+        Verb::Stop,
+        Verb::Terminate,
+        Verb::AssignRegion,
+        Verb::ChangeSchedule,
+        Verb::RecordSnapshot,
+        Verb::DeleteSnapshot,
+        Verb::SetSnapshotExpiry,
+        Verb::ExpireSnapshots,
+        Verb::ConfigureRegion,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Create => "create",
+            Verb::Start => "start",
+            Verb::Stop => "stop",
+            Verb::Terminate => "terminate",
+            Verb::AssignRegion => "assign-region",
+            Verb::ChangeSchedule => "change-schedule",
+            Verb::RecordSnapshot => "record-snapshot",
+            Verb::DeleteSnapshot => "delete-snapshot",
+            Verb::SetSnapshotExpiry => "set-snapshot-expiry",
+            Verb::ExpireSnapshots => "expire-snapshots",
+            Verb::ConfigureRegion => "configure-region",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Verb> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A change to one store of a region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreChange {
+    Set(Name),
+    Remove,
+}
+
+impl StoreChange {
+    pub fn apply(change: &Option<StoreChange>, current: &Option<Name>) -> Option<Name> {
+        match change {
+            None => current.clone(),
+            Some(StoreChange::Set(n)) => Some(n.clone()),
+            Some(StoreChange::Remove) => None,
+        }
+    }
+}
+
+/// What a command asks, once decoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    Create {
+        deployment: Deployment,
+        schedule: Schedule,
+        region: Option<Name>,
+    },
+    Start,
+    Stop,
+    Terminate,
+    AssignRegion {
+        region: Option<Name>,
+    },
+    ChangeSchedule {
+        schedule: SchedulePatch,
+    },
+    ConfigureRegion {
+        region: Name,
+        snapshot_store: Option<StoreChange>,
+        oplog_store: Option<StoreChange>,
+        sync_store: Option<StoreChange>,
+    },
+}
+
+/// A decoded command with everything the writer needs to decide it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CommandEnvelope {
+    pub command_id: Uuid,
+    pub project_id: ProjectId,
+    pub verb: Verb,
+    /// None only for `configure-region`.
+    pub job_id: Option<Uuid>,
+    pub expected_version: Option<u64>,
+    #[serde(skip)]
+    pub actor: Option<String>,
+    pub command: Command,
+}
+
+impl CommandEnvelope {
+    /// A digest of what the command asks (everything but the actor), so a
+    /// retry with the same `command_id` and another body is detected.
+    pub fn fingerprint(&self) -> String {
+        let bytes = serde_json::to_vec(self).expect("command serializes");
+        blake3::hash(&bytes).to_hex().to_string()
+    }
+}
+
+/// Why a request could not be decoded: always `bad_request` on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+fn bad(msg: impl Into<String>) -> DecodeError {
+    DecodeError(msg.into())
+}
+
+/// A field that must be present but may be null.
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
+}
+
+/// A field that may be absent (keep), null (remove) or a value (set).
+fn store_change<'de, D: Deserializer<'de>>(d: D) -> Result<Option<StoreChange>, D::Error> {
+    Ok(Some(match Option::<Name>::deserialize(d)? {
+        Some(n) => StoreChange::Set(n),
+        None => StoreChange::Remove,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    command_id: Uuid,
+    job_id: Uuid,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+    deployment: Deployment,
+    #[serde(default)]
+    schedule: SchedulePatch,
+    #[serde(default)]
+    region: Option<Name>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobBody {
+    command_id: Uuid,
+    job_id: Uuid,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignRegionBody {
+    command_id: Uuid,
+    job_id: Uuid,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(deserialize_with = "nullable")]
+    region: Option<Name>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeScheduleBody {
+    command_id: Uuid,
+    job_id: Uuid,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+    schedule: SchedulePatch,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigureRegionBody {
+    command_id: Uuid,
+    #[serde(default)]
+    actor: Option<String>,
+    region: Name,
+    #[serde(default, deserialize_with = "store_change")]
+    snapshot_store: Option<StoreChange>,
+    #[serde(default, deserialize_with = "store_change")]
+    oplog_store: Option<StoreChange>,
+    #[serde(default, deserialize_with = "store_change")]
+    sync_store: Option<StoreChange>,
+}
+
+fn parse<'a, T: Deserialize<'a>>(verb: Verb, body: &'a [u8]) -> Result<T, DecodeError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            bad(format!("invalid {verb} body: {inner}"))
+        } else {
+            bad(format!("invalid {verb} body: field {path}: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| bad(format!("invalid {verb} body: {e}")))?;
+    Ok(value)
+}
+
+/// Decode a command from its subject parts and body. `header_actor` is the
+/// `Bcp-Actor` header; an `actor` in the body wins over it.
+pub fn decode(
+    project: &str,
+    verb: &str,
+    body: &[u8],
+    header_actor: Option<&str>,
+) -> Result<CommandEnvelope, DecodeError> {
+    if body.len() > PAYLOAD_BYTES_MAX {
+        return Err(bad(format!(
+            "body is {} bytes; the limit is {PAYLOAD_BYTES_MAX}",
+            body.len()
+        )));
+    }
+    let verb = Verb::parse(verb).ok_or_else(|| {
+        let all: Vec<_> = Verb::ALL.iter().map(|v| v.as_str()).collect();
+        bad(format!("unknown verb {verb:?}; verbs: {}", all.join(", ")))
+    })?;
+    let project_id = ProjectId::parse(project).map_err(bad)?;
+    if project_id.is_admin() != (verb == Verb::ConfigureRegion) {
+        return Err(bad(if verb == Verb::ConfigureRegion {
+            "configure-region is sent on project _admin (bcp.cmd._admin.configure-region)"
+                .to_owned()
+        } else {
+            format!("{verb} is a job command; project _admin only takes configure-region")
+        }));
+    }
+    let job = |b: JobBody, command| {
+        (
+            b.command_id,
+            Some(b.job_id),
+            b.expected_version,
+            b.actor,
+            command,
+        )
+    };
+    let (command_id, job_id, expected_version, actor, command) = match verb {
+        Verb::Create => {
+            let b: CreateBody = parse(verb, body)?;
+            b.deployment.validate().map_err(bad)?;
+            let schedule = Schedule::default()
+                .apply(&b.schedule)
+                .map_err(|e| bad(e.to_string()))?;
+            let command = Command::Create {
+                deployment: b.deployment,
+                schedule,
+                region: b.region,
+            };
+            (
+                b.command_id,
+                Some(b.job_id),
+                b.expected_version,
+                b.actor,
+                command,
+            )
+        }
+        Verb::Start => job(parse(verb, body)?, Command::Start),
+        Verb::Stop => job(parse(verb, body)?, Command::Stop),
+        Verb::Terminate => job(parse(verb, body)?, Command::Terminate),
+        Verb::AssignRegion => {
+            let b: AssignRegionBody = parse(verb, body)?;
+            let command = Command::AssignRegion { region: b.region };
+            (
+                b.command_id,
+                Some(b.job_id),
+                b.expected_version,
+                b.actor,
+                command,
+            )
+        }
+        Verb::ChangeSchedule => {
+            let b: ChangeScheduleBody = parse(verb, body)?;
+            let command = Command::ChangeSchedule {
+                schedule: b.schedule,
+            };
+            (
+                b.command_id,
+                Some(b.job_id),
+                b.expected_version,
+                b.actor,
+                command,
+            )
+        }
+        Verb::ConfigureRegion => {
+            let b: ConfigureRegionBody = parse(verb, body)?;
+            let command = Command::ConfigureRegion {
+                region: b.region,
+                snapshot_store: b.snapshot_store,
+                oplog_store: b.oplog_store,
+                sync_store: b.sync_store,
+            };
+            (b.command_id, None, None, b.actor, command)
+        }
+        Verb::RecordSnapshot
+        | Verb::DeleteSnapshot
+        | Verb::SetSnapshotExpiry
+        | Verb::ExpireSnapshots => {
+            return Err(bad(format!(
+                "{verb} is part of the contract but not served by this release yet (snapshot catalog)"
+            )));
+        }
+    };
+    let actor = actor.or_else(|| header_actor.map(str::to_owned));
+    if let Some(a) = &actor {
+        if a.len() > ACTOR_BYTES_MAX || a.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "actor must be at most {ACTOR_BYTES_MAX} bytes of printable characters"
+            )));
+        }
+    }
+    Ok(CommandEnvelope {
+        command_id,
+        project_id,
+        verb,
+        job_id,
+        expected_version,
+        actor,
+        command,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CID: &str = "0192f0c4-0000-7000-8000-000000000001";
+    const JID: &str = "0192f0c4-0000-7000-8000-0000000000aa";
+
+    fn err(project: &str, verb: &str, body: &str) -> String {
+        decode(project, verb, body.as_bytes(), None).unwrap_err().0
+    }
+
+    #[test]
+    fn decodes_a_create_with_defaults() {
+        let body = format!(
+            r#"{{"command_id":"{CID}","job_id":"{JID}","deployment":{{"kind":"replica_set","name":"rs0"}},"schedule":{{"snapshot_interval_hours":6}}}}"#
+        );
+        let c = decode("p1", "create", body.as_bytes(), Some("alice")).unwrap();
+        assert_eq!(c.actor.as_deref(), Some("alice"));
+        let Command::Create { schedule, .. } = c.command else {
+            panic!()
+        };
+        assert_eq!(schedule.snapshot_interval_hours, 6);
+        assert_eq!(schedule.weekly_retention_weeks, 2);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_reason() {
+        assert!(err("p1", "start", "not json").contains("invalid start body"));
+        assert!(
+            err(
+                "p1",
+                "start",
+                &format!(r#"{{"command_id":"{CID}","job_id":"{JID}","x":1}}"#)
+            )
+            .contains("unknown field `x`")
+        );
+        assert!(
+            err("p1", "start", &format!(r#"{{"command_id":"{CID}"}}"#))
+                .contains("missing field `job_id`")
+        );
+        assert!(
+            err(
+                "p1",
+                "start",
+                &format!(r#"{{"command_id":"nope","job_id":"{JID}"}}"#)
+            )
+            .contains("command_id")
+        );
+        assert!(
+            err(
+                "p1",
+                "start",
+                &format!(r#"{{"command_id":"{CID}","job_id":"{JID}","expected_version":-1}}"#)
+            )
+            .contains("invalid")
+        );
+        assert!(err("p1", "fly", "{}").contains("unknown verb"));
+        assert!(err("_admin", "start", "{}").contains("job command"));
+        assert!(err("p1", "configure-region", "{}").contains("_admin"));
+        assert!(err("_x", "start", "{}").contains("reserved"));
+        assert!(
+            err(
+                "p1",
+                "assign-region",
+                &format!(r#"{{"command_id":"{CID}","job_id":"{JID}"}}"#)
+            )
+            .contains("missing field `region`")
+        );
+        let big = format!(
+            r#"{{"command_id":"{CID}","job_id":"{JID}","actor":"{}"}}"#,
+            "a".repeat(PAYLOAD_BYTES_MAX)
+        );
+        assert!(err("p1", "start", &big).contains("limit"));
+        let long_actor = format!(
+            r#"{{"command_id":"{CID}","job_id":"{JID}","actor":"{}"}}"#,
+            "a".repeat(300)
+        );
+        assert!(err("p1", "start", &long_actor).contains("actor"));
+        let bad_sched = format!(
+            r#"{{"command_id":"{CID}","job_id":"{JID}","deployment":{{"kind":"replica_set","name":"rs0"}},"schedule":{{"snapshot_interval_hours":5}}}}"#
+        );
+        assert!(err("p1", "create", &bad_sched).contains("6, 8, 12, 24"));
+        let shard = format!(
+            r#"{{"command_id":"{CID}","job_id":"{JID}","deployment":{{"kind":"shard","name":"s0"}}}}"#
+        );
+        assert!(err("p1", "create", &shard).contains("cluster is required"));
+    }
+
+    #[test]
+    fn region_null_removes_and_absent_store_keeps() {
+        let b = format!(r#"{{"command_id":"{CID}","job_id":"{JID}","region":null}}"#);
+        let c = decode("p1", "assign-region", b.as_bytes(), None).unwrap();
+        assert_eq!(c.command, Command::AssignRegion { region: None });
+        let b = format!(
+            r#"{{"command_id":"{CID}","region":"eu","snapshot_store":"s","oplog_store":null}}"#
+        );
+        let c = decode("_admin", "configure-region", b.as_bytes(), None).unwrap();
+        let Command::ConfigureRegion {
+            snapshot_store,
+            oplog_store,
+            sync_store,
+            ..
+        } = c.command
+        else {
+            panic!()
+        };
+        assert_eq!(
+            snapshot_store,
+            Some(StoreChange::Set(Name::parse("s").unwrap()))
+        );
+        assert_eq!(oplog_store, Some(StoreChange::Remove));
+        assert_eq!(sync_store, None);
+    }
+
+    #[test]
+    fn fingerprint_ignores_actor_but_not_the_body() {
+        let a = format!(r#"{{"command_id":"{CID}","job_id":"{JID}","actor":"a"}}"#);
+        let b = format!(r#"{{"command_id":"{CID}","job_id":"{JID}"}}"#);
+        let c = format!(r#"{{"command_id":"{CID}","job_id":"{JID}","expected_version":3}}"#);
+        let f = |s: &str, v: &str| decode("p1", v, s.as_bytes(), None).unwrap().fingerprint();
+        assert_eq!(f(&a, "start"), f(&b, "start"));
+        assert_ne!(f(&b, "start"), f(&c, "start"));
+        assert_ne!(f(&b, "start"), f(&b, "stop"));
+    }
+}

@@ -1,0 +1,641 @@
+//! `decide`: a command against the current [`World`] → the events it causes,
+//! or a [`Rejection`]. The transition table of DOMAIN.md reads straight off
+//! the `match` in [`decide_job`].
+//!
+//! Pure: `now` is an argument; event ids and seqs are assigned by the store.
+
+use super::command::{Command, CommandEnvelope, StoreChange, Verb};
+use super::event::Event;
+use super::ids::{Name, ProjectId};
+use super::job::{Job, JobState, Phase};
+use super::world::{Region, World};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Wire error codes for rejections decided against state, plus `bad_request`
+/// for values only checkable against state (a schedule patch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    BadRequest,
+    NotFound,
+    AlreadyExists,
+    InvalidTransition,
+    VersionConflict,
+}
+
+impl RejectCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::BadRequest => "bad_request",
+            RejectCode::NotFound => "not_found",
+            RejectCode::AlreadyExists => "already_exists",
+            RejectCode::InvalidTransition => "invalid_transition",
+            RejectCode::VersionConflict => "version_conflict",
+        }
+    }
+
+    /// Whether the rejection is recorded in the log as `CommandRejected`
+    /// (DESIGN.md §2: every rejection decided against state; not bad input).
+    pub fn is_audited(self) -> bool {
+        self != RejectCode::BadRequest
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: RejectCode,
+    pub message: String,
+    /// The job's state when refused, if there is such a job.
+    pub state: Option<JobState>,
+    /// For `version_conflict`: the job's version.
+    pub current_version: Option<u64>,
+}
+
+/// One event to append, with the stream it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decided {
+    pub project_id: ProjectId,
+    pub job_id: Option<Uuid>,
+    pub event: Event,
+}
+
+pub type Decision = Result<Vec<Decided>, Rejection>;
+
+fn reject(code: RejectCode, state: Option<JobState>, message: String) -> Rejection {
+    Rejection {
+        code,
+        message,
+        state,
+        current_version: None,
+    }
+}
+
+/// Decide one command. An `Ok` with no events means "already so" (assigning
+/// the region a job already has).
+pub fn decide(world: &World, cmd: &CommandEnvelope, now: DateTime<Utc>) -> Decision {
+    if let Command::ConfigureRegion {
+        region,
+        snapshot_store,
+        oplog_store,
+        sync_store,
+    } = &cmd.command
+    {
+        return Ok(configure_region(
+            world,
+            cmd,
+            region,
+            [snapshot_store, oplog_store, sync_store],
+        ));
+    }
+    let job_id = cmd.job_id.expect("job commands carry a job_id");
+    let job = world
+        .jobs
+        .get(&job_id)
+        .filter(|j| j.project_id == cmd.project_id);
+    let current = job.map_or(0, |j| j.version);
+    if let Some(expected) = cmd.expected_version {
+        // A job of another project is reported as not found below, not as a
+        // version conflict that would leak its version.
+        if expected != current && (job.is_some() || !world.jobs.contains_key(&job_id)) {
+            return Err(Rejection {
+                code: RejectCode::VersionConflict,
+                message: format!("expected version {expected}, job is at version {current}"),
+                state: job.map(|j| j.state),
+                current_version: Some(current),
+            });
+        }
+    }
+    let on_job = |event| Decided {
+        project_id: cmd.project_id.clone(),
+        job_id: Some(job_id),
+        event,
+    };
+    if let Command::Create {
+        deployment,
+        schedule,
+        region,
+    } = &cmd.command
+    {
+        if world.jobs.contains_key(&job_id) {
+            return Err(reject(
+                RejectCode::AlreadyExists,
+                None,
+                format!("job {job_id} already exists"),
+            ));
+        }
+        let event = Event::JobCreated {
+            deployment: deployment.clone(),
+            schedule: *schedule,
+            region: region.clone(),
+        };
+        return Ok(vec![on_job(event)]);
+    }
+    let Some(job) = job else {
+        return Err(reject(
+            RejectCode::NotFound,
+            None,
+            format!("no job {job_id} in project {}", cmd.project_id),
+        ));
+    };
+    Ok(decide_job(world, job, cmd, now)?
+        .into_iter()
+        .map(on_job)
+        .collect())
+}
+
+/// The transition table for an existing job.
+fn decide_job(
+    world: &World,
+    job: &Job,
+    cmd: &CommandEnvelope,
+    now: DateTime<Utc>,
+) -> Result<Vec<Event>, Rejection> {
+    use JobState::*;
+    let state = job.state;
+    let refuse = |allowed: &str| {
+        let message = format!(
+            "cannot {} a job that is {state}; {} is allowed from {allowed}",
+            cmd.verb, cmd.verb
+        );
+        Err(reject(RejectCode::InvalidTransition, Some(state), message))
+    };
+    match (&cmd.command, state) {
+        (Command::Start, Inactive | Stopped) => Ok(vec![start(world, job, now)]),
+        (Command::Start, _) => refuse("Inactive or Stopped"),
+        (Command::Stop, Active | Misconfigured) => Ok(vec![Event::JobStopped {}]),
+        (Command::Stop, _) => refuse("Active or Misconfigured"),
+        (Command::Terminate, Stopped) => Ok(vec![Event::JobTerminated {}]),
+        (Command::Terminate, Active | Misconfigured) => refuse("Stopped only: stop it first"),
+        (Command::Terminate, _) => refuse("Stopped only"),
+        (Command::AssignRegion { region }, _) if *region == job.region => Ok(vec![]),
+        (Command::AssignRegion { region }, _) if state == Inactive || job.region.is_none() => {
+            Ok(assign_region(world, job, region))
+        }
+        (Command::AssignRegion { .. }, _) => refuse(
+            "Inactive, or any state while the job has no region yet (its snapshots live in the region's stores: stop and terminate first)",
+        ),
+        (Command::ChangeSchedule { schedule }, _) => {
+            let schedule = job
+                .schedule
+                .apply(schedule)
+                .map_err(|e| reject(RejectCode::BadRequest, Some(state), e.to_string()))?;
+            Ok(vec![Event::ScheduleChanged { schedule }])
+        }
+        (Command::Create { .. } | Command::ConfigureRegion { .. }, _) => {
+            unreachable!("handled by decide")
+        }
+    }
+}
+
+fn start(world: &World, job: &Job, now: DateTime<Utc>) -> Event {
+    let window = chrono::Duration::hours(i64::from(job.schedule.point_in_time_window_hours));
+    let resumes = job.state == JobState::Stopped
+        && job.initial_sync_done
+        && job.stopped_at.is_some_and(|at| now - at < window);
+    let phase = if resumes {
+        Phase::Incremental
+    } else {
+        Phase::InitialSync
+    };
+    match not_ready_reason(world, job.region.as_ref()) {
+        None => Event::JobStarted {
+            phase,
+            state: JobState::Active,
+            reason: None,
+        },
+        Some(reason) => Event::JobStarted {
+            phase,
+            state: JobState::Misconfigured,
+            reason: Some(reason),
+        },
+    }
+}
+
+fn not_ready_reason(world: &World, region: Option<&Name>) -> Option<String> {
+    let region = world.region(region?);
+    (!region.fully_configured()).then(|| {
+        format!(
+            "region {} lacks {}",
+            region.region,
+            region.missing_stores().join(", ")
+        )
+    })
+}
+
+fn assign_region(world: &World, job: &Job, region: &Option<Name>) -> Vec<Event> {
+    let mut events = vec![Event::RegionAssigned {
+        region: region.clone(),
+    }];
+    let reason = not_ready_reason(world, region.as_ref());
+    match (job.state, reason) {
+        (JobState::Active, Some(reason)) => events.push(Event::JobMisconfigured { reason }),
+        (JobState::Misconfigured, None) => events.push(Event::JobReconfigured {
+            reason: match region {
+                Some(r) => format!("assigned to fully configured region {r}"),
+                None => "region removed".to_owned(),
+            },
+            phase: job.resume_phase(),
+        }),
+        _ => {}
+    }
+    events
+}
+
+/// The region policy: one command, events for the region and for every job
+/// of that region whose state it changes, across projects.
+fn configure_region(
+    world: &World,
+    cmd: &CommandEnvelope,
+    name: &Name,
+    changes: [&Option<StoreChange>; 3],
+) -> Vec<Decided> {
+    let before = world.region(name);
+    let after = Region {
+        region: name.clone(),
+        snapshot_store: StoreChange::apply(changes[0], &before.snapshot_store),
+        oplog_store: StoreChange::apply(changes[1], &before.oplog_store),
+        sync_store: StoreChange::apply(changes[2], &before.sync_store),
+    };
+    let mut out = vec![Decided {
+        project_id: cmd.project_id.clone(),
+        job_id: None,
+        event: Event::RegionConfigured {
+            region: name.clone(),
+            snapshot_store: after.snapshot_store.clone(),
+            oplog_store: after.oplog_store.clone(),
+            sync_store: after.sync_store.clone(),
+        },
+    }];
+    let ready = after.fully_configured();
+    for job in world
+        .jobs
+        .values()
+        .filter(|j| j.region.as_ref() == Some(name))
+    {
+        let event = match (job.state, ready) {
+            (JobState::Active, false) => Event::JobMisconfigured {
+                reason: format!("region {name} lacks {}", after.missing_stores().join(", ")),
+            },
+            (JobState::Misconfigured, true) => Event::JobReconfigured {
+                reason: format!("region {name} is fully configured"),
+                phase: job.resume_phase(),
+            },
+            _ => continue,
+        };
+        out.push(Decided {
+            project_id: job.project_id.clone(),
+            job_id: Some(job.job_id),
+            event,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::envelope::Envelope;
+    use crate::domain::job::{Deployment, DeploymentKind};
+    use crate::domain::schedule::Schedule;
+    use chrono::TimeZone;
+
+    const P: &str = "p1";
+
+    fn t(hour: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 1, hour, 0, 0).unwrap()
+    }
+    fn job_id() -> Uuid {
+        Uuid::from_u128(0xaa)
+    }
+    fn name(s: &str) -> Name {
+        Name::parse(s).unwrap()
+    }
+
+    /// A world built by applying `events` to job `job_id()` (or to regions).
+    fn given(events: Vec<Event>) -> World {
+        let mut w = World::default();
+        let mut version = 0;
+        for (i, event) in events.into_iter().enumerate() {
+            let region_event = matches!(event, Event::RegionConfigured { .. });
+            if !region_event {
+                version += 1;
+            }
+            w.evolve(&Envelope {
+                seq: i as u64 + 1,
+                event_id: Uuid::from_u128(i as u128),
+                schema_version: 1,
+                project_id: ProjectId::parse(if region_event { "_admin" } else { P }).unwrap(),
+                job_id: (!region_event).then(job_id),
+                job_version: (!region_event).then_some(version),
+                command_id: Uuid::from_u128(1000 + i as u128),
+                actor: None,
+                recorded_at: t(i as u32),
+                prev_hash: String::new(),
+                event,
+                hash: String::new(),
+            });
+        }
+        w
+    }
+
+    fn created(region: Option<&str>) -> Event {
+        Event::JobCreated {
+            deployment: Deployment {
+                kind: DeploymentKind::ReplicaSet,
+                name: "rs0".into(),
+                cluster: None,
+            },
+            schedule: Schedule::default(),
+            region: region.map(name),
+        }
+    }
+    fn started(state: JobState) -> Event {
+        Event::JobStarted {
+            phase: Phase::InitialSync,
+            state,
+            reason: None,
+        }
+    }
+    fn region_full(r: &str) -> Event {
+        Event::RegionConfigured {
+            region: name(r),
+            snapshot_store: Some(name("s")),
+            oplog_store: Some(name("o")),
+            sync_store: Some(name("y")),
+        }
+    }
+
+    /// The four states, each with a job that has no region (Misconfigured
+    /// needs one: its region "eu" has no stores).
+    fn in_state(state: JobState) -> World {
+        match state {
+            JobState::Inactive => given(vec![created(None)]),
+            JobState::Active => given(vec![created(None), started(JobState::Active)]),
+            JobState::Stopped => given(vec![
+                created(None),
+                started(JobState::Active),
+                Event::JobStopped {},
+            ]),
+            JobState::Misconfigured => {
+                given(vec![created(Some("eu")), started(JobState::Misconfigured)])
+            }
+        }
+    }
+
+    fn cmd(command: Command, verb: Verb) -> CommandEnvelope {
+        CommandEnvelope {
+            command_id: Uuid::from_u128(1),
+            project_id: ProjectId::parse(P).unwrap(),
+            verb,
+            job_id: Some(job_id()),
+            expected_version: None,
+            actor: None,
+            command,
+        }
+    }
+
+    fn types(d: &Decision) -> Result<Vec<&'static str>, RejectCode> {
+        match d {
+            Ok(evs) => Ok(evs.iter().map(|d| d.event.type_name()).collect()),
+            Err(r) => Err(r.code),
+        }
+    }
+
+    #[test]
+    fn transition_table() {
+        use JobState::*;
+        let create = || {
+            cmd(
+                Command::Create {
+                    deployment: Deployment {
+                        kind: DeploymentKind::ReplicaSet,
+                        name: "x".into(),
+                        cluster: None,
+                    },
+                    schedule: Schedule::default(),
+                    region: None,
+                },
+                Verb::Create,
+            )
+        };
+        let start = || cmd(Command::Start, Verb::Start);
+        let stop = || cmd(Command::Stop, Verb::Stop);
+        let terminate = || cmd(Command::Terminate, Verb::Terminate);
+        let assign_eu = || {
+            cmd(
+                Command::AssignRegion {
+                    region: Some(name("eu")),
+                },
+                Verb::AssignRegion,
+            )
+        };
+        let schedule = || {
+            cmd(
+                Command::ChangeSchedule {
+                    schedule: Default::default(),
+                },
+                Verb::ChangeSchedule,
+            )
+        };
+        let it = Err(RejectCode::InvalidTransition);
+        let ok = |v: &[&'static str]| Ok(v.to_vec());
+        // (state, command, expected) — every (command, state) pair.
+        let table: Vec<(JobState, CommandEnvelope, Result<Vec<&str>, RejectCode>)> = vec![
+            (Inactive, create(), Err(RejectCode::AlreadyExists)),
+            (Active, create(), Err(RejectCode::AlreadyExists)),
+            (Stopped, create(), Err(RejectCode::AlreadyExists)),
+            (Misconfigured, create(), Err(RejectCode::AlreadyExists)),
+            (Inactive, start(), ok(&["JobStarted"])),
+            (Active, start(), it.clone()),
+            (Stopped, start(), ok(&["JobStarted"])),
+            (Misconfigured, start(), it.clone()),
+            (Inactive, stop(), it.clone()),
+            (Active, stop(), ok(&["JobStopped"])),
+            (Stopped, stop(), it.clone()),
+            (Misconfigured, stop(), ok(&["JobStopped"])),
+            (Inactive, terminate(), it.clone()),
+            (Active, terminate(), it.clone()),
+            (Stopped, terminate(), ok(&["JobTerminated"])),
+            (Misconfigured, terminate(), it.clone()),
+            // first assignment is allowed in any state; eu has no stores
+            (Inactive, assign_eu(), ok(&["RegionAssigned"])),
+            (
+                Active,
+                assign_eu(),
+                ok(&["RegionAssigned", "JobMisconfigured"]),
+            ),
+            (Stopped, assign_eu(), ok(&["RegionAssigned"])),
+            (Misconfigured, assign_eu(), ok(&[])), // already in eu
+            (Inactive, schedule(), ok(&["ScheduleChanged"])),
+            (Active, schedule(), ok(&["ScheduleChanged"])),
+            (Stopped, schedule(), ok(&["ScheduleChanged"])),
+            (Misconfigured, schedule(), ok(&["ScheduleChanged"])),
+        ];
+        for (state, c, expected) in table {
+            let w = in_state(state);
+            assert_eq!(w.jobs[&job_id()].state, state);
+            let got = decide(&w, &c, t(20));
+            assert_eq!(types(&got), expected, "{} in {state}", c.verb);
+            if let Err(r) = got {
+                if r.code == RejectCode::InvalidTransition {
+                    assert!(r.message.contains(state.as_str()), "{}", r.message);
+                    assert_eq!(r.state, Some(state));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn create_then_missing_and_foreign_jobs_are_not_found() {
+        let w = World::default();
+        let c = cmd(Command::Start, Verb::Start);
+        assert_eq!(types(&decide(&w, &c, t(0))), Err(RejectCode::NotFound));
+        let w = in_state(JobState::Inactive);
+        let mut other = cmd(Command::Start, Verb::Start);
+        other.project_id = ProjectId::parse("p2").unwrap();
+        assert_eq!(types(&decide(&w, &other, t(0))), Err(RejectCode::NotFound));
+        other.expected_version = Some(7);
+        assert_eq!(
+            types(&decide(&w, &other, t(0))),
+            Err(RejectCode::NotFound),
+            "no version leak across projects"
+        );
+    }
+
+    #[test]
+    fn expected_version_is_honoured() {
+        let w = in_state(JobState::Active); // version 2
+        let mut c = cmd(Command::Stop, Verb::Stop);
+        c.expected_version = Some(1);
+        let r = decide(&w, &c, t(5)).unwrap_err();
+        assert_eq!(
+            (r.code, r.current_version),
+            (RejectCode::VersionConflict, Some(2))
+        );
+        c.expected_version = Some(2);
+        assert!(decide(&w, &c, t(5)).is_ok());
+    }
+
+    #[test]
+    fn restart_within_the_window_resumes_incremental() {
+        // stopped at t(3) (event index 3), window 24h
+        let w = given(vec![
+            created(None),
+            Event::JobStarted {
+                phase: Phase::Incremental,
+                state: JobState::Active,
+                reason: None,
+            },
+            Event::ScheduleChanged {
+                schedule: Schedule::default(),
+            },
+            Event::JobStopped {},
+        ]);
+        let start = cmd(Command::Start, Verb::Start);
+        let phase = |now| match &decide(&w, &start, now).unwrap()[0].event {
+            Event::JobStarted { phase, .. } => *phase,
+            e => panic!("{e:?}"),
+        };
+        assert_eq!(
+            phase(t(3) + chrono::Duration::hours(23)),
+            Phase::Incremental
+        );
+        assert_eq!(
+            phase(t(3) + chrono::Duration::hours(24)),
+            Phase::InitialSync
+        );
+        // never finished its initial sync: always initial_sync
+        let w2 = in_state(JobState::Stopped);
+        match &decide(&w2, &start, t(4)).unwrap()[0].event {
+            Event::JobStarted { phase, .. } => assert_eq!(*phase, Phase::InitialSync),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn region_change_rules() {
+        let w = given(vec![
+            region_full("us"),
+            created(Some("us")),
+            started(JobState::Active),
+        ]);
+        // changing or removing the region of a running job is refused
+        for region in [Some(name("eu")), None] {
+            let c = cmd(Command::AssignRegion { region }, Verb::AssignRegion);
+            assert_eq!(
+                types(&decide(&w, &c, t(9))),
+                Err(RejectCode::InvalidTransition)
+            );
+        }
+        // an Inactive job may change and remove its region
+        let w = given(vec![region_full("us"), created(Some("us"))]);
+        for region in [Some(name("eu")), None] {
+            let c = cmd(Command::AssignRegion { region }, Verb::AssignRegion);
+            assert_eq!(types(&decide(&w, &c, t(9))), Ok(vec!["RegionAssigned"]));
+        }
+        // starting into a fully configured region is Active
+        let w = given(vec![region_full("us"), created(Some("us"))]);
+        match &decide(&w, &cmd(Command::Start, Verb::Start), t(9)).unwrap()[0].event {
+            Event::JobStarted { state, .. } => assert_eq!(*state, JobState::Active),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn configuring_a_region_moves_its_jobs() {
+        let mut w = in_state(JobState::Misconfigured); // job in eu, eu has no stores
+        let admin = |snap: Option<StoreChange>| CommandEnvelope {
+            command_id: Uuid::from_u128(9),
+            project_id: ProjectId::parse("_admin").unwrap(),
+            verb: Verb::ConfigureRegion,
+            job_id: None,
+            expected_version: None,
+            actor: None,
+            command: Command::ConfigureRegion {
+                region: name("eu"),
+                snapshot_store: snap,
+                oplog_store: Some(StoreChange::Set(name("o"))),
+                sync_store: Some(StoreChange::Set(name("y"))),
+            },
+        };
+        let d = decide(&w, &admin(Some(StoreChange::Set(name("s")))), t(9)).unwrap();
+        assert_eq!(
+            d.iter().map(|d| d.event.type_name()).collect::<Vec<_>>(),
+            ["RegionConfigured", "JobReconfigured"]
+        );
+        assert_eq!(d[1].job_id, Some(job_id()));
+        assert_eq!(d[1].project_id.as_str(), P);
+        // apply, then removing a store misconfigures the now Active job
+        let mut seq = 100;
+        for x in d {
+            seq += 1;
+            let version = x
+                .event
+                .is_job_change()
+                .then(|| w.jobs[&job_id()].version + 1);
+            w.evolve(&Envelope {
+                seq,
+                event_id: Uuid::from_u128(seq as u128),
+                schema_version: 1,
+                project_id: x.project_id,
+                job_id: x.job_id,
+                job_version: version,
+                command_id: Uuid::from_u128(9),
+                actor: None,
+                recorded_at: t(9),
+                prev_hash: String::new(),
+                event: x.event,
+                hash: String::new(),
+            });
+        }
+        assert_eq!(w.jobs[&job_id()].state, JobState::Active);
+        assert_eq!(w.jobs[&job_id()].phase, Some(Phase::InitialSync));
+        let d = decide(&w, &admin(Some(StoreChange::Remove)), t(10)).unwrap();
+        assert_eq!(
+            d.iter().map(|d| d.event.type_name()).collect::<Vec<_>>(),
+            ["RegionConfigured", "JobMisconfigured"]
+        );
+    }
+}

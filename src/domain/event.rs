@@ -1,0 +1,95 @@
+//! The facts bcp records. Names and fields are the contract (DOMAIN.md
+//! "Events"); serialized adjacently tagged, so an envelope carries `type` and
+//! `data` side by side.
+
+use super::command::Verb;
+use super::decide::RejectCode;
+use super::ids::Name;
+use super::job::{Deployment, JobState, Phase};
+use super::schedule::Schedule;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Current shape of every event; bump and upcast on read when one changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum Event {
+    JobCreated {
+        deployment: Deployment,
+        schedule: Schedule,
+        region: Option<Name>,
+    },
+    /// A start; `state` is Misconfigured (with `reason`) when the job's region
+    /// lacks a store.
+    JobStarted {
+        phase: Phase,
+        state: JobState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    JobStopped {},
+    JobTerminated {},
+    SnapshotsPurged {
+        snapshot_ids: Vec<Uuid>,
+    },
+    RegionAssigned {
+        region: Option<Name>,
+    },
+    JobMisconfigured {
+        reason: String,
+    },
+    JobReconfigured {
+        reason: String,
+        phase: Phase,
+    },
+    ScheduleChanged {
+        schedule: Schedule,
+    },
+    /// A region's stores as they are after the change (`job_id` null).
+    RegionConfigured {
+        region: Name,
+        snapshot_store: Option<Name>,
+        oplog_store: Option<Name>,
+        sync_store: Option<Name>,
+    },
+    /// Audit only: a command decided against state and refused.
+    CommandRejected {
+        verb: Verb,
+        code: RejectCode,
+        reason: String,
+        /// The job's state when refused (null when there was no such job).
+        state: Option<JobState>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_version: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        current_version: Option<u64>,
+    },
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::JobCreated { .. } => "JobCreated",
+            Event::JobStarted { .. } => "JobStarted",
+            Event::JobStopped {} => "JobStopped",
+            Event::JobTerminated {} => "JobTerminated",
+            Event::SnapshotsPurged { .. } => "SnapshotsPurged",
+            Event::RegionAssigned { .. } => "RegionAssigned",
+            Event::JobMisconfigured { .. } => "JobMisconfigured",
+            Event::JobReconfigured { .. } => "JobReconfigured",
+            Event::ScheduleChanged { .. } => "ScheduleChanged",
+            Event::RegionConfigured { .. } => "RegionConfigured",
+            Event::CommandRejected { .. } => "CommandRejected",
+        }
+    }
+
+    /// Whether the event changes a job (and so counts in its `job_version`).
+    pub fn is_job_change(&self) -> bool {
+        !matches!(
+            self,
+            Event::RegionConfigured { .. } | Event::CommandRejected { .. }
+        )
+    }
+}

@@ -1,0 +1,17 @@
+//! Every bound bcp keeps, in one place (TigerBeetle style: a limit on
+//! everything). Documented in README "Limits".
+
+/// Largest command or query body accepted, in bytes. Larger is `bad_request`.
+pub const PAYLOAD_BYTES_MAX: usize = 64 * 1024;
+/// Longest `actor` string accepted, in bytes.
+pub const ACTOR_BYTES_MAX: usize = 256;
+/// Commands waiting for the writer. When full, producers get `unavailable`.
+pub const INTAKE_QUEUE_MAX: usize = 8192;
+/// Commands decided and committed together in one write transaction.
+pub const BATCH_COMMANDS_MAX: usize = 512;
+/// Events the relay publishes to JetStream before awaiting the oldest ack.
+pub const RELAY_WINDOW_MAX: usize = 256;
+/// Events the relay reads from redb per read transaction.
+pub const RELAY_CHUNK_MAX: usize = 1024;
+/// Jobs returned by one `bcp.query.jobs` reply.
+pub const QUERY_JOBS_MAX: usize = 10_000;

@@ -1,0 +1,25 @@
+//! The pure domain core: identifiers, schedules, jobs, regions, commands,
+//! events, `decide` and `evolve`.
+//!
+//! Nothing in here performs I/O, reads a clock or draws randomness: time and
+//! ids arrive as arguments. Replay reuses exactly this code, so replay can
+//! never disagree with the live system.
+
+pub mod command;
+pub mod decide;
+pub mod envelope;
+pub mod event;
+pub mod ids;
+pub mod job;
+pub mod limits;
+pub mod schedule;
+pub mod world;
+
+pub use command::{Command, CommandEnvelope, Verb};
+pub use decide::{Decision, RejectCode, Rejection, decide};
+pub use envelope::Envelope;
+pub use event::Event;
+pub use ids::{Name, ProjectId};
+pub use job::{Deployment, DeploymentKind, Job, JobState, Phase};
+pub use schedule::{Schedule, SchedulePatch};
+pub use world::{Region, World};
