@@ -1,1 +1,39 @@
-fn main() {}
+//! The `bcp` binary: parse arguments, set up logging, run, map the outcome
+//! to DESIGN.md §4's exit codes.
+
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let default_level = if matches!(cli.command, cli::Cmd::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        cli::LogFormat::Text => builder.init(),
+        cli::LogFormat::Json => builder.json().init(),
+    }
+    match cli::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("bcp: {e:#}");
+            let code = if e.is::<cli::Usage>() {
+                cli::EXIT_USAGE
+            } else if e.is::<cli::Unavailable>() {
+                cli::EXIT_UNAVAILABLE
+            } else {
+                cli::EXIT_REJECTED
+            };
+            ExitCode::from(code)
+        }
+    }
+}

@@ -346,12 +346,12 @@ pub fn decode(
         }
     };
     let actor = actor.or_else(|| header_actor.map(str::to_owned));
-    if let Some(a) = &actor {
-        if a.len() > ACTOR_BYTES_MAX || a.chars().any(char::is_control) {
-            return Err(bad(format!(
-                "actor must be at most {ACTOR_BYTES_MAX} bytes of printable characters"
-            )));
-        }
+    if let Some(a) = &actor
+        && (a.len() > ACTOR_BYTES_MAX || a.chars().any(char::is_control))
+    {
+        return Err(bad(format!(
+            "actor must be at most {ACTOR_BYTES_MAX} bytes of printable characters"
+        )));
     }
     Ok(CommandEnvelope {
         command_id,

@@ -4,7 +4,7 @@
 //!
 //! Pure: `now` is an argument; event ids and seqs are assigned by the store.
 
-use super::command::{Command, CommandEnvelope, StoreChange, Verb};
+use super::command::{Command, CommandEnvelope, StoreChange};
 use super::event::Event;
 use super::ids::{Name, ProjectId};
 use super::job::{Job, JobState, Phase};
@@ -296,6 +296,7 @@ fn configure_region(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::command::Verb;
     use crate::domain::envelope::Envelope;
     use crate::domain::job::{Deployment, DeploymentKind};
     use crate::domain::schedule::Schedule;
@@ -442,7 +443,12 @@ mod tests {
         let it = Err(RejectCode::InvalidTransition);
         let ok = |v: &[&'static str]| Ok(v.to_vec());
         // (state, command, expected) — every (command, state) pair.
-        let table: Vec<(JobState, CommandEnvelope, Result<Vec<&str>, RejectCode>)> = vec![
+        type Row = (
+            JobState,
+            CommandEnvelope,
+            Result<Vec<&'static str>, RejectCode>,
+        );
+        let table: Vec<Row> = vec![
             (Inactive, create(), Err(RejectCode::AlreadyExists)),
             (Active, create(), Err(RejectCode::AlreadyExists)),
             (Stopped, create(), Err(RejectCode::AlreadyExists)),
@@ -478,11 +484,11 @@ mod tests {
             assert_eq!(w.jobs[&job_id()].state, state);
             let got = decide(&w, &c, t(20));
             assert_eq!(types(&got), expected, "{} in {state}", c.verb);
-            if let Err(r) = got {
-                if r.code == RejectCode::InvalidTransition {
-                    assert!(r.message.contains(state.as_str()), "{}", r.message);
-                    assert_eq!(r.state, Some(state));
-                }
+            if let Err(r) = got
+                && r.code == RejectCode::InvalidTransition
+            {
+                assert!(r.message.contains(state.as_str()), "{}", r.message);
+                assert_eq!(r.state, Some(state));
             }
         }
     }

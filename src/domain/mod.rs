@@ -12,6 +12,7 @@ pub mod event;
 pub mod ids;
 pub mod job;
 pub mod limits;
+pub mod reply;
 pub mod schedule;
 pub mod world;
 
@@ -21,5 +22,6 @@ pub use envelope::Envelope;
 pub use event::Event;
 pub use ids::{Name, ProjectId};
 pub use job::{Deployment, DeploymentKind, Job, JobState, Phase};
+pub use reply::{ErrorCode, Reply};
 pub use schedule::{Schedule, SchedulePatch};
 pub use world::{Region, World};

@@ -1,1 +1,43 @@
-//! placeholder
+//! Pure folds over the log: job views (filters over [`World`]) and per-job
+//! history. The live server and the audit tools use exactly these.
+
+pub mod history;
+
+use crate::domain::{Job, JobState, Name, ProjectId, World};
+use serde::{Deserialize, Serialize};
+
+/// `bcp.query.jobs` filters; every given field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFilter {
+    #[serde(default)]
+    pub project_id: Option<ProjectId>,
+    #[serde(default)]
+    pub state: Option<JobState>,
+    #[serde(default)]
+    pub region: Option<Name>,
+    #[serde(default)]
+    pub cluster: Option<String>,
+}
+
+impl JobFilter {
+    pub fn matches(&self, job: &Job) -> bool {
+        self.project_id
+            .as_ref()
+            .is_none_or(|p| *p == job.project_id)
+            && self.state.is_none_or(|s| s == job.state)
+            && self
+                .region
+                .as_ref()
+                .is_none_or(|r| job.region.as_ref() == Some(r))
+            && self
+                .cluster
+                .as_ref()
+                .is_none_or(|c| job.deployment.cluster.as_ref() == Some(c))
+    }
+}
+
+/// The jobs of `world` that match, in job-id order.
+pub fn jobs<'a>(world: &'a World, filter: &'a JobFilter) -> impl Iterator<Item = &'a Job> + 'a {
+    world.jobs.values().filter(|j| filter.matches(j))
+}

@@ -1,1 +1,117 @@
-//! placeholder
+//! The running control plane: the only async code in bcp.
+//!
+//! `serve` wires four parts together (DESIGN.md §1): [`intake`] decodes NATS
+//! requests and queues them; [`writer`] (one thread) decides and commits them
+//! in batches and hands replies back; [`relay`] publishes committed events to
+//! JetStream in seq order; [`queries`] answers reads from redb snapshots.
+//! [`shutdown`] turns SIGINT/SIGTERM into an orderly drain.
+
+pub mod intake;
+pub mod queries;
+pub mod relay;
+pub mod shutdown;
+pub mod writer;
+
+use crate::store::{Store, StoreError, ledger::Ledger};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// The stream every event is published to.
+pub const STREAM: &str = "BCP_EVENTS";
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub db: PathBuf,
+    pub nats_url: String,
+    pub stream: String,
+    /// How long shutdown waits for the relay to publish the last events.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Run until `stop` is cancelled, then drain: stop taking commands, finish
+/// the batch in hand, let the relay publish what was committed, save the
+/// relay cursor.
+pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), ServeError> {
+    let store = Store::open_or_create(&config.db)?;
+    let ledger = Ledger::open(store.clone())?;
+    let head = ledger.head_seq();
+    let client = async_nats::ConnectOptions::new()
+        .name("bcp serve")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(&config.nats_url)
+        .await
+        .map_err(|source| ServeError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        db = %config.db.display(),
+        nats = %config.nats_url,
+        stream = %config.stream,
+        head_seq = head,
+        jobs = ledger.world().jobs.len(),
+        "bcp serve started"
+    );
+
+    let published = Arc::new(AtomicU64::new(store.published_seq()?));
+    let (head_tx, head_rx) = watch::channel(head);
+    let (queue_tx, queue_rx) = mpsc::channel(crate::domain::limits::INTAKE_QUEUE_MAX);
+    let (replies_tx, replies_rx) = mpsc::channel(64);
+
+    let writer = writer::spawn(ledger, queue_rx, replies_tx, head_tx, published.clone());
+    let replier = tokio::spawn(intake::send_replies(client.clone(), replies_rx));
+    let relay_drain = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(
+        store.clone(),
+        async_nats::jetstream::new(client.clone()),
+        config.stream.clone(),
+        head_rx,
+        published.clone(),
+        relay_drain.clone(),
+    ));
+    let queries = tokio::spawn(queries::run(client.clone(), store.clone(), stop.clone()));
+    let intake_result = intake::run(client.clone(), queue_tx, stop.clone()).await;
+
+    // Drain, in data-flow order. The intake has dropped its queue sender, so
+    // the writer finishes what is queued and exits.
+    tracing::info!("draining: intake closed, waiting for the writer");
+    let ledger_head = tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|e| ServeError::Nats(format!("writer task: {e}")))?
+        .map_err(|_| ServeError::Nats("writer thread panicked".into()))?;
+    let _ = replier.await;
+    relay_drain.cancel();
+    match tokio::time::timeout(config.drain_timeout, relay).await {
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            "relay did not publish everything within {:?}; the rest is published on next start",
+            config.drain_timeout
+        ),
+    }
+    let published_seq = published.load(std::sync::atomic::Ordering::SeqCst);
+    store.save_published_seq(published_seq)?;
+    let _ = queries.await;
+    let _ = client.flush().await;
+    tracing::info!(head_seq = ledger_head, published_seq, "bcp serve stopped");
+    intake_result
+}

@@ -1,0 +1,471 @@
+//! The `bcp` command line: argument definitions (clap) and each
+//! subcommand's work. `anyhow` lives here and in `main`, not in the library.
+
+use anyhow::{Context, Result, bail};
+use bcp::audit::{replay, verify};
+use bcp::domain::{Job, JobState, Reply, Verb};
+use bcp::projection::history::{HistoryEntry, history};
+use bcp::store::Store;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Map, Value, json};
+use std::path::PathBuf;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Exit codes of DESIGN.md §4.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_REJECTED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_UNAVAILABLE: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "bcp",
+    version,
+    about = "Event-sourced control plane for backup jobs"
+)]
+pub struct Cli {
+    /// Log format of diagnostics on stderr (filter with RUST_LOG).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "BCP_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the control plane (graceful drain on SIGINT/SIGTERM).
+    #[command(after_help = "Example:\n  bcp serve --db data/bcp.redb --nats nats://127.0.0.1:4222")]
+    Serve {
+        #[arg(long, env = "BCP_DB", default_value = "data/bcp.redb")]
+        db: PathBuf,
+        #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// JetStream stream the events are published to.
+        #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
+        stream: String,
+    },
+    /// Send one command and print the reply. Exit 0 accepted, 1 rejected, 2 usage, 3 unavailable.
+    #[command(
+        after_help = "Examples:\n  bcp send create --project p1 --kind replica_set --name rs0\n  bcp send start --project p1 --job 0192f0c4-...\n  bcp send configure-region --project _admin --region eu --body '{\"snapshot_store\":\"s3\"}'"
+    )]
+    Send(SendArgs),
+    /// List jobs (through NATS, or from a stopped store with --db).
+    Jobs {
+        #[command(flatten)]
+        source: Source,
+        #[arg(long)]
+        project: Option<String>,
+        /// Inactive, Active, Stopped or Misconfigured.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Rebuild the projections from the log as of a seq.
+    #[command(after_help = "Example:\n  bcp replay --db data/bcp.redb --until-seq 3 --format json")]
+    Replay {
+        #[arg(long, env = "BCP_DB")]
+        db: PathBuf,
+        #[arg(long)]
+        until_seq: Option<u64>,
+        #[arg(long)]
+        job: Option<Uuid>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Audit the log: a job's history, or verify the whole chain.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Every transition and rejection of a job: seq, time, actor, command, from -> to.
+    History {
+        #[arg(long, env = "BCP_DB")]
+        db: PathBuf,
+        #[arg(long)]
+        job: Uuid,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Check the hash chain, gaplessness, versions and that the stored projections equal a rebuild.
+    Verify {
+        #[arg(long, env = "BCP_DB")]
+        db: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct Source {
+    /// Read through a running server.
+    #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Read a stopped store directly instead.
+    #[arg(long)]
+    db: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    /// create, start, stop, terminate, assign-region, change-schedule, configure-region, ...
+    verb: String,
+    #[arg(long, env = "BCP_PROJECT")]
+    project: String,
+    /// The job (create: generated when omitted).
+    #[arg(long)]
+    job: Option<Uuid>,
+    /// Generated when omitted and printed on stderr: reuse it to retry safely.
+    #[arg(long)]
+    command_id: Option<Uuid>,
+    #[arg(long)]
+    expected_version: Option<u64>,
+    #[arg(long, env = "BCP_ACTOR")]
+    actor: Option<String>,
+    /// create: replica_set, shard or config_server.
+    #[arg(long)]
+    kind: Option<String>,
+    /// create: deployment name.
+    #[arg(long)]
+    name: Option<String>,
+    /// create: cluster of a shard or config_server.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// create, assign-region, configure-region: region name.
+    #[arg(long)]
+    region: Option<String>,
+    /// assign-region: remove the job's region.
+    #[arg(long, conflicts_with = "region")]
+    no_region: bool,
+    /// create, change-schedule: schedule settings as JSON, e.g. '{"snapshot_interval_hours":6}'.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Extra body fields as a JSON object, merged last.
+    #[arg(long)]
+    body: Option<String>,
+    #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Seconds to wait for the reply.
+    #[arg(long, default_value = "5")]
+    timeout: u64,
+}
+
+/// A usage error (exit 2) found after clap parsed the arguments.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// Could not reach bcp (exit 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+pub fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Cmd::Serve { db, nats, stream } => serve(db, nats, stream),
+        Cmd::Send(args) => send(args),
+        Cmd::Jobs {
+            source,
+            project,
+            state,
+            region,
+            cluster,
+            format,
+        } => {
+            let mut filter = Map::new();
+            let mut put = |k: &str, v: Option<String>| {
+                if let Some(v) = v {
+                    filter.insert(k.into(), Value::String(v));
+                }
+            };
+            put("project_id", project);
+            put(
+                "state",
+                state.map(|s| JobState::parse(&s).map_or(s, |st| st.as_str().to_owned())),
+            );
+            put("region", region);
+            put("cluster", cluster);
+            let jobs: Vec<Job> = match &source.db {
+                Some(db) => {
+                    let store = Store::open_existing(db)?;
+                    let v = bcp::service::queries::answer(
+                        &store,
+                        "jobs",
+                        &serde_json::to_vec(&filter)?,
+                    );
+                    jobs_from(v)?
+                }
+                None => jobs_from(request(
+                    &source.nats,
+                    "bcp.query.jobs",
+                    &Value::Object(filter),
+                    5,
+                )?)?,
+            };
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&jobs)?),
+                Format::Table => print!("{}", jobs_table(&jobs)),
+            }
+            Ok(EXIT_OK)
+        }
+        Cmd::Replay {
+            db,
+            until_seq,
+            job,
+            format,
+        } => {
+            let store = Store::open_existing(&db)?;
+            let view = replay::replay(&store, until_seq, job)?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+                Format::Table => {
+                    println!("as of seq {}", view.as_of_seq);
+                    print!("{}", jobs_table(&view.jobs));
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        Cmd::Audit(AuditCmd::History { db, job, format }) => {
+            let store = Store::open_existing(&db)?;
+            let events = store.job_events(job)?;
+            if events.is_empty() {
+                eprintln!("no job {job} in {}", db.display());
+                return Ok(EXIT_REJECTED);
+            }
+            let entries = history(&events);
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"job_id": job, "history": entries}))?
+                ),
+                Format::Table => print!("{}", history_table(&entries)),
+            }
+            Ok(EXIT_OK)
+        }
+        Cmd::Audit(AuditCmd::Verify { db }) => {
+            let store = Store::open_existing(&db)?;
+            match verify::verify(&store) {
+                Ok(r) => {
+                    println!(
+                        "ok: {} events verified, head seq {} hash {}, in {:.3}s",
+                        r.events,
+                        r.head_seq,
+                        r.head_hash,
+                        r.elapsed.as_secs_f64()
+                    );
+                    Ok(EXIT_OK)
+                }
+                Err(verify::VerifyError::Store(e)) => Err(e.into()),
+                Err(e) => {
+                    println!("FAILED: {e}");
+                    Ok(EXIT_REJECTED)
+                }
+            }
+        }
+    }
+}
+
+fn serve(db: PathBuf, nats: String, stream: String) -> Result<u8> {
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let stop = bcp::service::shutdown::on_signal();
+        let config = bcp::service::ServeConfig {
+            db,
+            nats_url: nats,
+            stream,
+            drain_timeout: Duration::from_secs(10),
+        };
+        bcp::service::serve(config, stop).await
+    })?;
+    Ok(EXIT_OK)
+}
+
+/// Build a command body from the flags.
+fn send_body(a: &SendArgs, verb: Verb) -> Result<(Value, Uuid)> {
+    let command_id = a.command_id.unwrap_or_else(Uuid::now_v7);
+    let mut body = Map::new();
+    body.insert("command_id".into(), json!(command_id));
+    let job = match (a.job, verb) {
+        (Some(j), _) => Some(j),
+        (None, Verb::Create) => Some(Uuid::now_v7()),
+        (None, Verb::ConfigureRegion | Verb::ExpireSnapshots) => None,
+        (None, _) => return Err(Usage(format!("{verb} needs --job")).into()),
+    };
+    if let Some(j) = job {
+        body.insert("job_id".into(), json!(j));
+    }
+    if let Some(v) = a.expected_version {
+        body.insert("expected_version".into(), json!(v));
+    }
+    if let Some(actor) = &a.actor {
+        body.insert("actor".into(), json!(actor));
+    }
+    if verb == Verb::Create {
+        let (Some(kind), Some(name)) = (&a.kind, &a.name) else {
+            return Err(Usage("create needs --kind and --name".into()).into());
+        };
+        let mut d = json!({"kind": kind, "name": name});
+        if let Some(c) = &a.cluster {
+            d["cluster"] = json!(c);
+        }
+        body.insert("deployment".into(), d);
+    }
+    if a.no_region {
+        body.insert("region".into(), Value::Null);
+    } else if let Some(r) = &a.region {
+        body.insert("region".into(), json!(r));
+    }
+    if let Some(s) = &a.schedule {
+        let s: Value =
+            serde_json::from_str(s).map_err(|e| Usage(format!("--schedule is not JSON: {e}")))?;
+        body.insert("schedule".into(), s);
+    }
+    if let Some(extra) = &a.body {
+        let extra: Value =
+            serde_json::from_str(extra).map_err(|e| Usage(format!("--body is not JSON: {e}")))?;
+        let Value::Object(extra) = extra else {
+            return Err(Usage("--body must be a JSON object".into()).into());
+        };
+        body.extend(extra);
+    }
+    Ok((Value::Object(body), command_id))
+}
+
+fn send(a: SendArgs) -> Result<u8> {
+    let Some(verb) = Verb::parse(&a.verb) else {
+        let all: Vec<_> = Verb::ALL.iter().map(|v| v.as_str()).collect();
+        return Err(Usage(format!(
+            "unknown verb {:?}; verbs: {}",
+            a.verb,
+            all.join(", ")
+        ))
+        .into());
+    };
+    let (body, command_id) = send_body(&a, verb)?;
+    eprintln!("command_id: {command_id}");
+    let subject = format!("bcp.cmd.{}.{}", a.project, verb);
+    let value = request(&a.nats, &subject, &body, a.timeout)?;
+    println!("{}", serde_json::to_string(&value)?);
+    let reply: Reply = serde_json::from_value(value).context("reply is not a bcp reply")?;
+    Ok(match reply.code() {
+        None => EXIT_OK,
+        Some(bcp::domain::ErrorCode::Unavailable) => EXIT_UNAVAILABLE,
+        Some(_) => EXIT_REJECTED,
+    })
+}
+
+/// One NATS request/reply; connection problems are [`Unavailable`].
+fn request(url: &str, subject: &str, body: &Value, timeout_secs: u64) -> Result<Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let timeout = Duration::from_secs(timeout_secs);
+        let client = tokio::time::timeout(timeout, async_nats::connect(url))
+            .await
+            .map_err(|_| Unavailable(format!("timed out connecting to NATS at {url}")))?
+            .map_err(|e| Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;
+        let payload = serde_json::to_vec(body)?;
+        let msg = tokio::time::timeout(timeout, client.request(subject.to_owned(), payload.into()))
+            .await
+            .map_err(|_| Unavailable(format!("no reply on {subject} within {timeout_secs}s")))?
+            .map_err(|e| {
+                Unavailable(format!(
+                    "no reply on {subject}: {e} (is bcp serve running?)"
+                ))
+            })?;
+        let v: Value = serde_json::from_slice(&msg.payload).context("reply is not JSON")?;
+        Ok(v)
+    })
+}
+
+fn jobs_from(v: Value) -> Result<Vec<Job>> {
+    if v["ok"] != json!(true) {
+        bail!("query failed: {}", v["error"]);
+    }
+    Ok(serde_json::from_value(v["jobs"].clone())?)
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// Fits 80 columns: a UUID is 36 of them.
+pub fn jobs_table(jobs: &[Job]) -> String {
+    let mut out = format!(
+        "{:<36} {:<10} {:<13} {:<10} {:>4} {}\n",
+        "JOB", "PROJECT", "STATE", "REGION", "VER", "PHASE"
+    );
+    for j in jobs {
+        let phase = j
+            .phase
+            .map(|p| serde_json::to_value(p).expect("phase"))
+            .map(|v| v.as_str().unwrap_or("").to_owned());
+        out += &format!(
+            "{:<36} {:<10} {:<13} {:<10} {:>4} {}\n",
+            j.job_id,
+            j.project_id.as_str(),
+            j.state.as_str(),
+            or_dash(j.region.as_ref()),
+            j.version,
+            or_dash(phase)
+        );
+    }
+    out
+}
+
+pub fn history_table(entries: &[HistoryEntry]) -> String {
+    let mut out = format!(
+        "{:>6} {:<20} {:<10} {:<16} {:<29}\n",
+        "SEQ", "TIME", "ACTOR", "EVENT", "FROM -> TO"
+    );
+    for e in entries {
+        let change = if e.rejected {
+            format!(
+                "{} refused: {}",
+                or_dash(e.verb.as_ref()),
+                or_dash(e.code.as_ref())
+            )
+        } else {
+            format!("{} -> {}", or_dash(e.from), or_dash(e.to))
+        };
+        out += &format!(
+            "{:>6} {:<20} {:<10} {:<16} {}\n",
+            e.seq,
+            e.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
+            or_dash(e.actor.as_ref()),
+            e.event_type,
+            change
+        );
+        if let Some(reason) = &e.reason {
+            out += &format!("{:>6} {}\n", "", reason);
+        }
+    }
+    out
+}

@@ -1,0 +1,112 @@
+//! Replies to commands, as they go on the wire (DESIGN.md §3). Stored with
+//! each command's idempotency record, so a retry gets the original reply.
+
+use super::decide::{RejectCode, Rejection};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    AlreadyExists,
+    InvalidTransition,
+    VersionConflict,
+    CommandIdConflict,
+    Unavailable,
+    Internal,
+}
+
+impl From<RejectCode> for ErrorCode {
+    fn from(c: RejectCode) -> Self {
+        match c {
+            RejectCode::BadRequest => ErrorCode::BadRequest,
+            RejectCode::NotFound => ErrorCode::NotFound,
+            RejectCode::AlreadyExists => ErrorCode::AlreadyExists,
+            RejectCode::InvalidTransition => ErrorCode::InvalidTransition,
+            RejectCode::VersionConflict => ErrorCode::VersionConflict,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRef {
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
+}
+
+/// `{"ok":true,…}` or `{"ok":false,"error":{…}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// Seq of the `CommandRejected` audit record, for a recorded rejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection_seq: Option<u64>,
+    pub duplicate: bool,
+}
+
+impl Reply {
+    pub fn accepted(job_id: Option<Uuid>, version: Option<u64>, events: Vec<EventRef>) -> Reply {
+        Reply {
+            ok: true,
+            job_id,
+            version,
+            events,
+            error: None,
+            rejection_seq: None,
+            duplicate: false,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            job_id: None,
+            version: None,
+            events: Vec::new(),
+            error: Some(ErrorBody {
+                code,
+                message: message.into(),
+                current_version: None,
+            }),
+            rejection_seq: None,
+            duplicate: false,
+        }
+    }
+
+    pub fn rejected(job_id: Option<Uuid>, r: &Rejection, rejection_seq: Option<u64>) -> Reply {
+        let mut reply = Reply::error(r.code.into(), r.message.clone());
+        reply.job_id = job_id;
+        reply.rejection_seq = rejection_seq;
+        if let Some(e) = reply.error.as_mut() {
+            e.current_version = r.current_version;
+        }
+        reply
+    }
+
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.error.as_ref().map(|e| e.code)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("reply serializes")
+    }
+}

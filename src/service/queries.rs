@@ -1,0 +1,108 @@
+//! Read-only queries on `bcp.query.{job,jobs,history}`, answered from redb
+//! read transactions (MVCC snapshots: never blocked by, never blocking, the
+//! writer).
+
+use crate::domain::limits::{PAYLOAD_BYTES_MAX, QUERY_JOBS_MAX};
+use crate::domain::{ErrorCode, Reply};
+use crate::projection::{JobFilter, history::history};
+use crate::store::Store;
+use async_nats::Client;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const SUBJECT: &str = "bcp.query.>";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobQuery {
+    job_id: Uuid,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Value {
+    serde_json::to_value(Reply::error(code, message)).expect("reply serializes")
+}
+
+/// Answer one query; pure apart from reading `store`.
+pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
+    if body.len() > PAYLOAD_BYTES_MAX {
+        return error(
+            ErrorCode::BadRequest,
+            format!("body is larger than {PAYLOAD_BYTES_MAX} bytes"),
+        );
+    }
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    let result = match kind {
+        "job" => parse::<JobQuery>(body).map(|q| match store.job(q.job_id) {
+            Ok(Some(job)) => json!({"ok": true, "job": job}),
+            Ok(None) => error(ErrorCode::NotFound, format!("no job {}", q.job_id)),
+            Err(e) => error(ErrorCode::Unavailable, e.to_string()),
+        }),
+        "jobs" => parse::<JobFilter>(body).map(|f| match store.load_world() {
+            Ok(world) => {
+                let jobs: Vec<_> = crate::projection::jobs(&world, &f)
+                    .take(QUERY_JOBS_MAX)
+                    .collect();
+                json!({"ok": true, "jobs": jobs})
+            }
+            Err(e) => error(ErrorCode::Unavailable, e.to_string()),
+        }),
+        "history" => parse::<JobQuery>(body).map(|q| match store.job_events(q.job_id) {
+            Ok(events) if events.is_empty() => {
+                error(ErrorCode::NotFound, format!("no job {}", q.job_id))
+            }
+            Ok(events) => json!({"ok": true, "job_id": q.job_id, "history": history(&events)}),
+            Err(e) => error(ErrorCode::Unavailable, e.to_string()),
+        }),
+        other => Err(format!(
+            "unknown query {other:?}; queries: job, jobs, history"
+        )),
+    };
+    result.unwrap_or_else(|e| error(ErrorCode::BadRequest, e))
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid query body: {e}"))
+}
+
+pub async fn run(client: Client, store: Store, stop: CancellationToken) {
+    let mut sub = match client.subscribe(SUBJECT).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to queries");
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => match m { Some(m) => m, None => break },
+            _ = stop.cancelled() => break,
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let kind = msg
+            .subject
+            .strip_prefix("bcp.query.")
+            .unwrap_or("")
+            .to_owned();
+        let store = store.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let value = tokio::task::spawn_blocking(move || answer(&store, &kind, &msg.payload))
+                .await
+                .unwrap_or_else(|e| error(ErrorCode::Internal, e.to_string()));
+            let bytes = serde_json::to_vec(&value).expect("json serializes");
+            if let Err(e) = client.publish(reply_to, bytes.into()).await {
+                tracing::warn!(error = %e, "query reply not sent");
+            }
+        });
+    }
+    let _ = sub.unsubscribe().await;
+}

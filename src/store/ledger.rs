@@ -1,0 +1,333 @@
+//! The write side: decide a batch of commands in order against the in-memory
+//! [`World`], append what was decided to the hash-chained log, and commit the
+//! events, idempotency records, projection rows and relay cursor in ONE
+//! `Durability::Immediate` transaction. Only the writer holds a [`Ledger`].
+//!
+//! If the commit fails, the in-memory state is rolled back to what is on disk
+//! and every command of the batch is answered `unavailable`: nothing
+//! acknowledged is ever missing from the log.
+
+use super::tables::*;
+use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
+use crate::domain::decide::Rejection;
+use crate::domain::envelope::GENESIS_HASH;
+use crate::domain::event::SCHEMA_VERSION;
+use crate::domain::reply::EventRef;
+use crate::domain::{
+    CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
+};
+use chrono::{DateTime, Utc};
+use redb::{ReadableDatabase, ReadableTable, Table};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// A decoded command waiting for the writer.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub cmd: CommandEnvelope,
+    pub fingerprint: String,
+}
+
+impl Pending {
+    pub fn new(cmd: CommandEnvelope) -> Pending {
+        let fingerprint = cmd.fingerprint();
+        Pending { cmd, fingerprint }
+    }
+}
+
+/// Where event ids come from: UUID v7 from the clock when serving, a counter
+/// in tests. Passed in, so the append path stays deterministic under test.
+pub type IdSource<'a> = &'a mut dyn FnMut() -> Uuid;
+
+pub struct Ledger {
+    store: Store,
+    world: World,
+    head_seq: u64,
+    head_hash: String,
+}
+
+/// Prior values of everything a batch touched, to undo a failed commit.
+#[derive(Default)]
+struct Undo {
+    jobs: BTreeMap<Uuid, Option<Job>>,
+    regions: BTreeMap<Name, Option<Region>>,
+}
+
+struct Tables<'t> {
+    events: Table<'t, u64, &'static [u8]>,
+    job_log: Table<'t, (u128, u64), ()>,
+    commands: Table<'t, u128, &'static [u8]>,
+}
+
+impl Ledger {
+    /// Load the projections and the log head. Refuses a store whose
+    /// projections are not at the log's head.
+    pub fn open(store: Store) -> Result<Ledger> {
+        let world = store.load_world()?;
+        let (head_seq, head_hash, count) = {
+            let txn = store.db().begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let count = redb::ReadableTableMetadata::len(&events)?;
+            match events.last()? {
+                None => (0, GENESIS_HASH.to_owned(), count),
+                Some((k, v)) => {
+                    let env = decode_envelope(k.value(), v.value())?;
+                    (env.seq, env.hash, count)
+                }
+            }
+        };
+        if head_seq != count {
+            return Err(StoreError::Corrupt(format!(
+                "the log holds {count} events but its last seq is {head_seq}: there is a gap"
+            )));
+        }
+        Ok(Ledger {
+            store,
+            world,
+            head_seq,
+            head_hash,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    pub fn head_seq(&self) -> u64 {
+        self.head_seq
+    }
+
+    pub fn head_hash(&self) -> &str {
+        &self.head_hash
+    }
+
+    /// Decide and durably commit `batch`, in order; one reply per command.
+    /// `published_seq`, when given, is stored as the relay cursor in the same
+    /// transaction. On `Err`, nothing of the batch was committed.
+    pub fn execute(
+        &mut self,
+        batch: &[Pending],
+        now: DateTime<Utc>,
+        next_id: IdSource<'_>,
+        published_seq: Option<u64>,
+    ) -> Result<Vec<Reply>> {
+        let (head_seq, head_hash) = (self.head_seq, self.head_hash.clone());
+        let mut undo = Undo::default();
+        let result = self.execute_in_txn(batch, now, next_id, published_seq, &mut undo);
+        if result.is_err() {
+            for (id, job) in undo.jobs {
+                match job {
+                    Some(j) => self.world.jobs.insert(id, j),
+                    None => self.world.jobs.remove(&id),
+                };
+            }
+            for (name, region) in undo.regions {
+                match region {
+                    Some(r) => self.world.regions.insert(name, r),
+                    None => self.world.regions.remove(&name),
+                };
+            }
+            self.head_seq = head_seq;
+            self.head_hash = head_hash;
+        }
+        result
+    }
+
+    fn execute_in_txn(
+        &mut self,
+        batch: &[Pending],
+        now: DateTime<Utc>,
+        next_id: IdSource<'_>,
+        published_seq: Option<u64>,
+        undo: &mut Undo,
+    ) -> Result<Vec<Reply>> {
+        let mut txn = self.store.db().begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut replies = Vec::with_capacity(batch.len());
+        {
+            let mut t = Tables {
+                events: txn.open_table(EVENTS)?,
+                job_log: txn.open_table(JOB_LOG)?,
+                commands: txn.open_table(COMMANDS)?,
+            };
+            for p in batch {
+                let reply = self.execute_one(&mut t, p, now, next_id, undo)?;
+                replies.push(reply);
+            }
+            let mut jobs = txn.open_table(JOBS)?;
+            for id in undo.jobs.keys() {
+                match self.world.jobs.get(id) {
+                    Some(job) => jobs.insert(
+                        id.as_u128(),
+                        serde_json::to_vec(job).expect("job serializes").as_slice(),
+                    )?,
+                    None => jobs.remove(id.as_u128())?,
+                };
+            }
+            let mut regions = txn.open_table(REGIONS)?;
+            for name in undo.regions.keys() {
+                if let Some(r) = self.world.regions.get(name) {
+                    regions.insert(
+                        name.as_str(),
+                        serde_json::to_vec(r).expect("region serializes").as_slice(),
+                    )?;
+                }
+            }
+            if let Some(seq) = published_seq {
+                txn.open_table(CURSOR)?.insert(PUBLISHED_SEQ, seq)?;
+            }
+        }
+        txn.commit()?;
+        Ok(replies)
+    }
+
+    fn execute_one(
+        &mut self,
+        t: &mut Tables<'_>,
+        p: &Pending,
+        now: DateTime<Utc>,
+        next_id: IdSource<'_>,
+        undo: &mut Undo,
+    ) -> Result<Reply> {
+        let cmd = &p.cmd;
+        let key = cmd.command_id.as_u128();
+        if let Some(rec) = t.commands.get(key)? {
+            let rec: CommandRecord = serde_json::from_slice(rec.value()).map_err(|e| {
+                StoreError::Corrupt(format!("command record {}: {e}", cmd.command_id))
+            })?;
+            if rec.fingerprint != p.fingerprint {
+                return Ok(Reply::error(
+                    ErrorCode::CommandIdConflict,
+                    format!(
+                        "command_id {} was already used for a different command",
+                        cmd.command_id
+                    ),
+                ));
+            }
+            return Ok(Reply {
+                duplicate: true,
+                ..rec.reply
+            });
+        }
+        let reply = match decide(&self.world, cmd, now) {
+            Ok(decided) => {
+                let mut refs = Vec::with_capacity(decided.len());
+                for d in decided {
+                    let env =
+                        self.append(t, cmd, d.project_id, d.job_id, d.event, now, next_id, undo)?;
+                    refs.push(EventRef {
+                        seq: env.seq,
+                        event_type: env.event.type_name().to_owned(),
+                    });
+                }
+                let version = cmd
+                    .job_id
+                    .and_then(|id| self.world.jobs.get(&id))
+                    .map(|j| j.version);
+                Reply::accepted(cmd.job_id, version, refs)
+            }
+            Err(rejection) if rejection.code.is_audited() => {
+                let env = self.append_rejection(t, cmd, &rejection, now, next_id, undo)?;
+                Reply::rejected(cmd.job_id, &rejection, Some(env.seq))
+            }
+            // A value only checkable against state: bad input, not recorded.
+            Err(rejection) => return Ok(Reply::rejected(cmd.job_id, &rejection, None)),
+        };
+        let rec = CommandRecord {
+            fingerprint: p.fingerprint.clone(),
+            reply: reply.clone(),
+        };
+        t.commands.insert(
+            key,
+            serde_json::to_vec(&rec)
+                .expect("record serializes")
+                .as_slice(),
+        )?;
+        Ok(reply)
+    }
+
+    fn append_rejection(
+        &mut self,
+        t: &mut Tables<'_>,
+        cmd: &CommandEnvelope,
+        r: &Rejection,
+        now: DateTime<Utc>,
+        next_id: IdSource<'_>,
+        undo: &mut Undo,
+    ) -> Result<Envelope> {
+        let event = Event::CommandRejected {
+            verb: cmd.verb,
+            code: r.code,
+            reason: r.message.clone(),
+            state: r.state,
+            expected_version: cmd.expected_version,
+            current_version: r.current_version,
+        };
+        self.append(
+            t,
+            cmd,
+            cmd.project_id.clone(),
+            cmd.job_id,
+            event,
+            now,
+            next_id,
+            undo,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        t: &mut Tables<'_>,
+        cmd: &CommandEnvelope,
+        project_id: crate::domain::ProjectId,
+        job_id: Option<Uuid>,
+        event: Event,
+        now: DateTime<Utc>,
+        next_id: IdSource<'_>,
+        undo: &mut Undo,
+    ) -> Result<Envelope> {
+        let job_version = match (job_id, event.is_job_change()) {
+            (Some(id), true) => Some(self.world.jobs.get(&id).map_or(0, |j| j.version) + 1),
+            _ => None,
+        };
+        if let Some(id) = job_id.filter(|_| job_version.is_some()) {
+            undo.jobs
+                .entry(id)
+                .or_insert_with(|| self.world.jobs.get(&id).cloned());
+        }
+        if let Event::RegionConfigured { region, .. } = &event {
+            undo.regions
+                .entry(region.clone())
+                .or_insert_with(|| self.world.regions.get(region).cloned());
+        }
+        let mut env = Envelope {
+            seq: self.head_seq + 1,
+            event_id: next_id(),
+            schema_version: SCHEMA_VERSION,
+            project_id,
+            job_id,
+            job_version,
+            command_id: cmd.command_id,
+            actor: cmd.actor.clone(),
+            recorded_at: now,
+            prev_hash: String::new(),
+            event,
+            hash: String::new(),
+        };
+        env.seal(&self.head_hash);
+        t.events.insert(env.seq, env.to_json().as_slice())?;
+        if let Some(id) = job_id {
+            t.job_log.insert((id.as_u128(), env.seq), ())?;
+        }
+        self.world.evolve(&env);
+        self.head_seq = env.seq;
+        self.head_hash = env.hash.clone();
+        Ok(env)
+    }
+}
