@@ -1,0 +1,418 @@
+//! The log without NATS: a scripted scenario through the real ledger on a
+//! real redb file, snapshotted (projection, `bcp replay --format json`,
+//! history); random command sequences (proptest) whose stored projection
+//! must equal a fold of the log and whose chain must verify; tampering.
+
+use bcp::audit::{replay::replay, verify::verify};
+use bcp::domain::command::decode;
+use bcp::domain::{Envelope, World};
+use bcp::store::Store;
+use bcp::store::ledger::{Ledger, Pending};
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use proptest::prelude::*;
+use redb::ReadableTable;
+use serde_json::json;
+use std::path::Path;
+use std::process::Command;
+use uuid::Uuid;
+
+fn job(n: u128) -> Uuid {
+    Uuid::from_u128(0x0192_f0c4_0000_7000_8000_0000_0000_0000 | n)
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).unwrap()
+}
+
+/// Drives a ledger with a scripted clock and counter ids.
+struct Script {
+    ledger: Ledger,
+    now: DateTime<Utc>,
+    next_id: u128,
+    next_cmd: u128,
+}
+
+impl Script {
+    fn new(path: &Path) -> Script {
+        let ledger = Ledger::open(Store::open_or_create(path).unwrap()).unwrap();
+        Script {
+            ledger,
+            now: t0(),
+            next_id: 0,
+            next_cmd: 0,
+        }
+    }
+
+    /// Send one command (body without command_id), one minute after the last.
+    fn send(
+        &mut self,
+        project: &str,
+        verb: &str,
+        mut body: serde_json::Value,
+    ) -> bcp::domain::Reply {
+        self.next_cmd += 1;
+        body["command_id"] = json!(Uuid::from_u128(0xc0de_0000 + self.next_cmd));
+        let cmd =
+            decode(project, verb, body.to_string().as_bytes(), Some("script")).expect("valid body");
+        self.now += Duration::minutes(1);
+        let mut ids = || {
+            self.next_id += 1;
+            Uuid::from_u128(0xe000_0000 + self.next_id)
+        };
+        let mut replies = self
+            .ledger
+            .execute(&[Pending::new(cmd)], self.now, &mut ids, None)
+            .unwrap();
+        replies.pop().unwrap()
+    }
+}
+
+fn scenario(path: &Path) {
+    let mut s = Script::new(path);
+    let rs = json!({"kind": "replica_set", "name": "rs0"});
+    let shard = json!({"kind": "shard", "name": "shard-0", "cluster": "c1"});
+    assert!(
+        s.send(
+            "p1",
+            "create",
+            json!({"job_id": job(1), "deployment": rs, "schedule": {"snapshot_interval_hours": 6}})
+        )
+        .ok
+    );
+    assert!(s.send("p1", "start", json!({"job_id": job(1)})).ok);
+    assert!(!s.send("p1", "start", json!({"job_id": job(1)})).ok); // invalid_transition, recorded
+    assert!(
+        s.send(
+            "p1",
+            "stop",
+            json!({"job_id": job(1), "expected_version": 2})
+        )
+        .ok
+    );
+    assert!(
+        !s.send(
+            "p1",
+            "terminate",
+            json!({"job_id": job(1), "expected_version": 2})
+        )
+        .ok
+    ); // version_conflict
+    assert!(s.send("p1", "terminate", json!({"job_id": job(1)})).ok);
+    assert!(
+        s.send(
+            "p2",
+            "create",
+            json!({"job_id": job(2), "deployment": shard, "region": "eu"})
+        )
+        .ok
+    );
+    assert!(s.send("p2", "start", json!({"job_id": job(2)})).ok); // eu has no stores: Misconfigured
+    assert!(
+        s.send(
+            "_admin",
+            "configure-region",
+            json!({"region": "eu", "snapshot_store": "s3-eu", "oplog_store": "ol-eu"})
+        )
+        .ok
+    );
+    assert!(
+        s.send(
+            "_admin",
+            "configure-region",
+            json!({"region": "eu", "sync_store": "sync-eu"})
+        )
+        .ok
+    ); // → Active
+    assert!(!s.send("p1", "stop", json!({"job_id": job(2)})).ok); // job of another project: not_found
+}
+
+#[test]
+fn scripted_scenario_projection_replay_and_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    scenario(&path);
+    let store = Store::open_existing(&path).unwrap();
+
+    let world = store.load_world().unwrap();
+    insta::assert_yaml_snapshot!("projection", world.jobs.values().collect::<Vec<_>>());
+    insta::assert_yaml_snapshot!("regions", world.regions.values().collect::<Vec<_>>());
+
+    let events = store.job_events(job(1)).unwrap();
+    insta::assert_yaml_snapshot!("history_job1", bcp::projection::history::history(&events));
+
+    let report = verify(&store).unwrap();
+    assert_eq!(report.events, 12);
+    drop(store);
+
+    // The CLI, as a user runs it, at the end and at a past seq.
+    let bin = env!("CARGO_BIN_EXE_bcp");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let db = path.to_str().unwrap();
+    insta::assert_snapshot!(
+        "replay_json_full",
+        run(&["replay", "--db", db, "--format", "json"])
+    );
+    insta::assert_snapshot!(
+        "replay_json_seq4",
+        run(&["replay", "--db", db, "--until-seq", "4", "--format", "json"])
+    );
+    let verified = run(&["audit", "verify", "--db", db]);
+    assert!(
+        verified.starts_with("ok: 12 events verified, head seq 12"),
+        "{verified}"
+    );
+}
+
+#[test]
+fn replay_as_of_a_seq_equals_the_fold_of_that_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    scenario(&path);
+    let store = Store::open_existing(&path).unwrap();
+    let all = store.events(1, u64::MAX).unwrap();
+    for cut in 0..=all.len() {
+        let view = replay(&store, Some(cut as u64), None).unwrap();
+        let folded = World::fold(&all[..cut]);
+        assert_eq!(view.as_of_seq, cut as u64);
+        assert_eq!(
+            view.jobs,
+            folded.jobs.into_values().collect::<Vec<_>>(),
+            "cut {cut}"
+        );
+    }
+}
+
+/// Overwrite one stored event's bytes, bypassing the ledger.
+fn tamper(path: &Path, seq: u64, edit: impl FnOnce(Envelope) -> Vec<u8>) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut t = txn.open_table(bcp::store::tables::EVENTS).unwrap();
+        let env: Envelope = serde_json::from_slice(t.get(seq).unwrap().unwrap().value()).unwrap();
+        t.insert(seq, edit(env).as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn verify_names_the_first_tampered_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    scenario(&path);
+    // Edit a field and keep the hash: caught as an edit at that seq.
+    tamper(&path, 5, |mut env| {
+        env.actor = Some("mallory".into());
+        env.to_json()
+    });
+    let err = verify(&Store::open_existing(&path).unwrap()).unwrap_err();
+    assert_eq!(err.seq(), Some(5), "{err}");
+    assert!(err.to_string().contains("edited"), "{err}");
+
+    // Recompute that event's hash too: the next event no longer links.
+    let fresh = tempfile::tempdir().unwrap();
+    let path = fresh.path().join("bcp.redb");
+    scenario(&path);
+    tamper(&path, 5, |mut env| {
+        env.actor = Some("mallory".into());
+        let prev = env.prev_hash.clone();
+        env.seal(&prev);
+        env.to_json()
+    });
+    let err = verify(&Store::open_existing(&path).unwrap()).unwrap_err();
+    assert_eq!(err.seq(), Some(6), "{err}");
+    assert!(err.to_string().contains("prev_hash"), "{err}");
+
+    // The CLI exits 1 and names the seq.
+    let out = Command::new(env!("CARGO_BIN_EXE_bcp"))
+        .args(["audit", "verify", "--db", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("seq 6"));
+}
+
+#[test]
+fn verify_catches_a_projection_that_disagrees_with_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    scenario(&path);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(bcp::store::tables::JOBS).unwrap();
+            let mut v: serde_json::Value =
+                serde_json::from_slice(t.get(job(1).as_u128()).unwrap().unwrap().value()).unwrap();
+            v["state"] = json!("Active");
+            t.insert(job(1).as_u128(), serde_json::to_vec(&v).unwrap().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = verify(&Store::open_existing(&path).unwrap()).unwrap_err();
+    assert!(err.to_string().contains(&job(1).to_string()), "{err}");
+}
+
+// ---- property: random command sequences -------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create(u8, u8),
+    Start(u8),
+    Stop(u8),
+    Terminate(u8),
+    Assign(u8, Option<u8>),
+    Configure(u8, bool),
+    Schedule(u8, u32),
+    WrongProject(u8),
+    StaleVersion(u8),
+    Retry,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let j = 0u8..4;
+    let r = 0u8..2;
+    prop_oneof![
+        (j.clone(), 0u8..3).prop_map(|(j, k)| Op::Create(j, k)),
+        j.clone().prop_map(Op::Start),
+        j.clone().prop_map(Op::Stop),
+        j.clone().prop_map(Op::Terminate),
+        (j.clone(), proptest::option::of(r.clone())).prop_map(|(j, r)| Op::Assign(j, r)),
+        (r, any::<bool>()).prop_map(|(r, full)| Op::Configure(r, full)),
+        (
+            j.clone(),
+            prop_oneof![Just(6u32), Just(12), Just(24), Just(7)]
+        )
+            .prop_map(|(j, h)| Op::Schedule(j, h)),
+        j.clone().prop_map(Op::WrongProject),
+        j.prop_map(Op::StaleVersion),
+        Just(Op::Retry),
+    ]
+}
+
+fn body(op: &Op, cmd: u128) -> Option<(&'static str, &'static str, serde_json::Value)> {
+    let cid = Uuid::from_u128(0xc0de_0000 + cmd);
+    let region = |r: u8| format!("r{r}");
+    Some(match op {
+        Op::Create(j, k) => {
+            let d = match k {
+                0 => json!({"kind": "replica_set", "name": "rs"}),
+                1 => json!({"kind": "shard", "name": "s", "cluster": "c"}),
+                _ => json!({"kind": "config_server", "name": "cfg", "cluster": "c"}),
+            };
+            (
+                "p1",
+                "create",
+                json!({"command_id": cid, "job_id": job(*j as u128), "deployment": d}),
+            )
+        }
+        Op::Start(j) => (
+            "p1",
+            "start",
+            json!({"command_id": cid, "job_id": job(*j as u128)}),
+        ),
+        Op::Stop(j) => (
+            "p1",
+            "stop",
+            json!({"command_id": cid, "job_id": job(*j as u128)}),
+        ),
+        Op::Terminate(j) => (
+            "p1",
+            "terminate",
+            json!({"command_id": cid, "job_id": job(*j as u128)}),
+        ),
+        Op::Assign(j, r) => (
+            "p1",
+            "assign-region",
+            json!({"command_id": cid, "job_id": job(*j as u128), "region": r.map(region)}),
+        ),
+        Op::Configure(r, full) => {
+            let store = if *full { json!("st") } else { json!(null) };
+            (
+                "_admin",
+                "configure-region",
+                json!({"command_id": cid, "region": region(*r), "snapshot_store": "s", "oplog_store": "o", "sync_store": store}),
+            )
+        }
+        Op::Schedule(j, h) => (
+            "p1",
+            "change-schedule",
+            json!({"command_id": cid, "job_id": job(*j as u128), "schedule": {"snapshot_interval_hours": h}}),
+        ),
+        Op::WrongProject(j) => (
+            "p9",
+            "stop",
+            json!({"command_id": cid, "job_id": job(*j as u128)}),
+        ),
+        Op::StaleVersion(j) => (
+            "p1",
+            "stop",
+            json!({"command_id": cid, "job_id": job(*j as u128), "expected_version": 999}),
+        ),
+        Op::Retry => return None,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// For any command sequence, in batches of any size: the stored
+    /// projection equals a fold of the log from scratch, the chain verifies,
+    /// retries append nothing, and Misconfigured jobs are exactly the running
+    /// ones whose region lacks a store.
+    #[test]
+    fn stored_projection_is_the_fold_of_the_log(ops in proptest::collection::vec(op(), 1..60), batch in 1usize..8) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
+        let mut ledger = Ledger::open(store.clone()).unwrap();
+        let mut pending = Vec::new();
+        let mut sent: Vec<Pending> = Vec::new();
+        let mut now = t0();
+        let mut next = 0u128;
+        for (i, op) in ops.iter().enumerate() {
+            let p = match body(op, i as u128) {
+                Some((project, verb, b)) => match decode(project, verb, b.to_string().as_bytes(), None) {
+                    Ok(cmd) => Pending::new(cmd),
+                    Err(e) => { prop_assert!(e.0.contains("snapshot_interval_hours"), "{}", e); continue }
+                },
+                None => match sent.last() { Some(p) => p.clone(), None => continue },
+            };
+            sent.push(p.clone());
+            pending.push(p);
+            if pending.len() >= batch || i + 1 == ops.len() {
+                now += Duration::minutes(30);
+                let mut ids = || { next += 1; Uuid::from_u128(next) };
+                let replies = ledger.execute(&pending, now, &mut ids, None).unwrap();
+                prop_assert_eq!(replies.len(), pending.len());
+                pending.clear();
+            }
+        }
+        let log = store.events(1, u64::MAX).unwrap();
+        let folded = World::fold(&log);
+        prop_assert_eq!(&store.load_world().unwrap(), &folded);
+        prop_assert_eq!(ledger.world(), &folded);
+        let report = verify(&store).unwrap();
+        prop_assert_eq!(report.events, log.len() as u64);
+        for j in folded.jobs.values() {
+            let ready = folded.region_ready(j.region.as_ref());
+            let running = matches!(j.state, bcp::domain::JobState::Active | bcp::domain::JobState::Misconfigured);
+            if running {
+                prop_assert_eq!(j.state == bcp::domain::JobState::Misconfigured, !ready, "job {:?}", j);
+            }
+        }
+        // Resending every command appends nothing.
+        let head = store.head_seq().unwrap();
+        let mut ids = || Uuid::nil();
+        let replies = ledger.execute(&sent, now, &mut ids, None).unwrap();
+        prop_assert!(replies.iter().all(|r| r.duplicate || r.code() == Some(bcp::domain::ErrorCode::BadRequest)));
+        prop_assert_eq!(store.head_seq().unwrap(), head);
+    }
+}
