@@ -62,12 +62,15 @@ pub enum Cmd {
         /// JetStream stream the events are published to.
         #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
         stream: String,
+        /// Seconds between retention sweeps (expiring due snapshots).
+        #[arg(long, env = "BCP_SWEEP_INTERVAL", default_value_t = bcp::domain::limits::SWEEP_INTERVAL_SECS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+        sweep_interval: u64,
     },
     /// Send one command and print the reply. Exit 0 accepted, 1 rejected, 2 usage, 3 unavailable.
     #[command(
         after_help = "Examples:\n  bcp send create --project p1 --kind replica_set --name rs0\n  bcp send start --project p1 --job 0192f0c4-...\n  bcp send configure-region --project _admin --region eu --body '{\"snapshot_store\":\"s3\"}'"
     )]
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// List jobs (through NATS, or from a stopped store with --db).
     Jobs {
         #[command(flatten)]
@@ -81,6 +84,15 @@ pub enum Cmd {
         region: Option<String>,
         #[arg(long)]
         cluster: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// A job's snapshot catalog, in time order (through NATS, or --db on a stopped store).
+    #[command(after_help = "Example:\n  bcp snapshots 0192f0c4-0000-7000-8000-0000000000aa")]
+    Snapshots {
+        job: Uuid,
+        #[command(flatten)]
+        source: Source,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -163,6 +175,24 @@ pub struct SendArgs {
     /// create, change-schedule: schedule settings as JSON, e.g. '{"snapshot_interval_hours":6}'.
     #[arg(long)]
     schedule: Option<String>,
+    /// record-snapshot, delete-snapshot, set-snapshot-expiry: the snapshot.
+    #[arg(long)]
+    snapshot_id: Option<Uuid>,
+    /// record-snapshot: when the agent took it (RFC 3339).
+    #[arg(long)]
+    taken_at: Option<String>,
+    /// record-snapshot: its size.
+    #[arg(long)]
+    size_bytes: Option<u64>,
+    /// set-snapshot-expiry: the new expiry (RFC 3339).
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// set-snapshot-expiry: keep the snapshot until told otherwise.
+    #[arg(long)]
+    do_not_delete: bool,
+    /// expire-snapshots: the time to expire as of (RFC 3339).
+    #[arg(long)]
+    now: Option<String>,
     /// Extra body fields as a JSON object, merged last.
     #[arg(long)]
     body: Option<String>,
@@ -185,8 +215,46 @@ pub struct Unavailable(pub String);
 
 pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
-        Cmd::Serve { db, nats, stream } => serve(db, nats, stream),
-        Cmd::Send(args) => send(args),
+        Cmd::Serve {
+            db,
+            nats,
+            stream,
+            sweep_interval,
+        } => serve(db, nats, stream, Duration::from_secs(sweep_interval)),
+        Cmd::Snapshots {
+            job,
+            source,
+            format,
+        } => {
+            let v = match &source.db {
+                Some(db) => bcp::service::queries::answer(
+                    &Store::open_existing(db)?,
+                    "snapshots",
+                    &serde_json::to_vec(&json!({"job_id": job}))?,
+                ),
+                None => request(
+                    &source.nats,
+                    "bcp.query.snapshots",
+                    &json!({"job_id": job}),
+                    5,
+                )?,
+            };
+            if v["ok"] != json!(true) {
+                eprintln!(
+                    "bcp: {}",
+                    v["error"]["message"].as_str().unwrap_or("query failed")
+                );
+                return Ok(EXIT_REJECTED);
+            }
+            let snapshots: Vec<bcp::domain::Snapshot> =
+                serde_json::from_value(v["snapshots"].clone())?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&snapshots)?),
+                Format::Table => print!("{}", snapshots_table(&snapshots)),
+            }
+            Ok(EXIT_OK)
+        }
+        Cmd::Send(args) => send(*args),
         Cmd::Jobs {
             source,
             project,
@@ -288,7 +356,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn serve(db: PathBuf, nats: String, stream: String) -> Result<u8> {
+fn serve(db: PathBuf, nats: String, stream: String, sweep_interval: Duration) -> Result<u8> {
     if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -300,6 +368,7 @@ fn serve(db: PathBuf, nats: String, stream: String) -> Result<u8> {
             nats_url: nats,
             stream,
             drain_timeout: Duration::from_secs(10),
+            sweep_interval,
         };
         bcp::service::serve(config, stop).await
     })?;
@@ -345,6 +414,19 @@ fn send_body(a: &SendArgs, verb: Verb) -> Result<(Value, Uuid)> {
         let s: Value =
             serde_json::from_str(s).map_err(|e| Usage(format!("--schedule is not JSON: {e}")))?;
         body.insert("schedule".into(), s);
+    }
+    let fields = [
+        ("snapshot_id", a.snapshot_id.map(|s| json!(s))),
+        ("taken_at", a.taken_at.as_ref().map(|s| json!(s))),
+        ("size_bytes", a.size_bytes.map(|s| json!(s))),
+        ("expires_at", a.expires_at.as_ref().map(|s| json!(s))),
+        ("do_not_delete", a.do_not_delete.then_some(json!(true))),
+        ("now", a.now.as_ref().map(|s| json!(s))),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            body.insert(k.into(), v);
+        }
     }
     if let Some(extra) = &a.body {
         let extra: Value =
@@ -435,6 +517,40 @@ pub fn jobs_table(jobs: &[Job]) -> String {
             or_dash(j.region.as_ref()),
             j.version,
             or_dash(phase)
+        );
+    }
+    out
+}
+
+pub fn snapshots_table(snapshots: &[bcp::domain::Snapshot]) -> String {
+    let mut out = format!(
+        "{:<36} {:<17} {:<17} {:>12} {}\n",
+        "SNAPSHOT", "TAKEN", "EXPIRES", "BYTES", "CLASSES"
+    );
+    for s in snapshots {
+        let classes: Vec<String> = s
+            .classes
+            .iter()
+            .map(|c| {
+                serde_json::to_value(c)
+                    .expect("class")
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect();
+        let expires = if s.do_not_delete {
+            "do_not_delete".to_owned()
+        } else {
+            s.expires_at.format("%Y-%m-%dT%H:%MZ").to_string()
+        };
+        out += &format!(
+            "{:<36} {:<17} {:<17} {:>12} {}\n",
+            s.snapshot_id,
+            s.taken_at.format("%Y-%m-%dT%H:%MZ"),
+            expires,
+            s.size_bytes,
+            classes.join(",")
         );
     }
     out

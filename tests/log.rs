@@ -141,7 +141,7 @@ fn scripted_scenario_projection_replay_and_history() {
     insta::assert_yaml_snapshot!("history_job1", bcp::projection::history::history(&events));
 
     let report = verify(&store).unwrap();
-    assert_eq!(report.events, 12);
+    assert_eq!(report.events, 13);
     drop(store);
 
     // The CLI, as a user runs it, at the end and at a past seq.
@@ -166,7 +166,7 @@ fn scripted_scenario_projection_replay_and_history() {
     );
     let verified = run(&["audit", "verify", "--db", db]);
     assert!(
-        verified.starts_with("ok: 12 events verified, head seq 12"),
+        verified.starts_with("ok: 13 events verified, head seq 13"),
         "{verified}"
     );
 }
@@ -273,6 +273,10 @@ enum Op {
     Configure(u8, bool),
     Schedule(u8, u32),
     WrongProject(u8),
+    Record(u8, u8, u16),
+    Delete(u8, u8),
+    Keep(u8, u8),
+    Expire(Option<u8>, u16),
     StaleVersion(u8),
     Retry,
 }
@@ -293,7 +297,11 @@ fn op() -> impl Strategy<Value = Op> {
         )
             .prop_map(|(j, h)| Op::Schedule(j, h)),
         j.clone().prop_map(Op::WrongProject),
-        j.prop_map(Op::StaleVersion),
+        j.clone().prop_map(Op::StaleVersion),
+        (j.clone(), 0u8..6, 0u16..2000).prop_map(|(j, s, h)| Op::Record(j, s, h)),
+        (j.clone(), 0u8..6).prop_map(|(j, s)| Op::Delete(j, s)),
+        (j.clone(), 0u8..6).prop_map(|(j, s)| Op::Keep(j, s)),
+        (proptest::option::of(j), 0u16..4000).prop_map(|(j, h)| Op::Expire(j, h)),
         Just(Op::Retry),
     ]
 }
@@ -357,17 +365,40 @@ fn body(op: &Op, cmd: u128) -> Option<(&'static str, &'static str, serde_json::V
             "stop",
             json!({"command_id": cid, "job_id": job(*j as u128), "expected_version": 999}),
         ),
+        Op::Record(j, snap, h) => (
+            "p1",
+            "record-snapshot",
+            json!({"command_id": cid, "job_id": job(*j as u128), "snapshot_id": Uuid::from_u128(*snap as u128), "taken_at": t0() + Duration::hours(*h as i64), "size_bytes": 1000}),
+        ),
+        Op::Delete(j, snap) => (
+            "p1",
+            "delete-snapshot",
+            json!({"command_id": cid, "job_id": job(*j as u128), "snapshot_id": Uuid::from_u128(*snap as u128)}),
+        ),
+        Op::Keep(j, snap) => (
+            "p1",
+            "set-snapshot-expiry",
+            json!({"command_id": cid, "job_id": job(*j as u128), "snapshot_id": Uuid::from_u128(*snap as u128), "do_not_delete": true}),
+        ),
+        Op::Expire(j, h) => {
+            let mut b = json!({"command_id": cid, "now": t0() + Duration::hours(*h as i64)});
+            if let Some(j) = j {
+                b["job_id"] = json!(job(*j as u128));
+            }
+            ("p1", "expire-snapshots", b)
+        }
         Op::Retry => return None,
     })
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// For any command sequence, in batches of any size: the stored
     /// projection equals a fold of the log from scratch, the chain verifies,
-    /// retries append nothing, and Misconfigured jobs are exactly the running
-    /// ones whose region lacks a store.
+    /// retries append nothing; no snapshot was recorded while its job was not
+    /// Active, no Inactive job has snapshots, an Active job's region has every
+    /// store and a Misconfigured job's region lacks one.
     #[test]
     fn stored_projection_is_the_fold_of_the_log(ops in proptest::collection::vec(op(), 1..60), batch in 1usize..8) {
         let dir = tempfile::tempdir().unwrap();
@@ -401,11 +432,27 @@ proptest! {
         prop_assert_eq!(ledger.world(), &folded);
         let report = verify(&store).unwrap();
         prop_assert_eq!(report.events, log.len() as u64);
+        let mut before = World::default();
+        for env in &log {
+            if let bcp::domain::Event::SnapshotRecorded { .. } = env.event {
+                let state = before.jobs[&env.job_id.unwrap()].state;
+                prop_assert_eq!(state, bcp::domain::JobState::Active, "snapshot recorded at seq {}", env.seq);
+            }
+            before.evolve(env);
+        }
         for j in folded.jobs.values() {
-            let ready = folded.region_ready(j.region.as_ref());
-            let running = matches!(j.state, bcp::domain::JobState::Active | bcp::domain::JobState::Misconfigured);
-            if running {
-                prop_assert_eq!(j.state == bcp::domain::JobState::Misconfigured, !ready, "job {:?}", j);
+            let snapshots = folded.catalogs.get(&j.job_id).map_or(0, |c| c.snapshots.len());
+            prop_assert_eq!(snapshots as u64, j.snapshot_count);
+            if j.state == bcp::domain::JobState::Inactive {
+                prop_assert_eq!(snapshots, 0, "Inactive job {} has snapshots", j.job_id);
+            }
+            if let Some(r) = &j.region {
+                let full = folded.region_ready(Some(r));
+                match j.state {
+                    bcp::domain::JobState::Active => prop_assert!(full, "Active job {} in region {} lacking a store", j.job_id, r),
+                    bcp::domain::JobState::Misconfigured => prop_assert!(!full, "Misconfigured job {} in full region {}", j.job_id, r),
+                    _ => {}
+                }
             }
         }
         // Resending every command appends nothing.

@@ -1,6 +1,6 @@
 //! Projections rebuilt from the log as of a seq.
 
-use crate::domain::{Job, World};
+use crate::domain::{Job, Snapshot, World};
 use crate::store::{Result, Store, decode_envelope};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -11,9 +11,8 @@ use uuid::Uuid;
 pub struct ReplayView {
     pub as_of_seq: u64,
     pub jobs: Vec<Job>,
-    /// Per job, the retained snapshots (the catalog arrives with the
-    /// snapshot verbs; until then every catalog is empty).
-    pub snapshots: BTreeMap<Uuid, Vec<serde_json::Value>>,
+    /// Per job, the retained snapshots in time order.
+    pub snapshots: BTreeMap<Uuid, Vec<Snapshot>>,
 }
 
 /// Fold the log up to and including `until_seq` (all of it when None).
@@ -28,12 +27,24 @@ pub fn replay(store: &Store, until_seq: Option<u64>, job: Option<Uuid>) -> Resul
         as_of_seq = seq;
         Ok(true)
     })?;
+    let mut catalogs = world.catalogs;
     let jobs: Vec<Job> = world
         .jobs
         .into_values()
         .filter(|j| job.is_none_or(|id| j.job_id == id))
         .collect();
-    let snapshots = jobs.iter().map(|j| (j.job_id, Vec::new())).collect();
+    let snapshots = jobs
+        .iter()
+        .map(|j| {
+            (
+                j.job_id,
+                catalogs
+                    .remove(&j.job_id)
+                    .map(|c| c.snapshots)
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
     Ok(ReplayView {
         as_of_seq,
         jobs,

@@ -9,6 +9,7 @@ use super::ids::{Name, ProjectId};
 use super::job::Deployment;
 use super::limits::{ACTOR_BYTES_MAX, PAYLOAD_BYTES_MAX};
 use super::schedule::{Schedule, SchedulePatch};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use uuid::Uuid;
@@ -113,6 +114,31 @@ pub enum Command {
         oplog_store: Option<StoreChange>,
         sync_store: Option<StoreChange>,
     },
+    RecordSnapshot {
+        snapshot_id: Uuid,
+        taken_at: DateTime<Utc>,
+        size_bytes: u64,
+    },
+    DeleteSnapshot {
+        snapshot_id: Uuid,
+    },
+    SetSnapshotExpiry {
+        snapshot_id: Uuid,
+        expiry: Expiry,
+    },
+    /// Expire what is due at `now`: one job (`job_id`), every job of the
+    /// project, or (the sweeper, project `_admin`) every job.
+    ExpireSnapshots {
+        now: DateTime<Utc>,
+    },
+}
+
+/// What `set-snapshot-expiry` sets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expiry {
+    At(DateTime<Utc>),
+    DoNotDelete,
 }
 
 /// A decoded command with everything the writer needs to decide it.
@@ -121,7 +147,7 @@ pub struct CommandEnvelope {
     pub command_id: Uuid,
     pub project_id: ProjectId,
     pub verb: Verb,
-    /// None only for `configure-region`.
+    /// None for `configure-region`, and for `expire-snapshots` over a project.
     pub job_id: Option<Uuid>,
     pub expected_version: Option<u64>,
     #[serde(skip)]
@@ -225,6 +251,49 @@ struct ConfigureRegionBody {
     oplog_store: Option<StoreChange>,
     #[serde(default, deserialize_with = "store_change")]
     sync_store: Option<StoreChange>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordSnapshotBody {
+    command_id: Uuid,
+    job_id: Uuid,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+    snapshot_id: Uuid,
+    taken_at: DateTime<Utc>,
+    size_bytes: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    command_id: Uuid,
+    job_id: Uuid,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+    snapshot_id: Uuid,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    do_not_delete: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpireSnapshotsBody {
+    command_id: Uuid,
+    #[serde(default)]
+    job_id: Option<Uuid>,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+    now: DateTime<Utc>,
 }
 
 fn parse<'a, T: Deserialize<'a>>(verb: Verb, body: &'a [u8]) -> Result<T, DecodeError> {
@@ -336,13 +405,72 @@ pub fn decode(
             };
             (b.command_id, None, None, b.actor, command)
         }
-        Verb::RecordSnapshot
-        | Verb::DeleteSnapshot
-        | Verb::SetSnapshotExpiry
-        | Verb::ExpireSnapshots => {
-            return Err(bad(format!(
-                "{verb} is part of the contract but not served by this release yet (snapshot catalog)"
-            )));
+        Verb::RecordSnapshot => {
+            let b: RecordSnapshotBody = parse(verb, body)?;
+            let command = Command::RecordSnapshot {
+                snapshot_id: b.snapshot_id,
+                taken_at: b.taken_at,
+                size_bytes: b.size_bytes,
+            };
+            (
+                b.command_id,
+                Some(b.job_id),
+                b.expected_version,
+                b.actor,
+                command,
+            )
+        }
+        Verb::DeleteSnapshot => {
+            let b: SnapshotBody = parse(verb, body)?;
+            if b.expires_at.is_some() || b.do_not_delete.is_some() {
+                return Err(bad("delete-snapshot takes no expires_at or do_not_delete"));
+            }
+            let command = Command::DeleteSnapshot {
+                snapshot_id: b.snapshot_id,
+            };
+            (
+                b.command_id,
+                Some(b.job_id),
+                b.expected_version,
+                b.actor,
+                command,
+            )
+        }
+        Verb::SetSnapshotExpiry => {
+            let b: SnapshotBody = parse(verb, body)?;
+            let expiry = match (b.expires_at, b.do_not_delete) {
+                (Some(at), None | Some(false)) => Expiry::At(at),
+                (None, Some(true)) => Expiry::DoNotDelete,
+                _ => {
+                    return Err(bad(
+                        "set-snapshot-expiry takes either expires_at (RFC 3339) or do_not_delete: true",
+                    ));
+                }
+            };
+            let command = Command::SetSnapshotExpiry {
+                snapshot_id: b.snapshot_id,
+                expiry,
+            };
+            (
+                b.command_id,
+                Some(b.job_id),
+                b.expected_version,
+                b.actor,
+                command,
+            )
+        }
+        Verb::ExpireSnapshots => {
+            let b: ExpireSnapshotsBody = parse(verb, body)?;
+            if b.expected_version.is_some() && b.job_id.is_none() {
+                return Err(bad("expected_version needs a job_id"));
+            }
+            (
+                b.command_id,
+                b.job_id,
+                b.expected_version,
+                b.actor,
+                Command::ExpireSnapshots { now: b.now },
+            )
         }
     };
     let actor = actor.or_else(|| header_actor.map(str::to_owned));
@@ -419,6 +547,28 @@ mod tests {
                 &format!(r#"{{"command_id":"{CID}","job_id":"{JID}","expected_version":-1}}"#)
             )
             .contains("invalid")
+        );
+        let snap = format!(
+            r#"{{"command_id":"{CID}","job_id":"{JID}","snapshot_id":"{CID}","taken_at":"yesterday","size_bytes":1}}"#
+        );
+        assert!(err("p1", "record-snapshot", &snap).contains("taken_at"));
+        let neg = format!(
+            r#"{{"command_id":"{CID}","job_id":"{JID}","snapshot_id":"{CID}","taken_at":"2026-01-01T00:00:00Z","size_bytes":-5}}"#
+        );
+        assert!(err("p1", "record-snapshot", &neg).contains("size_bytes"));
+        let both = format!(
+            r#"{{"command_id":"{CID}","job_id":"{JID}","snapshot_id":"{CID}","expires_at":"2026-01-01T00:00:00Z","do_not_delete":true}}"#
+        );
+        assert!(err("p1", "set-snapshot-expiry", &both).contains("either"));
+        let neither = format!(r#"{{"command_id":"{CID}","job_id":"{JID}","snapshot_id":"{CID}"}}"#);
+        assert!(err("p1", "set-snapshot-expiry", &neither).contains("either"));
+        assert!(
+            err(
+                "p1",
+                "expire-snapshots",
+                &format!(r#"{{"command_id":"{CID}"}}"#)
+            )
+            .contains("missing field `now`")
         );
         assert!(err("p1", "fly", "{}").contains("unknown verb"));
         assert!(err("_admin", "start", "{}").contains("job command"));

@@ -4,10 +4,12 @@
 //!
 //! Pure: `now` is an argument; event ids and seqs are assigned by the store.
 
-use super::command::{Command, CommandEnvelope, StoreChange};
+use super::catalog::{Catalog, expires_at};
+use super::command::{Command, CommandEnvelope, Expiry, StoreChange};
 use super::event::Event;
 use super::ids::{Name, ProjectId};
 use super::job::{Job, JobState, Phase};
+use super::limits::EXPIRE_EVENTS_MAX;
 use super::world::{Region, World};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -89,7 +91,17 @@ pub fn decide(world: &World, cmd: &CommandEnvelope, now: DateTime<Utc>) -> Decis
             [snapshot_store, oplog_store, sync_store],
         ));
     }
-    let job_id = cmd.job_id.expect("job commands carry a job_id");
+    let Some(job_id) = cmd.job_id else {
+        let Command::ExpireSnapshots { now } = &cmd.command else {
+            unreachable!("only configure-region and expire-snapshots come without a job_id")
+        };
+        // Every job of the project; the sweeper (project _admin): every job.
+        let jobs = world
+            .jobs
+            .values()
+            .filter(|j| cmd.project_id.is_admin() || j.project_id == cmd.project_id);
+        return Ok(expire(world, jobs, *now));
+    };
     let job = world
         .jobs
         .get(&job_id)
@@ -166,7 +178,15 @@ fn decide_job(
         (Command::Start, _) => refuse("Inactive or Stopped"),
         (Command::Stop, Active | Misconfigured) => Ok(vec![Event::JobStopped {}]),
         (Command::Stop, _) => refuse("Active or Misconfigured"),
-        (Command::Terminate, Stopped) => Ok(vec![Event::JobTerminated {}]),
+        (Command::Terminate, Stopped) => {
+            let snapshot_ids = world.catalogs.get(&job.job_id).map_or(vec![], |c| {
+                c.snapshots.iter().map(|s| s.snapshot_id).collect()
+            });
+            Ok(vec![
+                Event::JobTerminated {},
+                Event::SnapshotsPurged { snapshot_ids },
+            ])
+        }
         (Command::Terminate, Active | Misconfigured) => refuse("Stopped only: stop it first"),
         (Command::Terminate, _) => refuse("Stopped only"),
         (Command::AssignRegion { region }, _) if *region == job.region => Ok(vec![]),
@@ -183,10 +203,124 @@ fn decide_job(
                 .map_err(|e| reject(RejectCode::BadRequest, Some(state), e.to_string()))?;
             Ok(vec![Event::ScheduleChanged { schedule }])
         }
+        (
+            Command::RecordSnapshot {
+                snapshot_id,
+                taken_at,
+                size_bytes,
+            },
+            Active,
+        ) => {
+            let empty = Catalog::default();
+            let catalog = world.catalogs.get(&job.job_id).unwrap_or(&empty);
+            if catalog.get(*snapshot_id).is_some() {
+                let message = format!(
+                    "snapshot {snapshot_id} is already in job {}'s catalog",
+                    job.job_id
+                );
+                return Err(reject(RejectCode::AlreadyExists, Some(state), message));
+            }
+            let classes = catalog.classify(*taken_at, &job.schedule);
+            let expires_at = expires_at(*taken_at, &classes, &job.schedule);
+            Ok(vec![Event::SnapshotRecorded {
+                snapshot_id: *snapshot_id,
+                taken_at: *taken_at,
+                size_bytes: *size_bytes,
+                classes,
+                expires_at,
+            }])
+        }
+        (Command::RecordSnapshot { .. }, _) => {
+            refuse("Active only: new snapshots are created only while backing up")
+        }
+        (Command::DeleteSnapshot { snapshot_id }, Active | Stopped | Misconfigured) => {
+            let snap = find_snapshot(world, job, *snapshot_id)?;
+            if snap.do_not_delete {
+                let message = format!(
+                    "snapshot {snapshot_id} is marked do_not_delete; set an expiry on it first"
+                );
+                return Err(reject(RejectCode::InvalidTransition, Some(state), message));
+            }
+            Ok(vec![Event::SnapshotDeleted {
+                snapshot_id: *snapshot_id,
+            }])
+        }
+        (
+            Command::SetSnapshotExpiry {
+                snapshot_id,
+                expiry,
+            },
+            Active | Stopped | Misconfigured,
+        ) => {
+            let snap = find_snapshot(world, job, *snapshot_id)?;
+            let (expires_at, do_not_delete) = match expiry {
+                Expiry::At(at) => (*at, false),
+                Expiry::DoNotDelete => (snap.expires_at, true),
+            };
+            Ok(vec![Event::SnapshotExpiryChanged {
+                snapshot_id: *snapshot_id,
+                expires_at,
+                do_not_delete,
+            }])
+        }
+        (Command::DeleteSnapshot { .. } | Command::SetSnapshotExpiry { .. }, _) => {
+            refuse("Active, Stopped or Misconfigured (an Inactive job has no snapshots)")
+        }
+        (Command::ExpireSnapshots { now }, _) => Ok(expire(world, std::iter::once(job), *now)
+            .into_iter()
+            .map(|d| d.event)
+            .collect()),
         (Command::Create { .. } | Command::ConfigureRegion { .. }, _) => {
             unreachable!("handled by decide")
         }
     }
+}
+
+fn find_snapshot<'w>(
+    world: &'w World,
+    job: &Job,
+    id: Uuid,
+) -> Result<&'w super::catalog::Snapshot, Rejection> {
+    world
+        .catalogs
+        .get(&job.job_id)
+        .and_then(|c| c.get(id))
+        .ok_or_else(|| {
+            reject(
+                RejectCode::NotFound,
+                Some(job.state),
+                format!("no snapshot {id} in job {}'s catalog", job.job_id),
+            )
+        })
+}
+
+/// Retention: `SnapshotExpired` for each due snapshot of `jobs`, at most
+/// `EXPIRE_EVENTS_MAX` (the rest are due at the next sweep).
+fn expire<'a>(
+    world: &World,
+    jobs: impl Iterator<Item = &'a Job>,
+    now: DateTime<Utc>,
+) -> Vec<Decided> {
+    let mut out = Vec::new();
+    for job in jobs {
+        let Some(catalog) = world.catalogs.get(&job.job_id) else {
+            continue;
+        };
+        for snap in catalog.due(now) {
+            if out.len() == EXPIRE_EVENTS_MAX {
+                return out;
+            }
+            out.push(Decided {
+                project_id: job.project_id.clone(),
+                job_id: Some(job.job_id),
+                event: Event::SnapshotExpired {
+                    snapshot_id: snap.snapshot_id,
+                    expires_at: snap.expires_at,
+                },
+            });
+        }
+    }
+    out
 }
 
 fn start(world: &World, job: &Job, now: DateTime<Utc>) -> Event {
@@ -199,7 +333,7 @@ fn start(world: &World, job: &Job, now: DateTime<Utc>) -> Event {
     } else {
         Phase::InitialSync
     };
-    match not_ready_reason(world, job.region.as_ref()) {
+    match world.not_ready_reason(job, job.region.as_ref()) {
         None => Event::JobStarted {
             phase,
             state: JobState::Active,
@@ -213,22 +347,11 @@ fn start(world: &World, job: &Job, now: DateTime<Utc>) -> Event {
     }
 }
 
-fn not_ready_reason(world: &World, region: Option<&Name>) -> Option<String> {
-    let region = world.region(region?);
-    (!region.fully_configured()).then(|| {
-        format!(
-            "region {} lacks {}",
-            region.region,
-            region.missing_stores().join(", ")
-        )
-    })
-}
-
 fn assign_region(world: &World, job: &Job, region: &Option<Name>) -> Vec<Event> {
     let mut events = vec![Event::RegionAssigned {
         region: region.clone(),
     }];
-    let reason = not_ready_reason(world, region.as_ref());
+    let reason = world.not_ready_reason(job, region.as_ref());
     match (job.state, reason) {
         (JobState::Active, Some(reason)) => events.push(Event::JobMisconfigured { reason }),
         (JobState::Misconfigured, None) => events.push(Event::JobReconfigured {
@@ -463,7 +586,11 @@ mod tests {
             (Misconfigured, stop(), ok(&["JobStopped"])),
             (Inactive, terminate(), it.clone()),
             (Active, terminate(), it.clone()),
-            (Stopped, terminate(), ok(&["JobTerminated"])),
+            (
+                Stopped,
+                terminate(),
+                ok(&["JobTerminated", "SnapshotsPurged"]),
+            ),
             (Misconfigured, terminate(), it.clone()),
             // first assignment is allowed in any state; eu has no stores
             (Inactive, assign_eu(), ok(&["RegionAssigned"])),

@@ -2,11 +2,13 @@
 //! "Events"); serialized adjacently tagged, so an envelope carries `type` and
 //! `data` side by side.
 
+use super::catalog::SnapshotClass;
 use super::command::Verb;
 use super::decide::RejectCode;
 use super::ids::Name;
 use super::job::{Deployment, JobState, Phase};
 use super::schedule::Schedule;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -47,6 +49,29 @@ pub enum Event {
     ScheduleChanged {
         schedule: Schedule,
     },
+    /// A backup agent's snapshot, classified and given its expiry on record.
+    SnapshotRecorded {
+        snapshot_id: Uuid,
+        taken_at: DateTime<Utc>,
+        size_bytes: u64,
+        classes: Vec<SnapshotClass>,
+        expires_at: DateTime<Utc>,
+    },
+    /// The operator's manual delete.
+    SnapshotDeleted {
+        snapshot_id: Uuid,
+    },
+    /// The snapshot's expiry as it is after the change.
+    SnapshotExpiryChanged {
+        snapshot_id: Uuid,
+        expires_at: DateTime<Utc>,
+        do_not_delete: bool,
+    },
+    /// Retention removed a due snapshot (`expires_at` <= the sweep's `now`).
+    SnapshotExpired {
+        snapshot_id: Uuid,
+        expires_at: DateTime<Utc>,
+    },
     /// A region's stores as they are after the change (`job_id` null).
     RegionConfigured {
         region: Name,
@@ -80,6 +105,10 @@ impl Event {
             Event::JobMisconfigured { .. } => "JobMisconfigured",
             Event::JobReconfigured { .. } => "JobReconfigured",
             Event::ScheduleChanged { .. } => "ScheduleChanged",
+            Event::SnapshotRecorded { .. } => "SnapshotRecorded",
+            Event::SnapshotDeleted { .. } => "SnapshotDeleted",
+            Event::SnapshotExpiryChanged { .. } => "SnapshotExpiryChanged",
+            Event::SnapshotExpired { .. } => "SnapshotExpired",
             Event::RegionConfigured { .. } => "RegionConfigured",
             Event::CommandRejected { .. } => "CommandRejected",
         }

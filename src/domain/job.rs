@@ -137,6 +137,8 @@ impl Job {
 
     /// Apply one event of this job's stream. `job` is None before JobCreated.
     /// Events about other jobs or regions must not be passed here.
+    /// `snapshot_count` and `latest_snapshot_at` are kept by
+    /// [`super::World::evolve`], which also folds the catalog.
     pub fn evolve(job: &mut Option<Job>, env: &Envelope) {
         let at = env.recorded_at;
         let version = env.job_version.unwrap_or(0);
@@ -208,6 +210,17 @@ impl Job {
                 j.last_transition_at = at;
             }
             Event::ScheduleChanged { schedule } => j.schedule = *schedule,
+            Event::SnapshotRecorded { .. } => {
+                // The first snapshot after a start ends the initial sync.
+                j.initial_sync_done = true;
+                if j.state == JobState::Active {
+                    j.phase = Some(Phase::Incremental);
+                }
+            }
+            // Catalog changes; World::evolve keeps the counts.
+            Event::SnapshotDeleted { .. }
+            | Event::SnapshotExpiryChanged { .. }
+            | Event::SnapshotExpired { .. } => {}
         }
     }
 }

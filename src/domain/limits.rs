@@ -15,3 +15,8 @@ pub const RELAY_WINDOW_MAX: usize = 256;
 pub const RELAY_CHUNK_MAX: usize = 1024;
 /// Jobs returned by one `bcp.query.jobs` reply.
 pub const QUERY_JOBS_MAX: usize = 10_000;
+/// `SnapshotExpired` events one `expire-snapshots` command (or one sweep)
+/// appends; what is left is due at the next sweep.
+pub const EXPIRE_EVENTS_MAX: usize = 10_000;
+/// Default interval of the retention sweeper inside `bcp serve`.
+pub const SWEEP_INTERVAL_SECS_DEFAULT: u64 = 60;

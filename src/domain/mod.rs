@@ -5,6 +5,7 @@
 //! ids arrive as arguments. Replay reuses exactly this code, so replay can
 //! never disagree with the live system.
 
+pub mod catalog;
 pub mod command;
 pub mod decide;
 pub mod envelope;
@@ -16,6 +17,7 @@ pub mod reply;
 pub mod schedule;
 pub mod world;
 
+pub use catalog::{Catalog, Snapshot, SnapshotClass};
 pub use command::{Command, CommandEnvelope, Verb};
 pub use decide::{Decision, RejectCode, Rejection, decide};
 pub use envelope::Envelope;

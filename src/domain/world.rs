@@ -2,6 +2,7 @@
 //! for the whole system is [`World::evolve`]; it delegates per-job events to
 //! [`Job::evolve`].
 
+use super::catalog::{Catalog, Snapshot, day_of};
 use super::envelope::Envelope;
 use super::event::Event;
 use super::ids::Name;
@@ -46,6 +47,8 @@ impl Region {
 pub struct World {
     pub jobs: BTreeMap<Uuid, Job>,
     pub regions: BTreeMap<Name, Region>,
+    /// Per job that ever had a snapshot: its catalog.
+    pub catalogs: BTreeMap<Uuid, Catalog>,
 }
 
 impl World {
@@ -63,6 +66,26 @@ impl World {
     /// backup), or a fully configured one.
     pub fn region_ready(&self, region: Option<&Name>) -> bool {
         region.is_none_or(|r| self.regions.get(r).is_some_and(Region::fully_configured))
+    }
+
+    /// Why `job` would be Misconfigured if it had `region` and were running:
+    /// its region lacks a store, or it is a shard/config server with no
+    /// region in a cluster where another job has one. None: it may be Active.
+    pub fn not_ready_reason(&self, job: &Job, region: Option<&Name>) -> Option<String> {
+        if let Some(r) = region {
+            let region = self.region(r);
+            return (!region.fully_configured())
+                .then(|| format!("region {r} lacks {}", region.missing_stores().join(", ")));
+        }
+        let cluster = job.deployment.cluster.as_ref()?;
+        let regional = self.jobs.values().any(|o| {
+            o.job_id != job.job_id
+                && o.project_id == job.project_id
+                && o.deployment.cluster.as_ref() == Some(cluster)
+                && o.region.is_some()
+        });
+        regional
+            .then(|| format!("cluster {cluster} uses regional backup but this job has no region"))
     }
 
     /// Apply one committed event.
@@ -89,10 +112,67 @@ impl World {
                 let Some(id) = env.job_id else { return };
                 let mut slot = self.jobs.remove(&id);
                 Job::evolve(&mut slot, env);
-                if let Some(job) = slot {
-                    self.jobs.insert(id, job);
+                let Some(mut job) = slot else { return };
+                if let Some(catalog) = self.evolve_catalog(&job, env) {
+                    job.snapshot_count = catalog.snapshots.len() as u64;
+                    job.latest_snapshot_at = catalog.snapshots.iter().map(|s| s.taken_at).max();
                 }
+                self.jobs.insert(id, job);
             }
+        }
+    }
+
+    /// Apply a snapshot event to the job's catalog; returns the catalog when
+    /// it changed.
+    fn evolve_catalog(&mut self, job: &Job, env: &Envelope) -> Option<&Catalog> {
+        let catalog = self.catalogs.entry(job.job_id);
+        match &env.event {
+            Event::SnapshotRecorded {
+                snapshot_id,
+                taken_at,
+                size_bytes,
+                classes,
+                expires_at,
+            } => {
+                let snap = Snapshot {
+                    snapshot_id: *snapshot_id,
+                    taken_at: *taken_at,
+                    size_bytes: *size_bytes,
+                    classes: classes.clone(),
+                    expires_at: *expires_at,
+                    do_not_delete: false,
+                };
+                let c = catalog.or_default();
+                c.record(snap, day_of(*taken_at, &job.schedule));
+                Some(c)
+            }
+            Event::SnapshotDeleted { snapshot_id } | Event::SnapshotExpired { snapshot_id, .. } => {
+                let c = catalog.or_default();
+                c.remove(*snapshot_id);
+                Some(c)
+            }
+            Event::SnapshotExpiryChanged {
+                snapshot_id,
+                expires_at,
+                do_not_delete,
+            } => {
+                let c = catalog.or_default();
+                if let Some(s) = c
+                    .snapshots
+                    .iter_mut()
+                    .find(|s| s.snapshot_id == *snapshot_id)
+                {
+                    s.expires_at = *expires_at;
+                    s.do_not_delete = *do_not_delete;
+                }
+                Some(c)
+            }
+            Event::SnapshotsPurged { .. } => {
+                let c = catalog.or_default();
+                c.snapshots.clear();
+                Some(c)
+            }
+            _ => None,
         }
     }
 

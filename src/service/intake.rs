@@ -113,7 +113,11 @@ pub async fn send_replies(client: Client, mut batches: mpsc::Receiver<Vec<Commit
                 tracing::debug!(command_id = %c.command_id, verb = %c.verb, code = ?err.code, message = %err.message, "command rejected");
             }
             if c.reply_to.is_none() {
-                tracing::info!(command_id = %c.command_id, verb = %c.verb, ok = c.reply.ok, "fire-and-forget command decided");
+                if c.reply.ok && c.reply.events.is_empty() {
+                    tracing::debug!(command_id = %c.command_id, verb = %c.verb, "command without reply subject decided: nothing to do");
+                } else {
+                    tracing::info!(command_id = %c.command_id, verb = %c.verb, ok = c.reply.ok, events = c.reply.events.len(), "command without reply subject decided");
+                }
             }
             answer(&client, c.reply_to, &c.reply).await;
         }

@@ -3,13 +3,15 @@
 //! `serve` wires four parts together (DESIGN.md §1): [`intake`] decodes NATS
 //! requests and queues them; [`writer`] (one thread) decides and commits them
 //! in batches and hands replies back; [`relay`] publishes committed events to
-//! JetStream in seq order; [`queries`] answers reads from redb snapshots.
+//! JetStream in seq order; [`queries`] answers reads from redb snapshots;
+//! [`sweeper`] queues retention on a timer.
 //! [`shutdown`] turns SIGINT/SIGTERM into an orderly drain.
 
 pub mod intake;
 pub mod queries;
 pub mod relay;
 pub mod shutdown;
+pub mod sweeper;
 pub mod writer;
 
 use crate::store::{Store, StoreError, ledger::Ledger};
@@ -30,6 +32,8 @@ pub struct ServeConfig {
     pub stream: String,
     /// How long shutdown waits for the relay to publish the last events.
     pub drain_timeout: Duration,
+    /// How often the retention sweeper expires due snapshots.
+    pub sweep_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +94,13 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         relay_drain.clone(),
     ));
     let queries = tokio::spawn(queries::run(client.clone(), store.clone(), stop.clone()));
+    let sweeper = tokio::spawn(sweeper::run(
+        queue_tx.clone(),
+        config.sweep_interval,
+        stop.clone(),
+    ));
     let intake_result = intake::run(client.clone(), queue_tx, stop.clone()).await;
+    let _ = sweeper.await;
 
     // Drain, in data-flow order. The intake has dropped its queue sender, so
     // the writer finishes what is queued and exits.

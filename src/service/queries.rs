@@ -1,4 +1,4 @@
-//! Read-only queries on `bcp.query.{job,jobs,history}`, answered from redb
+//! Read-only queries on `bcp.query.{job,jobs,snapshots,history}`, answered from redb
 //! read transactions (MVCC snapshots: never blocked by, never blocking, the
 //! writer).
 
@@ -53,6 +53,16 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
             }
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
+        "snapshots" => {
+            parse::<JobQuery>(body).map(|q| match (store.job(q.job_id), store.catalog(q.job_id)) {
+                (Ok(None), _) => error(ErrorCode::NotFound, format!("no job {}", q.job_id)),
+                (Ok(Some(_)), Ok(catalog)) => {
+                    let snapshots = catalog.map(|c| c.snapshots).unwrap_or_default();
+                    json!({"ok": true, "job_id": q.job_id, "snapshots": snapshots})
+                }
+                (Err(e), _) | (_, Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
+            })
+        }
         "history" => parse::<JobQuery>(body).map(|q| match store.job_events(q.job_id) {
             Ok(events) if events.is_empty() => {
                 error(ErrorCode::NotFound, format!("no job {}", q.job_id))
@@ -61,7 +71,7 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
         other => Err(format!(
-            "unknown query {other:?}; queries: job, jobs, history"
+            "unknown query {other:?}; queries: job, jobs, snapshots, history"
         )),
     };
     result.unwrap_or_else(|e| error(ErrorCode::BadRequest, e))

@@ -14,7 +14,7 @@ use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::event::SCHEMA_VERSION;
 use crate::domain::reply::EventRef;
 use crate::domain::{
-    CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
+    Catalog, CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
 };
 use chrono::{DateTime, Utc};
 use redb::{ReadableDatabase, ReadableTable, Table};
@@ -26,12 +26,19 @@ use uuid::Uuid;
 pub struct Pending {
     pub cmd: CommandEnvelope,
     pub fingerprint: String,
+    /// bcp's own command (the retention sweeper): when it decides nothing,
+    /// no idempotency record is kept, so an idle sweep writes nothing.
+    pub internal: bool,
 }
 
 impl Pending {
     pub fn new(cmd: CommandEnvelope) -> Pending {
         let fingerprint = cmd.fingerprint();
-        Pending { cmd, fingerprint }
+        Pending {
+            cmd,
+            fingerprint,
+            internal: false,
+        }
     }
 }
 
@@ -49,7 +56,7 @@ pub struct Ledger {
 /// Prior values of everything a batch touched, to undo a failed commit.
 #[derive(Default)]
 struct Undo {
-    jobs: BTreeMap<Uuid, Option<Job>>,
+    jobs: BTreeMap<Uuid, (Option<Job>, Option<Catalog>)>,
     regions: BTreeMap<Name, Option<Region>>,
 }
 
@@ -119,10 +126,14 @@ impl Ledger {
         let mut undo = Undo::default();
         let result = self.execute_in_txn(batch, now, next_id, published_seq, &mut undo);
         if result.is_err() {
-            for (id, job) in undo.jobs {
+            for (id, (job, catalog)) in undo.jobs {
                 match job {
                     Some(j) => self.world.jobs.insert(id, j),
                     None => self.world.jobs.remove(&id),
+                };
+                match catalog {
+                    Some(c) => self.world.catalogs.insert(id, c),
+                    None => self.world.catalogs.remove(&id),
                 };
             }
             for (name, region) in undo.regions {
@@ -160,13 +171,24 @@ impl Ledger {
                 replies.push(reply);
             }
             let mut jobs = txn.open_table(JOBS)?;
+            let mut catalogs = txn.open_table(CATALOGS)?;
             for id in undo.jobs.keys() {
+                let key = id.as_u128();
                 match self.world.jobs.get(id) {
                     Some(job) => jobs.insert(
-                        id.as_u128(),
+                        key,
                         serde_json::to_vec(job).expect("job serializes").as_slice(),
                     )?,
-                    None => jobs.remove(id.as_u128())?,
+                    None => jobs.remove(key)?,
+                };
+                match self.world.catalogs.get(id) {
+                    Some(c) => catalogs.insert(
+                        key,
+                        serde_json::to_vec(c)
+                            .expect("catalog serializes")
+                            .as_slice(),
+                    )?,
+                    None => catalogs.remove(key)?,
                 };
             }
             let mut regions = txn.open_table(REGIONS)?;
@@ -238,6 +260,9 @@ impl Ledger {
             // A value only checkable against state: bad input, not recorded.
             Err(rejection) => return Ok(Reply::rejected(cmd.job_id, &rejection, None)),
         };
+        if p.internal && reply.events.is_empty() {
+            return Ok(reply);
+        }
         let rec = CommandRecord {
             fingerprint: p.fingerprint.clone(),
             reply: reply.clone(),
@@ -297,9 +322,12 @@ impl Ledger {
             _ => None,
         };
         if let Some(id) = job_id.filter(|_| job_version.is_some()) {
-            undo.jobs
-                .entry(id)
-                .or_insert_with(|| self.world.jobs.get(&id).cloned());
+            undo.jobs.entry(id).or_insert_with(|| {
+                (
+                    self.world.jobs.get(&id).cloned(),
+                    self.world.catalogs.get(&id).cloned(),
+                )
+            });
         }
         if let Event::RegionConfigured { region, .. } = &event {
             undo.regions

@@ -5,7 +5,7 @@
 pub mod ledger;
 pub mod tables;
 
-use crate::domain::{Envelope, Job, Region, World};
+use crate::domain::{Catalog, Envelope, Job, Region, World};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -77,6 +77,7 @@ impl Store {
         txn.open_table(JOB_LOG)?;
         txn.open_table(COMMANDS)?;
         txn.open_table(JOBS)?;
+        txn.open_table(CATALOGS)?;
         txn.open_table(REGIONS)?;
         txn.open_table(CURSOR)?;
         txn.commit()?;
@@ -179,7 +180,19 @@ impl Store {
             .transpose()
     }
 
-    /// The stored projections (jobs and regions) as a [`World`].
+    /// A job's snapshot catalog (None: the job never had a snapshot).
+    pub fn catalog(&self, job_id: Uuid) -> Result<Option<Catalog>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CATALOGS)?;
+        t.get(job_id.as_u128())?
+            .map(|v| {
+                serde_json::from_slice(v.value())
+                    .map_err(|e| corrupt(format!("catalog {job_id}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// The stored projections (jobs, catalogs and regions) as a [`World`].
     pub fn load_world(&self) -> Result<World> {
         let txn = self.db.begin_read()?;
         let mut world = World::default();
@@ -195,6 +208,12 @@ impl Store {
                 )));
             }
             world.jobs.insert(job.job_id, job);
+        }
+        for r in txn.open_table(CATALOGS)?.iter()? {
+            let (k, v) = r?;
+            let catalog: Catalog = serde_json::from_slice(v.value())
+                .map_err(|e| corrupt(format!("catalog row: {e}")))?;
+            world.catalogs.insert(Uuid::from_u128(k.value()), catalog);
         }
         for r in txn.open_table(REGIONS)?.iter()? {
             let (_, v) = r?;

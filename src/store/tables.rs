@@ -16,6 +16,9 @@ pub const JOB_LOG: TableDefinition<(u128, u64), ()> = TableDefinition::new("job_
 pub const COMMANDS: TableDefinition<u128, &[u8]> = TableDefinition::new("commands");
 /// job_id → job view JSON: the job-state projection.
 pub const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
+/// job_id → catalog JSON (retained snapshots + which days/weeks/months had
+/// their daily/weekly/monthly): the snapshot-catalog projection.
+pub const CATALOGS: TableDefinition<u128, &[u8]> = TableDefinition::new("catalogs");
 /// region name → region JSON: the region projection.
 pub const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions");
 /// "published_seq" → the last seq the relay saw acknowledged by JetStream.
