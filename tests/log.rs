@@ -463,3 +463,295 @@ proptest! {
         prop_assert_eq!(store.head_seq().unwrap(), head);
     }
 }
+
+// ---- snapshot catalog scenarios ----------------------------------------------------------
+
+impl Script {
+    /// Send with an explicit clock.
+    fn send_at(
+        &mut self,
+        at: DateTime<Utc>,
+        project: &str,
+        verb: &str,
+        body: serde_json::Value,
+    ) -> bcp::domain::Reply {
+        self.now = at - Duration::minutes(1);
+        self.send(project, verb, body)
+    }
+
+    fn catalog(&self, j: Uuid) -> Vec<String> {
+        let world = self.ledger.world();
+        world.catalogs.get(&j).map_or(vec![], |c| {
+            c.snapshots
+                .iter()
+                .map(|s| {
+                    let classes: Vec<String> = s
+                        .classes
+                        .iter()
+                        .map(|c| format!("{c:?}").to_lowercase())
+                        .collect();
+                    let keep = if s.do_not_delete {
+                        " do_not_delete"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "{} [{}] expires {}{keep}",
+                        s.taken_at.format("%m-%d %H:%M"),
+                        classes.join(","),
+                        s.expires_at.format("%m-%d %H:%M")
+                    )
+                })
+                .collect()
+        })
+    }
+}
+
+fn snap(n: u128) -> Uuid {
+    Uuid::from_u128(0x5000_0000 + n)
+}
+
+fn started_job(s: &mut Script, j: Uuid, schedule: serde_json::Value) {
+    let d = json!({"kind": "replica_set", "name": "rs0"});
+    assert!(
+        s.send(
+            "p1",
+            "create",
+            json!({"job_id": j, "deployment": d, "schedule": schedule})
+        )
+        .ok
+    );
+    assert!(s.send("p1", "start", json!({"job_id": j})).ok);
+}
+
+#[test]
+fn catalog_forty_days_of_six_hourly_snapshots_then_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Script::new(&dir.path().join("bcp.redb"));
+    let j = job(1);
+    // 6-hourly, base 3 days, daily 7, weekly 2 weeks, monthly 1 (28 days); days start 02:00 UTC.
+    started_job(
+        &mut s,
+        j,
+        json!({"snapshot_interval_hours": 6, "snapshot_retention_days": 3, "daily_retention_days": 7, "reference_hour_of_day": 2}),
+    );
+    let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+    let mut expired = 0;
+    for i in 0..160u128 {
+        let taken = start + Duration::hours(6 * i as i64);
+        let r = s.send_at(taken + Duration::minutes(5), "p1", "record-snapshot", json!({"job_id": j, "snapshot_id": snap(i), "taken_at": taken, "size_bytes": 1_000_000 + i as u64}));
+        assert!(r.ok, "{r:?}");
+        if i % 4 == 3 {
+            // a daily sweep, as the server's sweeper would
+            let r = s.send_at(
+                taken + Duration::minutes(10),
+                "p1",
+                "expire-snapshots",
+                json!({"now": taken + Duration::minutes(10)}),
+            );
+            expired += r.events.len();
+        }
+    }
+    let view = &s.ledger.world().jobs[&j];
+    assert_eq!(view.phase, Some(bcp::domain::Phase::Incremental));
+    assert_eq!(view.snapshot_count as usize, 160 - expired);
+    insta::assert_yaml_snapshot!("catalog_40_days", s.catalog(j));
+    // Ten days later with no new snapshots everything but the monthly of February and the weeklies still in range expire.
+    let later = start + Duration::days(50);
+    let r = s.send_at(
+        later,
+        "p1",
+        "expire-snapshots",
+        json!({"job_id": j, "now": later}),
+    );
+    assert!(r.ok);
+    insta::assert_yaml_snapshot!("catalog_40_days_plus_10", s.catalog(j));
+}
+
+#[test]
+fn catalog_stop_then_expiry_while_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Script::new(&dir.path().join("bcp.redb"));
+    let j = job(2);
+    started_job(&mut s, j, json!({}));
+    let day = |d: i64| Utc.with_ymd_and_hms(2026, 3, 2, 12, 0, 0).unwrap() + Duration::days(d);
+    for d in 0..5 {
+        assert!(s.send_at(day(d), "p1", "record-snapshot", json!({"job_id": j, "snapshot_id": snap(d as u128), "taken_at": day(d), "size_bytes": 10})).ok);
+    }
+    assert!(s.send_at(day(5), "p1", "stop", json!({"job_id": j})).ok);
+    let refused = s.send_at(
+        day(5),
+        "p1",
+        "record-snapshot",
+        json!({"job_id": j, "snapshot_id": snap(9), "taken_at": day(5), "size_bytes": 10}),
+    );
+    assert_eq!(
+        refused.code(),
+        Some(bcp::domain::ErrorCode::InvalidTransition)
+    );
+    assert!(refused.error.unwrap().message.contains("Stopped"));
+    insta::assert_yaml_snapshot!("catalog_stopped_before_expiry", s.catalog(j));
+    let r = s.send_at(day(8), "p1", "expire-snapshots", json!({"now": day(8)}));
+    assert_eq!(r.events.len(), 4, "{r:?}"); // days 1..4 keep 2 days (daily retention off); day 0 is the weekly and monthly
+    insta::assert_yaml_snapshot!("catalog_stopped_after_expiry", s.catalog(j));
+    assert_eq!(
+        s.ledger.world().jobs[&j].state,
+        bcp::domain::JobState::Stopped
+    );
+}
+
+#[test]
+fn catalog_terminate_purges_everything_and_restart_is_initial_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let mut s = Script::new(&path);
+    let j = job(3);
+    started_job(&mut s, j, json!({}));
+    let t = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+    for i in 0..3 {
+        assert!(s.send_at(t + Duration::days(i), "p1", "record-snapshot", json!({"job_id": j, "snapshot_id": snap(i as u128), "taken_at": t + Duration::days(i), "size_bytes": 5})).ok);
+    }
+    assert!(
+        s.send(
+            "p1",
+            "set-snapshot-expiry",
+            json!({"job_id": j, "snapshot_id": snap(0), "do_not_delete": true})
+        )
+        .ok
+    );
+    let refused = s.send(
+        "p1",
+        "delete-snapshot",
+        json!({"job_id": j, "snapshot_id": snap(0)}),
+    );
+    assert_eq!(
+        refused.code(),
+        Some(bcp::domain::ErrorCode::InvalidTransition)
+    );
+    assert!(
+        s.send(
+            "p1",
+            "delete-snapshot",
+            json!({"job_id": j, "snapshot_id": snap(1)})
+        )
+        .ok
+    );
+    insta::assert_yaml_snapshot!("catalog_before_terminate", s.catalog(j));
+    assert_eq!(
+        s.send("p1", "terminate", json!({"job_id": j})).code(),
+        Some(bcp::domain::ErrorCode::InvalidTransition)
+    );
+    assert!(s.send("p1", "stop", json!({"job_id": j})).ok);
+    let r = s.send("p1", "terminate", json!({"job_id": j}));
+    assert_eq!(
+        r.events
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["JobTerminated", "SnapshotsPurged"]
+    );
+    assert!(s.catalog(j).is_empty(), "do_not_delete ones are purged too");
+    let purged = s
+        .ledger
+        .store()
+        .events(r.events[1].seq, r.events[1].seq)
+        .unwrap();
+    insta::assert_yaml_snapshot!(
+        "purge_event_data",
+        serde_json::to_value(&purged[0].event).unwrap()
+    );
+    let r = s.send("p1", "start", json!({"job_id": j}));
+    assert!(r.ok);
+    assert_eq!(
+        s.ledger.world().jobs[&j].phase,
+        Some(bcp::domain::Phase::InitialSync)
+    );
+    verify(s.ledger.store()).unwrap();
+}
+
+#[test]
+fn catalog_region_misconfigured_then_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Script::new(&dir.path().join("bcp.redb"));
+    let j = job(4);
+    let d = json!({"kind": "replica_set", "name": "rs0"});
+    assert!(
+        s.send(
+            "_admin",
+            "configure-region",
+            json!({"region": "eu", "snapshot_store": "s3", "oplog_store": "ol", "sync_store": "sy"})
+        )
+        .ok
+    );
+    assert!(
+        s.send(
+            "p1",
+            "create",
+            json!({"job_id": j, "deployment": d, "region": "eu"})
+        )
+        .ok
+    );
+    assert!(s.send("p1", "start", json!({"job_id": j})).ok);
+    let t = Utc.with_ymd_and_hms(2026, 9, 1, 0, 0, 0).unwrap();
+    assert!(
+        s.send_at(
+            t,
+            "p1",
+            "record-snapshot",
+            json!({"job_id": j, "snapshot_id": snap(1), "taken_at": t, "size_bytes": 7})
+        )
+        .ok
+    );
+    // The region loses its oplog store: the job is Misconfigured, keeps its snapshots, takes no new ones.
+    let r = s.send(
+        "_admin",
+        "configure-region",
+        json!({"region": "eu", "oplog_store": null}),
+    );
+    assert_eq!(
+        r.events
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["RegionConfigured", "JobMisconfigured"]
+    );
+    let refused = s.send("p1", "record-snapshot", json!({"job_id": j, "snapshot_id": snap(2), "taken_at": t + Duration::hours(24), "size_bytes": 7}));
+    assert_eq!(
+        refused.code(),
+        Some(bcp::domain::ErrorCode::InvalidTransition)
+    );
+    insta::assert_yaml_snapshot!(
+        "catalog_misconfigured",
+        (s.ledger.world().jobs[&j].state, s.catalog(j))
+    );
+    // Repaired: back to Active by itself, incremental (its initial sync was done), recording again.
+    let r = s.send(
+        "_admin",
+        "configure-region",
+        json!({"region": "eu", "oplog_store": "ol-2"}),
+    );
+    assert_eq!(
+        r.events
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["RegionConfigured", "JobReconfigured"]
+    );
+    assert!(s.send_at(t + Duration::days(1), "p1", "record-snapshot", json!({"job_id": j, "snapshot_id": snap(2), "taken_at": t + Duration::days(1), "size_bytes": 7})).ok);
+    let job = &s.ledger.world().jobs[&j];
+    insta::assert_yaml_snapshot!("catalog_repaired", (job.state, job.phase, s.catalog(j)));
+    let history = bcp::projection::history::history(&s.ledger.store().job_events(j).unwrap());
+    let transitions: Vec<String> = history
+        .iter()
+        .map(|h| {
+            format!(
+                "{} {:?} -> {:?} {}",
+                h.event_type,
+                h.from,
+                h.to,
+                h.reason.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    insta::assert_yaml_snapshot!("region_history", transitions);
+}
