@@ -1,10 +1,11 @@
 //! The `bcp` command line: argument definitions (clap) and each
 //! subcommand's work. `anyhow` lives here and in `main`, not in the library.
 
+mod audit;
+
 use anyhow::{Context, Result, bail};
-use bcp::audit::{replay, verify};
 use bcp::domain::{Job, JobState, Reply, Verb};
-use bcp::projection::history::{HistoryEntry, history};
+use bcp::projection::history::HistoryEntry;
 use bcp::store::Store;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value, json};
@@ -96,39 +97,15 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
-    /// Rebuild the projections from the log as of a seq.
-    #[command(after_help = "Example:\n  bcp replay --db data/bcp.redb --until-seq 3 --format json")]
-    Replay {
-        #[arg(long, env = "BCP_DB")]
-        db: PathBuf,
-        #[arg(long)]
-        until_seq: Option<u64>,
-        #[arg(long)]
-        job: Option<Uuid>,
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
-    },
-    /// Audit the log: a job's history, or verify the whole chain.
+    /// Rebuild job states and snapshot catalogs as of a seq or a time.
+    Replay(audit::ReplayArgs),
+    /// Audit the log: a job's history, verify the chain, print a digest.
     #[command(subcommand)]
-    Audit(AuditCmd),
-}
-
-#[derive(Subcommand)]
-pub enum AuditCmd {
-    /// Every transition and rejection of a job: seq, time, actor, command, from -> to.
-    History {
-        #[arg(long, env = "BCP_DB")]
-        db: PathBuf,
-        #[arg(long)]
-        job: Uuid,
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
-    },
-    /// Check the hash chain, gaplessness, versions and that the stored projections equal a rebuild.
-    Verify {
-        #[arg(long, env = "BCP_DB")]
-        db: PathBuf,
-    },
+    Audit(audit::AuditCmd),
+    /// Write the log as JSON Lines (one envelope per line, seq order).
+    Export(audit::ExportArgs),
+    /// Build a new store from JSON Lines or the stream, verifying as it goes.
+    Import(audit::ImportArgs),
 }
 
 #[derive(Args)]
@@ -299,60 +276,10 @@ pub fn run(cli: Cli) -> Result<u8> {
             }
             Ok(EXIT_OK)
         }
-        Cmd::Replay {
-            db,
-            until_seq,
-            job,
-            format,
-        } => {
-            let store = Store::open_existing(&db)?;
-            let view = replay::replay(&store, until_seq, job)?;
-            match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
-                Format::Table => {
-                    println!("as of seq {}", view.as_of_seq);
-                    print!("{}", jobs_table(&view.jobs));
-                }
-            }
-            Ok(EXIT_OK)
-        }
-        Cmd::Audit(AuditCmd::History { db, job, format }) => {
-            let store = Store::open_existing(&db)?;
-            let events = store.job_events(job)?;
-            if events.is_empty() {
-                eprintln!("no job {job} in {}", db.display());
-                return Ok(EXIT_REJECTED);
-            }
-            let entries = history(&events);
-            match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({"job_id": job, "history": entries}))?
-                ),
-                Format::Table => print!("{}", history_table(&entries)),
-            }
-            Ok(EXIT_OK)
-        }
-        Cmd::Audit(AuditCmd::Verify { db }) => {
-            let store = Store::open_existing(&db)?;
-            match verify::verify(&store) {
-                Ok(r) => {
-                    println!(
-                        "ok: {} events verified, head seq {} hash {}, in {:.3}s",
-                        r.events,
-                        r.head_seq,
-                        r.head_hash,
-                        r.elapsed.as_secs_f64()
-                    );
-                    Ok(EXIT_OK)
-                }
-                Err(verify::VerifyError::Store(e)) => Err(e.into()),
-                Err(e) => {
-                    println!("FAILED: {e}");
-                    Ok(EXIT_REJECTED)
-                }
-            }
-        }
+        Cmd::Replay(a) => audit::replay(a),
+        Cmd::Audit(cmd) => audit::audit(cmd),
+        Cmd::Export(a) => audit::export(a),
+        Cmd::Import(a) => audit::import(a),
     }
 }
 
@@ -462,17 +389,27 @@ fn send(a: SendArgs) -> Result<u8> {
     })
 }
 
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+/// Connect for a CLI command; failures are [`Unavailable`].
+async fn connect(url: &str) -> Result<async_nats::Client> {
+    let client = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
+        .await
+        .map_err(|_| Unavailable(format!("timed out connecting to NATS at {url}")))?
+        .map_err(|e| Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;
+    Ok(client)
+}
+
 /// One NATS request/reply; connection problems are [`Unavailable`].
 fn request(url: &str, subject: &str, body: &Value, timeout_secs: u64) -> Result<Value> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    block_on(async {
         let timeout = Duration::from_secs(timeout_secs);
-        let client = tokio::time::timeout(timeout, async_nats::connect(url))
-            .await
-            .map_err(|_| Unavailable(format!("timed out connecting to NATS at {url}")))?
-            .map_err(|e| Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;
+        let client = connect(url).await?;
         let payload = serde_json::to_vec(body)?;
         let msg = tokio::time::timeout(timeout, client.request(subject.to_owned(), payload.into()))
             .await
@@ -556,31 +493,31 @@ pub fn snapshots_table(snapshots: &[bcp::domain::Snapshot]) -> String {
     out
 }
 
+/// One line per event (seq, time, actor, command, event, from -> to), the
+/// reason and command id indented below; fits 80 columns.
 pub fn history_table(entries: &[HistoryEntry]) -> String {
     let mut out = format!(
-        "{:>6} {:<20} {:<10} {:<16} {:<29}\n",
-        "SEQ", "TIME", "ACTOR", "EVENT", "FROM -> TO"
+        "{:>5} {:<20} {:<10} {:<15} {}\n",
+        "SEQ", "TIME", "ACTOR", "COMMAND", "EVENT: FROM -> TO"
     );
     for e in entries {
         let change = if e.rejected {
-            format!(
-                "{} refused: {}",
-                or_dash(e.verb.as_ref()),
-                or_dash(e.code.as_ref())
-            )
+            format!("REJECTED {}", or_dash(e.code.as_ref()))
         } else {
-            format!("{} -> {}", or_dash(e.from), or_dash(e.to))
+            format!("{}: {} -> {}", e.event_type, or_dash(e.from), or_dash(e.to))
         };
+        let actor: String = or_dash(e.actor.as_ref()).chars().take(10).collect();
         out += &format!(
-            "{:>6} {:<20} {:<10} {:<16} {}\n",
+            "{:>5} {:<20} {:<10} {:<15} {}\n",
             e.seq,
             e.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
-            or_dash(e.actor.as_ref()),
-            e.event_type,
+            actor,
+            e.verb,
             change
         );
+        out += &format!("{:>5} command {}\n", "", e.command_id);
         if let Some(reason) = &e.reason {
-            out += &format!("{:>6} {}\n", "", reason);
+            out += &format!("{:>5} {}\n", "", reason);
         }
     }
     out

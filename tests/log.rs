@@ -3,7 +3,8 @@
 //! history); random command sequences (proptest) whose stored projection
 //! must equal a fold of the log and whose chain must verify; tampering.
 
-use bcp::audit::{replay::replay, verify::verify};
+use bcp::audit::replay::{Cut, Select, replay};
+use bcp::audit::verify::verify as verify_with;
 use bcp::domain::command::decode;
 use bcp::domain::{Envelope, World};
 use bcp::store::Store;
@@ -179,7 +180,15 @@ fn replay_as_of_a_seq_equals_the_fold_of_that_prefix() {
     let store = Store::open_existing(&path).unwrap();
     let all = store.events(1, u64::MAX).unwrap();
     for cut in 0..=all.len() {
-        let view = replay(&store, Some(cut as u64), None).unwrap();
+        let view = replay(
+            &store,
+            Cut {
+                until_seq: Some(cut as u64),
+                until: None,
+            },
+            &Select::default(),
+        )
+        .unwrap();
         let folded = World::fold(&all[..cut]);
         assert_eq!(view.as_of_seq, cut as u64);
         assert_eq!(
@@ -754,4 +763,8 @@ fn catalog_region_misconfigured_then_repaired() {
         })
         .collect();
     insta::assert_yaml_snapshot!("region_history", transitions);
+}
+
+fn verify(store: &Store) -> Result<bcp::audit::verify::Report, bcp::audit::verify::VerifyError> {
+    verify_with(store, None, |_| {})
 }

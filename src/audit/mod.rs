@@ -2,5 +2,7 @@
 //! the projections, job history. They fold the same pure code as the live
 //! server ([`crate::domain::World::evolve`], [`crate::projection`]).
 
+pub mod logfile;
+pub mod nats;
 pub mod replay;
 pub mod verify;

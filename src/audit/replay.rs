@@ -1,10 +1,34 @@
-//! Projections rebuilt from the log as of a seq.
+//! Projections rebuilt from the log as of a point (a seq, a time, or both),
+//! optionally for one job or project: the same pure fold as the server.
 
-use crate::domain::{Job, Snapshot, World};
+use crate::domain::{Envelope, Job, ProjectId, Snapshot, World};
 use crate::store::{Result, Store, decode_envelope};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use uuid::Uuid;
+
+/// Where replay stops: after the last event with seq <= `until_seq` and
+/// `recorded_at` <= `until` (the log's times never go backwards).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cut {
+    pub until_seq: Option<u64>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Cut {
+    pub fn includes(&self, env: &Envelope) -> bool {
+        self.until_seq.is_none_or(|s| env.seq <= s)
+            && self.until.is_none_or(|t| env.recorded_at <= t)
+    }
+}
+
+/// Which jobs to show.
+#[derive(Clone, Debug, Default)]
+pub struct Select {
+    pub job: Option<Uuid>,
+    pub project: Option<ProjectId>,
+}
 
 /// `{"as_of_seq":N,"jobs":[VIEW…],"snapshots":{JOB_ID:[…]}}`.
 #[derive(Debug, Serialize)]
@@ -15,39 +39,58 @@ pub struct ReplayView {
     pub snapshots: BTreeMap<Uuid, Vec<Snapshot>>,
 }
 
-/// Fold the log up to and including `until_seq` (all of it when None).
-pub fn replay(store: &Store, until_seq: Option<u64>, job: Option<Uuid>) -> Result<ReplayView> {
-    let mut world = World::default();
-    let mut as_of_seq = 0;
-    store.for_each_event(|seq, bytes| {
-        if until_seq.is_some_and(|u| seq > u) {
-            return Ok(false);
+/// Fold a log from its start up to `cut`.
+#[derive(Default)]
+pub struct Replayer {
+    world: World,
+    as_of_seq: u64,
+    done: bool,
+}
+
+impl Replayer {
+    /// Feed the next event; returns false once past the cut.
+    pub fn feed(&mut self, env: &Envelope, cut: &Cut) -> bool {
+        if self.done || !cut.includes(env) {
+            self.done = true;
+            return false;
         }
-        world.evolve(&decode_envelope(seq, bytes)?);
-        as_of_seq = seq;
-        Ok(true)
-    })?;
-    let mut catalogs = world.catalogs;
-    let jobs: Vec<Job> = world
-        .jobs
-        .into_values()
-        .filter(|j| job.is_none_or(|id| j.job_id == id))
-        .collect();
-    let snapshots = jobs
-        .iter()
-        .map(|j| {
-            (
-                j.job_id,
-                catalogs
-                    .remove(&j.job_id)
-                    .map(|c| c.snapshots)
-                    .unwrap_or_default(),
-            )
-        })
-        .collect();
-    Ok(ReplayView {
-        as_of_seq,
-        jobs,
-        snapshots,
-    })
+        self.world.evolve(env);
+        self.as_of_seq = env.seq;
+        true
+    }
+
+    pub fn view(self, select: &Select) -> ReplayView {
+        let mut catalogs = self.world.catalogs;
+        let jobs: Vec<Job> = self
+            .world
+            .jobs
+            .into_values()
+            .filter(|j| select.job.is_none_or(|id| j.job_id == id))
+            .filter(|j| select.project.as_ref().is_none_or(|p| *p == j.project_id))
+            .collect();
+        let snapshots = jobs
+            .iter()
+            .map(|j| {
+                (
+                    j.job_id,
+                    catalogs
+                        .remove(&j.job_id)
+                        .map(|c| c.snapshots)
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        ReplayView {
+            as_of_seq: self.as_of_seq,
+            jobs,
+            snapshots,
+        }
+    }
+}
+
+/// Replay a store.
+pub fn replay(store: &Store, cut: Cut, select: &Select) -> Result<ReplayView> {
+    let mut r = Replayer::default();
+    store.for_each_event(|seq, bytes| Ok(r.feed(&decode_envelope(seq, bytes)?, &cut)))?;
+    Ok(r.view(select))
 }

@@ -3,6 +3,7 @@
 //! per-job versions count up by one, and the stored projections equal a full
 //! rebuild. Reports the first bad seq.
 
+use super::logfile::{Digest, check_digest};
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::{Envelope, World};
 use crate::store::{Store, StoreError};
@@ -76,8 +77,15 @@ pub fn check_event(
     Ok(env)
 }
 
-pub fn verify(store: &Store) -> Result<Report, VerifyError> {
+/// Verify a store; with a digest, also that the log still holds exactly the
+/// prefix it names. `progress` sees the count of events checked.
+pub fn verify(
+    store: &Store,
+    digest: Option<&Digest>,
+    mut progress: impl FnMut(u64),
+) -> Result<Report, VerifyError> {
     let started = Instant::now();
+    let mut digest_hash = None;
     let mut world = World::default();
     let mut prev_hash = GENESIS_HASH.to_owned();
     let mut seq = 0u64;
@@ -94,7 +102,11 @@ pub fn verify(store: &Store) -> Result<Report, VerifyError> {
         match check_event(seq, bytes, &prev_hash, &world) {
             Ok(env) => {
                 world.evolve(&env);
+                if digest.is_some_and(|d| d.seq == seq) {
+                    digest_hash = Some(env.hash.clone());
+                }
                 prev_hash = env.hash;
+                progress(seq);
                 Ok(true)
             }
             Err(e) => {
@@ -105,6 +117,9 @@ pub fn verify(store: &Store) -> Result<Report, VerifyError> {
     })?;
     if let Some(f) = failure {
         return Err(f);
+    }
+    if let Some(d) = digest {
+        check_digest(d, seq, |_| digest_hash.clone())?;
     }
     let stored = store.load_world()?;
     if stored != world {

@@ -19,9 +19,9 @@ pub struct HistoryEntry {
     /// State before and after (null before the job existed).
     pub from: Option<JobState>,
     pub to: Option<JobState>,
+    /// The command that caused the event.
+    pub verb: String,
     pub rejected: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verb: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,25 +31,23 @@ pub struct HistoryEntry {
 /// Fold one job's events (its transitions and rejections, in seq order).
 pub fn history<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Vec<HistoryEntry> {
     let mut job: Option<Job> = None;
-    let mut out = Vec::new();
+    let mut out: Vec<HistoryEntry> = Vec::new();
+    let mut prev: Option<&Envelope> = None;
     for env in events {
+        let verb = verb_of(env, prev.filter(|p| p.command_id == env.command_id));
+        prev = Some(env);
         let from = job.as_ref().map(|j| j.state);
         Job::evolve(&mut job, env);
         let to = job.as_ref().map(|j| j.state);
-        let (rejected, verb, code, reason) = match &env.event {
-            Event::CommandRejected {
-                verb, code, reason, ..
-            } => (
-                true,
-                Some(verb.to_string()),
-                Some(code.as_str().to_owned()),
-                Some(reason.clone()),
-            ),
-            Event::JobStarted { reason, .. } => (false, None, None, reason.clone()),
-            Event::JobMisconfigured { reason } | Event::JobReconfigured { reason, .. } => {
-                (false, None, None, Some(reason.clone()))
+        let (rejected, code, reason) = match &env.event {
+            Event::CommandRejected { code, reason, .. } => {
+                (true, Some(code.as_str().to_owned()), Some(reason.clone()))
             }
-            _ => (false, None, None, None),
+            Event::JobStarted { reason, .. } => (false, None, reason.clone()),
+            Event::JobMisconfigured { reason } | Event::JobReconfigured { reason, .. } => {
+                (false, None, Some(reason.clone()))
+            }
+            _ => (false, None, None),
         };
         out.push(HistoryEntry {
             seq: env.seq,
@@ -60,11 +58,40 @@ pub fn history<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Vec<Histor
             version: env.job_version,
             from,
             to,
+            verb: verb.to_owned(),
             rejected,
-            verb,
             code,
             reason,
         });
     }
     out
+}
+
+/// The verb of the command behind an event. The envelope names the command
+/// by id only; the event type says which verb, except for a job moved
+/// between Active and Misconfigured, which follows its `RegionAssigned` in
+/// the same command (assign-region) or else comes from configure-region.
+fn verb_of(env: &Envelope, same_command_before: Option<&Envelope>) -> &'static str {
+    use crate::domain::Verb;
+    let verb = match &env.event {
+        Event::JobCreated { .. } => Verb::Create,
+        Event::JobStarted { .. } => Verb::Start,
+        Event::JobStopped {} => Verb::Stop,
+        Event::JobTerminated {} | Event::SnapshotsPurged { .. } => Verb::Terminate,
+        Event::RegionAssigned { .. } => Verb::AssignRegion,
+        Event::JobMisconfigured { .. } | Event::JobReconfigured { .. } => {
+            match same_command_before.map(|e| &e.event) {
+                Some(Event::RegionAssigned { .. }) => Verb::AssignRegion,
+                _ => Verb::ConfigureRegion,
+            }
+        }
+        Event::ScheduleChanged { .. } => Verb::ChangeSchedule,
+        Event::SnapshotRecorded { .. } => Verb::RecordSnapshot,
+        Event::SnapshotDeleted { .. } => Verb::DeleteSnapshot,
+        Event::SnapshotExpiryChanged { .. } => Verb::SetSnapshotExpiry,
+        Event::SnapshotExpired { .. } => Verb::ExpireSnapshots,
+        Event::RegionConfigured { .. } => Verb::ConfigureRegion,
+        Event::CommandRejected { verb, .. } => *verb,
+    };
+    verb.as_str()
 }

@@ -2,6 +2,7 @@
 //! [`ledger`]) appending decided events. Synchronous; callers on async code
 //! use `spawn_blocking`. Nothing here awaits.
 
+pub mod import;
 pub mod ledger;
 pub mod tables;
 

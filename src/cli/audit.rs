@@ -1,0 +1,417 @@
+//! The auditor's subcommands: replay, audit (history, verify, digest),
+//! export and import. They read a stopped store (`--db`) or the published
+//! stream (`--from-nats`), which works beside a running server.
+
+use super::{EXIT_OK, EXIT_REJECTED, Format, history_table, jobs_table};
+use anyhow::{Context, Result, bail};
+use bcp::audit::logfile::{Digest, Verified, verify_json_lines, verify_stream};
+use bcp::audit::replay::{self, Cut, Replayer, Select};
+use bcp::audit::verify::{self, VerifyError};
+use bcp::domain::ProjectId;
+use bcp::projection::history::history;
+use bcp::store::{Store, import::write_new_store};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+use uuid::Uuid;
+
+/// Where the log comes from: a stopped store, or the JetStream stream.
+#[derive(Args)]
+pub struct LogSource {
+    /// A store no running server holds open.
+    #[arg(
+        long,
+        env = "BCP_DB",
+        conflicts_with = "from_nats",
+        required_unless_present = "from_nats"
+    )]
+    pub db: Option<PathBuf>,
+    /// Read the published log from this NATS server's stream instead (works while bcp serve runs).
+    #[arg(long)]
+    pub from_nats: Option<String>,
+    #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
+    pub stream: String,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  bcp replay --db data/bcp.redb --until-seq 3 --format json\n  bcp replay --db data/bcp.redb --until 2026-11-27T10:00:00Z --job 0192…\n  bcp replay --from-nats nats://127.0.0.1:4222 --project demo"
+)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub source: LogSource,
+    /// Stop after this seq.
+    #[arg(long)]
+    pub until_seq: Option<u64>,
+    /// Stop after the last event recorded at or before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<DateTime<Utc>>,
+    #[arg(long)]
+    pub job: Option<Uuid>,
+    #[arg(long)]
+    pub project: Option<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Every transition and rejection of a job: seq, time, actor, command, from -> to, reason.
+    #[command(after_help = "Example:\n  bcp audit history --db data/bcp.redb --job 0192…")]
+    History {
+        #[arg(long, env = "BCP_DB")]
+        db: PathBuf,
+        #[arg(long)]
+        job: Uuid,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Check the hash chain, gaplessness, per-job versions, and that the stored projections equal a rebuild.
+    #[command(
+        after_help = "Exit 0 and a one-line summary, or exit 1 naming the first bad seq.\nExamples:\n  bcp audit verify --db data/bcp.redb\n  bcp audit verify --db data/bcp.redb --digest 42:9f…\n  bcp audit verify --db data/bcp.redb --against-nats nats://127.0.0.1:4222"
+    )]
+    Verify {
+        #[arg(long, env = "BCP_DB")]
+        db: PathBuf,
+        /// SEQ:HASH from `bcp audit digest`: the log must still hold exactly that prefix.
+        #[arg(long)]
+        digest: Option<Digest>,
+        /// Also check that this NATS server's stream holds the same events, byte for byte.
+        #[arg(long)]
+        against_nats: Option<String>,
+        #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
+        stream: String,
+    },
+    /// Print the head seq and hash (SEQ:HASH), to anchor outside bcp.
+    Digest {
+        #[arg(long, env = "BCP_DB")]
+        db: PathBuf,
+    },
+}
+
+#[derive(Args)]
+#[command(after_help = "Example:\n  bcp export --db data/bcp.redb --out bcp-log.jsonl")]
+pub struct ExportArgs {
+    #[arg(long, env = "BCP_DB")]
+    pub db: PathBuf,
+    /// Write here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  bcp import --db restored.redb bcp-log.jsonl\n  bcp import --db restored.redb --from-nats nats://127.0.0.1:4222"
+)]
+pub struct ImportArgs {
+    /// The new store (refused if it already holds a log).
+    #[arg(long)]
+    pub db: PathBuf,
+    /// JSON Lines from `bcp export`, or - for stdin.
+    #[arg(conflicts_with = "from_nats", required_unless_present = "from_nats")]
+    pub file: Option<String>,
+    /// Rebuild from this NATS server's stream instead of a file.
+    #[arg(long)]
+    pub from_nats: Option<String>,
+    #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
+    pub stream: String,
+    /// SEQ:HASH: refuse unless the log holds exactly that prefix.
+    #[arg(long)]
+    pub digest: Option<Digest>,
+}
+
+/// A bar on stderr while stdout is a terminal; nothing otherwise.
+fn progress(total: Option<u64>, what: &'static str) -> ProgressBar {
+    let target = if std::io::stdout().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(total, target);
+    let style = ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} events {per_sec}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what);
+    bar
+}
+
+fn failed(e: VerifyError) -> Result<u8> {
+    match e {
+        VerifyError::Store(e) => Err(e.into()),
+        e => {
+            println!("FAILED: {e}");
+            Ok(EXIT_REJECTED)
+        }
+    }
+}
+
+/// Fetch and verify the stream.
+fn verified_from_nats(
+    url: &str,
+    stream: &str,
+) -> Result<std::result::Result<Verified, VerifyError>> {
+    let bar = progress(None, "reading the stream");
+    let messages = super::block_on(async {
+        let client = super::connect(url).await?;
+        bcp::audit::nats::fetch(client, stream, |n| bar.set_position(n))
+            .await
+            .map_err(anyhow::Error::msg)
+    })?;
+    bar.finish_and_clear();
+    let bar = progress(Some(messages.len() as u64), "verifying");
+    let v = verify_stream(bcp::audit::nats::in_order(messages), |n| {
+        bar.set_position(n)
+    });
+    bar.finish_and_clear();
+    Ok(v)
+}
+
+pub fn replay(a: ReplayArgs) -> Result<u8> {
+    let cut = Cut {
+        until_seq: a.until_seq,
+        until: a.until,
+    };
+    let project = a
+        .project
+        .as_deref()
+        .map(ProjectId::parse)
+        .transpose()
+        .map_err(super::Usage)?;
+    let select = Select {
+        job: a.job,
+        project,
+    };
+    let view = match (&a.source.db, &a.source.from_nats) {
+        (Some(db), _) => replay::replay(&Store::open_existing(db)?, cut, &select)?,
+        (None, Some(url)) => {
+            let verified = match verified_from_nats(url, &a.source.stream)? {
+                Ok(v) => v,
+                Err(e) => return failed(e),
+            };
+            let mut r = Replayer::default();
+            for (env, _) in &verified.log {
+                if !r.feed(env, &cut) {
+                    break;
+                }
+            }
+            r.view(&select)
+        }
+        (None, None) => bail!(super::Usage("give --db or --from-nats".into())),
+    };
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Format::Table => {
+            println!("as of seq {}", view.as_of_seq);
+            print!("{}", jobs_table(&view.jobs));
+            for (job, snaps) in view.snapshots.iter().filter(|(_, s)| !s.is_empty()) {
+                println!("\nsnapshots of {job}:");
+                print!("{}", super::snapshots_table(snaps));
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+pub fn audit(cmd: AuditCmd) -> Result<u8> {
+    match cmd {
+        AuditCmd::History { db, job, format } => {
+            let events = Store::open_existing(&db)?.job_events(job)?;
+            if events.is_empty() {
+                eprintln!("bcp: no job {job} in {}", db.display());
+                return Ok(EXIT_REJECTED);
+            }
+            let entries = history(&events);
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"job_id": job, "history": entries}))?
+                ),
+                Format::Table => print!("{}", history_table(&entries)),
+            }
+            Ok(EXIT_OK)
+        }
+        AuditCmd::Verify {
+            db,
+            digest,
+            against_nats,
+            stream,
+        } => {
+            let store = Store::open_existing(&db)?;
+            let bar = progress(Some(store.event_count()?), "verifying");
+            let report = match verify::verify(&store, digest.as_ref(), |n| bar.set_position(n)) {
+                Ok(r) => r,
+                Err(e) => return failed(e),
+            };
+            bar.finish_and_clear();
+            if let Some(url) = against_nats
+                && let Err(e) = compare_with_stream(&store, &url, &stream)
+            {
+                return failed(e);
+            }
+            let anchored = digest.map_or(String::new(), |d| format!(", contains digest {d}"));
+            let nats = if store.event_count()? > 0 {
+                ""
+            } else {
+                " (empty log)"
+            };
+            println!(
+                "ok: {} events verified, head seq {} hash {}{anchored}, in {:.3}s{nats}",
+                report.events,
+                report.head_seq,
+                report.head_hash,
+                report.elapsed.as_secs_f64()
+            );
+            Ok(EXIT_OK)
+        }
+        AuditCmd::Digest { db } => {
+            let store = Store::open_existing(&db)?;
+            let head = store.head_seq()?;
+            if head == 0 {
+                bail!("the log at {} is empty", db.display());
+            }
+            let env = store.events(head, head)?.pop().context("head event")?;
+            println!(
+                "{}",
+                Digest {
+                    seq: head,
+                    hash: env.hash
+                }
+            );
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// The stream must hold exactly the store's events, byte for byte.
+fn compare_with_stream(
+    store: &Store,
+    url: &str,
+    stream: &str,
+) -> std::result::Result<(), VerifyError> {
+    let messages = super::block_on(async {
+        let client = super::connect(url).await?;
+        bcp::audit::nats::fetch(client, stream, |_| {})
+            .await
+            .map_err(anyhow::Error::msg)
+    })
+    .map_err(|e| VerifyError::BadEvent {
+        seq: 0,
+        what: format!("cannot read the stream: {e:#}"),
+    })?;
+    let head = store.head_seq()?;
+    let mut mismatch = None;
+    let mut n = 0u64;
+    store.for_each_event(|seq, bytes| {
+        n = seq;
+        match messages.get(seq as usize - 1) {
+            Some((s, payload)) if *s == seq && payload.as_slice() == bytes => Ok(true),
+            Some(_) => {
+                mismatch = Some(VerifyError::BadEvent {
+                    seq,
+                    what: "the stream's message differs from the store's event".into(),
+                });
+                Ok(false)
+            }
+            None => {
+                mismatch = Some(VerifyError::BadEvent {
+                    seq,
+                    what: format!(
+                        "missing from the stream, which ends at {} (relay lag?)",
+                        messages.len()
+                    ),
+                });
+                Ok(false)
+            }
+        }
+    })?;
+    if let Some(m) = mismatch {
+        return Err(m);
+    }
+    if messages.len() as u64 > head {
+        return Err(VerifyError::BadEvent {
+            seq: head + 1,
+            what: format!(
+                "the stream holds {} messages, the store {head}",
+                messages.len()
+            ),
+        });
+    }
+    debug_assert_eq!(n, head);
+    Ok(())
+}
+
+pub fn export(a: ExportArgs) -> Result<u8> {
+    let store = Store::open_existing(&a.db)?;
+    let mut out: Box<dyn Write> = match &a.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let bar = progress(Some(store.event_count()?), "exporting");
+    let mut io_error = None;
+    store.for_each_event(|seq, bytes| {
+        if let Err(e) = out.write_all(bytes).and_then(|_| out.write_all(b"\n")) {
+            io_error = Some(e);
+            return Ok(false);
+        }
+        bar.set_position(seq);
+        Ok(true)
+    })?;
+    bar.finish_and_clear();
+    match io_error {
+        // A closed pipe (`| head`) is a normal end.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(EXIT_OK),
+        Some(e) => return Err(e.into()),
+        None => {}
+    }
+    match out.flush() {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(EXIT_OK),
+        r => r.map(|_| EXIT_OK).map_err(Into::into),
+    }
+}
+
+pub fn import(a: ImportArgs) -> Result<u8> {
+    let verified = match (&a.file, &a.from_nats) {
+        (_, Some(url)) => verified_from_nats(url, &a.stream)?,
+        (Some(f), None) => {
+            let reader: Box<dyn BufRead> = if f == "-" {
+                Box::new(BufReader::new(std::io::stdin().lock()))
+            } else {
+                Box::new(BufReader::new(
+                    std::fs::File::open(f).with_context(|| format!("open {f}"))?,
+                ))
+            };
+            let bar = progress(None, "verifying");
+            let v = verify_json_lines(reader, |n| bar.set_position(n));
+            bar.finish_and_clear();
+            v
+        }
+        (None, None) => bail!(super::Usage("give FILE, - or --from-nats".into())),
+    };
+    let verified = match verified {
+        Ok(v) => v,
+        Err(e) => {
+            println!("FAILED: {e}; nothing written");
+            return Ok(EXIT_REJECTED);
+        }
+    };
+    if let Some(d) = &a.digest
+        && let Err(e) = verified.check_digest(d)
+    {
+        println!("FAILED: {e}; nothing written");
+        return Ok(EXIT_REJECTED);
+    }
+    write_new_store(&a.db, &verified.log, &verified.world)?;
+    println!(
+        "ok: imported {} events into {}, head seq {} hash {}",
+        verified.head_seq(),
+        a.db.display(),
+        verified.head_seq(),
+        verified.head_hash
+    );
+    Ok(EXIT_OK)
+}
