@@ -768,3 +768,311 @@ fn catalog_region_misconfigured_then_repaired() {
 fn verify(store: &Store) -> Result<bcp::audit::verify::Report, bcp::audit::verify::VerifyError> {
     verify_with(store, None, |_| {})
 }
+
+// ---- export / import and tampering --------------------------------------------------------
+
+/// A log of a few hundred events: two jobs taking 6-hourly snapshots for 30
+/// days with daily sweeps, one stopped and restarted, rejections between.
+fn few_hundred_events(path: &Path) -> u64 {
+    let mut s = Script::new(path);
+    started_job(&mut s, job(1), json!({"snapshot_interval_hours": 6}));
+    started_job(&mut s, job(2), json!({}));
+    let start = Utc.with_ymd_and_hms(2026, 4, 1, 0, 0, 0).unwrap();
+    for i in 0..120u128 {
+        let taken = start + Duration::hours(6 * i as i64);
+        for j in [1, 2] {
+            let id = snap(i * 10 + j);
+            s.send_at(
+                taken + Duration::minutes(1),
+                "p1",
+                "record-snapshot",
+                json!({"job_id": job(j), "snapshot_id": id, "taken_at": taken, "size_bytes": 42}),
+            );
+        }
+        if i % 4 == 0 {
+            s.send_at(
+                taken + Duration::minutes(2),
+                "p1",
+                "expire-snapshots",
+                json!({"now": taken}),
+            );
+        }
+        if i == 50 {
+            assert!(s.send("p1", "stop", json!({"job_id": job(2)})).ok);
+        }
+        if i == 60 {
+            assert!(s.send("p1", "start", json!({"job_id": job(2)})).ok);
+        }
+    }
+    s.ledger.head_seq()
+}
+
+fn bcp(args: &[&str], stdin: Option<&[u8]>) -> (i32, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bcp"));
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    });
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        // bcp stops reading at the first bad line: a closed pipe is expected.
+        let _ = child.stdin.take().unwrap().write_all(input);
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn export_import_round_trip_keeps_the_head_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bcp.redb");
+    let events = few_hundred_events(&db);
+    assert!(events > 300, "{events}");
+    let db = db.to_str().unwrap();
+    let (code, digest) = bcp(&["audit", "digest", "--db", db], None);
+    assert_eq!(code, 0, "{digest}");
+    let digest = digest.trim().to_owned();
+    assert!(digest.starts_with(&format!("{events}:")), "{digest}");
+
+    let file = dir.path().join("log.jsonl");
+    let (code, out) = bcp(
+        &["export", "--db", db, "--out", file.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    let lines = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(lines.lines().count() as u64, events);
+
+    let restored = dir.path().join("restored.redb");
+    let restored = restored.to_str().unwrap();
+    let (code, out) = bcp(
+        &[
+            "import",
+            "--db",
+            restored,
+            "--digest",
+            &digest,
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = bcp(
+        &["audit", "verify", "--db", restored, "--digest", &digest],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        bcp(&["audit", "digest", "--db", restored], None).1.trim(),
+        digest
+    );
+    // The restored projections are the original's, and retries still dedupe.
+    let original = Store::open_existing(Path::new(db))
+        .unwrap()
+        .load_world()
+        .unwrap();
+    let store = Store::open_existing(Path::new(restored)).unwrap();
+    assert_eq!(store.load_world().unwrap(), original);
+    let mut ledger = Ledger::open(store).unwrap();
+    let first = decode("p1", "create", json!({"command_id": Uuid::from_u128(0xc0de_0001), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs0"}}).to_string().as_bytes(), None).unwrap();
+    let mut ids = || Uuid::nil();
+    let reply = ledger
+        .execute(&[Pending::new(first)], t0(), &mut ids, None)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert!(reply.duplicate && reply.ok, "{reply:?}");
+    assert_eq!(reply.events[0].seq, 1);
+    drop(ledger);
+    // Importing again into a store that holds a log is refused.
+    let (code, out) = bcp(&["import", "--db", restored, file.to_str().unwrap()], None);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("already holds a log"), "{out}");
+}
+
+#[test]
+fn tampered_exports_are_refused_naming_the_seq_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bcp.redb");
+    let events = few_hundred_events(&db);
+    let db = db.to_str().unwrap();
+    let digest = bcp(&["audit", "digest", "--db", db], None)
+        .1
+        .trim()
+        .to_owned();
+    let (code, exported) = bcp(&["export", "--db", db], None);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = exported.lines().collect();
+    assert_eq!(lines.len() as u64, events);
+
+    let forged = {
+        let mut env: Envelope = serde_json::from_str(lines[lines.len() - 1]).unwrap();
+        env.seq += 1;
+        env.actor = Some("mallory".into());
+        env.to_json() // keeps the copied hash: does not link
+    };
+    let edited = lines[99].replace("\"actor\":\"script\"", "\"actor\":\"mallory\"");
+    assert_ne!(edited, lines[99], "seq 100 must carry an actor to edit");
+    let cases: Vec<(&str, Vec<String>, u64, Option<&str>)> = vec![
+        (
+            "edit one field",
+            lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    if i == 99 {
+                        edited.clone()
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect(),
+            100,
+            None,
+        ),
+        (
+            "delete one",
+            lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 149)
+                .map(|(_, l)| l.to_string())
+                .collect(),
+            150,
+            None,
+        ),
+        (
+            "swap two",
+            {
+                let mut v: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+                v.swap(199, 200);
+                v
+            },
+            200,
+            None,
+        ),
+        (
+            "truncate tail",
+            lines[..lines.len() - 5]
+                .iter()
+                .map(|l| l.to_string())
+                .collect(),
+            events,
+            Some(digest.as_str()),
+        ),
+        (
+            "append forged",
+            lines
+                .iter()
+                .map(|l| l.to_string())
+                .chain([String::from_utf8(forged).unwrap()])
+                .collect(),
+            events + 1,
+            None,
+        ),
+    ];
+    for (name, tampered, bad_seq, digest) in cases {
+        let input = tampered.join("\n") + "\n";
+        let target = dir.path().join(format!("{}.redb", name.replace(' ', "-")));
+        let target = target.to_str().unwrap();
+        let mut args = vec!["import", "--db", target, "-"];
+        if let Some(d) = digest {
+            args.extend(["--digest", d]);
+        }
+        let (code, out) = bcp(&args, Some(input.as_bytes()));
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(
+            out.contains(&format!("seq {bad_seq}:")),
+            "{name}: expected seq {bad_seq} in {out}"
+        );
+        assert!(out.contains("nothing written"), "{name}: {out}");
+        assert!(!Path::new(target).exists(), "{name}: a store was written");
+    }
+}
+
+#[test]
+fn tampered_stores_are_caught_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let events = few_hundred_events(&path);
+    let digest = bcp(&["audit", "digest", "--db", path.to_str().unwrap()], None)
+        .1
+        .trim()
+        .to_owned();
+    let copy = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::copy(&path, &p).unwrap();
+        p
+    };
+    let edit = |p: &Path, f: &dyn Fn(&mut redb::Table<u64, &[u8]>)| {
+        let db = redb::Database::create(p).unwrap();
+        let txn = db.begin_write().unwrap();
+        f(&mut txn.open_table(bcp::store::tables::EVENTS).unwrap());
+        txn.commit().unwrap();
+    };
+    let bytes =
+        |t: &redb::Table<u64, &[u8]>, seq: u64| t.get(seq).unwrap().unwrap().value().to_vec();
+    let check = |p: &Path, with_digest: bool, seq: u64, name: &str| {
+        let mut args = vec!["audit", "verify", "--db", p.to_str().unwrap()];
+        if with_digest {
+            args.extend(["--digest", digest.as_str()]);
+        }
+        let (code, out) = bcp(&args, None);
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(
+            out.contains(&format!("seq {seq}:")),
+            "{name}: expected seq {seq} in {out}"
+        );
+    };
+
+    let p = copy("edit.redb");
+    edit(&p, &|t| {
+        let b = String::from_utf8(bytes(t, 100))
+            .unwrap()
+            .replace("\"actor\":\"script\"", "\"actor\":\"mallory\"");
+        t.insert(100, b.as_bytes()).unwrap();
+    });
+    check(&p, false, 100, "edit one field");
+
+    let p = copy("delete.redb");
+    edit(&p, &|t| {
+        t.remove(150).unwrap();
+    });
+    check(&p, false, 150, "delete one");
+
+    let p = copy("swap.redb");
+    edit(&p, &|t| {
+        let (a, b) = (bytes(t, 200), bytes(t, 201));
+        t.insert(200, b.as_slice()).unwrap();
+        t.insert(201, a.as_slice()).unwrap();
+    });
+    check(&p, false, 200, "swap two");
+
+    let p = copy("truncate.redb");
+    edit(&p, &|t| {
+        for seq in events - 4..=events {
+            t.remove(seq).unwrap();
+        }
+    });
+    check(&p, true, events, "truncate tail");
+
+    let p = copy("forged.redb");
+    edit(&p, &|t| {
+        let mut env: Envelope = serde_json::from_slice(&bytes(t, events)).unwrap();
+        env.seq += 1;
+        env.job_version = env.job_version.map(|v| v + 1);
+        let prev = env.hash.clone();
+        env.seal(&prev); // a well-linked forgery: the projections do not match it
+        t.insert(events + 1, env.to_json().as_slice()).unwrap();
+    });
+    let (code, out) = bcp(&["audit", "verify", "--db", p.to_str().unwrap()], None);
+    assert_eq!(code, 1, "append forged: {out}");
+    assert!(out.contains("projection differs"), "append forged: {out}");
+}
