@@ -997,6 +997,8 @@ fn tampered_exports_are_refused_naming_the_seq_and_nothing_is_written() {
     }
 }
 
+type EventsTable<'t> = redb::Table<'t, u64, &'static [u8]>;
+
 #[test]
 fn tampered_stores_are_caught_by_verify() {
     let dir = tempfile::tempdir().unwrap();
@@ -1011,7 +1013,7 @@ fn tampered_stores_are_caught_by_verify() {
         std::fs::copy(&path, &p).unwrap();
         p
     };
-    let edit = |p: &Path, f: &dyn Fn(&mut redb::Table<u64, &[u8]>)| {
+    let edit = |p: &Path, f: &dyn Fn(&mut EventsTable)| {
         let db = redb::Database::create(p).unwrap();
         let txn = db.begin_write().unwrap();
         f(&mut txn.open_table(bcp::store::tables::EVENTS).unwrap());
