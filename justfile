@@ -54,3 +54,7 @@ check: nats-server
     cargo fmt --all -- --check
     cargo clippy --all-targets -- -D warnings
     cargo test --all-targets
+
+# Regenerate the JSON Schemas in schemas/ from the Rust types (a test fails when they drift).
+schemas:
+    cargo run --quiet -- schemas --out schemas

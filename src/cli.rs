@@ -106,6 +106,12 @@ pub enum Cmd {
     Export(audit::ExportArgs),
     /// Build a new store from JSON Lines or the stream, verifying as it goes.
     Import(audit::ImportArgs),
+    /// Write the JSON Schemas of the contract (commands, replies, queries, views, events).
+    #[command(after_help = "Example:\n  bcp schemas --out schemas")]
+    Schemas {
+        #[arg(long, default_value = "schemas")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -280,6 +286,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Audit(cmd) => audit::audit(cmd),
         Cmd::Export(a) => audit::export(a),
         Cmd::Import(a) => audit::import(a),
+        Cmd::Schemas { out } => {
+            for (path, text) in bcp::schema::render() {
+                let p = out.join(path);
+                std::fs::create_dir_all(p.parent().expect("schema paths have a parent"))?;
+                std::fs::write(&p, text).with_context(|| format!("write {}", p.display()))?;
+            }
+            println!("schemas written to {}", out.display());
+            Ok(EXIT_OK)
+        }
     }
 }
 

@@ -11,5 +11,6 @@
 pub mod audit;
 pub mod domain;
 pub mod projection;
+pub mod schema;
 pub mod service;
 pub mod store;

@@ -1078,3 +1078,174 @@ fn tampered_stores_are_caught_by_verify() {
     assert_eq!(code, 1, "append forged: {out}");
     assert!(out.contains("projection differs"), "append forged: {out}");
 }
+
+// ---- payloads against the checked-in JSON Schemas -----------------------------------------
+
+fn schema(path: &str) -> jsonschema::Validator {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas")
+        .join(path);
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn assert_valid(v: &jsonschema::Validator, what: &str, instance: &serde_json::Value) {
+    let errors: Vec<String> = v
+        .iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what} does not match its schema: {errors:?}\n{instance}"
+    );
+}
+
+#[test]
+fn real_payloads_validate_against_the_checked_in_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    scenario(&path);
+    drop(Store::open_existing(&path).unwrap());
+    let big = dir.path().join("big.redb");
+    few_hundred_events(&big);
+
+    // Every envelope of both logs, every event type among them.
+    let envelope = schema("events/envelope.json");
+    let mut types = std::collections::BTreeSet::new();
+    for p in [&path, &big] {
+        let store = Store::open_existing(p).unwrap();
+        store
+            .for_each_event(|_, bytes| {
+                let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+                types.insert(v["type"].as_str().unwrap().to_owned());
+                assert_valid(&envelope, "envelope", &v);
+                Ok(true)
+            })
+            .unwrap();
+    }
+    assert!(types.len() >= 10, "{types:?}");
+
+    // Query answers through the server's own code path.
+    let store = Store::open_existing(&big).unwrap();
+    let q = |kind: &str, body: serde_json::Value| {
+        bcp::service::queries::answer(&store, kind, body.to_string().as_bytes())
+    };
+    assert_valid(
+        &schema("replies/job.json"),
+        "job reply",
+        &q("job", json!({"job_id": job(1)})),
+    );
+    assert_valid(
+        &schema("replies/jobs.json"),
+        "jobs reply",
+        &q("jobs", json!({"project_id": "p1"})),
+    );
+    let snapshots = q("snapshots", json!({"job_id": job(1)}));
+    assert!(!snapshots["snapshots"].as_array().unwrap().is_empty());
+    assert_valid(
+        &schema("replies/snapshots.json"),
+        "snapshots reply",
+        &snapshots,
+    );
+    assert_valid(
+        &schema("replies/history.json"),
+        "history reply",
+        &q("history", json!({"job_id": job(2)})),
+    );
+    let not_found = q("job", json!({"job_id": job(99)}));
+    assert_eq!(not_found["error"]["code"], "not_found");
+    assert_valid(&schema("reply.json"), "error reply", &not_found);
+    assert_valid(
+        &schema("views/replay.json"),
+        "replay",
+        &serde_json::to_value(replay(&store, Cut::default(), &Select::default()).unwrap()).unwrap(),
+    );
+    drop(store);
+
+    // Command bodies and their replies, accepted and rejected.
+    let mut s = Script::new(&dir.path().join("bodies.redb"));
+    let reply = schema("reply.json");
+    let t = Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap();
+    let bodies: Vec<(&str, &str, serde_json::Value)> = vec![
+        (
+            "_admin",
+            "configure-region",
+            json!({"region": "eu", "snapshot_store": "s", "oplog_store": "o", "sync_store": null}),
+        ),
+        (
+            "p1",
+            "create",
+            json!({"job_id": job(7), "deployment": {"kind": "shard", "name": "s0", "cluster": "c"}, "schedule": {"snapshot_interval_hours": 12}, "region": "us"}),
+        ),
+        ("p1", "start", json!({"job_id": job(7), "actor": "ops"})),
+        ("p1", "start", json!({"job_id": job(7)})),
+        (
+            "p1",
+            "record-snapshot",
+            json!({"job_id": job(7), "snapshot_id": snap(1), "taken_at": t, "size_bytes": 5}),
+        ),
+        (
+            "p1",
+            "stop",
+            json!({"job_id": job(7), "expected_version": 1}),
+        ),
+        ("p1", "stop", json!({"job_id": job(7)})),
+        (
+            "p1",
+            "set-snapshot-expiry",
+            json!({"job_id": job(7), "snapshot_id": snap(1), "expires_at": t + Duration::days(1)}),
+        ),
+        (
+            "p1",
+            "set-snapshot-expiry",
+            json!({"job_id": job(7), "snapshot_id": snap(1), "do_not_delete": true}),
+        ),
+        (
+            "p1",
+            "change-schedule",
+            json!({"job_id": job(7), "schedule": {"weekly_retention_weeks": 4}}),
+        ),
+        (
+            "p1",
+            "expire-snapshots",
+            json!({"now": t + Duration::days(60)}),
+        ),
+        (
+            "p1",
+            "delete-snapshot",
+            json!({"job_id": job(7), "snapshot_id": snap(2)}),
+        ),
+        ("p1", "terminate", json!({"job_id": job(7)})),
+        (
+            "p1",
+            "assign-region",
+            json!({"job_id": job(7), "region": null}),
+        ),
+    ];
+    let mut codes = std::collections::BTreeSet::new();
+    for (project, verb, body) in bodies {
+        let mut with_id = body.clone();
+        with_id["command_id"] = json!(Uuid::now_v7());
+        assert_valid(&schema(&format!("commands/{verb}.json")), verb, &with_id);
+        let r = s.send(project, verb, body);
+        codes.insert(r.code().map(|c| format!("{c:?}")));
+        assert_valid(
+            &reply,
+            &format!("{verb} reply"),
+            &serde_json::to_value(&r).unwrap(),
+        );
+    }
+    assert!(
+        codes.len() >= 3,
+        "accepted and several rejections: {codes:?}"
+    );
+    // And the schemas do refuse what the server refuses.
+    let bad = json!({"command_id": Uuid::now_v7(), "job_id": job(1), "surprise": 1});
+    assert!(!schema("commands/start.json").is_valid(&bad));
+    let bad = json!({"command_id": Uuid::now_v7(), "job_id": job(1), "deployment": {"kind": "cluster", "name": "x"}});
+    assert!(!schema("commands/create.json").is_valid(&bad));
+}

@@ -31,7 +31,7 @@ pub struct Select {
 }
 
 /// `{"as_of_seq":N,"jobs":[VIEW…],"snapshots":{JOB_ID:[…]}}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct ReplayView {
     pub as_of_seq: u64,
     pub jobs: Vec<Job>,

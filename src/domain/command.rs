@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use uuid::Uuid;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verb {
     Create,
@@ -178,6 +178,11 @@ fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Opti
     Option::<T>::deserialize(d)
 }
 
+/// Schema of a field that must be present but may be null.
+fn nullable_name_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"anyOf": [g.subschema_for::<Name>(), {"type": "null"}]})
+}
+
 /// A field that may be absent (keep), null (remove) or a value (set).
 fn store_change<'de, D: Deserializer<'de>>(d: D) -> Result<Option<StoreChange>, D::Error> {
     Ok(Some(match Option::<Name>::deserialize(d)? {
@@ -186,9 +191,9 @@ fn store_change<'de, D: Deserializer<'de>>(d: D) -> Result<Option<StoreChange>, 
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub struct CreateBody {
     command_id: Uuid,
     job_id: Uuid,
     #[serde(default)]
@@ -202,9 +207,9 @@ struct CreateBody {
     region: Option<Name>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct JobBody {
+pub struct JobBody {
     command_id: Uuid,
     job_id: Uuid,
     #[serde(default)]
@@ -213,9 +218,9 @@ struct JobBody {
     actor: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct AssignRegionBody {
+pub struct AssignRegionBody {
     command_id: Uuid,
     job_id: Uuid,
     #[serde(default)]
@@ -223,12 +228,13 @@ struct AssignRegionBody {
     #[serde(default)]
     actor: Option<String>,
     #[serde(deserialize_with = "nullable")]
+    #[schemars(schema_with = "nullable_name_schema", required)]
     region: Option<Name>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ChangeScheduleBody {
+pub struct ChangeScheduleBody {
     command_id: Uuid,
     job_id: Uuid,
     #[serde(default)]
@@ -238,24 +244,27 @@ struct ChangeScheduleBody {
     schedule: SchedulePatch,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ConfigureRegionBody {
+pub struct ConfigureRegionBody {
     command_id: Uuid,
     #[serde(default)]
     actor: Option<String>,
     region: Name,
     #[serde(default, deserialize_with = "store_change")]
+    #[schemars(with = "Option<Name>")]
     snapshot_store: Option<StoreChange>,
     #[serde(default, deserialize_with = "store_change")]
+    #[schemars(with = "Option<Name>")]
     oplog_store: Option<StoreChange>,
     #[serde(default, deserialize_with = "store_change")]
+    #[schemars(with = "Option<Name>")]
     sync_store: Option<StoreChange>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RecordSnapshotBody {
+pub struct RecordSnapshotBody {
     command_id: Uuid,
     job_id: Uuid,
     #[serde(default)]
@@ -267,9 +276,9 @@ struct RecordSnapshotBody {
     size_bytes: u64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SnapshotBody {
+pub struct SnapshotBody {
     command_id: Uuid,
     job_id: Uuid,
     #[serde(default)]
@@ -283,9 +292,9 @@ struct SnapshotBody {
     do_not_delete: Option<bool>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ExpireSnapshotsBody {
+pub struct ExpireSnapshotsBody {
     command_id: Uuid,
     #[serde(default)]
     job_id: Option<Uuid>,

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 /// Wire error codes for rejections decided against state, plus `bad_request`
 /// for values only checkable against state (a schedule patch).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RejectCode {
     BadRequest,

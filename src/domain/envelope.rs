@@ -14,7 +14,7 @@ use uuid::Uuid;
 /// `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Envelope {
     pub seq: u64,
     pub event_id: Uuid,
@@ -30,6 +30,7 @@ pub struct Envelope {
     #[serde(flatten)]
     pub event: Event,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(required)]
     pub hash: String,
 }
 

@@ -125,3 +125,32 @@ mod tests {
         assert!(Name::parse("").is_err());
     }
 }
+
+macro_rules! name_schema {
+    ($t:ty, $name:literal, $pattern:literal, $desc:literal) => {
+        impl schemars::JsonSchema for $t {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                $name.into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string",
+                    "pattern": $pattern,
+                    "description": $desc,
+                })
+            }
+        }
+    };
+}
+name_schema!(
+    ProjectId,
+    "ProjectId",
+    "^(_admin|[A-Za-z0-9-][A-Za-z0-9_-]{0,63})$",
+    "1-64 of [A-Za-z0-9_-], not starting with '_' (except the administrators' project _admin)"
+);
+name_schema!(
+    Name,
+    "Name",
+    "^[A-Za-z0-9_-]{1,64}$",
+    "a region or store name: 1-64 of [A-Za-z0-9_-]"
+);

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A job's complete schedule. Field names are the contract's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
     pub snapshot_interval_hours: u32,
@@ -35,7 +35,9 @@ impl Default for Schedule {
 }
 
 /// Any subset of the schedule settings, as a command body carries them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulePatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,7 +7,7 @@ use crate::domain::{Job, JobState, Name, ProjectId, World};
 use serde::{Deserialize, Serialize};
 
 /// `bcp.query.jobs` filters; every given field must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobFilter {
     #[serde(default)]

@@ -111,7 +111,10 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         .map_err(|_| ServeError::Nats("writer thread panicked".into()))?;
     let _ = replier.await;
     relay_drain.cancel();
-    match tokio::time::timeout(config.drain_timeout, relay).await {
+    // One budget for everything that needs NATS: during an outage neither the
+    // relay nor the final flush can finish, and SIGTERM must still end bcp.
+    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    match tokio::time::timeout_at(deadline, relay).await {
         Ok(_) => {}
         Err(_) => tracing::warn!(
             "relay did not publish everything within {:?}; the rest is published on next start",
@@ -121,7 +124,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let published_seq = published.load(std::sync::atomic::Ordering::SeqCst);
     store.save_published_seq(published_seq)?;
     let _ = queries.await;
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout_at(deadline, client.flush()).await;
     tracing::info!(head_seq = ledger_head, published_seq, "bcp serve stopped");
     intake_result
 }

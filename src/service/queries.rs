@@ -4,21 +4,58 @@
 
 use crate::domain::limits::{PAYLOAD_BYTES_MAX, QUERY_JOBS_MAX};
 use crate::domain::{ErrorCode, Reply};
+use crate::domain::{Job, Snapshot};
+use crate::projection::history::HistoryEntry;
 use crate::projection::{JobFilter, history::history};
 use crate::store::Store;
 use async_nats::Client;
 use futures::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub const SUBJECT: &str = "bcp.query.>";
 
-#[derive(Deserialize)]
+/// Body of `bcp.query.job`, `bcp.query.snapshots` and `bcp.query.history`.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct JobQuery {
-    job_id: Uuid,
+pub struct JobQuery {
+    pub job_id: Uuid,
+}
+
+/// Reply of `bcp.query.job`.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct JobReply {
+    pub ok: bool,
+    pub job: Job,
+}
+
+/// Reply of `bcp.query.jobs`.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct JobsReply {
+    pub ok: bool,
+    pub jobs: Vec<Job>,
+}
+
+/// Reply of `bcp.query.snapshots`: the retained snapshots in time order.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct SnapshotsReply {
+    pub ok: bool,
+    pub job_id: Uuid,
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// Reply of `bcp.query.history`: transitions and rejections in seq order.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct HistoryReply {
+    pub ok: bool,
+    pub job_id: Uuid,
+    pub history: Vec<HistoryEntry>,
+}
+
+fn to_value(v: impl Serialize) -> Value {
+    serde_json::to_value(v).expect("reply serializes")
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Value {
@@ -40,16 +77,17 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
     };
     let result = match kind {
         "job" => parse::<JobQuery>(body).map(|q| match store.job(q.job_id) {
-            Ok(Some(job)) => json!({"ok": true, "job": job}),
+            Ok(Some(job)) => to_value(JobReply { ok: true, job }),
             Ok(None) => error(ErrorCode::NotFound, format!("no job {}", q.job_id)),
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
         "jobs" => parse::<JobFilter>(body).map(|f| match store.load_world() {
             Ok(world) => {
-                let jobs: Vec<_> = crate::projection::jobs(&world, &f)
+                let jobs = crate::projection::jobs(&world, &f)
                     .take(QUERY_JOBS_MAX)
+                    .cloned()
                     .collect();
-                json!({"ok": true, "jobs": jobs})
+                to_value(JobsReply { ok: true, jobs })
             }
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
@@ -58,7 +96,11 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
                 (Ok(None), _) => error(ErrorCode::NotFound, format!("no job {}", q.job_id)),
                 (Ok(Some(_)), Ok(catalog)) => {
                     let snapshots = catalog.map(|c| c.snapshots).unwrap_or_default();
-                    json!({"ok": true, "job_id": q.job_id, "snapshots": snapshots})
+                    to_value(SnapshotsReply {
+                        ok: true,
+                        job_id: q.job_id,
+                        snapshots,
+                    })
                 }
                 (Err(e), _) | (_, Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
             })
@@ -67,7 +109,11 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
             Ok(events) if events.is_empty() => {
                 error(ErrorCode::NotFound, format!("no job {}", q.job_id))
             }
-            Ok(events) => json!({"ok": true, "job_id": q.job_id, "history": history(&events)}),
+            Ok(events) => to_value(HistoryReply {
+                ok: true,
+                job_id: q.job_id,
+                history: history(&events),
+            }),
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
         other => Err(format!(
