@@ -1,125 +1,222 @@
-//! NATS intake: requests on `bcp.cmd.<project>.<verb>` are decoded and
-//! validated here and queued for the writer. Bad input is answered
+//! NATS intake: requests arrive through the service endpoints
+//! (`bcp.cmd.*.<verb>`, `bcp.query.<kind>`, see [`super::api`]). Commands
+//! are decoded and validated here and queued for the writer; queries are
+//! answered from redb read transactions. Bad input is answered
 //! `bad_request` at once and never reaches the writer; a full queue is
-//! answered `unavailable` at once, never an unbounded wait.
+//! answered `unavailable` at once, never an unbounded wait. Subjects no
+//! endpoint serves (an unknown verb or query, a malformed subject) are
+//! answered `bad_request` by a catch-all subscription.
 
 use super::ServeError;
+use super::api::{Kind, Metrics};
 use super::writer::{Committed, WriteRequest};
-use crate::domain::command::decode;
-use crate::domain::{ErrorCode, Reply};
+use crate::domain::command::{DecodeError, decode};
+use crate::domain::{ErrorCode, Reply, Verb};
+use crate::store::Store;
 use crate::store::ledger::Pending;
-use async_nats::{Client, Subject};
-use futures::StreamExt;
+use async_nats::service::Request;
+use async_nats::{Client, Message, Subject};
+use futures::{Stream, StreamExt};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
-pub const SUBJECT: &str = "bcp.cmd.>";
 pub const ACTOR_HEADER: &str = "Bcp-Actor";
 
-async fn answer(client: &Client, reply_to: Option<Subject>, reply: &Reply) {
-    if let Some(to) = reply_to
-        && let Err(e) = client.publish(to, reply.to_json().into()).await
-    {
-        tracing::warn!(error = %e, "reply not sent");
+/// Where a reply goes.
+pub enum ReplyTo {
+    /// A service request: replying also records its latency in `$SRV.STATS`.
+    Request(Box<Request>),
+    /// A plain message with a reply subject (the catch-all).
+    Subject(Subject),
+    /// Fire and forget: the outcome is only logged (and kept for retries).
+    Nobody,
+}
+
+impl ReplyTo {
+    fn of_request(r: Request) -> ReplyTo {
+        if r.message.reply.is_some() {
+            ReplyTo::Request(Box::new(r))
+        } else {
+            ReplyTo::Nobody
+        }
+    }
+
+    pub fn is_nobody(&self) -> bool {
+        matches!(self, ReplyTo::Nobody)
+    }
+
+    pub async fn send(self, client: &Client, reply: &Reply) {
+        let bytes = reply.to_json().into();
+        let sent = match self {
+            ReplyTo::Request(r) => r.respond(Ok(bytes)).await,
+            ReplyTo::Subject(s) => client.publish(s, bytes).await,
+            ReplyTo::Nobody => Ok(()),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "reply not sent");
+        }
     }
 }
 
-/// Take commands until `stop`; dropping `queue` on return lets the writer
+/// Take requests until `stop`; dropping `queue` on return lets the writer
 /// drain and exit.
 pub async fn run(
     client: Client,
+    mut requests: impl Stream<Item = (Kind, Request)> + Unpin,
+    store: Store,
     queue: mpsc::Sender<WriteRequest>,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
-    let mut sub = client
-        .subscribe(SUBJECT)
-        .await
-        .map_err(|e| ServeError::Nats(e.to_string()))?;
+    let sub = |s: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .subscribe(s)
+                .await
+                .map_err(|e| ServeError::Nats(e.to_string()))
+        }
+    };
+    let mut unserved = futures::stream::select(sub("bcp.cmd.>").await?, sub("bcp.query.>").await?);
     loop {
-        let msg = tokio::select! {
-            m = sub.next() => match m { Some(m) => m, None => break },
+        tokio::select! {
+            r = requests.next() => match r {
+                Some((Kind::Command(verb), request)) => command(&client, verb, request, &queue, &metrics).await,
+                Some((Kind::Query(kind), request)) => query(kind, request, store.clone()),
+                None => break,
+            },
+            m = unserved.next() => match m {
+                Some(m) => not_served(&client, m).await,
+                None => break,
+            },
             _ = stop.cancelled() => break,
-        };
-        let mut parts = msg.subject.split('.').skip(2);
-        let (project, verb) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let header_actor = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(ACTOR_HEADER))
-            .map(|v| v.as_str());
-        let decoded = if parts.next().is_some() {
-            Err(crate::domain::command::DecodeError(format!(
-                "subject {} is not bcp.cmd.<project>.<verb>",
-                msg.subject
-            )))
-        } else {
-            decode(project, verb, &msg.payload, header_actor)
-        };
-        let cmd = match decoded {
-            Ok(cmd) => cmd,
-            Err(e) => {
-                tracing::debug!(subject = %msg.subject, error = %e, "bad_request");
-                answer(
-                    &client,
-                    msg.reply,
-                    &Reply::error(ErrorCode::BadRequest, e.0),
-                )
-                .await;
-                continue;
-            }
-        };
-        let request = WriteRequest {
-            pending: Pending::new(cmd),
-            reply_to: msg.reply,
-        };
-        match queue.try_send(request) {
-            Ok(()) => {}
-            Err(TrySendError::Full(r)) => {
-                tracing::warn!(command_id = %r.pending.cmd.command_id, "intake queue full; unavailable");
-                answer(
-                    &client,
-                    r.reply_to,
-                    &Reply::error(
-                        ErrorCode::Unavailable,
-                        "intake queue is full; retry with the same command_id",
-                    ),
-                )
-                .await;
-            }
-            Err(TrySendError::Closed(r)) => {
-                answer(
-                    &client,
-                    r.reply_to,
-                    &Reply::error(
-                        ErrorCode::Unavailable,
-                        "bcp is shutting down; retry with the same command_id",
-                    ),
-                )
-                .await;
-            }
         }
     }
-    let _ = sub.unsubscribe().await;
     Ok(())
 }
 
-/// Publish each committed batch's replies; log the outcome of commands sent
-/// without a reply subject.
-pub async fn send_replies(client: Client, mut batches: mpsc::Receiver<Vec<Committed>>) {
+async fn command(
+    client: &Client,
+    verb: Verb,
+    request: Request,
+    queue: &mpsc::Sender<WriteRequest>,
+    metrics: &Metrics,
+) {
+    let msg = &request.message;
+    let project = msg.subject.split('.').nth(2).unwrap_or("");
+    let header_actor = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(ACTOR_HEADER))
+        .map(|v| v.as_str());
+    let cmd = match decode(project, verb.as_str(), &msg.payload, header_actor) {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            tracing::debug!(subject = %msg.subject, error = %e, "bad_request");
+            metrics.rejected(verb.as_str(), "bad_request");
+            ReplyTo::of_request(request)
+                .send(client, &Reply::error(ErrorCode::BadRequest, e.0))
+                .await;
+            return;
+        }
+    };
+    let write = WriteRequest {
+        pending: Pending::new(cmd),
+        reply_to: ReplyTo::of_request(request),
+    };
+    let (r, message) = match queue.try_send(write) {
+        Ok(()) => return,
+        Err(TrySendError::Full(r)) => (r, "intake queue is full; retry with the same command_id"),
+        Err(TrySendError::Closed(r)) => (r, "bcp is shutting down; retry with the same command_id"),
+    };
+    tracing::warn!(command_id = %r.pending.cmd.command_id, message, "unavailable");
+    metrics.rejected(verb.as_str(), "unavailable");
+    r.reply_to
+        .send(client, &Reply::error(ErrorCode::Unavailable, message))
+        .await;
+}
+
+fn query(kind: &'static str, request: Request, store: Store) {
+    tokio::spawn(async move {
+        let payload = request.message.payload.clone();
+        let value =
+            tokio::task::spawn_blocking(move || super::queries::answer(&store, kind, &payload))
+                .await
+                .unwrap_or_else(|e| {
+                    serde_json::to_value(Reply::error(ErrorCode::Internal, e.to_string()))
+                        .expect("reply")
+                });
+        let bytes = serde_json::to_vec(&value).expect("json serializes");
+        if request.message.reply.is_some()
+            && let Err(e) = request.respond(Ok(bytes.into())).await
+        {
+            tracing::warn!(error = %e, "query reply not sent");
+        }
+    });
+}
+
+/// A subject under bcp.cmd.> or bcp.query.> that no endpoint serves.
+async fn not_served(client: &Client, msg: Message) {
+    let tokens: Vec<&str> = msg.subject.split('.').collect();
+    let served = match tokens.as_slice() {
+        ["bcp", "cmd", _, verb] => Verb::parse(verb).is_some(),
+        ["bcp", "query", kind] => super::api::QUERIES.contains(kind),
+        _ => false,
+    };
+    if served {
+        return; // an endpoint has it
+    }
+    let message = match tokens.as_slice() {
+        ["bcp", "cmd", _, verb] => DecodeError(format!(
+            "unknown verb {verb:?}; verbs: {}",
+            Verb::ALL
+                .iter()
+                .map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        ["bcp", "query", kind] => DecodeError(format!(
+            "unknown query {kind:?}; queries: {}",
+            super::api::QUERIES.join(", ")
+        )),
+        ["bcp", "cmd", ..] => DecodeError(format!(
+            "subject {} is not bcp.cmd.<project>.<verb>",
+            msg.subject
+        )),
+        _ => DecodeError(format!("subject {} is not bcp.query.<kind>", msg.subject)),
+    };
+    tracing::debug!(subject = %msg.subject, error = %message, "bad_request");
+    if let Some(to) = msg.reply {
+        ReplyTo::Subject(to)
+            .send(client, &Reply::error(ErrorCode::BadRequest, message.0))
+            .await;
+    }
+}
+
+/// Send each committed batch's replies; count rejections; log the outcome
+/// of commands sent without a reply subject.
+pub async fn send_replies(
+    client: Client,
+    mut batches: mpsc::Receiver<Vec<Committed>>,
+    metrics: Arc<Metrics>,
+) {
     while let Some(batch) = batches.recv().await {
         for c in batch {
             if let Some(err) = &c.reply.error {
+                let code = serde_json::to_value(err.code).expect("code serializes");
+                metrics.rejected(c.verb.as_str(), code.as_str().unwrap_or("?"));
                 tracing::debug!(command_id = %c.command_id, verb = %c.verb, code = ?err.code, message = %err.message, "command rejected");
             }
-            if c.reply_to.is_none() {
+            if c.reply_to.is_nobody() {
                 if c.reply.ok && c.reply.events.is_empty() {
                     tracing::debug!(command_id = %c.command_id, verb = %c.verb, "command without reply subject decided: nothing to do");
                 } else {
                     tracing::info!(command_id = %c.command_id, verb = %c.verb, ok = c.reply.ok, events = c.reply.events.len(), "command without reply subject decided");
                 }
             }
-            answer(&client, c.reply_to, &c.reply).await;
+            c.reply_to.send(&client, &c.reply).await;
         }
     }
 }

@@ -1,12 +1,14 @@
 //! The running control plane: the only async code in bcp.
 //!
-//! `serve` wires four parts together (DESIGN.md §1): [`intake`] decodes NATS
-//! requests and queues them; [`writer`] (one thread) decides and commits them
-//! in batches and hands replies back; [`relay`] publishes committed events to
-//! JetStream in seq order; [`queries`] answers reads from redb snapshots;
-//! [`sweeper`] queues retention on a timer.
-//! [`shutdown`] turns SIGINT/SIGTERM into an orderly drain.
+//! `serve` wires the parts together (DESIGN.md §1): [`api`] registers the
+//! NATS service `bcp` and its endpoints; [`intake`] decodes commands and
+//! queues them, and answers queries through [`queries`] (redb snapshots);
+//! [`writer`] (one thread) decides and commits commands in batches and hands
+//! the replies back; [`relay`] publishes committed events to JetStream in
+//! seq order; [`sweeper`] queues retention on a timer; [`shutdown`] turns
+//! SIGINT/SIGTERM into an orderly drain.
 
+pub mod api;
 pub mod intake;
 pub mod queries;
 pub mod relay;
@@ -82,8 +84,17 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let (queue_tx, queue_rx) = mpsc::channel(crate::domain::limits::INTAKE_QUEUE_MAX);
     let (replies_tx, replies_rx) = mpsc::channel(64);
 
+    let metrics = api::Metrics::new(head_rx.clone(), published.clone());
+    let (service, requests) = api::start(&client, metrics.clone())
+        .await
+        .map_err(ServeError::Nats)?;
+
     let writer = writer::spawn(ledger, queue_rx, replies_tx, head_tx, published.clone());
-    let replier = tokio::spawn(intake::send_replies(client.clone(), replies_rx));
+    let replier = tokio::spawn(intake::send_replies(
+        client.clone(),
+        replies_rx,
+        metrics.clone(),
+    ));
     let relay_drain = CancellationToken::new();
     let relay = tokio::spawn(relay::run(
         store.clone(),
@@ -93,14 +104,24 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         published.clone(),
         relay_drain.clone(),
     ));
-    let queries = tokio::spawn(queries::run(client.clone(), store.clone(), stop.clone()));
     let sweeper = tokio::spawn(sweeper::run(
         queue_tx.clone(),
         config.sweep_interval,
         stop.clone(),
     ));
-    let intake_result = intake::run(client.clone(), queue_tx, stop.clone()).await;
+    let intake_result = intake::run(
+        client.clone(),
+        requests,
+        store.clone(),
+        queue_tx,
+        metrics,
+        stop.clone(),
+    )
+    .await;
     let _ = sweeper.await;
+    if let Err(e) = service.stop().await {
+        tracing::warn!(error = %e, "service endpoints not stopped cleanly");
+    }
 
     // Drain, in data-flow order. The intake has dropped its queue sender, so
     // the writer finishes what is queued and exits.
@@ -123,7 +144,6 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     }
     let published_seq = published.load(std::sync::atomic::Ordering::SeqCst);
     store.save_published_seq(published_seq)?;
-    let _ = queries.await;
     let _ = tokio::time::timeout_at(deadline, client.flush()).await;
     tracing::info!(head_seq = ledger_head, published_seq, "bcp serve stopped");
     intake_result

@@ -1,4 +1,4 @@
-//! Read-only queries on `bcp.query.{job,jobs,snapshots,history}`, answered from redb
+//! Read-only queries (`bcp.query.{job,jobs,snapshots,history}`), answered from redb
 //! read transactions (MVCC snapshots: never blocked by, never blocking, the
 //! writer).
 
@@ -8,14 +8,9 @@ use crate::domain::{Job, Snapshot};
 use crate::projection::history::HistoryEntry;
 use crate::projection::{JobFilter, history::history};
 use crate::store::Store;
-use async_nats::Client;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-pub const SUBJECT: &str = "bcp.query.>";
 
 /// Body of `bcp.query.job`, `bcp.query.snapshots` and `bcp.query.history`.
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -125,40 +120,4 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("invalid query body: {e}"))
-}
-
-pub async fn run(client: Client, store: Store, stop: CancellationToken) {
-    let mut sub = match client.subscribe(SUBJECT).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot subscribe to queries");
-            return;
-        }
-    };
-    loop {
-        let msg = tokio::select! {
-            m = sub.next() => match m { Some(m) => m, None => break },
-            _ = stop.cancelled() => break,
-        };
-        let Some(reply_to) = msg.reply.clone() else {
-            continue;
-        };
-        let kind = msg
-            .subject
-            .strip_prefix("bcp.query.")
-            .unwrap_or("")
-            .to_owned();
-        let store = store.clone();
-        let client = client.clone();
-        tokio::spawn(async move {
-            let value = tokio::task::spawn_blocking(move || answer(&store, &kind, &msg.payload))
-                .await
-                .unwrap_or_else(|e| error(ErrorCode::Internal, e.to_string()));
-            let bytes = serde_json::to_vec(&value).expect("json serializes");
-            if let Err(e) = client.publish(reply_to, bytes.into()).await {
-                tracing::warn!(error = %e, "query reply not sent");
-            }
-        });
-    }
-    let _ = sub.unsubscribe().await;
 }

@@ -3,25 +3,25 @@
 //! commits them in one durable transaction, and only then hands the replies
 //! back. A command later in a batch sees the effects of earlier ones.
 
+use super::intake::ReplyTo;
 use crate::domain::limits::BATCH_COMMANDS_MAX;
 use crate::domain::{ErrorCode, Reply};
 use crate::store::ledger::{Ledger, Pending};
-use async_nats::Subject;
 use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, watch};
 
-/// A decoded command and where its reply goes (None: fire and forget).
+/// A decoded command and where its reply goes.
 pub struct WriteRequest {
     pub pending: Pending,
-    pub reply_to: Option<Subject>,
+    pub reply_to: ReplyTo,
 }
 
 /// A decided command's reply, after its batch is durable.
 pub struct Committed {
-    pub reply_to: Option<Subject>,
+    pub reply_to: ReplyTo,
     pub reply: Reply,
     pub verb: crate::domain::Verb,
     pub command_id: uuid::Uuid,
