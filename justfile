@@ -68,3 +68,7 @@ check: nats-server py-deps
 # Regenerate the JSON Schemas in schemas/ from the Rust types (a test fails when they drift).
 schemas:
     cargo run --quiet -- schemas --out schemas
+
+# Fuzz command decoding and decide with 1 M generated inputs (random bytes, mutated bodies, extreme values).
+fuzz cases="1000000":
+    PROPTEST_CASES={{cases}} cargo test --release --test log fuzz_decode_and_decide -- --nocapture

@@ -1249,3 +1249,338 @@ fn real_payloads_validate_against_the_checked_in_schemas() {
     let bad = json!({"command_id": Uuid::now_v7(), "job_id": job(1), "deployment": {"kind": "cluster", "name": "x"}});
     assert!(!schema("commands/create.json").is_valid(&bad));
 }
+
+// ---- storage faults -----------------------------------------------------------------------
+
+/// A file-backed redb backend whose writes and syncs fail while `fail` is
+/// set (a full disk, an I/O error).
+#[derive(Debug)]
+struct FaultyBackend {
+    inner: redb::backends::FileBackend,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultyBackend {
+    fn check(&self) -> Result<(), std::io::Error> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected: no space left on device"));
+        }
+        Ok(())
+    }
+}
+
+impl redb::StorageBackend for FaultyBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+}
+
+#[test]
+fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .unwrap();
+    let backend = FaultyBackend {
+        inner: redb::backends::FileBackend::new(file).unwrap(),
+        fail: fail.clone(),
+    };
+    let store = Store::with_backend(backend).unwrap();
+    let mut ledger = Ledger::open(store.clone()).unwrap();
+    let mut next = 0u128;
+    let mut run = |ledger: &mut Ledger, verb: &str, body: &serde_json::Value| {
+        let cmd = decode("p1", verb, body.to_string().as_bytes(), None).unwrap();
+        let mut ids = || {
+            next += 1;
+            Uuid::from_u128(next)
+        };
+        ledger.execute(&[Pending::new(cmd)], t0(), &mut ids, None)
+    };
+    let create = json!({"command_id": Uuid::from_u128(1), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs"}});
+    assert!(run(&mut ledger, "create", &create).unwrap()[0].ok);
+    let before = (
+        ledger.world().clone(),
+        ledger.head_seq(),
+        ledger.head_hash().to_owned(),
+    );
+
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let start = json!({"command_id": Uuid::from_u128(2), "job_id": job(1)});
+    let err = run(&mut ledger, "start", &start).unwrap_err();
+    assert!(err.to_string().contains("no space left"), "{err}");
+    assert_eq!(
+        (
+            ledger.world().clone(),
+            ledger.head_seq(),
+            ledger.head_hash().to_owned()
+        ),
+        before,
+        "memory rolled back"
+    );
+    // redb refuses further writes on this handle until the file is reopened.
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let err = run(&mut ledger, "start", &start).unwrap_err();
+    assert!(err.is_poisoned(), "{err}");
+    drop(ledger);
+    drop(store);
+
+    // Reopened (what a restarted bcp serve does): nothing of the failed batch
+    // is there, and the producer's retry is applied exactly once.
+    let store = Store::open_existing(&path).unwrap();
+    verify(&store).unwrap();
+    let mut ledger = Ledger::open(store.clone()).unwrap();
+    assert_eq!(
+        (
+            ledger.world().clone(),
+            ledger.head_seq(),
+            ledger.head_hash().to_owned()
+        ),
+        before
+    );
+    let replies = run(&mut ledger, "start", &start).unwrap();
+    assert!(replies[0].ok && !replies[0].duplicate, "{replies:?}");
+    assert_eq!(replies[0].events[0].seq, 2, "no gap after the failed batch");
+    assert!(run(&mut ledger, "start", &start).unwrap()[0].duplicate);
+    verify(&store).unwrap();
+}
+
+#[test]
+fn serve_refuses_a_store_whose_projection_disagrees_with_the_log_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    scenario(&path);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(bcp::store::tables::JOBS).unwrap();
+            let mut v: serde_json::Value =
+                serde_json::from_slice(t.get(job(2).as_u128()).unwrap().unwrap().value()).unwrap();
+            v["version"] = json!(2); // the log says 3
+            t.insert(job(2).as_u128(), serde_json::to_vec(&v).unwrap().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = Ledger::open(Store::open_existing(&path).unwrap())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("startup check"), "{err}");
+    // bcp serve refuses before it touches NATS: a clear message, exit 1.
+    let (code, out) = bcp(
+        &[
+            "serve",
+            "--db",
+            path.to_str().unwrap(),
+            "--nats",
+            "nats://127.0.0.1:1",
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("corrupt store: startup check") && out.contains(&job(2).to_string()),
+        "{out}"
+    );
+}
+
+// ---- fuzzing decode and decide --------------------------------------------------------------
+
+/// Valid bodies for every verb, over a few known jobs, to mutate.
+fn valid_body(verb: &str, j: u128, n: u64) -> serde_json::Value {
+    let cid = Uuid::from_u128(0xf000_0000_0000 + n as u128);
+    let t = t0() + Duration::hours((n % 5000) as i64);
+    let mut b = match verb {
+        "create" => {
+            json!({"job_id": job(j), "deployment": {"kind": "shard", "name": "s", "cluster": "c"}, "schedule": {"snapshot_interval_hours": 12}, "region": "eu"})
+        }
+        "assign-region" => {
+            json!({"job_id": job(j), "region": if n % 2 == 0 { json!("eu") } else { json!(null) }})
+        }
+        "change-schedule" => {
+            json!({"job_id": job(j), "schedule": {"daily_retention_days": n % 400}})
+        }
+        "record-snapshot" => {
+            json!({"job_id": job(j), "snapshot_id": snap(n as u128 % 7), "taken_at": t, "size_bytes": n})
+        }
+        "delete-snapshot" => json!({"job_id": job(j), "snapshot_id": snap(n as u128 % 7)}),
+        "set-snapshot-expiry" => {
+            json!({"job_id": job(j), "snapshot_id": snap(n as u128 % 7), "do_not_delete": true})
+        }
+        "expire-snapshots" => json!({"now": t}),
+        "configure-region" => {
+            json!({"region": "eu", "snapshot_store": "s", "oplog_store": if n % 3 == 0 { json!(null) } else { json!("o") }, "sync_store": "y"})
+        }
+        _ => json!({"job_id": job(j), "expected_version": n % 4}),
+    };
+    b["command_id"] = json!(cid);
+    b
+}
+
+const VERBS: [&str; 12] = [
+    "create",
+    "start",
+    "stop",
+    "terminate",
+    "assign-region",
+    "change-schedule",
+    "record-snapshot",
+    "delete-snapshot",
+    "set-snapshot-expiry",
+    "expire-snapshots",
+    "configure-region",
+    "explode",
+];
+
+/// Extreme and wrong-typed values to splice into valid bodies.
+fn extreme() -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        Just(json!(null)),
+        Just(json!(u64::MAX)),
+        Just(json!(-1)),
+        Just(json!(1.5e308)),
+        Just(json!(i64::MIN)),
+        Just(json!("")),
+        Just(json!("x".repeat(70_000))),
+        Just(json!("\u{0}\u{202e}💥")),
+        Just(json!("9999-12-31T23:59:59Z")),
+        Just(json!("0000-01-01T00:00:00+14:00")),
+        Just(json!([])),
+        Just(json!({"nested": {"deeper": [1, 2, {"x": null}]}})),
+        any::<i64>().prop_map(|i| json!(i)),
+        ".{0,40}".prop_map(|s| json!(s)),
+    ]
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    None,
+    Remove(usize),
+    Replace(usize, serde_json::Value),
+    Add(String, serde_json::Value),
+    Truncate(usize),
+    FlipByte(usize, u8),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        2 => Just(Mutation::None),
+        1 => (0usize..8).prop_map(Mutation::Remove),
+        1 => (0usize..8, extreme()).prop_map(|(i, v)| Mutation::Replace(i, v)),
+        1 => ("[a-z_]{1,12}", extreme()).prop_map(|(k, v)| Mutation::Add(k, v)),
+        1 => (0usize..400).prop_map(Mutation::Truncate),
+        1 => (0usize..400, any::<u8>()).prop_map(|(i, b)| Mutation::FlipByte(i, b)),
+    ]
+}
+
+fn mutate(body: serde_json::Value, m: &Mutation) -> Vec<u8> {
+    let mut body = body;
+    let keys: Vec<String> = body.as_object().unwrap().keys().cloned().collect();
+    match m {
+        Mutation::None => {}
+        Mutation::Remove(i) => {
+            body.as_object_mut().unwrap().remove(&keys[i % keys.len()]);
+        }
+        Mutation::Replace(i, v) => body[&keys[i % keys.len()]] = v.clone(),
+        Mutation::Add(k, v) => body[k] = v.clone(),
+        Mutation::Truncate(_) | Mutation::FlipByte(..) => {}
+    }
+    let mut bytes = serde_json::to_vec(&body).unwrap();
+    match m {
+        Mutation::Truncate(n) => bytes.truncate(*n % (bytes.len() + 1)),
+        Mutation::FlipByte(i, b) => {
+            let at = i % bytes.len();
+            bytes[at] = *b;
+        }
+        _ => {}
+    }
+    bytes
+}
+
+fn fuzz_input() -> impl Strategy<Value = (String, String, Vec<u8>)> {
+    let project = prop_oneof![4 => Just("p1".to_owned()), 1 => Just("_admin".to_owned()), 1 => Just("p2".to_owned()), 1 => "[ -~]{0,70}"];
+    let verb = prop_oneof![8 => (0usize..VERBS.len()).prop_map(|i| VERBS[i].to_owned()), 1 => "[ -~]{0,20}"];
+    let body = prop_oneof![
+        6 => (0usize..VERBS.len(), 0u128..4, any::<u64>(), mutation()).prop_map(|(v, j, n, m)| mutate(valid_body(VERBS[v], j, n), &m)),
+        1 => proptest::collection::vec(any::<u8>(), 0..300),
+    ];
+    (project, verb, body)
+}
+
+/// One in-memory ledger shared by every case, so state builds up (jobs
+/// created, started, snapshotted) and later inputs meet every state.
+fn fuzz_ledger() -> &'static std::sync::Mutex<(Ledger, u128)> {
+    static LEDGER: std::sync::OnceLock<std::sync::Mutex<(Ledger, u128)>> =
+        std::sync::OnceLock::new();
+    LEDGER.get_or_init(|| {
+        let store = Store::with_backend(redb::backends::InMemoryBackend::new()).unwrap();
+        std::sync::Mutex::new((Ledger::open(store).unwrap(), 0))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Any input is answered: a structured decode error, or a decision whose
+    /// events (and nothing else) reach the log. `just fuzz` runs 1 M cases
+    /// (PROPTEST_CASES); `cargo test` runs proptest's default 256.
+    #[test]
+    fn fuzz_decode_and_decide((project, verb, body) in fuzz_input()) {
+        let decoded = decode(&project, &verb, &body, None);
+        let Ok(cmd) = decoded else {
+            prop_assert!(!decoded.unwrap_err().0.is_empty());
+            return Ok(());
+        };
+        let mut guard = fuzz_ledger().lock().unwrap_or_else(|p| p.into_inner());
+        let (ledger, next) = &mut *guard;
+        let before = ledger.head_seq();
+        let mut ids = || { *next += 1; Uuid::from_u128(*next) };
+        let reply = ledger.execute(&[Pending::new(cmd)], t0(), &mut ids, None).unwrap().pop().unwrap();
+        let appended = ledger.head_seq() - before;
+        match (&reply.error, reply.duplicate) {
+            (_, true) => prop_assert_eq!(appended, 0),
+            (None, false) => prop_assert_eq!(appended, reply.events.len() as u64),
+            (Some(e), false) if e.code == bcp::domain::ErrorCode::BadRequest || e.code == bcp::domain::ErrorCode::CommandIdConflict => prop_assert_eq!(appended, 0),
+            (Some(_), false) => {
+                prop_assert_eq!(appended, 1, "a decided rejection is one CommandRejected");
+                prop_assert_eq!(reply.rejection_seq, Some(ledger.head_seq()));
+            }
+        }
+        serde_json::to_vec(&reply).unwrap();
+    }
+}
+
+#[test]
+fn fuzzed_log_verifies() {
+    // Whatever the fuzz cases of this run appended must still verify (runs
+    // after, or concurrently with, the fuzz cases: both lock the ledger).
+    let guard = fuzz_ledger().lock().unwrap_or_else(|p| p.into_inner());
+    let store = guard.0.store().clone();
+    verify(&store).unwrap();
+    prop_assert_world(&store.load_world().unwrap(), guard.0.world());
+}
+
+fn prop_assert_world(stored: &World, memory: &World) {
+    assert_eq!(stored, memory);
+}

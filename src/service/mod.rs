@@ -89,7 +89,14 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         .await
         .map_err(ServeError::Nats)?;
 
-    let writer = writer::spawn(ledger, queue_rx, replies_tx, head_tx, published.clone());
+    let writer = writer::spawn(
+        ledger,
+        queue_rx,
+        replies_tx,
+        head_tx,
+        published.clone(),
+        stop.clone(),
+    );
     let replier = tokio::spawn(intake::send_replies(
         client.clone(),
         replies_rx,
@@ -126,7 +133,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     // Drain, in data-flow order. The intake has dropped its queue sender, so
     // the writer finishes what is queued and exits.
     tracing::info!("draining: intake closed, waiting for the writer");
-    let ledger_head = tokio::task::spawn_blocking(move || writer.join())
+    let writer_result = tokio::task::spawn_blocking(move || writer.join())
         .await
         .map_err(|e| ServeError::Nats(format!("writer task: {e}")))?
         .map_err(|_| ServeError::Nats("writer thread panicked".into()))?;
@@ -143,6 +150,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         ),
     }
     let published_seq = published.load(std::sync::atomic::Ordering::SeqCst);
+    let ledger_head = writer_result?;
     store.save_published_seq(published_seq)?;
     let _ = tokio::time::timeout_at(deadline, client.flush()).await;
     tracing::info!(head_seq = ledger_head, published_seq, "bcp serve stopped");

@@ -21,6 +21,50 @@ use redb::{ReadableDatabase, ReadableTable, Table};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
+/// Events at the end of the log re-checked on every open.
+pub const TAIL_CHECKED: u64 = 1024;
+
+/// The startup check: the last `n` events link and hash correctly, and every
+/// job they touch has the stored version its last event gave it, so a store
+/// whose log and projections disagree (a torn copy, a manual edit) is refused
+/// instead of served. `bcp audit verify` checks the whole log.
+fn check_tail(store: &Store, world: &World, head_seq: u64, n: u64) -> Result<()> {
+    let from = head_seq.saturating_sub(n) + 1;
+    let tail = store.events(from, head_seq)?;
+    let bad = |seq: u64, what: String| {
+        Err(StoreError::Corrupt(format!(
+            "startup check at seq {seq}: {what}; run `bcp audit verify`"
+        )))
+    };
+    let mut versions: BTreeMap<Uuid, u64> = BTreeMap::new();
+    for (i, env) in tail.iter().enumerate() {
+        if env.seq != from + i as u64 {
+            return bad(from + i as u64, format!("found seq {}", env.seq));
+        }
+        if env.compute_hash() != env.hash {
+            return bad(env.seq, "hash does not match the event".into());
+        }
+        if i > 0 && env.prev_hash != tail[i - 1].hash {
+            return bad(
+                env.seq,
+                "prev_hash does not link to the event before".into(),
+            );
+        }
+        if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
+            versions.insert(job, v);
+        }
+    }
+    for (job, v) in versions {
+        let stored = world.jobs.get(&job).map(|j| j.version);
+        if stored != Some(v) {
+            return Err(StoreError::Corrupt(format!(
+                "startup check: job {job} is at version {v} in the log but {stored:?} in the stored projection; run `bcp audit verify`"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A decoded command waiting for the writer.
 #[derive(Clone, Debug)]
 pub struct Pending {
@@ -89,6 +133,7 @@ impl Ledger {
                 "the log holds {count} events but its last seq is {head_seq}: there is a gap"
             )));
         }
+        check_tail(&store, &world, head_seq, TAIL_CHECKED)?;
         Ok(Ledger {
             store,
             world,

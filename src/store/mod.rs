@@ -45,6 +45,14 @@ from_redb!(
     redb::CommitError
 );
 
+impl StoreError {
+    /// redb refuses every write after an I/O error until the file is
+    /// reopened: the writer must stop and bcp serve be restarted.
+    pub fn is_poisoned(&self) -> bool {
+        matches!(self, StoreError::Redb(redb::Error::PreviousIo))
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// What is stored per `command_id`.
@@ -73,7 +81,21 @@ impl Store {
     /// Open the store at `path`, creating it (and its tables) if missing.
     pub fn open_or_create(path: &Path) -> Result<Store> {
         let db = Database::create(path).map_err(|e| open_error(path, e))?;
-        let txn = db.begin_write()?;
+        let store = Store { db: Arc::new(db) };
+        store.create_tables()?;
+        Ok(store)
+    }
+
+    /// A store on another storage backend (fault-injection tests).
+    pub fn with_backend(backend: impl redb::StorageBackend) -> Result<Store> {
+        let db = redb::Builder::new().create_with_backend(backend)?;
+        let store = Store { db: Arc::new(db) };
+        store.create_tables()?;
+        Ok(store)
+    }
+
+    fn create_tables(&self) -> Result<()> {
+        let txn = self.db.begin_write()?;
         txn.open_table(EVENTS)?;
         txn.open_table(JOB_LOG)?;
         txn.open_table(COMMANDS)?;
@@ -82,7 +104,7 @@ impl Store {
         txn.open_table(REGIONS)?;
         txn.open_table(CURSOR)?;
         txn.commit()?;
-        Ok(Store { db: Arc::new(db) })
+        Ok(())
     }
 
     /// Open an existing store (the audit tools never create one).
