@@ -35,9 +35,93 @@ pub struct Cli {
         env = "BCP_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub auth: AuthArgs,
     #[command(subcommand)]
     pub command: Cmd,
 }
+
+/// NATS credentials, for every command that talks to NATS.
+#[derive(Args, Clone, Default)]
+pub struct AuthArgs {
+    #[arg(long, global = true, env = "BCP_NATS_USER", help_heading = "NATS auth")]
+    pub nats_user: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        env = "BCP_NATS_PASSWORD",
+        hide_env_values = true,
+        help_heading = "NATS auth"
+    )]
+    pub nats_password: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        env = "BCP_NATS_TOKEN",
+        hide_env_values = true,
+        help_heading = "NATS auth"
+    )]
+    pub nats_token: Option<String>,
+    /// An nkey seed (SU...).
+    #[arg(
+        long,
+        global = true,
+        env = "BCP_NATS_NKEY",
+        hide_env_values = true,
+        help_heading = "NATS auth"
+    )]
+    pub nats_nkey: Option<String>,
+    /// A .creds file (JWT + nkey seed).
+    #[arg(
+        long,
+        global = true,
+        env = "BCP_NATS_CREDS",
+        help_heading = "NATS auth"
+    )]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server; implies TLS.
+    #[arg(long, global = true, env = "BCP_TLS_CA", help_heading = "NATS auth")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), with --tls-key; implies TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "BCP_TLS_CERT",
+        requires = "tls_key",
+        help_heading = "NATS auth"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        global = true,
+        env = "BCP_TLS_KEY",
+        requires = "tls_cert",
+        help_heading = "NATS auth"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS even without a CA or client certificate.
+    #[arg(long, global = true, env = "BCP_TLS", help_heading = "NATS auth")]
+    pub tls: bool,
+}
+
+impl AuthArgs {
+    pub fn auth(&self) -> bcp::service::connect::NatsAuth {
+        bcp::service::connect::NatsAuth {
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            nkey_seed: self.nats_nkey.clone(),
+            creds_file: self.nats_creds.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_required: self.tls,
+        }
+    }
+}
+
+/// The credentials given on the command line, for [`connect`].
+static AUTH: std::sync::OnceLock<bcp::service::connect::NatsAuth> = std::sync::OnceLock::new();
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LogFormat {
@@ -63,6 +147,11 @@ pub enum Cmd {
         /// JetStream stream the events are published to.
         #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
         stream: String,
+        /// Record the identity in the Nats-Request-Info header as the verified actor
+        /// (only when producers reach bcp through a service import with share: true;
+        /// see examples/nats-server.conf).
+        #[arg(long, env = "BCP_TRUST_REQUEST_INFO")]
+        trust_request_info: bool,
         /// Seconds between retention sweeps (expiring due snapshots).
         #[arg(long, env = "BCP_SWEEP_INTERVAL", default_value_t = bcp::domain::limits::SWEEP_INTERVAL_SECS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
         sweep_interval: u64,
@@ -197,13 +286,21 @@ pub struct Usage(pub String);
 pub struct Unavailable(pub String);
 
 pub fn run(cli: Cli) -> Result<u8> {
+    let _ = AUTH.set(cli.auth.auth());
     match cli.command {
         Cmd::Serve {
             db,
             nats,
             stream,
+            trust_request_info,
             sweep_interval,
-        } => serve(db, nats, stream, Duration::from_secs(sweep_interval)),
+        } => serve(
+            db,
+            nats,
+            stream,
+            trust_request_info,
+            Duration::from_secs(sweep_interval),
+        ),
         Cmd::Snapshots {
             job,
             source,
@@ -298,7 +395,13 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn serve(db: PathBuf, nats: String, stream: String, sweep_interval: Duration) -> Result<u8> {
+fn serve(
+    db: PathBuf,
+    nats: String,
+    stream: String,
+    trust_request_info: bool,
+    sweep_interval: Duration,
+) -> Result<u8> {
     if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -311,6 +414,8 @@ fn serve(db: PathBuf, nats: String, stream: String, sweep_interval: Duration) ->
             stream,
             drain_timeout: Duration::from_secs(10),
             sweep_interval,
+            auth: AUTH.get().cloned().unwrap_or_default(),
+            trust_request_info,
         };
         bcp::service::serve(config, stop).await
     })?;
@@ -413,7 +518,14 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
 
 /// Connect for a CLI command; failures are [`Unavailable`].
 async fn connect(url: &str) -> Result<async_nats::Client> {
-    let client = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
+    let options = AUTH
+        .get()
+        .cloned()
+        .unwrap_or_default()
+        .options()
+        .await
+        .context("NATS credentials")?;
+    let client = tokio::time::timeout(Duration::from_secs(5), options.connect(url))
         .await
         .map_err(|_| Unavailable(format!("timed out connecting to NATS at {url}")))?
         .map_err(|e| Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;

@@ -152,6 +152,10 @@ pub struct CommandEnvelope {
     pub expected_version: Option<u64>,
     #[serde(skip)]
     pub actor: Option<String>,
+    /// The actor is an identity NATS vouched for (Nats-Request-Info), not a
+    /// name the producer supplied.
+    #[serde(skip)]
+    pub actor_verified: bool,
     pub command: Command,
 }
 
@@ -329,6 +333,18 @@ pub fn decode(
     body: &[u8],
     header_actor: Option<&str>,
 ) -> Result<CommandEnvelope, DecodeError> {
+    decode_as(project, verb, body, header_actor, None)
+}
+
+/// [`decode`], with the sender's identity as NATS authenticated it
+/// (`user@account`), which then is the actor, marked verified.
+pub fn decode_as(
+    project: &str,
+    verb: &str,
+    body: &[u8],
+    header_actor: Option<&str>,
+    identity: Option<String>,
+) -> Result<CommandEnvelope, DecodeError> {
     if body.len() > PAYLOAD_BYTES_MAX {
         return Err(bad(format!(
             "body is {} bytes; the limit is {PAYLOAD_BYTES_MAX}",
@@ -482,7 +498,10 @@ pub fn decode(
             )
         }
     };
-    let actor = actor.or_else(|| header_actor.map(str::to_owned));
+    let actor_verified = identity.is_some();
+    let actor = identity
+        .or(actor)
+        .or_else(|| header_actor.map(str::to_owned));
     if let Some(a) = &actor
         && (a.len() > ACTOR_BYTES_MAX || a.chars().any(char::is_control))
     {
@@ -497,6 +516,7 @@ pub fn decode(
         job_id,
         expected_version,
         actor,
+        actor_verified,
         command,
     })
 }

@@ -455,6 +455,7 @@ mod tests {
                 job_version: (!region_event).then_some(version),
                 command_id: Uuid::from_u128(1000 + i as u128),
                 actor: None,
+                actor_verified: false,
                 recorded_at: t(i as u32),
                 prev_hash: String::new(),
                 event,
@@ -516,6 +517,7 @@ mod tests {
             job_id: Some(job_id()),
             expected_version: None,
             actor: None,
+            actor_verified: false,
             command,
         }
     }
@@ -726,6 +728,7 @@ mod tests {
             job_id: None,
             expected_version: None,
             actor: None,
+            actor_verified: false,
             command: Command::ConfigureRegion {
                 region: name("eu"),
                 snapshot_store: snap,
@@ -757,6 +760,7 @@ mod tests {
                 job_version: version,
                 command_id: Uuid::from_u128(9),
                 actor: None,
+                actor_verified: false,
                 recorded_at: t(9),
                 prev_hash: String::new(),
                 event: x.event,

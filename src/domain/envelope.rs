@@ -25,6 +25,11 @@ pub struct Envelope {
     pub job_version: Option<u64>,
     pub command_id: Uuid,
     pub actor: Option<String>,
+    /// True when `actor` is an identity NATS authenticated (a producer behind
+    /// a service import with `share: true`); absent when it was supplied by
+    /// the producer (body or `Bcp-Actor` header) and is unverified.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub actor_verified: bool,
     pub recorded_at: DateTime<Utc>,
     pub prev_hash: String,
     #[serde(flatten)]

@@ -11,6 +11,9 @@ pub struct HistoryEntry {
     pub seq: u64,
     pub recorded_at: DateTime<Utc>,
     pub actor: Option<String>,
+    /// The actor was authenticated by NATS (see the envelope's field).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub actor_verified: bool,
     pub command_id: Uuid,
     #[serde(rename = "type")]
     pub event_type: String,
@@ -53,6 +56,7 @@ pub fn history<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Vec<Histor
             seq: env.seq,
             recorded_at: env.recorded_at,
             actor: env.actor.clone(),
+            actor_verified: env.actor_verified,
             command_id: env.command_id,
             event_type: env.event.type_name().to_owned(),
             version: env.job_version,

@@ -10,7 +10,7 @@
 use super::ServeError;
 use super::api::{Kind, Metrics};
 use super::writer::{Committed, WriteRequest};
-use crate::domain::command::{DecodeError, decode};
+use crate::domain::command::{DecodeError, decode_as};
 use crate::domain::{ErrorCode, Reply, Verb};
 use crate::store::Store;
 use crate::store::ledger::Pending;
@@ -23,6 +23,24 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
 pub const ACTOR_HEADER: &str = "Bcp-Actor";
+/// Set by nats-server on requests crossing a service import with
+/// `share: true`: who sent it, as NATS authenticated them.
+pub const REQUEST_INFO_HEADER: &str = "Nats-Request-Info";
+
+/// `user@account` from a Nats-Request-Info header.
+pub fn requestor(info: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(info).ok()?;
+    let acc = v.get("acc")?.as_str()?;
+    let user = v
+        .get("user")
+        .and_then(|u| u.as_str())
+        .filter(|u| !u.is_empty());
+    let name = v
+        .get("name")
+        .and_then(|u| u.as_str())
+        .filter(|u| !u.is_empty());
+    Some(format!("{}@{acc}", user.or(name)?))
+}
 
 /// Where a reply goes.
 pub enum ReplyTo {
@@ -68,6 +86,7 @@ pub async fn run(
     store: Store,
     queue: mpsc::Sender<WriteRequest>,
     metrics: Arc<Metrics>,
+    trust_request_info: bool,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
     let sub = |s: &'static str| {
@@ -83,7 +102,7 @@ pub async fn run(
     loop {
         tokio::select! {
             r = requests.next() => match r {
-                Some((Kind::Command(verb), request)) => command(&client, verb, request, &queue, &metrics).await,
+                Some((Kind::Command(verb), request)) => command(&client, verb, request, &queue, &metrics, trust_request_info).await,
                 Some((Kind::Query(kind), request)) => query(kind, request, store.clone()),
                 None => break,
             },
@@ -103,6 +122,7 @@ async fn command(
     request: Request,
     queue: &mpsc::Sender<WriteRequest>,
     metrics: &Metrics,
+    trust_request_info: bool,
 ) {
     let msg = &request.message;
     let project = msg.subject.split('.').nth(2).unwrap_or("");
@@ -111,7 +131,15 @@ async fn command(
         .as_ref()
         .and_then(|h| h.get(ACTOR_HEADER))
         .map(|v| v.as_str());
-    let cmd = match decode(project, verb.as_str(), &msg.payload, header_actor) {
+    let identity = trust_request_info
+        .then(|| {
+            msg.headers
+                .as_ref()?
+                .get(REQUEST_INFO_HEADER)
+                .and_then(|v| requestor(v.as_str()))
+        })
+        .flatten();
+    let cmd = match decode_as(project, verb.as_str(), &msg.payload, header_actor, identity) {
         Ok(cmd) => cmd,
         Err(e) => {
             tracing::debug!(subject = %msg.subject, error = %e, "bad_request");
@@ -218,5 +246,18 @@ pub async fn send_replies(
             }
             c.reply_to.send(&client, &c.reply).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn requestor_is_user_at_account() {
+        let info = r#"{"start":"2026-11-27T03:15:51Z","host":"127.0.0.1","id":8,"acc":"PRODUCERS","user":"alice","kind":"Client"}"#;
+        assert_eq!(super::requestor(info).as_deref(), Some("alice@PRODUCERS"));
+        let nkey_only = r#"{"acc":"A","user":"","name":"svc-1"}"#;
+        assert_eq!(super::requestor(nkey_only).as_deref(), Some("svc-1@A"));
+        assert_eq!(super::requestor(r#"{"acc":"A"}"#), None);
+        assert_eq!(super::requestor("not json"), None);
     }
 }

@@ -9,6 +9,7 @@
 //! SIGINT/SIGTERM into an orderly drain.
 
 pub mod api;
+pub mod connect;
 pub mod intake;
 pub mod queries;
 pub mod relay;
@@ -36,6 +37,12 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// How often the retention sweeper expires due snapshots.
     pub sweep_interval: Duration,
+    pub auth: connect::NatsAuth,
+    /// Record the Nats-Request-Info identity as the verified actor. Only
+    /// when every producer reaches bcp through a service import with
+    /// `share: true` (the server then sets the header; otherwise a client
+    /// could forge it).
+    pub trust_request_info: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +65,12 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let store = Store::open_or_create(&config.db)?;
     let ledger = Ledger::open(store.clone())?;
     let head = ledger.head_seq();
-    let client = async_nats::ConnectOptions::new()
+    let options = config
+        .auth
+        .options()
+        .await
+        .map_err(|e| ServeError::Nats(format!("NATS credentials: {e}")))?;
+    let client = options
         .name("bcp serve")
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -122,6 +134,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         store.clone(),
         queue_tx,
         metrics,
+        config.trust_request_info,
         stop.clone(),
     )
     .await;

@@ -22,6 +22,7 @@ pub fn sweep_command(now: chrono::DateTime<chrono::Utc>) -> Pending {
         job_id: None,
         expected_version: None,
         actor: Some(ACTOR.to_owned()),
+        actor_verified: true,
         command: Command::ExpireSnapshots { now },
     };
     Pending {

@@ -395,6 +395,7 @@ impl Ledger {
             job_version,
             command_id: cmd.command_id,
             actor: cmd.actor.clone(),
+            actor_verified: cmd.actor_verified,
             recorded_at: now,
             prev_hash: String::new(),
             event,
