@@ -1416,7 +1416,7 @@ fn valid_body(verb: &str, j: u128, n: u64) -> serde_json::Value {
             json!({"job_id": job(j), "deployment": {"kind": "shard", "name": "s", "cluster": "c"}, "schedule": {"snapshot_interval_hours": 12}, "region": "eu"})
         }
         "assign-region" => {
-            json!({"job_id": job(j), "region": if n % 2 == 0 { json!("eu") } else { json!(null) }})
+            json!({"job_id": job(j), "region": if n.is_multiple_of(2) { json!("eu") } else { json!(null) }})
         }
         "change-schedule" => {
             json!({"job_id": job(j), "schedule": {"daily_retention_days": n % 400}})
@@ -1430,7 +1430,7 @@ fn valid_body(verb: &str, j: u128, n: u64) -> serde_json::Value {
         }
         "expire-snapshots" => json!({"now": t}),
         "configure-region" => {
-            json!({"region": "eu", "snapshot_store": "s", "oplog_store": if n % 3 == 0 { json!(null) } else { json!("o") }, "sync_store": "y"})
+            json!({"region": "eu", "snapshot_store": "s", "oplog_store": if n.is_multiple_of(3) { json!(null) } else { json!("o") }, "sync_store": "y"})
         }
         _ => json!({"job_id": job(j), "expected_version": n % 4}),
     };
