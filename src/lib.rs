@@ -14,3 +14,48 @@ pub mod projection;
 pub mod schema;
 pub mod service;
 pub mod store;
+
+#[cfg(test)]
+mod architecture {
+    //! The pure core stays pure: no I/O, clock or randomness in `domain/`
+    //! or `projection/` (ARCHITECTURE.md, invariant 1).
+
+    #[test]
+    fn domain_and_projection_do_no_io_read_no_clock_draw_no_randomness() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let forbidden = [
+            "redb::",
+            "async_nats::",
+            "tokio::",
+            "std::fs",
+            "std::net",
+            "std::io",
+            "std::env",
+            "SystemTime",
+            "Instant::now",
+            "Utc::now",
+            "Local::now",
+            "now_v7",
+            "new_v4",
+            "rand::",
+        ];
+        let mut checked = 0;
+        for dir in ["domain", "projection"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Tests beside the code may use what they like.
+                let code = text.split("#[cfg(test)]").next().unwrap();
+                for word in forbidden {
+                    assert!(
+                        !code.contains(word),
+                        "{} uses {word}: the core must stay pure",
+                        path.display()
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10, "found only {checked} files");
+    }
+}
