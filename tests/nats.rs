@@ -2,11 +2,15 @@
 //! JetStream and a real `bcp serve` process per test, driven by an async-nats
 //! producer. Covers command replies and rejections, idempotent retries, bad
 //! input, the published stream, NATS outages and restarts, a lost NATS
-//! store, fire-and-forget commands and the `bcp send` exit codes. Scenarios
-//! that stop `bcp serve` end with `bcp audit verify` on the stopped store.
+//! store, fire-and-forget commands and the `bcp send` exit codes; the
+//! snapshot verbs and catalog, the retention sweeper of a running server,
+//! `bcp snapshots`, and auditing from the stream (`replay --from-nats`,
+//! `import --from-nats`, `audit verify --against-nats`). Scenarios that
+//! stop `bcp serve` end with `bcp audit verify` on the stopped store.
 
 mod support;
 
+use chrono::{DateTime, Duration as ChronoDuration, SecondsFormat, SubsecRound, Utc};
 use futures::future::join_all;
 use serde_json::{Value, json};
 use support::{Harness, Nats, bcp_cli, free_port};
@@ -1085,4 +1089,1289 @@ async fn audit_verify_after_serve_stops() {
     );
 
     h.stop_and_verify(head).await;
+}
+
+fn record_body(job: Uuid, snapshot: Uuid, taken_at: &str, size_bytes: u64) -> Value {
+    json!({
+        "command_id": id(),
+        "job_id": job,
+        "snapshot_id": snapshot,
+        "taken_at": taken_at,
+        "size_bytes": size_bytes,
+    })
+}
+
+/// A body for delete-snapshot (and, with a field added, set-snapshot-expiry).
+fn snapshot_body(job: Uuid, snapshot: Uuid) -> Value {
+    json!({"command_id": id(), "job_id": job, "snapshot_id": snapshot})
+}
+
+/// A catalog entry as `bcp.query.snapshots` shows it.
+fn catalog_entry(
+    snapshot: Uuid,
+    taken_at: &str,
+    size_bytes: u64,
+    classes: &[&str],
+    expires_at: &str,
+    do_not_delete: bool,
+) -> Value {
+    json!({
+        "snapshot_id": snapshot,
+        "taken_at": taken_at,
+        "size_bytes": size_bytes,
+        "classes": classes,
+        "expires_at": expires_at,
+        "do_not_delete": do_not_delete,
+    })
+}
+
+/// Snapshot verbs over NATS, every reply exactly: classes and expiry per
+/// DOMAIN.md (a Monday that starts a month is daily, weekly and monthly),
+/// the catalog in time order, phase initial_sync → incremental, duplicate
+/// and unknown snapshots, do_not_delete, expiry on demand for one job and
+/// for a project (never another project's), record-snapshot refused in
+/// Stopped and Inactive (naming the state), terminate purging everything,
+/// schedule values outside the table, and every malformed body of these
+/// verbs refused `bad_request` with nothing appended.
+#[tokio::test]
+async fn snapshot_verbs_over_nats() {
+    let mut h = Harness::start().await;
+    let (a, b, c) = (id(), id(), id());
+    let (s0, s1, s2, s3) = (id(), id(), id(), id());
+
+    // Job A keeps dailies 7 days; the rest of its schedule is the default
+    // (base 2 days, weekly 2 weeks, monthly 1 month = 28 days).
+    let mut create_a = create_body(id(), a, "rs-a");
+    create_a["schedule"] = json!({"daily_retention_days": 7});
+    let r = h.cmd("p1", "create", &create_a).await;
+    assert_eq!(r, accepted(Some(a), Some(1), &[(1, "JobCreated")]));
+    assert_eq!(
+        h.job(a).await["schedule"],
+        json!({
+            "snapshot_interval_hours": 24,
+            "snapshot_retention_days": 2,
+            "daily_retention_days": 7,
+            "weekly_retention_weeks": 2,
+            "monthly_retention_months": 1,
+            "point_in_time_window_hours": 24,
+            "reference_hour_of_day": 0,
+            "reference_minute_of_hour": 0,
+        })
+    );
+    let r = h.cmd("p1", "start", &job_body(id(), a)).await;
+    assert_eq!(r, accepted(Some(a), Some(2), &[(2, "JobStarted")]));
+    assert_eq!(h.job(a).await["phase"], json!("initial_sync"));
+    assert!(h.snapshots(a).await.is_empty());
+
+    // Times lie ahead of bcp's clock (allowed: the agent's clock), so the
+    // server's own retention sweeps never touch them. The job's first
+    // snapshot, on Sunday 2027-02-28, is its first daily, weekly (ISO week
+    // 8) and monthly (February).
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(a, s0, "2027-02-28T00:00:00Z", 500),
+        )
+        .await;
+    assert_eq!(r, accepted(Some(a), Some(3), &[(3, "SnapshotRecorded")]));
+    let view = h.job(a).await;
+    assert_eq!(view["phase"], json!("incremental"), "{view}");
+    assert_eq!(view["state"], json!("Active"), "{view}");
+    // The next day, Monday 2027-03-01, starts a new ISO week and a new
+    // month: daily, weekly and monthly again.
+    let record_s1 = record_body(a, s1, "2027-03-01T00:00:00Z", 1000);
+    let r1 = h.cmd("p1", "record-snapshot", &record_s1).await;
+    assert_eq!(r1, accepted(Some(a), Some(4), &[(4, "SnapshotRecorded")]));
+    // The next day (a Tuesday): daily only. Then, out of order, a second
+    // one on the Monday: base only, since that day has its daily.
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(a, s2, "2027-03-02T00:00:00Z", 2000),
+        )
+        .await;
+    assert_eq!(r, accepted(Some(a), Some(5), &[(5, "SnapshotRecorded")]));
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(a, s3, "2027-03-01T12:00:00Z", 3000),
+        )
+        .await;
+    assert_eq!(r, accepted(Some(a), Some(6), &[(6, "SnapshotRecorded")]));
+    let all = ["base", "daily", "weekly", "monthly"];
+    let e0 = catalog_entry(
+        s0,
+        "2027-02-28T00:00:00Z",
+        500,
+        &all,
+        "2027-03-28T00:00:00Z",
+        false,
+    );
+    let e1 = catalog_entry(
+        s1,
+        "2027-03-01T00:00:00Z",
+        1000,
+        &all,
+        "2027-03-29T00:00:00Z", // monthly: 28 days
+        false,
+    );
+    let e2 = catalog_entry(
+        s2,
+        "2027-03-02T00:00:00Z",
+        2000,
+        &["base", "daily"],
+        "2027-03-09T00:00:00Z", // daily: 7 days
+        false,
+    );
+    let e3 = catalog_entry(
+        s3,
+        "2027-03-01T12:00:00Z",
+        3000,
+        &["base"],
+        "2027-03-03T12:00:00Z", // base: 2 days
+        false,
+    );
+    assert_eq!(
+        h.snapshots(a).await,
+        [e0.clone(), e1.clone(), e3.clone(), e2.clone()],
+        "time order"
+    );
+    let view = h.job(a).await;
+    assert_eq!(view["snapshot_count"], json!(4), "{view}");
+    assert_eq!(view["latest_snapshot_at"], json!("2027-03-02T00:00:00Z"));
+    assert_eq!(view["version"], json!(6), "{view}");
+
+    // The same snapshot again, as a new command: already_exists, recorded.
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(a, s1, "2027-03-01T00:00:00Z", 1000),
+        )
+        .await;
+    let message = rejected(&r, "already_exists", Some(7));
+    assert!(message.contains(&s1.to_string()), "{message}");
+    // A retry of the first record command is its first reply.
+    assert_eq!(
+        h.cmd("p1", "record-snapshot", &record_s1).await,
+        as_duplicate(&r1)
+    );
+
+    // do_not_delete keeps the expiry it had; such a snapshot cannot be
+    // deleted until it gets an expiry again.
+    let mut keep = snapshot_body(a, s2);
+    keep["do_not_delete"] = json!(true);
+    let r = h.cmd("p1", "set-snapshot-expiry", &keep).await;
+    assert_eq!(
+        r,
+        accepted(Some(a), Some(7), &[(8, "SnapshotExpiryChanged")])
+    );
+    let mut e2_kept = e2.clone();
+    e2_kept["do_not_delete"] = json!(true);
+    assert_eq!(
+        h.snapshots(a).await,
+        [e0.clone(), e1.clone(), e3.clone(), e2_kept]
+    );
+    let r = h.cmd("p1", "delete-snapshot", &snapshot_body(a, s2)).await;
+    let message = rejected(&r, "invalid_transition", Some(9));
+    assert!(message.contains("do_not_delete"), "{message}");
+    let mut expiry = snapshot_body(a, s2);
+    expiry["expires_at"] = json!("2027-03-05T00:00:00Z");
+    let r = h.cmd("p1", "set-snapshot-expiry", &expiry).await;
+    assert_eq!(
+        r,
+        accepted(Some(a), Some(8), &[(10, "SnapshotExpiryChanged")])
+    );
+    let mut e2_moved = e2.clone();
+    e2_moved["expires_at"] = json!("2027-03-05T00:00:00Z");
+    assert_eq!(
+        h.snapshots(a).await,
+        [e0.clone(), e1.clone(), e3.clone(), e2_moved]
+    );
+    let r = h.cmd("p1", "delete-snapshot", &snapshot_body(a, s2)).await;
+    assert_eq!(r, accepted(Some(a), Some(9), &[(11, "SnapshotDeleted")]));
+    assert_eq!(h.snapshots(a).await, [e0.clone(), e1.clone(), e3.clone()]);
+
+    // Unknown snapshots.
+    let unknown = id();
+    let r = h
+        .cmd("p1", "delete-snapshot", &snapshot_body(a, unknown))
+        .await;
+    let message = rejected(&r, "not_found", Some(12));
+    assert!(message.contains(&unknown.to_string()), "{message}");
+    let mut body = snapshot_body(a, unknown);
+    body["do_not_delete"] = json!(true);
+    let r = h.cmd("p1", "set-snapshot-expiry", &body).await;
+    rejected(&r, "not_found", Some(13));
+    // Deleted is gone: it cannot be deleted twice.
+    let r = h.cmd("p1", "delete-snapshot", &snapshot_body(a, s2)).await;
+    rejected(&r, "not_found", Some(14));
+
+    // Jobs B (p1) and C (p2) keep base snapshots only (2 days).
+    let base_only = json!({"weekly_retention_weeks": 0, "monthly_retention_months": 0});
+    let (b1, c1) = (id(), id());
+    let mut head = 14;
+    for (project, job, snap) in [("p1", b, b1), ("p2", c, c1)] {
+        let mut create = create_body(id(), job, "rs-bc");
+        create["schedule"] = base_only.clone();
+        let r = h.cmd(project, "create", &create).await;
+        assert_eq!(r, accepted(Some(job), Some(1), &[(head + 1, "JobCreated")]));
+        let r = h.cmd(project, "start", &job_body(id(), job)).await;
+        assert_eq!(r, accepted(Some(job), Some(2), &[(head + 2, "JobStarted")]));
+        let r = h
+            .cmd(
+                project,
+                "record-snapshot",
+                &record_body(job, snap, "2027-03-01T00:00:00Z", 10),
+            )
+            .await;
+        assert_eq!(
+            r,
+            accepted(Some(job), Some(3), &[(head + 3, "SnapshotRecorded")])
+        );
+        head += 3;
+    }
+    let eb = catalog_entry(
+        b1,
+        "2027-03-01T00:00:00Z",
+        10,
+        &all,
+        "2027-03-03T00:00:00Z",
+        false,
+    );
+    let ec = catalog_entry(
+        c1,
+        "2027-03-01T00:00:00Z",
+        10,
+        &all,
+        "2027-03-03T00:00:00Z",
+        false,
+    );
+    assert_eq!(h.snapshots(b).await, std::slice::from_ref(&eb));
+    assert_eq!(h.snapshots(c).await, std::slice::from_ref(&ec));
+    assert_eq!(head, 20);
+
+    // expire-snapshots for job A as of 2027-03-04: only A's due snapshot
+    // (s3, due 03-03T12:00) goes; B's b1 is due too but not in scope.
+    let expire_a = json!({"command_id": id(), "job_id": a, "now": "2027-03-04T00:00:00Z"});
+    let r = h.cmd("p1", "expire-snapshots", &expire_a).await;
+    assert_eq!(r, accepted(Some(a), Some(10), &[(21, "SnapshotExpired")]));
+    assert_eq!(h.snapshots(a).await, [e0.clone(), e1.clone()]);
+    assert_eq!(h.snapshots(b).await, std::slice::from_ref(&eb));
+    // Nothing more is due: accepted, no events, nothing appended.
+    let again = json!({"command_id": id(), "job_id": a, "now": "2027-03-04T00:00:00Z"});
+    let r = h.cmd("p1", "expire-snapshots", &again).await;
+    assert_eq!(
+        r,
+        json!({"ok": true, "job_id": a, "version": 10, "duplicate": false})
+    );
+    // For project p1: B's b1; C (project p2) keeps its due c1.
+    let expire_p1 = json!({"command_id": id(), "now": "2027-03-04T00:00:00Z"});
+    let r = h.cmd("p1", "expire-snapshots", &expire_p1).await;
+    assert_eq!(r, accepted(None, None, &[(22, "SnapshotExpired")]));
+    assert!(h.snapshots(b).await.is_empty());
+    assert_eq!(h.snapshots(a).await, [e0.clone(), e1.clone()]);
+    assert_eq!(h.snapshots(c).await, std::slice::from_ref(&ec));
+    assert_eq!(h.job(b).await["snapshot_count"], json!(0));
+    assert_eq!(h.job(b).await["version"], json!(4));
+
+    // Stopped: snapshots are kept and their expiry can be changed, but
+    // none is recorded (the message names the state).
+    let r = h.cmd("p1", "stop", &job_body(id(), a)).await;
+    assert_eq!(r, accepted(Some(a), Some(11), &[(23, "JobStopped")]));
+    let mut keep = snapshot_body(a, s1);
+    keep["do_not_delete"] = json!(true);
+    let r = h.cmd("p1", "set-snapshot-expiry", &keep).await;
+    assert_eq!(
+        r,
+        accepted(Some(a), Some(12), &[(24, "SnapshotExpiryChanged")])
+    );
+    let s4 = id();
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(a, s4, "2027-03-03T00:00:00Z", 1),
+        )
+        .await;
+    let message = rejected(&r, "invalid_transition", Some(25));
+    assert!(message.contains("Stopped"), "{message}");
+    let mut e1_kept = e1.clone();
+    e1_kept["do_not_delete"] = json!(true);
+    assert_eq!(h.snapshots(a).await, [e0.clone(), e1_kept]);
+    assert_eq!(h.job(a).await["phase"], Value::Null);
+
+    // Terminate: JobTerminated and SnapshotsPurged, do_not_delete included.
+    let r = h.cmd("p1", "terminate", &job_body(id(), a)).await;
+    assert_eq!(
+        r,
+        accepted(
+            Some(a),
+            Some(14),
+            &[(26, "JobTerminated"), (27, "SnapshotsPurged")]
+        )
+    );
+    assert!(h.snapshots(a).await.is_empty());
+    let view = h.job(a).await;
+    assert_eq!(
+        (
+            &view["state"],
+            &view["phase"],
+            &view["snapshot_count"],
+            &view["latest_snapshot_at"]
+        ),
+        (&json!("Inactive"), &Value::Null, &json!(0), &Value::Null),
+        "{view}"
+    );
+
+    // Inactive: no snapshot verbs.
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(a, s4, "2027-03-03T00:00:00Z", 1),
+        )
+        .await;
+    let message = rejected(&r, "invalid_transition", Some(28));
+    assert!(message.contains("Inactive"), "{message}");
+    let r = h.cmd("p1", "delete-snapshot", &snapshot_body(a, s1)).await;
+    let message = rejected(&r, "invalid_transition", Some(29));
+    assert!(message.contains("Inactive"), "{message}");
+    let r = h.cmd("p1", "set-snapshot-expiry", &keep).await;
+    assert_eq!(r["ok"], json!(true), "a retry of the earlier command: {r}");
+    assert_eq!(r["duplicate"], json!(true), "{r}");
+    let mut keep_again = snapshot_body(a, s1);
+    keep_again["do_not_delete"] = json!(true);
+    let r = h.cmd("p1", "set-snapshot-expiry", &keep_again).await;
+    let message = rejected(&r, "invalid_transition", Some(30));
+    assert!(message.contains("Inactive"), "{message}");
+
+    // Started again after a terminate: a full initial sync. The catalog
+    // remembers that 2027-03-01 had its daily (DOMAIN.md: "first" counts
+    // every snapshot ever recorded, purged ones too).
+    let r = h.cmd("p1", "start", &job_body(id(), a)).await;
+    assert_eq!(r, accepted(Some(a), Some(15), &[(31, "JobStarted")]));
+    assert_eq!(h.job(a).await["phase"], json!("initial_sync"));
+    let s5 = id();
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(a, s5, "2027-03-01T06:00:00Z", 5),
+        )
+        .await;
+    assert_eq!(r, accepted(Some(a), Some(16), &[(32, "SnapshotRecorded")]));
+    assert_eq!(
+        h.snapshots(a).await,
+        [catalog_entry(
+            s5,
+            "2027-03-01T06:00:00Z",
+            5,
+            &["base"],
+            "2027-03-03T06:00:00Z",
+            false
+        )]
+    );
+    assert_eq!(h.job(a).await["phase"], json!("incremental"));
+    let head = 32;
+
+    // A schedule value outside DOMAIN.md's table: bad_request naming the
+    // field and the allowed values; not recorded, so the producer can fix
+    // the body and retry with the same command_id.
+    let schedule_cid = id();
+    let mut bad_schedule = job_body(schedule_cid, a);
+    bad_schedule["schedule"] = json!({"snapshot_interval_hours": 7});
+    let r = h.cmd("p1", "change-schedule", &bad_schedule).await;
+    let message = rejected(&r, "bad_request", None);
+    assert!(
+        message.contains("snapshot_interval_hours") && message.contains("6, 8, 12, 24"),
+        "{message}"
+    );
+    for (schedule, field) in [
+        (
+            json!({"snapshot_retention_days": 31}),
+            "snapshot_retention_days",
+        ),
+        (
+            json!({"snapshot_interval_hours": 6, "snapshot_retention_days": 6}),
+            "snapshot_retention_days",
+        ),
+        (json!({"daily_retention_days": 366}), "daily_retention_days"),
+        (
+            json!({"weekly_retention_weeks": 53}),
+            "weekly_retention_weeks",
+        ),
+        (
+            json!({"monthly_retention_months": 37}),
+            "monthly_retention_months",
+        ),
+        (
+            json!({"point_in_time_window_hours": 0}),
+            "point_in_time_window_hours",
+        ),
+        (
+            json!({"reference_hour_of_day": 24}),
+            "reference_hour_of_day",
+        ),
+        (
+            json!({"reference_minute_of_hour": 60}),
+            "reference_minute_of_hour",
+        ),
+    ] {
+        let mut body = job_body(id(), a);
+        body["schedule"] = schedule.clone();
+        let r = h.cmd("p1", "change-schedule", &body).await;
+        let message = rejected(&r, "bad_request", None);
+        assert!(message.contains(field), "{schedule}: {message}");
+    }
+
+    // Every malformed body of the snapshot verbs: bad_request at intake.
+    let (j, s) = (a.to_string(), s1.to_string());
+    let cid = || id().to_string();
+    let record = |taken_at: Value, size_bytes: Value| {
+        json!({"command_id": cid(), "job_id": j, "snapshot_id": s,
+               "taken_at": taken_at, "size_bytes": size_bytes})
+    };
+    let t = json!("2027-03-05T00:00:00Z");
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        (
+            "taken_at not a time",
+            "record-snapshot",
+            record(json!("yesterday"), json!(1)),
+            "taken_at",
+        ),
+        (
+            "taken_at a date only",
+            "record-snapshot",
+            record(json!("2027-03-05"), json!(1)),
+            "taken_at",
+        ),
+        (
+            "taken_at without an offset",
+            "record-snapshot",
+            record(json!("2027-03-05T00:00:00"), json!(1)),
+            "taken_at",
+        ),
+        (
+            "taken_at not a calendar day",
+            "record-snapshot",
+            record(json!("2027-02-30T00:00:00Z"), json!(1)),
+            "taken_at",
+        ),
+        (
+            "taken_at a number",
+            "record-snapshot",
+            record(json!(1_803_859_200), json!(1)),
+            "taken_at",
+        ),
+        (
+            "taken_at null",
+            "record-snapshot",
+            record(Value::Null, json!(1)),
+            "taken_at",
+        ),
+        (
+            "negative size_bytes",
+            "record-snapshot",
+            record(t.clone(), json!(-1)),
+            "size_bytes",
+        ),
+        (
+            "fractional size_bytes",
+            "record-snapshot",
+            record(t.clone(), json!(1.5)),
+            "size_bytes",
+        ),
+        (
+            "size_bytes a string",
+            "record-snapshot",
+            record(t.clone(), json!("1024")),
+            "size_bytes",
+        ),
+        (
+            "size_bytes beyond u64",
+            "record-snapshot",
+            record(t.clone(), json!(18_446_744_073_709_551_616.0)),
+            "size_bytes",
+        ),
+        (
+            "record without taken_at",
+            "record-snapshot",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "size_bytes": 1}),
+            "missing field `taken_at`",
+        ),
+        (
+            "record without size_bytes",
+            "record-snapshot",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "taken_at": t}),
+            "missing field `size_bytes`",
+        ),
+        (
+            "record without snapshot_id",
+            "record-snapshot",
+            json!({"command_id": cid(), "job_id": j, "taken_at": t, "size_bytes": 1}),
+            "missing field `snapshot_id`",
+        ),
+        (
+            "malformed snapshot_id",
+            "record-snapshot",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": "snap-1",
+                   "taken_at": t, "size_bytes": 1}),
+            "snapshot_id",
+        ),
+        (
+            "classes set by the producer",
+            "record-snapshot",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s,
+                   "taken_at": t, "size_bytes": 1, "classes": ["monthly"]}),
+            "unknown field `classes`",
+        ),
+        (
+            "expiry set by the producer",
+            "record-snapshot",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s,
+                   "taken_at": t, "size_bytes": 1, "expires_at": t}),
+            "unknown field `expires_at`",
+        ),
+        (
+            "both expires_at and do_not_delete",
+            "set-snapshot-expiry",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s,
+                   "expires_at": t, "do_not_delete": true}),
+            "either expires_at",
+        ),
+        (
+            "neither expires_at nor do_not_delete",
+            "set-snapshot-expiry",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s}),
+            "either expires_at",
+        ),
+        (
+            "do_not_delete false alone",
+            "set-snapshot-expiry",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "do_not_delete": false}),
+            "either expires_at",
+        ),
+        (
+            "expires_at not a time",
+            "set-snapshot-expiry",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "expires_at": "soon"}),
+            "expires_at",
+        ),
+        (
+            "do_not_delete not a boolean",
+            "set-snapshot-expiry",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "do_not_delete": "yes"}),
+            "do_not_delete",
+        ),
+        (
+            "set-snapshot-expiry without snapshot_id",
+            "set-snapshot-expiry",
+            json!({"command_id": cid(), "job_id": j, "do_not_delete": true}),
+            "missing field `snapshot_id`",
+        ),
+        (
+            "delete with do_not_delete",
+            "delete-snapshot",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "do_not_delete": true}),
+            "takes no expires_at or do_not_delete",
+        ),
+        (
+            "delete with expires_at",
+            "delete-snapshot",
+            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "expires_at": t}),
+            "takes no expires_at or do_not_delete",
+        ),
+        (
+            "delete without snapshot_id",
+            "delete-snapshot",
+            json!({"command_id": cid(), "job_id": j}),
+            "missing field `snapshot_id`",
+        ),
+        (
+            "expire without now",
+            "expire-snapshots",
+            json!({"command_id": cid(), "job_id": j}),
+            "missing field `now`",
+        ),
+        (
+            "expire with now not a time",
+            "expire-snapshots",
+            json!({"command_id": cid(), "now": "now"}),
+            "now",
+        ),
+        (
+            "expire with a snapshot_id",
+            "expire-snapshots",
+            json!({"command_id": cid(), "now": t, "snapshot_id": s}),
+            "unknown field `snapshot_id`",
+        ),
+        (
+            "expire with a malformed job_id",
+            "expire-snapshots",
+            json!({"command_id": cid(), "now": t, "job_id": "job-1"}),
+            "job_id",
+        ),
+        (
+            "schedule value of the wrong type",
+            "change-schedule",
+            json!({"command_id": cid(), "job_id": j,
+                   "schedule": {"snapshot_interval_hours": -6}}),
+            "snapshot_interval_hours",
+        ),
+        (
+            "unknown schedule setting",
+            "change-schedule",
+            json!({"command_id": cid(), "job_id": j, "schedule": {"hourly": 1}}),
+            "unknown field `hourly`",
+        ),
+        (
+            "change-schedule without schedule",
+            "change-schedule",
+            json!({"command_id": cid(), "job_id": j}),
+            "missing field `schedule`",
+        ),
+    ];
+    for (what, verb, body, needle) in cases {
+        let reply = h.cmd("p1", verb, &body).await;
+        let message = rejected(&reply, "bad_request", None);
+        assert!(
+            message.contains(needle),
+            "{what}: message {message:?} lacks {needle:?}"
+        );
+        let mut keys: Vec<_> = reply.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["duplicate", "error", "ok"], "{what}: {reply}");
+    }
+
+    // Nothing was appended by any of them; the fixed schedule, retried
+    // with the same command_id, is accepted.
+    bad_schedule["schedule"] = json!({"snapshot_interval_hours": 12});
+    let r = h.cmd("p1", "change-schedule", &bad_schedule).await;
+    assert_eq!(
+        r,
+        accepted(Some(a), Some(17), &[(head + 1, "ScheduleChanged")])
+    );
+    let view = h.job(a).await;
+    assert_eq!(view["schedule"]["snapshot_interval_hours"], json!(12));
+    assert_eq!(view["schedule"]["daily_retention_days"], json!(7));
+    // The snapshot recorded before keeps its expiry.
+    assert_eq!(
+        h.snapshots(a).await[0]["expires_at"],
+        json!("2027-03-03T06:00:00Z")
+    );
+    let head = head + 1;
+
+    // The log: exactly the events the replies named, with the data.
+    let events = h.caught_up_stream(head).await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "JobCreated",
+            "JobStarted",
+            "SnapshotRecorded",
+            "SnapshotRecorded",
+            "SnapshotRecorded",
+            "SnapshotRecorded",
+            "CommandRejected",
+            "SnapshotExpiryChanged",
+            "CommandRejected",
+            "SnapshotExpiryChanged",
+            "SnapshotDeleted",
+            "CommandRejected",
+            "CommandRejected",
+            "CommandRejected",
+            "JobCreated",
+            "JobStarted",
+            "SnapshotRecorded",
+            "JobCreated",
+            "JobStarted",
+            "SnapshotRecorded",
+            "SnapshotExpired",
+            "SnapshotExpired",
+            "JobStopped",
+            "SnapshotExpiryChanged",
+            "CommandRejected",
+            "JobTerminated",
+            "SnapshotsPurged",
+            "CommandRejected",
+            "CommandRejected",
+            "CommandRejected",
+            "JobStarted",
+            "SnapshotRecorded",
+            "ScheduleChanged",
+        ]
+    );
+    assert_eq!(
+        events[3]["data"],
+        json!({
+            "snapshot_id": s1, "taken_at": "2027-03-01T00:00:00Z", "size_bytes": 1000,
+            "classes": all, "expires_at": "2027-03-29T00:00:00Z",
+        })
+    );
+    assert_eq!(
+        events[7]["data"],
+        json!({"snapshot_id": s2, "expires_at": "2027-03-09T00:00:00Z", "do_not_delete": true})
+    );
+    assert_eq!(events[10]["data"], json!({"snapshot_id": s2}));
+    assert_eq!(
+        events[20]["data"],
+        json!({"snapshot_id": s3, "expires_at": "2027-03-03T12:00:00Z"})
+    );
+    assert_eq!(events[20]["job_id"], json!(a));
+    assert_eq!(
+        (&events[21]["project_id"], &events[21]["job_id"]),
+        (&json!("p1"), &json!(b))
+    );
+    assert_eq!(
+        events[21]["data"],
+        json!({"snapshot_id": b1, "expires_at": "2027-03-03T00:00:00Z"})
+    );
+    assert_eq!(events[21]["command_id"], expire_p1["command_id"]);
+    assert_eq!(events[26]["data"], json!({"snapshot_ids": [s0, s1]}));
+    for (i, code, state) in [
+        (6, "already_exists", "Active"),
+        (8, "invalid_transition", "Active"),
+        (11, "not_found", "Active"),
+        (24, "invalid_transition", "Stopped"),
+        (27, "invalid_transition", "Inactive"),
+    ] {
+        assert_eq!(events[i]["data"]["code"], json!(code), "{}", events[i]);
+        assert_eq!(events[i]["data"]["state"], json!(state), "{}", events[i]);
+        assert_eq!(events[i]["job_version"], Value::Null, "{}", events[i]);
+    }
+    let history = h.history(a).await;
+    let verbs: Vec<&str> = history
+        .iter()
+        .filter(|e| e["type"] == json!("SnapshotExpired"))
+        .map(|e| e["verb"].as_str().unwrap())
+        .collect();
+    assert_eq!(verbs, ["expire-snapshots"]);
+    h.stop_and_verify(head).await;
+}
+
+/// RFC 3339, whole seconds, `Z`: how bcp prints such a time.
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// The retention sweeper of a running server (`--sweep-interval 1`): due
+/// snapshots of every job (a Stopped one included) leave the catalog by
+/// `SnapshotExpired` events with actor `bcp-sweeper`; a due `do_not_delete`
+/// snapshot stays; sweeps with nothing due append nothing.
+#[tokio::test]
+async fn sweeper_expires_due_snapshots() {
+    let mut h = Harness::start_with(&["--sweep-interval", "1"]).await;
+    let (j, j2) = (id(), id());
+    // Daily, weekly and monthly retention off: every snapshot of these
+    // jobs expires 2 days (base retention) after it was taken.
+    let base_only = json!({"weekly_retention_weeks": 0, "monthly_retention_months": 0});
+    let mut seq = 0;
+    for (n, job) in [j, j2].into_iter().enumerate() {
+        let mut create = create_body(id(), job, &format!("rs{n}"));
+        create["schedule"] = base_only.clone();
+        let r = h.cmd("p1", "create", &create).await;
+        assert_eq!(r, accepted(Some(job), Some(1), &[(seq + 1, "JobCreated")]));
+        let r = h.cmd("p1", "start", &job_body(id(), job)).await;
+        assert_eq!(r, accepted(Some(job), Some(2), &[(seq + 2, "JobStarted")]));
+        seq += 2;
+    }
+    let t0 = Utc::now().trunc_subsecs(0);
+    let secs = ChronoDuration::seconds;
+    let taken_to_expire_at = |expires: DateTime<Utc>| rfc3339(expires - ChronoDuration::days(2));
+    let (d, s, k, r2, r) = (id(), id(), id(), id(), id());
+    let (d_due, s_due) = (t0 + secs(2), t0 + secs(3));
+    let record = async |job: Uuid, snap: Uuid, taken_at: String, version: u64, seq: u64| {
+        let reply = h
+            .cmd(
+                "p1",
+                "record-snapshot",
+                &record_body(job, snap, &taken_at, 1),
+            )
+            .await;
+        assert_eq!(
+            reply,
+            accepted(Some(job), Some(version), &[(seq, "SnapshotRecorded")]),
+            "record {snap} taken at {taken_at}"
+        );
+    };
+    // D: due in 2 s, made do_not_delete well before that.
+    record(j, d, taken_to_expire_at(d_due), 3, 5).await;
+    let mut keep = snapshot_body(j, d);
+    keep["do_not_delete"] = json!(true);
+    let reply = h.cmd("p1", "set-snapshot-expiry", &keep).await;
+    assert_eq!(
+        reply,
+        accepted(Some(j), Some(4), &[(6, "SnapshotExpiryChanged")])
+    );
+    // S, and R2 of a job that is then stopped: due in 3 s. K: not for days.
+    record(j, s, taken_to_expire_at(s_due), 5, 7).await;
+    record(j, k, rfc3339(t0 + ChronoDuration::days(1)), 6, 8).await;
+    record(j2, r2, taken_to_expire_at(s_due), 3, 9).await;
+    let reply = h.cmd("p1", "stop", &job_body(id(), j2)).await;
+    assert_eq!(reply, accepted(Some(j2), Some(4), &[(10, "JobStopped")]));
+    // R: due for weeks; recorded last, so the next sweep's event is seq 12.
+    let r_taken = t0 - ChronoDuration::days(30);
+    record(j, r, rfc3339(r_taken), 7, 11).await;
+
+    // The sweeper expires R at once, then S and R2 (both in one sweep: they
+    // fall due together) once their time has come; D stays.
+    let deadline = support::Deadline::new(
+        "the sweeper to expire R, S and R2",
+        std::time::Duration::from_secs(15),
+    );
+    loop {
+        let left: Vec<Value> = h
+            .snapshots(j)
+            .await
+            .iter()
+            .map(|e| e["snapshot_id"].clone())
+            .collect();
+        if left == [json!(d), json!(k)] {
+            break;
+        }
+        assert!(left.contains(&json!(d)), "D was expired: {left:?}");
+        deadline.tick().await;
+    }
+    let catalog = h.snapshots(j).await;
+    assert_eq!(
+        catalog,
+        [
+            // D, the job's first snapshot: first daily, weekly and monthly.
+            json!({
+                "snapshot_id": d, "taken_at": taken_to_expire_at(d_due), "size_bytes": 1,
+                "classes": ["base", "daily", "weekly", "monthly"], "expires_at": rfc3339(d_due),
+                "do_not_delete": true,
+            }),
+            // K's classes depend on today's date (its ISO week and month).
+            json!({
+                "snapshot_id": k, "taken_at": rfc3339(t0 + ChronoDuration::days(1)),
+                "size_bytes": 1, "classes": catalog[1]["classes"],
+                "expires_at": rfc3339(t0 + ChronoDuration::days(3)), "do_not_delete": false,
+            }),
+        ]
+    );
+    assert!(h.snapshots(j2).await.is_empty());
+    let view2 = h.job(j2).await;
+    assert_eq!(
+        (&view2["state"], &view2["snapshot_count"], &view2["version"]),
+        (&json!("Stopped"), &json!(0), &json!(5)),
+        "{view2}"
+    );
+
+    // Exactly three SnapshotExpired events (seqs 12-14), by the sweeper:
+    // the sweeps between R's and S's expiry, and those that saw D due,
+    // appended nothing (the stream never goes past 14).
+    let events = h.caught_up_stream(14).await;
+    let ours: Vec<&Value> = events[..11].iter().map(|e| &e["command_id"]).collect();
+    let mut expired: Vec<(Value, Value, Value)> = Vec::new();
+    for e in &events[11..] {
+        assert_eq!(e["type"], json!("SnapshotExpired"), "{e}");
+        assert_eq!(e["actor"], json!("bcp-sweeper"), "{e}");
+        assert_eq!(e["project_id"], json!("p1"), "{e}");
+        assert!(!ours.contains(&&e["command_id"]), "{e}");
+        expired.push((
+            e["job_id"].clone(),
+            e["data"]["snapshot_id"].clone(),
+            e["data"]["expires_at"].clone(),
+        ));
+    }
+    expired.sort_by_key(|x| x.1.to_string());
+    let mut want = vec![
+        (
+            json!(j),
+            json!(r),
+            json!(rfc3339(r_taken + ChronoDuration::days(2))),
+        ),
+        (json!(j), json!(s), json!(rfc3339(s_due))),
+        (json!(j2), json!(r2), json!(rfc3339(s_due))),
+    ];
+    want.sort_by_key(|x| x.1.to_string());
+    assert_eq!(expired, want);
+    let by_snapshot = |snap: Uuid| {
+        events[11..]
+            .iter()
+            .find(|e| e["data"]["snapshot_id"] == json!(snap))
+            .expect("expired")
+    };
+    let (s_event, r2_event) = (by_snapshot(s), by_snapshot(r2));
+    assert_eq!(s_event["command_id"], r2_event["command_id"], "one sweep");
+    // The sweep that expired S ran at or after S's expiry, later than D's:
+    // D was due then, and kept.
+    let s_swept: DateTime<Utc> = s_event["recorded_at"].as_str().unwrap().parse().unwrap();
+    assert!(s_swept >= s_due && d_due < s_due, "{s_event}");
+
+    // The history names the sweeper and its verb; the Stopped job's
+    // snapshot expired without a state change.
+    for job in [j, j2] {
+        let history = h.history(job).await;
+        let swept: Vec<_> = history
+            .iter()
+            .filter(|e| e["type"] == json!("SnapshotExpired"))
+            .collect();
+        assert_eq!(swept.len(), if job == j { 2 } else { 1 }, "{history:?}");
+        for e in swept {
+            assert_eq!(e["actor"], json!("bcp-sweeper"), "{e}");
+            assert_eq!(e["verb"], json!("expire-snapshots"), "{e}");
+            assert_eq!(e["from"], e["to"], "{e}");
+        }
+    }
+
+    // Still nothing appended by the sweeps since: the next event is seq 15.
+    let reply = h.cmd("p1", "stop", &job_body(id(), j)).await;
+    assert_eq!(reply, accepted(Some(j), Some(10), &[(15, "JobStopped")]));
+    h.caught_up_stream(15).await;
+    h.stop_and_verify(15).await;
+}
+
+/// Audit from the published stream: after a workload (regions, jobs in two
+/// projects, snapshots, expiry, a rejection), `bcp import --from-nats`
+/// rebuilds a store with the original's digest, `audit verify
+/// --against-nats` finds store and stream equal, and `replay --from-nats`
+/// equals `replay --db` (whole log, at a cut, for one job). The rebuilt
+/// store serves: retries get their first replies, nothing is republished,
+/// and `replay --from-nats` works while it runs.
+#[tokio::test]
+async fn rebuild_and_audit_from_nats() {
+    let mut h = Harness::start().await;
+    let url = h.nats.url();
+    let (j1, j2, j3) = (id(), id(), id());
+    let (a1, a2, b1) = (id(), id(), id());
+    let mut head = 0u64;
+    // Counts what a reply appended: its events, or its recorded rejection.
+    let mut count = |r: &Value| {
+        if r["ok"] == json!(true) {
+            head += r["events"].as_array().map_or(0, Vec::len) as u64;
+        } else {
+            assert_eq!(r["rejection_seq"], json!(head + 1), "{r}");
+            head += 1;
+        }
+        head
+    };
+    count(
+        &h.cmd(
+            "_admin",
+            "configure-region",
+            &json!({"command_id": id(), "region": "eu",
+                    "snapshot_store": "s", "oplog_store": "o", "sync_store": "y"}),
+        )
+        .await,
+    );
+    let create_j1 = create_body(id(), j1, "rs1");
+    let created_j1 = h.cmd("p1", "create", &create_j1).await;
+    count(&created_j1);
+    count(&h.cmd("p1", "start", &job_body(id(), j1)).await);
+    count(
+        &h.cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(j1, a1, "2027-03-01T00:00:00Z", 100),
+        )
+        .await,
+    );
+    count(
+        &h.cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(j1, a2, "2027-03-01T06:00:00Z", 200),
+        )
+        .await,
+    );
+    let mut keep = snapshot_body(j1, a1);
+    keep["do_not_delete"] = json!(true);
+    let cut = count(&h.cmd("p1", "set-snapshot-expiry", &keep).await);
+    assert_eq!(cut, 6);
+    let mut create_j2 = create_body(id(), j2, "rs2");
+    create_j2["region"] = json!("eu");
+    count(&h.cmd("p2", "create", &create_j2).await);
+    count(&h.cmd("p2", "start", &job_body(id(), j2)).await);
+    count(
+        &h.cmd(
+            "p2",
+            "record-snapshot",
+            &record_body(j2, b1, "2027-03-01T00:00:00Z", 300),
+        )
+        .await,
+    );
+    let start_again = job_body(id(), j1);
+    let refused = h.cmd("p1", "start", &start_again).await;
+    rejected(&refused, "invalid_transition", Some(10));
+    count(&refused);
+    count(&h.cmd("p1", "stop", &job_body(id(), j1)).await);
+    count(
+        &h.cmd(
+            "p2",
+            "expire-snapshots",
+            &json!({"command_id": id(), "now": "2028-01-01T00:00:00Z"}),
+        )
+        .await,
+    );
+    count(&h.cmd("p1", "create", &create_body(id(), j3, "rs3")).await);
+    assert_eq!(head, 13);
+    let events = h.caught_up_stream(head).await;
+
+    // While bcp serve runs, the stream is the auditor's log.
+    let replay_from_nats = |extra: &[&str]| {
+        let mut args = vec!["replay", "--from-nats", url.as_str(), "--format", "json"];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            support::bcp_cli_json(&args).await
+        }
+    };
+    let live = replay_from_nats(&[]).await;
+    assert_eq!(live["as_of_seq"], json!(head));
+    let jobs: Vec<&Value> = live["jobs"].as_array().unwrap().iter().collect();
+    assert_eq!(jobs.len(), 3, "{live}");
+    assert_eq!(
+        live["snapshots"][j1.to_string()].as_array().unwrap().len(),
+        2
+    );
+    assert_eq!(live["snapshots"][j2.to_string()], json!([]), "expired");
+    assert_eq!(live["snapshots"][j3.to_string()], json!([]));
+    let db = h.db();
+    let db = db.to_str().unwrap().to_owned();
+    let (code, _, err) = support::bcp_cli_text(&["audit", "digest", "--db", &db]).await;
+    assert_eq!(code, Some(1), "digest of a live store: {err}");
+    assert!(err.contains("in use"), "{err}");
+
+    let status = h.stop_bcp().await;
+    assert_eq!(status.code(), Some(0));
+    let digest = support::bcp_cli_ok(&["audit", "digest", "--db", &db]).await;
+    let digest = digest.trim().to_owned();
+    assert_eq!(
+        digest,
+        format!("{head}:{}", events[12]["hash"].as_str().unwrap())
+    );
+
+    // Rebuild from the stream into a new store: the same log.
+    let restored = h.path("restored.redb");
+    let restored = restored.to_str().unwrap().to_owned();
+    let out = support::bcp_cli_ok(&["import", "--db", &restored, "--from-nats", &url]).await;
+    assert!(
+        out.starts_with(&format!(
+            "ok: imported {head} events into {restored}, head seq {head} "
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        support::bcp_cli_ok(&["audit", "digest", "--db", &restored])
+            .await
+            .trim(),
+        digest
+    );
+    let out = support::bcp_cli_ok(&["audit", "verify", "--db", &restored]).await;
+    assert!(
+        out.starts_with(&format!("ok: {head} events verified, head seq {head} ")),
+        "{out}"
+    );
+    // A second import into it is refused: it holds a log.
+    let (code, out, err) =
+        support::bcp_cli_text(&["import", "--db", &restored, "--from-nats", &url]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("already holds a log"), "{err}");
+    let out = support::bcp_cli_ok(&["audit", "verify", "--db", &db, "--against-nats", &url]).await;
+    assert!(
+        out.starts_with(&format!("ok: {head} events verified, head seq {head} ")),
+        "{out}"
+    );
+
+    // Replay from the stream equals replay of the store: whole, at a cut,
+    // for one job.
+    let replay_db = |path: String, extra: &[&str]| {
+        let mut args = vec!["replay".to_owned(), "--db".to_owned(), path];
+        args.extend(["--format", "json"].map(str::to_owned));
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            support::bcp_cli_json(&args).await
+        }
+    };
+    let full = replay_db(db.clone(), &[]).await;
+    assert_eq!(full, live);
+    assert_eq!(replay_from_nats(&[]).await, full);
+    assert_eq!(replay_db(restored.clone(), &[]).await, full);
+    let cut_s = cut.to_string();
+    let at_cut = replay_db(db.clone(), &["--until-seq", &cut_s]).await;
+    assert_eq!(replay_from_nats(&["--until-seq", &cut_s]).await, at_cut);
+    assert_eq!(at_cut["as_of_seq"], json!(cut));
+    let cut_jobs = at_cut["jobs"].as_array().unwrap();
+    assert_eq!(cut_jobs.len(), 1, "{at_cut}");
+    assert_eq!(
+        (
+            &cut_jobs[0]["job_id"],
+            &cut_jobs[0]["state"],
+            &cut_jobs[0]["version"]
+        ),
+        (&json!(j1), &json!("Active"), &json!(5))
+    );
+    let cut_snaps = at_cut["snapshots"][j1.to_string()].as_array().unwrap();
+    let flags: Vec<(&Value, &Value)> = cut_snaps
+        .iter()
+        .map(|s| (&s["snapshot_id"], &s["do_not_delete"]))
+        .collect();
+    assert_eq!(
+        flags,
+        [(&json!(a1), &json!(true)), (&json!(a2), &json!(false))]
+    );
+    let j1_s = j1.to_string();
+    let one = replay_db(db.clone(), &["--job", &j1_s]).await;
+    assert_eq!(replay_from_nats(&["--job", &j1_s]).await, one);
+    assert_eq!(one["jobs"].as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one["jobs"][0]["state"], json!("Stopped"));
+
+    // The rebuilt store replaces the original and serves.
+    std::fs::rename(&db, h.path("original.redb")).unwrap();
+    std::fs::rename(&restored, &db).unwrap();
+    h.start_bcp().await;
+    assert_eq!(
+        h.cmd("p1", "create", &create_j1).await,
+        as_duplicate(&created_j1)
+    );
+    assert_eq!(
+        h.cmd("p1", "start", &start_again).await,
+        as_duplicate(&refused)
+    );
+    assert_eq!(h.history(j1).await.len(), 7);
+    let r = h.cmd("p1", "start", &job_body(id(), j1)).await;
+    assert_eq!(r, accepted(Some(j1), Some(7), &[(head + 1, "JobStarted")]));
+    head += 1;
+    // Published once: the relay resumed after the stream's last message.
+    h.caught_up_stream(head).await;
+    let now = replay_from_nats(&[]).await;
+    assert_eq!(now["as_of_seq"], json!(head));
+    let j1_now = now["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["job_id"] == json!(j1))
+        .unwrap();
+    assert_eq!(j1_now["state"], json!("Active"));
+    let before = (head - 1).to_string();
+    assert_eq!(replay_from_nats(&["--until-seq", &before]).await, full);
+    h.stop_and_verify(head).await;
+    support::bcp_cli_ok(&["audit", "verify", "--db", &db, "--against-nats", &url]).await;
+}
+
+/// `bcp snapshots JOB` through NATS: the table (one row per snapshot, in
+/// time order, `do_not_delete` in place of an expiry) and `--format json`
+/// (the catalog of `bcp.query.snapshots`); exit 1 for an unknown job, 2 for
+/// a malformed one, 3 without a server; `--db` on the stopped store agrees.
+#[tokio::test]
+async fn snapshots_cli() {
+    let mut h = Harness::start().await;
+    let url = h.nats.url();
+    let (job, s1, s2) = (id(), id(), id());
+    h.cmd("p1", "create", &create_body(id(), job, "rs0")).await;
+    h.cmd("p1", "start", &job_body(id(), job)).await;
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(job, s2, "2027-03-02T06:30:00Z", 2048),
+        )
+        .await;
+    assert_eq!(r, accepted(Some(job), Some(3), &[(3, "SnapshotRecorded")]));
+    let r = h
+        .cmd(
+            "p1",
+            "record-snapshot",
+            &record_body(job, s1, "2027-03-01T00:00:00Z", 1024),
+        )
+        .await;
+    assert_eq!(r, accepted(Some(job), Some(4), &[(4, "SnapshotRecorded")]));
+    let mut keep = snapshot_body(job, s2);
+    keep["do_not_delete"] = json!(true);
+    let r = h.cmd("p1", "set-snapshot-expiry", &keep).await;
+    assert_eq!(
+        r,
+        accepted(Some(job), Some(5), &[(5, "SnapshotExpiryChanged")])
+    );
+    let catalog = h.snapshots(job).await;
+    assert_eq!(
+        catalog,
+        [
+            // Taken first but recorded second: the week and the month
+            // already had theirs (classes go by recording order), and a
+            // daily is kept no longer than a base snapshot by default.
+            catalog_entry(
+                s1,
+                "2027-03-01T00:00:00Z",
+                1024,
+                &["base", "daily"],
+                "2027-03-03T00:00:00Z",
+                false
+            ),
+            catalog_entry(
+                s2,
+                "2027-03-02T06:30:00Z",
+                2048,
+                &["base", "daily", "weekly", "monthly"],
+                "2027-03-30T06:30:00Z",
+                true
+            ),
+        ]
+    );
+
+    let j = job.to_string();
+    let table = support::bcp_cli_ok(&["snapshots", &j, "--nats", &url]).await;
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let (s1, s2) = (s1.to_string(), s2.to_string());
+    assert_eq!(
+        rows,
+        [
+            vec!["SNAPSHOT", "TAKEN", "EXPIRES", "BYTES", "CLASSES"],
+            vec![
+                s1.as_str(),
+                "2027-03-01T00:00Z",
+                "2027-03-03T00:00Z",
+                "1024",
+                "base,daily"
+            ],
+            vec![
+                s2.as_str(),
+                "2027-03-02T06:30Z",
+                "do_not_delete",
+                "2048",
+                "base,daily,weekly,monthly"
+            ],
+        ],
+        "{table}"
+    );
+    let json_out =
+        support::bcp_cli_json(&["snapshots", &j, "--nats", &url, "--format", "json"]).await;
+    assert_eq!(json_out, json!(catalog));
+
+    let unknown = id().to_string();
+    let (code, out, err) = support::bcp_cli_text(&["snapshots", &unknown, "--nats", &url]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains(&format!("no job {unknown}")), "{err}");
+    let (code, _, err) = support::bcp_cli_text(&["snapshots", "not-a-job", "--nats", &url]).await;
+    assert_eq!(code, Some(2), "{err}");
+    let closed = format!("nats://127.0.0.1:{}", free_port());
+    let (code, out, err) = support::bcp_cli_text(&["snapshots", &j, "--nats", &closed]).await;
+    assert_eq!(code, Some(3), "{out}{err}");
+
+    h.caught_up_stream(5).await;
+    h.stop_and_verify(5).await;
+    let db = h.db();
+    let from_db = support::bcp_cli_json(&[
+        "snapshots",
+        &j,
+        "--db",
+        db.to_str().unwrap(),
+        "--format",
+        "json",
+    ])
+    .await;
+    assert_eq!(from_db, json_out);
 }

@@ -195,17 +195,19 @@ pub struct Bcp {
 }
 
 impl Bcp {
-    fn spawn(db: &Path, nats_url: &str, log: &Path) -> Bcp {
+    fn spawn(db: &Path, nats_url: &str, log: &Path, extra: &[String]) -> Bcp {
         let out = append_log(log);
         let child = Command::new(env!("CARGO_BIN_EXE_bcp"))
             .arg("serve")
             .arg("--db")
             .arg(db)
             .args(["--nats", nats_url])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("BCP_STREAM")
             .env_remove("BCP_LOG_FORMAT")
+            .env_remove("BCP_SWEEP_INTERVAL")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("clone log handle"))
             .stderr(out)
@@ -244,6 +246,8 @@ pub struct Harness {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     bcp: Option<Bcp>,
+    /// Extra `bcp serve` arguments, used at every (re)start.
+    serve_args: Vec<String>,
     pub nats: Nats,
     dir: TempDir,
 }
@@ -251,6 +255,12 @@ pub struct Harness {
 impl Harness {
     /// A nats-server and a ready `bcp serve`.
     pub async fn start() -> Harness {
+        Harness::start_with(&[]).await
+    }
+
+    /// As [`Harness::start`], with extra `bcp serve` arguments (kept for
+    /// every restart), e.g. `["--sweep-interval", "1"]`.
+    pub async fn start_with(serve_args: &[&str]) -> Harness {
         let dir = tempfile::Builder::new()
             .prefix("bcp-nats-test")
             .tempdir()
@@ -266,6 +276,7 @@ impl Harness {
             js: jetstream::new(client.clone()),
             client,
             bcp: None,
+            serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
             nats,
             dir,
         };
@@ -291,7 +302,12 @@ impl Harness {
     pub async fn start_bcp(&mut self) {
         assert!(self.bcp.is_none(), "bcp serve is already running");
         let log = self.bcp_log();
-        self.bcp = Some(Bcp::spawn(&self.db(), &self.nats.url(), &log));
+        self.bcp = Some(Bcp::spawn(
+            &self.db(),
+            &self.nats.url(),
+            &log,
+            &self.serve_args,
+        ));
         let deadline = Deadline::new("bcp serve to answer queries and commands", STARTUP);
         loop {
             let child = self.bcp.as_mut().expect("bcp").child();
@@ -408,6 +424,15 @@ impl Harness {
         assert_eq!(r["ok"], json!(true), "query history {job_id}: {r}");
         assert_eq!(r["job_id"], json!(job_id));
         r["history"].as_array().expect("history array").clone()
+    }
+
+    /// The `snapshots` array of `bcp.query.snapshots` (the job's catalog in
+    /// time order), asserting success.
+    pub async fn snapshots(&self, job_id: uuid::Uuid) -> Vec<Value> {
+        let r = self.query("snapshots", &json!({ "job_id": job_id })).await;
+        assert_eq!(r["ok"], json!(true), "query snapshots {job_id}: {r}");
+        assert_eq!(r["job_id"], json!(job_id), "{r}");
+        r["snapshots"].as_array().expect("snapshots array").clone()
     }
 
     /// The stream's info, or None while it does not exist.
@@ -530,10 +555,36 @@ pub async fn bcp_cli(args: &[&str]) -> std::process::Output {
         .env_remove("BCP_PROJECT")
         .env_remove("BCP_ACTOR")
         .env_remove("BCP_LOG_FORMAT")
+        .env_remove("BCP_STREAM")
         .stdin(Stdio::null())
         .output()
         .await
         .expect("run bcp")
+}
+
+/// Run the `bcp` binary with `args`: (exit code, stdout, stderr).
+pub async fn bcp_cli_text(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = bcp_cli(args).await;
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Run the `bcp` binary with `args`, assert exit 0, and return its stdout.
+pub async fn bcp_cli_ok(args: &[&str]) -> String {
+    let (code, out, err) = bcp_cli_text(args).await;
+    assert_eq!(code, Some(0), "bcp {}: {out}{err}", args.join(" "));
+    out
+}
+
+/// Run `bcp ... --format json` (the args must ask for JSON), assert exit 0,
+/// and parse its stdout.
+pub async fn bcp_cli_json(args: &[&str]) -> Value {
+    let out = bcp_cli_ok(args).await;
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("bcp {} printed no JSON ({e}): {out}", args.join(" ")))
 }
 
 fn header<'m>(m: &'m StreamMessage, name: &str) -> &'m str {
