@@ -1361,12 +1361,12 @@ async fn snapshot_verbs_over_nats() {
     assert_eq!(r, accepted(Some(a), Some(10), &[(21, "SnapshotExpired")]));
     assert_eq!(h.snapshots(a).await, [e0.clone(), e1.clone()]);
     assert_eq!(h.snapshots(b).await, std::slice::from_ref(&eb));
-    // Nothing more is due: accepted, no events, nothing appended.
+    // Nothing more is due: accepted, an empty event list, nothing appended.
     let again = json!({"command_id": id(), "job_id": a, "now": "2027-03-04T00:00:00Z"});
     let r = h.cmd("p1", "expire-snapshots", &again).await;
     assert_eq!(
         r,
-        json!({"ok": true, "job_id": a, "version": 10, "duplicate": false})
+        json!({"ok": true, "job_id": a, "version": 10, "events": [], "duplicate": false})
     );
     // For project p1: B's b1; C (project p2) keeps its due c1.
     let expire_p1 = json!({"command_id": id(), "now": "2027-03-04T00:00:00Z"});

@@ -45,8 +45,9 @@ pub struct ErrorBody {
     pub current_version: Option<u64>,
 }
 
-/// `{"ok":true,…}` or `{"ok":false,"error":{…}}`.
+/// `{"ok":true,…,"events":[…]}` or `{"ok":false,"error":{…}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(into = "WireReply")]
 pub struct Reply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +62,41 @@ pub struct Reply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejection_seq: Option<u64>,
     pub duplicate: bool,
+}
+
+/// How a [`Reply`] goes on the wire: `events` always on an accepted reply
+/// (empty when nothing changed), never on an error.
+#[derive(Serialize, schemars::JsonSchema)]
+struct WireReply {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    /// The events the command appended, in seq order (present when ok).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<Vec<EventRef>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorBody>,
+    /// Seq of the `CommandRejected` audit record, for a recorded rejection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejection_seq: Option<u64>,
+    /// True when this is the stored reply to an earlier command with the same id.
+    duplicate: bool,
+}
+
+impl From<Reply> for WireReply {
+    fn from(r: Reply) -> WireReply {
+        WireReply {
+            ok: r.ok,
+            job_id: r.job_id,
+            version: r.version,
+            events: r.ok.then_some(r.events),
+            error: r.error,
+            rejection_seq: r.rejection_seq,
+            duplicate: r.duplicate,
+        }
+    }
 }
 
 impl Reply {
