@@ -2375,3 +2375,403 @@ async fn snapshots_cli() {
     .await;
     assert_eq!(from_db, json_out);
 }
+
+// ---- the NATS service API, the Python producer, auth ---------------------------------------
+
+#[tokio::test]
+async fn service_api_is_discoverable_with_stats() {
+    let h = Harness::start().await;
+    let job = id();
+    assert_eq!(
+        h.cmd("p1", "create", &create_body(id(), job, "rs0")).await["ok"],
+        json!(true)
+    );
+    assert_eq!(
+        h.cmd("p1", "start", &json!({"command_id": id(), "job_id": job}))
+            .await["ok"],
+        json!(true)
+    );
+    let refused = h
+        .cmd("p1", "start", &json!({"command_id": id(), "job_id": job}))
+        .await;
+    assert_eq!(refused["error"]["code"], json!("invalid_transition"));
+    let bad = h.cmd("p1", "start", &json!({"nope": 1})).await;
+    assert_eq!(bad["error"]["code"], json!("bad_request"));
+    h.query("job", &json!({"job_id": job})).await;
+
+    let ping = h.request("$SRV.PING.bcp", &json!({})).await;
+    assert_eq!(ping["type"], json!("io.nats.micro.v1.ping_response"));
+    assert_eq!(
+        (ping["name"].clone(), ping["version"].clone()),
+        (json!("bcp"), json!(env!("CARGO_PKG_VERSION")))
+    );
+
+    let info = h.request("$SRV.INFO.bcp", &json!({})).await;
+    let endpoints: std::collections::BTreeMap<String, String> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["subject"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let verbs = [
+        "create",
+        "start",
+        "stop",
+        "terminate",
+        "assign-region",
+        "change-schedule",
+        "record-snapshot",
+        "delete-snapshot",
+        "set-snapshot-expiry",
+        "expire-snapshots",
+        "configure-region",
+    ];
+    for verb in verbs {
+        assert_eq!(
+            endpoints.get(verb),
+            Some(&format!("bcp.cmd.*.{verb}")),
+            "{info}"
+        );
+    }
+    for q in ["job", "jobs", "snapshots", "history"] {
+        assert_eq!(
+            endpoints.get(&format!("query-{q}")),
+            Some(&format!("bcp.query.{q}")),
+            "{info}"
+        );
+    }
+    assert_eq!(endpoints.len(), verbs.len() + 4);
+
+    let stats = h.request("$SRV.STATS.bcp", &json!({})).await;
+    let by_name = |name: &str| {
+        stats["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == json!(name))
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    };
+    let start = by_name("start");
+    // The readiness probe of the harness is a bad_request on start too.
+    assert!(start["num_requests"].as_u64().unwrap() >= 3, "{start}");
+    assert!(start["processing_time"].as_u64().unwrap() > 0, "{start}");
+    assert_eq!(
+        start["data"]["rejections"]["invalid_transition"],
+        json!(1),
+        "{start}"
+    );
+    assert!(
+        start["data"]["rejections"]["bad_request"].as_u64().unwrap() >= 1,
+        "{start}"
+    );
+    assert_eq!(by_name("create")["num_requests"], json!(1));
+    assert_eq!(by_name("create")["data"]["rejections"], json!({}));
+    assert_eq!(by_name("query-job")["num_requests"], json!(1));
+    let lag = by_name("create")["data"]["relay_lag"]
+        .as_u64()
+        .expect("relay_lag");
+    assert!(lag <= 3, "{lag}");
+}
+
+#[tokio::test]
+async fn python_producer_example_runs_against_bcp() {
+    let h = Harness::start().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pylib = root.join(".tools/pylib");
+    let pythonpath = match std::env::var("PYTHONPATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", pylib.display()),
+        _ => pylib.display().to_string(),
+    };
+    let has_nats = std::process::Command::new("python3")
+        .args(["-c", "import nats"])
+        .env("PYTHONPATH", &pythonpath)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        has_nats,
+        "python3 with nats-py is needed for examples/producer.py: run `just py-deps` \
+         (pip install --target .tools/pylib nats-py)"
+    );
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("examples/producer.py"))
+        .args(["--url", &h.nats.url(), "--project", "py"])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .await
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "producer.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("start (retry)    ok  duplicate=True"),
+        "{stdout}"
+    );
+    let job: Uuid = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("job ").and_then(|r| r.strip_suffix(" done")))
+        .unwrap_or_else(|| panic!("no job id in:\n{stdout}"))
+        .parse()
+        .unwrap();
+    let view = h.job(job).await;
+    assert_eq!(
+        (
+            view["project_id"].clone(),
+            view["state"].clone(),
+            view["version"].clone(),
+            view["snapshot_count"].clone()
+        ),
+        (json!("py"), json!("Stopped"), json!(4), json!(1))
+    );
+    let history = h.history(job).await;
+    let kinds: Vec<&str> = history
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "JobCreated",
+            "JobStarted",
+            "CommandRejected",
+            "SnapshotRecorded",
+            "JobStopped"
+        ]
+    );
+    assert_eq!(history[0]["actor"], json!("producer.py"));
+}
+
+/// A child process killed when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn connect_as(
+    url: &str,
+    user: &str,
+    password: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .request_timeout(Some(std::time::Duration::from_secs(3)))
+        .connect(url)
+        .await
+}
+
+#[tokio::test]
+async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nats-server.conf");
+    let log = std::fs::File::create(dir.path().join("nats.log")).unwrap();
+    let _nats = Proc(
+        std::process::Command::new(support::nats_server_bin())
+            .arg("-c")
+            .arg(&conf)
+            .args(["-p", &port.to_string(), "-sd"])
+            .arg(dir.path().join("js"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = support::Deadline::new("nats-server with the example config", support::STARTUP);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        deadline.tick().await;
+    }
+    // Credentials from the environment for serve; from flags for send below.
+    let db = dir.path().join("bcp.redb");
+    let bcp_log = std::fs::File::create(dir.path().join("bcp.log")).unwrap();
+    let mut serve = Proc(
+        std::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
+            .args(["serve", "--trust-request-info", "--nats", &url, "--db"])
+            .arg(&db)
+            .env("BCP_NATS_USER", "bcp")
+            .env("BCP_NATS_PASSWORD", "bcp-secret")
+            .env("RUST_LOG", "info")
+            .stdout(bcp_log.try_clone().unwrap())
+            .stderr(bcp_log)
+            .spawn()
+            .unwrap(),
+    );
+    // Without credentials nobody gets in.
+    assert!(
+        connect_as(&url, "alice", "wrong").await.is_err(),
+        "a wrong password is refused"
+    );
+    let alice = connect_as(&url, "alice", "alice-secret").await.unwrap();
+    let bob = connect_as(&url, "bob", "bob-secret").await.unwrap();
+    let ask = |c: &async_nats::Client, subject: String, body: Value| {
+        let c = c.clone();
+        async move {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                c.request(subject, serde_json::to_vec(&body).unwrap().into()),
+            )
+            .await;
+            match r {
+                Ok(Ok(m)) => Ok(serde_json::from_slice::<Value>(&m.payload).unwrap()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_owned()),
+            }
+        }
+    };
+    let deadline = support::Deadline::new("bcp serve behind auth", support::STARTUP);
+    loop {
+        if let Ok(r) = ask(&alice, "bcp.query.jobs".into(), json!({})).await
+            && r["ok"] == json!(true)
+        {
+            break;
+        }
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            panic!(
+                "bcp serve exited with {status}: {}",
+                std::fs::read_to_string(dir.path().join("bcp.log")).unwrap()
+            );
+        }
+        deadline.tick().await;
+    }
+
+    // alice commands p1; the body's actor claim is replaced by her identity.
+    let (ja, jb) = (id(), id());
+    let mut body = create_body(id(), ja, "rs-a");
+    body["actor"] = json!("mallory");
+    let r = ask(&alice, "bcp.cmd.p1.create".into(), body).await.unwrap();
+    assert_eq!(r["ok"], json!(true), "{r}");
+    // alice cannot command p2: her publish is refused by nats-server.
+    let denied = ask(
+        &alice,
+        "bcp.cmd.p2.create".into(),
+        create_body(id(), id(), "rs-x"),
+    )
+    .await;
+    assert!(
+        denied.is_err() || denied.as_ref().unwrap()["ok"] != json!(true),
+        "{denied:?}"
+    );
+    // bob can, through the CLI with credentials as flags.
+    let out = bcp_cli(&[
+        "send",
+        "create",
+        "--nats",
+        &url,
+        "--nats-user",
+        "bob",
+        "--nats-password",
+        "bob-secret",
+        "--project",
+        "p2",
+        "--job",
+        &jb.to_string(),
+        "--kind",
+        "replica_set",
+        "--name",
+        "rs-b",
+    ])
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without credentials the CLI cannot reach bcp at all: exit 3.
+    let out = bcp_cli(&[
+        "send",
+        "start",
+        "--nats",
+        &url,
+        "--project",
+        "p2",
+        "--job",
+        &jb.to_string(),
+    ])
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let p2 = ask(&bob, "bcp.query.jobs".into(), json!({"project_id": "p2"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        p2["jobs"].as_array().unwrap().len(),
+        1,
+        "only bob's job in p2: {p2}"
+    );
+    assert_eq!(p2["jobs"][0]["job_id"], json!(jb));
+
+    // The log records who NATS says sent each command.
+    let h = ask(&alice, "bcp.query.history".into(), json!({"job_id": ja}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            h["history"][0]["actor"].clone(),
+            h["history"][0]["actor_verified"].clone()
+        ),
+        (json!("alice@PRODUCERS"), json!(true)),
+        "{h}"
+    );
+    let h = ask(&bob, "bcp.query.history".into(), json!({"job_id": jb}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            h["history"][0]["actor"].clone(),
+            h["history"][0]["actor_verified"].clone()
+        ),
+        (json!("bob@PRODUCERS"), json!(true)),
+        "{h}"
+    );
+
+    // Drain, then the stored log agrees and verifies.
+    let pid = serve.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = support::Deadline::new("bcp serve to drain", support::STARTUP);
+    let status = loop {
+        if let Some(s) = serve.0.try_wait().unwrap() {
+            break s;
+        }
+        deadline.tick().await;
+    };
+    assert!(status.success(), "{status}");
+    let db = db.to_str().unwrap();
+    let history = support::bcp_cli_json(&[
+        "audit",
+        "history",
+        "--db",
+        db,
+        "--job",
+        &ja.to_string(),
+        "--format",
+        "json",
+    ])
+    .await;
+    assert_eq!(history["history"][0]["actor"], json!("alice@PRODUCERS"));
+    let verified = support::bcp_cli_ok(&["audit", "verify", "--db", db]).await;
+    assert!(verified.starts_with("ok: 2 events verified"), "{verified}");
+}
