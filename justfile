@@ -57,13 +57,13 @@ run: nats-server
 
 # Every test: unit, snapshot, property and integration (starts its own nats-server).
 test: nats-server py-deps
-    cargo test --all-targets
+    cargo test
 
 # Format, lint, test: what must pass before a commit.
 check: nats-server py-deps
     cargo fmt --all -- --check
     cargo clippy --all-targets -- -D warnings
-    cargo test --all-targets
+    cargo test
 
 # Regenerate the JSON Schemas in schemas/ from the Rust types (a test fails when they drift).
 schemas:
