@@ -2775,3 +2775,130 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
     let verified = support::bcp_cli_ok(&["audit", "verify", "--db", db]).await;
     assert!(verified.starts_with("ok: 2 events verified"), "{verified}");
 }
+
+/// Group commit decides a batch in order: many concurrent commands for one
+/// job (conflicting on purpose) must end as if they were run one by one in
+/// the log's order, and the log must verify.
+#[tokio::test]
+async fn concurrent_commands_equal_a_serial_order() {
+    let mut h = Harness::start().await;
+    let job = id();
+    assert_eq!(
+        h.cmd("p1", "create", &create_body(id(), job, "rs0")).await["ok"],
+        json!(true)
+    );
+    let verbs = [
+        "start",
+        "stop",
+        "start",
+        "stop",
+        "terminate",
+        "change-schedule",
+    ];
+    let bodies: Vec<(String, Value)> = (0..120)
+        .map(|i| {
+            let verb = verbs[i % verbs.len()];
+            let mut b = json!({"command_id": id(), "job_id": job});
+            if verb == "change-schedule" {
+                b["schedule"] = json!({"weekly_retention_weeks": 1 + i % 50});
+            }
+            if i % 7 == 0 {
+                b["expected_version"] = json!(i % 5);
+            }
+            (verb.to_owned(), b)
+        })
+        .collect();
+    let replies = join_all(bodies.iter().map(|(verb, body)| h.cmd("p1", verb, body))).await;
+    // Order the commands by where the log put them (their first event, or
+    // their recorded rejection), then run them one by one on a fresh ledger.
+    let mut ordered: Vec<(u64, usize)> = replies
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let seq = r["events"][0]["seq"]
+                .as_u64()
+                .or(r["rejection_seq"].as_u64());
+            (
+                seq.unwrap_or_else(|| panic!("every reply here has a seq: {r}")),
+                i,
+            )
+        })
+        .collect();
+    ordered.sort();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = bcp::store::ledger::Ledger::open(
+        bcp::store::Store::open_or_create(&dir.path().join("serial.redb")).unwrap(),
+    )
+    .unwrap();
+    let mut n = 0u128;
+    let mut ids = || {
+        n += 1;
+        Uuid::from_u128(n)
+    };
+    let now = Utc::now();
+    let decode = |verb: &str, body: &Value| {
+        bcp::store::ledger::Pending::new(
+            bcp::domain::command::decode("p1", verb, body.to_string().as_bytes(), None).unwrap(),
+        )
+    };
+    ledger
+        .execute(
+            &[decode("create", &create_body(id(), job, "rs0"))],
+            now,
+            &mut ids,
+            None,
+        )
+        .unwrap();
+    for (_, i) in &ordered {
+        let (verb, body) = &bodies[*i];
+        let serial = ledger
+            .execute(&[decode(verb, body)], now, &mut ids, None)
+            .unwrap()
+            .remove(0);
+        let live = &replies[*i];
+        let types = |v: &Value| {
+            v["events"]
+                .as_array()
+                .map(|e| e.iter().map(|x| x["type"].clone()).collect::<Vec<_>>())
+        };
+        let serial = serde_json::to_value(&serial).unwrap();
+        assert_eq!(
+            live["ok"], serial["ok"],
+            "{verb} {body}: live {live} serial {serial}"
+        );
+        assert_eq!(
+            live["error"]["code"], serial["error"]["code"],
+            "{verb} {body}"
+        );
+        assert_eq!(live["version"], serial["version"], "{verb} {body}");
+        assert_eq!(types(live), types(&serial), "{verb} {body}");
+        assert_eq!(
+            live["events"]
+                .as_array()
+                .map(|e| e.iter().map(|x| x["seq"].clone()).collect::<Vec<_>>()),
+            serial["events"]
+                .as_array()
+                .map(|e| e.iter().map(|x| x["seq"].clone()).collect::<Vec<_>>()),
+            "same seqs: the log order is the serial order"
+        );
+    }
+    let accepted = replies.iter().filter(|r| r["ok"] == json!(true)).count();
+    assert!(
+        accepted > 10 && accepted < 120,
+        "a mix of accepted and conflicting commands: {accepted}"
+    );
+    let untimed = |mut v: Value| {
+        for k in ["created_at", "last_transition_at", "stopped_at"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    let serial_view = serde_json::to_value(&ledger.world().jobs[&job]).unwrap();
+    assert_eq!(
+        untimed(h.job(job).await),
+        untimed(serial_view),
+        "same final state"
+    );
+    let head = ledger.head_seq();
+    h.stop_and_verify(head).await;
+}
