@@ -47,7 +47,7 @@ pub fn check_event(
         seq: expected_seq,
         what,
     };
-    let env: Envelope =
+    let mut env: Envelope =
         serde_json::from_slice(bytes).map_err(|e| bad(format!("does not parse: {e}")))?;
     if env.seq != expected_seq {
         return Err(bad(format!(
@@ -58,14 +58,8 @@ pub fn check_event(
     if env.prev_hash != prev_hash {
         return Err(bad("prev_hash does not match the previous event's hash (an event before it was removed, reordered or edited)".into()));
     }
-    if env.compute_hash() != env.hash {
-        return Err(bad("hash does not match its content (edited)".into()));
-    }
-    if env.to_json() != bytes {
-        return Err(bad(
-            "stored bytes are not the envelope's canonical form (edited)".into(),
-        ));
-    }
+    env.check_stored(bytes)
+        .map_err(|what| bad(what.to_owned()))?;
     if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
         let current = world.jobs.get(&job).map_or(0, |j| j.version);
         if v != current + 1 {

@@ -39,23 +39,68 @@ pub struct Envelope {
     pub hash: String,
 }
 
+fn hash_of(prev_hash: &str, unhashed: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(prev_hash.as_bytes());
+    h.update(unhashed);
+    h.finalize().to_hex().to_string()
+}
+
+/// Append the `hash` field to canonical bytes that end with `}`.
+fn with_hash(bytes: &mut Vec<u8>, hash: &str) {
+    debug_assert_eq!(bytes.last(), Some(&b'}'));
+    bytes.pop();
+    bytes.extend_from_slice(b",\"hash\":\"");
+    bytes.extend_from_slice(hash.as_bytes());
+    bytes.extend_from_slice(b"\"}");
+}
+
 impl Envelope {
     /// The hash this envelope must carry, given its own `prev_hash`.
     pub fn compute_hash(&self) -> String {
+        if self.hash.is_empty() {
+            return hash_of(
+                &self.prev_hash,
+                &serde_json::to_vec(self).expect("envelope serializes"),
+            );
+        }
         let mut unhashed = self.clone();
         unhashed.hash.clear();
-        let body = serde_json::to_vec(&unhashed).expect("envelope serializes");
-        let mut h = blake3::Hasher::new();
-        h.update(self.prev_hash.as_bytes());
-        h.update(&body);
-        h.finalize().to_hex().to_string()
+        unhashed.compute_hash()
     }
 
     /// Set `prev_hash` and `hash`, linking this envelope after `prev_hash`.
     pub fn seal(&mut self, prev_hash: &str) {
+        self.seal_to_json(prev_hash);
+    }
+
+    /// [`Envelope::seal`], returning the stored bytes; the envelope is
+    /// serialized once (`hash` is its last field, so the stored form is the
+    /// canonical bytes with `,"hash":"…"` before the closing brace).
+    pub fn seal_to_json(&mut self, prev_hash: &str) -> Vec<u8> {
         self.prev_hash = prev_hash.to_owned();
         self.hash.clear();
-        self.hash = self.compute_hash();
+        let mut bytes = serde_json::to_vec(self).expect("envelope serializes");
+        self.hash = hash_of(prev_hash, &bytes);
+        with_hash(&mut bytes, &self.hash);
+        bytes
+    }
+
+    /// Check a parsed envelope against the bytes it was parsed from: its hash
+    /// matches its content, and the bytes are its canonical form. One
+    /// serialization, no copy of the envelope.
+    pub fn check_stored(&mut self, stored: &[u8]) -> Result<(), &'static str> {
+        let hash = std::mem::take(&mut self.hash);
+        let mut bytes = serde_json::to_vec(self).expect("envelope serializes");
+        self.hash = hash;
+        if hash_of(&self.prev_hash, &bytes) != self.hash {
+            return Err("hash does not match its content (edited)");
+        }
+        with_hash(&mut bytes, &self.hash);
+        if bytes != stored {
+            return Err("stored bytes are not the envelope's canonical form (edited)");
+        }
+        Ok(())
     }
 
     /// The JetStream subject: `bcp.evt.<project>.<job>.<type>`, or
@@ -76,5 +121,52 @@ impl Envelope {
 
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("envelope serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::ProjectId;
+    use chrono::TimeZone;
+
+    #[test]
+    fn sealed_bytes_are_serde_bytes_and_check_out() {
+        let mut env = Envelope {
+            seq: 7,
+            event_id: Uuid::from_u128(1),
+            schema_version: 1,
+            project_id: ProjectId::parse("p1").unwrap(),
+            job_id: Some(Uuid::from_u128(2)),
+            job_version: Some(3),
+            command_id: Uuid::from_u128(4),
+            actor: Some("a \"quoted\" actor ✓".into()),
+            actor_verified: false,
+            recorded_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+            prev_hash: String::new(),
+            event: Event::JobStopped {},
+            hash: String::new(),
+        };
+        let bytes = env.seal_to_json(GENESIS_HASH);
+        assert_eq!(
+            bytes,
+            serde_json::to_vec(&env).unwrap(),
+            "one serialization gives serde's bytes"
+        );
+        assert_eq!(env.compute_hash(), env.hash);
+        let mut parsed: Envelope = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(parsed.check_stored(&bytes), Ok(()));
+        let mut edited = parsed.clone();
+        edited.actor = Some("mallory".into());
+        assert!(edited.check_stored(&bytes).unwrap_err().contains("hash"));
+        let spaced = String::from_utf8(bytes.clone())
+            .unwrap()
+            .replacen(':', ": ", 1);
+        assert!(
+            parsed
+                .check_stored(spaced.as_bytes())
+                .unwrap_err()
+                .contains("canonical")
+        );
     }
 }

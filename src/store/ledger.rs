@@ -401,8 +401,8 @@ impl Ledger {
             event,
             hash: String::new(),
         };
-        env.seal(&self.head_hash);
-        t.events.insert(env.seq, env.to_json().as_slice())?;
+        let bytes = env.seal_to_json(&self.head_hash);
+        t.events.insert(env.seq, bytes.as_slice())?;
         if let Some(id) = job_id {
             t.job_log.insert((id.as_u128(), env.seq), ())?;
         }
