@@ -85,7 +85,6 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         version = env!("CARGO_PKG_VERSION"),
         db = %config.db.display(),
         nats = %config.nats_url,
-        nats_server_version = %client.server_info().version,
         stream = %config.stream,
         head_seq = head,
         jobs = ledger.world().jobs.len(),

@@ -92,10 +92,11 @@ async fn publish_until_drained(
         ));
     }
     published.store(last, Ordering::SeqCst);
-    tracing::debug!(
+    tracing::info!(
         stream_seq = last,
         head_seq = committed,
-        "relay reconciled with stream"
+        nats_server_version = %js.client().server_info().version,
+        "relay connected: publishing from the stream's last sequence"
     );
     loop {
         let target = *head.borrow_and_update();
