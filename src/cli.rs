@@ -624,7 +624,7 @@ pub fn snapshots_table(snapshots: &[bcp::domain::Snapshot]) -> String {
 /// reason and command id indented below; fits 80 columns.
 pub fn history_table(entries: &[HistoryEntry]) -> String {
     let mut out = format!(
-        "{:>5} {:<20} {:<10} {:<15} {}\n",
+        "{:>5} {:<20} {:<10} {:<16} {}\n",
         "SEQ", "TIME", "ACTOR", "COMMAND", "EVENT: FROM -> TO"
     );
     for e in entries {
@@ -635,7 +635,7 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
         };
         let actor: String = or_dash(e.actor.as_ref()).chars().take(10).collect();
         out += &format!(
-            "{:>5} {:<20} {:<10} {:<15} {}\n",
+            "{:>5} {:<20} {:<10} {:<16} {}\n",
             e.seq,
             e.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
             actor,

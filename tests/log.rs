@@ -1584,3 +1584,61 @@ fn fuzzed_log_verifies() {
 fn prop_assert_world(stored: &World, memory: &World) {
     assert_eq!(stored, memory);
 }
+
+#[test]
+fn history_and_replay_outputs_at_several_cut_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    scenario(&path);
+    let db = path.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let (code, out) = bcp(args, None);
+        assert_eq!(code, 0, "{args:?}: {out}");
+        out
+    };
+    let j1 = job(1).to_string();
+    let j2 = job(2).to_string();
+    insta::assert_snapshot!(
+        "history_table_job1",
+        run(&["audit", "history", "--db", db, "--job", &j1])
+    );
+    insta::assert_snapshot!(
+        "history_table_job2",
+        run(&["audit", "history", "--db", db, "--job", &j2])
+    );
+    // Cut by time: the scenario records one command a minute from 08:01.
+    insta::assert_snapshot!(
+        "replay_table_until_0805",
+        run(&["replay", "--db", db, "--until", "2026-11-01T08:05:00Z"])
+    );
+    insta::assert_snapshot!(
+        "replay_json_job2_seq9",
+        run(&[
+            "replay",
+            "--db",
+            db,
+            "--until-seq",
+            "9",
+            "--job",
+            &j2,
+            "--format",
+            "json"
+        ])
+    );
+    insta::assert_snapshot!(
+        "replay_table_project_p2",
+        run(&["replay", "--db", db, "--project", "p2"])
+    );
+    // A cut by time equals the cut by the seq of the last event at or before it.
+    let by_time = run(&[
+        "replay",
+        "--db",
+        db,
+        "--until",
+        "2026-11-01T08:05:30Z",
+        "--format",
+        "json",
+    ]);
+    let by_seq = run(&["replay", "--db", db, "--until-seq", "5", "--format", "json"]);
+    assert_eq!(by_time, by_seq);
+}
