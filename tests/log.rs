@@ -248,24 +248,27 @@ fn verify_names_the_first_tampered_seq() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("seq 6"));
 }
 
+/// Edit a stored job view in place, bypassing the ledger.
+fn edit_job_row(path: &Path, j: Uuid, edit: impl FnOnce(&mut serde_json::Value)) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut t = txn.open_table(bcp::store::tables::JOBS).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(t.get(j.as_u128()).unwrap().unwrap().value()).unwrap();
+        edit(&mut v);
+        t.insert(j.as_u128(), serde_json::to_vec(&v).unwrap().as_slice())
+            .unwrap();
+    }
+    txn.commit().unwrap();
+}
+
 #[test]
 fn verify_catches_a_projection_that_disagrees_with_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
     scenario(&path);
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut t = txn.open_table(bcp::store::tables::JOBS).unwrap();
-            let mut v: serde_json::Value =
-                serde_json::from_slice(t.get(job(1).as_u128()).unwrap().unwrap().value()).unwrap();
-            v["state"] = json!("Active");
-            t.insert(job(1).as_u128(), serde_json::to_vec(&v).unwrap().as_slice())
-                .unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    edit_job_row(&path, job(1), |v| v["state"] = json!("Active"));
     let err = verify(&Store::open_existing(&path).unwrap()).unwrap_err();
     assert!(err.to_string().contains(&job(1).to_string()), "{err}");
 }
@@ -1370,19 +1373,7 @@ fn serve_refuses_a_store_whose_projection_disagrees_with_the_log_tail() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
     scenario(&path);
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut t = txn.open_table(bcp::store::tables::JOBS).unwrap();
-            let mut v: serde_json::Value =
-                serde_json::from_slice(t.get(job(2).as_u128()).unwrap().unwrap().value()).unwrap();
-            v["version"] = json!(2); // the log says 3
-            t.insert(job(2).as_u128(), serde_json::to_vec(&v).unwrap().as_slice())
-                .unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    edit_job_row(&path, job(2), |v| v["version"] = json!(2)); // the log says 3
     let err = Ledger::open(Store::open_existing(&path).unwrap())
         .err()
         .expect("refused");
