@@ -72,3 +72,7 @@ schemas:
 # Fuzz command decoding and decide with 1 M generated inputs (random bytes, mutated bodies, extreme values).
 fuzz cases="1000000":
     PROPTEST_CASES={{cases}} cargo test --release --test log fuzz_decode_and_decide -- --nocapture
+
+# The fault harness: load, then kill -9 of bcp serve and of nats-server at random moments, per round; checks nothing acked is lost or duplicated. BCP_FAULT_SEED replays a run.
+faults rounds="20": nats-server
+    BCP_FAULT_ROUNDS={{rounds}} cargo test --release --test faults -- --nocapture

@@ -517,6 +517,77 @@ impl Harness {
     }
 }
 
+/// Crashes and long streams, for the fault harness (tests/faults.rs); not
+/// every test binary uses them.
+#[allow(dead_code)]
+impl Harness {
+    /// SIGKILL `bcp serve` (kill -9: no drain, as a crash or power loss of
+    /// the process) and reap it.
+    pub fn kill_bcp(&mut self) {
+        let mut bcp = self.bcp.take().expect("bcp serve is running");
+        kill_and_reap(&mut bcp.child);
+    }
+
+    /// Start `bcp serve` without waiting for it to be ready (to crash it
+    /// again while it opens and checks its store).
+    pub fn spawn_bcp(&mut self) {
+        assert!(self.bcp.is_none(), "bcp serve is already running");
+        let log = self.bcp_log();
+        self.bcp = Some(Bcp::spawn(
+            &self.db(),
+            &self.nats.url(),
+            &log,
+            &self.serve_args,
+        ));
+    }
+
+    /// Whether a `bcp serve` child is running (started and not stopped).
+    pub fn bcp_running(&self) -> bool {
+        self.bcp.is_some()
+    }
+
+    /// Every message of the stream from 1 to its last sequence, read with
+    /// an ordered consumer (one pass, fast for long streams; the same
+    /// subject, headers and payload as [`Harness::stream_messages`]).
+    pub async fn stream_messages_ordered(&self) -> Vec<StreamMessage> {
+        use async_nats::jetstream::consumer::pull::OrderedConfig;
+        use futures::StreamExt;
+        let mut stream = self.js.get_stream(STREAM).await.expect("get stream");
+        let last = stream
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .last_sequence;
+        let mut out = Vec::with_capacity(last as usize);
+        if last == 0 {
+            return out;
+        }
+        let consumer = stream
+            .create_consumer(OrderedConfig::default())
+            .await
+            .expect("ordered consumer");
+        let mut messages = consumer.messages().await.expect("consumer messages");
+        while (out.len() as u64) < last {
+            let m = tokio::time::timeout(REPLY, messages.next())
+                .await
+                .unwrap_or_else(|_| panic!("no stream message after {} of {last}", out.len()))
+                .expect("the ordered consumer ended")
+                .expect("read a stream message");
+            let info = m.info().expect("message info");
+            let (sequence, time) = (info.stream_sequence, info.published);
+            out.push(StreamMessage {
+                subject: m.subject.clone(),
+                sequence,
+                headers: m.headers.clone().unwrap_or_default(),
+                payload: m.payload.clone(),
+                time,
+            });
+        }
+        out
+    }
+}
+
 impl Drop for Harness {
     fn drop(&mut self) {
         if std::thread::panicking() {
