@@ -117,7 +117,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let relay_drain = CancellationToken::new();
     let relay = tokio::spawn(relay::run(
         store.clone(),
-        async_nats::jetstream::new(client.clone()),
+        relay::context(client.clone()),
         config.stream.clone(),
         head_rx,
         published.clone(),

@@ -21,6 +21,16 @@ use tokio_util::sync::CancellationToken;
 
 pub const SEQ_HEADER: &str = "Bcp-Seq";
 
+/// The relay's JetStream context. A publish whose ack has not come within
+/// `RELAY_ACK_TIMEOUT` was probably sent to a server that died: the relay
+/// then reconciles with the stream and resumes (the client default, 5 s,
+/// left publishing stalled that long after every NATS restart).
+pub fn context(client: async_nats::Client) -> jetstream::Context {
+    jetstream::context::ContextBuilder::new()
+        .ack_timeout(crate::domain::limits::RELAY_ACK_TIMEOUT)
+        .build(client)
+}
+
 /// The stream's configuration: file storage, every `bcp.evt.>` subject, and
 /// no deletes or purges through NATS: the published audit trail is append-only.
 pub fn stream_config(name: &str) -> stream::Config {
