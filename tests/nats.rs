@@ -2902,3 +2902,251 @@ async fn concurrent_commands_equal_a_serial_order() {
     let head = ledger.head_seq();
     h.stop_and_verify(head).await;
 }
+
+/// Start nats-server with `config` (written to the temp dir), and `bcp
+/// serve` with `serve_args` (credentials); returns once bcp answers a query
+/// asked with `connect`'s credentials.
+async fn serve_behind(
+    dir: &std::path::Path,
+    config: &str,
+    serve_args: &[String],
+    connect: async_nats::ConnectOptions,
+) -> (Proc, Proc, String, async_nats::Client) {
+    let port = free_port();
+    let url = if config.contains("tls") {
+        format!("tls://127.0.0.1:{port}")
+    } else {
+        format!("nats://127.0.0.1:{port}")
+    };
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{config}\n",
+            dir.join("js")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("nats.log")).unwrap();
+    let nats = Proc(
+        std::process::Command::new(support::nats_server_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = support::Deadline::new("nats-server with auth", support::STARTUP);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        deadline.tick().await;
+    }
+    let bcp_log = std::fs::File::create(dir.join("bcp.log")).unwrap();
+    let mut serve = Proc(
+        std::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
+            .args(["serve", "--nats", &url, "--db"])
+            .arg(dir.join("bcp.redb"))
+            .args(serve_args)
+            .env("RUST_LOG", "info")
+            .stdout(bcp_log.try_clone().unwrap())
+            .stderr(bcp_log)
+            .spawn()
+            .unwrap(),
+    );
+    let client = connect
+        .request_timeout(Some(std::time::Duration::from_secs(2)))
+        .connect(&url)
+        .await
+        .unwrap();
+    let deadline = support::Deadline::new("bcp serve behind auth", support::STARTUP);
+    loop {
+        if let Ok(Ok(m)) = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            client.request("bcp.query.jobs", "{}".into()),
+        )
+        .await
+            && serde_json::from_slice::<Value>(&m.payload).unwrap()["ok"] == json!(true)
+        {
+            break;
+        }
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            panic!(
+                "bcp serve exited with {status}: {}",
+                std::fs::read_to_string(dir.join("bcp.log")).unwrap()
+            );
+        }
+        deadline.tick().await;
+    }
+    (nats, serve, url, client)
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is needed for the TLS test");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn token_nkey_and_mutual_tls_credentials_work_for_serve_and_send() {
+    // Token.
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, _serve, url, _client) = serve_behind(
+        dir.path(),
+        "authorization { token: \"t0ken\" }",
+        &["--nats-token".into(), "t0ken".into()],
+        async_nats::ConnectOptions::with_token("t0ken".into()),
+    )
+    .await;
+    let send = |extra: Vec<String>, url: String| async move {
+        let mut args = vec![
+            "send".to_owned(),
+            "create".into(),
+            "--nats".into(),
+            url,
+            "--project".into(),
+            "p1".into(),
+            "--kind".into(),
+            "replica_set".into(),
+            "--name".into(),
+            "rs0".into(),
+        ];
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bcp_cli(&args).await.status.code()
+    };
+    assert_eq!(
+        send(vec!["--nats-token".into(), "t0ken".into()], url.clone()).await,
+        Some(0)
+    );
+    assert_eq!(
+        send(vec!["--nats-token".into(), "wrong".into()], url.clone()).await,
+        Some(3)
+    );
+
+    // Nkey: the server knows only the public key.
+    let dir = tempfile::tempdir().unwrap();
+    let (bcp_key, producer_key) = (nkeys::KeyPair::new_user(), nkeys::KeyPair::new_user());
+    let config = format!(
+        "authorization {{ users: [{{ nkey: {} }}, {{ nkey: {} }}] }}",
+        bcp_key.public_key(),
+        producer_key.public_key()
+    );
+    let (_nats, _serve, url, _client) = serve_behind(
+        dir.path(),
+        &config,
+        &["--nats-nkey".into(), bcp_key.seed().unwrap()],
+        async_nats::ConnectOptions::with_nkey(producer_key.seed().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        send(
+            vec!["--nats-nkey".into(), producer_key.seed().unwrap()],
+            url.clone()
+        )
+        .await,
+        Some(0)
+    );
+    assert_eq!(send(vec![], url.clone()).await, Some(3), "no credentials");
+
+    // Mutual TLS: a CA, a server certificate for 127.0.0.1, a client certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bcp-test-ca",
+        ],
+    );
+    for (name, san) in [
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "subjectAltName=DNS:bcp-client"),
+    ] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+                "-addext",
+                san,
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-copy_extensions",
+                "copy",
+            ],
+        );
+    }
+    let p = |f: &str| d.join(f).display().to_string();
+    let config = format!(
+        "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    );
+    let tls_args = vec![
+        "--tls-ca".to_owned(),
+        p("ca.pem"),
+        "--tls-cert".into(),
+        p("client.pem"),
+        "--tls-key".into(),
+        p("client.key"),
+    ];
+    let (_nats, _serve, url, _client) = serve_behind(
+        d,
+        &config,
+        &tls_args,
+        async_nats::ConnectOptions::new()
+            .add_root_certificates(d.join("ca.pem"))
+            .add_client_certificate(d.join("client.pem"), d.join("client.key"))
+            .require_tls(true),
+    )
+    .await;
+    assert_eq!(send(tls_args.clone(), url.clone()).await, Some(0));
+    assert_eq!(
+        send(vec!["--tls-ca".into(), p("ca.pem")], url.clone()).await,
+        Some(3),
+        "no client certificate"
+    );
+}
