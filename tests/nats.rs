@@ -2980,17 +2980,26 @@ async fn serve_behind(
     (nats, serve, url, client)
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is needed for the TLS test");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in `d` (ca.pem, server.pem/.key, client.pem/.key).
+fn write_test_certificates(d: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "bcp-test-ca");
+    std::fs::write(d.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    for (name, san) in [("server", "127.0.0.1"), ("client", "bcp-client")] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![san.to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(d.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(d.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
 }
 
 #[tokio::test]
@@ -3058,66 +3067,7 @@ async fn token_nkey_and_mutual_tls_credentials_work_for_serve_and_send() {
     // Mutual TLS: a CA, a server certificate for 127.0.0.1, a client certificate.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=bcp-test-ca",
-        ],
-    );
-    for (name, san) in [
-        ("server", "subjectAltName=IP:127.0.0.1"),
-        ("client", "subjectAltName=DNS:bcp-client"),
-    ] {
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-                "-addext",
-                san,
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "2",
-                "-copy_extensions",
-                "copy",
-            ],
-        );
-    }
+    write_test_certificates(d);
     let p = |f: &str| d.join(f).display().to_string();
     let config = format!(
         "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}",
