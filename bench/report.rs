@@ -1,0 +1,560 @@
+//! The machine a run was made on, and the results as one markdown table:
+//! each bcp figure beside its baseline (as a ratio) and issue 5's target.
+
+use crate::measure::{Latency, Run};
+use crate::{Machine, Results};
+use std::fmt::Write;
+use std::path::Path;
+use std::process::Command;
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+pub fn machine(nats_bin: &Path) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown".to_owned(), |s| s.trim().to_owned());
+    let mem_total_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024);
+    let dirty =
+        !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu,
+        mem_total_bytes,
+        nats_server: crate::procs::nats_server_version(nats_bin),
+        kernel: command_output("uname", &["-sr"]),
+        date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        git: format!(
+            "{}{}",
+            command_output("git", &["rev-parse", "--short", "HEAD"]),
+            if dirty {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            }
+        ),
+        loadavg_start: loadavg(),
+        loadavg_end: String::new(),
+    }
+}
+
+/// 1234567.8 → "1,234,568".
+pub fn int(x: f64) -> String {
+    let s = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1e3)
+}
+
+fn lat4(l: &Latency) -> String {
+    format!(
+        "{} / {} / {} / {} ms",
+        ms(l.p50_us),
+        ms(l.p95_us),
+        ms(l.p99_us),
+        ms(l.max_us)
+    )
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "–".to_owned()
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+fn cpu_cell(u: &crate::procs::Usage) -> String {
+    let parts: Vec<String> = u
+        .procs
+        .iter()
+        .map(|p| format!("{} {:.2}", p.name, p.cores))
+        .collect();
+    let total: f64 = u.procs.iter().map(|p| p.cores).sum();
+    format!(
+        "{} = {total:.2} of {} (other processes {:.2}, iowait {:.2})",
+        parts.join(" + "),
+        u.nproc,
+        u.others_cores,
+        u.iowait_cores
+    )
+}
+
+/// Bytes written to storage per unit of work, by the process named first.
+fn written_per(u: &crate::procs::Usage, units: u64) -> String {
+    match u.procs.first() {
+        Some(p) if units > 0 => format!(
+            "{} bytes/{}",
+            int(p.written_bytes as f64 / units as f64),
+            if p.name.starts_with("bcp") {
+                "command"
+            } else {
+                "message"
+            }
+        ),
+        _ => "–".to_owned(),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// Bytes of resident memory per additional job between the first and the
+/// last growth step (after each measured run).
+pub fn bytes_per_job(r: &Results) -> Option<f64> {
+    let (first, last) = (r.growth.first()?, r.growth.last()?);
+    let jobs = |s: &crate::Step| s.jobs + s.run.jobs_created;
+    let dj = jobs(last).checked_sub(jobs(first))?;
+    (dj > 0).then(|| {
+        (last.memory_after.rss_bytes as f64 - first.memory_after.rss_bytes as f64) / dj as f64
+    })
+}
+
+fn run_counts(run: &Run) -> String {
+    let mut s = format!("{} ok", int(run.ok as f64));
+    for (n, what) in [
+        (run.rejected, "rejected"),
+        (run.unavailable, "unavailable"),
+        (run.failed, "no reply"),
+    ] {
+        if n > 0 {
+            let _ = write!(s, ", {} {what}", int(n as f64));
+        }
+    }
+    if run.slow_over_50ms > 0 {
+        let _ = write!(s, "; {} over 50 ms", int(run.slow_over_50ms as f64));
+    }
+    if let Some(cpu) = &run.cpu {
+        let _ = write!(s, "; other processes {:.2} cores", cpu.others_cores);
+    }
+    s
+}
+
+pub fn table(r: &Results) -> String {
+    let mut t = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        t,
+        "bcp benchmark{} — {} · {} cores {} · {:.0} GiB RAM · {} · load {} → {} · {:.0} s\n",
+        if r.args.quick { " (--quick)" } else { "" },
+        m.date,
+        m.nproc,
+        m.cpu,
+        m.mem_total_bytes as f64 / (1u64 << 30) as f64,
+        m.nats_server,
+        m.loadavg_start,
+        m.loadavg_end,
+        r.elapsed_secs,
+    );
+    let _ = writeln!(
+        t,
+        "Envelopes {:.0} bytes on average; {} producers / publishes in flight; 1 command = 1 event.\n",
+        r.envelope_bytes_mean, r.args.in_flight
+    );
+    let _ = writeln!(
+        t,
+        "| # | figure | bcp | baseline | bcp ÷ baseline | target (issue 5) | |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|");
+    let e2e = r.e2e.acked.per_sec;
+    let b = r.baseline_b.rate.per_sec;
+    let bs = r.baseline_b_sync.rate.per_sec;
+    let row = |t: &mut String, cells: [&str; 7]| {
+        let _ = writeln!(t, "| {} |", cells.join(" | "));
+    };
+    for (l, a) in r.ledger_a.iter().zip(&r.baseline_a) {
+        row(
+            &mut t,
+            [
+                "1",
+                &format!(
+                    "`Ledger::execute` alone (no NATS), {} commands/commit",
+                    l.batch
+                ),
+                &format!("{}/s", int(l.rate.per_sec)),
+                &format!(
+                    "A: {} events/s (raw redb, {}/commit)",
+                    int(a.rate.per_sec),
+                    a.batch
+                ),
+                &ratio(l.rate.per_sec, a.rate.per_sec),
+                "–",
+                "",
+            ],
+        );
+        row(
+            &mut t,
+            [
+                "1",
+                &format!("… time per batch of {}: p50 / p99", l.batch),
+                &format!("{} / {} ms", ms(l.execute.p50_us), ms(l.execute.p99_us)),
+                &format!(
+                    "A: commit {} / {} ms",
+                    ms(a.commit.p50_us),
+                    ms(a.commit.p99_us)
+                ),
+                &ratio(l.execute.p50_us as f64, a.commit.p50_us as f64),
+                "–",
+                "",
+            ],
+        );
+        let per = |w: u64, n: u64| w as f64 / n.max(1) as f64;
+        let (lw, aw) = (
+            per(l.written_bytes, l.rate.count),
+            per(a.written_bytes, a.rate.count),
+        );
+        row(
+            &mut t,
+            [
+                "1",
+                &format!("… bytes written to disk per event, {}/commit", l.batch),
+                &int(lw),
+                &format!("A: {}", int(aw)),
+                &ratio(lw, aw),
+                "–",
+                "",
+            ],
+        );
+    }
+    let e2e_s = format!("{}/s ({})", int(e2e), run_counts(&r.e2e));
+    row(
+        &mut t,
+        [
+            "3",
+            "durable commands/s, end to end",
+            &e2e_s,
+            &format!("B: {} msgs/s (JetStream, default sync)", int(b)),
+            &ratio(e2e, b),
+            "≥ 1.0×",
+            verdict(e2e >= b),
+        ],
+    );
+    row(
+        &mut t,
+        [
+            "3",
+            "",
+            "",
+            &format!("B′: {} msgs/s (JetStream, sync always)", int(bs)),
+            &ratio(e2e, bs),
+            "≥ 10×",
+            verdict(e2e >= 10.0 * bs),
+        ],
+    );
+    for a in &r.baseline_a {
+        row(
+            &mut t,
+            [
+                "3",
+                "",
+                "",
+                &format!(
+                    "A: {} events/s (raw redb, {}/commit)",
+                    int(a.rate.per_sec),
+                    a.batch
+                ),
+                &ratio(e2e, a.rate.per_sec),
+                "–",
+                "",
+            ],
+        );
+    }
+    row(
+        &mut t,
+        [
+            "3",
+            "ack latency p50 / p95 / p99 / max",
+            &lat4(&r.e2e.latency),
+            &format!("B: {}", lat4(&r.baseline_b.latency)),
+            &ratio(
+                r.e2e.latency.p99_us as f64,
+                r.baseline_b.latency.p99_us as f64,
+            ),
+            "–",
+            "",
+        ],
+    );
+    row(
+        &mut t,
+        [
+            "3",
+            "",
+            "",
+            &format!("B′: {}", lat4(&r.baseline_b_sync.latency)),
+            &ratio(
+                r.e2e.latency.p99_us as f64,
+                r.baseline_b_sync.latency.p99_us as f64,
+            ),
+            "–",
+            "",
+        ],
+    );
+    row(
+        &mut t,
+        [
+            "3",
+            "stream holds every event, after the last ack",
+            &format!("{:.0} ms", r.e2e.stream_lag_after_last_ack_ms),
+            "",
+            "",
+            "–",
+            "",
+        ],
+    );
+    if let Some(cpu) = &r.e2e.cpu {
+        row(
+            &mut t,
+            [
+                "3",
+                "CPU used during the run (cores)",
+                &cpu_cell(cpu),
+                &format!("B: {}", cpu_cell(&r.baseline_b.cpu)),
+                "",
+                "–",
+                "",
+            ],
+        );
+        let a64 = r.baseline_a.first();
+        row(
+            &mut t,
+            [
+                "3",
+                "bytes written to disk per command (after the page cache)",
+                &written_per(cpu, r.e2e.acked.count),
+                &format!(
+                    "B′: {}; A: {} bytes/event ({}/commit)",
+                    written_per(&r.baseline_b_sync.cpu, r.baseline_b_sync.rate.count),
+                    int(a64.map_or(0.0, |a| a.written_bytes as f64 / a.rate.count.max(1) as f64)),
+                    a64.map_or(0, |a| a.batch)
+                ),
+                "",
+                "–",
+                "",
+            ],
+        );
+    }
+    for (share, run) in &r.fixed_load {
+        let p99 = run.latency.p99_us;
+        let is_half = (*share - 0.5).abs() < 1e-9;
+        row(
+            &mut t,
+            [
+                "4",
+                &format!(
+                    "p50 / p99 at {:.0} % load ({}/s offered, {}/s done)",
+                    share * 100.0,
+                    int(run.offered_per_sec.unwrap_or(0.0)),
+                    int(run.acked.per_sec)
+                ),
+                &format!(
+                    "{} / {} ms ({})",
+                    ms(run.latency.p50_us),
+                    ms(p99),
+                    run_counts(run)
+                ),
+                "",
+                "",
+                if is_half { "p99 < 5 ms" } else { "–" },
+                if is_half { verdict(p99 < 5_000) } else { "" },
+            ],
+        );
+    }
+    for (name, cli) in [
+        ("audit verify", &r.verify),
+        ("replay --format json", &r.replay),
+    ] {
+        row(
+            &mut t,
+            [
+                "5",
+                &format!("`bcp {name}`, {} events", int(cli.rate.count as f64)),
+                &format!(
+                    "{}/s ({:.2} s{})",
+                    int(cli.rate.per_sec),
+                    cli.rate.secs,
+                    cli.peak_rss_bytes
+                        .map_or(String::new(), |p| format!(", peak RSS {}", mib(p)))
+                ),
+                "",
+                "",
+                "≥ 1,000,000/s",
+                verdict(cli.rate.per_sec >= 1e6),
+            ],
+        );
+    }
+    let base = r.growth.first().map_or(0.0, |s| s.run.acked.per_sec);
+    for (i, s) in r.growth.iter().enumerate() {
+        let last = i + 1 == r.growth.len();
+        row(
+            &mut t,
+            [
+                "6",
+                &format!(
+                    "log at {} events, {} jobs: commands/s, p99",
+                    int(s.log_events as f64),
+                    int(s.jobs as f64)
+                ),
+                &format!(
+                    "{}/s, {} ms ({})",
+                    int(s.run.acked.per_sec),
+                    ms(s.run.latency.p99_us),
+                    run_counts(&s.run)
+                ),
+                &format!(
+                    "at {} events: {}/s",
+                    int(r.growth[0].log_events as f64),
+                    int(base)
+                ),
+                &ratio(s.run.acked.per_sec, base),
+                if last { "≥ 0.90×" } else { "–" },
+                if last {
+                    verdict(s.run.acked.per_sec >= 0.9 * base)
+                } else {
+                    ""
+                },
+            ],
+        );
+    }
+    for s in &r.growth {
+        row(
+            &mut t,
+            [
+                "6",
+                &format!(
+                    "restart on {} events: startup; relay catch-up",
+                    int(s.log_events as f64)
+                ),
+                &format!(
+                    "{:.0} ms; {}/s",
+                    s.startup_ms,
+                    int(s.relay_catch_up.per_sec)
+                ),
+                &format!("B: {} msgs/s", int(b)),
+                &ratio(s.relay_catch_up.per_sec, b),
+                "–",
+                "",
+            ],
+        );
+    }
+    for s in &r.growth {
+        row(
+            &mut t,
+            [
+                "6",
+                &format!(
+                    "one idle retention sweep over {} jobs (holds the writer)",
+                    int(s.heap.jobs as f64)
+                ),
+                &format!("{:.1} ms", s.sweep_ms),
+                "",
+                "",
+                "–",
+                "",
+            ],
+        );
+    }
+    row(
+        &mut t,
+        [
+            "7",
+            "`bcp serve` RSS on an empty log",
+            &mib(r.memory_empty.rss_bytes),
+            "",
+            "",
+            "–",
+            "",
+        ],
+    );
+    for s in &r.growth {
+        row(
+            &mut t,
+            [
+                "7",
+                &format!(
+                    "`bcp serve` RSS / peak (VmHWM), {} jobs, {} events",
+                    int((s.jobs + s.run.jobs_created) as f64),
+                    int(s.run.last_seq.max(s.log_events) as f64)
+                ),
+                &format!(
+                    "{} / {}",
+                    mib(s.memory_after.rss_bytes),
+                    mib(s.memory_after.peak_rss_bytes)
+                ),
+                "",
+                "",
+                "–",
+                "",
+            ],
+        );
+    }
+    if let Some(bpj) = bytes_per_job(r) {
+        row(
+            &mut t,
+            [
+                "7",
+                "`bcp serve` RSS per added job (slope, first → last step)",
+                &format!("{} bytes", int(bpj)),
+                "",
+                "",
+                "–",
+                "",
+            ],
+        );
+    }
+    for s in &r.growth {
+        let h = &s.heap;
+        let per_job = h.world_bytes as f64 / h.jobs.max(1) as f64;
+        let cell = format!(
+            "{} ({} bytes/job; {} with redb open)",
+            mib(h.world_bytes),
+            int(per_job),
+            mib(h.with_redb_bytes)
+        );
+        let what = format!(
+            "projections held in memory (`World`, heap), {} jobs",
+            int(h.jobs as f64)
+        );
+        row(
+            &mut t,
+            ["7", &what, &cell, "", "", "grows with jobs, not events", ""],
+        );
+    }
+    t
+}

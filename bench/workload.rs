@@ -1,0 +1,243 @@
+//! The command mix every bcp measurement sends, and the offline log builder.
+//!
+//! A [`Lane`] drives one job at a time through a fixed ten-command life:
+//! create, start, record-snapshot ×3, stop, start, record-snapshot ×3; then it
+//! moves on to a new job. Every command of that script is accepted, so one
+//! command is one event and a log of N events holds N/10 jobs (1 M events =
+//! 100 k jobs, the shape issue 5 asks for). Commands of one lane are sent one
+//! after the other (a job's next command depends on its state); concurrency
+//! comes from many lanes. Every command has a fresh `command_id`.
+//!
+//! The same bodies are sent over NATS (producers) and fed straight into
+//! `bcp::store::ledger::Ledger::execute` (to build large logs fast for the
+//! replay, growth and memory measurements), so both paths write the same
+//! events.
+
+use anyhow::{Context, Result, bail};
+use bcp::domain::command::decode;
+use bcp::store::Store;
+use bcp::store::ledger::{Ledger, Pending};
+use chrono::{DateTime, Duration as Span, SubsecRound, Utc};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Commands (= events) per job in the script.
+pub const COMMANDS_PER_JOB: u64 = 10;
+/// Projects the lanes are spread over.
+const PROJECTS: usize = 16;
+
+#[derive(Clone, Copy)]
+enum Step {
+    Create,
+    Start,
+    Snapshot,
+    Stop,
+}
+
+const SCRIPT: [Step; COMMANDS_PER_JOB as usize] = [
+    Step::Create,
+    Step::Start,
+    Step::Snapshot,
+    Step::Snapshot,
+    Step::Snapshot,
+    Step::Stop,
+    Step::Start,
+    Step::Snapshot,
+    Step::Snapshot,
+    Step::Snapshot,
+];
+
+/// One command: where it goes and its JSON body.
+pub struct Cmd {
+    pub project: String,
+    pub verb: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl Cmd {
+    pub fn subject(&self) -> String {
+        format!("bcp.cmd.{}.{}", self.project, self.verb)
+    }
+
+    pub fn creates_job(&self) -> bool {
+        self.verb == "create"
+    }
+}
+
+/// A producer's sequence of commands over successive jobs.
+pub struct Lane {
+    id: u64,
+    project: String,
+    job: Uuid,
+    step: usize,
+    snapshots: i64,
+    /// Snapshots are taken from here on, 6 hours apart: never due for
+    /// expiry while the benchmark runs, so the sweeper stays idle.
+    t0: DateTime<Utc>,
+}
+
+impl Lane {
+    pub fn new(id: u64, t0: DateTime<Utc>) -> Lane {
+        Lane {
+            id,
+            project: format!("bench-{:02}", id as usize % PROJECTS),
+            job: Uuid::now_v7(),
+            step: 0,
+            snapshots: 0,
+            t0,
+        }
+    }
+
+    pub fn next_cmd(&mut self) -> Cmd {
+        if self.step == SCRIPT.len() {
+            self.step = 0;
+            self.snapshots = 0;
+            self.job = Uuid::now_v7();
+        }
+        let step = SCRIPT[self.step];
+        self.step += 1;
+        let command_id = Uuid::now_v7();
+        let (verb, body) = match step {
+            Step::Create => (
+                "create",
+                json!({
+                    "command_id": command_id,
+                    "job_id": self.job,
+                    "actor": "bench-producer",
+                    "deployment": {"kind": "replica_set", "name": format!("rs-{}", self.id)},
+                }),
+            ),
+            Step::Start => (
+                "start",
+                json!({"command_id": command_id, "job_id": self.job, "actor": "bench-producer"}),
+            ),
+            Step::Stop => (
+                "stop",
+                json!({"command_id": command_id, "job_id": self.job, "actor": "bench-producer"}),
+            ),
+            Step::Snapshot => {
+                let taken_at = self.t0 + Span::hours(6 * self.snapshots);
+                self.snapshots += 1;
+                (
+                    "record-snapshot",
+                    json!({
+                        "command_id": command_id,
+                        "job_id": self.job,
+                        "actor": "bench-agent",
+                        "snapshot_id": Uuid::now_v7(),
+                        "taken_at": taken_at,
+                        "size_bytes": 1_073_741_824u64 + (self.id * 4096 + self.snapshots as u64),
+                    }),
+                )
+            }
+        };
+        Cmd {
+            project: self.project.clone(),
+            verb,
+            body: serde_json::to_vec(&body).expect("json"),
+        }
+    }
+}
+
+/// Hands out lanes with ids unique over the whole run (so no two lanes share
+/// a job), all taking snapshots from the same `t0`.
+#[derive(Clone)]
+pub struct Lanes {
+    next: u64,
+    t0: DateTime<Utc>,
+}
+
+impl Lanes {
+    pub fn new() -> Lanes {
+        Lanes {
+            next: 0,
+            t0: Utc::now().trunc_subsecs(0),
+        }
+    }
+
+    pub fn take(&mut self, n: usize) -> Vec<Lane> {
+        let lanes = (self.next..self.next + n as u64)
+            .map(|id| Lane::new(id, self.t0))
+            .collect();
+        self.next += n as u64;
+        lanes
+    }
+}
+
+/// What the offline builder did.
+#[derive(Clone)]
+pub struct Built {
+    pub head_seq: u64,
+    pub jobs: u64,
+    pub appended: u64,
+    /// Time spent in `Ledger::execute` (not in generating the commands).
+    pub elapsed: Duration,
+    /// Each `Ledger::execute` call, in microseconds.
+    pub executes: Vec<u64>,
+}
+
+/// Append commands straight through `Ledger::execute` (the writer's own
+/// path, durable commits included) until the log at `db` holds at least
+/// `target` events (at most 9 more). Whole jobs only, so every job gets its
+/// ten events. `bcp serve` must not be running on `db`.
+pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Result<Built> {
+    let store = Store::open_or_create(db).with_context(|| format!("open {}", db.display()))?;
+    let mut ledger = Ledger::open(store).context("open ledger")?;
+    let start_seq = ledger.head_seq();
+    let mut in_execute = Duration::ZERO;
+    let mut executes = Vec::new();
+    while ledger.head_seq() < target {
+        // A round: `n` lanes each take a new job through its whole script,
+        // one command per lane per transaction, so a transaction holds `n`
+        // commands for `n` different jobs.
+        let remaining = target - ledger.head_seq();
+        let n = (remaining.div_ceil(COMMANDS_PER_JOB) as usize).min(batch);
+        let mut round = lanes.take(n);
+        for _ in 0..COMMANDS_PER_JOB {
+            let pendings = round
+                .iter_mut()
+                .map(|lane| {
+                    let c = lane.next_cmd();
+                    let cmd = decode(&c.project, c.verb, &c.body, None)
+                        .map_err(|e| anyhow::anyhow!("workload body does not decode: {e}"))?;
+                    Ok(Pending::new(cmd))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let now = Utc::now().trunc_subsecs(6);
+            let t = Instant::now();
+            let replies = ledger
+                .execute(&pendings, now, &mut Uuid::now_v7, None)
+                .context("Ledger::execute")?;
+            in_execute += t.elapsed();
+            executes.push(t.elapsed().as_micros() as u64);
+            if let Some(r) = replies.iter().find(|r| !r.ok) {
+                bail!("the workload was rejected offline: {:?}", r.error);
+            }
+        }
+    }
+    Ok(Built {
+        head_seq: ledger.head_seq(),
+        jobs: ledger.world().jobs.len() as u64,
+        appended: ledger.head_seq() - start_seq,
+        elapsed: in_execute,
+        executes,
+    })
+}
+
+/// How long one retention sweep (what `bcp serve` queues every
+/// `--sweep-interval`, through the same writer as every command) takes on
+/// the log at `db`: an idle sweep still visits every job's catalog while the
+/// writer waits. `bcp serve` must not be running on `db`.
+pub fn sweep_duration(db: &Path) -> Result<Duration> {
+    let store = Store::open_existing(db)?;
+    let mut ledger = Ledger::open(store).context("open ledger")?;
+    let now = Utc::now().trunc_subsecs(6);
+    let sweep = bcp::service::sweeper::sweep_command(now);
+    let t = Instant::now();
+    ledger
+        .execute(&[sweep], now, &mut Uuid::now_v7, None)
+        .context("sweep")?;
+    Ok(t.elapsed())
+}
