@@ -356,23 +356,28 @@ pub fn run(cli: Cli) -> Result<u8> {
             );
             put("region", region);
             put("cluster", cluster);
-            let jobs: Vec<Job> = match &source.db {
-                Some(db) => {
-                    let store = Store::open_existing(db)?;
-                    let v = bcp::service::queries::answer(
-                        &store,
-                        "jobs",
-                        &serde_json::to_vec(&filter)?,
-                    );
-                    jobs_from(v)?
+            // Every page: a reply holds at most a page and names where to go on.
+            let store = source
+                .db
+                .as_ref()
+                .map(|db| Store::open_existing(db))
+                .transpose()?;
+            let mut jobs: Vec<Job> = Vec::new();
+            loop {
+                let body = Value::Object(filter.clone());
+                let v = match &store {
+                    Some(store) => {
+                        bcp::service::queries::answer(store, "jobs", &serde_json::to_vec(&body)?)
+                    }
+                    None => request(&source.nats, "bcp.query.jobs", &body, 5)?,
+                };
+                let next = v["next_after"].clone();
+                jobs.extend(jobs_from(v)?);
+                if next.is_null() {
+                    break;
                 }
-                None => jobs_from(request(
-                    &source.nats,
-                    "bcp.query.jobs",
-                    &Value::Object(filter),
-                    5,
-                )?)?,
-            };
+                filter.insert("after".into(), next);
+            }
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&jobs)?),
                 Format::Table => print!("{}", jobs_table(&jobs)),

@@ -17,7 +17,11 @@ pub const RELAY_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// Events the relay reads from redb per read transaction.
 pub const RELAY_CHUNK_MAX: usize = 1024;
 /// Jobs returned by one `bcp.query.jobs` reply.
-pub const QUERY_JOBS_MAX: usize = 10_000;
+pub const QUERY_JOBS_MAX: usize = 500;
+/// Bytes of job views in one `bcp.query.jobs` reply, well under NATS's
+/// default 1 MiB max payload; a reply that would hold more is a page with
+/// `next_after`.
+pub const QUERY_JOBS_BYTES_MAX: usize = 512 * 1024;
 /// `SnapshotExpired` events one `expire-snapshots` command (or one sweep)
 /// appends; what is left is due at the next sweep.
 pub const EXPIRE_EVENTS_MAX: usize = 10_000;

@@ -18,6 +18,12 @@ pub struct JobFilter {
     pub region: Option<Name>,
     #[serde(default)]
     pub cluster: Option<String>,
+    /// Paging: only jobs whose id sorts after this one (a reply's `next_after`).
+    #[serde(default)]
+    pub after: Option<uuid::Uuid>,
+    /// At most this many jobs (and never more than bcp's page limit).
+    #[serde(default)]
+    pub limit: Option<usize>,
 }
 
 impl JobFilter {

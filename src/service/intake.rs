@@ -103,7 +103,7 @@ pub async fn run(
         tokio::select! {
             r = requests.next() => match r {
                 Some((Kind::Command(verb), request)) => command(&client, verb, request, &queue, &metrics, trust_request_info).await,
-                Some((Kind::Query(kind), request)) => query(kind, request, store.clone()),
+                Some((Kind::Query(kind), request)) => query(&client, kind, request, store.clone()),
                 None => break,
             },
             m = unserved.next() => match m {
@@ -166,7 +166,8 @@ async fn command(
         .await;
 }
 
-fn query(kind: &'static str, request: Request, store: Store) {
+fn query(client: &Client, kind: &'static str, request: Request, store: Store) {
+    let max_payload = client.server_info().max_payload;
     tokio::spawn(async move {
         let payload = request.message.payload.clone();
         let value =
@@ -176,7 +177,16 @@ fn query(kind: &'static str, request: Request, store: Store) {
                     serde_json::to_value(Reply::error(ErrorCode::Internal, e.to_string()))
                         .expect("reply")
                 });
-        let bytes = serde_json::to_vec(&value).expect("json serializes");
+        let mut bytes = serde_json::to_vec(&value).expect("json serializes");
+        if max_payload > 0 && bytes.len() > max_payload {
+            // Never a silent timeout: say why, so the caller can narrow the query.
+            let message = format!(
+                "the reply ({} bytes) exceeds the NATS max payload ({max_payload} bytes)",
+                bytes.len()
+            );
+            tracing::warn!(query = kind, %message);
+            bytes = Reply::error(ErrorCode::Internal, message).to_json();
+        }
         if request.message.reply.is_some()
             && let Err(e) = request.respond(Ok(bytes.into())).await
         {

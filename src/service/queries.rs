@@ -2,7 +2,7 @@
 //! read transactions (MVCC snapshots: never blocked by, never blocking, the
 //! writer).
 
-use crate::domain::limits::{PAYLOAD_BYTES_MAX, QUERY_JOBS_MAX};
+use crate::domain::limits::{PAYLOAD_BYTES_MAX, QUERY_JOBS_BYTES_MAX, QUERY_JOBS_MAX};
 use crate::domain::{ErrorCode, Reply};
 use crate::domain::{Job, Snapshot};
 use crate::projection::history::HistoryEntry;
@@ -30,7 +30,11 @@ pub struct JobReply {
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct JobsReply {
     pub ok: bool,
+    /// Matching jobs in job-id order: one page.
     pub jobs: Vec<Job>,
+    /// Present when more jobs may match: ask again with `after` set to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<Uuid>,
 }
 
 /// Reply of `bcp.query.snapshots`: the retained snapshots in time order.
@@ -76,15 +80,15 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
             Ok(None) => error(ErrorCode::NotFound, format!("no job {}", q.job_id)),
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
-        "jobs" => parse::<JobFilter>(body).map(|f| match store.load_world() {
-            Ok(world) => {
-                let jobs = crate::projection::jobs(&world, &f)
-                    .take(QUERY_JOBS_MAX)
-                    .cloned()
-                    .collect();
-                to_value(JobsReply { ok: true, jobs })
+        "jobs" => parse::<JobFilter>(body).map(|f| {
+            match store.jobs_page(&f, QUERY_JOBS_MAX, QUERY_JOBS_BYTES_MAX) {
+                Ok((jobs, next_after)) => to_value(JobsReply {
+                    ok: true,
+                    jobs,
+                    next_after,
+                }),
+                Err(e) => error(ErrorCode::Unavailable, e.to_string()),
             }
-            Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
         "snapshots" => {
             parse::<JobQuery>(body).map(|q| match (store.job(q.job_id), store.catalog(q.job_id)) {

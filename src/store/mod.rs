@@ -215,6 +215,40 @@ impl Store {
             .transpose()
     }
 
+    /// One page of the jobs matching `filter`, in job-id order, after
+    /// `filter.after`: at most `max_jobs` (or `filter.limit`) and about
+    /// `max_bytes` of JSON; with the id to continue after when more may match.
+    pub fn jobs_page(
+        &self,
+        filter: &crate::projection::JobFilter,
+        max_jobs: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Job>, Option<Uuid>)> {
+        let limit = filter.limit.unwrap_or(max_jobs).clamp(1, max_jobs);
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(JOBS)?;
+        let start = filter.after.map_or(0, |a| a.as_u128().saturating_add(1));
+        let (mut jobs, mut bytes) = (Vec::new(), 0);
+        for r in t.range(start..)? {
+            let (k, v) = r?;
+            let job: Job =
+                serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("job row: {e}")))?;
+            if !filter.matches(&job) {
+                continue;
+            }
+            if jobs.len() == limit || bytes + v.value().len() > max_bytes {
+                let last = jobs
+                    .last()
+                    .map(|j: &Job| j.job_id)
+                    .unwrap_or(Uuid::from_u128(k.value().saturating_sub(1)));
+                return Ok((jobs, Some(last)));
+            }
+            bytes += v.value().len();
+            jobs.push(job);
+        }
+        Ok((jobs, None))
+    }
+
     /// The stored projections (jobs, catalogs and regions) as a [`World`].
     pub fn load_world(&self) -> Result<World> {
         let txn = self.db.begin_read()?;
