@@ -2418,19 +2418,7 @@ async fn service_api_is_discoverable_with_stats() {
             )
         })
         .collect();
-    let verbs = [
-        "create",
-        "start",
-        "stop",
-        "terminate",
-        "assign-region",
-        "change-schedule",
-        "record-snapshot",
-        "delete-snapshot",
-        "set-snapshot-expiry",
-        "expire-snapshots",
-        "configure-region",
-    ];
+    let verbs = bcp::domain::Verb::ALL.map(|v| v.as_str());
     for verb in verbs {
         assert_eq!(
             endpoints.get(verb),

@@ -1,9 +1,9 @@
-//! Pure folds over the log: job views (filters over [`World`]) and per-job
-//! history. The live server and the audit tools use exactly these.
+//! Pure folds over the log: job filters and per-job history. The live
+//! server and the audit tools use exactly these.
 
 pub mod history;
 
-use crate::domain::{Job, JobState, Name, ProjectId, World};
+use crate::domain::{Job, JobState, Name, ProjectId};
 use serde::{Deserialize, Serialize};
 
 /// `bcp.query.jobs` filters; every given field must match.
@@ -41,9 +41,4 @@ impl JobFilter {
                 .as_ref()
                 .is_none_or(|c| job.deployment.cluster.as_ref() == Some(c))
     }
-}
-
-/// The jobs of `world` that match, in job-id order.
-pub fn jobs<'a>(world: &'a World, filter: &'a JobFilter) -> impl Iterator<Item = &'a Job> + 'a {
-    world.jobs.values().filter(|j| filter.matches(j))
 }
