@@ -1884,7 +1884,9 @@ async fn sweeper_expires_due_snapshots() {
     let secs = ChronoDuration::seconds;
     let taken_to_expire_at = |expires: DateTime<Utc>| rfc3339(expires - ChronoDuration::days(2));
     let (d, s, k, r2, r) = (id(), id(), id(), id(), id());
-    let (d_due, s_due) = (t0 + secs(2), t0 + secs(3));
+    // Far enough ahead that the setup below is done before anything falls
+    // due, even on a loaded machine running every test at once.
+    let (d_due, s_due) = (t0 + secs(8), t0 + secs(9));
     let record = async |job: Uuid, snap: Uuid, taken_at: String, version: u64, seq: u64| {
         let reply = h
             .cmd(
@@ -1899,7 +1901,7 @@ async fn sweeper_expires_due_snapshots() {
             "record {snap} taken at {taken_at}"
         );
     };
-    // D: due in 2 s, made do_not_delete well before that.
+    // D: due in 8 s, made do_not_delete well before that.
     record(j, d, taken_to_expire_at(d_due), 3, 5).await;
     let mut keep = snapshot_body(j, d);
     keep["do_not_delete"] = json!(true);
@@ -1908,7 +1910,7 @@ async fn sweeper_expires_due_snapshots() {
         reply,
         accepted(Some(j), Some(4), &[(6, "SnapshotExpiryChanged")])
     );
-    // S, and R2 of a job that is then stopped: due in 3 s. K: not for days.
+    // S, and R2 of a job that is then stopped: due in 9 s. K: not for days.
     record(j, s, taken_to_expire_at(s_due), 5, 7).await;
     record(j, k, rfc3339(t0 + ChronoDuration::days(1)), 6, 8).await;
     record(j2, r2, taken_to_expire_at(s_due), 3, 9).await;
@@ -1922,7 +1924,7 @@ async fn sweeper_expires_due_snapshots() {
     // fall due together) once their time has come; D stays.
     let deadline = support::Deadline::new(
         "the sweeper to expire R, S and R2",
-        std::time::Duration::from_secs(15),
+        std::time::Duration::from_secs(40),
     );
     loop {
         let left: Vec<Value> = h
