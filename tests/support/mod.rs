@@ -300,14 +300,7 @@ impl Harness {
     /// it answers a query and its command intake answers (a `bad_request`
     /// probe, which appends nothing).
     pub async fn start_bcp(&mut self) {
-        assert!(self.bcp.is_none(), "bcp serve is already running");
-        let log = self.bcp_log();
-        self.bcp = Some(Bcp::spawn(
-            &self.db(),
-            &self.nats.url(),
-            &log,
-            &self.serve_args,
-        ));
+        self.spawn_bcp();
         let deadline = Deadline::new("bcp serve to answer queries and commands", STARTUP);
         loop {
             let child = self.bcp.as_mut().expect("bcp").child();
