@@ -39,6 +39,57 @@ pub struct Envelope {
     pub hash: String,
 }
 
+/// `bcp.evt.<project>.<job>.<type>`, or `bcp.evt._admin.<region>.<type>`
+/// for a region event (the one rule, for [`Envelope`] and [`Routing`]).
+fn subject_of(
+    project: &str,
+    job_id: Option<Uuid>,
+    event_type: &str,
+    region: Option<&str>,
+) -> String {
+    let key = match (region, job_id) {
+        (Some(region), _) => region.to_owned(),
+        (None, Some(job)) => job.to_string(),
+        (None, None) => "_".to_owned(),
+    };
+    format!("bcp.evt.{project}.{key}.{event_type}")
+}
+
+/// What publishing an event needs, read from its stored bytes without
+/// building the whole envelope (the relay's hot path).
+#[derive(Deserialize)]
+pub struct Routing {
+    pub event_id: Uuid,
+    project_id: String,
+    job_id: Option<Uuid>,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    data: RoutingData,
+}
+
+#[derive(Default, Deserialize)]
+struct RoutingData {
+    #[serde(default)]
+    region: Option<String>,
+}
+
+impl Routing {
+    pub fn parse(bytes: &[u8]) -> Result<Routing, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// The same subject as [`Envelope::subject`].
+    pub fn subject(&self) -> String {
+        let region = self
+            .data
+            .region
+            .as_deref()
+            .filter(|_| self.event_type == "RegionConfigured");
+        subject_of(&self.project_id, self.job_id, &self.event_type, region)
+    }
+}
+
 fn hash_of(prev_hash: &str, unhashed: &[u8]) -> String {
     let mut h = blake3::Hasher::new();
     h.update(prev_hash.as_bytes());
@@ -106,16 +157,15 @@ impl Envelope {
     /// The JetStream subject: `bcp.evt.<project>.<job>.<type>`, or
     /// `bcp.evt._admin.<region>.<type>` for a region event.
     pub fn subject(&self) -> String {
-        let key = match (&self.event, self.job_id) {
-            (Event::RegionConfigured { region, .. }, _) => region.to_string(),
-            (_, Some(job)) => job.to_string(),
-            (_, None) => "_".to_owned(),
+        let region = match &self.event {
+            Event::RegionConfigured { region, .. } => Some(region.as_str()),
+            _ => None,
         };
-        format!(
-            "bcp.evt.{}.{}.{}",
-            self.project_id,
-            key,
-            self.event.type_name()
+        subject_of(
+            self.project_id.as_str(),
+            self.job_id,
+            self.event.type_name(),
+            region,
         )
     }
 
@@ -168,5 +218,66 @@ mod tests {
                 .unwrap_err()
                 .contains("canonical")
         );
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+    use crate::domain::ids::{Name, ProjectId};
+    use chrono::TimeZone;
+
+    fn sealed(project: &str, job_id: Option<Uuid>, event: Event) -> (Envelope, Vec<u8>) {
+        let mut env = Envelope {
+            seq: 1,
+            event_id: Uuid::from_u128(9),
+            schema_version: 1,
+            project_id: ProjectId::parse(project).unwrap(),
+            job_id,
+            job_version: None,
+            command_id: Uuid::from_u128(4),
+            actor: None,
+            actor_verified: false,
+            recorded_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+            prev_hash: String::new(),
+            event,
+            hash: String::new(),
+        };
+        let bytes = env.seal_to_json(GENESIS_HASH);
+        (env, bytes)
+    }
+
+    #[test]
+    fn routing_gives_the_envelopes_subject() {
+        let eu = Name::parse("eu").unwrap();
+        let cases = [
+            sealed(
+                "_admin",
+                None,
+                Event::RegionConfigured {
+                    region: eu.clone(),
+                    snapshot_store: None,
+                    oplog_store: None,
+                    sync_store: None,
+                },
+            ),
+            sealed(
+                "p1",
+                Some(Uuid::from_u128(7)),
+                Event::RegionAssigned { region: Some(eu) },
+            ),
+            sealed("p1", Some(Uuid::from_u128(7)), Event::JobStopped {}),
+            sealed(
+                "p1",
+                None,
+                Event::SnapshotsPurged {
+                    snapshot_ids: vec![],
+                },
+            ),
+        ];
+        for (env, bytes) in cases {
+            let r = Routing::parse(&bytes).unwrap();
+            assert_eq!((r.event_id, r.subject()), (env.event_id, env.subject()));
+        }
     }
 }

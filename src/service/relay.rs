@@ -8,8 +8,9 @@
 //! and cursor save, a NATS outage or a lost NATS store delays publishing but
 //! never loses or duplicates an event.
 
+use crate::domain::envelope::Routing;
 use crate::domain::limits::{RELAY_CHUNK_MAX, RELAY_WINDOW_MAX};
-use crate::store::{Store, decode_envelope};
+use crate::store::Store;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage, stream};
 use std::collections::VecDeque;
@@ -141,7 +142,8 @@ async fn publish_chunk(
         VecDeque::with_capacity(RELAY_WINDOW_MAX);
     let mut last = published.load(Ordering::SeqCst);
     for (seq, bytes) in chunk {
-        let env = decode_envelope(seq, &bytes).map_err(|e| e.to_string())?;
+        let env = Routing::parse(&bytes)
+            .map_err(|e| format!("event at seq {seq} does not parse: {e}"))?;
         let mut headers = HeaderMap::new();
         headers.insert(SEQ_HEADER, seq.to_string().as_str());
         let msg = PublishMessage::build()
