@@ -1293,23 +1293,135 @@ impl redb::StorageBackend for FaultyBackend {
     }
 }
 
-#[test]
-fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bcp.redb");
+/// A store at `path` whose writes fail while the flag is set.
+fn faulty_store(path: &Path) -> (Store, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
+        .open(path)
         .unwrap();
     let backend = FaultyBackend {
         inner: redb::backends::FileBackend::new(file).unwrap(),
         fail: fail.clone(),
     };
-    let store = Store::with_backend(backend).unwrap();
+    (Store::with_backend(backend).unwrap(), fail)
+}
+
+/// The writer decides batch N+1 while batch N commits on another thread
+/// (src/service/writer.rs). N+1 sees N's effects, a retry of one of N's
+/// commands is answered from N's not-yet-committed record, and when N's
+/// commit fails both are undone: memory equals the disk again.
+#[test]
+fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, fail) = faulty_store(&dir.path().join("bcp.redb"));
+    let mut ledger = Ledger::open(store.clone()).unwrap();
+    let mut next = 0u128;
+    let mut ids = || {
+        next += 1;
+        Uuid::from_u128(next)
+    };
+    let cmd = |verb: &str, body: serde_json::Value| {
+        Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
+    };
+    let create = json!({"command_id": Uuid::from_u128(1), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs"}});
+    ledger
+        .execute(&[cmd("create", create)], t0(), &mut ids, None)
+        .unwrap();
+    let on_disk = (ledger.world().clone(), ledger.head_seq());
+
+    let start = cmd(
+        "start",
+        json!({"command_id": Uuid::from_u128(2), "job_id": job(1)}),
+    );
+    let snapshot = cmd(
+        "record-snapshot",
+        json!({"command_id": Uuid::from_u128(3), "job_id": job(1), "snapshot_id": Uuid::from_u128(9), "taken_at": t0(), "size_bytes": 1}),
+    );
+    let run = |ledger: &mut Ledger, ids: &mut dyn FnMut() -> Uuid, batch: &[&Pending]| {
+        let mut b = ledger.begin(t0()).unwrap();
+        for p in batch {
+            ledger.decide(&mut b, p, ids).unwrap();
+        }
+        ledger.prepare(b, None)
+    };
+    let n = run(&mut ledger, &mut ids, &[&start]);
+    let n1 = run(&mut ledger, &mut ids, &[&snapshot, &start]);
+    let started = &n.replies()[0];
+    assert!(started.ok && !started.duplicate, "{started:?}");
+    let [recorded, retried] = n1.replies() else {
+        panic!("two replies")
+    };
+    assert!(recorded.ok, "N+1 sees the job Active after N: {recorded:?}");
+    assert!(retried.duplicate, "{retried:?}");
+    assert_eq!(retried.events, started.events, "the retry gets N's answer");
+    assert_eq!((n.head_seq(), n1.head_seq()), (2, 3));
+
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(store.commit(&n).is_err());
+    ledger.rolled_back(n1);
+    ledger.rolled_back(n);
+    assert_eq!((ledger.world().clone(), ledger.head_seq()), on_disk);
+    assert_eq!(store.load_world().unwrap(), on_disk.0);
+}
+
+/// The same two overlapping batches, committed: the log verifies, the
+/// stored projection is the fold, and the retry appended nothing.
+#[test]
+fn overlapping_batches_commit_in_order_and_the_log_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
+    let mut ledger = Ledger::open(store.clone()).unwrap();
+    let mut next = 0u128;
+    let mut ids = || {
+        next += 1;
+        Uuid::from_u128(next)
+    };
+    let cmd = |n: u128, verb: &str, extra: serde_json::Value| {
+        let mut body = json!({"command_id": Uuid::from_u128(n), "job_id": job(1)});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
+    };
+    let create = cmd(
+        1,
+        "create",
+        json!({"deployment": {"kind": "replica_set", "name": "rs"}}),
+    );
+    let start = cmd(2, "start", json!({}));
+    let stop = cmd(3, "stop", json!({}));
+    let mut b = ledger.begin(t0()).unwrap();
+    ledger.decide(&mut b, &create, &mut ids).unwrap();
+    ledger.decide(&mut b, &start, &mut ids).unwrap();
+    let n = ledger.prepare(b, None);
+    let mut b = ledger.begin(t0()).unwrap();
+    ledger.decide(&mut b, &start, &mut ids).unwrap();
+    ledger.decide(&mut b, &stop, &mut ids).unwrap();
+    let n1 = ledger.prepare(b, Some(1));
+    store.commit(&n).unwrap();
+    let replies = ledger.committed(n);
+    assert!(replies.iter().all(|r| r.ok && !r.duplicate), "{replies:?}");
+    store.commit(&n1).unwrap();
+    let replies = ledger.committed(n1);
+    assert!(replies[0].duplicate && replies[1].ok, "{replies:?}");
+    assert_eq!(store.head_seq().unwrap(), 3, "create, start, stop");
+    assert_eq!(store.published_seq().unwrap(), 1);
+    assert_eq!(&store.load_world().unwrap(), ledger.world());
+    verify(&store).unwrap();
+    // After the commit the retry is answered from the stored record.
+    let replies = ledger.execute(&[start], t0(), &mut ids, None).unwrap();
+    assert!(replies[0].duplicate && replies[0].events[0].seq == 2);
+}
+
+#[test]
+fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let (store, fail) = faulty_store(&path);
     let mut ledger = Ledger::open(store.clone()).unwrap();
     let mut next = 0u128;
     let mut run = |ledger: &mut Ledger, verb: &str, body: &serde_json::Value| {

@@ -1,23 +1,28 @@
-//! The single writer: one OS thread owns the [`Ledger`]. It takes whatever
-//! commands are queued (up to `BATCH_COMMANDS_MAX`), decides them in order,
-//! commits them in one durable transaction, and only then hands the replies
-//! back. A command later in a batch sees the effects of earlier ones.
+//! The single writer: one OS thread owns the [`Ledger`] and decides commands
+//! in order against its in-memory state; a second thread commits each batch
+//! in one durable transaction. The two overlap: while batch N is being
+//! written and fsynced, the commands that arrive are decided into batch N+1,
+//! which is committed as soon as N is durable. A command later in a batch
+//! sees the effects of earlier ones (also of the batch still committing).
+//! Replies go out only after their batch is durable; if a commit fails, it
+//! and the batch decided on top of it are rolled back and answered
+//! `unavailable`.
 
 use super::intake::ReplyTo;
 use crate::domain::limits::BATCH_COMMANDS_MAX;
-use crate::domain::{ErrorCode, Reply};
-use crate::store::StoreError;
-use crate::store::ledger::{Ledger, Pending};
+use crate::domain::{ErrorCode, Reply, Verb};
+use crate::store::ledger::{Batch, Ledger, Prepared};
+use crate::store::{Store, StoreError};
 use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// A decoded command and where its reply goes.
 pub struct WriteRequest {
-    pub pending: Pending,
+    pub pending: crate::store::ledger::Pending,
     pub reply_to: ReplyTo,
 }
 
@@ -25,7 +30,7 @@ pub struct WriteRequest {
 pub struct Committed {
     pub reply_to: ReplyTo,
     pub reply: Reply,
-    pub verb: crate::domain::Verb,
+    pub verb: Verb,
     pub command_id: uuid::Uuid,
 }
 
@@ -34,84 +39,258 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// Where each reply of a batch goes, in batch order.
+struct Target {
+    reply_to: ReplyTo,
+    verb: Verb,
+    command_id: uuid::Uuid,
+}
+
+fn answer(targets: Vec<Target>, replies: Vec<Reply>) -> Vec<Committed> {
+    targets
+        .into_iter()
+        .zip(replies)
+        .map(|(t, reply)| Committed {
+            reply_to: t.reply_to,
+            verb: t.verb,
+            command_id: t.command_id,
+            reply,
+        })
+        .collect()
+}
+
+/// A batch being decided.
+struct Open {
+    batch: Batch,
+    targets: Vec<Target>,
+}
+
+/// A batch handed to the commit thread.
+struct Committing {
+    done: oneshot::Receiver<(Prepared, Result<(), StoreError>)>,
+    targets: Vec<Target>,
+    cursor: Option<u64>,
+}
+
+type CommitJob = (
+    Prepared,
+    oneshot::Sender<(Prepared, Result<(), StoreError>)>,
+);
+
+/// The commit thread: writes each prepared batch in one durable
+/// transaction, in the order given, and hands it back with the outcome.
+fn spawn_committer(store: Store) -> std::sync::mpsc::Sender<CommitJob> {
+    let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
+    std::thread::Builder::new()
+        .name("bcp-commit".into())
+        .spawn(move || {
+            for (prepared, done) in rx {
+                let result = store.commit(&prepared);
+                let _ = done.send((prepared, result));
+            }
+        })
+        .expect("spawn commit thread");
+    tx
+}
+
+struct Writer {
+    ledger: Ledger,
+    queue: mpsc::Receiver<WriteRequest>,
+    replies: mpsc::Sender<Vec<Committed>>,
+    head: watch::Sender<u64>,
+    published: Arc<AtomicU64>,
+    fatal: CancellationToken,
+    committer: std::sync::mpsc::Sender<CommitJob>,
+    saved_cursor: Option<u64>,
+    poisoned: Option<StoreError>,
+}
+
 /// Start the writer thread; it returns the final head seq when the queue
 /// closes and is empty. If the store fails in a way only reopening it cures
 /// (redb after an I/O error), the writer answers everything `unavailable`,
 /// cancels `fatal` so the server drains and exits non-zero, and returns the
 /// error: a supervisor restarts bcp, and nothing acknowledged was lost.
 pub fn spawn(
-    mut ledger: Ledger,
-    mut queue: mpsc::Receiver<WriteRequest>,
+    ledger: Ledger,
+    queue: mpsc::Receiver<WriteRequest>,
     replies: mpsc::Sender<Vec<Committed>>,
     head: watch::Sender<u64>,
     published: Arc<AtomicU64>,
     fatal: CancellationToken,
 ) -> JoinHandle<Result<u64, StoreError>> {
+    let committer = spawn_committer(ledger.store().clone());
+    let writer = Writer {
+        ledger,
+        queue,
+        replies,
+        head,
+        published,
+        fatal,
+        committer,
+        saved_cursor: None,
+        poisoned: None,
+    };
     std::thread::Builder::new()
         .name("bcp-writer".into())
-        .spawn(move || {
-            let mut saved_cursor = None;
-            let mut poisoned = None;
-            let mut batch = Vec::with_capacity(BATCH_COMMANDS_MAX);
-            while let Some(first) = queue.blocking_recv() {
-                batch.push(first);
-                while batch.len() < BATCH_COMMANDS_MAX {
-                    match queue.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
-                let (pendings, targets): (Vec<Pending>, Vec<ReplyTo>) =
-                    batch.drain(..).map(|r| (r.pending, r.reply_to)).unzip();
-                let replies_out: Vec<Reply> = if let Some(e) = &poisoned {
-                    vec![unavailable(e); pendings.len()]
-                } else {
-                    let cursor = published.load(Ordering::SeqCst);
-                    let cursor = (saved_cursor != Some(cursor)).then_some(cursor);
-                    let mut ids = uuid::Uuid::now_v7;
-                    match ledger.execute(&pendings, now(), &mut ids, cursor) {
-                        Ok(r) => {
-                            if cursor.is_some() {
-                                saved_cursor = cursor;
+        .spawn(move || futures::executor::block_on(writer.run()))
+        .expect("spawn writer thread")
+}
+
+impl Writer {
+    async fn run(mut self) -> Result<u64, StoreError> {
+        let mut open: Option<Open> = None;
+        let mut committing: Option<Committing> = None;
+        let mut queue_open = true;
+        loop {
+            let room = open.as_ref().map_or(0, |o| o.batch.len()) < BATCH_COMMANDS_MAX;
+            tokio::select! {
+                biased;
+                done = async { (&mut committing.as_mut().expect("guarded").done).await }, if committing.is_some() => {
+                    let c = committing.take().expect("guarded");
+                    let (prepared, result) = done.expect("the commit thread answers every batch");
+                    match result {
+                        Ok(()) => {
+                            self.settled(prepared, c).await;
+                            if let Some(o) = open.take() {
+                                committing = self.commit(o);
                             }
-                            head.send_replace(ledger.head_seq());
-                            tracing::trace!(commands = pendings.len(), head_seq = ledger.head_seq(), "batch committed");
-                            r
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, commands = pendings.len(), "batch not committed; answering unavailable");
-                            let replies = vec![unavailable(&e); pendings.len()];
-                            if e.is_poisoned() {
-                                tracing::error!("the store needs reopening: stopping; restart bcp serve");
-                                queue.close();
-                                fatal.cancel();
-                                poisoned = Some(e);
+                            // The batch decided on top of the failed one goes first.
+                            if let Some(o) = open.take() {
+                                let undone = self.ledger.prepare(o.batch, None);
+                                let n = undone.len();
+                                self.ledger.rolled_back(undone);
+                                self.send(answer(o.targets, vec![unavailable(&e); n])).await;
                             }
-                            replies
+                            self.failed(prepared, c.targets, e).await;
                         }
                     }
-                };
-                let committed = pendings
-                    .into_iter()
-                    .zip(targets)
-                    .zip(replies_out)
-                    .map(|((p, reply_to), reply)| Committed {
-                        reply_to,
-                        verb: p.cmd.verb,
-                        command_id: p.cmd.command_id,
-                        reply,
+                }
+                r = self.queue.recv(), if queue_open && room => {
+                    let Some(first) = r else {
+                        queue_open = false;
+                        continue;
+                    };
+                    self.take(&mut open, first).await;
+                    // Whatever else is already queued joins the same batch.
+                    while open.as_ref().is_some_and(|o| o.batch.len() < BATCH_COMMANDS_MAX) {
+                        match self.queue.try_recv() {
+                            Ok(r) => self.take(&mut open, r).await,
+                            Err(_) => break,
+                        }
+                    }
+                    if committing.is_none()
+                        && let Some(o) = open.take()
+                    {
+                        committing = self.commit(o);
+                    }
+                }
+                else => break,
+            }
+        }
+        match self.poisoned {
+            Some(e) => Err(e),
+            None => Ok(self.ledger.head_seq()),
+        }
+    }
+
+    /// Decide one command into the open batch (starting one if needed).
+    async fn take(&mut self, open: &mut Option<Open>, r: WriteRequest) {
+        let target = Target {
+            reply_to: r.reply_to,
+            verb: r.pending.cmd.verb,
+            command_id: r.pending.cmd.command_id,
+        };
+        if let Some(e) = &self.poisoned {
+            let reply = unavailable(e);
+            self.send(answer(vec![target], vec![reply])).await;
+            return;
+        }
+        if open.is_none() {
+            match self.ledger.begin(now()) {
+                Ok(batch) => {
+                    *open = Some(Open {
+                        batch,
+                        targets: Vec::new(),
                     })
-                    .collect();
-                if replies.blocking_send(committed).is_err() {
-                    tracing::warn!("reply sender gone; replies dropped (producers retry with the same command_id)");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the store; answering unavailable");
+                    self.send(answer(vec![target], vec![unavailable(&e)])).await;
+                    return;
                 }
             }
-            match poisoned {
-                Some(e) => Err(e),
-                None => Ok(ledger.head_seq()),
+        }
+        let o = open.as_mut().expect("opened above");
+        let mut ids = uuid::Uuid::now_v7;
+        match self.ledger.decide(&mut o.batch, &r.pending, &mut ids) {
+            Ok(()) => o.targets.push(target),
+            Err(e) => {
+                // A storage read failed mid-batch: the batch so far is undone.
+                let o = open.take().expect("opened above");
+                let undone = self.ledger.prepare(o.batch, None);
+                let n = undone.len();
+                self.ledger.rolled_back(undone);
+                tracing::error!(error = %e, commands = n + 1, "batch not decided; answering unavailable");
+                let mut targets = o.targets;
+                targets.push(target);
+                self.send(answer(targets, vec![unavailable(&e); n + 1]))
+                    .await;
             }
+        }
+    }
+
+    /// Hand the open batch to the commit thread.
+    fn commit(&mut self, o: Open) -> Option<Committing> {
+        let cursor = self.published.load(Ordering::SeqCst);
+        let cursor = (self.saved_cursor != Some(cursor)).then_some(cursor);
+        let prepared = self.ledger.prepare(o.batch, cursor);
+        let (done_tx, done) = oneshot::channel();
+        self.committer
+            .send((prepared, done_tx))
+            .expect("the commit thread lives as long as the writer");
+        Some(Committing {
+            done,
+            targets: o.targets,
+            cursor,
         })
-        .expect("spawn writer thread")
+    }
+
+    /// A batch is durable: publish the new head and reply.
+    async fn settled(&mut self, prepared: Prepared, c: Committing) {
+        if c.cursor.is_some() {
+            self.saved_cursor = c.cursor;
+        }
+        let head_seq = prepared.head_seq();
+        self.head.send_replace(head_seq);
+        tracing::trace!(commands = prepared.len(), head_seq, "batch committed");
+        let replies = self.ledger.committed(prepared);
+        self.send(answer(c.targets, replies)).await;
+    }
+
+    /// A batch failed to commit: undo it and answer `unavailable`; stop if
+    /// the store needs reopening.
+    async fn failed(&mut self, prepared: Prepared, targets: Vec<Target>, e: StoreError) {
+        let n = prepared.len();
+        self.ledger.rolled_back(prepared);
+        tracing::error!(error = %e, commands = n, "batch not committed; answering unavailable");
+        self.send(answer(targets, vec![unavailable(&e); n])).await;
+        if e.is_poisoned() {
+            tracing::error!("the store needs reopening: stopping; restart bcp serve");
+            self.queue.close();
+            self.fatal.cancel();
+            self.poisoned = Some(e);
+        }
+    }
+
+    async fn send(&self, committed: Vec<Committed>) {
+        if self.replies.send(committed).await.is_err() {
+            tracing::warn!(
+                "reply sender gone; replies dropped (producers retry with the same command_id)"
+            );
+        }
+    }
 }
 
 fn unavailable(e: &StoreError) -> Reply {

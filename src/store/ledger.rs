@@ -3,9 +3,15 @@
 //! events, idempotency records, projection rows and relay cursor in ONE
 //! `Durability::Immediate` transaction. Only the writer holds a [`Ledger`].
 //!
-//! If the commit fails, the in-memory state is rolled back to what is on disk
-//! and every command of the batch is answered `unavailable`: nothing
-//! acknowledged is ever missing from the log.
+//! A batch goes [`Ledger::begin`] → [`Ledger::decide`] (per command) →
+//! [`Ledger::prepare`] (the rows it writes) → [`Store::commit`] → either
+//! [`Ledger::committed`] (its replies may go out) or [`Ledger::rolled_back`]
+//! (the in-memory state is put back as it is on disk, and every command of
+//! the batch is answered `unavailable`). The commit may run on another
+//! thread while the next batch is decided on top of this one; a batch is
+//! only committed after the one before it, and if one fails, every batch
+//! decided after it is rolled back too. [`Ledger::execute`] does all of it
+//! in one call. Nothing acknowledged is ever missing from the log.
 
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
@@ -17,8 +23,8 @@ use crate::domain::{
     Catalog, CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
 };
 use chrono::{DateTime, Utc};
-use redb::{ReadableDatabase, ReadableTable, Table};
-use std::collections::BTreeMap;
+use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable, Table};
+use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 /// Events at the end of the log re-checked on every open.
@@ -96,6 +102,9 @@ pub struct Ledger {
     head_seq: u64,
     head_hash: String,
     head_time: Option<DateTime<Utc>>,
+    /// Idempotency records of batches decided but not yet known committed
+    /// (the writer decides the next batch while the previous one commits).
+    uncommitted: HashMap<u128, CommandRecord>,
 }
 
 /// Prior values of everything a batch touched, to undo a failed commit.
@@ -103,12 +112,120 @@ pub struct Ledger {
 struct Undo {
     jobs: BTreeMap<Uuid, (Option<Job>, Option<Catalog>)>,
     regions: BTreeMap<Name, Option<Region>>,
+    head: (u64, String, Option<DateTime<Utc>>),
 }
 
-struct Tables<'t> {
-    events: Table<'t, u64, &'static [u8]>,
-    job_log: Table<'t, (u128, u64), ()>,
-    commands: Table<'t, u128, &'static [u8]>,
+/// A batch being decided: the replies so far, the rows they will write, and
+/// how to undo them in memory.
+pub struct Batch {
+    now: DateTime<Utc>,
+    /// Committed idempotency records, as of the batch's start.
+    commands: ReadOnlyTable<u128, &'static [u8]>,
+    rows: Rows,
+    replies: Vec<Reply>,
+    undo: Undo,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.replies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+}
+
+/// Everything one batch writes, in one durable transaction.
+#[derive(Default)]
+struct Rows {
+    events: Vec<(u64, Vec<u8>)>,
+    job_log: Vec<(u128, u64)>,
+    commands: Vec<(u128, Vec<u8>)>,
+    /// Projection rows of the jobs and regions the batch touched; `None`: remove.
+    jobs: Vec<(u128, Option<Vec<u8>>)>,
+    catalogs: Vec<(u128, Option<Vec<u8>>)>,
+    regions: Vec<(String, Vec<u8>)>,
+    published_seq: Option<u64>,
+}
+
+/// A decided batch ready to commit: [`Store::commit`] writes it (on any
+/// thread); then [`Ledger::committed`] or [`Ledger::rolled_back`] settles it.
+pub struct Prepared {
+    rows: Rows,
+    replies: Vec<Reply>,
+    undo: Undo,
+    command_ids: Vec<u128>,
+    head_seq: u64,
+}
+
+impl Prepared {
+    /// The log head once this batch is committed.
+    pub fn head_seq(&self) -> u64 {
+        self.head_seq
+    }
+
+    /// The replies, in batch order; they may go out only once committed.
+    pub fn replies(&self) -> &[Reply] {
+        &self.replies
+    }
+
+    pub fn len(&self) -> usize {
+        self.replies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+}
+
+impl Store {
+    /// Write a prepared batch in ONE `Durability::Immediate` transaction.
+    /// On `Err`, nothing of it was written.
+    pub fn commit(&self, p: &Prepared) -> Result<()> {
+        let mut txn = self.db().begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        {
+            let r = &p.rows;
+            let mut events = txn.open_table(EVENTS)?;
+            for (seq, bytes) in &r.events {
+                events.insert(*seq, bytes.as_slice())?;
+            }
+            let mut job_log = txn.open_table(JOB_LOG)?;
+            for key in &r.job_log {
+                job_log.insert(*key, ())?;
+            }
+            let mut commands = txn.open_table(COMMANDS)?;
+            for (key, bytes) in &r.commands {
+                commands.insert(*key, bytes.as_slice())?;
+            }
+            put_rows(&mut txn.open_table(JOBS)?, &r.jobs)?;
+            put_rows(&mut txn.open_table(CATALOGS)?, &r.catalogs)?;
+            let mut regions = txn.open_table(REGIONS)?;
+            for (name, bytes) in &r.regions {
+                regions.insert(name.as_str(), bytes.as_slice())?;
+            }
+            if let Some(seq) = r.published_seq {
+                txn.open_table(CURSOR)?.insert(PUBLISHED_SEQ, seq)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn put_rows(
+    table: &mut Table<'_, u128, &'static [u8]>,
+    rows: &[(u128, Option<Vec<u8>>)],
+) -> Result<()> {
+    for (key, row) in rows {
+        match row {
+            Some(bytes) => table.insert(*key, bytes.as_slice())?,
+            None => table.remove(*key)?,
+        };
+    }
+    Ok(())
 }
 
 impl Ledger {
@@ -140,6 +257,7 @@ impl Ledger {
             head_seq,
             head_hash,
             head_time,
+            uncommitted: HashMap::new(),
         })
     }
 
@@ -147,6 +265,7 @@ impl Ledger {
         &self.store
     }
 
+    /// The projections as decided so far (including a batch not yet committed).
     pub fn world(&self) -> &World {
         &self.world
     }
@@ -169,111 +288,142 @@ impl Ledger {
         next_id: IdSource<'_>,
         published_seq: Option<u64>,
     ) -> Result<Vec<Reply>> {
-        // The log's time never goes backwards, even if the wall clock does,
-        // so replay "as of a time" is always a prefix of the log.
+        let mut b = self.begin(now)?;
+        for p in batch {
+            if let Err(e) = self.decide(&mut b, p, next_id) {
+                let undone = self.prepare(b, published_seq);
+                self.rolled_back(undone);
+                return Err(e);
+            }
+        }
+        let prepared = self.prepare(b, published_seq);
+        match self.store.commit(&prepared) {
+            Ok(()) => Ok(self.committed(prepared)),
+            Err(e) => {
+                self.rolled_back(prepared);
+                Err(e)
+            }
+        }
+    }
+
+    /// Start a batch decided at `now` (never before the log's last time, even
+    /// if the wall clock went back, so replay "as of a time" is always a
+    /// prefix of the log).
+    pub fn begin(&mut self, now: DateTime<Utc>) -> Result<Batch> {
         let now = self.head_time.map_or(now, |t| now.max(t));
-        let (head_seq, head_hash, head_time) =
-            (self.head_seq, self.head_hash.clone(), self.head_time);
-        let mut undo = Undo::default();
-        let result = self.execute_in_txn(batch, now, next_id, published_seq, &mut undo);
-        if result.is_err() {
-            for (id, (job, catalog)) in undo.jobs {
-                match job {
-                    Some(j) => self.world.jobs.insert(id, j),
-                    None => self.world.jobs.remove(&id),
-                };
-                match catalog {
-                    Some(c) => self.world.catalogs.insert(id, c),
-                    None => self.world.catalogs.remove(&id),
-                };
-            }
-            for (name, region) in undo.regions {
-                match region {
-                    Some(r) => self.world.regions.insert(name, r),
-                    None => self.world.regions.remove(&name),
-                };
-            }
-            self.head_seq = head_seq;
-            self.head_hash = head_hash;
-            self.head_time = head_time;
-        }
-        result
+        let commands = self.store.db().begin_read()?.open_table(COMMANDS)?;
+        Ok(Batch {
+            now,
+            commands,
+            rows: Rows::default(),
+            replies: Vec::new(),
+            undo: Undo {
+                head: (self.head_seq, self.head_hash.clone(), self.head_time),
+                ..Undo::default()
+            },
+        })
     }
 
-    fn execute_in_txn(
-        &mut self,
-        batch: &[Pending],
-        now: DateTime<Utc>,
-        next_id: IdSource<'_>,
-        published_seq: Option<u64>,
-        undo: &mut Undo,
-    ) -> Result<Vec<Reply>> {
-        let mut txn = self.store.db().begin_write()?;
-        txn.set_durability(redb::Durability::Immediate)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut replies = Vec::with_capacity(batch.len());
-        {
-            let mut t = Tables {
-                events: txn.open_table(EVENTS)?,
-                job_log: txn.open_table(JOB_LOG)?,
-                commands: txn.open_table(COMMANDS)?,
+    /// Decide one command into `b`, after the ones already in it. On `Err`
+    /// (a storage read failed) the batch must be rolled back.
+    pub fn decide(&mut self, b: &mut Batch, p: &Pending, next_id: IdSource<'_>) -> Result<()> {
+        let reply = self.decide_one(b, p, next_id)?;
+        b.replies.push(reply);
+        Ok(())
+    }
+
+    /// Close `b`: serialize the projection rows it changed.
+    pub fn prepare(&mut self, b: Batch, published_seq: Option<u64>) -> Prepared {
+        let Batch {
+            mut rows,
+            replies,
+            undo,
+            ..
+        } = b;
+        for id in undo.jobs.keys() {
+            let key = id.as_u128();
+            let job = self.world.jobs.get(id);
+            rows.jobs.push((
+                key,
+                job.map(|j| serde_json::to_vec(j).expect("job serializes")),
+            ));
+            let catalog = self.world.catalogs.get(id);
+            rows.catalogs.push((
+                key,
+                catalog.map(|c| serde_json::to_vec(c).expect("catalog serializes")),
+            ));
+        }
+        for name in undo.regions.keys() {
+            if let Some(r) = self.world.regions.get(name) {
+                rows.regions.push((
+                    name.as_str().to_owned(),
+                    serde_json::to_vec(r).expect("region serializes"),
+                ));
+            }
+        }
+        rows.published_seq = published_seq;
+        let command_ids = rows.commands.iter().map(|(k, _)| *k).collect();
+        Prepared {
+            rows,
+            replies,
+            undo,
+            command_ids,
+            head_seq: self.head_seq,
+        }
+    }
+
+    /// `p` is durable: its replies may go out.
+    pub fn committed(&mut self, p: Prepared) -> Vec<Reply> {
+        for id in &p.command_ids {
+            self.uncommitted.remove(id);
+        }
+        p.replies
+    }
+
+    /// `p` was not committed: put the in-memory state back as it was before
+    /// it. Batches decided after `p` must be rolled back first (newest first).
+    pub fn rolled_back(&mut self, p: Prepared) {
+        for id in &p.command_ids {
+            self.uncommitted.remove(id);
+        }
+        let undo = p.undo;
+        for (id, (job, catalog)) in undo.jobs {
+            match job {
+                Some(j) => self.world.jobs.insert(id, j),
+                None => self.world.jobs.remove(&id),
             };
-            for p in batch {
-                let reply = self.execute_one(&mut t, p, now, next_id, undo)?;
-                replies.push(reply);
-            }
-            let mut jobs = txn.open_table(JOBS)?;
-            let mut catalogs = txn.open_table(CATALOGS)?;
-            for id in undo.jobs.keys() {
-                let key = id.as_u128();
-                match self.world.jobs.get(id) {
-                    Some(job) => jobs.insert(
-                        key,
-                        serde_json::to_vec(job).expect("job serializes").as_slice(),
-                    )?,
-                    None => jobs.remove(key)?,
-                };
-                match self.world.catalogs.get(id) {
-                    Some(c) => catalogs.insert(
-                        key,
-                        serde_json::to_vec(c)
-                            .expect("catalog serializes")
-                            .as_slice(),
-                    )?,
-                    None => catalogs.remove(key)?,
-                };
-            }
-            let mut regions = txn.open_table(REGIONS)?;
-            for name in undo.regions.keys() {
-                if let Some(r) = self.world.regions.get(name) {
-                    regions.insert(
-                        name.as_str(),
-                        serde_json::to_vec(r).expect("region serializes").as_slice(),
-                    )?;
-                }
-            }
-            if let Some(seq) = published_seq {
-                txn.open_table(CURSOR)?.insert(PUBLISHED_SEQ, seq)?;
-            }
+            match catalog {
+                Some(c) => self.world.catalogs.insert(id, c),
+                None => self.world.catalogs.remove(&id),
+            };
         }
-        txn.commit()?;
-        Ok(replies)
+        for (name, region) in undo.regions {
+            match region {
+                Some(r) => self.world.regions.insert(name, r),
+                None => self.world.regions.remove(&name),
+            };
+        }
+        (self.head_seq, self.head_hash, self.head_time) = undo.head;
     }
 
-    fn execute_one(
-        &mut self,
-        t: &mut Tables<'_>,
-        p: &Pending,
-        now: DateTime<Utc>,
-        next_id: IdSource<'_>,
-        undo: &mut Undo,
-    ) -> Result<Reply> {
+    /// The idempotency record of `command_id`, if any: decided in a batch
+    /// not yet committed, or committed.
+    fn record(&self, b: &Batch, key: u128, command_id: Uuid) -> Result<Option<CommandRecord>> {
+        if let Some(rec) = self.uncommitted.get(&key) {
+            return Ok(Some(rec.clone()));
+        }
+        match b.commands.get(key)? {
+            None => Ok(None),
+            Some(rec) => serde_json::from_slice(rec.value())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("command record {command_id}: {e}"))),
+        }
+    }
+
+    fn decide_one(&mut self, b: &mut Batch, p: &Pending, next_id: IdSource<'_>) -> Result<Reply> {
         let cmd = &p.cmd;
         let key = cmd.command_id.as_u128();
-        if let Some(rec) = t.commands.get(key)? {
-            let rec: CommandRecord = serde_json::from_slice(rec.value()).map_err(|e| {
-                StoreError::Corrupt(format!("command record {}: {e}", cmd.command_id))
-            })?;
+        if let Some(rec) = self.record(b, key, cmd.command_id)? {
             if rec.fingerprint != p.fingerprint && rec.fingerprint != super::import::ANY_BODY {
                 return Ok(Reply::error(
                     ErrorCode::CommandIdConflict,
@@ -288,12 +438,12 @@ impl Ledger {
                 ..rec.reply
             });
         }
+        let now = b.now;
         let reply = match decide(&self.world, cmd, now) {
             Ok(decided) => {
                 let mut refs = Vec::with_capacity(decided.len());
                 for d in decided {
-                    let env =
-                        self.append(t, cmd, d.project_id, d.job_id, d.event, now, next_id, undo)?;
+                    let env = self.append(b, cmd, d.project_id, d.job_id, d.event, next_id);
                     refs.push(EventRef {
                         seq: env.seq,
                         event_type: env.event.type_name().to_owned(),
@@ -306,7 +456,7 @@ impl Ledger {
                 Reply::accepted(cmd.job_id, version, refs)
             }
             Err(rejection) if rejection.code.is_audited() => {
-                let env = self.append_rejection(t, cmd, &rejection, now, next_id, undo)?;
+                let env = self.append_rejection(b, cmd, &rejection, next_id);
                 Reply::rejected(cmd.job_id, &rejection, Some(env.seq))
             }
             // A value only checkable against state: bad input, not recorded.
@@ -319,24 +469,20 @@ impl Ledger {
             fingerprint: p.fingerprint.clone(),
             reply: reply.clone(),
         };
-        t.commands.insert(
-            key,
-            serde_json::to_vec(&rec)
-                .expect("record serializes")
-                .as_slice(),
-        )?;
+        b.rows
+            .commands
+            .push((key, serde_json::to_vec(&rec).expect("record serializes")));
+        self.uncommitted.insert(key, rec);
         Ok(reply)
     }
 
     fn append_rejection(
         &mut self,
-        t: &mut Tables<'_>,
+        b: &mut Batch,
         cmd: &CommandEnvelope,
         r: &Rejection,
-        now: DateTime<Utc>,
         next_id: IdSource<'_>,
-        undo: &mut Undo,
-    ) -> Result<Envelope> {
+    ) -> Envelope {
         let event = Event::CommandRejected {
             verb: cmd.verb,
             code: r.code,
@@ -345,36 +491,24 @@ impl Ledger {
             expected_version: cmd.expected_version,
             current_version: r.current_version,
         };
-        self.append(
-            t,
-            cmd,
-            cmd.project_id.clone(),
-            cmd.job_id,
-            event,
-            now,
-            next_id,
-            undo,
-        )
+        self.append(b, cmd, cmd.project_id.clone(), cmd.job_id, event, next_id)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
-        t: &mut Tables<'_>,
+        b: &mut Batch,
         cmd: &CommandEnvelope,
         project_id: crate::domain::ProjectId,
         job_id: Option<Uuid>,
         event: Event,
-        now: DateTime<Utc>,
         next_id: IdSource<'_>,
-        undo: &mut Undo,
-    ) -> Result<Envelope> {
+    ) -> Envelope {
         let job_version = match (job_id, event.is_job_change()) {
             (Some(id), true) => Some(self.world.jobs.get(&id).map_or(0, |j| j.version) + 1),
             _ => None,
         };
         if let Some(id) = job_id.filter(|_| job_version.is_some()) {
-            undo.jobs.entry(id).or_insert_with(|| {
+            b.undo.jobs.entry(id).or_insert_with(|| {
                 (
                     self.world.jobs.get(&id).cloned(),
                     self.world.catalogs.get(&id).cloned(),
@@ -382,7 +516,8 @@ impl Ledger {
             });
         }
         if let Event::RegionConfigured { region, .. } = &event {
-            undo.regions
+            b.undo
+                .regions
                 .entry(region.clone())
                 .or_insert_with(|| self.world.regions.get(region).cloned());
         }
@@ -396,20 +531,20 @@ impl Ledger {
             command_id: cmd.command_id,
             actor: cmd.actor.clone(),
             actor_verified: cmd.actor_verified,
-            recorded_at: now,
+            recorded_at: b.now,
             prev_hash: String::new(),
             event,
             hash: String::new(),
         };
         let bytes = env.seal_to_json(&self.head_hash);
-        t.events.insert(env.seq, bytes.as_slice())?;
+        b.rows.events.push((env.seq, bytes));
         if let Some(id) = job_id {
-            t.job_log.insert((id.as_u128(), env.seq), ())?;
+            b.rows.job_log.push((id.as_u128(), env.seq));
         }
         self.world.evolve(&env);
         self.head_seq = env.seq;
         self.head_hash = env.hash.clone();
         self.head_time = Some(env.recorded_at);
-        Ok(env)
+        env
     }
 }

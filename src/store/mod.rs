@@ -62,6 +62,11 @@ pub struct CommandRecord {
     pub reply: crate::domain::Reply,
 }
 
+/// redb's page cache (its default is 1 GiB). The writer's hot pages (the
+/// log's tail, B-tree interiors) fit easily; the rest is read through the
+/// OS page cache. Keeps bcp's memory proportional to its jobs, not its log.
+pub const CACHE_BYTES: usize = 128 << 20;
+
 /// A handle on the store; cheap to clone, shared by the writer and readers.
 #[derive(Clone)]
 pub struct Store {
@@ -80,7 +85,10 @@ pub fn decode_envelope(seq: u64, bytes: &[u8]) -> Result<Envelope> {
 impl Store {
     /// Open the store at `path`, creating it (and its tables) if missing.
     pub fn open_or_create(path: &Path) -> Result<Store> {
-        let db = Database::create(path).map_err(|e| open_error(path, e))?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| open_error(path, e))?;
         let store = Store { db: Arc::new(db) };
         store.create_tables()?;
         Ok(store)
