@@ -95,10 +95,14 @@ pub fn decide(world: &World, cmd: &CommandEnvelope, now: DateTime<Utc>) -> Decis
         let Command::ExpireSnapshots { now } = &cmd.command else {
             unreachable!("only configure-region and expire-snapshots come without a job_id")
         };
-        // Every job of the project; the sweeper (project _admin): every job.
+        // Every job of the project with something due; the sweeper (project
+        // _admin): every job. Only catalogs are visited, and a job only when
+        // one of its snapshots is due, so an idle sweep reads no job.
         let jobs = world
-            .jobs
-            .values()
+            .catalogs
+            .iter()
+            .filter(|(_, c)| c.due(*now).next().is_some())
+            .filter_map(|(id, _)| world.jobs.get(id))
             .filter(|j| cmd.project_id.is_admin() || j.project_id == cmd.project_id);
         return Ok(expire(world, jobs, *now));
     };
