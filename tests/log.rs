@@ -1481,6 +1481,21 @@ fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() 
 }
 
 #[test]
+fn a_store_with_the_old_whole_catalog_table_is_refused_not_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let old: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("catalogs");
+        txn.open_table(old).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = Store::open_existing(&path).err().expect("refused");
+    assert!(err.to_string().contains("older bcp"), "{err}");
+}
+
+#[test]
 fn serve_refuses_a_store_whose_projection_disagrees_with_the_log_tail() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");

@@ -106,13 +106,15 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
                 )?;
             }
             let mut catalogs = txn.open_table(CATALOGS)?;
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
             for (id, c) in &world.catalogs {
-                catalogs.insert(
-                    id.as_u128(),
-                    serde_json::to_vec(c)
-                        .expect("catalog serializes")
-                        .as_slice(),
-                )?;
+                catalogs.insert(id.as_u128(), super::rows::classes_row(c).as_slice())?;
+                for s in &c.snapshots {
+                    snapshots.insert(
+                        super::rows::snapshot_key(*id, s.snapshot_id),
+                        super::rows::snapshot_row(s).as_slice(),
+                    )?;
+                }
             }
             let mut regions = txn.open_table(REGIONS)?;
             for (name, r) in &world.regions {

@@ -13,6 +13,7 @@
 //! decided after it is rolled back too. [`Ledger::execute`] does all of it
 //! in one call. Nothing acknowledged is ever missing from the log.
 
+use super::rows::Row;
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
 use crate::domain::decide::Rejection;
@@ -143,8 +144,9 @@ struct Rows {
     job_log: Vec<(u128, u64)>,
     commands: Vec<(u128, Vec<u8>)>,
     /// Projection rows of the jobs and regions the batch touched; `None`: remove.
-    jobs: Vec<(u128, Option<Vec<u8>>)>,
-    catalogs: Vec<(u128, Option<Vec<u8>>)>,
+    jobs: Vec<Row<u128>>,
+    catalogs: Vec<Row<u128>>,
+    snapshots: Vec<Row<(u128, u128)>>,
     regions: Vec<(String, Vec<u8>)>,
     published_seq: Option<u64>,
 }
@@ -156,6 +158,7 @@ impl Rows {
             && self.commands.is_empty()
             && self.jobs.is_empty()
             && self.catalogs.is_empty()
+            && self.snapshots.is_empty()
             && self.regions.is_empty()
             && self.published_seq.is_none()
     }
@@ -218,6 +221,7 @@ impl Store {
             }
             put_rows(&mut txn.open_table(JOBS)?, &r.jobs)?;
             put_rows(&mut txn.open_table(CATALOGS)?, &r.catalogs)?;
+            put_rows(&mut txn.open_table(SNAPSHOTS)?, &r.snapshots)?;
             let mut regions = txn.open_table(REGIONS)?;
             for (name, bytes) in &r.regions {
                 regions.insert(name.as_str(), bytes.as_slice())?;
@@ -231,10 +235,10 @@ impl Store {
     }
 }
 
-fn put_rows(
-    table: &mut Table<'_, u128, &'static [u8]>,
-    rows: &[(u128, Option<Vec<u8>>)],
-) -> Result<()> {
+fn put_rows<K>(table: &mut Table<'_, K, &'static [u8]>, rows: &[Row<K>]) -> Result<()>
+where
+    K: redb::Key + Copy + 'static + for<'a> std::borrow::Borrow<K::SelfType<'a>>,
+{
     for (key, row) in rows {
         match row {
             Some(bytes) => table.insert(*key, bytes.as_slice())?,
@@ -356,18 +360,22 @@ impl Ledger {
             undo,
             ..
         } = b;
-        for id in undo.jobs.keys() {
+        for (id, (_, catalog_before)) in &undo.jobs {
             let key = id.as_u128();
             let job = self.world.jobs.get(id);
             rows.jobs.push((
                 key,
                 job.map(|j| serde_json::to_vec(j).expect("job serializes")),
             ));
-            let catalog = self.world.catalogs.get(id);
-            rows.catalogs.push((
-                key,
-                catalog.map(|c| serde_json::to_vec(c).expect("catalog serializes")),
-            ));
+            let changed = super::rows::catalog_rows(
+                *id,
+                catalog_before.as_ref(),
+                self.world.catalogs.get(id),
+            );
+            if let Some(classes) = changed.classes {
+                rows.catalogs.push((key, classes));
+            }
+            rows.snapshots.extend(changed.snapshots);
         }
         for name in undo.regions.keys() {
             if let Some(r) = self.world.regions.get(name) {

@@ -4,10 +4,11 @@
 
 pub mod import;
 pub mod ledger;
+pub mod rows;
 pub mod tables;
 
 use crate::domain::{Catalog, Envelope, Job, Region, World};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
@@ -104,11 +105,17 @@ impl Store {
 
     fn create_tables(&self) -> Result<()> {
         let txn = self.db.begin_write()?;
+        if txn.list_tables()?.any(|t| t.name() == OLD_CATALOGS) {
+            return Err(corrupt(
+                "this store was written by an older bcp (one row per catalog); rebuild it: `bcp export` with that version, then `bcp import`",
+            ));
+        }
         txn.open_table(EVENTS)?;
         txn.open_table(JOB_LOG)?;
         txn.open_table(COMMANDS)?;
         txn.open_table(JOBS)?;
         txn.open_table(CATALOGS)?;
+        txn.open_table(SNAPSHOTS)?;
         txn.open_table(REGIONS)?;
         txn.open_table(CURSOR)?;
         txn.commit()?;
@@ -214,13 +221,21 @@ impl Store {
     /// A job's snapshot catalog (None: the job never had a snapshot).
     pub fn catalog(&self, job_id: Uuid) -> Result<Option<Catalog>> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(CATALOGS)?;
-        t.get(job_id.as_u128())?
-            .map(|v| {
-                serde_json::from_slice(v.value())
-                    .map_err(|e| corrupt(format!("catalog {job_id}: {e}")))
-            })
-            .transpose()
+        let classes = txn.open_table(CATALOGS)?;
+        let Some(classes) = classes.get(job_id.as_u128())? else {
+            return Ok(None);
+        };
+        let id = job_id.as_u128();
+        let mut snapshots = Vec::new();
+        for r in txn
+            .open_table(SNAPSHOTS)?
+            .range((id, 0)..=(id, u128::MAX))?
+        {
+            snapshots.push(serde_json::from_slice(r?.1.value()));
+        }
+        rows::read_catalog(classes.value(), snapshots)
+            .map(Some)
+            .map_err(|e| corrupt(format!("catalog {job_id}: {e}")))
     }
 
     /// One page of the jobs matching `filter`, in job-id order, after
@@ -274,11 +289,37 @@ impl Store {
             }
             world.jobs.insert(job.job_id, job);
         }
+        let snapshot_rows = txn.open_table(SNAPSHOTS)?;
+        let mut snapshots = snapshot_rows.iter()?.peekable();
         for r in txn.open_table(CATALOGS)?.iter()? {
             let (k, v) = r?;
-            let catalog: Catalog = serde_json::from_slice(v.value())
-                .map_err(|e| corrupt(format!("catalog row: {e}")))?;
-            world.catalogs.insert(Uuid::from_u128(k.value()), catalog);
+            let id = k.value();
+            let mut rows = Vec::new();
+            while let Some(Ok((key, _))) = snapshots.peek() {
+                let job = key.value().0;
+                if job > id {
+                    break;
+                }
+                let (key, row) = snapshots.next().expect("peeked")?;
+                if job < id {
+                    return Err(corrupt(format!(
+                        "snapshot row {} of job {} without a catalog",
+                        Uuid::from_u128(key.value().1),
+                        Uuid::from_u128(job)
+                    )));
+                }
+                rows.push(serde_json::from_slice(row.value()));
+            }
+            let catalog = rows::read_catalog(v.value(), rows)
+                .map_err(|e| corrupt(format!("catalog of job {}: {e}", Uuid::from_u128(id))))?;
+            world.catalogs.insert(Uuid::from_u128(id), catalog);
+        }
+        if let Some(r) = snapshots.next() {
+            let job = r?.0.value().0;
+            return Err(corrupt(format!(
+                "snapshot rows of job {} without a catalog",
+                Uuid::from_u128(job)
+            )));
         }
         for r in txn.open_table(REGIONS)?.iter()? {
             let (_, v) = r?;

@@ -16,9 +16,15 @@ pub const JOB_LOG: TableDefinition<(u128, u64), ()> = TableDefinition::new("job_
 pub const COMMANDS: TableDefinition<u128, &[u8]> = TableDefinition::new("commands");
 /// job_id → job view JSON: the job-state projection.
 pub const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
-/// job_id → catalog JSON (retained snapshots + which days/weeks/months had
-/// their daily/weekly/monthly): the snapshot-catalog projection.
-pub const CATALOGS: TableDefinition<u128, &[u8]> = TableDefinition::new("catalogs");
+/// job_id → which days/weeks/months had their daily/weekly/monthly: the
+/// class history of the snapshot-catalog projection (see `rows.rs`).
+pub const CATALOGS: TableDefinition<u128, &[u8]> = TableDefinition::new("catalog_classes");
+/// (job_id, snapshot_id) → snapshot JSON: the retained snapshots of the
+/// snapshot-catalog projection, one row each.
+pub const SNAPSHOTS: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("snapshots");
+/// The name of the whole-catalog table of stores written before bcp kept
+/// one row per snapshot; such a store is refused, not misread.
+pub const OLD_CATALOGS: &str = "catalogs";
 /// region name → region JSON: the region projection.
 pub const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions");
 /// "published_seq" → the last seq the relay saw acknowledged by JetStream.
