@@ -207,6 +207,8 @@ pub struct LedgerAppends {
     pub rate: Rate,
     /// Duration of each `Ledger::execute` call (decide, append, commit).
     pub execute: measure::Latency,
+    /// Of which `Store::commit` (the commit thread's part).
+    pub commit: measure::Latency,
     /// Bytes written to storage by the appends.
     pub written_bytes: u64,
 }
@@ -385,6 +387,7 @@ async fn durable_appends(
             batch,
             rate: Rate::new(built.appended, built.elapsed),
             execute: measure::Latency::of(built.executes),
+            commit: measure::Latency::of(built.commits),
         };
         say(format!(
             "Ledger::execute, {batch}/commit: {:.0} events/s, per batch p50 {} µs, p99 {} µs",

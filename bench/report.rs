@@ -235,6 +235,22 @@ pub fn table(r: &Results) -> String {
                 "",
             ],
         );
+        row(
+            &mut t,
+            [
+                "1",
+                "… of which `Store::commit` (bcp serve's commit thread): p50 / p99",
+                &format!("{} / {} ms", ms(l.commit.p50_us), ms(l.commit.p99_us)),
+                &format!(
+                    "A: commit {} / {} ms",
+                    ms(a.commit.p50_us),
+                    ms(a.commit.p99_us)
+                ),
+                &ratio(l.commit.p50_us as f64, a.commit.p50_us as f64),
+                "–",
+                "",
+            ],
+        );
         let per = |w: u64, n: u64| w as f64 / n.max(1) as f64;
         let (lw, aw) = (
             per(l.written_bytes, l.rate.count),

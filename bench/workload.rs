@@ -174,8 +174,11 @@ pub struct Built {
     pub appended: u64,
     /// Time spent in `Ledger::execute` (not in generating the commands).
     pub elapsed: Duration,
-    /// Each `Ledger::execute` call, in microseconds.
+    /// Each batch (decide, prepare, commit), in microseconds.
     pub executes: Vec<u64>,
+    /// The `Store::commit` of each batch alone (what `bcp serve`'s commit
+    /// thread does while its writer decides the next batch), in microseconds.
+    pub commits: Vec<u64>,
 }
 
 /// Append commands straight through `Ledger::execute` (the writer's own
@@ -188,6 +191,7 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
     let start_seq = ledger.head_seq();
     let mut in_execute = Duration::ZERO;
     let mut executes = Vec::new();
+    let mut commits = Vec::new();
     while ledger.head_seq() < target {
         // A round: `n` lanes each take a new job through its whole script,
         // one command per lane per transaction, so a transaction holds `n`
@@ -206,10 +210,17 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
                 })
                 .collect::<Result<Vec<_>>>()?;
             let now = Utc::now().trunc_subsecs(6);
+            // `Ledger::execute`, step by step, to time the commit apart.
             let t = Instant::now();
-            let replies = ledger
-                .execute(&pendings, now, &mut Uuid::now_v7, None)
-                .context("Ledger::execute")?;
+            let mut b = ledger.begin(now)?;
+            for p in &pendings {
+                ledger.decide(&mut b, p, &mut Uuid::now_v7)?;
+            }
+            let prepared = ledger.prepare(b, None);
+            let committing = Instant::now();
+            ledger.store().commit(&prepared).context("Store::commit")?;
+            commits.push(committing.elapsed().as_micros() as u64);
+            let replies = ledger.committed(prepared);
             in_execute += t.elapsed();
             executes.push(t.elapsed().as_micros() as u64);
             if let Some(r) = replies.iter().find(|r| !r.ok) {
@@ -223,6 +234,7 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
         appended: ledger.head_seq() - start_seq,
         elapsed: in_execute,
         executes,
+        commits,
     })
 }
 

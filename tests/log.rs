@@ -253,11 +253,12 @@ fn edit_job_row(path: &Path, j: Uuid, edit: impl FnOnce(&mut serde_json::Value))
     let db = redb::Database::create(path).unwrap();
     let txn = db.begin_write().unwrap();
     {
-        let mut t = txn.open_table(bcp::store::tables::JOBS).unwrap();
+        let mut t = txn.open_table(bcp::store::tables::JOB_ROWS).unwrap();
+        let key = bcp::store::tables::JobRow::Job.key(j.as_u128(), 0);
         let mut v: serde_json::Value =
-            serde_json::from_slice(t.get(j.as_u128()).unwrap().unwrap().value()).unwrap();
+            serde_json::from_slice(t.get(key).unwrap().unwrap().value()).unwrap();
         edit(&mut v);
-        t.insert(j.as_u128(), serde_json::to_vec(&v).unwrap().as_slice())
+        t.insert(key, serde_json::to_vec(&v).unwrap().as_slice())
             .unwrap();
     }
     txn.commit().unwrap();
@@ -1481,13 +1482,13 @@ fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() 
 }
 
 #[test]
-fn a_store_with_the_old_whole_catalog_table_is_refused_not_misread() {
+fn a_store_with_an_older_table_layout_is_refused_not_misread() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.redb");
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        let old: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("catalogs");
+        let old: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("jobs");
         txn.open_table(old).unwrap();
         txn.commit().unwrap();
     }

@@ -153,6 +153,7 @@ async fn command(
     let write = WriteRequest {
         pending: Pending::new(cmd),
         reply_to: ReplyTo::of_request(request),
+        queued: std::time::Instant::now(),
     };
     let (r, message) = match queue.try_send(write) {
         Ok(()) => return,

@@ -42,6 +42,7 @@ pub async fn run(queue: mpsc::Sender<WriteRequest>, interval: Duration, stop: Ca
         let request = WriteRequest {
             pending: sweep_command(now()),
             reply_to: super::intake::ReplyTo::Nobody,
+            queued: std::time::Instant::now(),
         };
         if queue.try_send(request).is_err() {
             tracing::debug!("intake queue full; the sweep runs at the next tick");

@@ -17,6 +17,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 pub struct WriteRequest {
     pub pending: crate::store::ledger::Pending,
     pub reply_to: ReplyTo,
+    /// When the intake queued it (for the per-batch trace).
+    pub queued: Instant,
 }
 
 /// A decided command's reply, after its batch is durable.
@@ -41,6 +44,7 @@ pub fn now() -> DateTime<Utc> {
 
 /// Where each reply of a batch goes, in batch order.
 struct Target {
+    queued: Instant,
     reply_to: ReplyTo,
     verb: Verb,
     command_id: uuid::Uuid,
@@ -67,6 +71,7 @@ struct Open {
 
 /// A batch handed to the commit thread.
 struct Committing {
+    started: Instant,
     done: oneshot::Receiver<(Prepared, Result<(), StoreError>)>,
     targets: Vec<Target>,
     cursor: Option<u64>,
@@ -198,6 +203,7 @@ impl Writer {
     /// Decide one command into the open batch (starting one if needed).
     async fn take(&mut self, open: &mut Option<Open>, r: WriteRequest) {
         let target = Target {
+            queued: r.queued,
             reply_to: r.reply_to,
             verb: r.pending.cmd.verb,
             command_id: r.pending.cmd.command_id,
@@ -251,6 +257,7 @@ impl Writer {
             .send((prepared, done_tx))
             .expect("the commit thread lives as long as the writer");
         Some(Committing {
+            started: Instant::now(),
             done,
             targets: o.targets,
             cursor,
@@ -264,7 +271,14 @@ impl Writer {
         }
         let head_seq = prepared.head_seq();
         self.head.send_replace(head_seq);
-        tracing::trace!(commands = prepared.len(), head_seq, "batch committed");
+        let oldest = c.targets.iter().map(|t| t.queued).min();
+        tracing::trace!(
+            commands = prepared.len(),
+            head_seq,
+            commit_us = c.started.elapsed().as_micros() as u64,
+            oldest_queued_us = oldest.map_or(0, |t| t.elapsed().as_micros() as u64),
+            "batch committed"
+        );
         let replies = self.ledger.committed(prepared);
         self.send(answer(c.targets, replies)).await;
     }

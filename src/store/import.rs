@@ -76,12 +76,15 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         {
             let mut events = txn.open_table(EVENTS)?;
-            let mut job_log = txn.open_table(JOB_LOG)?;
+            let mut job_rows = txn.open_table(JOB_ROWS)?;
             let mut by_command: BTreeMap<Uuid, Vec<&Envelope>> = BTreeMap::new();
             for (env, bytes) in log {
                 events.insert(env.seq, bytes.as_slice())?;
                 if let Some(j) = env.job_id {
-                    job_log.insert((j.as_u128(), env.seq), ())?;
+                    job_rows.insert(
+                        JobRow::Event.key(j.as_u128(), u128::from(env.seq)),
+                        [].as_slice(),
+                    )?;
                 }
                 by_command.entry(env.command_id).or_default().push(env);
             }
@@ -98,22 +101,16 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
                         .as_slice(),
                 )?;
             }
-            let mut jobs = txn.open_table(JOBS)?;
             for (id, job) in &world.jobs {
-                jobs.insert(
-                    id.as_u128(),
+                job_rows.insert(
+                    JobRow::Job.key(id.as_u128(), 0),
                     serde_json::to_vec(job).expect("job serializes").as_slice(),
                 )?;
             }
-            let mut catalogs = txn.open_table(CATALOGS)?;
-            let mut snapshots = txn.open_table(SNAPSHOTS)?;
             for (id, c) in &world.catalogs {
-                catalogs.insert(id.as_u128(), super::rows::classes_row(c).as_slice())?;
-                for s in &c.snapshots {
-                    snapshots.insert(
-                        super::rows::snapshot_key(*id, s.snapshot_id),
-                        super::rows::snapshot_row(s).as_slice(),
-                    )?;
+                for (key, row) in super::rows::catalog_rows(*id, None, Some(c)) {
+                    let row = row.expect("a new catalog only adds rows");
+                    job_rows.insert(key, row.as_slice())?;
                 }
             }
             let mut regions = txn.open_table(REGIONS)?;

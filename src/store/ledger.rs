@@ -13,7 +13,7 @@
 //! decided after it is rolled back too. [`Ledger::execute`] does all of it
 //! in one call. Nothing acknowledged is ever missing from the log.
 
-use super::rows::Row;
+use super::rows::{JobKey, Row};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
 use crate::domain::decide::Rejection;
@@ -24,7 +24,7 @@ use crate::domain::{
     Catalog, CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
 };
 use chrono::{DateTime, Utc};
-use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable, Table};
+use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -141,12 +141,10 @@ impl Batch {
 #[derive(Default)]
 struct Rows {
     events: Vec<(u64, Vec<u8>)>,
-    job_log: Vec<(u128, u64)>,
     commands: Vec<(u128, Vec<u8>)>,
-    /// Projection rows of the jobs and regions the batch touched; `None`: remove.
-    jobs: Vec<Row<u128>>,
-    catalogs: Vec<Row<u128>>,
-    snapshots: Vec<Row<(u128, u128)>>,
+    /// The rows of the jobs the batch touched (views, catalogs, event
+    /// index); `None`: remove.
+    job_rows: Vec<Row<JobKey>>,
     regions: Vec<(String, Vec<u8>)>,
     published_seq: Option<u64>,
 }
@@ -154,11 +152,8 @@ struct Rows {
 impl Rows {
     fn is_empty(&self) -> bool {
         self.events.is_empty()
-            && self.job_log.is_empty()
             && self.commands.is_empty()
-            && self.jobs.is_empty()
-            && self.catalogs.is_empty()
-            && self.snapshots.is_empty()
+            && self.job_rows.is_empty()
             && self.regions.is_empty()
             && self.published_seq.is_none()
     }
@@ -211,20 +206,22 @@ impl Store {
             for (seq, bytes) in &r.events {
                 events.insert(*seq, bytes.as_slice())?;
             }
-            let mut job_log = txn.open_table(JOB_LOG)?;
-            for key in &r.job_log {
-                job_log.insert(*key, ())?;
-            }
             let mut commands = txn.open_table(COMMANDS)?;
             for (key, bytes) in &r.commands {
                 commands.insert(*key, bytes.as_slice())?;
             }
-            put_rows(&mut txn.open_table(JOBS)?, &r.jobs)?;
-            put_rows(&mut txn.open_table(CATALOGS)?, &r.catalogs)?;
-            put_rows(&mut txn.open_table(SNAPSHOTS)?, &r.snapshots)?;
-            let mut regions = txn.open_table(REGIONS)?;
-            for (name, bytes) in &r.regions {
-                regions.insert(name.as_str(), bytes.as_slice())?;
+            let mut job_rows = txn.open_table(JOB_ROWS)?;
+            for (key, row) in &r.job_rows {
+                match row {
+                    Some(bytes) => job_rows.insert(*key, bytes.as_slice())?,
+                    None => job_rows.remove(*key)?,
+                };
+            }
+            if !r.regions.is_empty() {
+                let mut regions = txn.open_table(REGIONS)?;
+                for (name, bytes) in &r.regions {
+                    regions.insert(name.as_str(), bytes.as_slice())?;
+                }
             }
             if let Some(seq) = r.published_seq {
                 txn.open_table(CURSOR)?.insert(PUBLISHED_SEQ, seq)?;
@@ -233,19 +230,6 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
-}
-
-fn put_rows<K>(table: &mut Table<'_, K, &'static [u8]>, rows: &[Row<K>]) -> Result<()>
-where
-    K: redb::Key + Copy + 'static + for<'a> std::borrow::Borrow<K::SelfType<'a>>,
-{
-    for (key, row) in rows {
-        match row {
-            Some(bytes) => table.insert(*key, bytes.as_slice())?,
-            None => table.remove(*key)?,
-        };
-    }
-    Ok(())
 }
 
 impl Ledger {
@@ -363,20 +347,18 @@ impl Ledger {
         for (id, (_, catalog_before)) in &undo.jobs {
             let key = id.as_u128();
             let job = self.world.jobs.get(id);
-            rows.jobs.push((
-                key,
+            rows.job_rows.push((
+                JobRow::Job.key(key, 0),
                 job.map(|j| serde_json::to_vec(j).expect("job serializes")),
             ));
-            let changed = super::rows::catalog_rows(
+            rows.job_rows.extend(super::rows::catalog_rows(
                 *id,
                 catalog_before.as_ref(),
                 self.world.catalogs.get(id),
-            );
-            if let Some(classes) = changed.classes {
-                rows.catalogs.push((key, classes));
-            }
-            rows.snapshots.extend(changed.snapshots);
+            ));
         }
+        // In key order: one job's rows are neighbours in one B-tree.
+        rows.job_rows.sort_unstable_by_key(|(k, _)| *k);
         for name in undo.regions.keys() {
             if let Some(r) = self.world.regions.get(name) {
                 rows.regions.push((
@@ -563,7 +545,10 @@ impl Ledger {
         let bytes = env.seal_to_json(&self.head_hash);
         b.rows.events.push((env.seq, bytes));
         if let Some(id) = job_id {
-            b.rows.job_log.push((id.as_u128(), env.seq));
+            b.rows.job_rows.push((
+                JobRow::Event.key(id.as_u128(), u128::from(env.seq)),
+                Some(Vec::new()),
+            ));
         }
         self.world.evolve(&env);
         self.head_seq = env.seq;

@@ -105,17 +105,14 @@ impl Store {
 
     fn create_tables(&self) -> Result<()> {
         let txn = self.db.begin_write()?;
-        if txn.list_tables()?.any(|t| t.name() == OLD_CATALOGS) {
+        if txn.list_tables()?.any(|t| t.name() == OLD_LAYOUT_TABLE) {
             return Err(corrupt(
-                "this store was written by an older bcp (one row per catalog); rebuild it: `bcp export` with that version, then `bcp import`",
+                "this store was written by an older bcp (another table layout); rebuild it: `bcp export` with that version, then `bcp import`",
             ));
         }
         txn.open_table(EVENTS)?;
-        txn.open_table(JOB_LOG)?;
         txn.open_table(COMMANDS)?;
-        txn.open_table(JOBS)?;
-        txn.open_table(CATALOGS)?;
-        txn.open_table(SNAPSHOTS)?;
+        txn.open_table(JOB_ROWS)?;
         txn.open_table(REGIONS)?;
         txn.open_table(CURSOR)?;
         txn.commit()?;
@@ -194,15 +191,14 @@ impl Store {
     /// Every event and rejection of one job, in seq order.
     pub fn job_events(&self, job_id: Uuid) -> Result<Vec<Envelope>> {
         let txn = self.db.begin_read()?;
-        let index = txn.open_table(JOB_LOG)?;
+        let index = txn.open_table(JOB_ROWS)?;
         let events = txn.open_table(EVENTS)?;
-        let id = job_id.as_u128();
         let mut out = Vec::new();
-        for r in index.range((id, 0)..=(id, u64::MAX))? {
-            let seq = r?.0.value().1;
+        for r in index.range(JobRow::Event.range(job_id.as_u128()))? {
+            let seq = r?.0.value().2 as u64;
             let bytes = events
                 .get(seq)?
-                .ok_or_else(|| corrupt(format!("job_log names missing seq {seq}")))?;
+                .ok_or_else(|| corrupt(format!("job {job_id}'s index names missing seq {seq}")))?;
             out.push(decode_envelope(seq, bytes.value())?);
         }
         Ok(out)
@@ -210,8 +206,8 @@ impl Store {
 
     pub fn job(&self, job_id: Uuid) -> Result<Option<Job>> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(JOBS)?;
-        t.get(job_id.as_u128())?
+        let t = txn.open_table(JOB_ROWS)?;
+        t.get(JobRow::Job.key(job_id.as_u128(), 0))?
             .map(|v| {
                 serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("job {job_id}: {e}")))
             })
@@ -221,16 +217,13 @@ impl Store {
     /// A job's snapshot catalog (None: the job never had a snapshot).
     pub fn catalog(&self, job_id: Uuid) -> Result<Option<Catalog>> {
         let txn = self.db.begin_read()?;
-        let classes = txn.open_table(CATALOGS)?;
-        let Some(classes) = classes.get(job_id.as_u128())? else {
+        let t = txn.open_table(JOB_ROWS)?;
+        let id = job_id.as_u128();
+        let Some(classes) = t.get(JobRow::Classes.key(id, 0))? else {
             return Ok(None);
         };
-        let id = job_id.as_u128();
         let mut snapshots = Vec::new();
-        for r in txn
-            .open_table(SNAPSHOTS)?
-            .range((id, 0)..=(id, u128::MAX))?
-        {
+        for r in t.range(JobRow::Snapshot.range(id))? {
             snapshots.push(serde_json::from_slice(r?.1.value()));
         }
         rows::read_catalog(classes.value(), snapshots)
@@ -249,11 +242,20 @@ impl Store {
     ) -> Result<(Vec<Job>, Option<Uuid>)> {
         let limit = filter.limit.unwrap_or(max_jobs).clamp(1, max_jobs);
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(JOBS)?;
-        let start = filter.after.map_or(0, |a| a.as_u128().saturating_add(1));
+        let t = txn.open_table(JOB_ROWS)?;
+        let mut next = filter.after.map_or(Some(0), |a| a.as_u128().checked_add(1));
         let (mut jobs, mut bytes) = (Vec::new(), 0);
-        for r in t.range(start..)? {
+        // Each job's view is its first row: seek to it, then past the job.
+        while let Some(from) = next {
+            let Some(r) = t.range(JobRow::Job.key(from, 0)..)?.next() else {
+                break;
+            };
             let (k, v) = r?;
+            let (id, kind, _) = k.value();
+            next = id.checked_add(1);
+            if kind != JobRow::Job as u8 {
+                continue; // only rejections of a job id that never existed
+            }
             let job: Job =
                 serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("job row: {e}")))?;
             if !filter.matches(&job) {
@@ -263,7 +265,7 @@ impl Store {
                 let last = jobs
                     .last()
                     .map(|j: &Job| j.job_id)
-                    .unwrap_or(Uuid::from_u128(k.value().saturating_sub(1)));
+                    .unwrap_or(Uuid::from_u128(id.saturating_sub(1)));
                 return Ok((jobs, Some(last)));
             }
             bytes += v.value().len();
@@ -276,51 +278,65 @@ impl Store {
     pub fn load_world(&self) -> Result<World> {
         let txn = self.db.begin_read()?;
         let mut world = World::default();
-        for r in txn.open_table(JOBS)?.iter()? {
-            let (k, v) = r?;
-            let job: Job =
-                serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("job row: {e}")))?;
-            if job.job_id.as_u128() != k.value() {
-                return Err(corrupt(format!(
-                    "job row keyed {} holds job {}",
-                    Uuid::from_u128(k.value()),
-                    job.job_id
-                )));
-            }
-            world.jobs.insert(job.job_id, job);
-        }
-        let snapshot_rows = txn.open_table(SNAPSHOTS)?;
-        let mut snapshots = snapshot_rows.iter()?.peekable();
-        for r in txn.open_table(CATALOGS)?.iter()? {
-            let (k, v) = r?;
-            let id = k.value();
-            let mut rows = Vec::new();
-            while let Some(Ok((key, _))) = snapshots.peek() {
-                let job = key.value().0;
-                if job > id {
-                    break;
-                }
-                let (key, row) = snapshots.next().expect("peeked")?;
-                if job < id {
-                    return Err(corrupt(format!(
-                        "snapshot row {} of job {} without a catalog",
-                        Uuid::from_u128(key.value().1),
-                        Uuid::from_u128(job)
-                    )));
-                }
-                rows.push(serde_json::from_slice(row.value()));
-            }
-            let catalog = rows::read_catalog(v.value(), rows)
+        // Rows come grouped by job: its view, class row, snapshots, events.
+        let mut job: Option<u128> = None;
+        let mut classes: Option<Vec<u8>> = None;
+        let mut snapshots = Vec::new();
+        let finish = |world: &mut World,
+                      job: Option<u128>,
+                      classes: Option<Vec<u8>>,
+                      snapshots: &mut Vec<_>|
+         -> Result<()> {
+            let (Some(id), Some(classes)) = (job, classes) else {
+                return Ok(());
+            };
+            let catalog = rows::read_catalog(&classes, snapshots.drain(..))
                 .map_err(|e| corrupt(format!("catalog of job {}: {e}", Uuid::from_u128(id))))?;
             world.catalogs.insert(Uuid::from_u128(id), catalog);
+            Ok(())
+        };
+        for r in txn.open_table(JOB_ROWS)?.iter()? {
+            let (k, v) = r?;
+            let (id, kind, _) = k.value();
+            if job != Some(id) {
+                finish(&mut world, job, classes.take(), &mut snapshots)?;
+                job = Some(id);
+            }
+            // A job id that never existed has only rejections (event rows).
+            let known = world.jobs.contains_key(&Uuid::from_u128(id));
+            if !known && (kind == JobRow::Classes as u8 || kind == JobRow::Snapshot as u8) {
+                return Err(corrupt(format!(
+                    "catalog rows of job {} without the job",
+                    Uuid::from_u128(id)
+                )));
+            }
+            match kind {
+                k if k == JobRow::Job as u8 => {
+                    let row: Job = serde_json::from_slice(v.value())
+                        .map_err(|e| corrupt(format!("job row: {e}")))?;
+                    if row.job_id.as_u128() != id {
+                        return Err(corrupt(format!(
+                            "job row keyed {} holds job {}",
+                            Uuid::from_u128(id),
+                            row.job_id
+                        )));
+                    }
+                    world.jobs.insert(row.job_id, row);
+                }
+                k if k == JobRow::Classes as u8 => classes = Some(v.value().to_vec()),
+                k if k == JobRow::Snapshot as u8 => {
+                    if classes.is_none() {
+                        return Err(corrupt(format!(
+                            "snapshot rows of job {} without a catalog",
+                            Uuid::from_u128(id)
+                        )));
+                    }
+                    snapshots.push(serde_json::from_slice(v.value()));
+                }
+                _ => {}
+            }
         }
-        if let Some(r) = snapshots.next() {
-            let job = r?.0.value().0;
-            return Err(corrupt(format!(
-                "snapshot rows of job {} without a catalog",
-                Uuid::from_u128(job)
-            )));
-        }
+        finish(&mut world, job, classes.take(), &mut snapshots)?;
         for r in txn.open_table(REGIONS)?.iter()? {
             let (_, v) = r?;
             let region: Region = serde_json::from_slice(v.value())

@@ -1,18 +1,25 @@
-//! How a snapshot catalog is laid out in rows: one row per retained
-//! snapshot in [`SNAPSHOTS`](super::tables::SNAPSHOTS), keyed (job,
-//! snapshot), and one row of the job's class history (which days, weeks and
-//! months already had their daily, weekly, monthly) in
-//! [`CATALOGS`](super::tables::CATALOGS). A batch writes only the snapshots
-//! it added, changed or removed, and the class row only when it changed, so
-//! recording a snapshot costs one small row however large the catalog is.
+//! How a job's snapshot catalog is laid out in rows of
+//! [`JOB_ROWS`](super::tables::JOB_ROWS): one row per retained snapshot
+//! ([`JobRow::Snapshot`]) and one row of the job's class history, which
+//! days, weeks and months already had their daily, weekly, monthly
+//! ([`JobRow::Classes`]). A batch writes only the snapshots it added,
+//! changed or removed, and the class row only when it changed, so recording
+//! a snapshot costs one small row however large the catalog is.
 
+use super::tables::JobRow;
 use crate::domain::{Catalog, Snapshot};
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use uuid::Uuid;
 
-/// The CATALOGS row: everything of a catalog but its snapshots.
+/// A row to write under key `K`; `None`: remove the row.
+pub type Row<K> = (K, Option<Vec<u8>>);
+
+/// A key of [`JOB_ROWS`](super::tables::JOB_ROWS).
+pub type JobKey = (u128, u8, u128);
+
+/// The class row: everything of a catalog but its snapshots.
 #[derive(Serialize)]
 struct ClassesRef<'a> {
     daily_days: &'a BTreeSet<NaiveDate>,
@@ -41,8 +48,8 @@ pub fn snapshot_row(s: &Snapshot) -> Vec<u8> {
     serde_json::to_vec(s).expect("snapshot serializes")
 }
 
-pub fn snapshot_key(job_id: Uuid, snapshot_id: Uuid) -> (u128, u128) {
-    (job_id.as_u128(), snapshot_id.as_u128())
+pub fn snapshot_key(job_id: Uuid, snapshot_id: Uuid) -> JobKey {
+    JobRow::Snapshot.key(job_id.as_u128(), snapshot_id.as_u128())
 }
 
 /// A catalog from its class row and its snapshot rows (in any order).
@@ -65,23 +72,14 @@ pub fn read_catalog(
     })
 }
 
-/// A row to write under key `K`; `None`: remove the row.
-pub type Row<K> = (K, Option<Vec<u8>>);
-
 /// The rows that turn a job's stored catalog `before` into `after`.
-#[derive(Default)]
-pub struct CatalogRows {
-    /// `None`: remove the row.
-    pub classes: Option<Option<Vec<u8>>>,
-    pub snapshots: Vec<Row<(u128, u128)>>,
-}
-
 pub fn catalog_rows(
     job_id: Uuid,
     before: Option<&Catalog>,
     after: Option<&Catalog>,
-) -> CatalogRows {
-    let mut rows = CatalogRows::default();
+) -> Vec<Row<JobKey>> {
+    let mut rows = Vec::new();
+    let classes_key = JobRow::Classes.key(job_id.as_u128(), 0);
     let empty = Catalog::default();
     let (was, is) = (before.unwrap_or(&empty), after.unwrap_or(&empty));
     let classes_changed = was.daily_days != is.daily_days
@@ -89,21 +87,19 @@ pub fn catalog_rows(
         || was.monthly_months != is.monthly_months;
     match after {
         Some(c) if before.is_none() || classes_changed => {
-            rows.classes = Some(Some(classes_row(c)));
+            rows.push((classes_key, Some(classes_row(c))));
         }
-        None if before.is_some() => rows.classes = Some(None),
+        None if before.is_some() => rows.push((classes_key, None)),
         _ => {}
     }
     for s in &is.snapshots {
         if was.get(s.snapshot_id) != Some(s) {
-            rows.snapshots
-                .push((snapshot_key(job_id, s.snapshot_id), Some(snapshot_row(s))));
+            rows.push((snapshot_key(job_id, s.snapshot_id), Some(snapshot_row(s))));
         }
     }
     for s in &was.snapshots {
         if is.get(s.snapshot_id).is_none() {
-            rows.snapshots
-                .push((snapshot_key(job_id, s.snapshot_id), None));
+            rows.push((snapshot_key(job_id, s.snapshot_id), None));
         }
     }
     rows
@@ -138,17 +134,24 @@ mod tests {
         }
     }
 
+    /// (kind, sub, written?) of each row, sorted.
+    fn summary(rows: &[Row<JobKey>]) -> Vec<(u8, u128, bool)> {
+        let mut s: Vec<_> = rows.iter().map(|(k, v)| (k.1, k.2, v.is_some())).collect();
+        s.sort();
+        s
+    }
+
     #[test]
     fn only_what_changed_is_written_and_the_rows_read_back_as_the_catalog() {
         let job = Uuid::from_u128(7);
+        let (classes, snapshot) = (JobRow::Classes as u8, JobRow::Snapshot as u8);
         let before = catalog(&[snap(1, 1), snap(2, 2)], &[1, 2]);
         // One recorded on a day that already had its daily: one row.
         let mut after = before.clone();
         after.snapshots.push(snap(3, 2));
         let rows = catalog_rows(job, Some(&before), Some(&after));
-        assert!(rows.classes.is_none());
-        assert_eq!(rows.snapshots.len(), 1);
-        assert_eq!(rows.snapshots[0].0, snapshot_key(job, Uuid::from_u128(3)));
+        assert_eq!(summary(&rows), vec![(snapshot, 3, true)]);
+        assert!(rows.iter().all(|(k, _)| k.0 == job.as_u128()));
         // Expired one, changed another, recorded a daily: two rows and the classes.
         let mut later = after.clone();
         later.snapshots.remove(0);
@@ -158,27 +161,28 @@ mod tests {
             .daily_days
             .insert(NaiveDate::from_ymd_opt(2026, 11, 3).unwrap());
         let rows = catalog_rows(job, Some(&after), Some(&later));
-        assert_eq!(rows.classes, Some(Some(classes_row(&later))));
-        let mut keys: Vec<_> = rows
-            .snapshots
-            .iter()
-            .map(|(k, v)| (k.1, v.is_some()))
-            .collect();
-        keys.sort();
-        assert_eq!(keys, vec![(1, false), (2, true), (4, true)]);
+        assert_eq!(
+            summary(&rows),
+            vec![
+                (classes, 0, true),
+                (snapshot, 1, false),
+                (snapshot, 2, true),
+                (snapshot, 4, true)
+            ]
+        );
         // A new catalog writes its classes; the rows read back, in time order.
         let rows = catalog_rows(job, None, Some(&later));
-        let classes = rows.classes.flatten().expect("classes row");
+        let classes_bytes = rows
+            .iter()
+            .find(|(k, _)| k.1 == classes)
+            .and_then(|(_, v)| v.clone())
+            .expect("classes row");
         let snapshots = rows
-            .snapshots
             .iter()
             .rev()
+            .filter(|(k, _)| k.1 == snapshot)
             .map(|(_, v)| serde_json::from_slice(v.as_ref().unwrap()));
-        assert_eq!(read_catalog(&classes, snapshots).unwrap(), later);
-        assert!(
-            catalog_rows(job, Some(&later), Some(&later))
-                .snapshots
-                .is_empty()
-        );
+        assert_eq!(read_catalog(&classes_bytes, snapshots).unwrap(), later);
+        assert!(catalog_rows(job, Some(&later), Some(&later)).is_empty());
     }
 }
