@@ -21,6 +21,9 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+/// How often a batch also saves the relay's published-through cursor.
+const CURSOR_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A decoded command and where its reply goes.
 pub struct WriteRequest {
     pub pending: crate::store::ledger::Pending,
@@ -107,6 +110,7 @@ struct Writer {
     fatal: CancellationToken,
     committer: std::sync::mpsc::Sender<CommitJob>,
     saved_cursor: Option<u64>,
+    cursor_saved_at: Option<Instant>,
     poisoned: Option<StoreError>,
 }
 
@@ -133,6 +137,7 @@ pub fn spawn(
         fatal,
         committer,
         saved_cursor: None,
+        cursor_saved_at: None,
         poisoned: None,
     };
     std::thread::Builder::new()
@@ -250,7 +255,12 @@ impl Writer {
     /// Hand the open batch to the commit thread.
     fn commit(&mut self, o: Open) -> Option<Committing> {
         let cursor = self.published.load(Ordering::SeqCst);
-        let cursor = (self.saved_cursor != Some(cursor)).then_some(cursor);
+        // At most once a second: the cursor only shortens the relay's check
+        // against the stream on restart, and it costs a B-tree per commit.
+        let due = self
+            .cursor_saved_at
+            .is_none_or(|t| t.elapsed() >= CURSOR_EVERY);
+        let cursor = (due && self.saved_cursor != Some(cursor)).then_some(cursor);
         let prepared = self.ledger.prepare(o.batch, cursor);
         let (done_tx, done) = oneshot::channel();
         self.committer
@@ -268,6 +278,7 @@ impl Writer {
     async fn settled(&mut self, prepared: Prepared, c: Committing) {
         if c.cursor.is_some() {
             self.saved_cursor = c.cursor;
+            self.cursor_saved_at = Some(c.started);
         }
         let head_seq = prepared.head_seq();
         self.head.send_replace(head_seq);
