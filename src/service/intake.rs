@@ -242,6 +242,7 @@ pub async fn send_replies(
     metrics: Arc<Metrics>,
 ) {
     while let Some(batch) = batches.recv().await {
+        let oldest = batch.iter().map(|c| c.queued).min();
         for c in batch {
             if let Some(err) = &c.reply.error {
                 let code = serde_json::to_value(err.code).expect("code serializes");
@@ -256,6 +257,12 @@ pub async fn send_replies(
                 }
             }
             c.reply_to.send(&client, &c.reply).await;
+        }
+        if let Some(t) = oldest {
+            tracing::trace!(
+                oldest_queued_us = t.elapsed().as_micros() as u64,
+                "replies sent"
+            );
         }
     }
 }

@@ -65,22 +65,11 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let store = Store::open_or_create(&config.db)?;
     let ledger = Ledger::open(store.clone())?;
     let head = ledger.head_seq();
-    let options = config
-        .auth
-        .options()
-        .await
-        .map_err(|e| ServeError::Nats(format!("NATS credentials: {e}")))?;
-    let client = options
-        .name("bcp serve")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(&config.nats_url)
-        .await
-        .map_err(|source| ServeError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
+    let client = connect(&config, "bcp serve").await?;
+    // The relay has its own connection: nats-server handles a connection's
+    // messages in order, and JetStream stores a publish before it reads the
+    // next one, so replies sharing the relay's connection wait behind it.
+    let relay_client = connect(&config, "bcp serve relay").await?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         db = %config.db.display(),
@@ -117,7 +106,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let relay_drain = CancellationToken::new();
     let relay = tokio::spawn(relay::run(
         store.clone(),
-        relay::context(client.clone()),
+        relay::context(relay_client.clone()),
         config.stream.clone(),
         head_rx,
         published.clone(),
@@ -166,6 +155,26 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let ledger_head = writer_result?;
     store.save_published_seq(published_seq)?;
     let _ = tokio::time::timeout_at(deadline, client.flush()).await;
+    let _ = tokio::time::timeout_at(deadline, relay_client.flush()).await;
     tracing::info!(head_seq = ledger_head, published_seq, "bcp serve stopped");
     intake_result
+}
+
+async fn connect(config: &ServeConfig, name: &str) -> Result<async_nats::Client, ServeError> {
+    let options = config
+        .auth
+        .options()
+        .await
+        .map_err(|e| ServeError::Nats(format!("NATS credentials: {e}")))?;
+    options
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(&config.nats_url)
+        .await
+        .map_err(|source| ServeError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })
 }

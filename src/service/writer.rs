@@ -38,6 +38,8 @@ pub struct Committed {
     pub reply: Reply,
     pub verb: Verb,
     pub command_id: uuid::Uuid,
+    /// When the intake queued it.
+    pub queued: Instant,
 }
 
 /// bcp's clock, read only here at the edge; microseconds, UTC.
@@ -61,6 +63,7 @@ fn answer(targets: Vec<Target>, replies: Vec<Reply>) -> Vec<Committed> {
             reply_to: t.reply_to,
             verb: t.verb,
             command_id: t.command_id,
+            queued: t.queued,
             reply,
         })
         .collect()
