@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release && cargo bench --bench bcp -- [--quick] [--events N] [--commands N]
-//!     [--growth-commands N] [--in-flight K] [--load-secs S] [--out FILE] [--keep]
+//!     [--growth-commands N] [--in-flight K] [--load-secs S] [--out FILE] [--keep] [--e2e-only]
 //! ```
 //! (`just bench`, `just bench-smoke`). It starts its own nats-servers and
 //! `bcp serve` children (`target/release/bcp`, or `$BCP_BIN`) on free
@@ -73,6 +73,9 @@ static ALLOC: heap::Counting = heap::Counting;
 #[derive(Clone, Debug, Serialize)]
 pub struct Args {
     pub quick: bool,
+    /// Only the end-to-end run and the fixed loads (3, 4), printed, nothing
+    /// written: for comparing two builds quickly.
+    pub e2e_only: bool,
     /// The largest log of the growth steps, replay and verify.
     pub events: u64,
     /// Commands of the end-to-end run (3).
@@ -108,6 +111,7 @@ impl Args {
         let mut a = if quick {
             Args {
                 quick,
+                e2e_only: false,
                 events: 20_000,
                 commands: 3_000,
                 growth_commands: 1_000,
@@ -123,6 +127,7 @@ impl Args {
         } else {
             Args {
                 quick,
+                e2e_only: false,
                 events: 1_000_000,
                 commands: 100_000,
                 growth_commands: 20_000,
@@ -143,6 +148,7 @@ impl Args {
             match flag.as_str() {
                 "--quick" => {}
                 "--keep" => a.keep = true,
+                "--e2e-only" => a.e2e_only = true,
                 // cargo bench passes --bench to harness = false targets.
                 "--bench" => {}
                 "--events" => a.events = value()?.parse()?,
@@ -308,6 +314,27 @@ async fn run(args: Args) -> Result<Results> {
         b.dir.display()
     ));
 
+    if b.args.e2e_only {
+        let (_, e2e, fixed_load) = fresh_bcp(&mut b).await?;
+        let cores = |r: &Run| r.cpu.as_ref().map_or(0.0, |c| c.others_cores);
+        println!(
+            "end to end: {:.0} commands/s, p50/p99 {}/{} µs (other processes {:.2} cores)",
+            e2e.acked.per_sec,
+            e2e.latency.p50_us,
+            e2e.latency.p99_us,
+            cores(&e2e)
+        );
+        for (share, run) in &fixed_load {
+            println!(
+                "{:.0} % load: p50/p99 {}/{} µs (other processes {:.2} cores)",
+                share * 100.0,
+                run.latency.p50_us,
+                run.latency.p99_us,
+                cores(run)
+            );
+        }
+        std::process::exit(0);
+    }
     // The growth log's first step doubles as the source of real envelopes
     // for the baselines.
     let steps = [b.args.events / 100, b.args.events / 10, b.args.events];
