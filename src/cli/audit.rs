@@ -202,7 +202,13 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
         (None, None) => bail!(super::Usage("give --db or --from-nats".into())),
     };
     match a.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Format::Json => {
+            // Streamed: the view of 100 k jobs is some 250 MB of JSON.
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+            serde_json::to_writer_pretty(&mut out, &view)?;
+            out.write_all(b"\n")?;
+            out.flush()?;
+        }
         Format::Table => {
             println!("as of seq {}", view.as_of_seq);
             print!("{}", jobs_table(&view.jobs));
