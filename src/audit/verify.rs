@@ -47,7 +47,7 @@ pub struct Parsed(Result<(Envelope, Result<(), &'static str>), String>);
 
 impl Parsed {
     pub fn of(bytes: &[u8]) -> Parsed {
-        Parsed(match serde_json::from_slice::<Envelope>(bytes) {
+        Parsed(match Envelope::from_json(bytes) {
             Ok(mut env) => {
                 let stored = env.check_stored(bytes);
                 Ok((env, stored))

@@ -34,6 +34,7 @@ pub struct Envelope {
     /// the producer (body or `Bcp-Actor` header) and is unverified.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub actor_verified: bool,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub recorded_at: DateTime<Utc>,
     pub prev_hash: String,
     #[serde(flatten)]
@@ -119,6 +120,16 @@ thread_local! {
 }
 
 impl Envelope {
+    /// Parse stored bytes: `serde_json::from_slice`, with UTF-8 checked once
+    /// for the whole envelope instead of once per string (invalid UTF-8
+    /// still gets `from_slice`'s error).
+    pub fn from_json(bytes: &[u8]) -> Result<Envelope, serde_json::Error> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(bytes),
+        }
+    }
+
     /// The hash this envelope must carry, given its own `prev_hash`.
     pub fn compute_hash(&self) -> String {
         if self.hash.is_empty() {

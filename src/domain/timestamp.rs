@@ -1,14 +1,18 @@
-//! Reading the RFC 3339 timestamps bcp writes, fast.
+//! Reading and writing the RFC 3339 timestamps bcp stores, fast.
 //!
 //! chrono serializes a `DateTime<Utc>` as `YYYY-MM-DDTHH:MM:SS[.f]Z`; its
 //! general parser (every offset, relaxed forms, leap seconds) takes a third
-//! of a microsecond per timestamp, and replay and verify read two or three
-//! per event. [`parse`] reads that one form directly and hands anything else
-//! to chrono, so every input gives exactly what chrono's `Deserialize` gives.
+//! of a microsecond per timestamp, and its writer goes through `fmt` one
+//! character at a time; replay and verify read and write two or three per
+//! event. [`parse`] reads that one form directly and hands anything else to
+//! chrono, so every input gives exactly what chrono's `Deserialize` gives;
+//! [`serialize`] writes the same bytes as chrono's `Serialize` (years 0 to
+//! 9999, no leap second; anything else is left to chrono).
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, Utc};
-use serde::Deserializer;
+use chrono::{Datelike, Timelike};
 use serde::de::{self, Visitor};
+use serde::{Deserializer, Serialize, Serializer};
 use std::fmt;
 
 fn digits<const N: usize>(b: &[u8]) -> Option<u32> {
@@ -96,6 +100,77 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::
     d.deserialize_str(TimestampVisitor)
 }
 
+/// chrono's RFC 3339 form with `Z`, seconds to the nanosecond as needed
+/// (none, 3, 6 or 9 digits), for years 0-9999 and no leap second.
+fn format_canonical(t: &DateTime<Utc>, buf: &mut [u8; 30]) -> Option<usize> {
+    // UTC: no offset to apply (DateTime's own getters add it each call).
+    let t = t.naive_utc();
+    let year = t.year();
+    let nano = t.nanosecond();
+    if !(0..=9999).contains(&year) || nano >= 1_000_000_000 {
+        return None;
+    }
+    fn put(buf: &mut [u8], mut v: u32) {
+        for b in buf.iter_mut().rev() {
+            *b = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    put(&mut buf[0..4], year as u32);
+    buf[4] = b'-';
+    put(&mut buf[5..7], t.month());
+    buf[7] = b'-';
+    put(&mut buf[8..10], t.day());
+    buf[10] = b'T';
+    put(&mut buf[11..13], t.hour());
+    buf[13] = b':';
+    put(&mut buf[14..16], t.minute());
+    buf[16] = b':';
+    put(&mut buf[17..19], t.second());
+    let mut n = 19;
+    let (digits, value) = if nano == 0 {
+        (0, 0)
+    } else if nano.is_multiple_of(1_000_000) {
+        (3, nano / 1_000_000)
+    } else if nano.is_multiple_of(1_000) {
+        (6, nano / 1_000)
+    } else {
+        (9, nano)
+    };
+    if digits > 0 {
+        buf[n] = b'.';
+        put(&mut buf[n + 1..n + 1 + digits], value);
+        n += 1 + digits;
+    }
+    buf[n] = b'Z';
+    Some(n + 1)
+}
+
+/// `#[serde(serialize_with = "…")]` for a `DateTime<Utc>`: the same bytes
+/// as chrono's own impl.
+pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    let mut buf = [0u8; 30];
+    match format_canonical(t, &mut buf) {
+        // ASCII digits and punctuation only.
+        Some(n) => s.serialize_str(std::str::from_utf8(&buf[..n]).expect("ascii")),
+        None => t.serialize(s),
+    }
+}
+
+/// [`serialize`] for an `Option<DateTime<Utc>>`.
+pub fn serialize_option<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    struct Fast<'a>(&'a DateTime<Utc>);
+    impl Serialize for Fast<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            serialize(self.0, s)
+        }
+    }
+    match t {
+        Some(t) => s.serialize_some(&Fast(t)),
+        None => s.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +205,11 @@ mod tests {
             "0000-01-01T00:00:00Z",
             "9999-12-31T23:59:59.999999999Z",
             "+12026-01-01T00:00:00Z",
+            "-0001-12-31T23:59:59.5Z",
+            "2026-01-01T00:00:00.100Z",
+            "2026-01-01T00:00:00.000100Z",
+            "2026-01-01T00:00:00.000000100Z",
+            "2026-01-01T00:00:00.120000001Z",
             "2026-1-01T00:00:00Z",
             "2026-01-01T00:00:0xZ",
             "2026-01-01T00:00:00.1x3Z",
@@ -151,6 +231,14 @@ mod tests {
             );
         }
         for s in &cases {
+            if let Some(t) = chrono_says(s) {
+                let mut ours = Vec::new();
+                serialize(&t, &mut serde_json::Serializer::new(&mut ours)).unwrap();
+                assert_eq!(ours, serde_json::to_vec(&t).unwrap(), "{s:?}");
+                let mut ours = Vec::new();
+                serialize_option(&Some(t), &mut serde_json::Serializer::new(&mut ours)).unwrap();
+                assert_eq!(ours, serde_json::to_vec(&Some(t)).unwrap(), "{s:?}");
+            }
             assert_eq!(parse(s).ok(), chrono_says(s), "{s:?}");
             let ours: Result<DateTime<Utc>, _> = deserialize(serde_json::Value::String(s.clone()));
             assert_eq!(ours.ok(), chrono_says(s), "{s:?}");

@@ -73,7 +73,7 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 }
 
 pub fn decode_envelope(seq: u64, bytes: &[u8]) -> Result<Envelope> {
-    serde_json::from_slice(bytes)
+    Envelope::from_json(bytes)
         .map_err(|e| corrupt(format!("event at seq {seq} does not parse: {e}")))
 }
 
