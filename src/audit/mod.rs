@@ -5,4 +5,5 @@
 pub mod logfile;
 pub mod nats;
 pub mod replay;
+pub mod scan;
 pub mod verify;

@@ -1,8 +1,9 @@
 //! Projections rebuilt from the log as of a point (a seq, a time, or both),
 //! optionally for one job or project: the same pure fold as the server.
 
+use super::scan::{self, scan};
 use crate::domain::{Envelope, Job, ProjectId, Snapshot, World};
-use crate::store::{Result, Store, decode_envelope};
+use crate::store::{Result, Store, StoreError, decode_envelope};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -88,9 +89,18 @@ impl Replayer {
     }
 }
 
-/// Replay a store.
+/// Replay a store: events are parsed on every core ([`scan`]) and folded in
+/// seq order here.
 pub fn replay(store: &Store, cut: Cut, select: &Select) -> Result<ReplayView> {
     let mut r = Replayer::default();
-    store.for_each_event(|seq, bytes| Ok(r.feed(&decode_envelope(seq, bytes)?, &cut)))?;
+    scan::<_, StoreError>(
+        store,
+        scan::workers(),
+        decode_envelope,
+        |_, env| match env {
+            Ok(env) => Ok(r.feed(env, &cut)),
+            Err(e) => Err(std::mem::replace(e, StoreError::Corrupt(String::new()))),
+        },
+    )?;
     Ok(r.view(select))
 }

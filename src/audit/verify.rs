@@ -4,10 +4,14 @@
 //! rebuild. Reports the first bad seq.
 
 use super::logfile::{Digest, check_digest};
+use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
-use crate::domain::{Envelope, World};
+use crate::domain::{Envelope, Region, World};
+use crate::store::tables::{CATALOGS, JOBS, REGIONS};
 use crate::store::{Store, StoreError};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 #[derive(Debug)]
 pub struct Report {
@@ -36,6 +40,23 @@ impl VerifyError {
     }
 }
 
+/// What [`check_event`] finds in an event's bytes alone: it parses, and
+/// what [`Envelope::check_stored`] says of them. Independent of every other
+/// event, so [`verify`] computes it on worker threads.
+pub struct Parsed(Result<(Envelope, Result<(), &'static str>), String>);
+
+impl Parsed {
+    pub fn of(bytes: &[u8]) -> Parsed {
+        Parsed(match Envelope::from_json(bytes) {
+            Ok(mut env) => {
+                let stored = env.check_stored(bytes);
+                Ok((env, stored))
+            }
+            Err(e) => Err(format!("does not parse: {e}")),
+        })
+    }
+}
+
 /// Checks one envelope after `prev_hash`, against the fold so far.
 pub fn check_event(
     expected_seq: u64,
@@ -43,12 +64,27 @@ pub fn check_event(
     prev_hash: &str,
     world: &World,
 ) -> Result<Envelope, VerifyError> {
+    let parsed = Parsed::of(bytes);
+    check_parsed(expected_seq, &parsed, prev_hash, world)?;
+    match parsed.0 {
+        Ok((env, _)) => Ok(env),
+        Err(_) => unreachable!("check_parsed passed an event that does not parse"),
+    }
+}
+
+/// [`check_event`] given what the event's bytes alone say: the checks
+/// happen, and the first failing one is named, in the same order.
+pub fn check_parsed<'p>(
+    expected_seq: u64,
+    parsed: &'p Parsed,
+    prev_hash: &str,
+    world: &World,
+) -> Result<&'p Envelope, VerifyError> {
     let bad = |what: String| VerifyError::BadEvent {
         seq: expected_seq,
         what,
     };
-    let mut env: Envelope =
-        serde_json::from_slice(bytes).map_err(|e| bad(format!("does not parse: {e}")))?;
+    let (env, stored) = parsed.0.as_ref().map_err(|e| bad(e.clone()))?;
     if env.seq != expected_seq {
         return Err(bad(format!(
             "envelope says seq {} (gap or reorder)",
@@ -58,8 +94,7 @@ pub fn check_event(
     if env.prev_hash != prev_hash {
         return Err(bad("prev_hash does not match the previous event's hash (an event before it was removed, reordered or edited)".into()));
     }
-    env.check_stored(bytes)
-        .map_err(|what| bad(what.to_owned()))?;
+    stored.map_err(|what| bad(what.to_owned()))?;
     if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
         let current = world.jobs.get(&job).map_or(0, |j| j.version);
         if v != current + 1 {
@@ -73,6 +108,10 @@ pub fn check_event(
 
 /// Verify a store; with a digest, also that the log still holds exactly the
 /// prefix it names. `progress` sees the count of events checked.
+///
+/// Parsing and the canonical-bytes and hash check of each event run on
+/// every core ([`scan`]); the seq, link and version checks and the fold run
+/// in seq order here, and the first bad seq is the one reported.
 pub fn verify(
     store: &Store,
     digest: Option<&Digest>,
@@ -83,43 +122,44 @@ pub fn verify(
     let mut world = World::default();
     let mut prev_hash = GENESIS_HASH.to_owned();
     let mut seq = 0u64;
-    let mut failure = None;
-    store.for_each_event(|key, bytes| {
-        seq += 1;
-        if key != seq {
-            failure = Some(VerifyError::BadEvent {
-                seq,
-                what: format!("missing; the next stored seq is {key}"),
-            });
-            return Ok(false);
-        }
-        match check_event(seq, bytes, &prev_hash, &world) {
-            Ok(env) => {
-                world.evolve(&env);
-                if digest.is_some_and(|d| d.seq == seq) {
-                    digest_hash = Some(env.hash.clone());
-                }
-                prev_hash = env.hash;
+    scan(
+        store,
+        scan::workers(),
+        |_, bytes| Parsed::of(bytes),
+        |key, parsed| {
+            seq += 1;
+            if key != seq {
+                return Err(VerifyError::BadEvent {
+                    seq,
+                    what: format!("missing; the next stored seq is {key}"),
+                });
+            }
+            let env = check_parsed(seq, parsed, &prev_hash, &world)?;
+            world.evolve(env);
+            if digest.is_some_and(|d| d.seq == seq) {
+                digest_hash = Some(env.hash.clone());
+            }
+            // Copied, not moved: the envelope is freed by the worker thread
+            // that allocated it.
+            prev_hash.clear();
+            prev_hash.push_str(&env.hash);
+            if seq.is_multiple_of(PROGRESS_EVERY) {
                 progress(seq);
-                Ok(true)
             }
-            Err(e) => {
-                failure = Some(e);
-                Ok(false)
-            }
-        }
-    })?;
-    if let Some(f) = failure {
-        return Err(f);
-    }
+            Ok(true)
+        },
+    )?;
+    progress(seq);
     if let Some(d) = digest {
         check_digest(d, seq, |_| digest_hash.clone())?;
     }
-    let stored = store.load_world()?;
-    if stored != world {
-        return Err(VerifyError::Projection(describe_difference(
-            &stored, &world,
-        )));
+    if !projections_match(store, &world)? {
+        let stored = store.load_world()?;
+        if stored != world {
+            return Err(VerifyError::Projection(describe_difference(
+                &stored, &world,
+            )));
+        }
     }
     Ok(Report {
         events: seq,
@@ -127,6 +167,66 @@ pub fn verify(
         head_hash: prev_hash,
         elapsed: started.elapsed(),
     })
+}
+
+/// How often [`verify`] reports progress, in events.
+const PROGRESS_EVERY: u64 = 4096;
+
+/// Whether the stored job and catalog rows are byte for byte what the
+/// writer would store for `world` (`serde_json::to_vec` of each), under the
+/// same keys, and the stored regions equal `world`'s. True means
+/// `store.load_world()` equals `world` (serialization round-trips these
+/// types exactly), without parsing 100 k job and catalog rows; false means
+/// only that the caller must compare the slow way (a row written by another
+/// version of bcp may differ in bytes and still be equal).
+fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
+    let txn = store.db().begin_read()?;
+    let jobs = txn.open_table(JOBS)?;
+    let catalogs = txn.open_table(CATALOGS)?;
+    let regions = txn.open_table(REGIONS)?;
+    if jobs.len()? != world.jobs.len() as u64
+        || catalogs.len()? != world.catalogs.len() as u64
+        || regions.len()? != world.regions.len() as u64
+    {
+        return Ok(false);
+    }
+    let same_jobs = std::thread::scope(|s| {
+        let jobs =
+            s.spawn(|| rows_match(jobs.iter()?, world.jobs.iter(), |id, job| job.job_id == *id));
+        let catalogs = rows_match(catalogs.iter()?, world.catalogs.iter(), |_, _| true)?;
+        Ok::<bool, StoreError>(catalogs && jobs.join().expect("comparing job rows panicked")?)
+    })?;
+    if !same_jobs {
+        return Ok(false);
+    }
+    let mut stored = std::collections::BTreeMap::new();
+    for r in regions.iter()? {
+        let (_, v) = r?;
+        match serde_json::from_slice::<Region>(v.value()) {
+            Ok(region) => stored.insert(region.region.clone(), region),
+            Err(_) => return Ok(false),
+        };
+    }
+    Ok(stored == world.regions)
+}
+
+/// Rows keyed by a job id, against a map by job id: same keys in the same
+/// order, each row `serde_json::to_vec` of the value, and `ok(id, value)`.
+fn rows_match<'a, T: serde::Serialize + 'a>(
+    rows: redb::Range<'_, u128, &'static [u8]>,
+    values: impl Iterator<Item = (&'a Uuid, &'a T)>,
+    ok: impl Fn(&Uuid, &T) -> bool,
+) -> Result<bool, StoreError> {
+    let mut buf = Vec::new();
+    for (row, (id, value)) in rows.zip(values) {
+        let (k, v) = row?;
+        buf.clear();
+        serde_json::to_writer(&mut buf, value).expect("projection serializes");
+        if k.value() != id.as_u128() || v.value() != buf.as_slice() || !ok(id, value) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn describe_difference(stored: &World, rebuilt: &World) -> String {

@@ -123,6 +123,10 @@ pub struct ImportArgs {
     pub digest: Option<Digest>,
 }
 
+/// redb's page cache for a pass over the whole log: the tree's branch pages
+/// stay cached, and memory does not grow with the log.
+const SCAN_CACHE_BYTES: usize = 64 << 20;
+
 /// A bar on stderr while stdout is a terminal; nothing otherwise.
 fn progress(total: Option<u64>, what: &'static str) -> ProgressBar {
     let target = if std::io::stdout().is_terminal() {
@@ -185,7 +189,11 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
         project,
     };
     let view = match (&a.source.db, &a.source.from_nats) {
-        (Some(db), _) => replay::replay(&Store::open_existing(db)?, cut, &select)?,
+        (Some(db), _) => replay::replay(
+            &Store::open_existing_with_cache(db, SCAN_CACHE_BYTES)?,
+            cut,
+            &select,
+        )?,
         (None, Some(url)) => {
             let verified = match verified_from_nats(url, &a.source.stream)? {
                 Ok(v) => v,
@@ -202,7 +210,13 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
         (None, None) => bail!(super::Usage("give --db or --from-nats".into())),
     };
     match a.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Format::Json => {
+            // Streamed: the view of 100 k jobs is some 250 MB of JSON.
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+            serde_json::to_writer_pretty(&mut out, &view)?;
+            out.write_all(b"\n")?;
+            out.flush()?;
+        }
         Format::Table => {
             println!("as of seq {}", view.as_of_seq);
             print!("{}", jobs_table(&view.jobs));
@@ -239,7 +253,7 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
             against_nats,
             stream,
         } => {
-            let store = Store::open_existing(&db)?;
+            let store = Store::open_existing_with_cache(&db, SCAN_CACHE_BYTES)?;
             let bar = progress(Some(store.event_count()?), "verifying");
             let report = match verify::verify(&store, digest.as_ref(), |n| bar.set_position(n)) {
                 Ok(r) => r,

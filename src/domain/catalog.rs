@@ -41,9 +41,11 @@ pub enum SnapshotClass {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Snapshot {
     pub snapshot_id: Uuid,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub taken_at: DateTime<Utc>,
     pub size_bytes: u64,
     pub classes: Vec<SnapshotClass>,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub expires_at: DateTime<Utc>,
     pub do_not_delete: bool,
 }

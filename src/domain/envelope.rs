@@ -9,12 +9,16 @@ use super::event::Event;
 use super::ids::ProjectId;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use uuid::Uuid;
 
 /// `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+// `Deserialize` is written by hand (`envelope_de.rs`): the derived one
+// buffers every field through serde's `Content` because of the flattened
+// `event`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Envelope {
     pub seq: u64,
     pub event_id: Uuid,
@@ -30,6 +34,7 @@ pub struct Envelope {
     /// the producer (body or `Bcp-Actor` header) and is unverified.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub actor_verified: bool,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub recorded_at: DateTime<Utc>,
     pub prev_hash: String,
     #[serde(flatten)]
@@ -97,16 +102,34 @@ fn hash_of(prev_hash: &str, unhashed: &[u8]) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// What [`with_hash`] puts before the hash.
+const HASH_FIELD: &[u8] = b",\"hash\":\"";
+
 /// Append the `hash` field to canonical bytes that end with `}`.
 fn with_hash(bytes: &mut Vec<u8>, hash: &str) {
     debug_assert_eq!(bytes.last(), Some(&b'}'));
     bytes.pop();
-    bytes.extend_from_slice(b",\"hash\":\"");
+    bytes.extend_from_slice(HASH_FIELD);
     bytes.extend_from_slice(hash.as_bytes());
     bytes.extend_from_slice(b"\"}");
 }
 
+thread_local! {
+    /// [`Envelope::check_stored`]'s serialization buffer, reused.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Envelope {
+    /// Parse stored bytes: `serde_json::from_slice`, with UTF-8 checked once
+    /// for the whole envelope instead of once per string (invalid UTF-8
+    /// still gets `from_slice`'s error).
+    pub fn from_json(bytes: &[u8]) -> Result<Envelope, serde_json::Error> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(bytes),
+        }
+    }
+
     /// The hash this envelope must carry, given its own `prev_hash`.
     pub fn compute_hash(&self) -> String {
         if self.hash.is_empty() {
@@ -138,9 +161,50 @@ impl Envelope {
     }
 
     /// Check a parsed envelope against the bytes it was parsed from: its hash
-    /// matches its content, and the bytes are its canonical form. One
-    /// serialization, no copy of the envelope.
+    /// matches its content, and the bytes are its canonical form.
+    ///
+    /// The envelope is serialized once, into a reused buffer, and compared
+    /// with `stored`; when they agree, the canonical bytes *are* `stored`
+    /// without its `hash` field, and those are hashed. Any disagreement takes
+    /// [`Self::check_stored_slow`], so the answer, and which of the two
+    /// problems it names, is exactly the slow path's.
     pub fn check_stored(&mut self, stored: &[u8]) -> Result<(), &'static str> {
+        // stored = canonical[..len - 1] ++ `,"hash":"` ++ hash ++ `"}`.
+        let suffix_len = HASH_FIELD.len() + self.hash.len() + 2;
+        let Some(split) = stored.len().checked_sub(suffix_len) else {
+            return self.check_stored_slow(stored);
+        };
+        let (head, suffix) = stored.split_at(split);
+        if self.hash.is_empty()
+            || !suffix.starts_with(HASH_FIELD)
+            || &suffix[HASH_FIELD.len()..suffix_len - 2] != self.hash.as_bytes()
+            || &suffix[suffix_len - 2..] != b"\"}"
+        {
+            return self.check_stored_slow(stored);
+        }
+        let hash = std::mem::take(&mut self.hash);
+        let canonical = SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            serde_json::to_writer(&mut *buf, self).expect("envelope serializes");
+            buf.split_last() == Some((&b'}', head))
+        });
+        self.hash = hash;
+        if !canonical {
+            return self.check_stored_slow(stored);
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(self.prev_hash.as_bytes());
+        h.update(head);
+        h.update(b"}");
+        if h.finalize().to_hex().as_str() != self.hash.as_str() {
+            return Err("hash does not match its content (edited)");
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_stored`] by serializing into a buffer, hashing it and
+    /// comparing: the definition the fast path must agree with.
+    pub fn check_stored_slow(&mut self, stored: &[u8]) -> Result<(), &'static str> {
         let hash = std::mem::take(&mut self.hash);
         let mut bytes = serde_json::to_vec(self).expect("envelope serializes");
         self.hash = hash;
@@ -279,5 +343,222 @@ mod routing_tests {
             let r = Routing::parse(&bytes).unwrap();
             assert_eq!((r.event_id, r.subject()), (env.event_id, env.subject()));
         }
+    }
+}
+
+/// The hand `Deserialize` and the fast `check_stored` against what they
+/// replace (the derived impl with `flatten`, `check_stored_slow`), on every
+/// event type and on many corruptions of their stored bytes.
+#[cfg(test)]
+mod equivalence_tests {
+    use super::super::envelope_de::derived::Flattened;
+    use super::*;
+    use crate::domain::catalog::SnapshotClass;
+    use crate::domain::command::Verb;
+    use crate::domain::decide::RejectCode;
+    use crate::domain::ids::{Name, ProjectId};
+    use crate::domain::job::{Deployment, DeploymentKind, JobState, Phase};
+    use crate::domain::schedule::Schedule;
+    use chrono::TimeZone;
+
+    fn events() -> Vec<Event> {
+        let t = Utc.with_ymd_and_hms(2026, 3, 4, 5, 6, 7).unwrap();
+        let eu = Name::parse("eu").unwrap();
+        vec![
+            Event::JobCreated {
+                deployment: Deployment {
+                    kind: DeploymentKind::Shard,
+                    name: "sh\"0\\ ✓".into(),
+                    cluster: Some("c1".into()),
+                },
+                schedule: Schedule::default(),
+                region: Some(eu.clone()),
+            },
+            Event::JobStarted {
+                phase: Phase::InitialSync,
+                state: JobState::Misconfigured,
+                reason: Some("region eu lacks sync_store".into()),
+            },
+            Event::JobStarted {
+                phase: Phase::Incremental,
+                state: JobState::Active,
+                reason: None,
+            },
+            Event::JobStopped {},
+            Event::JobTerminated {},
+            Event::SnapshotsPurged {
+                snapshot_ids: vec![Uuid::from_u128(5), Uuid::from_u128(6)],
+            },
+            Event::RegionAssigned { region: None },
+            Event::JobMisconfigured { reason: "x".into() },
+            Event::JobReconfigured {
+                reason: "y".into(),
+                phase: Phase::Incremental,
+            },
+            Event::ScheduleChanged {
+                schedule: Schedule::default(),
+            },
+            Event::SnapshotRecorded {
+                snapshot_id: Uuid::from_u128(8),
+                taken_at: t + chrono::Duration::nanoseconds(123_456_789),
+                size_bytes: u64::MAX,
+                classes: vec![SnapshotClass::Base, SnapshotClass::Monthly],
+                expires_at: t + chrono::Duration::days(28),
+            },
+            Event::SnapshotDeleted {
+                snapshot_id: Uuid::from_u128(9),
+            },
+            Event::SnapshotExpiryChanged {
+                snapshot_id: Uuid::from_u128(9),
+                expires_at: t,
+                do_not_delete: true,
+            },
+            Event::SnapshotExpired {
+                snapshot_id: Uuid::from_u128(9),
+                expires_at: t + chrono::Duration::microseconds(1),
+            },
+            Event::RegionConfigured {
+                region: eu.clone(),
+                snapshot_store: Some(eu.clone()),
+                oplog_store: None,
+                sync_store: Some(eu),
+            },
+            Event::CommandRejected {
+                verb: Verb::Start,
+                code: RejectCode::InvalidTransition,
+                reason: "no".into(),
+                state: Some(JobState::Stopped),
+                expected_version: Some(3),
+                current_version: None,
+            },
+        ]
+    }
+
+    fn sealed_logs() -> Vec<Vec<u8>> {
+        let t = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        let mut prev = GENESIS_HASH.to_owned();
+        events()
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| {
+                let mut env = Envelope {
+                    seq: i as u64 + 1,
+                    event_id: Uuid::from_u128(i as u128 + 100),
+                    schema_version: 1,
+                    project_id: ProjectId::parse("p-1").unwrap(),
+                    job_id: (i % 3 != 0).then(|| Uuid::from_u128(2)),
+                    job_version: (i % 2 == 0).then_some(i as u64),
+                    command_id: Uuid::from_u128(4),
+                    actor: (i % 4 != 1).then(|| format!("actor \"{i}\" ✓")),
+                    actor_verified: i % 5 == 0,
+                    recorded_at: t + chrono::Duration::microseconds(i as i64 * 1_000_001),
+                    prev_hash: String::new(),
+                    event,
+                    hash: String::new(),
+                };
+                let bytes = env.seal_to_json(&prev);
+                prev = env.hash;
+                bytes
+            })
+            .collect()
+    }
+
+    /// Both impls agree on `bytes`: both refuse, or both give the same
+    /// envelope, and then both checks of it give the same answer.
+    fn agree(bytes: &[u8], original: &[u8]) {
+        let ours = serde_json::from_slice::<Envelope>(bytes);
+        let theirs = serde_json::from_slice::<Flattened>(bytes).map(Envelope::from);
+        let show = String::from_utf8_lossy(bytes);
+        match (ours, theirs) {
+            (Ok(mut a), Ok(b)) => {
+                assert_eq!(a, b, "{show}");
+                let mut b = b;
+                for stored in [bytes, original] {
+                    assert_eq!(
+                        a.check_stored(stored),
+                        b.check_stored_slow(stored),
+                        "{show}"
+                    );
+                }
+            }
+            (Err(_), Err(_)) => {}
+            (a, b) => panic!("{show}: ours {a:?}, derived {b:?}"),
+        }
+    }
+
+    #[test]
+    fn hand_deserialize_and_fast_check_agree_with_the_originals() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let mut mutants = 0;
+        for bytes in sealed_logs() {
+            agree(&bytes, &bytes);
+            let mut env: Envelope = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(env.check_stored(&bytes), Ok(()));
+            let text = String::from_utf8(bytes.clone()).unwrap();
+            // Reordered, renamed, repeated and extra fields.
+            let data_at = text.find(",\"data\":").unwrap();
+            let hash_at = text.find(",\"hash\":").unwrap();
+            let type_at = text.find(",\"type\":").unwrap();
+            let data_first = format!(
+                "{}{}{}{}",
+                &text[..type_at],
+                &text[data_at..hash_at],
+                &text[type_at..data_at],
+                &text[hash_at..]
+            );
+            let edits = [
+                data_first,
+                text.replacen("{", "{\"extra\":[1,{\"a\":null}],", 1),
+                text.replacen("{", "{\"seq\":1,", 1),
+                text.replacen("{", "{\"type\":\"JobStopped\",", 1),
+                text.replacen(",\"data\":", ",\"data\":{},\"data\":", 1),
+                text.replacen(",\"hash\":", ",\"hash\":\"\",\"hash\":", 1),
+                text[..data_at].to_owned() + &text[hash_at..],
+                text[..type_at].to_owned() + &text[data_at..],
+                text.replacen(",\"hash\":", ",\"hash\":\"x\",\"h\":", 1),
+                text.replacen(",\"job_id\":null", "", 1),
+                text.replacen(",\"actor\":null", "", 1),
+                text.replacen("\"actor_verified\":true,", "", 1),
+                text.replacen("\"actor_verified\":true", "\"actor_verified\":false", 1),
+                text.replacen("Z\"", "+00:00\"", 1),
+                text.replacen("Z\"", "z\"", 1),
+                text.replacen(".", ".0", 1),
+                text.replacen(":", ": ", 1),
+                text.clone() + " ",
+                format!(" {text}"),
+            ];
+            for e in &edits {
+                agree(e.as_bytes(), &bytes);
+                mutants += 1;
+            }
+            // Byte-level corruption.
+            let alphabet = b"{}[]\",:0123456789.-+eEZTtrufalsn \\xu";
+            for _ in 0..400 {
+                let mut m = bytes.clone();
+                for _ in 0..=next(2) {
+                    let i = next(m.len());
+                    match next(4) {
+                        0 => m[i] = alphabet[next(alphabet.len())],
+                        1 => {
+                            m.remove(i);
+                        }
+                        2 => m.insert(i, alphabet[next(alphabet.len())]),
+                        _ => {
+                            let j = next(m.len());
+                            m.swap(i, j);
+                        }
+                    }
+                }
+                agree(&m, &bytes);
+                mutants += 1;
+            }
+        }
+        assert!(mutants > 6000);
     }
 }

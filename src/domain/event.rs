@@ -52,9 +52,17 @@ pub enum Event {
     /// A backup agent's snapshot, classified and given its expiry on record.
     SnapshotRecorded {
         snapshot_id: Uuid,
+        #[serde(
+            serialize_with = "super::timestamp::serialize",
+            deserialize_with = "super::timestamp::deserialize"
+        )]
         taken_at: DateTime<Utc>,
         size_bytes: u64,
         classes: Vec<SnapshotClass>,
+        #[serde(
+            serialize_with = "super::timestamp::serialize",
+            deserialize_with = "super::timestamp::deserialize"
+        )]
         expires_at: DateTime<Utc>,
     },
     /// The operator's manual delete.
@@ -64,12 +72,20 @@ pub enum Event {
     /// The snapshot's expiry as it is after the change.
     SnapshotExpiryChanged {
         snapshot_id: Uuid,
+        #[serde(
+            serialize_with = "super::timestamp::serialize",
+            deserialize_with = "super::timestamp::deserialize"
+        )]
         expires_at: DateTime<Utc>,
         do_not_delete: bool,
     },
     /// Retention removed a due snapshot (`expires_at` <= the sweep's `now`).
     SnapshotExpired {
         snapshot_id: Uuid,
+        #[serde(
+            serialize_with = "super::timestamp::serialize",
+            deserialize_with = "super::timestamp::deserialize"
+        )]
         expires_at: DateTime<Utc>,
     },
     /// A region's stores as they are after the change (`job_id` null).

@@ -126,10 +126,14 @@ pub struct Job {
     /// Number of events applied to the job, from 1.
     pub version: u64,
     pub snapshot_count: u64,
+    #[serde(serialize_with = "super::timestamp::serialize_option")]
     pub latest_snapshot_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub last_transition_at: DateTime<Utc>,
     /// When the job was last stopped, while it is Stopped (restart rule).
+    #[serde(serialize_with = "super::timestamp::serialize_option")]
     pub stopped_at: Option<DateTime<Utc>>,
     /// Whether the job finished its initial sync since it was last started
     /// from scratch; decides the phase on restart and on reconfiguration.
@@ -152,33 +156,48 @@ impl Job {
     /// `snapshot_count` and `latest_snapshot_at` are kept by
     /// [`super::World::evolve`], which also folds the catalog.
     pub fn evolve(job: &mut Option<Job>, env: &Envelope) {
-        let at = env.recorded_at;
-        let version = env.job_version.unwrap_or(0);
-        if let Event::JobCreated {
+        if let Some(created) = Job::created(env) {
+            *job = Some(created);
+        } else if let Some(j) = job.as_mut() {
+            j.apply(env);
+        }
+    }
+
+    /// The job a JobCreated event creates (None for every other event).
+    pub fn created(env: &Envelope) -> Option<Job> {
+        let Event::JobCreated {
             deployment,
             schedule,
             region,
         } = &env.event
-        {
-            *job = Some(Job {
-                job_id: env.job_id.expect("JobCreated has a job_id"),
-                project_id: env.project_id.clone(),
-                deployment: deployment.clone(),
-                schedule: *schedule,
-                region: region.clone(),
-                state: JobState::Inactive,
-                phase: None,
-                version,
-                snapshot_count: 0,
-                latest_snapshot_at: None,
-                created_at: at,
-                last_transition_at: at,
-                stopped_at: None,
-                initial_sync_done: false,
-            });
-            return;
-        }
-        let Some(j) = job.as_mut() else { return };
+        else {
+            return None;
+        };
+        let at = env.recorded_at;
+        Some(Job {
+            job_id: env.job_id.expect("JobCreated has a job_id"),
+            project_id: env.project_id.clone(),
+            deployment: deployment.clone(),
+            schedule: *schedule,
+            region: region.clone(),
+            state: JobState::Inactive,
+            phase: None,
+            version: env.job_version.unwrap_or(0),
+            snapshot_count: 0,
+            latest_snapshot_at: None,
+            created_at: at,
+            last_transition_at: at,
+            stopped_at: None,
+            initial_sync_done: false,
+        })
+    }
+
+    /// Apply one event of this job's stream other than JobCreated (see
+    /// [`Job::evolve`]).
+    pub fn apply(&mut self, env: &Envelope) {
+        let j = self;
+        let at = env.recorded_at;
+        let version = env.job_version.unwrap_or(0);
         if env.job_version.is_some() {
             j.version = version;
         }

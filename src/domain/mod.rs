@@ -9,12 +9,14 @@ pub mod catalog;
 pub mod command;
 pub mod decide;
 pub mod envelope;
+mod envelope_de;
 pub mod event;
 pub mod ids;
 pub mod job;
 pub mod limits;
 pub mod reply;
 pub mod schedule;
+pub mod timestamp;
 pub mod world;
 
 pub use catalog::{Catalog, Snapshot, SnapshotClass};

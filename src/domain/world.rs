@@ -9,6 +9,7 @@ use super::ids::Name;
 use super::job::Job;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use uuid::Uuid;
 
 /// A deployment region and its three stores. Fully configured when all three
@@ -109,23 +110,41 @@ impl World {
             }
             Event::CommandRejected { .. } => {}
             _ => {
+                // Job::evolve, on the job in place (no remove and re-insert).
                 let Some(id) = env.job_id else { return };
-                let mut slot = self.jobs.remove(&id);
-                Job::evolve(&mut slot, env);
-                let Some(mut job) = slot else { return };
-                if let Some(catalog) = self.evolve_catalog(&job, env) {
+                let job = match Job::created(env) {
+                    Some(created) => match self.jobs.entry(id) {
+                        Entry::Vacant(v) => v.insert(created),
+                        Entry::Occupied(o) => {
+                            let job = o.into_mut();
+                            *job = created;
+                            job
+                        }
+                    },
+                    None => {
+                        let Some(job) = self.jobs.get_mut(&id) else {
+                            return;
+                        };
+                        job.apply(env);
+                        job
+                    }
+                };
+                if let Some(catalog) = Self::evolve_catalog(&mut self.catalogs, job, env) {
                     job.snapshot_count = catalog.snapshots.len() as u64;
                     job.latest_snapshot_at = catalog.snapshots.iter().map(|s| s.taken_at).max();
                 }
-                self.jobs.insert(id, job);
             }
         }
     }
 
     /// Apply a snapshot event to the job's catalog; returns the catalog when
     /// it changed.
-    fn evolve_catalog(&mut self, job: &Job, env: &Envelope) -> Option<&Catalog> {
-        let catalog = self.catalogs.entry(job.job_id);
+    fn evolve_catalog<'c>(
+        catalogs: &'c mut BTreeMap<Uuid, Catalog>,
+        job: &Job,
+        env: &Envelope,
+    ) -> Option<&'c Catalog> {
+        let catalog = catalogs.entry(job.job_id);
         match &env.event {
             Event::SnapshotRecorded {
                 snapshot_id,

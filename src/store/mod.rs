@@ -79,7 +79,7 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 }
 
 pub fn decode_envelope(seq: u64, bytes: &[u8]) -> Result<Envelope> {
-    serde_json::from_slice(bytes)
+    Envelope::from_json(bytes)
         .map_err(|e| corrupt(format!("event at seq {seq} does not parse: {e}")))
 }
 
@@ -127,6 +127,25 @@ impl Store {
             });
         }
         Self::open_or_create(path)
+    }
+
+    /// [`Store::open_existing`] with redb's page cache bounded to
+    /// `cache_bytes` (it defaults to 1 GiB): for one pass over the log
+    /// (audit verify, replay), where keeping every page read only fills
+    /// memory.
+    pub fn open_existing_with_cache(path: &Path, cache_bytes: usize) -> Result<Store> {
+        if !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.display().to_string(),
+            });
+        }
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| open_error(path, e))?;
+        let store = Store { db: Arc::new(db) };
+        store.create_tables()?;
+        Ok(store)
     }
 
     pub(crate) fn db(&self) -> &Database {
