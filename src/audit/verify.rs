@@ -7,11 +7,11 @@ use super::logfile::{Digest, check_digest};
 use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::{Envelope, Region, World};
-use crate::store::tables::{CATALOGS, JOBS, REGIONS};
+use crate::store::rows;
+use crate::store::tables::{JOB_ROWS, JobRow, REGIONS};
 use crate::store::{Store, StoreError};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use std::time::{Duration, Instant};
-use uuid::Uuid;
 
 #[derive(Debug)]
 pub struct Report {
@@ -172,31 +172,53 @@ pub fn verify(
 /// How often [`verify`] reports progress, in events.
 const PROGRESS_EVERY: u64 = 4096;
 
-/// Whether the stored job and catalog rows are byte for byte what the
-/// writer would store for `world` (`serde_json::to_vec` of each), under the
-/// same keys, and the stored regions equal `world`'s. True means
-/// `store.load_world()` equals `world` (serialization round-trips these
-/// types exactly), without parsing 100 k job and catalog rows; false means
-/// only that the caller must compare the slow way (a row written by another
-/// version of bcp may differ in bytes and still be equal).
+/// Whether the stored job rows (views, catalog class rows, snapshot rows;
+/// the event index aside) are byte for byte what the writer would store for
+/// `world`, under the same keys, and the stored regions equal `world`'s.
+/// True means `store.load_world()` equals `world` (serialization
+/// round-trips these types exactly), without parsing 100 k job rows; false
+/// means only that the caller must compare the slow way (a row written by
+/// another version of bcp may differ in bytes and still be equal).
 fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
-    let txn = store.db().begin_read()?;
-    let jobs = txn.open_table(JOBS)?;
-    let catalogs = txn.open_table(CATALOGS)?;
-    let regions = txn.open_table(REGIONS)?;
-    if jobs.len()? != world.jobs.len() as u64
-        || catalogs.len()? != world.catalogs.len() as u64
-        || regions.len()? != world.regions.len() as u64
-    {
+    if world.catalogs.keys().any(|id| !world.jobs.contains_key(id)) {
         return Ok(false);
     }
-    let same_jobs = std::thread::scope(|s| {
-        let jobs =
-            s.spawn(|| rows_match(jobs.iter()?, world.jobs.iter(), |id, job| job.job_id == *id));
-        let catalogs = rows_match(catalogs.iter()?, world.catalogs.iter(), |_, _| true)?;
-        Ok::<bool, StoreError>(catalogs && jobs.join().expect("comparing job rows panicked")?)
-    })?;
-    if !same_jobs {
+    let txn = store.db().begin_read()?;
+    let regions = txn.open_table(REGIONS)?;
+    if regions.len()? != world.regions.len() as u64 {
+        return Ok(false);
+    }
+    // The rows the writer stores for `world`, in key order.
+    let expected = world.jobs.iter().flat_map(|(id, job)| {
+        let view = (
+            JobRow::Job.key(id.as_u128(), 0),
+            serde_json::to_vec(job).expect("job serializes"),
+        );
+        let mut catalog = world
+            .catalogs
+            .get(id)
+            .map(|c| rows::catalog_rows(*id, None, Some(c)))
+            .unwrap_or_default();
+        catalog.sort_unstable_by_key(|(k, _)| *k);
+        std::iter::once(view).chain(
+            catalog
+                .into_iter()
+                .map(|(k, v)| (k, v.expect("a new catalog only adds rows"))),
+        )
+    });
+    let mut expected = expected.fuse();
+    for r in txn.open_table(JOB_ROWS)?.iter()? {
+        let (k, v) = r?;
+        let key = k.value();
+        if key.1 == JobRow::Event as u8 {
+            continue;
+        }
+        match expected.next() {
+            Some((want_key, want)) if want_key == key && want.as_slice() == v.value() => {}
+            _ => return Ok(false),
+        }
+    }
+    if expected.next().is_some() {
         return Ok(false);
     }
     let mut stored = std::collections::BTreeMap::new();
@@ -208,25 +230,6 @@ fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
         };
     }
     Ok(stored == world.regions)
-}
-
-/// Rows keyed by a job id, against a map by job id: same keys in the same
-/// order, each row `serde_json::to_vec` of the value, and `ok(id, value)`.
-fn rows_match<'a, T: serde::Serialize + 'a>(
-    rows: redb::Range<'_, u128, &'static [u8]>,
-    values: impl Iterator<Item = (&'a Uuid, &'a T)>,
-    ok: impl Fn(&Uuid, &T) -> bool,
-) -> Result<bool, StoreError> {
-    let mut buf = Vec::new();
-    for (row, (id, value)) in rows.zip(values) {
-        let (k, v) = row?;
-        buf.clear();
-        serde_json::to_writer(&mut buf, value).expect("projection serializes");
-        if k.value() != id.as_u128() || v.value() != buf.as_slice() || !ok(id, value) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 fn describe_difference(stored: &World, rebuilt: &World) -> String {
@@ -241,4 +244,55 @@ fn describe_difference(stored: &World, rebuilt: &World) -> String {
         return format!("stored job {id} has no events in the log");
     }
     "regions differ".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::projections_match;
+    use crate::domain::command::decode;
+    use crate::store::Store;
+    use crate::store::ledger::{Ledger, Pending};
+    use chrono::{TimeZone, Utc};
+    use uuid::Uuid;
+
+    #[test]
+    fn the_fast_projection_check_matches_what_the_writer_stored_and_only_that() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
+        let mut ledger = Ledger::open(store.clone()).unwrap();
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).unwrap();
+        let job = Uuid::from_u128(7);
+        let bodies = [
+            (
+                "create",
+                serde_json::json!({"deployment": {"kind": "replica_set", "name": "rs"}}),
+            ),
+            ("start", serde_json::json!({})),
+            (
+                "record-snapshot",
+                serde_json::json!({"snapshot_id": Uuid::from_u128(9), "taken_at": t0, "size_bytes": 1}),
+            ),
+            ("start", serde_json::json!({})), // rejected: stored as an event row only
+        ];
+        let mut next = 0u128;
+        for (n, (verb, mut body)) in bodies.into_iter().enumerate() {
+            body["command_id"] = serde_json::json!(Uuid::from_u128(100 + n as u128));
+            body["job_id"] = serde_json::json!(job);
+            let cmd = decode("p1", verb, body.to_string().as_bytes(), None).unwrap();
+            let mut ids = || {
+                next += 1;
+                Uuid::from_u128(next)
+            };
+            ledger
+                .execute(&[Pending::new(cmd)], t0, &mut ids, None)
+                .unwrap();
+        }
+        let mut world = ledger.world().clone();
+        assert_eq!(world.catalogs[&job].snapshots.len(), 1);
+        assert!(projections_match(&store, &world).unwrap());
+        world.catalogs.get_mut(&job).unwrap().snapshots[0].size_bytes = 2;
+        assert!(!projections_match(&store, &world).unwrap());
+        world.catalogs.remove(&job);
+        assert!(!projections_match(&store, &world).unwrap());
+    }
 }
