@@ -65,9 +65,9 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let store = Store::open_or_create(&config.db)?;
     let ledger = Ledger::open(store.clone())?;
     let head = ledger.head_seq();
-    // One connection for requests, replies and the relay: measured with
-    // `bench --e2e-only`, a second connection for the relay lowered
-    // throughput (8.9 k against 10.9-13.8 k commands/s).
+    // One connection for requests, replies and the relay. A second one for
+    // the relay was tried (`bench --e2e-only`): no difference beyond the
+    // run-to-run spread of this machine's fsyncs (8-14 k commands/s).
     let client = connect(&config, "bcp serve").await?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
