@@ -6,7 +6,7 @@ mod audit;
 use anyhow::{Context, Result, bail};
 use bcp::domain::{Job, JobState, Reply, Verb};
 use bcp::projection::history::HistoryEntry;
-use bcp::store::Store;
+use bcp::store::{CACHE_BYTES, Store};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value, json};
 use std::path::PathBuf;
@@ -308,7 +308,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => {
             let v = match &source.db {
                 Some(db) => bcp::service::queries::answer(
-                    &Store::open_existing(db)?,
+                    &Store::open_read_only(db, CACHE_BYTES)?,
                     "snapshots",
                     &serde_json::to_vec(&json!({"job_id": job}))?,
                 ),
@@ -360,7 +360,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             let store = source
                 .db
                 .as_ref()
-                .map(|db| Store::open_existing(db))
+                .map(|db| Store::open_read_only(db, CACHE_BYTES))
                 .transpose()?;
             let mut jobs: Vec<Job> = Vec::new();
             loop {

@@ -1481,6 +1481,32 @@ fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() 
     verify(&store).unwrap();
 }
 
+/// An auditor's tools read the store they audit and never write to it,
+/// not even by opening it.
+#[test]
+fn the_audit_tools_leave_the_store_file_byte_for_byte_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    scenario(&path);
+    let before = std::fs::read(&path).unwrap();
+    let db = path.to_str().unwrap();
+    let job1 = job(1).to_string();
+    let out = dir.path().join("log.jsonl");
+    for args in [
+        &["audit", "verify", "--db", db][..],
+        &["replay", "--db", db, "--format", "json"][..],
+        &["audit", "history", "--db", db, "--job", &job1][..],
+        &["audit", "digest", "--db", db][..],
+        &["export", "--db", db, "--out", out.to_str().unwrap()][..],
+        &["jobs", "--db", db][..],
+        &["snapshots", "--db", db, &job1][..],
+    ] {
+        let (code, out) = bcp(args, None);
+        assert_eq!(code, 0, "{args:?}: {out}");
+    }
+    assert!(std::fs::read(&path).unwrap() == before, "the store changed");
+}
+
 #[test]
 fn a_store_with_an_older_table_layout_is_refused_not_misread() {
     let dir = tempfile::tempdir().unwrap();

@@ -764,6 +764,16 @@ async fn restart_of_serve_on_the_same_db() {
     assert_eq!(r, accepted(Some(j1), Some(3), &[(5, "JobStopped")]));
     let events = h.caught_up_stream(5).await;
     assert_eq!(events[..4], published[..], "republished differently");
+
+    // After a kill -9 the audit tools, which never write, refuse the store
+    // with what to do; bcp serve recovers it.
+    h.kill_bcp();
+    let db = h.db();
+    let (code, _, err) =
+        support::bcp_cli_text(&["audit", "verify", "--db", db.to_str().unwrap()]).await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not closed cleanly"), "{err}");
+    h.start_bcp().await;
     h.stop_and_verify(5).await;
 }
 

@@ -181,7 +181,7 @@ mod tests {
     fn store_with(n: u64, gap: u64) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_or_create(&dir.path().join("s.redb")).unwrap();
-        let txn = store.db().begin_write().unwrap();
+        let txn = store.writable().unwrap().begin_write().unwrap();
         {
             let mut t = txn.open_table(EVENTS).unwrap();
             for seq in (1..=n).filter(|&s| s != gap) {

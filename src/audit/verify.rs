@@ -10,7 +10,7 @@ use crate::domain::{Envelope, Region, World};
 use crate::store::rows;
 use crate::store::tables::{JOB_ROWS, JobRow, REGIONS};
 use crate::store::{Store, StoreError};
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadableTable, ReadableTableMetadata};
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
@@ -183,7 +183,7 @@ fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
     if world.catalogs.keys().any(|id| !world.jobs.contains_key(id)) {
         return Ok(false);
     }
-    let txn = store.db().begin_read()?;
+    let txn = store.begin_read()?;
     let regions = txn.open_table(REGIONS)?;
     if regions.len()? != world.regions.len() as u64 {
         return Ok(false);

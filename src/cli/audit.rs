@@ -9,7 +9,7 @@ use bcp::audit::replay::{self, Cut, Replayer, Select};
 use bcp::audit::verify::{self, VerifyError};
 use bcp::domain::ProjectId;
 use bcp::projection::history::history;
-use bcp::store::{Store, import::write_new_store};
+use bcp::store::{CACHE_BYTES, Store, import::write_new_store};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -189,11 +189,9 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
         project,
     };
     let view = match (&a.source.db, &a.source.from_nats) {
-        (Some(db), _) => replay::replay(
-            &Store::open_existing_with_cache(db, SCAN_CACHE_BYTES)?,
-            cut,
-            &select,
-        )?,
+        (Some(db), _) => {
+            replay::replay(&Store::open_read_only(db, SCAN_CACHE_BYTES)?, cut, &select)?
+        }
         (None, Some(url)) => {
             let verified = match verified_from_nats(url, &a.source.stream)? {
                 Ok(v) => v,
@@ -232,7 +230,7 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
 pub fn audit(cmd: AuditCmd) -> Result<u8> {
     match cmd {
         AuditCmd::History { db, job, format } => {
-            let events = Store::open_existing(&db)?.job_events(job)?;
+            let events = Store::open_read_only(&db, CACHE_BYTES)?.job_events(job)?;
             if events.is_empty() {
                 eprintln!("bcp: no job {job} in {}", db.display());
                 return Ok(EXIT_REJECTED);
@@ -253,7 +251,7 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
             against_nats,
             stream,
         } => {
-            let store = Store::open_existing_with_cache(&db, SCAN_CACHE_BYTES)?;
+            let store = Store::open_read_only(&db, SCAN_CACHE_BYTES)?;
             let bar = progress(Some(store.event_count()?), "verifying");
             let report = match verify::verify(&store, digest.as_ref(), |n| bar.set_position(n)) {
                 Ok(r) => r,
@@ -281,7 +279,7 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
             Ok(EXIT_OK)
         }
         AuditCmd::Digest { db } => {
-            let store = Store::open_existing(&db)?;
+            let store = Store::open_read_only(&db, CACHE_BYTES)?;
             let head = store.head_seq()?;
             if head == 0 {
                 bail!("the log at {} is empty", db.display());
@@ -358,7 +356,7 @@ fn compare_with_stream(
 }
 
 pub fn export(a: ExportArgs) -> Result<u8> {
-    let store = Store::open_existing(&a.db)?;
+    let store = Store::open_read_only(&a.db, SCAN_CACHE_BYTES)?;
     let mut out: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?,

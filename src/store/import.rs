@@ -71,7 +71,7 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
     let _ = std::fs::remove_file(&tmp);
     let store = Store::open_or_create(&tmp)?;
     {
-        let mut txn = store.db().begin_write()?;
+        let mut txn = store.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         {

@@ -24,7 +24,7 @@ use crate::domain::{
     Catalog, CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
 };
 use chrono::{DateTime, Utc};
-use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
+use redb::{ReadOnlyTable, ReadableTable};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -197,7 +197,7 @@ impl Store {
             // Only answers already durable (retries, an idle sweep): no fsync.
             return Ok(());
         }
-        let mut txn = self.db().begin_write()?;
+        let mut txn = self.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         {
@@ -238,7 +238,7 @@ impl Ledger {
     pub fn open(store: Store) -> Result<Ledger> {
         let world = store.load_world()?;
         let (head_seq, head_hash, head_time, count) = {
-            let txn = store.db().begin_read()?;
+            let txn = store.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let count = redb::ReadableTableMetadata::len(&events)?;
             match events.last()? {
@@ -315,7 +315,7 @@ impl Ledger {
     /// prefix of the log).
     pub fn begin(&mut self, now: DateTime<Utc>) -> Result<Batch> {
         let now = self.head_time.map_or(now, |t| now.max(t));
-        let commands = self.store.db().begin_read()?.open_table(COMMANDS)?;
+        let commands = self.store.begin_read()?.open_table(COMMANDS)?;
         Ok(Batch {
             now,
             commands,

@@ -23,6 +23,10 @@ pub enum StoreError {
     InUse { path: String },
     #[error("no store at {path}")]
     Missing { path: String },
+    #[error(
+        "the store {path} was not closed cleanly (bcp serve was killed?) and needs recovery before it can be read without writing; start bcp serve on it once (it recovers and re-checks the store), stop it, then audit"
+    )]
+    NeedsRecovery { path: String },
     #[error("storage error: {0}")]
     Redb(#[from] redb::Error),
     #[error("corrupt store: {0}")]
@@ -71,7 +75,22 @@ pub const CACHE_BYTES: usize = 128 << 20;
 /// A handle on the store; cheap to clone, shared by the writer and readers.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<Db>,
+}
+
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+/// Refuse a store of an older table layout rather than misread it.
+fn check_layout(tables: &[String]) -> Result<()> {
+    if tables.iter().any(|n| n == OLD_LAYOUT_TABLE) {
+        return Err(corrupt(
+            "this store was written by an older bcp (another table layout); rebuild it: `bcp export` with that version, then `bcp import`",
+        ));
+    }
+    Ok(())
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -86,11 +105,17 @@ pub fn decode_envelope(seq: u64, bytes: &[u8]) -> Result<Envelope> {
 impl Store {
     /// Open the store at `path`, creating it (and its tables) if missing.
     pub fn open_or_create(path: &Path) -> Result<Store> {
+        Self::open(path, CACHE_BYTES)
+    }
+
+    fn open(path: &Path, cache_bytes: usize) -> Result<Store> {
         let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(cache_bytes)
             .create(path)
             .map_err(|e| open_error(path, e))?;
-        let store = Store { db: Arc::new(db) };
+        let store = Store {
+            db: Arc::new(Db::ReadWrite(db)),
+        };
         store.create_tables()?;
         Ok(store)
     }
@@ -98,18 +123,34 @@ impl Store {
     /// A store on another storage backend (fault-injection tests).
     pub fn with_backend(backend: impl redb::StorageBackend) -> Result<Store> {
         let db = redb::Builder::new().create_with_backend(backend)?;
-        let store = Store { db: Arc::new(db) };
+        let store = Store {
+            db: Arc::new(Db::ReadWrite(db)),
+        };
         store.create_tables()?;
         Ok(store)
     }
 
+    /// Create the tables a store lacks. A store that has them all is only
+    /// read (so auditing a store does not write to it); one of an older
+    /// layout is refused.
     fn create_tables(&self) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        if txn.list_tables()?.any(|t| t.name() == OLD_LAYOUT_TABLE) {
-            return Err(corrupt(
-                "this store was written by an older bcp (another table layout); rebuild it: `bcp export` with that version, then `bcp import`",
-            ));
+        let names: Vec<String> = self
+            .begin_read()?
+            .list_tables()?
+            .map(|t| t.name().to_owned())
+            .collect();
+        check_layout(&names)?;
+        let all = [
+            EVENTS.name(),
+            COMMANDS.name(),
+            JOB_ROWS.name(),
+            REGIONS.name(),
+            CURSOR.name(),
+        ];
+        if all.iter().all(|t| names.iter().any(|n| n == t)) {
+            return Ok(());
         }
+        let txn = self.writable()?.begin_write()?;
         txn.open_table(EVENTS)?;
         txn.open_table(COMMANDS)?;
         txn.open_table(JOB_ROWS)?;
@@ -121,19 +162,40 @@ impl Store {
 
     /// Open an existing store (the audit tools never create one).
     pub fn open_existing(path: &Path) -> Result<Store> {
+        Self::open_existing_with_cache(path, CACHE_BYTES)
+    }
+
+    /// [`Store::open_existing`] with redb's page cache bounded to
+    /// `cache_bytes`: for one pass over the log (audit verify, replay),
+    /// where keeping every page read only fills memory.
+    pub fn open_existing_with_cache(path: &Path, cache_bytes: usize) -> Result<Store> {
         if !path.exists() {
             return Err(StoreError::Missing {
                 path: path.display().to_string(),
             });
         }
-        Self::open_or_create(path)
+        Self::open(path, cache_bytes)
     }
 
-    /// [`Store::open_existing`] with redb's page cache bounded to
-    /// `cache_bytes` (it defaults to 1 GiB): for one pass over the log
-    /// (audit verify, replay), where keeping every page read only fills
-    /// memory.
-    pub fn open_existing_with_cache(path: &Path, cache_bytes: usize) -> Result<Store> {
+    /// The database, for writing; an error on a read-only store.
+    pub(crate) fn writable(&self) -> Result<&Database> {
+        match &*self.db {
+            Db::ReadWrite(db) => Ok(db),
+            Db::ReadOnly(_) => Err(corrupt("the store is open read-only")),
+        }
+    }
+
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        Ok(match &*self.db {
+            Db::ReadWrite(db) => db.begin_read()?,
+            Db::ReadOnly(db) => db.begin_read()?,
+        })
+    }
+
+    /// Open an existing store for reading only: nothing is written to the
+    /// file, not even by opening it (the audit tools). A store that needs
+    /// recovery after a crash is refused; `bcp serve` recovers it.
+    pub fn open_read_only(path: &Path, cache_bytes: usize) -> Result<Store> {
         if !path.exists() {
             return Err(StoreError::Missing {
                 path: path.display().to_string(),
@@ -141,33 +203,43 @@ impl Store {
         }
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
-            .create(path)
+            .open_read_only(path)
             .map_err(|e| open_error(path, e))?;
-        let store = Store { db: Arc::new(db) };
-        store.create_tables()?;
+        let store = Store {
+            db: Arc::new(Db::ReadOnly(db)),
+        };
+        let txn = store.begin_read()?;
+        let names: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
+        check_layout(&names)?;
+        for t in [
+            EVENTS.name(),
+            COMMANDS.name(),
+            JOB_ROWS.name(),
+            REGIONS.name(),
+        ] {
+            if !names.iter().any(|n| n == t) {
+                return Err(corrupt(format!("not a bcp store: no table {t}")));
+            }
+        }
         Ok(store)
-    }
-
-    pub(crate) fn db(&self) -> &Database {
-        &self.db
     }
 
     /// Seq of the last event (0 when empty).
     pub fn head_seq(&self) -> Result<u64> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(EVENTS)?;
         Ok(t.last()?.map_or(0, |(k, _)| k.value()))
     }
 
     pub fn published_seq(&self) -> Result<u64> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(CURSOR)?;
         Ok(t.get(PUBLISHED_SEQ)?.map_or(0, |v| v.value()))
     }
 
     /// Events with seq in `from..=to`, in order.
     pub fn events(&self, from: u64, to: u64) -> Result<Vec<Envelope>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(EVENTS)?;
         t.range(from..=to)?
             .map(|r| {
@@ -179,7 +251,7 @@ impl Store {
 
     /// Events with seq in `from..=to` as stored (the exact bytes published).
     pub fn raw_events(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(EVENTS)?;
         t.range(from..=to)?
             .map(|r| {
@@ -191,7 +263,7 @@ impl Store {
 
     /// Visit every event in seq order with its raw stored bytes.
     pub fn for_each_event(&self, mut f: impl FnMut(u64, &[u8]) -> Result<bool>) -> Result<()> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(EVENTS)?;
         for r in t.iter()? {
             let (k, v) = r?;
@@ -203,13 +275,13 @@ impl Store {
     }
 
     pub fn event_count(&self) -> Result<u64> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         Ok(txn.open_table(EVENTS)?.len()?)
     }
 
     /// Every event and rejection of one job, in seq order.
     pub fn job_events(&self, job_id: Uuid) -> Result<Vec<Envelope>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let index = txn.open_table(JOB_ROWS)?;
         let events = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
@@ -224,7 +296,7 @@ impl Store {
     }
 
     pub fn job(&self, job_id: Uuid) -> Result<Option<Job>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(JOB_ROWS)?;
         t.get(JobRow::Job.key(job_id.as_u128(), 0))?
             .map(|v| {
@@ -235,7 +307,7 @@ impl Store {
 
     /// A job's snapshot catalog (None: the job never had a snapshot).
     pub fn catalog(&self, job_id: Uuid) -> Result<Option<Catalog>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(JOB_ROWS)?;
         let id = job_id.as_u128();
         let Some(classes) = t.get(JobRow::Classes.key(id, 0))? else {
@@ -260,7 +332,7 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<Job>, Option<Uuid>)> {
         let limit = filter.limit.unwrap_or(max_jobs).clamp(1, max_jobs);
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(JOB_ROWS)?;
         let mut next = filter.after.map_or(Some(0), |a| a.as_u128().checked_add(1));
         let (mut jobs, mut bytes) = (Vec::new(), 0);
@@ -295,7 +367,7 @@ impl Store {
 
     /// The stored projections (jobs, catalogs and regions) as a [`World`].
     pub fn load_world(&self) -> Result<World> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let mut world = World::default();
         // Rows come grouped by job: its view, class row, snapshots, events.
         let mut job: Option<u128> = None;
@@ -368,7 +440,7 @@ impl Store {
     /// Store the relay's published-through cursor on its own (used at
     /// shutdown; while serving, the writer carries it in each batch).
     pub fn save_published_seq(&self, seq: u64) -> Result<()> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(corrupt)?;
         txn.open_table(CURSOR)?.insert(PUBLISHED_SEQ, seq)?;
@@ -380,6 +452,9 @@ impl Store {
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+            path: path.display().to_string(),
+        },
+        redb::DatabaseError::RepairAborted => StoreError::NeedsRecovery {
             path: path.display().to_string(),
         },
         e => e.into(),
