@@ -96,13 +96,12 @@ pub fn decide(world: &World, cmd: &CommandEnvelope, now: DateTime<Utc>) -> Decis
             unreachable!("only configure-region and expire-snapshots come without a job_id")
         };
         // Every job of the project with something due; the sweeper (project
-        // _admin): every job. Only catalogs are visited, and a job only when
-        // one of its snapshots is due, so an idle sweep reads no job.
-        let jobs = world
-            .catalogs
+        // _admin): of every project. The expiry index names them, so an
+        // idle sweep reads nothing but the index's first entry.
+        let due = world.jobs_with_due(*now);
+        let jobs = due
             .iter()
-            .filter(|(_, c)| c.due(*now).next().is_some())
-            .filter_map(|(id, _)| world.jobs.get(id))
+            .filter_map(|id| world.jobs.get(id))
             .filter(|j| cmd.project_id.is_admin() || j.project_id == cmd.project_id);
         return Ok(expire(world, jobs, *now));
     };

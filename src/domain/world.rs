@@ -7,9 +7,10 @@ use super::envelope::Envelope;
 use super::event::Event;
 use super::ids::Name;
 use super::job::Job;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 /// A deployment region and its three stores. Fully configured when all three
@@ -50,6 +51,12 @@ pub struct World {
     pub regions: BTreeMap<Name, Region>,
     /// Per job that ever had a snapshot: its catalog.
     pub catalogs: BTreeMap<Uuid, Catalog>,
+    /// Every retained snapshot that may expire (not do_not_delete), by
+    /// (expires_at, job, snapshot): derived from `catalogs`, so the
+    /// retention sweep reads what is due instead of every catalog. Kept by
+    /// `evolve`; after changing `catalogs` directly, call
+    /// [`World::reindex`] or [`World::set_catalog`].
+    pub expiring: BTreeSet<(DateTime<Utc>, Uuid, Uuid)>,
 }
 
 impl World {
@@ -129,7 +136,9 @@ impl World {
                         job
                     }
                 };
-                if let Some(catalog) = Self::evolve_catalog(&mut self.catalogs, job, env) {
+                if let Some(catalog) =
+                    Self::evolve_catalog(&mut self.catalogs, &mut self.expiring, job, env)
+                {
                     job.snapshot_count = catalog.snapshots.len() as u64;
                     job.latest_snapshot_at = catalog.snapshots.iter().map(|s| s.taken_at).max();
                 }
@@ -141,10 +150,15 @@ impl World {
     /// it changed.
     fn evolve_catalog<'c>(
         catalogs: &'c mut BTreeMap<Uuid, Catalog>,
+        expiring: &mut BTreeSet<(DateTime<Utc>, Uuid, Uuid)>,
         job: &Job,
         env: &Envelope,
     ) -> Option<&'c Catalog> {
-        let catalog = catalogs.entry(job.job_id);
+        let id = job.job_id;
+        let catalog = catalogs.entry(id);
+        let unindex = |expiring: &mut BTreeSet<_>, s: &Snapshot| {
+            expiring.remove(&(s.expires_at, id, s.snapshot_id));
+        };
         match &env.event {
             Event::SnapshotRecorded {
                 snapshot_id,
@@ -163,11 +177,14 @@ impl World {
                 };
                 let c = catalog.or_default();
                 c.record(snap, day_of(*taken_at, &job.schedule));
+                expiring.insert((*expires_at, id, *snapshot_id));
                 Some(c)
             }
             Event::SnapshotDeleted { snapshot_id } | Event::SnapshotExpired { snapshot_id, .. } => {
                 let c = catalog.or_default();
-                c.remove(*snapshot_id);
+                if let Some(s) = c.remove(*snapshot_id) {
+                    unindex(expiring, &s);
+                }
                 Some(c)
             }
             Event::SnapshotExpiryChanged {
@@ -181,18 +198,66 @@ impl World {
                     .iter_mut()
                     .find(|s| s.snapshot_id == *snapshot_id)
                 {
+                    unindex(expiring, s);
                     s.expires_at = *expires_at;
                     s.do_not_delete = *do_not_delete;
+                    if !s.do_not_delete {
+                        expiring.insert((s.expires_at, id, s.snapshot_id));
+                    }
                 }
                 Some(c)
             }
             Event::SnapshotsPurged { .. } => {
                 let c = catalog.or_default();
+                c.snapshots.iter().for_each(|s| unindex(expiring, s));
                 c.snapshots.clear();
                 Some(c)
             }
             _ => None,
         }
+    }
+
+    /// Replace (or remove) a job's catalog, keeping [`World::expiring`].
+    pub fn set_catalog(&mut self, job_id: Uuid, catalog: Option<Catalog>) {
+        if let Some(old) = self.catalogs.get(&job_id) {
+            for s in &old.snapshots {
+                self.expiring.remove(&(s.expires_at, job_id, s.snapshot_id));
+            }
+        }
+        match catalog {
+            Some(c) => {
+                self.index(job_id, &c);
+                self.catalogs.insert(job_id, c);
+            }
+            None => {
+                self.catalogs.remove(&job_id);
+            }
+        }
+    }
+
+    /// Rebuild [`World::expiring`] from `catalogs`.
+    pub fn reindex(&mut self) {
+        let catalogs = std::mem::take(&mut self.catalogs);
+        self.expiring.clear();
+        for (id, c) in &catalogs {
+            self.index(*id, c);
+        }
+        self.catalogs = catalogs;
+    }
+
+    fn index(&mut self, job_id: Uuid, c: &Catalog) {
+        for s in c.snapshots.iter().filter(|s| !s.do_not_delete) {
+            self.expiring.insert((s.expires_at, job_id, s.snapshot_id));
+        }
+    }
+
+    /// Jobs with a snapshot due at `now` (expires_at <= now, not
+    /// do_not_delete), in job-id order.
+    pub fn jobs_with_due(&self, now: DateTime<Utc>) -> BTreeSet<Uuid> {
+        self.expiring
+            .range(..=(now, Uuid::max(), Uuid::max()))
+            .map(|(_, job, _)| *job)
+            .collect()
     }
 
     /// Fold a whole log from scratch.

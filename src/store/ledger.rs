@@ -398,10 +398,7 @@ impl Ledger {
                 Some(j) => self.world.jobs.insert(id, j),
                 None => self.world.jobs.remove(&id),
             };
-            match catalog {
-                Some(c) => self.world.catalogs.insert(id, c),
-                None => self.world.catalogs.remove(&id),
-            };
+            self.world.set_catalog(id, catalog);
         }
         for (name, region) in undo.regions {
             match region {

@@ -434,6 +434,7 @@ impl Store {
                 .map_err(|e| corrupt(format!("region row: {e}")))?;
             world.regions.insert(region.region.clone(), region);
         }
+        world.reindex();
         Ok(world)
     }
 
