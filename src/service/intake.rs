@@ -242,7 +242,9 @@ pub async fn send_replies(
     metrics: Arc<Metrics>,
 ) {
     while let Some(batch) = batches.recv().await {
-        let oldest = batch.iter().map(|c| c.queued).min();
+        let oldest = tracing::enabled!(tracing::Level::TRACE)
+            .then(|| batch.iter().map(|c| c.queued).min())
+            .flatten();
         for c in batch {
             if let Some(err) = &c.reply.error {
                 let code = serde_json::to_value(err.code).expect("code serializes");

@@ -285,14 +285,16 @@ impl Writer {
         }
         let head_seq = prepared.head_seq();
         self.head.send_replace(head_seq);
-        let oldest = c.targets.iter().map(|t| t.queued).min();
-        tracing::trace!(
-            commands = prepared.len(),
-            head_seq,
-            commit_us = c.started.elapsed().as_micros() as u64,
-            oldest_queued_us = oldest.map_or(0, |t| t.elapsed().as_micros() as u64),
-            "batch committed"
-        );
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let oldest = c.targets.iter().map(|t| t.queued).min();
+            tracing::trace!(
+                commands = prepared.len(),
+                head_seq,
+                commit_us = c.started.elapsed().as_micros() as u64,
+                oldest_queued_us = oldest.map_or(0, |t| t.elapsed().as_micros() as u64),
+                "batch committed"
+            );
+        }
         let replies = self.ledger.committed(prepared);
         self.send(answer(c.targets, replies)).await;
     }

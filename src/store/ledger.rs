@@ -165,7 +165,6 @@ pub struct Prepared {
     rows: Rows,
     replies: Vec<Reply>,
     undo: Undo,
-    command_ids: Vec<u128>,
     head_seq: u64,
 }
 
@@ -368,19 +367,17 @@ impl Ledger {
             }
         }
         rows.published_seq = published_seq;
-        let command_ids = rows.commands.iter().map(|(k, _)| *k).collect();
         Prepared {
             rows,
             replies,
             undo,
-            command_ids,
             head_seq: self.head_seq,
         }
     }
 
     /// `p` is durable: its replies may go out.
     pub fn committed(&mut self, p: Prepared) -> Vec<Reply> {
-        for id in &p.command_ids {
+        for (id, _) in &p.rows.commands {
             self.uncommitted.remove(id);
         }
         p.replies
@@ -389,7 +386,7 @@ impl Ledger {
     /// `p` was not committed: put the in-memory state back as it was before
     /// it. Batches decided after `p` must be rolled back first (newest first).
     pub fn rolled_back(&mut self, p: Prepared) {
-        for id in &p.command_ids {
+        for (id, _) in &p.rows.commands {
             self.uncommitted.remove(id);
         }
         let undo = p.undo;

@@ -169,11 +169,7 @@ impl Store {
     /// `cache_bytes`: for one pass over the log (audit verify, replay),
     /// where keeping every page read only fills memory.
     pub fn open_existing_with_cache(path: &Path, cache_bytes: usize) -> Result<Store> {
-        if !path.exists() {
-            return Err(StoreError::Missing {
-                path: path.display().to_string(),
-            });
-        }
+        must_exist(path)?;
         Self::open(path, cache_bytes)
     }
 
@@ -196,11 +192,7 @@ impl Store {
     /// file, not even by opening it (the audit tools). A store that needs
     /// recovery after a crash is refused; `bcp serve` recovers it.
     pub fn open_read_only(path: &Path, cache_bytes: usize) -> Result<Store> {
-        if !path.exists() {
-            return Err(StoreError::Missing {
-                path: path.display().to_string(),
-            });
-        }
+        must_exist(path)?;
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .open_read_only(path)
@@ -448,6 +440,16 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// The audit tools never create a store.
+fn must_exist(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Err(StoreError::Missing {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(())
 }
 
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
