@@ -190,10 +190,7 @@ fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
     }
     // The rows the writer stores for `world`, in key order.
     let expected = world.jobs.iter().flat_map(|(id, job)| {
-        let view = (
-            JobRow::Job.key(id.as_u128(), 0),
-            serde_json::to_vec(job).expect("job serializes"),
-        );
+        let view = (JobRow::Job.key(id.as_u128(), 0), rows::job_row(job));
         let mut catalog = world
             .catalogs
             .get(id)

@@ -95,11 +95,19 @@ impl Routing {
     }
 }
 
-fn hash_of(prev_hash: &str, unhashed: &[u8]) -> String {
+/// The chain's one rule: blake3 of `prev_hash` then the canonical bytes
+/// (given in consecutive parts), as hex.
+fn hash_of_parts(prev_hash: &str, unhashed: &[&[u8]]) -> blake3::Hash {
     let mut h = blake3::Hasher::new();
     h.update(prev_hash.as_bytes());
-    h.update(unhashed);
-    h.finalize().to_hex().to_string()
+    for part in unhashed {
+        h.update(part);
+    }
+    h.finalize()
+}
+
+fn hash_of(prev_hash: &str, unhashed: &[u8]) -> String {
+    hash_of_parts(prev_hash, &[unhashed]).to_hex().to_string()
 }
 
 /// What [`with_hash`] puts before the hash.
@@ -192,11 +200,11 @@ impl Envelope {
         if !canonical {
             return self.check_stored_slow(stored);
         }
-        let mut h = blake3::Hasher::new();
-        h.update(self.prev_hash.as_bytes());
-        h.update(head);
-        h.update(b"}");
-        if h.finalize().to_hex().as_str() != self.hash.as_str() {
+        if hash_of_parts(&self.prev_hash, &[head, b"}"])
+            .to_hex()
+            .as_str()
+            != self.hash.as_str()
+        {
             return Err("hash does not match its content (edited)");
         }
         Ok(())

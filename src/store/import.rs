@@ -104,7 +104,7 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
             for (id, job) in &world.jobs {
                 job_rows.insert(
                     JobRow::Job.key(id.as_u128(), 0),
-                    serde_json::to_vec(job).expect("job serializes").as_slice(),
+                    super::rows::job_row(job).as_slice(),
                 )?;
             }
             for (id, c) in &world.catalogs {

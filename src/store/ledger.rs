@@ -346,10 +346,8 @@ impl Ledger {
         for (id, (_, catalog_before)) in &undo.jobs {
             let key = id.as_u128();
             let job = self.world.jobs.get(id);
-            rows.job_rows.push((
-                JobRow::Job.key(key, 0),
-                job.map(|j| serde_json::to_vec(j).expect("job serializes")),
-            ));
+            rows.job_rows
+                .push((JobRow::Job.key(key, 0), job.map(super::rows::job_row)));
             rows.job_rows.extend(super::rows::catalog_rows(
                 *id,
                 catalog_before.as_ref(),

@@ -83,6 +83,19 @@ enum Db {
     ReadOnly(redb::ReadOnlyDatabase),
 }
 
+/// The first of bcp's tables that `tables` lacks.
+fn missing_table(tables: &[String]) -> Option<&'static str> {
+    [
+        EVENTS.name(),
+        COMMANDS.name(),
+        JOB_ROWS.name(),
+        REGIONS.name(),
+        CURSOR.name(),
+    ]
+    .into_iter()
+    .find(|t| !tables.iter().any(|n| n == t))
+}
+
 /// Refuse a store of an older table layout rather than misread it.
 fn check_layout(tables: &[String]) -> Result<()> {
     if tables.iter().any(|n| n == OLD_LAYOUT_TABLE) {
@@ -140,14 +153,7 @@ impl Store {
             .map(|t| t.name().to_owned())
             .collect();
         check_layout(&names)?;
-        let all = [
-            EVENTS.name(),
-            COMMANDS.name(),
-            JOB_ROWS.name(),
-            REGIONS.name(),
-            CURSOR.name(),
-        ];
-        if all.iter().all(|t| names.iter().any(|n| n == t)) {
+        if missing_table(&names).is_none() {
             return Ok(());
         }
         let txn = self.writable()?.begin_write()?;
@@ -203,15 +209,8 @@ impl Store {
         let txn = store.begin_read()?;
         let names: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
         check_layout(&names)?;
-        for t in [
-            EVENTS.name(),
-            COMMANDS.name(),
-            JOB_ROWS.name(),
-            REGIONS.name(),
-        ] {
-            if !names.iter().any(|n| n == t) {
-                return Err(corrupt(format!("not a bcp store: no table {t}")));
-            }
+        if let Some(t) = missing_table(&names) {
+            return Err(corrupt(format!("not a bcp store: no table {t}")));
         }
         Ok(store)
     }

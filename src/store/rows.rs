@@ -7,7 +7,7 @@
 //! a snapshot costs one small row however large the catalog is.
 
 use super::tables::JobRow;
-use crate::domain::{Catalog, Snapshot};
+use crate::domain::{Catalog, Job, Snapshot};
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -42,6 +42,11 @@ pub fn classes_row(c: &Catalog) -> Vec<u8> {
         monthly_months: &c.monthly_months,
     })
     .expect("catalog classes serialize")
+}
+
+/// A job's view row ([`JobRow::Job`]).
+pub fn job_row(j: &Job) -> Vec<u8> {
+    serde_json::to_vec(j).expect("job serializes")
 }
 
 pub fn snapshot_row(s: &Snapshot) -> Vec<u8> {
