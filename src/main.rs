@@ -3,6 +3,12 @@
 
 mod cli;
 
+/// mimalloc instead of glibc malloc: under load, glibc's malloc/free took
+/// about 14 % of `bcp serve`'s CPU (perf, bench/RESULTS.md), spread over
+/// NATS message buffers, serde and redb's page buffers.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use std::process::ExitCode;
 
