@@ -10,10 +10,10 @@
 //! `expires_at = taken_at + the longest retention among its classes whose
 //! retention is not 0` (day 24 h, week 7 days, month 28 days).
 
+use super::periods::{Month, Runs, Week};
 use super::schedule::Schedule;
-use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use uuid::Uuid;
 
 #[derive(
@@ -52,13 +52,14 @@ pub struct Snapshot {
 
 /// One job's catalog: the retained snapshots in time order, and which days,
 /// ISO weeks and months already had their daily/weekly/monthly (every
-/// snapshot ever recorded counts, also deleted, expired or purged ones).
+/// snapshot ever recorded counts, also deleted, expired or purged ones), as
+/// runs of consecutive periods (`periods.rs`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
     pub snapshots: Vec<Snapshot>,
-    pub daily_days: BTreeSet<NaiveDate>,
-    pub weekly_weeks: BTreeSet<(i32, u32)>,
-    pub monthly_months: BTreeSet<(i32, u32)>,
+    pub daily_days: Runs<NaiveDate>,
+    pub weekly_weeks: Runs<Week>,
+    pub monthly_months: Runs<Month>,
 }
 
 /// The "day" a snapshot falls in: its date once shifted back by the
@@ -74,13 +75,12 @@ impl Catalog {
     pub fn classify(&self, taken_at: DateTime<Utc>, schedule: &Schedule) -> Vec<SnapshotClass> {
         let day = day_of(taken_at, schedule);
         let mut classes = vec![SnapshotClass::Base];
-        if !self.daily_days.contains(&day) {
+        if !self.daily_days.contains(day) {
             classes.push(SnapshotClass::Daily);
-            let week = day.iso_week();
-            if !self.weekly_weeks.contains(&(week.year(), week.week())) {
+            if !self.weekly_weeks.contains(Week::of(day)) {
                 classes.push(SnapshotClass::Weekly);
             }
-            if !self.monthly_months.contains(&(day.year(), day.month())) {
+            if !self.monthly_months.contains(Month::of(day)) {
                 classes.push(SnapshotClass::Monthly);
             }
         }
@@ -97,12 +97,10 @@ impl Catalog {
             self.daily_days.insert(schedule_day);
         }
         if snap.classes.contains(&SnapshotClass::Weekly) {
-            let w = schedule_day.iso_week();
-            self.weekly_weeks.insert((w.year(), w.week()));
+            self.weekly_weeks.insert(Week::of(schedule_day));
         }
         if snap.classes.contains(&SnapshotClass::Monthly) {
-            self.monthly_months
-                .insert((schedule_day.year(), schedule_day.month()));
+            self.monthly_months.insert(Month::of(schedule_day));
         }
         let at = self
             .snapshots

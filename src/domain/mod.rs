@@ -14,6 +14,7 @@ pub mod event;
 pub mod ids;
 pub mod job;
 pub mod limits;
+pub mod periods;
 pub mod reply;
 pub mod schedule;
 pub mod timestamp;

@@ -7,10 +7,10 @@
 //! a snapshot costs one small row however large the catalog is.
 
 use super::tables::JobRow;
+use crate::domain::periods::{Month, Runs, Week};
 use crate::domain::{Catalog, Job, Snapshot};
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use uuid::Uuid;
 
 /// A row to write under key `K`; `None`: remove the row.
@@ -19,27 +19,37 @@ pub type Row<K> = (K, Option<Vec<u8>>);
 /// A key of [`JOB_ROWS`](super::tables::JOB_ROWS).
 pub type JobKey = (u128, u8, u128);
 
-/// The class row: everything of a catalog but its snapshots.
+/// The class row: everything of a catalog but its snapshots, as runs.
 #[derive(Serialize)]
 struct ClassesRef<'a> {
-    daily_days: &'a BTreeSet<NaiveDate>,
-    weekly_weeks: &'a BTreeSet<(i32, u32)>,
-    monthly_months: &'a BTreeSet<(i32, u32)>,
+    daily_runs: &'a Runs<NaiveDate>,
+    weekly_runs: &'a Runs<Week>,
+    monthly_runs: &'a Runs<Month>,
 }
 
+/// A class row as stored: as runs, or in the layout before them (every day,
+/// week and month listed), which is read alike and rewritten as runs the
+/// next time the job's classes change.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Classes {
-    daily_days: BTreeSet<NaiveDate>,
-    weekly_weeks: BTreeSet<(i32, u32)>,
-    monthly_months: BTreeSet<(i32, u32)>,
+#[serde(untagged)]
+enum Classes {
+    Runs {
+        daily_runs: Runs<NaiveDate>,
+        weekly_runs: Runs<Week>,
+        monthly_runs: Runs<Month>,
+    },
+    Listed {
+        daily_days: Vec<NaiveDate>,
+        weekly_weeks: Vec<Week>,
+        monthly_months: Vec<Month>,
+    },
 }
 
 pub fn classes_row(c: &Catalog) -> Vec<u8> {
     serde_json::to_vec(&ClassesRef {
-        daily_days: &c.daily_days,
-        weekly_weeks: &c.weekly_weeks,
-        monthly_months: &c.monthly_months,
+        daily_runs: &c.daily_days,
+        weekly_runs: &c.weekly_weeks,
+        monthly_runs: &c.monthly_months,
     })
     .expect("catalog classes serialize")
 }
@@ -62,11 +72,22 @@ pub fn read_catalog(
     classes: &[u8],
     snapshots: impl IntoIterator<Item = Result<Snapshot, serde_json::Error>>,
 ) -> Result<Catalog, serde_json::Error> {
-    let Classes {
-        daily_days,
-        weekly_weeks,
-        monthly_months,
-    } = serde_json::from_slice(classes)?;
+    let (daily_days, weekly_weeks, monthly_months) = match serde_json::from_slice(classes)? {
+        Classes::Runs {
+            daily_runs,
+            weekly_runs,
+            monthly_runs,
+        } => (daily_runs, weekly_runs, monthly_runs),
+        Classes::Listed {
+            daily_days,
+            weekly_weeks,
+            monthly_months,
+        } => (
+            daily_days.into_iter().collect(),
+            weekly_weeks.into_iter().collect(),
+            monthly_months.into_iter().collect(),
+        ),
+    };
     let mut snapshots = snapshots.into_iter().collect::<Result<Vec<_>, _>>()?;
     snapshots.sort_by_key(|s| (s.taken_at, s.snapshot_id));
     Ok(Catalog {
@@ -189,5 +210,27 @@ mod tests {
             .map(|(_, v)| serde_json::from_slice(v.as_ref().unwrap()));
         assert_eq!(read_catalog(&classes_bytes, snapshots).unwrap(), later);
         assert!(catalog_rows(job, Some(&later), Some(&later)).is_empty());
+    }
+
+    #[test]
+    fn a_class_row_of_the_listed_layout_reads_as_runs() {
+        let listed = br#"{"daily_days":["2026-11-01","2026-11-02","2026-11-04"],
+            "weekly_weeks":[[2026,44],[2026,45]],"monthly_months":[[2026,11]]}"#;
+        let c = read_catalog(listed, []).unwrap();
+        let day = |d| NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
+        assert_eq!(c.daily_days.runs(), &[(day(1), day(2)), (day(4), day(4))]);
+        assert_eq!(c.weekly_weeks.runs(), &[(Week(2026, 44), Week(2026, 45))]);
+        assert_eq!(
+            c.monthly_months.runs(),
+            &[(Month(2026, 11), Month(2026, 11))]
+        );
+        // Written back as runs, and read back the same.
+        let row = classes_row(&c);
+        assert_eq!(
+            String::from_utf8(row.clone()).unwrap(),
+            r#"{"daily_runs":[["2026-11-01","2026-11-02"],["2026-11-04","2026-11-04"]],"weekly_runs":[[[2026,44],[2026,45]]],"monthly_runs":[[[2026,11],[2026,11]]]}"#
+        );
+        assert_eq!(read_catalog(&row, []).unwrap(), c);
+        assert!(read_catalog(br#"{"daily_runs":[]}"#, []).is_err());
     }
 }
