@@ -12,10 +12,12 @@
 //! What it measures, in this order:
 //! 1. **Baseline A**: raw redb appends of real envelope bytes (taken from a
 //!    log the workload built), group-committed with `Durability::Immediate`,
-//!    64 and 512 per transaction: the ceiling of any durable log on this
-//!    disk; each commit timed. Beside it, bcp's own write path without NATS
-//!    (`Ledger::execute`: decide, hash chain, projections, idempotency, one
-//!    durable commit) at the same batch sizes, and the bytes each writes.
+//!    1, 4, 64 and 512 per transaction: the ceiling of any durable log on
+//!    this disk; each commit timed. Beside it, bcp's own write path without
+//!    NATS (`Ledger::execute`: decide, hash chain, projections, idempotency,
+//!    one durable commit) at the same batch sizes, and the bytes and the CPU
+//!    time each write transaction takes. 1 and 4 are the batches `bcp serve`
+//!    commits at low load.
 //! 2. **Baseline B**: raw JetStream publish-with-ack of the same bytes,
 //!    `--in-flight` acks outstanding, against a default nats-server (which
 //!    fsyncs every 2 minutes, not per message); **B′**: the same against a
@@ -215,6 +217,8 @@ pub struct LedgerAppends {
     pub execute: measure::Latency,
     /// Of which `Store::commit` (the commit thread's part).
     pub commit: measure::Latency,
+    /// The CPU time of each `Store::commit`, on its thread.
+    pub commit_cpu: measure::Latency,
     /// Bytes written to storage by the appends.
     pub written_bytes: u64,
 }
@@ -396,6 +400,17 @@ async fn run(args: Args) -> Result<Results> {
     })
 }
 
+/// Commands per commit in phase 1: 1 and 4 are what `bcp serve` commits at
+/// low load (its writer hands the next batch over as soon as the last one
+/// is durable), 64 and 512 what it commits when busy.
+const BATCHES: [usize; 4] = [1, 4, 64, 512];
+
+/// Events appended at `batch` per commit: fewer for small batches, where
+/// 2,000 commits already give steady percentiles.
+fn appends_for(batch: usize, events: u64) -> u64 {
+    events.min(2_000 * batch as u64)
+}
+
 /// Baseline A (raw redb), and bcp's `Ledger::execute` at the same batch
 /// sizes: the write path without NATS.
 async fn durable_appends(
@@ -403,10 +418,11 @@ async fn durable_appends(
     samples: &[(String, Bytes)],
 ) -> Result<(Vec<measure::Appends>, Vec<LedgerAppends>)> {
     let mut baseline_a = Vec::new();
-    for batch in [64, 512] {
+    for batch in BATCHES {
         let path = b.dir.join(format!("baseline-a-{batch}.redb"));
         let bytes: Vec<Bytes> = samples.iter().map(|(_, b)| b.clone()).collect();
-        let n = b.args.baseline_a_events;
+        let n = appends_for(batch, b.args.baseline_a_events);
+        let batch = batch as u64;
         settle().await?;
         let file = path.clone();
         let a = tokio::task::spawn_blocking(move || measure::redb_appends(&path, &bytes, n, batch))
@@ -419,11 +435,12 @@ async fn durable_appends(
         baseline_a.push(a);
     }
     let mut ledger_a = Vec::new();
-    for batch in [64, 512] {
+    for batch in BATCHES {
         let db = b.dir.join(format!("ledger-{batch}.redb"));
         settle().await?;
         let written = procs::written_bytes(0).unwrap_or(0);
-        let built = build(&db, b.args.baseline_a_events, &mut b.lanes, batch).await?;
+        let n = appends_for(batch, b.args.baseline_a_events);
+        let built = build(&db, n, &mut b.lanes, batch).await?;
         std::fs::remove_file(&db)?;
         let l = LedgerAppends {
             written_bytes: procs::written_bytes(0).unwrap_or(0).saturating_sub(written),
@@ -431,6 +448,7 @@ async fn durable_appends(
             rate: Rate::new(built.appended, built.elapsed),
             execute: measure::Latency::of(built.executes),
             commit: measure::Latency::of(built.commits),
+            commit_cpu: measure::Latency::of(built.commit_cpus),
         };
         say(format!(
             "Ledger::execute, {batch}/commit: {:.0} events/s, per batch p50 {} µs, p99 {} µs",

@@ -43,6 +43,16 @@ impl Latency {
     }
 }
 
+/// Time the calling thread has spent on a CPU so far, in microseconds
+/// (/proc/thread-self/schedstat, in nanoseconds): user and kernel time, not
+/// time blocked on the disk.
+pub fn thread_cpu_us() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |ns| ns / 1000)
+}
+
 fn micros(d: Duration) -> u64 {
     d.as_micros() as u64
 }
@@ -76,6 +86,10 @@ pub struct Appends {
     /// Duration of each `commit()` (the fsync and page writes): the floor
     /// under any durable ack on this disk.
     pub commit: Latency,
+    /// CPU time of each write transaction (inserts and commit), on its
+    /// thread: the kernel's page writes included, the wait for the disk not.
+    /// Comparable with `Store::commit`, which also writes its rows.
+    pub commit_cpu: Latency,
     /// Bytes written to storage by the appends.
     pub written_bytes: u64,
 }
@@ -88,10 +102,12 @@ pub fn redb_appends(path: &Path, samples: &[Bytes], events: u64, batch: u64) -> 
     const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
     let db = redb::Database::create(path)?;
     let mut commits = Vec::new();
+    let mut commit_cpus = Vec::new();
     let written = crate::procs::written_bytes(0).unwrap_or(0);
     let started = Instant::now();
     let mut seq = 0u64;
     while seq < events {
+        let cpu = thread_cpu_us();
         let mut txn = db.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -106,11 +122,13 @@ pub fn redb_appends(path: &Path, samples: &[Bytes], events: u64, batch: u64) -> 
         let t = Instant::now();
         txn.commit()?;
         commits.push(micros(t.elapsed()));
+        commit_cpus.push(thread_cpu_us() - cpu);
     }
     Ok(Appends {
         batch,
         rate: Rate::new(seq, started.elapsed()),
         commit: Latency::of(commits),
+        commit_cpu: Latency::of(commit_cpus),
         written_bytes: crate::procs::written_bytes(0)
             .unwrap_or(0)
             .saturating_sub(written),

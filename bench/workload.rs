@@ -179,6 +179,8 @@ pub struct Built {
     /// The `Store::commit` of each batch alone (what `bcp serve`'s commit
     /// thread does while its writer decides the next batch), in microseconds.
     pub commits: Vec<u64>,
+    /// The CPU time of each of those commits, on its thread.
+    pub commit_cpus: Vec<u64>,
 }
 
 /// Append commands straight through `Ledger::execute` (the writer's own
@@ -192,6 +194,7 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
     let mut in_execute = Duration::ZERO;
     let mut executes = Vec::new();
     let mut commits = Vec::new();
+    let mut commit_cpus = Vec::new();
     while ledger.head_seq() < target {
         // A round: `n` lanes each take a new job through its whole script,
         // one command per lane per transaction, so a transaction holds `n`
@@ -217,9 +220,10 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
                 ledger.decide(&mut b, p, &mut Uuid::now_v7)?;
             }
             let prepared = ledger.prepare(b, None);
-            let committing = Instant::now();
+            let (committing, cpu) = (Instant::now(), crate::measure::thread_cpu_us());
             ledger.store().commit(&prepared).context("Store::commit")?;
             commits.push(committing.elapsed().as_micros() as u64);
+            commit_cpus.push(crate::measure::thread_cpu_us() - cpu);
             let replies = ledger.committed(prepared);
             in_execute += t.elapsed();
             executes.push(t.elapsed().as_micros() as u64);
@@ -235,6 +239,7 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
         elapsed: in_execute,
         executes,
         commits,
+        commit_cpus,
     })
 }
 
