@@ -1256,17 +1256,25 @@ fn real_payloads_validate_against_the_checked_in_schemas() {
 
 // ---- storage faults -----------------------------------------------------------------------
 
-/// A file-backed redb backend whose writes and syncs fail while `fail` is
-/// set (a full disk, an I/O error).
+/// What a [`FaultyBackend`] does wrong, switched on from the test.
+#[derive(Clone, Debug, Default)]
+struct Faults {
+    /// Writes and syncs fail while set (a full disk, an I/O error).
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The next sync panics (a bug in the commit path), once.
+    panic_once: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A file-backed redb backend that fails as its [`Faults`] say.
 #[derive(Debug)]
 struct FaultyBackend {
     inner: redb::backends::FileBackend,
-    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    faults: Faults,
 }
 
 impl FaultyBackend {
     fn check(&self) -> Result<(), std::io::Error> {
-        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.faults.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(std::io::Error::other("injected: no space left on device"));
         }
         Ok(())
@@ -1286,6 +1294,13 @@ impl redb::StorageBackend for FaultyBackend {
     }
     fn sync_data(&self) -> Result<(), std::io::Error> {
         self.check()?;
+        if self
+            .faults
+            .panic_once
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected: a bug in the commit path");
+        }
         self.inner.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
@@ -1294,9 +1309,9 @@ impl redb::StorageBackend for FaultyBackend {
     }
 }
 
-/// A store at `path` whose writes fail while the flag is set.
-fn faulty_store(path: &Path) -> (Store, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// A store at `path` that fails as the returned [`Faults`] are set.
+fn faulty_store(path: &Path) -> (Store, Faults) {
+    let faults = Faults::default();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -1306,9 +1321,9 @@ fn faulty_store(path: &Path) -> (Store, std::sync::Arc<std::sync::atomic::Atomic
         .unwrap();
     let backend = FaultyBackend {
         inner: redb::backends::FileBackend::new(file).unwrap(),
-        fail: fail.clone(),
+        faults: faults.clone(),
     };
-    (Store::with_backend(backend).unwrap(), fail)
+    (Store::with_backend(backend).unwrap(), faults)
 }
 
 /// The writer decides batch N+1 while batch N commits on another thread
@@ -1318,7 +1333,7 @@ fn faulty_store(path: &Path) -> (Store, std::sync::Arc<std::sync::atomic::Atomic
 #[test]
 fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, fail) = faulty_store(&dir.path().join("bcp.redb"));
+    let (store, Faults { fail, .. }) = faulty_store(&dir.path().join("bcp.redb"));
     let mut ledger = Ledger::open(store.clone()).unwrap();
     let mut next = 0u128;
     let mut ids = || {
@@ -1367,6 +1382,60 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
     ledger.rolled_back(n);
     assert_eq!((ledger.world().clone(), ledger.head_seq()), on_disk);
     assert_eq!(store.load_world().unwrap(), on_disk.0);
+}
+
+/// If the commit thread dies mid-batch (a panic: a bug), the writer does
+/// not die with it: the batch is answered `unavailable`, saying that a
+/// retry after the restart gets the outcome, and the writer stops with an
+/// error that makes the server drain and exit.
+#[test]
+fn a_commit_thread_that_panics_gets_its_batch_answered_and_stops_the_writer() {
+    use bcp::service::intake::ReplyTo;
+    use bcp::service::writer::{WriteRequest, spawn};
+    use bcp::store::StoreError;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, faults) = faulty_store(&dir.path().join("bcp.redb"));
+    let ledger = Ledger::open(store).unwrap();
+    let (queue, intake) = tokio::sync::mpsc::channel(8);
+    let (replies_tx, mut replies) = tokio::sync::mpsc::channel(8);
+    let (head, _) = tokio::sync::watch::channel(0);
+    let fatal = tokio_util::sync::CancellationToken::new();
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = spawn(ledger, intake, replies_tx, head, published, fatal.clone());
+    let request = |n: u128| {
+        let body = json!({"command_id": Uuid::from_u128(n), "job_id": job(n), "deployment": {"kind": "replica_set", "name": "rs"}});
+        WriteRequest {
+            pending: Pending::new(
+                decode("p1", "create", body.to_string().as_bytes(), None).unwrap(),
+            ),
+            reply_to: ReplyTo::Nobody,
+            queued: std::time::Instant::now(),
+        }
+    };
+    // A first batch commits; the next one's commit panics.
+    queue.blocking_send(request(1)).unwrap();
+    assert!(replies.blocking_recv().unwrap()[0].reply.ok);
+    faults
+        .panic_once
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    queue.blocking_send(request(2)).unwrap();
+    let answered = replies.blocking_recv().unwrap();
+    let error = answered[0].reply.error.as_ref().expect("an error reply");
+    assert_eq!(serde_json::to_value(error.code).unwrap(), "unavailable");
+    assert!(
+        error.message.contains("after the restart"),
+        "{}",
+        error.message
+    );
+    assert!(fatal.is_cancelled(), "the server is told to drain and exit");
+    // The queue is closed: the intake answers anything after it
+    // `unavailable` at once ("bcp is shutting down").
+    assert!(queue.blocking_send(request(3)).is_err());
+    let stopped = writer.join().expect("the writer thread does not panic");
+    assert!(
+        matches!(stopped, Err(StoreError::CommitThreadStopped)),
+        "{stopped:?}"
+    );
 }
 
 /// The same two overlapping batches, committed: the log verifies, the
@@ -1422,7 +1491,7 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
 fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
-    let (store, fail) = faulty_store(&path);
+    let (store, Faults { fail, .. }) = faulty_store(&path);
     let mut ledger = Ledger::open(store.clone()).unwrap();
     let mut next = 0u128;
     let mut run = |ledger: &mut Ledger, verb: &str, body: &serde_json::Value| {

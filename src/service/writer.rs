@@ -6,7 +6,9 @@
 //! sees the effects of earlier ones (also of the batch still committing).
 //! Replies go out only after their batch is durable; if a commit fails, it
 //! and the batch decided on top of it are rolled back and answered
-//! `unavailable`.
+//! `unavailable`. If the commit thread itself dies (a panic), both batches
+//! are answered `unavailable` too, and the writer stops: bcp serve drains
+//! and exits, and a retry after the restart gets the recorded outcome.
 
 use super::intake::ReplyTo;
 use crate::domain::limits::BATCH_COMMANDS_MAX;
@@ -160,7 +162,11 @@ impl Writer {
                 biased;
                 done = async { (&mut committing.as_mut().expect("guarded").done).await }, if committing.is_some() => {
                     let c = committing.take().expect("guarded");
-                    let (prepared, result) = done.expect("the commit thread answers every batch");
+                    let Ok((prepared, result)) = done else {
+                        // The commit thread dropped the batch: it panicked.
+                        self.commit_thread_stopped(c, open.take()).await;
+                        continue;
+                    };
                     match result {
                         Ok(()) => {
                             self.settled(prepared, c).await;
@@ -307,11 +313,36 @@ impl Writer {
         tracing::error!(error = %e, commands = n, "batch not committed; answering unavailable");
         self.send(answer(targets, vec![unavailable(&e); n])).await;
         if e.is_poisoned() {
-            tracing::error!("the store needs reopening: stopping; restart bcp serve");
-            self.queue.close();
-            self.fatal.cancel();
-            self.poisoned = Some(e);
+            self.stop(e);
         }
+    }
+
+    /// The commit thread is gone with batch `c` (it panicked): whether `c`
+    /// was recorded is unknown, so its commands and the open batch's are
+    /// answered `unavailable` (a retry with the same command_id gets the
+    /// first outcome after the restart), and the writer stops.
+    async fn commit_thread_stopped(&mut self, c: Committing, open: Option<Open>) {
+        let e = StoreError::CommitThreadStopped;
+        tracing::error!(error = %e, commands = c.targets.len(), "batch outcome unknown; answering unavailable");
+        // Stopped before answering: no reply can be seen before the server
+        // is told to exit.
+        self.stop(StoreError::CommitThreadStopped);
+        if let Some(o) = open {
+            let undone = self.ledger.prepare(o.batch, None);
+            let n = undone.len();
+            self.ledger.rolled_back(undone);
+            self.send(answer(o.targets, vec![unavailable(&e); n])).await;
+        }
+        let n = c.targets.len();
+        self.send(answer(c.targets, vec![unavailable(&e); n])).await;
+    }
+
+    /// Refuse everything from now on and have the server drain and exit.
+    fn stop(&mut self, e: StoreError) {
+        tracing::error!("the store needs reopening: stopping; restart bcp serve");
+        self.queue.close();
+        self.fatal.cancel();
+        self.poisoned = Some(e);
     }
 
     async fn send(&self, committed: Vec<Committed>) {
@@ -324,8 +355,12 @@ impl Writer {
 }
 
 fn unavailable(e: &StoreError) -> Reply {
+    let outcome = match e {
+        StoreError::CommitThreadStopped => "retry with the same command_id after the restart",
+        _ => "nothing recorded",
+    };
     Reply::error(
         ErrorCode::Unavailable,
-        format!("storage error, nothing recorded: {e}"),
+        format!("storage error, {outcome}: {e}"),
     )
 }

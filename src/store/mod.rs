@@ -31,6 +31,10 @@ pub enum StoreError {
     Redb(#[from] redb::Error),
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    #[error(
+        "the commit thread stopped mid-batch (it panicked: a bug); whether that batch was recorded is known only after a restart of bcp serve"
+    )]
+    CommitThreadStopped,
 }
 
 macro_rules! from_redb {
@@ -52,9 +56,13 @@ from_redb!(
 
 impl StoreError {
     /// redb refuses every write after an I/O error until the file is
-    /// reopened: the writer must stop and bcp serve be restarted.
+    /// reopened, and nothing commits once the commit thread is gone: the
+    /// writer must stop and bcp serve be restarted.
     pub fn is_poisoned(&self) -> bool {
-        matches!(self, StoreError::Redb(redb::Error::PreviousIo))
+        matches!(
+            self,
+            StoreError::Redb(redb::Error::PreviousIo) | StoreError::CommitThreadStopped
+        )
     }
 }
 
