@@ -67,12 +67,11 @@ pub fn snapshot_key(job_id: Uuid, snapshot_id: Uuid) -> JobKey {
     JobRow::Snapshot.key(job_id.as_u128(), snapshot_id.as_u128())
 }
 
-/// A catalog from its class row and its snapshot rows (in any order).
-pub fn read_catalog(
-    classes: &[u8],
-    snapshots: impl IntoIterator<Item = Result<Snapshot, serde_json::Error>>,
-) -> Result<Catalog, serde_json::Error> {
-    let (daily_days, weekly_weeks, monthly_months) = match serde_json::from_slice(classes)? {
+type ClassRuns = (Runs<NaiveDate>, Runs<Week>, Runs<Month>);
+
+/// A class row, in either layout, as runs.
+fn read_classes(classes: &[u8]) -> Result<ClassRuns, serde_json::Error> {
+    Ok(match serde_json::from_slice(classes)? {
         Classes::Runs {
             daily_runs,
             weekly_runs,
@@ -87,7 +86,22 @@ pub fn read_catalog(
             weekly_weeks.into_iter().collect(),
             monthly_months.into_iter().collect(),
         ),
-    };
+    })
+}
+
+/// Whether a stored class row, in either layout, holds `c`'s classes.
+pub fn classes_match(stored: &[u8], c: &Catalog) -> bool {
+    read_classes(stored).is_ok_and(|(daily, weekly, monthly)| {
+        daily == c.daily_days && weekly == c.weekly_weeks && monthly == c.monthly_months
+    })
+}
+
+/// A catalog from its class row and its snapshot rows (in any order).
+pub fn read_catalog(
+    classes: &[u8],
+    snapshots: impl IntoIterator<Item = Result<Snapshot, serde_json::Error>>,
+) -> Result<Catalog, serde_json::Error> {
+    let (daily_days, weekly_weeks, monthly_months) = read_classes(classes)?;
     let mut snapshots = snapshots.into_iter().collect::<Result<Vec<_>, _>>()?;
     snapshots.sort_by_key(|s| (s.taken_at, s.snapshot_id));
     Ok(Catalog {
