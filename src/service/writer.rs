@@ -339,7 +339,7 @@ impl Writer {
 
     /// Refuse everything from now on and have the server drain and exit.
     fn stop(&mut self, e: StoreError) {
-        tracing::error!("the store needs reopening: stopping; restart bcp serve");
+        tracing::error!(error = %e, "the writer stops; restart bcp serve");
         self.queue.close();
         self.fatal.cancel();
         self.poisoned = Some(e);

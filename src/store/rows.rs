@@ -31,7 +31,7 @@ struct ClassesRef<'a> {
 /// week and month listed), which is read alike and rewritten as runs the
 /// next time the job's classes change.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 enum Classes {
     Runs {
         daily_runs: Runs<NaiveDate>,
@@ -246,5 +246,10 @@ mod tests {
         );
         assert_eq!(read_catalog(&row, []).unwrap(), c);
         assert!(read_catalog(br#"{"daily_runs":[]}"#, []).is_err());
+        let extra = br#"{"daily_runs":[],"weekly_runs":[],"monthly_runs":[],"x":1}"#;
+        assert!(
+            read_catalog(extra, []).is_err(),
+            "unknown fields are refused"
+        );
     }
 }
