@@ -6,7 +6,7 @@
 use super::logfile::{Digest, check_digest};
 use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
-use crate::domain::{Envelope, Region, World};
+use crate::domain::{Envelope, Job, Region, World};
 use crate::store::rows;
 use crate::store::tables::{JOB_ROWS, JobRow, REGIONS};
 use crate::store::{Store, StoreError};
@@ -154,7 +154,7 @@ pub fn verify(
     if let Some(d) = digest {
         check_digest(d, seq, |_| digest_hash.clone())?;
     }
-    if !projections_match(store, &world)? {
+    if !projections_match(store, &world, scan::workers())? {
         let stored = store.load_world()?;
         if stored != world {
             return Err(VerifyError::Projection(describe_difference(
@@ -181,7 +181,7 @@ const PROGRESS_EVERY: u64 = 4096;
 /// round-trips these types exactly), without parsing 100 k job rows; false
 /// means only that the caller must compare the slow way (a row written by
 /// another version of bcp may differ in bytes and still be equal).
-fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
+fn projections_match(store: &Store, world: &World, parts: usize) -> Result<bool, StoreError> {
     if world.catalogs.keys().any(|id| !world.jobs.contains_key(id)) {
         return Ok(false);
     }
@@ -190,13 +190,70 @@ fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
     if regions.len()? != world.regions.len() as u64 {
         return Ok(false);
     }
-    // The rows the writer stores for `world`, in key order.
-    let expected = world.jobs.iter().flat_map(|(id, job)| {
+    // Serializing the expected rows is most of the work: the jobs are split
+    // into `parts` key ranges (one per core), each compared on its own thread.
+    let jobs: Vec<(&Uuid, &Job)> = world.jobs.iter().collect();
+    let per_part = jobs.len().div_ceil(parts.max(1)).max(1);
+    let mut parts: Vec<&[(&Uuid, &Job)]> = jobs.chunks(per_part).collect();
+    if parts.is_empty() {
+        parts.push(&[]); // still: no stored rows may be left over
+    }
+    // Part i holds every key from its first job to the next part's first
+    // job, the first part from 0 and the last to the end: together all keys.
+    let starts: Vec<u128> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| if i == 0 { 0 } else { part[0].0.as_u128() })
+        .collect();
+    let txn = &txn;
+    let matched = std::thread::scope(|s| {
+        let checks: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let last = starts
+                    .get(i + 1)
+                    .map_or((u128::MAX, u8::MAX, u128::MAX), |next| {
+                        (next - 1, u8::MAX, u128::MAX)
+                    });
+                let keys = (starts[i], 0, 0)..=last;
+                s.spawn(move || job_rows_match(txn, world, part, keys))
+            })
+            .collect();
+        checks
+            .into_iter()
+            .map(|c| c.join().expect("projection check thread panicked"))
+            .collect::<Result<Vec<bool>, StoreError>>()
+    })?;
+    if matched.contains(&false) {
+        return Ok(false);
+    }
+    let mut stored = std::collections::BTreeMap::new();
+    for r in regions.iter()? {
+        let (_, v) = r?;
+        match serde_json::from_slice::<Region>(v.value()) {
+            Ok(region) => stored.insert(region.region.clone(), region),
+            Err(_) => return Ok(false),
+        };
+    }
+    Ok(stored == world.regions)
+}
+
+/// [`projections_match`] for the stored rows with keys in `keys`, which
+/// must be exactly those of `jobs` (the event index aside).
+fn job_rows_match(
+    txn: &redb::ReadTransaction,
+    world: &World,
+    jobs: &[(&Uuid, &Job)],
+    keys: std::ops::RangeInclusive<rows::JobKey>,
+) -> Result<bool, StoreError> {
+    // The rows the writer stores for these jobs, in key order.
+    let expected = jobs.iter().flat_map(|(id, job)| {
         let view = (JobRow::Job.key(id.as_u128(), 0), rows::job_row(job));
         let mut catalog = world
             .catalogs
             .get(id)
-            .map(|c| rows::catalog_rows(*id, None, Some(c)))
+            .map(|c| rows::catalog_rows(**id, None, Some(c)))
             .unwrap_or_default();
         catalog.sort_unstable_by_key(|(k, _)| *k);
         std::iter::once(view).chain(
@@ -206,7 +263,7 @@ fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
         )
     });
     let mut expected = expected.fuse();
-    for r in txn.open_table(JOB_ROWS)?.iter()? {
+    for r in txn.open_table(JOB_ROWS)?.range(keys)? {
         let (k, v) = r?;
         let key = k.value();
         if key.1 == JobRow::Event as u8 {
@@ -225,18 +282,7 @@ fn projections_match(store: &Store, world: &World) -> Result<bool, StoreError> {
             _ => return Ok(false),
         }
     }
-    if expected.next().is_some() {
-        return Ok(false);
-    }
-    let mut stored = std::collections::BTreeMap::new();
-    for r in regions.iter()? {
-        let (_, v) = r?;
-        match serde_json::from_slice::<Region>(v.value()) {
-            Ok(region) => stored.insert(region.region.clone(), region),
-            Err(_) => return Ok(false),
-        };
-    }
-    Ok(stored == world.regions)
+    Ok(expected.next().is_none())
 }
 
 fn describe_difference(stored: &World, rebuilt: &World) -> String {
@@ -296,7 +342,7 @@ mod tests {
         }
         let mut world = ledger.world().clone();
         assert_eq!(world.catalogs[&job].snapshots.len(), 1);
-        assert!(projections_match(&store, &world).unwrap());
+        assert!(projections_match(&store, &world, 2).unwrap());
         // A class row in the layout before runs is compared by what it holds.
         let write_classes = |row: &str| {
             let txn = store.writable().unwrap().begin_write().unwrap();
@@ -309,16 +355,55 @@ mod tests {
         write_classes(
             r#"{"daily_days":["2026-11-01"],"weekly_weeks":[[2026,44]],"monthly_months":[[2026,11]]}"#,
         );
-        assert!(projections_match(&store, &world).unwrap());
+        assert!(projections_match(&store, &world, 2).unwrap());
         write_classes(
             r#"{"daily_days":["2026-11-02"],"weekly_weeks":[[2026,44]],"monthly_months":[[2026,11]]}"#,
         );
-        assert!(!projections_match(&store, &world).unwrap());
+        assert!(!projections_match(&store, &world, 2).unwrap());
         write_classes(&String::from_utf8(rows::classes_row(&world.catalogs[&job])).unwrap());
-        assert!(projections_match(&store, &world).unwrap());
+        assert!(projections_match(&store, &world, 2).unwrap());
+        // Split into key ranges, a stored row of a job the fold does not
+        // have is found wherever it falls: before, between or after them.
+        let mut ids = || {
+            next += 1;
+            Uuid::from_u128(next)
+        };
+        let other = Uuid::from_u128(20);
+        let body = serde_json::json!({"command_id": Uuid::from_u128(200), "job_id": other, "deployment": {"kind": "replica_set", "name": "rs2"}});
+        let cmd = decode("p1", "create", body.to_string().as_bytes(), None).unwrap();
+        ledger
+            .execute(&[Pending::new(cmd)], t0, &mut ids, None)
+            .unwrap();
+        let both = ledger.world().clone();
+        for parts in 1..=3 {
+            assert!(
+                projections_match(&store, &both, parts).unwrap(),
+                "{parts} parts"
+            );
+        }
+        for stray in [5u128, 10, 30] {
+            let key = JobRow::Job.key(stray, 0);
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            txn.open_table(JOB_ROWS)
+                .unwrap()
+                .insert(key, &b"{}"[..])
+                .unwrap();
+            txn.commit().unwrap();
+            for parts in 1..=3 {
+                assert!(
+                    !projections_match(&store, &both, parts).unwrap(),
+                    "job {stray}, {parts} parts"
+                );
+            }
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            txn.open_table(JOB_ROWS).unwrap().remove(key).unwrap();
+            txn.commit().unwrap();
+        }
+        world = both;
+        assert!(projections_match(&store, &world, 2).unwrap());
         world.catalogs.get_mut(&job).unwrap().snapshots[0].size_bytes = 2;
-        assert!(!projections_match(&store, &world).unwrap());
+        assert!(!projections_match(&store, &world, 2).unwrap());
         world.catalogs.remove(&job);
-        assert!(!projections_match(&store, &world).unwrap());
+        assert!(!projections_match(&store, &world, 2).unwrap());
     }
 }
