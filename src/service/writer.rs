@@ -177,10 +177,7 @@ impl Writer {
                         Err(e) => {
                             // The batch decided on top of the failed one goes first.
                             if let Some(o) = open.take() {
-                                let undone = self.ledger.prepare(o.batch, None);
-                                let n = undone.len();
-                                self.ledger.rolled_back(undone);
-                                self.send(answer(o.targets, vec![unavailable(&e); n])).await;
+                                self.undo(o, &e).await;
                             }
                             self.failed(prepared, c.targets, e).await;
                         }
@@ -248,15 +245,10 @@ impl Writer {
             Ok(()) => o.targets.push(target),
             Err(e) => {
                 // A storage read failed mid-batch: the batch so far is undone.
-                let o = open.take().expect("opened above");
-                let undone = self.ledger.prepare(o.batch, None);
-                let n = undone.len();
-                self.ledger.rolled_back(undone);
-                tracing::error!(error = %e, commands = n + 1, "batch not decided; answering unavailable");
-                let mut targets = o.targets;
-                targets.push(target);
-                self.send(answer(targets, vec![unavailable(&e); n + 1]))
-                    .await;
+                let mut o = open.take().expect("opened above");
+                o.targets.push(target);
+                tracing::error!(error = %e, commands = o.targets.len(), "batch not decided; answering unavailable");
+                self.undo(o, &e).await;
             }
         }
     }
@@ -328,13 +320,19 @@ impl Writer {
         // is told to exit.
         self.stop(StoreError::CommitThreadStopped);
         if let Some(o) = open {
-            let undone = self.ledger.prepare(o.batch, None);
-            let n = undone.len();
-            self.ledger.rolled_back(undone);
-            self.send(answer(o.targets, vec![unavailable(&e); n])).await;
+            self.undo(o, &e).await;
         }
         let n = c.targets.len();
         self.send(answer(c.targets, vec![unavailable(&e); n])).await;
+    }
+
+    /// Undo the open batch in memory (nothing of it was handed to the
+    /// commit thread) and answer each of its commands `unavailable`.
+    async fn undo(&mut self, o: Open, e: &StoreError) {
+        let undone = self.ledger.prepare(o.batch, None);
+        self.ledger.rolled_back(undone);
+        let n = o.targets.len();
+        self.send(answer(o.targets, vec![unavailable(e); n])).await;
     }
 
     /// Refuse everything from now on and have the server drain and exit.
