@@ -25,7 +25,18 @@ impl Period for NaiveDate {
 
 /// An ISO week (Monday first): (ISO year, week 1–53), stored as `[2026, 48]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "(i32, u32)")]
 pub struct Week(pub i32, pub u32);
+
+impl TryFrom<(i32, u32)> for Week {
+    type Error = &'static str;
+
+    fn try_from((year, week): (i32, u32)) -> Result<Self, Self::Error> {
+        NaiveDate::from_isoywd_opt(year, week, Weekday::Mon)
+            .map(|_| Week(year, week))
+            .ok_or("no such ISO week")
+    }
+}
 
 impl Week {
     pub fn of(day: NaiveDate) -> Week {
@@ -37,15 +48,28 @@ impl Week {
 impl Period for Week {
     /// Weeks since the one of 0001-01-01 (a Monday, day 1 from CE).
     fn ordinal(self) -> i64 {
+        // A week that does not exist (only constructible by hand: reading
+        // refuses it) sorts before every real one.
         let monday = NaiveDate::from_isoywd_opt(self.0, self.1, Weekday::Mon)
-            .map_or(i64::MIN, |d| i64::from(d.num_days_from_ce()));
+            .map_or(i64::from(i32::MIN), |d| i64::from(d.num_days_from_ce()));
         (monday - 1).div_euclid(7)
     }
 }
 
 /// A calendar month: (year, month 1–12), stored as `[2026, 11]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "(i32, u32)")]
 pub struct Month(pub i32, pub u32);
+
+impl TryFrom<(i32, u32)> for Month {
+    type Error = &'static str;
+
+    fn try_from((year, month): (i32, u32)) -> Result<Self, Self::Error> {
+        NaiveDate::from_ymd_opt(year, month, 1)
+            .map(|_| Month(year, month))
+            .ok_or("no such month")
+    }
+}
 
 impl Month {
     pub fn of(day: NaiveDate) -> Month {
@@ -196,6 +220,10 @@ mod tests {
     fn stored_runs_out_of_form_are_refused() {
         let read = |s: &str| serde_json::from_str::<Runs<Month>>(s).map(|_| ());
         assert!(read("[[[2026,1],[2026,3]],[[2026,5],[2026,5]]]").is_ok());
+        let err = read("[[[2026,13],[2026,13]]]").unwrap_err().to_string();
+        assert!(err.contains("no such month"), "{err}");
+        let week = serde_json::from_str::<Runs<Week>>("[[[2026,54],[2026,54]]]");
+        assert!(week.unwrap_err().to_string().contains("no such ISO week"));
         for bad in [
             "[[[2026,3],[2026,1]]]",                     // ends before it starts
             "[[[2026,1],[2026,3]],[[2026,4],[2026,5]]]", // touching: one run
