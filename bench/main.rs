@@ -321,21 +321,25 @@ async fn run(args: Args) -> Result<Results> {
     if b.args.e2e_only {
         let (_, e2e, fixed_load) = fresh_bcp(&mut b).await?;
         let cores = |r: &Run| r.cpu.as_ref().map_or(0.0, |c| c.others_cores);
-        // CPU time of `bcp serve` per command: steadier than the rate when
-        // two builds are compared, since the disk's fsync time moves the
-        // rate by ±30 % from run to run here.
+        // CPU time of `bcp serve` and nats-server per command: steadier than
+        // the rate when two builds are compared, since the disk's fsync time
+        // moves the rate by ±30 % from run to run here.
+        let us_per_command = |r: &Run, name: &str| {
+            let cores = r
+                .cpu
+                .as_ref()
+                .and_then(|c| c.procs.iter().find(|p| p.name == name).map(|p| p.cores));
+            cores.map_or(0.0, |cores| cores * 1e6 / r.acked.per_sec)
+        };
         let bcp_us = |r: &Run| {
-            let serve = r.cpu.as_ref().and_then(|c| {
-                c.procs
-                    .iter()
-                    .find(|p| p.name.starts_with("bcp"))
-                    .map(|p| p.cores)
-            });
-            serve.map_or(0.0, |cores| cores * 1e6 / r.acked.per_sec)
+            format!(
+                "CPU/command: bcp serve {:.0} µs, nats-server {:.0} µs",
+                us_per_command(r, "bcp serve"),
+                us_per_command(r, "nats-server")
+            )
         };
         println!(
-            "end to end: {:.0} commands/s, p50/p99 {}/{} µs, bcp serve {:.0} µs CPU/command \
-             (other processes {:.2} cores)",
+            "end to end: {:.0} commands/s, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
             e2e.acked.per_sec,
             e2e.latency.p50_us,
             e2e.latency.p99_us,
@@ -344,8 +348,7 @@ async fn run(args: Args) -> Result<Results> {
         );
         for (share, run) in &fixed_load {
             println!(
-                "{:.0} % load: p50/p99 {}/{} µs, bcp serve {:.0} µs CPU/command \
-                 (other processes {:.2} cores)",
+                "{:.0} % load: p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
                 share * 100.0,
                 run.latency.p50_us,
                 run.latency.p99_us,
