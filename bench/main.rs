@@ -331,7 +331,7 @@ async fn run(args: Args) -> Result<Results> {
                 .and_then(|c| c.procs.iter().find(|p| p.name == name).map(|p| p.cores));
             cores.map_or(0.0, |cores| cores * 1e6 / r.acked.per_sec)
         };
-        let bcp_us = |r: &Run| {
+        let cpu_per_command = |r: &Run| {
             format!(
                 "CPU/command: bcp serve {:.0} µs, nats-server {:.0} µs",
                 us_per_command(r, "bcp serve"),
@@ -343,7 +343,7 @@ async fn run(args: Args) -> Result<Results> {
             e2e.acked.per_sec,
             e2e.latency.p50_us,
             e2e.latency.p99_us,
-            bcp_us(&e2e),
+            cpu_per_command(&e2e),
             cores(&e2e)
         );
         for (share, run) in &fixed_load {
@@ -352,7 +352,7 @@ async fn run(args: Args) -> Result<Results> {
                 share * 100.0,
                 run.latency.p50_us,
                 run.latency.p99_us,
-                bcp_us(run),
+                cpu_per_command(run),
                 cores(run)
             );
         }

@@ -219,37 +219,34 @@ pub fn table(r: &Results) -> String {
                 "",
             ],
         );
-        row(
+        // A phase-1 latency row: bcp's p50 / p99 beside baseline A's.
+        let pair = |t: &mut String, figure: &str, bcp: &Latency, a_label: &str, a: &Latency| {
+            row(
+                t,
+                [
+                    "1",
+                    figure,
+                    &format!("{} / {} ms", ms(bcp.p50_us), ms(bcp.p99_us)),
+                    &format!("A: {a_label}{} / {} ms", ms(a.p50_us), ms(a.p99_us)),
+                    &ratio(bcp.p50_us as f64, a.p50_us as f64),
+                    "–",
+                    "",
+                ],
+            )
+        };
+        pair(
             &mut t,
-            [
-                "1",
-                &format!("… time per batch of {}: p50 / p99", l.batch),
-                &format!("{} / {} ms", ms(l.execute.p50_us), ms(l.execute.p99_us)),
-                &format!(
-                    "A: commit {} / {} ms",
-                    ms(a.commit.p50_us),
-                    ms(a.commit.p99_us)
-                ),
-                &ratio(l.execute.p50_us as f64, a.commit.p50_us as f64),
-                "–",
-                "",
-            ],
+            &format!("… time per batch of {}: p50 / p99", l.batch),
+            &l.execute,
+            "commit ",
+            &a.commit,
         );
-        row(
+        pair(
             &mut t,
-            [
-                "1",
-                "… of which `Store::commit` (bcp serve's commit thread): p50 / p99",
-                &format!("{} / {} ms", ms(l.commit.p50_us), ms(l.commit.p99_us)),
-                &format!(
-                    "A: commit {} / {} ms",
-                    ms(a.commit.p50_us),
-                    ms(a.commit.p99_us)
-                ),
-                &ratio(l.commit.p50_us as f64, a.commit.p50_us as f64),
-                "–",
-                "",
-            ],
+            "… of which `Store::commit` (bcp serve's commit thread): p50 / p99",
+            &l.commit,
+            "commit ",
+            &a.commit,
         );
         let per = |w: u64, n: u64| w as f64 / n.max(1) as f64;
         let (lw, aw) = (
@@ -268,25 +265,12 @@ pub fn table(r: &Results) -> String {
                 "",
             ],
         );
-        row(
+        pair(
             &mut t,
-            [
-                "1",
-                "… CPU per write transaction (rows and commit; A: inserts and commit), on its thread: p50 / p99",
-                &format!(
-                    "{} / {} ms",
-                    ms(l.commit_cpu.p50_us),
-                    ms(l.commit_cpu.p99_us)
-                ),
-                &format!(
-                    "A: {} / {} ms",
-                    ms(a.commit_cpu.p50_us),
-                    ms(a.commit_cpu.p99_us)
-                ),
-                &ratio(l.commit_cpu.p50_us as f64, a.commit_cpu.p50_us as f64),
-                "–",
-                "",
-            ],
+            "… CPU per write transaction (rows and commit; A: inserts and commit), on its thread: p50 / p99",
+            &l.commit_cpu,
+            "",
+            &a.commit_cpu,
         );
     }
     let e2e_s = format!("{}/s ({})", int(e2e), run_counts(&r.e2e));
