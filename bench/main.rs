@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo build --release && cargo bench --bench bcp -- [--quick] [--events N] [--commands N]
-//!     [--growth-commands N] [--in-flight K] [--load-secs S] [--out FILE] [--keep] [--e2e-only]
+//!     [--growth-commands N] [--in-flight K] [--load-secs S] [--repeats R] [--out FILE] [--keep]
+//!     [--e2e-only]
 //! ```
 //! (`just bench`, `just bench-smoke`). It starts its own nats-servers and
 //! `bcp serve` children (`target/release/bcp`, or `$BCP_BIN`) on free
@@ -39,6 +40,14 @@
 //! 7. **Memory**: VmRSS/VmHWM of `bcp serve` at each step of 6 (10 events
 //!    per job, so 1 M events = 100 k jobs), and the heap the projections
 //!    (`World`) take, counted by this binary's allocator (`heap.rs`).
+//!
+//! The disk's speed here drifts by ±30 % within minutes, so the figures a
+//! ratio or a target is read from are each the median of `--repeats` runs
+//! (default 3), and the runs whose rates are divided are interleaved:
+//! B, B′ and bcp end to end take turns (phases 2 and 3; bcp's later runs
+//! find the earlier runs' events in its log), as do verify and replay (5);
+//! each growth step (6) repeats its closed loop. Every run's rate is kept
+//! beside the median.
 //!
 //! Before each measured phase it runs `sync`, and it deletes each
 //! baseline's files after use: otherwise what one phase wrote without fsync
@@ -88,6 +97,9 @@ pub struct Args {
     pub in_flight: usize,
     /// Seconds per offered load (4).
     pub load_secs: f64,
+    /// Runs of each figure a ratio or target is read from (2, 3, 5, 6);
+    /// the median is reported.
+    pub repeats: usize,
     pub baseline_a_events: u64,
     pub baseline_b_msgs: u64,
     pub baseline_b_sync_msgs: u64,
@@ -119,6 +131,7 @@ impl Args {
                 growth_commands: 1_000,
                 in_flight: 64,
                 load_secs: 1.0,
+                repeats: 2,
                 baseline_a_events: 5_000,
                 baseline_b_msgs: 10_000,
                 baseline_b_sync_msgs: 1_000,
@@ -135,6 +148,7 @@ impl Args {
                 growth_commands: 20_000,
                 in_flight: 64,
                 load_secs: 10.0,
+                repeats: 3,
                 baseline_a_events: 200_000,
                 baseline_b_msgs: 200_000,
                 baseline_b_sync_msgs: 30_000,
@@ -158,6 +172,7 @@ impl Args {
                 "--growth-commands" => a.growth_commands = value()?.parse()?,
                 "--in-flight" => a.in_flight = value()?.parse()?,
                 "--load-secs" => a.load_secs = value()?.parse()?,
+                "--repeats" => a.repeats = value()?.parse()?,
                 "--out" => a.out = PathBuf::from(value()?),
                 "-h" | "--help" => {
                     let doc = include_str!("main.rs")
@@ -176,8 +191,10 @@ impl Args {
                 other => bail!("unknown argument {other:?}; see --help"),
             }
         }
-        if a.events < 1000 || a.in_flight == 0 || a.commands == 0 {
-            bail!("--events must be at least 1000, --in-flight and --commands at least 1");
+        if a.events < 1000 || a.in_flight == 0 || a.commands == 0 || a.repeats == 0 {
+            bail!(
+                "--events must be at least 1000, --in-flight, --commands and --repeats at least 1"
+            );
         }
         Ok(a)
     }
@@ -195,10 +212,16 @@ pub struct Step {
     pub startup_ms: f64,
     /// The relay publishing what the offline build appended.
     pub relay_catch_up: Rate,
-    /// After startup and catch-up, before the measured run.
+    /// After startup and catch-up, before the measured runs.
     pub memory_loaded: Memory,
+    /// The closed loop's run of median rate.
     pub run: Run,
-    /// After the measured run.
+    /// Every run's commands/s, in the order they ran.
+    pub rates: Vec<f64>,
+    /// Jobs and events in the log after the measured runs.
+    pub jobs_after: u64,
+    pub events_after: u64,
+    /// After the measured runs.
     pub memory_after: Memory,
     /// The projections `bcp serve` keeps in memory, counted on the heap
     /// after it stopped (same log as `memory_after`).
@@ -227,7 +250,10 @@ pub struct LedgerAppends {
 #[derive(Clone, Debug, Serialize)]
 pub struct Cli {
     pub command: String,
+    /// The run of median rate.
     pub rate: Rate,
+    /// Every run's events/s, in the order they ran.
+    pub rates: Vec<f64>,
     pub peak_rss_bytes: Option<u64>,
 }
 
@@ -253,10 +279,16 @@ pub struct Results {
     /// `Ledger::execute` (decide, hash chain, projections, idempotency, one
     /// durable commit per batch) at the batch sizes of baseline A.
     pub ledger_a: Vec<LedgerAppends>,
+    /// B's and B′'s runs of median rate, and every run's msgs/s.
     pub baseline_b: measure::Publish,
+    pub baseline_b_rates: Vec<f64>,
     pub baseline_b_sync: measure::Publish,
+    pub baseline_b_sync_rates: Vec<f64>,
     pub memory_empty: Memory,
+    /// The closed loop's run of median rate, and every run's commands/s
+    /// (each run after a B and a B′ run).
     pub e2e: Run,
+    pub e2e_rates: Vec<f64>,
     pub fixed_load: Vec<(f64, Run)>,
     pub growth: Vec<Step>,
     pub verify: Cli,
@@ -319,7 +351,11 @@ async fn run(args: Args) -> Result<Results> {
     ));
 
     if b.args.e2e_only {
-        let (_, e2e, fixed_load) = fresh_bcp(&mut b).await?;
+        let EndToEnd {
+            e2e: (e2e, rates),
+            fixed_load,
+            ..
+        } = fresh_bcp(&mut b, None).await?;
         let cores = |r: &Run| r.cpu.as_ref().map_or(0.0, |c| c.others_cores);
         // CPU time of `bcp serve` and nats-server per command: steadier than
         // the rate when two builds are compared, since the disk's fsync time
@@ -339,8 +375,9 @@ async fn run(args: Args) -> Result<Results> {
             )
         };
         println!(
-            "end to end: {:.0} commands/s, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
+            "end to end: {:.0} commands/s{}, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
             e2e.acked.per_sec,
+            report::of_runs(&rates),
             e2e.latency.p50_us,
             e2e.latency.p99_us,
             cpu_per_command(&e2e),
@@ -373,16 +410,28 @@ async fn run(args: Args) -> Result<Results> {
     ));
 
     let (baseline_a, ledger_a) = durable_appends(&mut b, &samples).await?;
-    let (baseline_b, baseline_b_sync) = jetstream_baselines(&b, &samples).await?;
-    let (memory_empty, e2e, fixed_load) = fresh_bcp(&mut b).await?;
+    let EndToEnd {
+        memory_empty,
+        e2e: (e2e, e2e_rates),
+        baselines,
+        fixed_load,
+    } = fresh_bcp(&mut b, Some(&samples)).await?;
+    let ((baseline_b, baseline_b_rates), (baseline_b_sync, baseline_b_sync_rates)) =
+        baselines.context("the baselines ran beside bcp")?;
     let growth = growth(&mut b, &growth_db, &steps, first_build).await?;
 
-    // 5. Replay and verify of the growth log, bcp stopped.
-    let verify = time_cli(&b.bcp_bin, &["audit", "verify", "--db"], &growth_db, &b.dir).await?;
-    say(format!("audit verify: {:.0} events/s", verify.rate.per_sec));
+    // 5. Replay and verify of the growth log, bcp stopped, taking turns.
     let replay_args = ["replay", "--format", "json", "--db"];
-    let replay = time_cli(&b.bcp_bin, &replay_args, &growth_db, &b.dir).await?;
-    say(format!("replay: {:.0} events/s", replay.rate.per_sec));
+    let (mut verifies, mut replays) = (Vec::new(), Vec::new());
+    for _ in 0..b.args.repeats {
+        let verify = time_cli(&b.bcp_bin, &["audit", "verify", "--db"], &growth_db, &b.dir).await?;
+        say(format!("audit verify: {:.0} events/s", verify.rate.per_sec));
+        verifies.push(verify);
+        let replay = time_cli(&b.bcp_bin, &replay_args, &growth_db, &b.dir).await?;
+        say(format!("replay: {:.0} events/s", replay.rate.per_sec));
+        replays.push(replay);
+    }
+    let (verify, replay) = (Cli::median(verifies), Cli::median(replays));
 
     machine.loadavg_end = report::loadavg();
     Ok(Results {
@@ -392,9 +441,12 @@ async fn run(args: Args) -> Result<Results> {
         baseline_a,
         ledger_a,
         baseline_b,
+        baseline_b_rates,
         baseline_b_sync,
+        baseline_b_sync_rates,
         memory_empty,
         e2e,
+        e2e_rates,
         fixed_load,
         growth,
         verify,
@@ -462,30 +514,53 @@ async fn durable_appends(
     Ok((baseline_a, ledger_a))
 }
 
-/// Baselines B (default nats-server) and B′ (`sync_interval: always`).
+/// The run of median rate among `runs` (of an even count, the lower of the
+/// two middle ones), and every run's rate in the order they ran.
+fn median_by<T>(mut runs: Vec<T>, rate: impl Fn(&T) -> f64) -> (T, Vec<f64>) {
+    assert!(!runs.is_empty(), "a median of no runs");
+    let rates: Vec<f64> = runs.iter().map(rate).collect();
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| rates[a].total_cmp(&rates[b]));
+    (runs.swap_remove(order[(runs.len() - 1) / 2]), rates)
+}
+
+impl Cli {
+    fn median(runs: Vec<Cli>) -> Cli {
+        let (mut cli, rates) = median_by(runs, |c| c.rate.per_sec);
+        cli.rates = rates;
+        cli
+    }
+}
+
+/// One run each of baseline B (default nats-server) and B′
+/// (`sync_interval: always`), each on a fresh nats-server whose files are
+/// deleted after it.
 async fn jetstream_baselines(
     b: &Bench,
     samples: &[(String, Bytes)],
+    run: usize,
 ) -> Result<(measure::Publish, measure::Publish)> {
     settle().await?;
-    let nats = Nats::start(&b.nats_bin, &b.dir.join("nats-b"), false)?;
+    let dir = b.dir.join(format!("nats-b-{run}"));
+    let nats = Nats::start(&b.nats_bin, &dir, false)?;
     let default_sync =
         measure::jetstream_publish(&nats, samples, b.args.baseline_b_msgs, b.args.in_flight)
             .await?;
     drop(nats);
     // Its unsynced writes would otherwise be written back during the next
     // measurement, stalling every fsync on the disk meanwhile.
-    std::fs::remove_dir_all(b.dir.join("nats-b"))?;
+    std::fs::remove_dir_all(dir)?;
     say(format!(
         "baseline B: {:.0} msgs/s",
         default_sync.rate.per_sec
     ));
     settle().await?;
-    let nats = Nats::start(&b.nats_bin, &b.dir.join("nats-b-sync"), true)?;
+    let dir = b.dir.join(format!("nats-b-sync-{run}"));
+    let nats = Nats::start(&b.nats_bin, &dir, true)?;
     let n = b.args.baseline_b_sync_msgs;
     let sync_always = measure::jetstream_publish(&nats, samples, n, b.args.in_flight).await?;
     drop(nats);
-    std::fs::remove_dir_all(b.dir.join("nats-b-sync"))?;
+    std::fs::remove_dir_all(dir)?;
     say(format!(
         "baseline B′ (sync always): {:.0} msgs/s",
         sync_always.rate.per_sec
@@ -493,34 +568,67 @@ async fn jetstream_baselines(
     Ok((default_sync, sync_always))
 }
 
-/// Items 3 and 4: a fresh `bcp serve` on an empty log; the closed loop,
-/// then the open loop at 25, 50 and 75 % of the closed loop's rate.
-async fn fresh_bcp(b: &mut Bench) -> Result<(Memory, Run, Vec<(f64, Run)>)> {
+/// What [`fresh_bcp`] measured: each figure as (run of median rate, every
+/// run's rate).
+struct EndToEnd {
+    memory_empty: Memory,
+    e2e: (Run, Vec<f64>),
+    baselines: Option<Baselines>,
+    fixed_load: Vec<(f64, Run)>,
+}
+
+/// B and B′.
+type Baselines = ((measure::Publish, Vec<f64>), (measure::Publish, Vec<f64>));
+
+/// Items 2, 3 and 4: a fresh `bcp serve` on an empty log; `--repeats`
+/// closed loops, each after a run of B and B′ when `samples` are given
+/// (bcp idles meanwhile); then the open loop at 25, 50 and 75 % of the
+/// median closed loop's rate.
+async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result<EndToEnd> {
     let nats = Nats::start(&b.nats_bin, &b.dir.join("nats-e2e"), false)?;
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client.clone());
     let db = b.dir.join("e2e.redb");
     let bcp = Bcp::start(&b.bcp_bin, &db, &nats.url(), &b.dir.join("bcp-e2e.log")).await?;
     let memory_empty = bcp.memory()?;
-    say(format!(
-        "bcp end to end: {} commands, {} in flight",
-        b.args.commands, b.args.in_flight
-    ));
     let pids = [
         ("bcp serve", bcp.pid()),
         ("nats-server", nats.pid()),
         ("producers (bench)", 0),
     ];
-    let lanes = b.lanes.take(b.args.in_flight);
-    settle().await?;
-    let e2e = closed(&client, &js, lanes, b.args.commands, &pids).await?;
-    say(format!(
-        "bcp end to end: {:.0} commands/s, p99 {} µs, stream {:.0} ms behind",
-        e2e.acked.per_sec, e2e.latency.p99_us, e2e.stream_lag_after_last_ack_ms
-    ));
+    let (mut runs, mut bs, mut syncs) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..b.args.repeats {
+        if let Some(samples) = samples {
+            let (default_sync, sync_always) = jetstream_baselines(b, samples, i).await?;
+            bs.push(default_sync);
+            syncs.push(sync_always);
+        }
+        say(format!(
+            "bcp end to end, run {} of {}: {} commands, {} in flight",
+            i + 1,
+            b.args.repeats,
+            b.args.commands,
+            b.args.in_flight
+        ));
+        let lanes = b.lanes.take(b.args.in_flight);
+        settle().await?;
+        let run = closed(&client, &js, lanes, b.args.commands, &pids).await?;
+        say(format!(
+            "bcp end to end: {:.0} commands/s, p99 {} µs, stream {:.0} ms behind",
+            run.acked.per_sec, run.latency.p99_us, run.stream_lag_after_last_ack_ms
+        ));
+        runs.push(run);
+    }
+    let e2e = median_by(runs, |r| r.acked.per_sec);
+    let baselines = samples.map(|_| {
+        (
+            median_by(bs, |p| p.rate.per_sec),
+            median_by(syncs, |p| p.rate.per_sec),
+        )
+    });
     let mut fixed_load = Vec::new();
     for share in [0.25, 0.50, 0.75] {
-        let rate = e2e.acked.per_sec * share;
+        let rate = e2e.0.acked.per_sec * share;
         // Enough idle lanes for 50 ms of commands in flight.
         let lanes = b.lanes.take(((rate * 0.05) as usize).clamp(256, 8192));
         let secs = Duration::from_secs_f64(b.args.load_secs);
@@ -539,7 +647,12 @@ async fn fresh_bcp(b: &mut Bench) -> Result<(Memory, Run, Vec<(f64, Run)>)> {
         fixed_load.push((share, run));
     }
     bcp.stop().await?;
-    Ok((memory_empty, e2e, fixed_load))
+    Ok(EndToEnd {
+        memory_empty,
+        e2e,
+        baselines,
+        fixed_load,
+    })
 }
 
 /// Items 6 and 7: grow one log offline step by step; after each step restart
@@ -582,14 +695,23 @@ async fn growth(
             ("nats-server", nats.pid()),
             ("producers (bench)", 0),
         ];
-        let lanes = b.lanes.take(b.args.in_flight);
-        settle().await?;
-        let run = closed(&client, &js, lanes, b.args.growth_commands, &pids).await?;
+        let mut runs = Vec::new();
+        for _ in 0..b.args.repeats {
+            let lanes = b.lanes.take(b.args.in_flight);
+            settle().await?;
+            let run = closed(&client, &js, lanes, b.args.growth_commands, &pids).await?;
+            say(format!(
+                "  {:.0} commands/s, p99 {} µs",
+                run.acked.per_sec, run.latency.p99_us
+            ));
+            runs.push(run);
+        }
+        let jobs_after = built.jobs + runs.iter().map(|r| r.jobs_created).sum::<u64>();
+        let events_after = runs.iter().map(|r| r.last_seq).fold(head, u64::max);
+        let (run, rates) = median_by(runs, |r| r.acked.per_sec);
         let memory_after = bcp.memory()?;
         say(format!(
-            "  {:.0} commands/s, p99 {} µs; RSS {} MiB, peak {} MiB",
-            run.acked.per_sec,
-            run.latency.p99_us,
+            "  RSS {} MiB, peak {} MiB",
             memory_after.rss_bytes >> 20,
             memory_after.peak_rss_bytes >> 20
         ));
@@ -617,6 +739,9 @@ async fn growth(
             relay_catch_up,
             memory_loaded,
             run,
+            rates,
+            jobs_after,
+            events_after,
             memory_after,
             heap,
             sweep_ms: sweep.as_secs_f64() * 1e3,
@@ -719,6 +844,7 @@ async fn time_cli(bin: &Path, args: &[&str], db: &Path, dir: &Path) -> Result<Cl
     Ok(Cli {
         command: format!("bcp {} {}", args.join(" "), db.display()),
         rate: Rate::new(events, elapsed),
+        rates: vec![events as f64 / elapsed.as_secs_f64().max(1e-9)],
         peak_rss_bytes: peak,
     })
 }

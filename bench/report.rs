@@ -132,6 +132,16 @@ fn written_per(u: &crate::procs::Usage, units: u64) -> String {
     }
 }
 
+/// "; median of 3: 8,100 / 9,000 / 8,700" (every run's rate, in the order
+/// they ran), or nothing for a single run.
+pub fn of_runs(rates: &[f64]) -> String {
+    if rates.len() < 2 {
+        return String::new();
+    }
+    let all: Vec<String> = rates.iter().map(|&r| int(r)).collect();
+    format!("; median of {}: {}", rates.len(), all.join(" / "))
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
@@ -140,8 +150,7 @@ fn mib(bytes: u64) -> String {
 /// last growth step (after each measured run).
 pub fn bytes_per_job(r: &Results) -> Option<f64> {
     let (first, last) = (r.growth.first()?, r.growth.last()?);
-    let jobs = |s: &crate::Step| s.jobs + s.run.jobs_created;
-    let dj = jobs(last).checked_sub(jobs(first))?;
+    let dj = last.jobs_after.checked_sub(first.jobs_after)?;
     (dj > 0).then(|| {
         (last.memory_after.rss_bytes as f64 - first.memory_after.rss_bytes as f64) / dj as f64
     })
@@ -273,14 +282,23 @@ pub fn table(r: &Results) -> String {
             &a.commit_cpu,
         );
     }
-    let e2e_s = format!("{}/s ({})", int(e2e), run_counts(&r.e2e));
+    let e2e_s = format!(
+        "{}/s ({}{})",
+        int(e2e),
+        run_counts(&r.e2e),
+        of_runs(&r.e2e_rates)
+    );
     row(
         &mut t,
         [
             "3",
             "durable commands/s, end to end",
             &e2e_s,
-            &format!("B: {} msgs/s (JetStream, default sync)", int(b)),
+            &format!(
+                "B: {} msgs/s (JetStream, default sync{})",
+                int(b),
+                of_runs(&r.baseline_b_rates)
+            ),
             &ratio(e2e, b),
             "≥ 1.0×",
             verdict(e2e >= b),
@@ -292,7 +310,11 @@ pub fn table(r: &Results) -> String {
             "3",
             "",
             "",
-            &format!("B′: {} msgs/s (JetStream, sync always)", int(bs)),
+            &format!(
+                "B′: {} msgs/s (JetStream, sync always{})",
+                int(bs),
+                of_runs(&r.baseline_b_sync_rates)
+            ),
             &ratio(e2e, bs),
             "≥ 10×",
             verdict(e2e >= 10.0 * bs),
@@ -428,11 +450,12 @@ pub fn table(r: &Results) -> String {
                 "5",
                 &format!("`bcp {name}`, {} events", int(cli.rate.count as f64)),
                 &format!(
-                    "{}/s ({:.2} s{})",
+                    "{}/s ({:.2} s{}{})",
                     int(cli.rate.per_sec),
                     cli.rate.secs,
                     cli.peak_rss_bytes
-                        .map_or(String::new(), |p| format!(", peak RSS {}", mib(p)))
+                        .map_or(String::new(), |p| format!(", peak RSS {}", mib(p))),
+                    of_runs(&cli.rates)
                 ),
                 "",
                 "",
@@ -454,10 +477,11 @@ pub fn table(r: &Results) -> String {
                     int(s.jobs as f64)
                 ),
                 &format!(
-                    "{}/s, {} ms ({})",
+                    "{}/s, {} ms ({}{})",
                     int(s.run.acked.per_sec),
                     ms(s.run.latency.p99_us),
-                    run_counts(&s.run)
+                    run_counts(&s.run),
+                    of_runs(&s.rates)
                 ),
                 &format!(
                     "at {} events: {}/s",
@@ -531,8 +555,8 @@ pub fn table(r: &Results) -> String {
                 "7",
                 &format!(
                     "`bcp serve` RSS / peak (VmHWM), {} jobs, {} events",
-                    int((s.jobs + s.run.jobs_created) as f64),
-                    int(s.run.last_seq.max(s.log_events) as f64)
+                    int(s.jobs_after as f64),
+                    int(s.events_after as f64)
                 ),
                 &format!(
                     "{} / {}",
