@@ -1263,6 +1263,9 @@ struct Faults {
     fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The next sync panics (a bug in the commit path), once.
     panic_once: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Syncs fail while set, writes still succeed: a failed fsync, after
+    /// which what was written may yet reach the disk.
+    fail_sync: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A file-backed redb backend that fails as its [`Faults`] say.
@@ -1300,6 +1303,13 @@ impl redb::StorageBackend for FaultyBackend {
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
             panic!("injected: a bug in the commit path");
+        }
+        if self
+            .faults
+            .fail_sync
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(std::io::Error::other("injected: fsync failed"));
         }
         self.inner.sync_data()
     }
@@ -1436,6 +1446,73 @@ fn a_commit_thread_that_panics_gets_its_batch_answered_and_stops_the_writer() {
         matches!(stopped, Err(StoreError::CommitThreadStopped)),
         "{stopped:?}"
     );
+}
+
+/// A commit whose fsync fails may still be recorded: its pages and header
+/// were written before the fsync. So the writer answers `unavailable` with
+/// "retry with the same command_id", never "nothing recorded" (which would
+/// invite a resend under a new command_id, applied twice), and stops; after
+/// the restart the retry gets the batch's outcome, applied once.
+#[test]
+fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_applies_once() {
+    use bcp::service::intake::ReplyTo;
+    use bcp::service::writer::{WriteRequest, spawn};
+    use bcp::store::StoreError;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let (store, faults) = faulty_store(&path);
+    let ledger = Ledger::open(store).unwrap();
+    let (queue, intake) = tokio::sync::mpsc::channel(8);
+    let (replies_tx, mut replies) = tokio::sync::mpsc::channel(8);
+    let (head, _) = tokio::sync::watch::channel(0);
+    let fatal = tokio_util::sync::CancellationToken::new();
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = spawn(ledger, intake, replies_tx, head, published, fatal.clone());
+    let create = |n: u128| {
+        let body = json!({"command_id": Uuid::from_u128(n), "job_id": job(n), "deployment": {"kind": "replica_set", "name": "rs"}});
+        Pending::new(decode("p1", "create", body.to_string().as_bytes(), None).unwrap())
+    };
+    let request = |n: u128| WriteRequest {
+        pending: create(n),
+        reply_to: ReplyTo::Nobody,
+        queued: std::time::Instant::now(),
+    };
+    queue.blocking_send(request(1)).unwrap();
+    assert!(replies.blocking_recv().unwrap()[0].reply.ok);
+    faults
+        .fail_sync
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    queue.blocking_send(request(2)).unwrap();
+    let answered = replies.blocking_recv().unwrap();
+    let error = answered[0].reply.error.as_ref().expect("an error reply");
+    assert_eq!(serde_json::to_value(error.code).unwrap(), "unavailable");
+    assert!(
+        error
+            .message
+            .contains("retry with the same command_id after the restart")
+            && !error.message.contains("nothing recorded"),
+        "{}",
+        error.message
+    );
+    assert!(fatal.is_cancelled(), "the server is told to drain and exit");
+    assert!(queue.blocking_send(request(3)).is_err(), "intake closed");
+    let stopped = writer.join().expect("the writer thread does not panic");
+    assert!(
+        matches!(stopped, Err(StoreError::CommitFailed(_))),
+        "{stopped:?}"
+    );
+
+    // Restarted: the batch whose fsync failed was written, so it is there,
+    // and the producer's retry is answered from its record.
+    let store = Store::open_existing(&path).unwrap();
+    verify(&store).unwrap();
+    assert_eq!(store.head_seq().unwrap(), 2);
+    let mut ledger = Ledger::open(store).unwrap();
+    let mut ids = Uuid::now_v7;
+    let retried = ledger.execute(&[create(2)], t0(), &mut ids, None).unwrap();
+    assert!(retried[0].ok && retried[0].duplicate, "{retried:?}");
+    assert_eq!(retried[0].events[0].seq, 2);
+    assert_eq!(ledger.head_seq(), 2, "nothing appended twice");
 }
 
 /// The same two overlapping batches, committed: the log verifies, the

@@ -297,16 +297,20 @@ impl Writer {
         self.send(answer(c.targets, replies)).await;
     }
 
-    /// A batch failed to commit: undo it and answer `unavailable`; stop if
-    /// the store needs reopening.
+    /// A batch failed to commit: undo it in memory and answer
+    /// `unavailable`; stop first if the store needs reopening (a failed
+    /// `commit()` always does: only the reopened store says whether the
+    /// batch was recorded).
     async fn failed(&mut self, prepared: Prepared, targets: Vec<Target>, e: StoreError) {
         let n = prepared.len();
         self.ledger.rolled_back(prepared);
         tracing::error!(error = %e, commands = n, "batch not committed; answering unavailable");
-        self.send(answer(targets, vec![unavailable(&e); n])).await;
+        let replies = answer(targets, vec![unavailable(&e); n]);
         if e.is_poisoned() {
+            // Stopped before answering, as in `commit_thread_stopped`.
             self.stop(e);
         }
+        self.send(replies).await;
     }
 
     /// The commit thread is gone with batch `c` (it panicked): whether `c`
@@ -353,9 +357,10 @@ impl Writer {
 }
 
 fn unavailable(e: &StoreError) -> Reply {
-    let outcome = match e {
-        StoreError::CommitThreadStopped => "retry with the same command_id after the restart",
-        _ => "nothing recorded",
+    let outcome = if e.outcome_unknown() {
+        "retry with the same command_id after the restart"
+    } else {
+        "nothing recorded"
     };
     Reply::error(
         ErrorCode::Unavailable,

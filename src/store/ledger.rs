@@ -226,8 +226,8 @@ impl Store {
                 txn.open_table(CURSOR)?.insert(PUBLISHED_SEQ, seq)?;
             }
         }
-        txn.commit()?;
-        Ok(())
+        // Errors before this point abort the transaction: nothing recorded.
+        txn.commit().map_err(StoreError::CommitFailed)
     }
 }
 

@@ -35,6 +35,13 @@ pub enum StoreError {
         "the commit thread stopped mid-batch (it panicked: a bug); whether that batch was recorded is known only after a restart of bcp serve"
     )]
     CommitThreadStopped,
+    /// `commit()` itself failed: the batch's pages and header may have been
+    /// written before the error (a failed fsync leaves them in the page
+    /// cache, on their way to the disk), so it may or may not be recorded.
+    #[error(
+        "the commit failed part way ({0}); whether that batch was recorded is known only after a restart of bcp serve"
+    )]
+    CommitFailed(redb::CommitError),
 }
 
 macro_rules! from_redb {
@@ -56,12 +63,24 @@ from_redb!(
 
 impl StoreError {
     /// redb refuses every write after an I/O error until the file is
-    /// reopened, and nothing commits once the commit thread is gone: the
+    /// reopened, nothing commits once the commit thread is gone, and after a
+    /// failed commit only a reopened store says what was recorded: the
     /// writer must stop and bcp serve be restarted.
     pub fn is_poisoned(&self) -> bool {
         matches!(
             self,
-            StoreError::Redb(redb::Error::PreviousIo) | StoreError::CommitThreadStopped
+            StoreError::Redb(redb::Error::PreviousIo)
+                | StoreError::CommitThreadStopped
+                | StoreError::CommitFailed(_)
+        )
+    }
+
+    /// Whether the batch this error failed may still have been recorded (so
+    /// the answer must send the producer back with the same command_id).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            StoreError::CommitThreadStopped | StoreError::CommitFailed(_)
         )
     }
 }
