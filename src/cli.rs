@@ -155,6 +155,9 @@ pub enum Cmd {
         /// Seconds between retention sweeps (expiring due snapshots).
         #[arg(long, env = "BCP_SWEEP_INTERVAL", default_value_t = bcp::domain::limits::SWEEP_INTERVAL_SECS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
         sweep_interval: u64,
+        /// Queries answered at once; beyond it a query is answered `unavailable` at once.
+        #[arg(long, env = "BCP_QUERIES_IN_FLIGHT", default_value_t = bcp::domain::limits::QUERIES_IN_FLIGHT_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        queries_in_flight: u64,
     },
     /// Send one command and print the reply. Exit 0 accepted, 1 rejected, 2 usage, 3 unavailable.
     #[command(
@@ -294,12 +297,14 @@ pub fn run(cli: Cli) -> Result<u8> {
             stream,
             trust_request_info,
             sweep_interval,
+            queries_in_flight,
         } => serve(
             db,
             nats,
             stream,
             trust_request_info,
             Duration::from_secs(sweep_interval),
+            queries_in_flight as usize,
         ),
         Cmd::Snapshots {
             job,
@@ -406,6 +411,7 @@ fn serve(
     stream: String,
     trust_request_info: bool,
     sweep_interval: Duration,
+    queries_in_flight: usize,
 ) -> Result<u8> {
     if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -421,6 +427,7 @@ fn serve(
             sweep_interval,
             auth: AUTH.get().cloned().unwrap_or_default(),
             trust_request_info,
+            queries_in_flight,
         };
         bcp::service::serve(config, stop).await
     })?;

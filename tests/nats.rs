@@ -721,6 +721,123 @@ async fn relay_catches_up_after_nats_outage() {
     h.stop_and_verify(head).await;
 }
 
+/// SIGTERM while NATS is down and thousands of commands are mid-flight
+/// (queued, being committed, or committed with their replies unsent): bcp
+/// still ends within its drain timeout (10 s), exit 0, with every answered
+/// command in its log; after the restart the relay publishes the whole log
+/// exactly once, and a retry is answered from the stored record.
+#[tokio::test]
+async fn sigterm_in_an_outage_under_load_ends_within_the_drain_timeout() {
+    let mut h = Harness::start().await;
+    let bodies: Vec<Value> = (0..6000)
+        .map(|i| create_body(id(), id(), &format!("rs{i}")))
+        .collect();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut pending = Vec::new();
+    for body in &bodies {
+        let (client, answered) = (h.client.clone(), answered.clone());
+        let bytes: bytes::Bytes = serde_json::to_vec(body).unwrap().into();
+        pending.push(tokio::spawn(async move {
+            let sent = client.request("bcp.cmd.p1.create", bytes);
+            if let Ok(Ok(_)) = tokio::time::timeout(std::time::Duration::from_secs(5), sent).await {
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }));
+    }
+    // Once replies flow, most commands are queued in bcp: crash NATS.
+    let deadline = support::Deadline::new("the first replies", support::REPLY);
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < 300 {
+        deadline.tick().await;
+    }
+    let (port, store) = (h.nats.port, h.nats.store.clone());
+    h.nats.kill();
+    let before = answered.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(before < 4000, "NATS went down with {before} replies sent");
+    let started = std::time::Instant::now();
+    let status = h.stop_bcp().await;
+    let took = started.elapsed();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status of SIGTERM in an outage"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "SIGTERM took {took:?}"
+    );
+    for p in pending {
+        p.await.unwrap();
+    }
+    let head = bcp::store::Store::open_existing(&h.db())
+        .unwrap()
+        .head_seq()
+        .unwrap();
+    assert!(
+        head >= before as u64,
+        "every answered command is in the log"
+    );
+
+    h.restart_nats(port, &store).await;
+    h.start_bcp().await;
+    // A retry of the last command the log holds is answered from its record.
+    let events = h.caught_up_stream(head).await;
+    let last = events.last().expect("events");
+    let retried = bodies
+        .iter()
+        .find(|b| b["job_id"] == last["job_id"])
+        .expect("a command of this test");
+    let r = h.cmd("p1", "create", retried).await;
+    assert_eq!(
+        (r["ok"].clone(), r["duplicate"].clone()),
+        (json!(true), json!(true)),
+        "{r}"
+    );
+    h.stop_and_verify(head).await;
+}
+
+/// Queries beyond `--queries-in-flight` are answered `unavailable` at once
+/// (a flood of queries must not queue without bound); every query gets an
+/// answer, and commands are unaffected.
+#[tokio::test]
+async fn queries_beyond_the_limit_are_answered_unavailable_at_once() {
+    let h = Harness::start_with(&["--queries-in-flight", "1"]).await;
+    let creates: Vec<Value> = (0..50)
+        .map(|i| create_body(id(), id(), &format!("rs{i}")))
+        .collect();
+    for r in join_all(creates.iter().map(|c| h.cmd("p1", "create", c))).await {
+        assert_eq!(r["ok"], json!(true), "{r}");
+    }
+    let all = json!({});
+    let replies = join_all((0..400).map(|_| h.query("jobs", &all))).await;
+    let (mut ok, mut unavailable) = (0, 0);
+    for r in &replies {
+        if r["ok"] == json!(true) {
+            assert_eq!(r["jobs"].as_array().map(Vec::len), Some(50), "{r}");
+            ok += 1;
+        } else {
+            assert_eq!(r["error"]["code"], json!("unavailable"), "{r}");
+            assert_eq!(
+                r["error"]["message"],
+                json!("too many queries in flight; retry shortly")
+            );
+            unavailable += 1;
+        }
+    }
+    assert!(
+        ok >= 1 && unavailable >= 1,
+        "{ok} ok, {unavailable} unavailable"
+    );
+    // The permits come back: one query at a time is always answered.
+    for _ in 0..3 {
+        let r = h.query("jobs", &json!({})).await;
+        assert_eq!(r["ok"], json!(true), "{r}");
+    }
+    let r = h
+        .cmd("p1", "create", &create_body(id(), id(), "after"))
+        .await;
+    assert_eq!(r["ok"], json!(true), "{r}");
+}
+
 /// `bcp serve` drains on SIGTERM and exits 0; started again on the same db
 /// it has every job, history and idempotency record, continues the seq, and
 /// does not publish anything twice.

@@ -16,6 +16,10 @@ pub const RELAY_WINDOW_MAX: usize = 256;
 pub const RELAY_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Events the relay reads from redb per read transaction.
 pub const RELAY_CHUNK_MAX: usize = 1024;
+/// Queries answered at once (each on a blocking thread, its reply up to
+/// [`QUERY_JOBS_BYTES_MAX`]); beyond it a query is answered `unavailable`
+/// at once. `bcp serve --queries-in-flight` sets it.
+pub const QUERIES_IN_FLIGHT_DEFAULT: usize = 32;
 /// Jobs returned by one `bcp.query.jobs` reply.
 pub const QUERY_JOBS_MAX: usize = 500;
 /// Bytes of job views in one `bcp.query.jobs` reply, well under NATS's

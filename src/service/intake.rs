@@ -18,8 +18,8 @@ use async_nats::service::Request;
 use async_nats::{Client, Message, Subject};
 use futures::{Stream, StreamExt};
 use std::sync::Arc;
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub const ACTOR_HEADER: &str = "Bcp-Actor";
@@ -78,6 +78,14 @@ impl ReplyTo {
     }
 }
 
+/// How the intake treats requests.
+pub struct Options {
+    /// Record the Nats-Request-Info identity as the verified actor.
+    pub trust_request_info: bool,
+    /// Queries answered at once; more are answered `unavailable`.
+    pub queries_in_flight: usize,
+}
+
 /// Take requests until `stop`; dropping `queue` on return lets the writer
 /// drain and exit.
 pub async fn run(
@@ -86,9 +94,10 @@ pub async fn run(
     store: Store,
     queue: mpsc::Sender<WriteRequest>,
     metrics: Arc<Metrics>,
-    trust_request_info: bool,
+    options: Options,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
+    let queries = Arc::new(Semaphore::new(options.queries_in_flight));
     let sub = |s: &'static str| {
         let client = client.clone();
         async move {
@@ -100,17 +109,24 @@ pub async fn run(
     };
     let mut unserved = futures::stream::select(sub("bcp.cmd.>").await?, sub("bcp.query.>").await?);
     loop {
-        tokio::select! {
+        // Handling a request may wait to send an answer (`bad_request`,
+        // `unavailable`): during a NATS outage the client's buffer fills and
+        // that wait lasts until NATS is back. `stop` must still end it: the
+        // producer retries what was not answered.
+        let handled = tokio::select! {
             r = requests.next() => match r {
-                Some((Kind::Command(verb), request)) => command(&client, verb, request, &queue, &metrics, trust_request_info).await,
-                Some((Kind::Query(kind), request)) => query(&client, kind, request, store.clone()),
-                None => break,
+                Some((Kind::Command(verb), request)) => stop.run_until_cancelled(command(&client, verb, request, &queue, &metrics, options.trust_request_info)).await,
+                Some((Kind::Query(kind), request)) => stop.run_until_cancelled(query(&client, kind, request, store.clone(), &queries)).await,
+                None => None,
             },
             m = unserved.next() => match m {
-                Some(m) => not_served(&client, m).await,
-                None => break,
+                Some(m) => stop.run_until_cancelled(not_served(&client, m)).await,
+                None => None,
             },
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => None,
+        };
+        if handled.is_none() {
+            break;
         }
     }
     Ok(())
@@ -167,9 +183,27 @@ async fn command(
         .await;
 }
 
-fn query(client: &Client, kind: &'static str, request: Request, store: Store) {
+/// Answer a query on a blocking thread, or `unavailable` at once when
+/// `queries` has no permit left (a flood of queries must not queue without
+/// bound, nor take every blocking thread from the writer's neighbours).
+async fn query(
+    client: &Client,
+    kind: &'static str,
+    request: Request,
+    store: Store,
+    queries: &Arc<Semaphore>,
+) {
+    let Ok(permit) = queries.clone().try_acquire_owned() else {
+        tracing::debug!(query = kind, "unavailable: too many queries in flight");
+        let message = "too many queries in flight; retry shortly";
+        ReplyTo::of_request(request)
+            .send(client, &Reply::error(ErrorCode::Unavailable, message))
+            .await;
+        return;
+    };
     let max_payload = client.server_info().max_payload;
     tokio::spawn(async move {
+        let _permit = permit;
         let payload = request.message.payload.clone();
         let value =
             tokio::task::spawn_blocking(move || super::queries::answer(&store, kind, &payload))

@@ -33,7 +33,8 @@ pub struct ServeConfig {
     pub db: PathBuf,
     pub nats_url: String,
     pub stream: String,
-    /// How long shutdown waits for the relay to publish the last events.
+    /// How long shutdown waits for what needs NATS: the last replies, the
+    /// relay publishing the last events, the final flush.
     pub drain_timeout: Duration,
     /// How often the retention sweeper expires due snapshots.
     pub sweep_interval: Duration,
@@ -43,6 +44,8 @@ pub struct ServeConfig {
     /// `share: true` (the server then sets the header; otherwise a client
     /// could forge it).
     pub trust_request_info: bool,
+    /// Queries answered at once; more are answered `unavailable`.
+    pub queries_in_flight: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,27 +125,46 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         store.clone(),
         queue_tx,
         metrics,
-        config.trust_request_info,
+        intake::Options {
+            trust_request_info: config.trust_request_info,
+            queries_in_flight: config.queries_in_flight,
+        },
         stop.clone(),
     )
     .await;
+    // One budget for everything that needs NATS from here on: during an
+    // outage neither unsubscribing, nor the replies (a reply waits while the
+    // client's buffer is full), nor the relay, nor the final flush can
+    // finish, and SIGTERM must still end bcp.
+    let deadline = tokio::time::Instant::now() + config.drain_timeout;
     let _ = sweeper.await;
-    if let Err(e) = service.stop().await {
-        tracing::warn!(error = %e, "service endpoints not stopped cleanly");
+    match tokio::time::timeout_at(deadline, service.stop()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "service endpoints not stopped cleanly"),
+        Err(_) => tracing::warn!("service endpoints not stopped within the drain timeout"),
     }
 
     // Drain, in data-flow order. The intake has dropped its queue sender, so
-    // the writer finishes what is queued and exits.
+    // the writer finishes what is queued and exits, and then the replier.
     tracing::info!("draining: intake closed, waiting for the writer");
-    let writer_result = tokio::task::spawn_blocking(move || writer.join())
+    let writer = tokio::task::spawn_blocking(move || writer.join());
+    let mut replier = replier;
+    if tokio::time::timeout_at(deadline, &mut replier)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "replies not sent within {:?} (NATS down?); the rest are dropped, producers retry with the same command_id",
+            config.drain_timeout
+        );
+        // Its receiver gone, the writer's sends fail at once and it exits.
+        replier.abort();
+    }
+    let writer_result = writer
         .await
         .map_err(|e| ServeError::Nats(format!("writer task: {e}")))?
         .map_err(|_| ServeError::Nats("writer thread panicked".into()))?;
-    let _ = replier.await;
     relay_drain.cancel();
-    // One budget for everything that needs NATS: during an outage neither the
-    // relay nor the final flush can finish, and SIGTERM must still end bcp.
-    let deadline = tokio::time::Instant::now() + config.drain_timeout;
     match tokio::time::timeout_at(deadline, relay).await {
         Ok(_) => {}
         Err(_) => tracing::warn!(

@@ -125,7 +125,12 @@ async fn publish_until_drained(
             return Ok(());
         }
         tokio::select! {
-            changed = head.changed() => if changed.is_err() { /* writer gone: drain what is left */ },
+            changed = head.changed() => if changed.is_err() {
+                // The writer is gone: the head read above is final and is
+                // published. Wait for the drain (not `changed()` again: it
+                // would return at once, forever, and spin a core).
+                drain.cancelled().await;
+            },
             _ = drain.cancelled() => {}
         }
     }
