@@ -274,6 +274,116 @@ fn verify_catches_a_projection_that_disagrees_with_the_log() {
     assert!(err.to_string().contains(&job(1).to_string()), "{err}");
 }
 
+/// Tampering with the rows queries read, which a rebuild of the projections
+/// alone would not notice: a second copy of a row under another key, a row
+/// of an unknown kind, the per-job event index, region keys, and the
+/// idempotency records (a forged reply, a planted record, a deleted one).
+/// Each is found, and named.
+#[test]
+fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
+    use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow, REGIONS};
+    type Tamper = fn(&redb::WriteTransaction);
+    let cases: [(&str, Tamper, &str); 8] = [
+        (
+            "a copy of a view under sub 1",
+            |txn| {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                let view = t
+                    .get(JobRow::Job.key(job(1).as_u128(), 0))
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec();
+                t.insert(JobRow::Job.key(job(1).as_u128(), 1), view.as_slice())
+                    .unwrap();
+            },
+            "view row is stored, but a rebuild of the log has no such row",
+        ),
+        (
+            "a row of unknown kind",
+            |txn| {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                t.insert((job(2).as_u128(), 7, 0), &b"{}"[..]).unwrap();
+            },
+            "row of unknown kind 7",
+        ),
+        (
+            "an event index row removed",
+            |txn| {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                t.remove(JobRow::Event.key(job(1).as_u128(), 2)).unwrap();
+            },
+            "event index row for seq 2 is missing",
+        ),
+        (
+            "another job's event in a job's index",
+            |txn| {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                t.insert(JobRow::Event.key(job(1).as_u128(), 8), &b""[..])
+                    .unwrap();
+            },
+            "event index row for seq 8 is stored",
+        ),
+        (
+            "a region under another name",
+            |txn| {
+                let mut t = txn.open_table(REGIONS).unwrap();
+                let row = t.remove("eu").unwrap().unwrap().value().to_vec();
+                t.insert("us", row.as_slice()).unwrap();
+            },
+            "region eu is missing",
+        ),
+        (
+            "a forged reply",
+            |txn| {
+                let mut t = txn.open_table(COMMANDS).unwrap();
+                let key = t.iter().unwrap().next().unwrap().unwrap().0.value();
+                let forged = json!({"fingerprint": "*", "reply": {"ok": false, "error": {"code": "not_found", "message": "forged"}, "duplicate": false}});
+                t.insert(key, serde_json::to_vec(&forged).unwrap().as_slice())
+                    .unwrap();
+            },
+            "is a rejection the log does not hold",
+        ),
+        (
+            "a planted record",
+            |txn| {
+                let mut t = txn.open_table(COMMANDS).unwrap();
+                let planted = json!({"fingerprint": "*", "reply": {"ok": true, "events": [{"seq": 1, "type": "JobCreated"}], "duplicate": false}});
+                t.insert(999u128, serde_json::to_vec(&planted).unwrap().as_slice())
+                    .unwrap();
+            },
+            "names events [(1, \"JobCreated\")], but the log holds [] for this command",
+        ),
+        (
+            "a deleted record",
+            |txn| {
+                let mut t = txn.open_table(COMMANDS).unwrap();
+                let key = t.iter().unwrap().last().unwrap().unwrap().0.value();
+                t.remove(key).unwrap();
+            },
+            "but it has no idempotency record",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.redb");
+    scenario(&clean);
+    verify(&Store::open_existing(&clean).unwrap()).unwrap();
+    for (what, tamper, expected) in cases {
+        let path = dir.path().join("tampered.redb");
+        std::fs::copy(&clean, &path).unwrap();
+        {
+            let db = redb::Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            tamper(&txn);
+            txn.commit().unwrap();
+        }
+        let err = verify(&Store::open_existing(&path).unwrap())
+            .expect_err(what)
+            .to_string();
+        assert!(err.contains(expected), "{what}: {err}");
+    }
+}
+
 // ---- property: random command sequences -------------------------------------------------
 
 #[derive(Clone, Debug)]

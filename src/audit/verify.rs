@@ -1,16 +1,20 @@
 //! `bcp audit verify`: the log is gapless from seq 1, every hash links to the
 //! one before, every stored envelope is byte-for-byte its canonical form,
-//! per-job versions count up by one, and the stored projections equal a full
-//! rebuild. Reports the first bad seq.
+//! per-job versions count up by one, every stored row of the projections
+//! and of the per-job event index is, under its key, what the writer would
+//! store for a full rebuild, and the idempotency records agree with the
+//! log ([`super::records`]). Reports the first bad seq, or the first row
+//! or record that differs.
 
 use super::logfile::{Digest, check_digest};
+use super::records::CommandLog;
 use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
-use crate::domain::{Envelope, Job, Region, World};
+use crate::domain::{Envelope, World};
 use crate::store::rows;
 use crate::store::tables::{JOB_ROWS, JobRow, REGIONS};
 use crate::store::{Store, StoreError};
-use redb::{ReadableTable, ReadableTableMetadata};
+use redb::ReadableTable;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -28,6 +32,8 @@ pub enum VerifyError {
     BadEvent { seq: u64, what: String },
     #[error("projection differs from a rebuild of the log: {0}")]
     Projection(String),
+    #[error("idempotency records differ from the log: {0}")]
+    Records(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -123,6 +129,9 @@ pub fn verify(
     let mut world = World::default();
     let mut prev_hash = GENESIS_HASH.to_owned();
     let mut seq = 0u64;
+    // Per job, the seqs of its events: what the stored event index must hold.
+    let mut index: Vec<(u128, u64)> = Vec::new();
+    let mut commands = CommandLog::default();
     scan(
         store,
         scan::workers(),
@@ -137,6 +146,10 @@ pub fn verify(
             }
             let env = check_parsed(seq, parsed, &prev_hash, &world)?;
             world.evolve(env);
+            if let Some(job) = env.job_id {
+                index.push((job.as_u128(), seq));
+            }
+            commands.add(env);
             if digest.is_some_and(|d| d.seq == seq) {
                 digest_hash = Some(env.hash.clone());
             }
@@ -154,14 +167,11 @@ pub fn verify(
     if let Some(d) = digest {
         check_digest(d, seq, |_| digest_hash.clone())?;
     }
-    if !projections_match(store, &world, scan::workers())? {
-        let stored = store.load_world()?;
-        if stored != world {
-            return Err(VerifyError::Projection(describe_difference(
-                &stored, &world,
-            )));
-        }
+    index.sort_unstable();
+    if let Some(difference) = projections_differ(store, &world, &index, scan::workers())? {
+        return Err(VerifyError::Projection(difference));
     }
+    commands.check(store)?;
     Ok(Report {
         events: seq,
         head_seq: seq,
@@ -173,40 +183,48 @@ pub fn verify(
 /// How often [`verify`] reports progress, in events.
 const PROGRESS_EVERY: u64 = 4096;
 
-/// Whether the stored job rows (views, catalog class rows, snapshot rows;
-/// the event index aside) are byte for byte what the writer would store for
-/// `world`, under the same keys (a class row of the layout before runs by
-/// what it holds), and the stored regions equal `world`'s.
-/// True means `store.load_world()` equals `world` (serialization
-/// round-trips these types exactly), without parsing 100 k job rows; false
-/// means only that the caller must compare the slow way (a row written by
-/// another version of bcp may differ in bytes and still be equal).
-fn projections_match(store: &Store, world: &World, parts: usize) -> Result<bool, StoreError> {
-    if world.catalogs.keys().any(|id| !world.jobs.contains_key(id)) {
-        return Ok(false);
-    }
+/// The first stored projection row that is not what the writer would store
+/// for `world` and the event index `index` ((job, seq), sorted), or `None`.
+///
+/// Every row of JOB_ROWS is compared under its key, byte for byte: a job's
+/// view, class row and snapshot rows, and its event index (one empty row per
+/// event about the job, rejections included). A class row of the layout
+/// before runs is compared by what it holds. Regions likewise, keyed by
+/// name. A row where none is expected, or under another key, is a
+/// difference: queries read rows by key.
+fn projections_differ(
+    store: &Store,
+    world: &World,
+    index: &[(u128, u64)],
+    parts: usize,
+) -> Result<Option<String>, StoreError> {
     let txn = store.begin_read()?;
-    let regions = txn.open_table(REGIONS)?;
-    if regions.len()? != world.regions.len() as u64 {
-        return Ok(false);
-    }
-    // Serializing the expected rows is most of the work: the jobs are split
+    // Every job id with a row: a view, a catalog, or an event about it.
+    let mut ids: Vec<u128> = world
+        .jobs
+        .keys()
+        .chain(world.catalogs.keys())
+        .map(|id| id.as_u128())
+        .chain(index.iter().map(|(job, _)| *job))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    // Serializing the expected rows is most of the work: the ids are split
     // into `parts` key ranges (one per core), each compared on its own thread.
-    let jobs: Vec<(&Uuid, &Job)> = world.jobs.iter().collect();
-    let per_part = jobs.len().div_ceil(parts.max(1)).max(1);
-    let mut parts: Vec<&[(&Uuid, &Job)]> = jobs.chunks(per_part).collect();
+    let per_part = ids.len().div_ceil(parts.max(1)).max(1);
+    let mut parts: Vec<&[u128]> = ids.chunks(per_part).collect();
     if parts.is_empty() {
         parts.push(&[]); // still: no stored rows may be left over
     }
-    // Part i holds every key from its first job to the next part's first
-    // job, the first part from 0 and the last to the end: together all keys.
+    // Part i holds every key from its first id to the next part's first id,
+    // the first part from 0 and the last to the end: together all keys.
     let starts: Vec<u128> = parts
         .iter()
         .enumerate()
-        .map(|(i, part)| if i == 0 { 0 } else { part[0].0.as_u128() })
+        .map(|(i, part)| if i == 0 { 0 } else { part[0] })
         .collect();
     let txn = &txn;
-    let matched = std::thread::scope(|s| {
+    let differences = std::thread::scope(|s| {
         let checks: Vec<_> = parts
             .iter()
             .enumerate()
@@ -217,96 +235,163 @@ fn projections_match(store: &Store, world: &World, parts: usize) -> Result<bool,
                         (next - 1, u8::MAX, u128::MAX)
                     });
                 let keys = (starts[i], 0, 0)..=last;
-                s.spawn(move || job_rows_match(txn, world, part, keys))
+                let lo = index.partition_point(|(job, _)| *job < starts[i]);
+                let hi = index.partition_point(|(job, _)| *job <= last.0);
+                s.spawn(move || job_rows_differ(txn, world, part, &index[lo..hi], keys))
             })
             .collect();
         checks
             .into_iter()
             .map(|c| c.join().expect("projection check thread panicked"))
-            .collect::<Result<Vec<bool>, StoreError>>()
+            .collect::<Result<Vec<Option<String>>, StoreError>>()
     })?;
-    if matched.contains(&false) {
-        return Ok(false);
+    if let Some(d) = differences.into_iter().flatten().next() {
+        return Ok(Some(d));
     }
-    let mut stored = std::collections::BTreeMap::new();
-    for r in regions.iter()? {
-        let (_, v) = r?;
-        match serde_json::from_slice::<Region>(v.value()) {
-            Ok(region) => stored.insert(region.region.clone(), region),
-            Err(_) => return Ok(false),
-        };
+    let mut expected = world.regions.iter();
+    for r in txn.open_table(REGIONS)?.iter()? {
+        let (k, v) = r?;
+        let name = k.value();
+        match expected.next() {
+            Some((want, region))
+                if want.as_str() == name
+                    && serde_json::to_vec(region).expect("region serializes") == v.value() => {}
+            Some((want, _)) if want.as_str() == name => {
+                return Ok(Some(format!(
+                    "region {name}: the stored row differs from a rebuild"
+                )));
+            }
+            Some((want, _)) if want.as_str() < name => {
+                return Ok(Some(format!("region {want} is missing")));
+            }
+            _ => {
+                return Ok(Some(format!(
+                    "a stored row of region {name:?}, which the log never configured"
+                )));
+            }
+        }
     }
-    Ok(stored == world.regions)
+    Ok(expected
+        .next()
+        .map(|(want, _)| format!("region {want} is missing")))
 }
 
-/// [`projections_match`] for the stored rows with keys in `keys`, which
-/// must be exactly those of `jobs` (the event index aside).
-fn job_rows_match(
+const KINDS: [(JobRow, &str); 4] = [
+    (JobRow::Job, "view"),
+    (JobRow::Classes, "catalog class"),
+    (JobRow::Snapshot, "snapshot"),
+    (JobRow::Event, "event index"),
+];
+
+/// A JOB_ROWS key, for a message.
+fn describe(key: rows::JobKey) -> String {
+    let (job, kind, sub) = key;
+    let job = Uuid::from_u128(job);
+    match KINDS.iter().find(|(k, _)| *k as u8 == kind) {
+        Some((JobRow::Job | JobRow::Classes, name)) => format!("job {job}'s {name} row"),
+        Some((JobRow::Snapshot, name)) => {
+            format!("job {job}'s {name} row for {}", Uuid::from_u128(sub))
+        }
+        Some((_, name)) => format!("job {job}'s {name} row for seq {sub}"),
+        None => format!("job {job}'s row of unknown kind {kind} (sub {sub})"),
+    }
+}
+
+/// [`projections_differ`] for the stored rows with keys in `keys`, which
+/// must be exactly those of the jobs `ids` (sorted) with their events
+/// `index`.
+fn job_rows_differ(
     txn: &redb::ReadTransaction,
     world: &World,
-    jobs: &[(&Uuid, &Job)],
+    ids: &[u128],
+    index: &[(u128, u64)],
     keys: std::ops::RangeInclusive<rows::JobKey>,
-) -> Result<bool, StoreError> {
+) -> Result<Option<String>, StoreError> {
     // The rows the writer stores for these jobs, in key order.
-    let expected = jobs.iter().flat_map(|(id, job)| {
-        let view = (JobRow::Job.key(id.as_u128(), 0), rows::job_row(job));
+    let mut events = index.iter().peekable();
+    let expected = ids.iter().flat_map(|&id| {
+        let uuid = Uuid::from_u128(id);
+        let view = world
+            .jobs
+            .get(&uuid)
+            .map(|job| (JobRow::Job.key(id, 0), rows::job_row(job)));
         let mut catalog = world
             .catalogs
-            .get(id)
-            .map(|c| rows::catalog_rows(**id, None, Some(c)))
+            .get(&uuid)
+            .map(|c| rows::catalog_rows(uuid, None, Some(c)))
             .unwrap_or_default();
         catalog.sort_unstable_by_key(|(k, _)| *k);
-        std::iter::once(view).chain(
-            catalog
-                .into_iter()
-                .map(|(k, v)| (k, v.expect("a new catalog only adds rows"))),
-        )
+        let mut seqs = Vec::new();
+        while let Some((_, seq)) = events.next_if(|(job, _)| *job == id) {
+            seqs.push((JobRow::Event.key(id, u128::from(*seq)), Vec::new()));
+        }
+        view.into_iter()
+            .chain(
+                catalog
+                    .into_iter()
+                    .map(|(k, v)| (k, v.expect("a new catalog only adds rows"))),
+            )
+            .chain(seqs)
     });
-    let mut expected = expected.fuse();
+    let mut expected = expected.peekable();
     for r in txn.open_table(JOB_ROWS)?.range(keys)? {
         let (k, v) = r?;
         let key = k.value();
-        if key.1 == JobRow::Event as u8 {
-            continue;
+        let Some((want_key, want)) = expected.next_if(|(want_key, _)| *want_key <= key) else {
+            return Ok(Some(format!(
+                "{} is stored, but a rebuild of the log has no such row",
+                describe(key)
+            )));
+        };
+        if want_key < key {
+            return Ok(Some(format!("{} is missing", describe(want_key))));
         }
-        match expected.next() {
-            Some((want_key, want)) if want_key == key && want.as_slice() == v.value() => {}
+        let same = want.as_slice() == v.value()
             // A class row of the layout before runs: equal if it holds the same.
-            Some((want_key, _))
-                if want_key == key
-                    && key.1 == JobRow::Classes as u8
-                    && world
-                        .catalogs
-                        .get(&Uuid::from_u128(key.0))
-                        .is_some_and(|c| rows::classes_match(v.value(), c)) => {}
-            _ => return Ok(false),
+            || key.1 == JobRow::Classes as u8
+                && world
+                    .catalogs
+                    .get(&Uuid::from_u128(key.0))
+                    .is_some_and(|c| rows::classes_match(v.value(), c));
+        if !same {
+            return Ok(Some(format!(
+                "{} differs: stored {}, rebuilt {}",
+                describe(key),
+                String::from_utf8_lossy(v.value()),
+                String::from_utf8_lossy(&want)
+            )));
         }
     }
-    Ok(expected.next().is_none())
-}
-
-fn describe_difference(stored: &World, rebuilt: &World) -> String {
-    for (id, job) in &rebuilt.jobs {
-        match stored.jobs.get(id) {
-            None => return format!("job {id} is missing from the stored projection"),
-            Some(s) if s != job => return format!("job {id}: stored {s:?}, rebuilt {job:?}"),
-            _ => {}
-        }
-    }
-    if let Some(id) = stored.jobs.keys().find(|id| !rebuilt.jobs.contains_key(id)) {
-        return format!("stored job {id} has no events in the log");
-    }
-    "regions differ".to_owned()
+    Ok(expected
+        .next()
+        .map(|(want_key, _)| format!("{} is missing", describe(want_key))))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{JOB_ROWS, JobRow, projections_match, rows};
+    use super::{JOB_ROWS, JobRow, rows};
     use crate::domain::command::decode;
     use crate::store::Store;
     use crate::store::ledger::{Ledger, Pending};
     use chrono::{TimeZone, Utc};
     use uuid::Uuid;
+
+    /// [`super::projections_differ`] with the event index of `store`'s log.
+    fn projections_match(
+        store: &Store,
+        world: &crate::domain::World,
+        parts: usize,
+    ) -> Result<bool, crate::store::StoreError> {
+        let mut index = Vec::new();
+        store.for_each_event(|seq, bytes| {
+            if let Some(job) = crate::store::decode_envelope(seq, bytes)?.job_id {
+                index.push((job.as_u128(), seq));
+            }
+            Ok(true)
+        })?;
+        index.sort_unstable();
+        Ok(super::projections_differ(store, world, &index, parts)?.is_none())
+    }
 
     #[test]
     fn the_fast_projection_check_matches_what_the_writer_stored_and_only_that() {
