@@ -13,7 +13,6 @@ use super::verify::VerifyError;
 use crate::domain::{Envelope, ErrorCode, Event};
 use crate::store::tables::COMMANDS;
 use crate::store::{CommandRecord, Store, StoreError};
-use redb::ReadableTable;
 use std::collections::HashMap;
 use uuid::Uuid;
 
@@ -34,13 +33,19 @@ struct Rejection {
 }
 
 /// The log, as far as the idempotency records are concerned.
-#[derive(Default)]
 pub struct CommandLog {
     events: Vec<Logged>,
     rejections: HashMap<u64, Rejection>,
 }
 
 impl CommandLog {
+    pub fn with_capacity(events: usize) -> CommandLog {
+        CommandLog {
+            events: Vec::with_capacity(events),
+            rejections: HashMap::new(),
+        }
+    }
+
     /// Note one event (in seq order).
     pub fn add(&mut self, env: &Envelope) {
         self.events.push(Logged {
@@ -68,30 +73,71 @@ impl CommandLog {
         }
     }
 
-    /// Compare with the stored records; the first disagreement, named.
-    pub fn check(mut self, store: &Store) -> Result<(), VerifyError> {
+    /// Compare with the stored records, split into `parts` key ranges
+    /// checked on threads of their own; the first disagreement (in key
+    /// order), named.
+    pub fn check(mut self, store: &Store, parts: usize) -> Result<(), VerifyError> {
+        // By command, then seq: the order of the table's keys.
+        self.events.sort_unstable_by_key(|e| (e.command, e.seq));
+        let txn = store.begin_read()?;
+        let per_part = self.events.len().div_ceil(parts.max(1)).max(1);
+        // Part i: command ids from its first logged event's (0 for the
+        // first part) to just before the next part's: together all keys.
+        let mut starts: Vec<u128> = self.events.chunks(per_part).map(|c| c[0].command).collect();
+        starts.dedup();
+        if starts.is_empty() {
+            starts.push(0);
+        }
+        starts[0] = 0;
+        let (this, txn) = (&self, &txn);
+        std::thread::scope(|s| {
+            let checks: Vec<_> = starts
+                .iter()
+                .enumerate()
+                .map(|(i, &lo)| {
+                    let hi = starts.get(i + 1).map_or(u128::MAX, |next| next - 1);
+                    let from = this.events.partition_point(|e| e.command < lo);
+                    let to = this.events.partition_point(|e| e.command <= hi);
+                    s.spawn(move || this.check_range(txn, lo..=hi, &this.events[from..to]))
+                })
+                .collect();
+            checks
+                .into_iter()
+                .map(|c| c.join().expect("record check thread panicked"))
+                .collect::<Result<Vec<()>, VerifyError>>()
+                .map(|_| ())
+        })
+    }
+
+    /// [`CommandLog::check`] of the records with keys in `keys`, whose
+    /// logged events are `logged`.
+    fn check_range(
+        &self,
+        txn: &redb::ReadTransaction,
+        keys: std::ops::RangeInclusive<u128>,
+        mut logged: &[Logged],
+    ) -> Result<(), VerifyError> {
         let bad = |id: u128, what: String| {
             Err(VerifyError::Records(format!(
                 "command {}: {what}",
                 Uuid::from_u128(id)
             )))
         };
-        // By command, then seq: the order of the table's keys.
-        self.events.sort_unstable_by_key(|e| (e.command, e.seq));
-        let mut logged = self.events.as_slice();
-        let txn = store.begin_read()?;
+        let unrecorded = |e: &Logged| {
+            bad(
+                e.command,
+                format!(
+                    "the log holds its event at seq {}, but it has no idempotency record (a retry would be applied again)",
+                    e.seq
+                ),
+            )
+        };
         let table = txn.open_table(COMMANDS).map_err(StoreError::from)?;
-        for r in table.iter().map_err(StoreError::from)? {
+        for r in table.range(keys).map_err(StoreError::from)? {
             let (k, v) = r.map_err(StoreError::from)?;
             let id = k.value();
             if let Some(e) = logged.first().filter(|e| e.command < id) {
-                return bad(
-                    e.command,
-                    format!(
-                        "the log holds its event at seq {}, but it has no idempotency record (a retry would be applied again)",
-                        e.seq
-                    ),
-                );
+                return unrecorded(e);
             }
             let n = logged.iter().take_while(|e| e.command == id).count();
             let (events, rest) = logged.split_at(n);
@@ -105,13 +151,7 @@ impl CommandLog {
             }
         }
         match logged.first() {
-            Some(e) => bad(
-                e.command,
-                format!(
-                    "the log holds its event at seq {}, but it has no idempotency record (a retry would be applied again)",
-                    e.seq
-                ),
-            ),
+            Some(e) => unrecorded(e),
             None => Ok(()),
         }
     }
@@ -176,5 +216,127 @@ impl CommandLog {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CommandLog;
+    use crate::domain::command::decode;
+    use crate::store::ledger::{Ledger, Pending};
+    use crate::store::tables::COMMANDS;
+    use crate::store::{Store, decode_envelope};
+    use chrono::{TimeZone, Utc};
+    use uuid::Uuid;
+
+    fn log_of(store: &Store) -> CommandLog {
+        let mut log = CommandLog::with_capacity(0);
+        store
+            .for_each_event(|seq, bytes| {
+                log.add(&decode_envelope(seq, bytes)?);
+                Ok(true)
+            })
+            .unwrap();
+        log
+    }
+
+    /// Records are checked in key ranges on several threads: a record
+    /// planted or removed anywhere (before, between, after the ranges) is
+    /// found whatever the number of ranges.
+    #[test]
+    fn every_record_is_checked_in_every_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
+        let mut ledger = Ledger::open(store.clone()).unwrap();
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).unwrap();
+        let mut next = 0u128;
+        // Command ids 100, 200, …, 900: jobs created, one started twice
+        // (the second a recorded rejection), one assigned its own region
+        // (a no-op, recorded with no events).
+        for n in 1..=9u128 {
+            let (verb, body) = match n {
+                1..=6 => (
+                    "create",
+                    serde_json::json!({"job_id": Uuid::from_u128(n), "deployment": {"kind": "replica_set", "name": "rs"}}),
+                ),
+                7 | 8 => ("start", serde_json::json!({"job_id": Uuid::from_u128(1)})),
+                _ => (
+                    "assign-region",
+                    serde_json::json!({"job_id": Uuid::from_u128(2), "region": null}),
+                ),
+            };
+            let mut body = body;
+            body["command_id"] = serde_json::json!(Uuid::from_u128(n * 100));
+            let cmd = decode("p1", verb, body.to_string().as_bytes(), None).unwrap();
+            let mut ids = || {
+                next += 1;
+                Uuid::from_u128(next)
+            };
+            let reply = ledger
+                .execute(&[Pending::new(cmd)], t0, &mut ids, None)
+                .unwrap();
+            assert_eq!(reply[0].ok, n != 8, "{n}: {reply:?}");
+        }
+        for parts in 1..=4 {
+            log_of(&store).check(&store, parts).unwrap();
+        }
+        type Records<'t> = redb::Table<'t, u128, &'static [u8]>;
+        let edit = |f: &dyn Fn(&mut Records)| {
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            f(&mut txn.open_table(COMMANDS).unwrap());
+            txn.commit().unwrap();
+        };
+        let noop = serde_json::to_vec(
+            &serde_json::json!({"fingerprint": "*", "reply": {"ok": true, "duplicate": false}}),
+        )
+        .unwrap();
+        let created = serde_json::to_vec(&serde_json::json!({"fingerprint": "*", "reply": {"ok": true, "events": [{"seq": 1, "type": "JobCreated"}], "duplicate": false}})).unwrap();
+        for key in [50u128, 450, 950] {
+            // A planted no-op is not detectable (the log cannot tell it was
+            // never sent); a planted reply naming events is.
+            edit(&|t| {
+                t.insert(key, noop.as_slice()).unwrap();
+            });
+            log_of(&store).check(&store, 3).unwrap();
+            edit(&|t| {
+                t.insert(key, created.as_slice()).unwrap();
+            });
+            for parts in 1..=4 {
+                let err = log_of(&store).check(&store, parts).unwrap_err();
+                assert!(
+                    err.to_string().contains(&Uuid::from_u128(key).to_string()),
+                    "{key}, {parts} parts: {err}"
+                );
+            }
+            edit(&|t| {
+                t.remove(key).unwrap();
+            });
+        }
+        for key in [100u128, 500, 800] {
+            let saved = {
+                let txn = store.begin_read().unwrap();
+                txn.open_table(COMMANDS)
+                    .unwrap()
+                    .get(key)
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec()
+            };
+            edit(&|t| {
+                t.remove(key).unwrap();
+            });
+            for parts in 1..=4 {
+                let err = log_of(&store).check(&store, parts).unwrap_err();
+                assert!(
+                    err.to_string().contains("no idempotency record"),
+                    "{key}, {parts} parts: {err}"
+                );
+            }
+            edit(&|t| {
+                t.insert(key, saved.as_slice()).unwrap();
+            });
+        }
+        log_of(&store).check(&store, 2).unwrap();
     }
 }
