@@ -110,9 +110,9 @@ pub async fn run(
     let mut unserved = futures::stream::select(sub("bcp.cmd.>").await?, sub("bcp.query.>").await?);
     loop {
         // Handling a request may wait to send an answer (`bad_request`,
-        // `unavailable`): during a NATS outage the client's buffer fills and
-        // that wait lasts until NATS is back. `stop` must still end it: the
-        // producer retries what was not answered.
+        // `unavailable`), and once the NATS client's buffer is full during
+        // an outage, that wait lasts until NATS is back. `stop` must still
+        // end it: the producer retries what was not answered.
         let handled = tokio::select! {
             r = requests.next() => match r {
                 Some((Kind::Command(verb), request)) => stop.run_until_cancelled(command(&client, verb, request, &queue, &metrics, options.trust_request_info)).await,
