@@ -1504,56 +1504,97 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
     assert_eq!(store.load_world().unwrap(), on_disk.0);
 }
 
+/// `bcp serve`'s writer thread over a [`faulty_store`]: commands go in as
+/// `create`s of job n with command id n, answers come out.
+struct FaultyWriter {
+    faults: Faults,
+    queue: tokio::sync::mpsc::Sender<bcp::service::writer::WriteRequest>,
+    replies: tokio::sync::mpsc::Receiver<Vec<bcp::service::writer::Committed>>,
+    fatal: tokio_util::sync::CancellationToken,
+    writer: std::thread::JoinHandle<Result<u64, bcp::store::StoreError>>,
+}
+
+fn create_command(n: u128) -> Pending {
+    let body = json!({"command_id": Uuid::from_u128(n), "job_id": job(n), "deployment": {"kind": "replica_set", "name": "rs"}});
+    Pending::new(decode("p1", "create", body.to_string().as_bytes(), None).unwrap())
+}
+
+impl FaultyWriter {
+    fn start(path: &Path) -> FaultyWriter {
+        let (store, faults) = faulty_store(path);
+        let ledger = Ledger::open(store).unwrap();
+        let (queue, intake) = tokio::sync::mpsc::channel(8);
+        let (replies_tx, replies) = tokio::sync::mpsc::channel(8);
+        let (head, _) = tokio::sync::watch::channel(0);
+        let fatal = tokio_util::sync::CancellationToken::new();
+        let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer =
+            bcp::service::writer::spawn(ledger, intake, replies_tx, head, published, fatal.clone());
+        FaultyWriter {
+            faults,
+            queue,
+            replies,
+            fatal,
+            writer,
+        }
+    }
+
+    fn request(n: u128) -> bcp::service::writer::WriteRequest {
+        bcp::service::writer::WriteRequest {
+            pending: create_command(n),
+            reply_to: bcp::service::intake::ReplyTo::Nobody,
+            queued: std::time::Instant::now(),
+        }
+    }
+
+    /// Send command n and return its answer.
+    fn answer(&mut self, n: u128) -> bcp::domain::Reply {
+        self.queue.blocking_send(Self::request(n)).unwrap();
+        self.replies.blocking_recv().unwrap().remove(0).reply
+    }
+
+    /// The message of an `unavailable` answer.
+    fn unavailable(&mut self, n: u128) -> String {
+        let reply = self.answer(n);
+        let error = reply.error.expect("an error reply");
+        assert_eq!(serde_json::to_value(error.code).unwrap(), "unavailable");
+        error.message
+    }
+
+    /// After a fatal error: the server was told to drain and exit, the
+    /// intake is closed (anything after it is answered `unavailable` at once,
+    /// "bcp is shutting down"), and the writer thread ended with an error.
+    fn stopped(self) -> bcp::store::StoreError {
+        assert!(
+            self.fatal.is_cancelled(),
+            "the server is told to drain and exit"
+        );
+        assert!(self.queue.blocking_send(Self::request(3)).is_err());
+        self.writer
+            .join()
+            .expect("the writer thread does not panic")
+            .expect_err("the writer stopped with an error")
+    }
+}
+
 /// If the commit thread dies mid-batch (a panic: a bug), the writer does
 /// not die with it: the batch is answered `unavailable`, saying that a
 /// retry after the restart gets the outcome, and the writer stops with an
 /// error that makes the server drain and exit.
 #[test]
 fn a_commit_thread_that_panics_gets_its_batch_answered_and_stops_the_writer() {
-    use bcp::service::intake::ReplyTo;
-    use bcp::service::writer::{WriteRequest, spawn};
-    use bcp::store::StoreError;
     let dir = tempfile::tempdir().unwrap();
-    let (store, faults) = faulty_store(&dir.path().join("bcp.redb"));
-    let ledger = Ledger::open(store).unwrap();
-    let (queue, intake) = tokio::sync::mpsc::channel(8);
-    let (replies_tx, mut replies) = tokio::sync::mpsc::channel(8);
-    let (head, _) = tokio::sync::watch::channel(0);
-    let fatal = tokio_util::sync::CancellationToken::new();
-    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let writer = spawn(ledger, intake, replies_tx, head, published, fatal.clone());
-    let request = |n: u128| {
-        let body = json!({"command_id": Uuid::from_u128(n), "job_id": job(n), "deployment": {"kind": "replica_set", "name": "rs"}});
-        WriteRequest {
-            pending: Pending::new(
-                decode("p1", "create", body.to_string().as_bytes(), None).unwrap(),
-            ),
-            reply_to: ReplyTo::Nobody,
-            queued: std::time::Instant::now(),
-        }
-    };
+    let mut w = FaultyWriter::start(&dir.path().join("bcp.redb"));
     // A first batch commits; the next one's commit panics.
-    queue.blocking_send(request(1)).unwrap();
-    assert!(replies.blocking_recv().unwrap()[0].reply.ok);
-    faults
+    assert!(w.answer(1).ok);
+    w.faults
         .panic_once
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    queue.blocking_send(request(2)).unwrap();
-    let answered = replies.blocking_recv().unwrap();
-    let error = answered[0].reply.error.as_ref().expect("an error reply");
-    assert_eq!(serde_json::to_value(error.code).unwrap(), "unavailable");
+    let message = w.unavailable(2);
+    assert!(message.contains("after the restart"), "{message}");
+    let stopped = w.stopped();
     assert!(
-        error.message.contains("after the restart"),
-        "{}",
-        error.message
-    );
-    assert!(fatal.is_cancelled(), "the server is told to drain and exit");
-    // The queue is closed: the intake answers anything after it
-    // `unavailable` at once ("bcp is shutting down").
-    assert!(queue.blocking_send(request(3)).is_err());
-    let stopped = writer.join().expect("the writer thread does not panic");
-    assert!(
-        matches!(stopped, Err(StoreError::CommitThreadStopped)),
+        matches!(stopped, bcp::store::StoreError::CommitThreadStopped),
         "{stopped:?}"
     );
 }
@@ -1565,50 +1606,22 @@ fn a_commit_thread_that_panics_gets_its_batch_answered_and_stops_the_writer() {
 /// the restart the retry gets the batch's outcome, applied once.
 #[test]
 fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_applies_once() {
-    use bcp::service::intake::ReplyTo;
-    use bcp::service::writer::{WriteRequest, spawn};
-    use bcp::store::StoreError;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
-    let (store, faults) = faulty_store(&path);
-    let ledger = Ledger::open(store).unwrap();
-    let (queue, intake) = tokio::sync::mpsc::channel(8);
-    let (replies_tx, mut replies) = tokio::sync::mpsc::channel(8);
-    let (head, _) = tokio::sync::watch::channel(0);
-    let fatal = tokio_util::sync::CancellationToken::new();
-    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let writer = spawn(ledger, intake, replies_tx, head, published, fatal.clone());
-    let create = |n: u128| {
-        let body = json!({"command_id": Uuid::from_u128(n), "job_id": job(n), "deployment": {"kind": "replica_set", "name": "rs"}});
-        Pending::new(decode("p1", "create", body.to_string().as_bytes(), None).unwrap())
-    };
-    let request = |n: u128| WriteRequest {
-        pending: create(n),
-        reply_to: ReplyTo::Nobody,
-        queued: std::time::Instant::now(),
-    };
-    queue.blocking_send(request(1)).unwrap();
-    assert!(replies.blocking_recv().unwrap()[0].reply.ok);
-    faults
+    let mut w = FaultyWriter::start(&path);
+    assert!(w.answer(1).ok);
+    w.faults
         .fail_sync
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    queue.blocking_send(request(2)).unwrap();
-    let answered = replies.blocking_recv().unwrap();
-    let error = answered[0].reply.error.as_ref().expect("an error reply");
-    assert_eq!(serde_json::to_value(error.code).unwrap(), "unavailable");
+    let message = w.unavailable(2);
     assert!(
-        error
-            .message
-            .contains("retry with the same command_id after the restart")
-            && !error.message.contains("nothing recorded"),
-        "{}",
-        error.message
+        message.contains("retry with the same command_id after the restart")
+            && !message.contains("nothing recorded"),
+        "{message}"
     );
-    assert!(fatal.is_cancelled(), "the server is told to drain and exit");
-    assert!(queue.blocking_send(request(3)).is_err(), "intake closed");
-    let stopped = writer.join().expect("the writer thread does not panic");
+    let stopped = w.stopped();
     assert!(
-        matches!(stopped, Err(StoreError::CommitFailed(_))),
+        matches!(stopped, bcp::store::StoreError::CommitFailed(_)),
         "{stopped:?}"
     );
 
@@ -1619,7 +1632,9 @@ fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_a
     assert_eq!(store.head_seq().unwrap(), 2);
     let mut ledger = Ledger::open(store).unwrap();
     let mut ids = Uuid::now_v7;
-    let retried = ledger.execute(&[create(2)], t0(), &mut ids, None).unwrap();
+    let retried = ledger
+        .execute(&[create_command(2)], t0(), &mut ids, None)
+        .unwrap();
     assert!(retried[0].ok && retried[0].duplicate, "{retried:?}");
     assert_eq!(retried[0].events[0].seq, 2);
     assert_eq!(ledger.head_seq(), 2, "nothing appended twice");
