@@ -32,7 +32,8 @@ struct Rejection {
     current_version: Option<u64>,
 }
 
-/// The log, as far as the idempotency records are concerned.
+/// The log, as far as the idempotency records and the event index are
+/// concerned.
 pub struct CommandLog {
     events: Vec<Logged>,
     rejections: HashMap<u64, Rejection>,
@@ -71,6 +72,18 @@ impl CommandLog {
                 },
             );
         }
+    }
+
+    /// Per job, the seqs of its events, sorted: what the stored event index
+    /// must hold.
+    pub fn job_index(&self) -> Vec<(u128, u64)> {
+        let mut index: Vec<(u128, u64)> = self
+            .events
+            .iter()
+            .filter_map(|e| Some((e.job?, e.seq)))
+            .collect();
+        index.sort_unstable();
+        index
     }
 
     /// Compare with the stored records, split into `parts` key ranges

@@ -129,11 +129,10 @@ pub fn verify(
     let mut world = World::default();
     let mut prev_hash = GENESIS_HASH.to_owned();
     let mut seq = 0u64;
-    // Per job, the seqs of its events: what the stored event index must hold.
-    // Sized once: growing vectors of a million entries costs copies and
-    // page faults on the fold's thread.
+    // What the index and record checks need of each event. Sized once:
+    // growing a vector of a million entries costs copies and page faults on
+    // the fold's thread.
     let events = usize::try_from(store.event_count()?).unwrap_or(0);
-    let mut index: Vec<(u128, u64)> = Vec::with_capacity(events);
     let mut commands = CommandLog::with_capacity(events);
     scan(
         store,
@@ -149,9 +148,6 @@ pub fn verify(
             }
             let env = check_parsed(seq, parsed, &prev_hash, &world)?;
             world.evolve(env);
-            if let Some(job) = env.job_id {
-                index.push((job.as_u128(), seq));
-            }
             commands.add(env);
             if digest.is_some_and(|d| d.seq == seq) {
                 digest_hash = Some(env.hash.clone());
@@ -170,7 +166,7 @@ pub fn verify(
     if let Some(d) = digest {
         check_digest(d, seq, |_| digest_hash.clone())?;
     }
-    index.sort_unstable();
+    let index = commands.job_index();
     // Independent of each other: both at once, each on every core.
     let (rows, records) = std::thread::scope(|s| {
         let records = s.spawn(|| commands.check(store, scan::workers()));
