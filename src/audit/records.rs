@@ -93,33 +93,13 @@ impl CommandLog {
         // By command, then seq: the order of the table's keys.
         self.events.sort_unstable_by_key(|e| (e.command, e.seq));
         let txn = store.begin_read()?;
-        let per_part = self.events.len().div_ceil(parts.max(1)).max(1);
-        // Part i: command ids from its first logged event's (0 for the
-        // first part) to just before the next part's: together all keys.
-        let mut starts: Vec<u128> = self.events.chunks(per_part).map(|c| c[0].command).collect();
-        starts.dedup();
-        if starts.is_empty() {
-            starts.push(0);
-        }
-        starts[0] = 0;
-        let (this, txn) = (&self, &txn);
-        std::thread::scope(|s| {
-            let checks: Vec<_> = starts
-                .iter()
-                .enumerate()
-                .map(|(i, &lo)| {
-                    let hi = starts.get(i + 1).map_or(u128::MAX, |next| next - 1);
-                    let from = this.events.partition_point(|e| e.command < lo);
-                    let to = this.events.partition_point(|e| e.command <= hi);
-                    s.spawn(move || this.check_range(txn, lo..=hi, &this.events[from..to]))
-                })
-                .collect();
-            checks
-                .into_iter()
-                .map(|c| c.join().expect("record check thread panicked"))
-                .collect::<Result<Vec<()>, VerifyError>>()
-                .map(|_| ())
-        })
+        let checks = super::scan::by_key_ranges(
+            &self.events,
+            |e| e.command,
+            parts,
+            |events, keys| self.check_range(&txn, keys, events),
+        );
+        checks.into_iter().collect()
     }
 
     /// [`CommandLog::check`] of the records with keys in `keys`, whose

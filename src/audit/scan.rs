@@ -172,6 +172,43 @@ pub fn scan<T: Send, E: From<StoreError>>(
     })
 }
 
+/// `check(items, keys)` on a thread of its own for each of up to `parts`
+/// key ranges that together cover every u128 key: the ranges split `sorted`
+/// (in key order by `key`) into about equal parts, the first from 0 and the
+/// last to the end, and each gets the items whose keys it holds. Results in
+/// key order, so the first error found is the one at the lowest key.
+pub fn by_key_ranges<I: Sync, T: Send>(
+    sorted: &[I],
+    key: impl Fn(&I) -> u128 + Sync,
+    parts: usize,
+    check: impl Fn(&[I], std::ops::RangeInclusive<u128>) -> T + Sync,
+) -> Vec<T> {
+    let per_part = sorted.len().div_ceil(parts.max(1)).max(1);
+    let mut starts: Vec<u128> = sorted.chunks(per_part).map(|c| key(&c[0])).collect();
+    starts.dedup();
+    match starts.first_mut() {
+        Some(first) => *first = 0,
+        None => starts.push(0), // still: no stored key may be left over
+    }
+    let (key, check) = (&key, &check);
+    std::thread::scope(|s| {
+        let checks: Vec<_> = starts
+            .iter()
+            .enumerate()
+            .map(|(i, &lo)| {
+                let hi = starts.get(i + 1).map_or(u128::MAX, |next| next - 1);
+                let from = sorted.partition_point(|x| key(x) < lo);
+                let to = sorted.partition_point(|x| key(x) <= hi);
+                s.spawn(move || check(&sorted[from..to], lo..=hi))
+            })
+            .collect();
+        checks
+            .into_iter()
+            .map(|c| c.join().expect("key range check panicked"))
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

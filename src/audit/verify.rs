@@ -216,40 +216,21 @@ fn projections_differ(
     ids.dedup();
     // Serializing the expected rows is most of the work: the ids are split
     // into `parts` key ranges (one per core), each compared on its own thread.
-    let per_part = ids.len().div_ceil(parts.max(1)).max(1);
-    let mut parts: Vec<&[u128]> = ids.chunks(per_part).collect();
-    if parts.is_empty() {
-        parts.push(&[]); // still: no stored rows may be left over
-    }
-    // Part i holds every key from its first id to the next part's first id,
-    // the first part from 0 and the last to the end: together all keys.
-    let starts: Vec<u128> = parts
-        .iter()
-        .enumerate()
-        .map(|(i, part)| if i == 0 { 0 } else { part[0] })
-        .collect();
-    let txn = &txn;
-    let differences = std::thread::scope(|s| {
-        let checks: Vec<_> = parts
-            .iter()
-            .enumerate()
-            .map(|(i, part)| {
-                let last = starts
-                    .get(i + 1)
-                    .map_or((u128::MAX, u8::MAX, u128::MAX), |next| {
-                        (next - 1, u8::MAX, u128::MAX)
-                    });
-                let keys = (starts[i], 0, 0)..=last;
-                let lo = index.partition_point(|(job, _)| *job < starts[i]);
-                let hi = index.partition_point(|(job, _)| *job <= last.0);
-                s.spawn(move || job_rows_differ(txn, world, part, &index[lo..hi], keys))
-            })
-            .collect();
-        checks
-            .into_iter()
-            .map(|c| c.join().expect("projection check thread panicked"))
-            .collect::<Result<Vec<Option<String>>, StoreError>>()
-    })?;
+    let differences = scan::by_key_ranges(
+        &ids,
+        |id| *id,
+        parts,
+        |jobs, range| {
+            let (lo, hi) = (*range.start(), *range.end());
+            let from = index.partition_point(|(job, _)| *job < lo);
+            let to = index.partition_point(|(job, _)| *job <= hi);
+            let keys = (lo, 0, 0)..=(hi, u8::MAX, u128::MAX);
+            job_rows_differ(&txn, world, jobs, &index[from..to], keys)
+        },
+    );
+    let differences = differences
+        .into_iter()
+        .collect::<Result<Vec<Option<String>>, StoreError>>()?;
     if let Some(d) = differences.into_iter().flatten().next() {
         return Ok(Some(d));
     }
