@@ -1,4 +1,5 @@
-//! Reading the whole log on every core, folding it in order.
+//! Reading the whole log on every core, folding it in order; and checking
+//! a sorted key space on every core, in key ranges ([`by_key_ranges`]).
 //!
 //! What replay and verify do per event splits in two: a pure part that needs
 //! only the event's bytes (parsing; for verify, also the canonical-bytes and
