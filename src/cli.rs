@@ -4,6 +4,7 @@
 mod audit;
 
 use anyhow::{Context, Result, bail};
+use futures::StreamExt;
 use bcp::domain::{Job, JobState, Reply, Verb};
 use bcp::projection::history::HistoryEntry;
 use bcp::store::{CACHE_BYTES, Store};
@@ -158,6 +159,17 @@ pub enum Cmd {
         /// Queries answered at once; beyond it a query is answered `unavailable` at once.
         #[arg(long, env = "BCP_QUERIES_IN_FLIGHT", default_value_t = bcp::domain::limits::QUERIES_IN_FLIGHT_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..=4096))]
         queries_in_flight: u64,
+        /// Replicas of the stream and of the writer-lease bucket when bcp creates them
+        /// (3 on a 3-node JetStream cluster).
+        #[arg(long, env = "BCP_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+        stream_replicas: u64,
+        /// Seconds between checks that the stream is still this log, with the settings it needs.
+        #[arg(long, env = "BCP_STREAM_CHECK_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        stream_check_interval: u64,
+        /// Seconds the writer lease lives without renewal: how long another store waits
+        /// for this one after it died.
+        #[arg(long, env = "BCP_LEASE_TTL", default_value_t = bcp::service::lease::TTL_DEFAULT.as_secs(), value_parser = clap::value_parser!(u64).range(3..))]
+        lease_ttl: u64,
     },
     /// Send one command and print the reply. Exit 0 accepted, 1 rejected, 2 usage, 3 unavailable.
     #[command(
@@ -186,6 +198,18 @@ pub enum Cmd {
         job: Uuid,
         #[command(flatten)]
         source: Source,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Every running bcp process: role, head, published seq, and any alarm.
+    /// Exit 0 all take commands, 1 an alarm is raised, 3 none answered.
+    #[command(after_help = "Example:\n  bcp status --nats nats://127.0.0.1:4222")]
+    Status {
+        #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// Milliseconds to collect replies (one per process).
+        #[arg(long, default_value_t = 1000)]
+        wait: u64,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -298,14 +322,27 @@ pub fn run(cli: Cli) -> Result<u8> {
             trust_request_info,
             sweep_interval,
             queries_in_flight,
-        } => serve(
+            stream_replicas,
+            stream_check_interval,
+            lease_ttl,
+        } => serve(bcp::service::ServeConfig {
             db,
-            nats,
+            nats_url: nats,
             stream,
+            drain_timeout: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(sweep_interval),
+            auth: AUTH.get().cloned().unwrap_or_default(),
             trust_request_info,
-            Duration::from_secs(sweep_interval),
-            queries_in_flight as usize,
-        ),
+            queries_in_flight: queries_in_flight as usize,
+            stream_replicas: stream_replicas as usize,
+            stream_check_interval: Duration::from_secs(stream_check_interval),
+            lease_ttl: Duration::from_secs(lease_ttl),
+        }),
+        Cmd::Status {
+            nats,
+            wait,
+            format,
+        } => status(&nats, Duration::from_millis(wait), format),
         Cmd::Snapshots {
             job,
             source,
@@ -405,33 +442,85 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn serve(
-    db: PathBuf,
-    nats: String,
-    stream: String,
-    trust_request_info: bool,
-    sweep_interval: Duration,
-    queries_in_flight: usize,
-) -> Result<u8> {
-    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+fn serve(config: bcp::service::ServeConfig) -> Result<u8> {
+    if let Some(dir) = config.db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let stop = bcp::service::shutdown::on_signal();
-        let config = bcp::service::ServeConfig {
-            db,
-            nats_url: nats,
-            stream,
-            drain_timeout: Duration::from_secs(10),
-            sweep_interval,
-            auth: AUTH.get().cloned().unwrap_or_default(),
-            trust_request_info,
-            queries_in_flight,
-        };
         bcp::service::serve(config, stop).await
     })?;
     Ok(EXIT_OK)
+}
+
+/// Every bcp process's status: one request on `bcp.status`, every reply
+/// that comes within `wait`. Exit 0 when all take commands, 1 when any
+/// reports an alarm, 3 when none answered.
+fn status(url: &str, wait: Duration, format: Format) -> Result<u8> {
+    let replies: Vec<Value> = block_on(async {
+        let client = connect(url).await?;
+        let inbox = client.new_inbox();
+        let mut sub = client.subscribe(inbox.clone()).await?;
+        client
+            .publish_with_reply(bcp::service::api::STATUS_SUBJECT, inbox, "{}".into())
+            .await?;
+        client.flush().await?;
+        let mut replies = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
+            replies.push(serde_json::from_slice(&msg.payload).context("status reply")?);
+        }
+        Ok(replies)
+    })?;
+    if replies.is_empty() {
+        return Err(Unavailable(format!(
+            "no bcp process answered on {} within {wait:?} (is bcp serve running?)",
+            bcp::service::api::STATUS_SUBJECT
+        ))
+        .into());
+    }
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&replies)?),
+        Format::Table => print!("{}", status_table(&replies)),
+    }
+    let alarmed = replies
+        .iter()
+        .any(|r| r["alarms"].as_array().is_some_and(|a| !a.is_empty()));
+    Ok(if alarmed { EXIT_REJECTED } else { EXIT_OK })
+}
+
+pub fn status_table(replies: &[Value]) -> String {
+    let mut out = String::new();
+    for r in replies {
+        let field = |k: &str| match &r[k] {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".to_owned(),
+            v => v.to_string(),
+        };
+        out += &format!(
+            "{} {} pid {}  db {}  stream {}  head {}  published {}  lag {}  taking commands: {}\n  log id {}\n",
+            field("role"),
+            field("node"),
+            field("pid"),
+            field("db"),
+            field("stream"),
+            field("head_seq"),
+            field("published_seq"),
+            field("relay_lag"),
+            if r["taking_commands"] == json!(true) { "yes" } else { "NO" },
+            field("log_id"),
+        );
+        for a in r["alarms"].as_array().into_iter().flatten() {
+            out += &format!(
+                "  ALARM {} since {}: {}\n",
+                a["kind"].as_str().unwrap_or("?"),
+                a["since"].as_str().unwrap_or("?"),
+                a["message"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    out
 }
 
 /// Build a command body from the flags.

@@ -8,9 +8,15 @@
 //! NATS micro counts an "error" when a service fails to handle a request.
 //! A rejected command was handled (its reply is the rejection), so
 //! rejections are reported per endpoint in the stats' `data`
-//! (`rejections` by code), next to the relay's lag.
+//! (`rejections` by code), next to the relay's lag and the raised alarms.
+//!
+//! `bcp.status` is a plain subscription, not an endpoint: every bcp process
+//! answers it, so one request collects every process's role and head.
 
+use super::guard::{Alarm, Alarms};
+use super::lease::Holder;
 use crate::domain::Verb;
+use crate::store::Store;
 use async_nats::service::{self, Service, ServiceExt};
 use futures::stream::{SelectAll, StreamExt};
 use serde_json::json;
@@ -21,6 +27,8 @@ use tokio::sync::watch;
 
 pub const SERVICE_NAME: &str = "bcp";
 pub const QUERIES: [&str; 4] = ["job", "jobs", "snapshots", "history"];
+/// Every bcp process answers requests here with its [`Status`].
+pub const STATUS_SUBJECT: &str = "bcp.status";
 
 /// What an endpoint serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,14 +52,20 @@ pub struct Metrics {
     rejections: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
     head: watch::Receiver<u64>,
     published: Arc<AtomicU64>,
+    alarms: Arc<Alarms>,
 }
 
 impl Metrics {
-    pub fn new(head: watch::Receiver<u64>, published: Arc<AtomicU64>) -> Arc<Metrics> {
+    pub fn new(
+        head: watch::Receiver<u64>,
+        published: Arc<AtomicU64>,
+        alarms: Arc<Alarms>,
+    ) -> Arc<Metrics> {
         Arc::new(Metrics {
             rejections: Mutex::default(),
             head,
             published,
+            alarms,
         })
     }
 
@@ -91,7 +105,11 @@ pub async fn start(
                 .get(&endpoint)
                 .cloned()
                 .unwrap_or_default();
-            json!({"rejections": rejections, "relay_lag": stats_metrics.relay_lag()})
+            json!({
+                "rejections": rejections,
+                "relay_lag": stats_metrics.relay_lag(),
+                "alarms": stats_metrics.alarms.list(),
+            })
         })
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
@@ -115,4 +133,95 @@ pub async fn start(
         requests.push(endpoint.map(move |r| (kind, r)).boxed());
     }
     Ok((service, requests))
+}
+
+/// One process's answer on [`STATUS_SUBJECT`].
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Status {
+    pub ok: bool,
+    /// `single` (no group), `leader` or `follower`.
+    pub role: &'static str,
+    pub group: Option<String>,
+    pub node: Option<String>,
+    pub version: &'static str,
+    pub pid: u32,
+    pub db: String,
+    pub stream: String,
+    /// The log's identity: the hash of its first event (null while empty).
+    pub log_id: Option<String>,
+    /// Seq of the last committed event.
+    pub head_seq: u64,
+    /// Seq of the last event JetStream acknowledged.
+    pub published_seq: u64,
+    pub relay_lag: u64,
+    /// The store that holds the stream's writer lease (this process).
+    pub writer: String,
+    /// Whether commands are taken now (no alarm raised).
+    pub taking_commands: bool,
+    pub alarms: Vec<Alarm>,
+}
+
+/// What [`answer_status`] reads.
+pub struct StatusSource {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub db: String,
+    pub stream: String,
+    pub writer: Holder,
+}
+
+impl StatusSource {
+    fn status(&self) -> Status {
+        let log_id = self
+            .store
+            .raw_events(1, 1)
+            .ok()
+            .and_then(|e| e.into_iter().next())
+            .and_then(|(_, bytes)| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|v| v["hash"].as_str().map(str::to_owned));
+        let alarms = self.metrics.alarms.list();
+        Status {
+            ok: true,
+            role: "single",
+            group: None,
+            node: None,
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            db: self.db.clone(),
+            stream: self.stream.clone(),
+            log_id,
+            head_seq: *self.metrics.head.borrow(),
+            published_seq: self.metrics.published.load(Ordering::SeqCst),
+            relay_lag: self.metrics.relay_lag(),
+            writer: self.writer.store.clone(),
+            taking_commands: alarms.is_empty(),
+            alarms,
+        }
+    }
+}
+
+/// Answer every request on [`STATUS_SUBJECT`] until `stop`.
+pub async fn answer_status(
+    client: async_nats::Client,
+    source: StatusSource,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut sub = match client.subscribe(STATUS_SUBJECT).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "{STATUS_SUBJECT} not answered");
+            return;
+        }
+    };
+    let source = Arc::new(source);
+    while let Some(Some(msg)) = stop.run_until_cancelled(sub.next()).await {
+        let Some(reply) = msg.reply else { continue };
+        let s = source.clone();
+        let status = tokio::task::spawn_blocking(move || s.status()).await;
+        let Ok(status) = status else { continue };
+        let bytes = serde_json::to_vec(&status).expect("status serializes");
+        if let Err(e) = client.publish(reply, bytes.into()).await {
+            tracing::debug!(error = %e, "status reply not sent");
+        }
+    }
 }

@@ -84,6 +84,8 @@ pub struct Options {
     pub trust_request_info: bool,
     /// Queries answered at once; more are answered `unavailable`.
     pub queries_in_flight: usize,
+    /// While any is raised, commands are answered `unavailable`.
+    pub alarms: Arc<super::guard::Alarms>,
 }
 
 /// Take requests until `stop`; dropping `queue` on return lets the writer
@@ -115,7 +117,7 @@ pub async fn run(
         // end it: the producer retries what was not answered.
         let handled = tokio::select! {
             r = requests.next() => match r {
-                Some((Kind::Command(verb), request)) => stop.run_until_cancelled(command(&client, verb, request, &queue, &metrics, options.trust_request_info)).await,
+                Some((Kind::Command(verb), request)) => stop.run_until_cancelled(command(&client, verb, request, &queue, &metrics, &options)).await,
                 Some((Kind::Query(kind), request)) => stop.run_until_cancelled(query(&client, kind, request, store.clone(), &queries)).await,
                 None => None,
             },
@@ -138,7 +140,7 @@ async fn command(
     request: Request,
     queue: &mpsc::Sender<WriteRequest>,
     metrics: &Metrics,
-    trust_request_info: bool,
+    options: &Options,
 ) {
     let msg = &request.message;
     let project = msg.subject.split('.').nth(2).unwrap_or("");
@@ -147,7 +149,8 @@ async fn command(
         .as_ref()
         .and_then(|h| h.get(ACTOR_HEADER))
         .map(|v| v.as_str());
-    let identity = trust_request_info
+    let identity = options
+        .trust_request_info
         .then(|| {
             msg.headers
                 .as_ref()?
@@ -166,6 +169,13 @@ async fn command(
             return;
         }
     };
+    if let Some(why) = options.alarms.refusal() {
+        metrics.rejected(verb.as_str(), "unavailable");
+        ReplyTo::of_request(request)
+            .send(client, &Reply::error(ErrorCode::Unavailable, why))
+            .await;
+        return;
+    }
     let write = WriteRequest {
         pending: Pending::new(cmd),
         reply_to: ReplyTo::of_request(request),

@@ -3,16 +3,19 @@
 //! with `Nats-Msg-Id = event_id` and `Nats-Expected-Last-Sequence = seq - 1`,
 //! so the stream sequence of every event equals its bcp seq.
 //!
-//! On every (re)connection it reconciles with the stream's last sequence:
-//! that, not a local guess, says where to resume, so a crash between publish
-//! and cursor save, a NATS outage or a lost NATS store delays publishing but
-//! never loses or duplicates an event.
+//! On every (re)connection it checks the stream against the log
+//! ([`super::guard::inspect`]) and resumes after the stream's last sequence,
+//! so a crash, a NATS outage or a lost NATS store delays publishing but never
+//! loses or duplicates an event. While any alarm is raised (the stream is not
+//! this log, its settings drifted, another process holds the writer lease)
+//! it publishes nothing, and checks again until the cause is gone.
 
+use super::guard::{self, Alarms, Inspection, Verdict};
 use crate::domain::envelope::Routing;
 use crate::domain::limits::{RELAY_CHUNK_MAX, RELAY_WINDOW_MAX};
 use crate::store::Store;
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage, stream};
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,35 +35,50 @@ pub fn context(client: async_nats::Client) -> jetstream::Context {
         .build(client)
 }
 
-/// The stream's configuration: file storage, every `bcp.evt.>` subject, and
-/// no deletes or purges through NATS: the published audit trail is append-only.
-pub fn stream_config(name: &str) -> stream::Config {
-    stream::Config {
-        name: name.to_owned(),
-        subjects: vec!["bcp.evt.>".to_owned()],
-        storage: stream::StorageType::File,
-        deny_delete: true,
-        deny_purge: true,
-        ..Default::default()
+/// Where the relay publishes: the stream, its replicas, and the alarms that
+/// stop it.
+pub struct Target {
+    pub js: jetstream::Context,
+    pub stream: String,
+    pub replicas: usize,
+    pub alarms: Arc<Alarms>,
+}
+
+/// Why publishing stopped.
+enum Interrupted {
+    /// NATS failed (an outage, a timeout): reconcile and resume.
+    Nats(String),
+    /// An alarm is raised: publish nothing until it clears.
+    Halted,
+}
+
+impl From<String> for Interrupted {
+    fn from(e: String) -> Self {
+        Interrupted::Nats(e)
     }
 }
 
 /// Publish until `drain` is cancelled and everything committed is published.
 pub async fn run(
     store: Store,
-    js: jetstream::Context,
-    stream_name: String,
+    target: Target,
     mut head: watch::Receiver<u64>,
     published: Arc<AtomicU64>,
     drain: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match publish_until_drained(&store, &js, &stream_name, &mut head, &published, &drain).await
-        {
+        match publish_until_drained(&store, &target, &mut head, &published, &drain).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, published_seq = published.load(Ordering::SeqCst), "relay interrupted; reconciling with the stream");
+                match e {
+                    Interrupted::Nats(e) => {
+                        tracing::warn!(error = %e, published_seq = published.load(Ordering::SeqCst), "relay interrupted; reconciling with the stream")
+                    }
+                    // The alarm says why, rate-limited.
+                    Interrupted::Halted if drain.is_cancelled() => return,
+                    Interrupted::Halted => {}
+                }
                 if drain.is_cancelled() && head_reached(&head, &published) {
                     return;
                 }
@@ -80,38 +98,42 @@ fn head_reached(head: &watch::Receiver<u64>, published: &AtomicU64) -> bool {
 
 async fn publish_until_drained(
     store: &Store,
-    js: &jetstream::Context,
-    stream_name: &str,
+    target: &Target,
     head: &mut watch::Receiver<u64>,
     published: &AtomicU64,
     drain: &CancellationToken,
-) -> Result<(), String> {
-    let mut stream = js
-        .get_or_create_stream(stream_config(stream_name))
+) -> Result<(), Interrupted> {
+    let Target {
+        js,
+        stream: stream_name,
+        replicas,
+        alarms,
+    } = target;
+    js.get_or_create_stream(guard::stream_config(stream_name, *replicas))
         .await
         .map_err(|e| format!("stream {stream_name}: {e}"))?;
-    let mut last = stream
-        .info()
-        .await
-        .map_err(|e| format!("stream info: {e}"))?
-        .state
-        .last_sequence;
     let committed = *head.borrow();
-    if last > committed {
-        return Err(format!(
-            "stream {stream_name} holds {last} messages but the log only {committed}: another publisher, or a store from another log"
-        ));
+    let inspection = guard::inspect(store, js, stream_name, committed, alarms).await?;
+    let Inspection::Checked(Verdict::InStep { last }) = inspection else {
+        return Err(Interrupted::Halted);
+    };
+    if alarms.refusal().is_some() {
+        return Err(Interrupted::Halted);
     }
+    let mut last = last;
     published.store(last, Ordering::SeqCst);
     tracing::info!(
         stream_seq = last,
         head_seq = committed,
         nats_server_version = %js.client().server_info().version,
-        "relay connected: publishing from the stream's last sequence"
+        "relay connected: the stream is this log; publishing from its last sequence"
     );
     loop {
         let target = *head.borrow_and_update();
         while last < target {
+            if alarms.refusal().is_some() {
+                return Err(Interrupted::Halted);
+            }
             let to = target.min(last + RELAY_CHUNK_MAX as u64);
             let s = store.clone();
             let from = last + 1;

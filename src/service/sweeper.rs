@@ -31,13 +31,23 @@ pub fn sweep_command(now: chrono::DateTime<chrono::Utc>) -> Pending {
     }
 }
 
-pub async fn run(queue: mpsc::Sender<WriteRequest>, interval: Duration, stop: CancellationToken) {
+/// Queue a sweep every `interval` until `stop`; none while an alarm is
+/// raised (bcp then appends nothing of its own either).
+pub async fn run(
+    queue: mpsc::Sender<WriteRequest>,
+    alarms: std::sync::Arc<super::guard::Alarms>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return,
+        }
+        if alarms.refusal().is_some() {
+            continue;
         }
         let request = WriteRequest {
             pending: sweep_command(now()),

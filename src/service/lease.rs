@@ -1,0 +1,253 @@
+//! The writer's lease: one `bcp serve` writes a stream at a time.
+//!
+//! A key named after the stream in the NATS KV bucket [`BUCKET`] says who
+//! writes it. It is taken with compare-and-set (create when absent, update
+//! at the revision read), renewed every third of its time to live, and
+//! ages out of the bucket (`max_age`) when its holder dies, so another
+//! process can take it then and not before. A holder is a store: a host and
+//! the canonical path of a redb file (redb lets one process open a file, so
+//! a restart on the same store takes its own lease back at once). bcp serve
+//! on another store finds the lease held and refuses to start.
+//!
+//! The lease keeps a second process from taking commands; it is not what
+//! keeps the log whole. That is the relay's `Nats-Expected-Last-Sequence`
+//! and the stream check in [`super::guard`], which hold even if two
+//! processes believed they held the lease.
+
+use super::guard::{AlarmKind, Alarms};
+use async_nats::jetstream::{self, kv};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The KV bucket of writer leases, one key per stream.
+pub const BUCKET: &str = "BCP_WRITERS";
+/// How long a lease lives without renewal (`bcp serve --lease-ttl`).
+pub const TTL_DEFAULT: Duration = Duration::from_secs(10);
+
+/// Who holds a lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// `host:/canonical/path/of/the.redb`: the store that writes the stream.
+    pub store: String,
+    pub pid: u32,
+    /// When this holder took the lease (RFC 3339 UTC).
+    pub since: String,
+}
+
+impl Holder {
+    /// This process, writing the store at `db`.
+    pub fn me(db: &Path) -> Holder {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "localhost".to_owned());
+        let path = db.canonicalize().unwrap_or_else(|_| db.to_owned());
+        Holder {
+            store: format!("{host}:{}", path.display()),
+            pid: std::process::id(),
+            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (pid {}, since {})", self.store, self.pid, self.since)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(
+        "another bcp serve writes the stream {stream}: {holder}. Only one process may write a log: stop that one first (if it died, its lease ends within {ttl:?} of its last renewal)"
+    )]
+    Held {
+        stream: String,
+        holder: String,
+        ttl: Duration,
+    },
+    #[error("writer lease (KV bucket {BUCKET}): {0}")]
+    Nats(String),
+}
+
+/// A lease this process holds.
+pub struct Lease {
+    kv: kv::Store,
+    key: String,
+    me: Holder,
+    revision: u64,
+    ttl: Duration,
+}
+
+/// The bucket, created when missing.
+async fn bucket(js: &jetstream::Context, ttl: Duration, replicas: usize) -> Result<kv::Store, String> {
+    match js.get_key_value(BUCKET).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.to_owned(),
+                description: "bcp: which bcp serve writes each stream".to_owned(),
+                history: 1,
+                max_age: ttl,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+fn holder_of(entry: &kv::Entry) -> Option<Holder> {
+    serde_json::from_slice(&entry.value).ok()
+}
+
+/// Take the lease on `stream` for `me`: at once when free or already ours
+/// (a restart on the same store); when another store holds it, wait at most
+/// one TTL for it to lapse, then [`LeaseError::Held`].
+pub async fn acquire(
+    js: &jetstream::Context,
+    stream: &str,
+    me: Holder,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<Lease, LeaseError> {
+    let kv = bucket(js, ttl, replicas).await.map_err(LeaseError::Nats)?;
+    let bytes: bytes::Bytes = serde_json::to_vec(&me).expect("holder serializes").into();
+    let give_up = tokio::time::Instant::now() + ttl + Duration::from_secs(1);
+    let mut told = false;
+    loop {
+        match kv.create(stream, bytes.clone()).await {
+            Ok(revision) => {
+                return Ok(Lease {
+                    kv,
+                    key: stream.to_owned(),
+                    me,
+                    revision,
+                    ttl,
+                });
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(LeaseError::Nats(e.to_string())),
+        }
+        let entry = kv
+            .entry(stream)
+            .await
+            .map_err(|e| LeaseError::Nats(e.to_string()))?;
+        let Some(entry) = entry else { continue };
+        let holder = holder_of(&entry);
+        if holder.as_ref().is_some_and(|h| h.store == me.store) {
+            match kv.update(stream, bytes.clone(), entry.revision).await {
+                Ok(revision) => {
+                    return Ok(Lease {
+                        kv,
+                        key: stream.to_owned(),
+                        me,
+                        revision,
+                        ttl,
+                    });
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(LeaseError::Nats(e.to_string())),
+            }
+        }
+        let holder = holder.map_or_else(
+            || "an unreadable lease entry".to_owned(),
+            |h| h.describe(),
+        );
+        if tokio::time::Instant::now() >= give_up {
+            return Err(LeaseError::Held {
+                stream: stream.to_owned(),
+                holder,
+                ttl,
+            });
+        }
+        if !told {
+            tracing::warn!(%holder, "the stream's writer lease is held by another store; waiting up to {ttl:?} for it to lapse");
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+impl Lease {
+    pub fn holder(&self) -> &Holder {
+        &self.me
+    }
+
+    /// Renew; `Err` says why not. A lapsed lease (a NATS outage longer than
+    /// the TTL) is taken again when nobody else took it.
+    async fn renew(&mut self) -> Result<(), Renewal> {
+        let bytes: bytes::Bytes = serde_json::to_vec(&self.me).expect("holder").into();
+        match self.kv.update(&self.key, bytes.clone(), self.revision).await {
+            Ok(revision) => {
+                self.revision = revision;
+                return Ok(());
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+            Err(e) => return Err(Renewal::Unreachable(e.to_string())),
+        }
+        match self.kv.entry(&self.key).await {
+            Ok(Some(entry)) => match holder_of(&entry) {
+                Some(h) if h == self.me => {
+                    self.revision = entry.revision;
+                    Ok(())
+                }
+                other => Err(Renewal::Lost(other.map_or_else(
+                    || "an unreadable lease entry".to_owned(),
+                    |h| h.describe(),
+                ))),
+            },
+            Ok(None) => match self.kv.create(&self.key, bytes).await {
+                Ok(revision) => {
+                    self.revision = revision;
+                    Ok(())
+                }
+                Err(e) => Err(Renewal::Unreachable(e.to_string())),
+            },
+            Err(e) => Err(Renewal::Unreachable(e.to_string())),
+        }
+    }
+
+    /// Give the lease up (a clean stop), so the next process need not wait.
+    pub async fn release(self) {
+        if let Err(e) = self
+            .kv
+            .delete_expect_revision(&self.key, Some(self.revision))
+            .await
+        {
+            tracing::debug!(error = %e, "writer lease not released; it lapses by itself");
+        }
+    }
+}
+
+enum Renewal {
+    Unreachable(String),
+    Lost(String),
+}
+
+/// Renew the lease until `stop`; while another process holds it, the
+/// `Writer` alarm is raised (commands refused). Returns the lease to release.
+pub async fn hold(mut lease: Lease, alarms: Arc<Alarms>, stop: CancellationToken) -> Lease {
+    let mut ticks = tokio::time::interval(lease.ttl / 3);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => return lease,
+        }
+        match lease.renew().await {
+            Ok(()) => alarms.clear(AlarmKind::Writer),
+            Err(Renewal::Lost(holder)) => alarms.raise(
+                AlarmKind::Writer,
+                format!("another bcp serve took the writer lease of this stream: {holder}"),
+            ),
+            Err(Renewal::Unreachable(e)) => {
+                tracing::debug!(error = %e, "writer lease not renewed (NATS unavailable?)")
+            }
+        }
+    }
+}
