@@ -4,11 +4,11 @@
 mod audit;
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
 use bcp::domain::{Job, JobState, Reply, Verb};
 use bcp::projection::history::HistoryEntry;
 use bcp::store::{CACHE_BYTES, Store};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -338,11 +338,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             stream_check_interval: Duration::from_secs(stream_check_interval),
             lease_ttl: Duration::from_secs(lease_ttl),
         }),
-        Cmd::Status {
-            nats,
-            wait,
-            format,
-        } => status(&nats, Duration::from_millis(wait), format),
+        Cmd::Status { nats, wait, format } => status(&nats, Duration::from_millis(wait), format),
         Cmd::Snapshots {
             job,
             source,
@@ -508,7 +504,11 @@ pub fn status_table(replies: &[Value]) -> String {
             field("head_seq"),
             field("published_seq"),
             field("relay_lag"),
-            if r["taking_commands"] == json!(true) { "yes" } else { "NO" },
+            if r["taking_commands"] == json!(true) {
+                "yes"
+            } else {
+                "NO"
+            },
             field("log_id"),
         );
         for a in r["alarms"].as_array().into_iter().flatten() {

@@ -190,7 +190,10 @@ pub fn drift(actual: &stream::Config) -> Vec<String> {
     check(actual.deny_delete, "deny_delete false (want true)".into());
     check(actual.deny_purge, "deny_purge false (want true)".into());
     check(!actual.sealed, "sealed (want not sealed)".into());
-    check(!actual.allow_rollup, "allow_rollup true (want false)".into());
+    check(
+        !actual.allow_rollup,
+        "allow_rollup true (want false)".into(),
+    );
     check(
         !actual.allow_message_ttl,
         "allow_msg_ttl true (want false)".into(),
@@ -246,7 +249,10 @@ fn describe(subject: &str, bytes: &[u8]) -> String {
             l.seq,
             short(&l.hash)
         ),
-        None => format!("a message bcp did not write ({} bytes on {subject})", bytes.len()),
+        None => format!(
+            "a message bcp did not write ({} bytes on {subject})",
+            bytes.len()
+        ),
     }
 }
 
@@ -259,7 +265,9 @@ pub struct Published {
 /// Whether the stream's message at `seq` is the log's event `ours`: the
 /// same bytes on the subject bcp publishes it on. `None` when it is.
 pub fn differs(seq: u64, theirs: &Published, ours: &[u8]) -> Option<String> {
-    let subject = Routing::parse(ours).map(|r| r.subject()).unwrap_or_default();
+    let subject = Routing::parse(ours)
+        .map(|r| r.subject())
+        .unwrap_or_default();
     if theirs.payload == ours && theirs.subject == subject {
         return None;
     }
@@ -353,7 +361,11 @@ pub async fn check(
             .map_err(|e| format!("read stream seq {seq}: {e}"))
     };
     let common = state.last_sequence.min(head);
-    let at = if common > 0 { Some(get(common).await?) } else { None };
+    let at = if common > 0 {
+        Some(get(common).await?)
+    } else {
+        None
+    };
     let next = if state.last_sequence > head {
         Some(get(head + 1).await?)
     } else {
@@ -536,7 +548,11 @@ mod tests {
             at: (common > 0).then(|| &stream[common as usize - 1]),
             next: (last > head).then(|| &stream[head as usize]),
             head,
-            ours_at: if common > 0 { &ours[common as usize - 1] } else { &[] },
+            ours_at: if common > 0 {
+                &ours[common as usize - 1]
+            } else {
+                &[]
+            },
             head_hash,
         })
     }
@@ -548,7 +564,10 @@ mod tests {
         let h = hash_of(&ours[4]);
         assert_eq!(observe(&stream, &ours, 5, &h), Verdict::InStep { last: 3 });
         assert_eq!(observe(&[], &ours, 5, &h), Verdict::InStep { last: 0 });
-        assert_eq!(observe(&[], &[], 0, GENESIS_HASH), Verdict::InStep { last: 0 });
+        assert_eq!(
+            observe(&[], &[], 0, GENESIS_HASH),
+            Verdict::InStep { last: 0 }
+        );
     }
 
     #[test]
@@ -583,14 +602,20 @@ mod tests {
         let Verdict::Fork(what) = observe(&stream, &ours, 3, &h) else {
             panic!("not a fork")
         };
-        assert!(what.contains("seq 3 holds a message bcp did not write"), "{what}");
+        assert!(
+            what.contains("seq 3 holds a message bcp did not write"),
+            "{what}"
+        );
         // Appended after the head: ahead, but not this log's continuation.
         let mut ahead: Vec<_> = ours.iter().map(|b| published(b)).collect();
         ahead.push(stream.pop().unwrap());
         let Verdict::Fork(what) = observe(&ahead, &ours, 3, &h) else {
             panic!("not a fork")
         };
-        assert!(what.contains("seq 4") && what.contains("ahead of the log"), "{what}");
+        assert!(
+            what.contains("seq 4") && what.contains("ahead of the log"),
+            "{what}"
+        );
     }
 
     #[test]

@@ -83,7 +83,11 @@ pub struct Lease {
 }
 
 /// The bucket, created when missing.
-async fn bucket(js: &jetstream::Context, ttl: Duration, replicas: usize) -> Result<kv::Store, String> {
+async fn bucket(
+    js: &jetstream::Context,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<kv::Store, String> {
     match js.get_key_value(BUCKET).await {
         Ok(kv) => Ok(kv),
         Err(_) => js
@@ -154,10 +158,8 @@ pub async fn acquire(
                 Err(e) => return Err(LeaseError::Nats(e.to_string())),
             }
         }
-        let holder = holder.map_or_else(
-            || "an unreadable lease entry".to_owned(),
-            |h| h.describe(),
-        );
+        let holder =
+            holder.map_or_else(|| "an unreadable lease entry".to_owned(), |h| h.describe());
         if tokio::time::Instant::now() >= give_up {
             return Err(LeaseError::Held {
                 stream: stream.to_owned(),
@@ -182,7 +184,11 @@ impl Lease {
     /// the TTL) is taken again when nobody else took it.
     async fn renew(&mut self) -> Result<(), Renewal> {
         let bytes: bytes::Bytes = serde_json::to_vec(&self.me).expect("holder").into();
-        match self.kv.update(&self.key, bytes.clone(), self.revision).await {
+        match self
+            .kv
+            .update(&self.key, bytes.clone(), self.revision)
+            .await
+        {
             Ok(revision) => {
                 self.revision = revision;
                 return Ok(());

@@ -534,6 +534,11 @@ impl Harness {
         ));
     }
 
+    /// Everything `bcp serve` logged so far (every run of it in this test).
+    pub fn bcp_log_text(&self) -> String {
+        std::fs::read_to_string(self.bcp_log()).unwrap_or_default()
+    }
+
     /// Whether a `bcp serve` child is running (started and not stopped).
     pub fn bcp_running(&self) -> bool {
         self.bcp.is_some()

@@ -1,0 +1,449 @@
+//! One log, one writer: the published stream never forks from the store.
+//!
+//! Each way the stream and the store could part is done here for real, on a
+//! real nats-server and real `bcp serve` processes: a stray publish on an
+//! event subject (while bcp idles, racing the relay, while bcp is stopped),
+//! an empty and a stale store started against a populated stream, a second
+//! server on another store, and stream settings changed behind bcp's back.
+//! In every case bcp never skips, overwrites or acks into a forked stream,
+//! and says what is wrong (the reply, `bcp status`, `$SRV.STATS`, one
+//! ERROR line); and the README's way out is followed to the end.
+
+#[allow(dead_code)] // shared with tests/nats.rs; this binary uses part of it
+mod support;
+
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+use support::{Deadline, Harness, STREAM, bcp_cli_text};
+use uuid::Uuid;
+
+fn id() -> Uuid {
+    Uuid::now_v7()
+}
+
+fn create(job: Uuid) -> Value {
+    json!({"command_id": id(), "job_id": job, "deployment": {"kind": "replica_set", "name": "rs0"}})
+}
+
+fn on(job: Uuid) -> Value {
+    json!({"command_id": id(), "job_id": job})
+}
+
+fn seqs(reply: &Value) -> Vec<u64> {
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    reply["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+/// `bcp status --format json` against the harness's NATS: (exit code, the
+/// one process's status).
+async fn status(h: &Harness) -> (Option<i32>, Value) {
+    let url = h.nats.url();
+    let (code, out, err) = bcp_cli_text(&["status", "--nats", &url, "--format", "json"]).await;
+    let all: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    let all = all.as_array().expect("a list").clone();
+    assert_eq!(all.len(), 1, "one bcp process answers: {all:?}");
+    (code, all[0].clone())
+}
+
+/// Poll `bcp status` until it reports an alarm of `kind`; returns its message.
+async fn alarm(h: &Harness, kind: &str) -> String {
+    let deadline = Deadline::new(
+        format!("a {kind} alarm in bcp status"),
+        Duration::from_secs(30),
+    );
+    loop {
+        let (code, s) = status(h).await;
+        if let Some(a) = s["alarms"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["kind"] == json!(kind)))
+        {
+            assert_eq!(code, Some(1), "bcp status exits 1 on an alarm");
+            assert_eq!(s["taking_commands"], json!(false), "{s}");
+            assert_eq!(s["role"], json!("single"));
+            return a["message"].as_str().expect("message").to_owned();
+        }
+        deadline.tick().await;
+    }
+}
+
+/// A command answered `unavailable`; returns its message.
+async fn refused(h: &Harness, verb: &str, body: &Value) -> String {
+    let r = h.cmd("p1", verb, body).await;
+    assert_eq!(r["ok"], json!(false), "{r}");
+    assert_eq!(r["error"]["code"], json!("unavailable"), "{r}");
+    r["error"]["message"].as_str().expect("message").to_owned()
+}
+
+/// Publish `payload` on `subject` into the stream as someone other than
+/// bcp would; returns its stream sequence.
+async fn stray(h: &Harness, subject: String, payload: &'static str) -> u64 {
+    h.js.publish(subject, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored")
+        .sequence
+}
+
+async fn stream_last(h: &Harness) -> u64 {
+    h.stream_info().await.expect("stream").state.last_sequence
+}
+
+/// `bcp serve` on `db`, expected to refuse to start: its exit code and
+/// stderr (bounded: a server that does not exit fails the test).
+async fn serve_refused(db: &Path, nats: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
+        .arg("serve")
+        .arg("--db")
+        .arg(db)
+        .args(["--nats", nats])
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .env_remove("BCP_STREAM")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(40), child)
+        .await
+        .expect("bcp serve to exit by itself")
+        .expect("run bcp serve");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// While bcp idles, someone publishes on an event subject: the stream's
+/// last message is no longer the log's. bcp finds it on its timer, refuses
+/// commands naming the seq, says so once at ERROR, in `bcp status` and in
+/// `$SRV.STATS`, and publishes nothing over it. Once the stream is
+/// replaced (deleted here, as the README says), it republishes its log and
+/// takes commands again by itself.
+#[tokio::test]
+async fn a_stray_publish_while_idle_stops_commands_until_the_stream_is_this_log() {
+    let mut h = Harness::start_with(&["--stream-check-interval", "1"]).await;
+    let job = id();
+    assert_eq!(seqs(&h.cmd("p1", "create", &create(job)).await), [1]);
+    assert_eq!(seqs(&h.cmd("p1", "start", &on(job)).await), [2]);
+    h.caught_up_stream(2).await;
+
+    let forged = stray(
+        &h,
+        format!("bcp.evt.p1.{job}.JobStopped"),
+        r#"{"forged":true}"#,
+    )
+    .await;
+    assert_eq!(forged, 3);
+    let what = alarm(&h, "fork").await;
+    assert!(
+        what.contains("seq 3")
+            && what.contains("a message bcp did not write")
+            && what.contains("ahead of the log"),
+        "{what}"
+    );
+    let stop = on(job);
+    let message = refused(&h, "stop", &stop).await;
+    assert!(
+        message.contains("not taking commands") && message.contains("seq 3"),
+        "{message}"
+    );
+    // Queries still answer, from the store, which the stray did not touch.
+    assert_eq!(h.job(job).await["state"], json!("Active"));
+
+    let stats = h.request("$SRV.STATS.bcp", &json!({})).await;
+    let endpoint = stats["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["name"] == json!("stop"))
+        .expect("the stop endpoint")
+        .clone();
+    assert_eq!(
+        endpoint["data"]["alarms"][0]["kind"],
+        json!("fork"),
+        "{endpoint}"
+    );
+    assert_eq!(
+        endpoint["data"]["rejections"]["unavailable"],
+        json!(1),
+        "{endpoint}"
+    );
+
+    // Checked every second, retried by the relay: logged once all the same.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = h.bcp_log_text();
+    let errors = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("not taking commands"))
+        .count();
+    assert_eq!(errors, 1, "one ERROR for one lasting alarm:\n{log}");
+    assert_eq!(
+        stream_last(&h).await,
+        3,
+        "bcp published nothing over the stray"
+    );
+    let m =
+        h.js.get_stream(STREAM)
+            .await
+            .unwrap()
+            .get_raw_message(3)
+            .await
+            .unwrap();
+    assert_eq!(
+        &m.payload[..],
+        br#"{"forged":true}"#,
+        "and overwrote nothing"
+    );
+
+    h.js.delete_stream(STREAM)
+        .await
+        .expect("delete the forked stream");
+    let r = h.cmd_until_ok("p1", "stop", &stop).await;
+    assert_eq!(seqs(&r), [3]);
+    h.caught_up_stream(3).await;
+    let (code, s) = status(&h).await;
+    assert_eq!(code, Some(0), "{s}");
+    assert_eq!(s["alarms"], json!([]));
+    assert_eq!(s["taking_commands"], json!(true));
+    assert_eq!(s["head_seq"], json!(3));
+    assert_eq!(s["published_seq"], json!(3));
+    assert!(h.bcp_log_text().contains("alarm cleared"));
+    h.stop_and_verify(3).await;
+}
+
+/// A stray message lands where the relay is about to publish: the relay's
+/// publish (Nats-Expected-Last-Sequence) fails, and bcp halts rather than
+/// take the stray for its own event and skip it. The command acknowledged
+/// before is in the log (durable) and reaches a fresh stream once the
+/// forked one is replaced, as the README says: stop, verify, replace,
+/// start.
+#[tokio::test]
+async fn a_stray_publish_that_beats_the_relay_is_never_skipped() {
+    // The timer check is kept out of the way: the relay finds this one.
+    let mut h = Harness::start_with(&["--stream-check-interval", "3600"]).await;
+    let job = id();
+    assert_eq!(seqs(&h.cmd("p1", "create", &create(job)).await), [1]);
+    h.caught_up_stream(1).await;
+
+    assert_eq!(
+        stray(&h, format!("bcp.evt.p1.{job}.JobStarted"), "{}").await,
+        2
+    );
+    let start = on(job);
+    let started = h.cmd("p1", "start", &start).await;
+    assert_eq!(
+        seqs(&started),
+        [2],
+        "committed to the log before the fork is known"
+    );
+    let what = alarm(&h, "fork").await;
+    assert!(
+        what.contains("the stream's seq 2 holds a message bcp did not write")
+            && what.contains("the log's seq 2 is event"),
+        "{what}"
+    );
+    refused(&h, "stop", &on(job)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stream_last(&h).await,
+        2,
+        "the relay skipped nothing and published nothing past the stray"
+    );
+
+    let status = h.stop_bcp().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a halted relay does not hold up the drain"
+    );
+    let db = h.db();
+    let (code, out, err) = bcp_cli_text(&["audit", "verify", "--db", db.to_str().unwrap()]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    h.js.delete_stream(STREAM)
+        .await
+        .expect("delete the forked stream");
+    h.start_bcp().await;
+    let events = h.caught_up_stream(2).await;
+    assert_eq!(events[1]["type"], json!("JobStarted"));
+    assert_eq!(events[1]["command_id"], start["command_id"]);
+    let mut retried = h.cmd("p1", "start", &start).await;
+    assert_eq!(retried["duplicate"], json!(true));
+    retried["duplicate"] = json!(false);
+    assert_eq!(retried, started);
+    assert_eq!(seqs(&h.cmd("p1", "stop", &on(job)).await), [3]);
+    h.stop_and_verify(3).await;
+}
+
+/// A message published while bcp is stopped: bcp starts (queries and
+/// status answer) but takes no commands, and says where the stream went
+/// past its log.
+#[tokio::test]
+async fn a_stray_publish_while_stopped_is_found_at_start() {
+    let mut h = Harness::start().await;
+    let job = id();
+    h.cmd("p1", "create", &create(job)).await;
+    h.caught_up_stream(1).await;
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    assert_eq!(
+        stray(&h, format!("bcp.evt.p1.{job}.JobStarted"), "{}").await,
+        2
+    );
+
+    h.start_bcp().await;
+    let what = alarm(&h, "fork").await;
+    assert!(
+        what.contains("seq 2") && what.contains("ahead of the log"),
+        "{what}"
+    );
+    let message = refused(&h, "start", &on(job)).await;
+    assert!(message.contains("seq 2"), "{message}");
+    let (_, s) = status(&h).await;
+    assert_eq!(s["head_seq"], json!(1), "nothing appended: {s}");
+    assert_eq!(stream_last(&h).await, 2);
+}
+
+/// An empty store (a lost file, a wrong --db) and a stale copy of the store
+/// are each started against the populated stream: bcp serve exits non-zero
+/// with the fix, and the stream is untouched. The fix, followed: import the
+/// stream into a store and serve it; old command_ids stay duplicates.
+#[tokio::test]
+async fn an_empty_or_stale_store_refuses_to_start() {
+    let mut h = Harness::start().await;
+    let job = id();
+    let created = create(job);
+    h.cmd("p1", "create", &created).await;
+    h.cmd("p1", "start", &on(job)).await;
+    h.caught_up_stream(2).await;
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    let stale = h.path("stale.redb");
+    std::fs::copy(h.db(), &stale).expect("copy the store");
+    h.start_bcp().await;
+    let stop = on(job);
+    assert_eq!(seqs(&h.cmd("p1", "stop", &stop).await), [3]);
+    h.caught_up_stream(3).await;
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+
+    let url = h.nats.url();
+    let (code, err) = serve_refused(&h.path("typo.redb"), &url, &[]).await;
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("holds this log up to seq 3")
+            && err.contains("only up to seq 0")
+            && err.contains("empty"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("bcp import --db NEW.redb --from-nats {url}")),
+        "{err}"
+    );
+    let (code, err) = serve_refused(&stale, &url, &[]).await;
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("only up to seq 2") && err.contains("stale"),
+        "{err}"
+    );
+    assert_eq!(stream_last(&h).await, 3, "the stream is untouched");
+
+    // The fix: a store rebuilt from the stream, served.
+    std::fs::remove_file(h.db()).unwrap();
+    let db = h.db();
+    let (code, out, err) =
+        bcp_cli_text(&["import", "--db", db.to_str().unwrap(), "--from-nats", &url]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    h.start_bcp().await;
+    let again = h.cmd("p1", "stop", &stop).await;
+    assert_eq!(
+        again["duplicate"],
+        json!(true),
+        "an old command_id is not applied again: {again}"
+    );
+    assert_eq!(seqs(&h.cmd("p1", "start", &on(job)).await), [4]);
+    h.caught_up_stream(4).await;
+    h.stop_and_verify(4).await;
+}
+
+/// A second `bcp serve` on another store, next to the running one, even on
+/// a stream with no events yet (so the empty-store rule does not apply):
+/// the writer lease refuses it, naming the holder, and every command is
+/// answered by the one writer.
+#[tokio::test]
+async fn a_second_server_on_another_store_is_refused() {
+    let mut h = Harness::start_with(&["--lease-ttl", "3"]).await;
+    let url = h.nats.url();
+    let (code, err) = serve_refused(&h.path("other.redb"), &url, &["--lease-ttl", "3"]).await;
+    assert_ne!(code, Some(0), "{err}");
+    let holder = h.db().canonicalize().unwrap();
+    assert!(
+        err.contains("another bcp serve writes the stream BCP_EVENTS")
+            && err.contains(&holder.display().to_string()),
+        "{err}"
+    );
+    let (_, s) = status(&h).await;
+    assert!(
+        s["writer"]
+            .as_str()
+            .unwrap()
+            .ends_with(&holder.display().to_string()),
+        "{s}"
+    );
+
+    let jobs: Vec<Uuid> = (0..10).map(|_| id()).collect();
+    for (i, job) in jobs.iter().enumerate() {
+        assert_eq!(
+            seqs(&h.cmd("p1", "create", &create(*job)).await),
+            [i as u64 + 1]
+        );
+    }
+    h.caught_up_stream(10).await;
+    h.stop_and_verify(10).await;
+}
+
+/// Settings the audit trail depends on, changed through the stream-update
+/// API: a message limit (it would trim the trail) stops commands until it
+/// is undone; a seal stops them for good. bcp never changes the stream back
+/// itself.
+#[tokio::test]
+async fn stream_settings_changed_behind_bcps_back_stop_commands() {
+    let h = Harness::start_with(&["--stream-check-interval", "1"]).await;
+    let job = id();
+    h.cmd("p1", "create", &create(job)).await;
+    h.caught_up_stream(1).await;
+    let mut config = h.stream_info().await.unwrap().config;
+
+    config.max_messages = 10;
+    h.js.update_stream(config.clone())
+        .await
+        .expect("set max_msgs");
+    let what = alarm(&h, "stream_config").await;
+    assert!(what.contains("max_msgs 10"), "{what}");
+    let message = refused(&h, "start", &on(job)).await;
+    assert!(message.contains("max_msgs 10"), "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        h.stream_info().await.unwrap().config.max_messages,
+        10,
+        "bcp does not undo it"
+    );
+
+    config.max_messages = -1;
+    h.js.update_stream(config.clone())
+        .await
+        .expect("undo max_msgs");
+    assert_eq!(seqs(&h.cmd_until_ok("p1", "start", &on(job)).await), [2]);
+    h.caught_up_stream(2).await;
+
+    config.sealed = true;
+    h.js.update_stream(config).await.expect("seal");
+    let what = alarm(&h, "stream_config").await;
+    assert!(what.contains("sealed"), "{what}");
+    refused(&h, "stop", &on(job)).await;
+    let (_, s) = status(&h).await;
+    assert_eq!(s["head_seq"], json!(2), "{s}");
+    assert_eq!(stream_last(&h).await, 2);
+}
