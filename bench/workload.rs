@@ -219,7 +219,7 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
             for p in &pendings {
                 ledger.decide(&mut b, p, &mut Uuid::now_v7)?;
             }
-            let prepared = ledger.prepare(b, None);
+            let prepared = ledger.prepare(b);
             let (committing, cpu) = (Instant::now(), crate::measure::thread_cpu_us());
             ledger.store().commit(&prepared).context("Store::commit")?;
             commits.push(committing.elapsed().as_micros() as u64);
@@ -254,7 +254,7 @@ pub fn sweep_duration(db: &Path) -> Result<Duration> {
     let sweep = bcp::service::sweeper::sweep_command(now);
     let t = Instant::now();
     ledger
-        .execute(&[sweep], now, &mut Uuid::now_v7, None)
+        .execute(&[sweep], now, &mut Uuid::now_v7)
         .context("sweep")?;
     Ok(t.elapsed())
 }

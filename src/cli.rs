@@ -166,10 +166,17 @@ pub enum Cmd {
         /// Seconds between checks that the stream is still this log, with the settings it needs.
         #[arg(long, env = "BCP_STREAM_CHECK_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
         stream_check_interval: u64,
-        /// Seconds the writer lease lives without renewal: how long another store waits
-        /// for this one after it died.
-        #[arg(long, env = "BCP_LEASE_TTL", default_value_t = bcp::service::lease::TTL_DEFAULT.as_secs(), value_parser = clap::value_parser!(u64).range(3..))]
-        lease_ttl: u64,
+        /// Seconds the writer lease lives without renewal: how long another process waits
+        /// for this one after it died (default 10; 3 in a group, the failover's wait).
+        #[arg(long, env = "BCP_LEASE_TTL", value_parser = clap::value_parser!(u64).range(2..))]
+        lease_ttl: Option<u64>,
+        /// Run as one node of the group NAME (with --node): the nodes, each on its own
+        /// --db, form one logical bcp; one leader at a time takes commands.
+        #[arg(long, env = "BCP_GROUP", requires = "node")]
+        group: Option<String>,
+        /// This node's name in the group (unique, kept across restarts).
+        #[arg(long, env = "BCP_NODE", requires = "group")]
+        node: Option<String>,
     },
     /// Send one command and print the reply. Exit 0 accepted, 1 rejected, 2 usage, 3 unavailable.
     #[command(
@@ -325,6 +332,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             stream_replicas,
             stream_check_interval,
             lease_ttl,
+            group,
+            node,
         } => serve(bcp::service::ServeConfig {
             db,
             nats_url: nats,
@@ -336,7 +345,13 @@ pub fn run(cli: Cli) -> Result<u8> {
             queries_in_flight: queries_in_flight as usize,
             stream_replicas: stream_replicas as usize,
             stream_check_interval: Duration::from_secs(stream_check_interval),
-            lease_ttl: Duration::from_secs(lease_ttl),
+            lease_ttl: match (lease_ttl, &group) {
+                (Some(secs), _) => Duration::from_secs(secs),
+                (None, None) => bcp::service::lease::TTL_DEFAULT,
+                (None, Some(_)) => bcp::service::lease::GROUP_TTL_DEFAULT,
+            },
+            group,
+            node,
         }),
         Cmd::Status { nats, wait, format } => status(&nats, Duration::from_millis(wait), format),
         Cmd::Snapshots {
@@ -465,7 +480,10 @@ fn status(url: &str, wait: Duration, format: Format) -> Result<u8> {
         let mut replies = Vec::new();
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            replies.push(serde_json::from_slice(&msg.payload).context("status reply")?);
+            // "No responders" is a status message, not a reply.
+            if msg.status.is_none() {
+                replies.push(serde_json::from_slice(&msg.payload).context("status reply")?);
+            }
         }
         Ok(replies)
     })?;
@@ -626,7 +644,8 @@ async fn connect(url: &str) -> Result<async_nats::Client> {
         .options()
         .await
         .context("NATS credentials")?;
-    let client = tokio::time::timeout(Duration::from_secs(5), options.connect(url))
+    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+    let client = tokio::time::timeout(Duration::from_secs(5), options.connect(servers))
         .await
         .map_err(|_| Unavailable(format!("timed out connecting to NATS at {url}")))?
         .map_err(|e| Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;

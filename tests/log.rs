@@ -62,7 +62,7 @@ impl Script {
         };
         let mut replies = self
             .ledger
-            .execute(&[Pending::new(cmd)], self.now, &mut ids, None)
+            .execute(&[Pending::new(cmd)], self.now, &mut ids)
             .unwrap();
         replies.pop().unwrap()
     }
@@ -544,7 +544,7 @@ proptest! {
             if pending.len() >= batch || i + 1 == ops.len() {
                 now += Duration::minutes(30);
                 let mut ids = || { next += 1; Uuid::from_u128(next) };
-                let replies = ledger.execute(&pending, now, &mut ids, None).unwrap();
+                let replies = ledger.execute(&pending, now, &mut ids).unwrap();
                 prop_assert_eq!(replies.len(), pending.len());
                 pending.clear();
             }
@@ -581,7 +581,7 @@ proptest! {
         // Resending every command appends nothing.
         let head = store.head_seq().unwrap();
         let mut ids = || Uuid::nil();
-        let replies = ledger.execute(&sent, now, &mut ids, None).unwrap();
+        let replies = ledger.execute(&sent, now, &mut ids).unwrap();
         prop_assert!(replies.iter().all(|r| r.duplicate || r.code() == Some(bcp::domain::ErrorCode::BadRequest)));
         prop_assert_eq!(store.head_seq().unwrap(), head);
     }
@@ -998,7 +998,7 @@ fn export_import_round_trip_keeps_the_head_hash() {
     let first = decode("p1", "create", json!({"command_id": Uuid::from_u128(0xc0de_0001), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs0"}}).to_string().as_bytes(), None).unwrap();
     let mut ids = || Uuid::nil();
     let reply = ledger
-        .execute(&[Pending::new(first)], t0(), &mut ids, None)
+        .execute(&[Pending::new(first)], t0(), &mut ids)
         .unwrap()
         .pop()
         .unwrap();
@@ -1465,7 +1465,7 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
     };
     let create = json!({"command_id": Uuid::from_u128(1), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs"}});
     ledger
-        .execute(&[cmd("create", create)], t0(), &mut ids, None)
+        .execute(&[cmd("create", create)], t0(), &mut ids)
         .unwrap();
     let on_disk = (ledger.world().clone(), ledger.head_seq());
 
@@ -1482,7 +1482,7 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
         for p in batch {
             ledger.decide(&mut b, p, ids).unwrap();
         }
-        ledger.prepare(b, None)
+        ledger.prepare(b)
     };
     let n = run(&mut ledger, &mut ids, &[&start]);
     let n1 = run(&mut ledger, &mut ids, &[&snapshot, &start]);
@@ -1527,9 +1527,7 @@ impl FaultyWriter {
         let (replies_tx, replies) = tokio::sync::mpsc::channel(8);
         let (head, _) = tokio::sync::watch::channel(0);
         let fatal = tokio_util::sync::CancellationToken::new();
-        let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let writer =
-            bcp::service::writer::spawn(ledger, intake, replies_tx, head, published, fatal.clone());
+        let writer = bcp::service::writer::spawn(ledger, intake, replies_tx, head, fatal.clone());
         FaultyWriter {
             faults,
             queue,
@@ -1633,7 +1631,7 @@ fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_a
     let mut ledger = Ledger::open(store).unwrap();
     let mut ids = Uuid::now_v7;
     let retried = ledger
-        .execute(&[create_command(2)], t0(), &mut ids, None)
+        .execute(&[create_command(2)], t0(), &mut ids)
         .unwrap();
     assert!(retried[0].ok && retried[0].duplicate, "{retried:?}");
     assert_eq!(retried[0].events[0].seq, 2);
@@ -1669,11 +1667,11 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
     let mut b = ledger.begin(t0()).unwrap();
     ledger.decide(&mut b, &create, &mut ids).unwrap();
     ledger.decide(&mut b, &start, &mut ids).unwrap();
-    let n = ledger.prepare(b, None);
+    let n = ledger.prepare(b);
     let mut b = ledger.begin(t0()).unwrap();
     ledger.decide(&mut b, &start, &mut ids).unwrap();
     ledger.decide(&mut b, &stop, &mut ids).unwrap();
-    let n1 = ledger.prepare(b, Some(1));
+    let n1 = ledger.prepare(b);
     store.commit(&n).unwrap();
     let replies = ledger.committed(n);
     assert!(replies.iter().all(|r| r.ok && !r.duplicate), "{replies:?}");
@@ -1681,11 +1679,10 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
     let replies = ledger.committed(n1);
     assert!(replies[0].duplicate && replies[1].ok, "{replies:?}");
     assert_eq!(store.head_seq().unwrap(), 3, "create, start, stop");
-    assert_eq!(store.published_seq().unwrap(), 1);
     assert_eq!(&store.load_world().unwrap(), ledger.world());
     verify(&store).unwrap();
     // After the commit the retry is answered from the stored record.
-    let replies = ledger.execute(&[start], t0(), &mut ids, None).unwrap();
+    let replies = ledger.execute(&[start], t0(), &mut ids).unwrap();
     assert!(replies[0].duplicate && replies[0].events[0].seq == 2);
 }
 
@@ -1702,7 +1699,7 @@ fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() 
             next += 1;
             Uuid::from_u128(next)
         };
-        ledger.execute(&[Pending::new(cmd)], t0(), &mut ids, None)
+        ledger.execute(&[Pending::new(cmd)], t0(), &mut ids)
     };
     let create = json!({"command_id": Uuid::from_u128(1), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs"}});
     assert!(run(&mut ledger, "create", &create).unwrap()[0].ok);
@@ -1972,7 +1969,7 @@ proptest! {
         let (ledger, next) = &mut *guard;
         let before = ledger.head_seq();
         let mut ids = || { *next += 1; Uuid::from_u128(*next) };
-        let reply = ledger.execute(&[Pending::new(cmd)], t0(), &mut ids, None).unwrap().pop().unwrap();
+        let reply = ledger.execute(&[Pending::new(cmd)], t0(), &mut ids).unwrap().pop().unwrap();
         let appended = ledger.head_seq() - before;
         match (&reply.error, reply.duplicate) {
             (_, true) => prop_assert_eq!(appended, 0),
@@ -2079,7 +2076,7 @@ fn jobs_query_pages_and_the_cli_follows_the_pages() {
         };
         assert!(
             ledger
-                .execute(&batch, t0(), &mut ids, None)
+                .execute(&batch, t0(), &mut ids)
                 .unwrap()
                 .iter()
                 .all(|r| r.ok)

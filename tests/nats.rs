@@ -2963,13 +2963,12 @@ async fn concurrent_commands_equal_a_serial_order() {
             &[decode("create", &create_body(id(), job, "rs0"))],
             now,
             &mut ids,
-            None,
         )
         .unwrap();
     for (_, i) in &ordered {
         let (verb, body) = &bodies[*i];
         let serial = ledger
-            .execute(&[decode(verb, body)], now, &mut ids, None)
+            .execute(&[decode(verb, body)], now, &mut ids)
             .unwrap()
             .remove(0);
         let live = &replies[*i];

@@ -447,3 +447,86 @@ async fn stream_settings_changed_behind_bcps_back_stop_commands() {
     assert_eq!(s["head_seq"], json!(2), "{s}");
     assert_eq!(stream_last(&h).await, 2);
 }
+
+// ------------------------------------------------------------ group mode
+
+/// One request with a short timeout; `None` on a timeout or no responders.
+async fn try_cmd(client: &async_nats::Client, verb: &str, body: &Value) -> Option<Value> {
+    let subject = format!("bcp.cmd.p1.{verb}");
+    let r = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.request(subject, serde_json::to_vec(body).unwrap().into()),
+    )
+    .await;
+    match r {
+        Ok(Ok(m)) => Some(serde_json::from_slice(&m.payload).expect("a JSON reply")),
+        _ => None,
+    }
+}
+
+/// Send until a definitive reply (anything but `unavailable`), the same
+/// body (so the same command_id) every time, as a producer must.
+async fn cmd_definitive(client: &async_nats::Client, verb: &str, body: &Value) -> Value {
+    let deadline = Deadline::new(
+        format!("a definitive reply to {verb}"),
+        Duration::from_secs(90),
+    );
+    loop {
+        if let Some(r) = try_cmd(client, verb, body).await
+            && r["error"]["code"] != json!("unavailable")
+        {
+            return r;
+        }
+        deadline.tick().await;
+    }
+}
+
+/// Three nodes on a 3-node JetStream cluster: one leader takes commands,
+/// the followers apply the stream to their own stores and answer queries
+/// from them (saying how far they applied), and `bcp status` lists all
+/// three.
+#[tokio::test]
+async fn a_group_has_one_leader_and_followers_that_apply_the_stream() {
+    let c = support::cluster::Cluster::start(3).await;
+    let leader = c.leader(3).await;
+    let job = id();
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "create", &create(job)).await),
+        [1]
+    );
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "start", &on(job)).await),
+        [2]
+    );
+    let statuses = c.all_at(3, 2).await;
+    for s in &statuses {
+        let leads = s["node"] == json!(c.nodes[leader].0);
+        assert_eq!(
+            s["role"],
+            json!(if leads { "leader" } else { "follower" }),
+            "{s}"
+        );
+        assert_eq!(s["group"], json!(support::cluster::GROUP));
+        assert_eq!(s["alarms"], json!([]), "{s}");
+        assert_eq!(s["published_seq"], json!(2), "{s}");
+        assert_eq!(s["writer"].is_null(), !leads, "{s}");
+    }
+    // Every node answers queries (a queue group), each from its store.
+    for _ in 0..10 {
+        let r = c
+            .client
+            .request(
+                "bcp.query.job",
+                serde_json::to_vec(&json!({"job_id": job})).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v["job"]["state"], json!("Active"), "{v}");
+        assert_eq!(v["as_of_seq"], json!(2), "{v}");
+    }
+    let (code, out, err) = bcp_cli_text(&["status", "--nats", &c.urls()]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.matches("follower").count(), 2, "{out}");
+    assert_eq!(out.matches("leader").count(), 1, "{out}");
+}

@@ -265,9 +265,7 @@ mod tests {
                 next += 1;
                 Uuid::from_u128(next)
             };
-            let reply = ledger
-                .execute(&[Pending::new(cmd)], t0, &mut ids, None)
-                .unwrap();
+            let reply = ledger.execute(&[Pending::new(cmd)], t0, &mut ids).unwrap();
             assert_eq!(reply[0].ok, n != 8, "{n}: {reply:?}");
         }
         for parts in 1..=4 {

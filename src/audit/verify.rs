@@ -407,9 +407,7 @@ mod tests {
                 next += 1;
                 Uuid::from_u128(next)
             };
-            ledger
-                .execute(&[Pending::new(cmd)], t0, &mut ids, None)
-                .unwrap();
+            ledger.execute(&[Pending::new(cmd)], t0, &mut ids).unwrap();
         }
         let mut world = ledger.world().clone();
         assert_eq!(world.catalogs[&job].snapshots.len(), 1);
@@ -442,9 +440,7 @@ mod tests {
         let other = Uuid::from_u128(20);
         let body = serde_json::json!({"command_id": Uuid::from_u128(200), "job_id": other, "deployment": {"kind": "replica_set", "name": "rs2"}});
         let cmd = decode("p1", "create", body.to_string().as_bytes(), None).unwrap();
-        ledger
-            .execute(&[Pending::new(cmd)], t0, &mut ids, None)
-            .unwrap();
+        ledger.execute(&[Pending::new(cmd)], t0, &mut ids).unwrap();
         let both = ledger.world().clone();
         for parts in 1..=3 {
             assert!(

@@ -2,6 +2,7 @@
 //! each command's idempotency record, so a retry gets the original reply.
 
 use super::decide::{RejectCode, Rejection};
+use super::{Envelope, Event};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -144,5 +145,46 @@ impl Reply {
 
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("reply serializes")
+    }
+}
+
+impl Reply {
+    /// The reply a command got, as far as the log tells: its recorded
+    /// rejection, or its events (the job and its version when they all
+    /// concern one job). Import and group-mode followers rebuild the
+    /// idempotency records with it.
+    pub fn from_events(events: &[&Envelope]) -> Reply {
+        if let Some(env) = events
+            .iter()
+            .find(|e| matches!(e.event, Event::CommandRejected { .. }))
+        {
+            let Event::CommandRejected {
+                code,
+                reason,
+                current_version,
+                ..
+            } = &env.event
+            else {
+                unreachable!()
+            };
+            let mut reply = Reply::error(ErrorCode::from(*code), reason.clone());
+            reply.job_id = env.job_id;
+            reply.rejection_seq = Some(env.seq);
+            if let Some(e) = reply.error.as_mut() {
+                e.current_version = *current_version;
+            }
+            return reply;
+        }
+        let first_job = events.first().and_then(|e| e.job_id);
+        let one_job = first_job.filter(|j| events.iter().all(|e| e.job_id == Some(*j)));
+        let version = one_job.and_then(|_| events.iter().rev().find_map(|e| e.job_version));
+        let refs = events
+            .iter()
+            .map(|e| EventRef {
+                seq: e.seq,
+                event_type: e.event.type_name().to_owned(),
+            })
+            .collect();
+        Reply::accepted(one_job, version, refs)
     }
 }

@@ -21,7 +21,6 @@ use async_nats::service::{self, Service, ServiceExt};
 use futures::stream::{SelectAll, StreamExt};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -51,14 +50,14 @@ pub struct Metrics {
     /// endpoint name → error code → count.
     rejections: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
     head: watch::Receiver<u64>,
-    published: Arc<AtomicU64>,
+    published: watch::Receiver<u64>,
     alarms: Arc<Alarms>,
 }
 
 impl Metrics {
     pub fn new(
         head: watch::Receiver<u64>,
-        published: Arc<AtomicU64>,
+        published: watch::Receiver<u64>,
         alarms: Arc<Alarms>,
     ) -> Arc<Metrics> {
         Arc::new(Metrics {
@@ -79,20 +78,27 @@ impl Metrics {
 
     /// Last committed seq minus last published seq.
     pub fn relay_lag(&self) -> u64 {
-        self.head
-            .borrow()
-            .saturating_sub(self.published.load(Ordering::SeqCst))
+        self.head.borrow().saturating_sub(*self.published.borrow())
     }
 }
 
 type Requests = SelectAll<futures::stream::BoxStream<'static, (Kind, service::Request)>>;
 
-/// Start the service and its endpoints; returns the service (stop it on
-/// shutdown) and every endpoint's requests as one stream.
-pub async fn start(
-    client: &async_nats::Client,
-    metrics: Arc<Metrics>,
-) -> Result<(Service, Requests), String> {
+/// Every command verb's endpoint, then every query's.
+pub fn all_kinds() -> impl Iterator<Item = Kind> {
+    command_kinds().chain(query_kinds())
+}
+
+pub fn command_kinds() -> impl Iterator<Item = Kind> {
+    Verb::ALL.into_iter().map(Kind::Command)
+}
+
+pub fn query_kinds() -> impl Iterator<Item = Kind> {
+    QUERIES.into_iter().map(Kind::Query)
+}
+
+/// Start the service (no endpoints yet; stop it on shutdown).
+pub async fn start(client: &async_nats::Client, metrics: Arc<Metrics>) -> Result<Service, String> {
     let stats_metrics = metrics.clone();
     let service = client
         .service_builder()
@@ -114,11 +120,17 @@ pub async fn start(
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| format!("service: {e}"))?;
+    Ok(service)
+}
+
+/// Add the endpoints of `kinds` to `service`; their requests as one stream
+/// (dropping it unsubscribes them: a group-mode leader's command endpoints
+/// live as long as its term).
+pub async fn endpoints(
+    service: &Service,
+    kinds: impl Iterator<Item = Kind>,
+) -> Result<Requests, String> {
     let mut requests = SelectAll::new();
-    let kinds = Verb::ALL
-        .into_iter()
-        .map(Kind::Command)
-        .chain(QUERIES.into_iter().map(Kind::Query));
     for kind in kinds {
         let subject = match kind {
             Kind::Command(v) => format!("bcp.cmd.*.{v}"),
@@ -132,7 +144,7 @@ pub async fn start(
             .map_err(|e| format!("endpoint {subject}: {e}"))?;
         requests.push(endpoint.map(move |r| (kind, r)).boxed());
     }
-    Ok((service, requests))
+    Ok(requests)
 }
 
 /// One process's answer on [`STATUS_SUBJECT`].
@@ -154,8 +166,9 @@ pub struct Status {
     /// Seq of the last event JetStream acknowledged.
     pub published_seq: u64,
     pub relay_lag: u64,
-    /// The store that holds the stream's writer lease (this process).
-    pub writer: String,
+    /// The writer lease's name for this process, while it holds it
+    /// (single, leader); null for a follower.
+    pub writer: Option<String>,
     /// Whether commands are taken now (no alarm raised).
     pub taking_commands: bool,
     pub alarms: Vec<Alarm>,
@@ -167,7 +180,32 @@ pub struct StatusSource {
     pub metrics: Arc<Metrics>,
     pub db: String,
     pub stream: String,
-    pub writer: Holder,
+    /// This process as the writer lease names it.
+    pub holder: Holder,
+    pub group: Option<String>,
+    pub node: Option<String>,
+    pub role: watch::Receiver<Role>,
+}
+
+/// What a process is doing now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// No group: the one writer.
+    Single,
+    /// The group's writer, this term.
+    Leader,
+    /// Applying the leader's events from the stream.
+    Follower,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Single => "single",
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+        }
+    }
 }
 
 impl StatusSource {
@@ -180,20 +218,21 @@ impl StatusSource {
             .and_then(|(_, bytes)| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
             .and_then(|v| v["hash"].as_str().map(str::to_owned));
         let alarms = self.metrics.alarms.list();
+        let role = *self.role.borrow();
         Status {
             ok: true,
-            role: "single",
-            group: None,
-            node: None,
+            role: role.as_str(),
+            group: self.group.clone(),
+            node: self.node.clone(),
             version: env!("CARGO_PKG_VERSION"),
             pid: std::process::id(),
             db: self.db.clone(),
             stream: self.stream.clone(),
             log_id,
             head_seq: *self.metrics.head.borrow(),
-            published_seq: self.metrics.published.load(Ordering::SeqCst),
+            published_seq: *self.metrics.published.borrow(),
             relay_lag: self.metrics.relay_lag(),
-            writer: self.writer.store.clone(),
+            writer: (role != Role::Follower).then(|| self.holder.store.clone()),
             taking_commands: alarms.is_empty(),
             alarms,
         }

@@ -86,6 +86,9 @@ pub struct Options {
     pub queries_in_flight: usize,
     /// While any is raised, commands are answered `unavailable`.
     pub alarms: Arc<super::guard::Alarms>,
+    /// Answer subjects no endpoint serves (`bad_request`): one intake per
+    /// process does.
+    pub catch_all: bool,
 }
 
 /// Take requests until `stop`; dropping `queue` on return lets the writer
@@ -109,7 +112,10 @@ pub async fn run(
                 .map_err(|e| ServeError::Nats(e.to_string()))
         }
     };
-    let mut unserved = futures::stream::select(sub("bcp.cmd.>").await?, sub("bcp.query.>").await?);
+    let mut unserved = match options.catch_all {
+        true => futures::stream::select(sub("bcp.cmd.>").await?, sub("bcp.query.>").await?).boxed(),
+        false => futures::stream::pending().boxed(),
+    };
     loop {
         // Handling a request may wait to send an answer (`bad_request`,
         // `unavailable`), and once the NATS client's buffer is full during
@@ -278,14 +284,39 @@ async fn not_served(client: &Client, msg: Message) {
     }
 }
 
+/// Group mode: a reply waits until JetStream has acknowledged the log
+/// through its batch, and none leaves once the node is deposed.
+pub struct ReplyGate {
+    pub published: tokio::sync::watch::Receiver<u64>,
+    pub deposed: CancellationToken,
+}
+
 /// Send each committed batch's replies; count rejections; log the outcome
 /// of commands sent without a reply subject.
 pub async fn send_replies(
     client: Client,
     mut batches: mpsc::Receiver<Vec<Committed>>,
     metrics: Arc<Metrics>,
+    mut gate: Option<ReplyGate>,
 ) {
     while let Some(batch) = batches.recv().await {
+        if let Some(g) = gate.as_mut() {
+            let through = batch.iter().map(|c| c.through).max().unwrap_or(0);
+            let acked = tokio::select! {
+                r = g.published.wait_for(|p| *p >= through) => r.is_ok(),
+                _ = g.deposed.cancelled() => false,
+            };
+            if !acked || g.deposed.is_cancelled() {
+                // Never acknowledged: the producers retry with the same
+                // command_id, and the next leader answers.
+                tracing::info!(
+                    commands = batch.len(),
+                    through,
+                    "replies withheld: the stream did not acknowledge them before this node stepped down"
+                );
+                continue;
+            }
+        }
         let oldest = tracing::enabled!(tracing::Level::TRACE)
             .then(|| batch.iter().map(|c| c.queued).min())
             .flatten();

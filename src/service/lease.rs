@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub const BUCKET: &str = "BCP_WRITERS";
 /// How long a lease lives without renewal (`bcp serve --lease-ttl`).
 pub const TTL_DEFAULT: Duration = Duration::from_secs(10);
+/// The same in group mode: a failover waits this long for a dead leader's
+/// lease to lapse.
+pub const GROUP_TTL_DEFAULT: Duration = Duration::from_secs(3);
 
 /// Who holds a lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +41,16 @@ pub struct Holder {
 }
 
 impl Holder {
+    /// Node `node` of group `group`: the node's name is its identity (a
+    /// restarted node takes its own lease back).
+    pub fn node(group: &str, node: &str) -> Holder {
+        Holder {
+            store: format!("{group}/{node}"),
+            pid: std::process::id(),
+            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
     /// This process, writing the store at `db`.
     pub fn me(db: &Path) -> Holder {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -82,14 +95,15 @@ pub struct Lease {
     ttl: Duration,
 }
 
-/// The bucket, created when missing.
+/// The bucket, created when missing, and the lease TTL it enforces (its
+/// `max_age`: the first process to create it chose it).
 async fn bucket(
     js: &jetstream::Context,
     ttl: Duration,
     replicas: usize,
-) -> Result<kv::Store, String> {
-    match js.get_key_value(BUCKET).await {
-        Ok(kv) => Ok(kv),
+) -> Result<(kv::Store, Duration), String> {
+    let kv = match js.get_key_value(BUCKET).await {
+        Ok(kv) => kv,
         Err(_) => js
             .create_key_value(kv::Config {
                 bucket: BUCKET.to_owned(),
@@ -101,8 +115,19 @@ async fn bucket(
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string()),
-    }
+            .map_err(|e| e.to_string())?,
+    };
+    let mut stream = js
+        .get_stream(format!("KV_{BUCKET}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let max_age = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .config
+        .max_age;
+    Ok((kv, if max_age.is_zero() { ttl } else { max_age }))
 }
 
 fn holder_of(entry: &kv::Entry) -> Option<Holder> {
@@ -119,47 +144,13 @@ pub async fn acquire(
     ttl: Duration,
     replicas: usize,
 ) -> Result<Lease, LeaseError> {
-    let kv = bucket(js, ttl, replicas).await.map_err(LeaseError::Nats)?;
-    let bytes: bytes::Bytes = serde_json::to_vec(&me).expect("holder serializes").into();
     let give_up = tokio::time::Instant::now() + ttl + Duration::from_secs(1);
     let mut told = false;
     loop {
-        match kv.create(stream, bytes.clone()).await {
-            Ok(revision) => {
-                return Ok(Lease {
-                    kv,
-                    key: stream.to_owned(),
-                    me,
-                    revision,
-                    ttl,
-                });
-            }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(LeaseError::Nats(e.to_string())),
-        }
-        let entry = kv
-            .entry(stream)
-            .await
-            .map_err(|e| LeaseError::Nats(e.to_string()))?;
-        let Some(entry) = entry else { continue };
-        let holder = holder_of(&entry);
-        if holder.as_ref().is_some_and(|h| h.store == me.store) {
-            match kv.update(stream, bytes.clone(), entry.revision).await {
-                Ok(revision) => {
-                    return Ok(Lease {
-                        kv,
-                        key: stream.to_owned(),
-                        me,
-                        revision,
-                        ttl,
-                    });
-                }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(LeaseError::Nats(e.to_string())),
-            }
-        }
-        let holder =
-            holder.map_or_else(|| "an unreadable lease entry".to_owned(), |h| h.describe());
+        let holder = match try_acquire(js, stream, &me, ttl, replicas).await? {
+            Ok(lease) => return Ok(lease),
+            Err(holder) => holder,
+        };
         if tokio::time::Instant::now() >= give_up {
             return Err(LeaseError::Held {
                 stream: stream.to_owned(),
@@ -175,6 +166,50 @@ pub async fn acquire(
     }
 }
 
+/// Take the lease on `stream` for `me` if it is free or already `me`'s;
+/// otherwise `Ok(Err(who holds it))`, at once.
+pub async fn try_acquire(
+    js: &jetstream::Context,
+    stream: &str,
+    me: &Holder,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<Result<Lease, String>, LeaseError> {
+    let (kv, ttl) = bucket(js, ttl, replicas).await.map_err(LeaseError::Nats)?;
+    let bytes: bytes::Bytes = serde_json::to_vec(me).expect("holder serializes").into();
+    let lease = |kv, revision| Lease {
+        kv,
+        key: stream.to_owned(),
+        me: me.clone(),
+        revision,
+        ttl,
+    };
+    loop {
+        match kv.create(stream, bytes.clone()).await {
+            Ok(revision) => return Ok(Ok(lease(kv, revision))),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(LeaseError::Nats(e.to_string())),
+        }
+        let entry = kv
+            .entry(stream)
+            .await
+            .map_err(|e| LeaseError::Nats(e.to_string()))?;
+        let Some(entry) = entry else { continue };
+        let holder = holder_of(&entry);
+        if holder.as_ref().is_some_and(|h| h.store == me.store) {
+            match kv.update(stream, bytes.clone(), entry.revision).await {
+                Ok(revision) => return Ok(Ok(lease(kv, revision))),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(LeaseError::Nats(e.to_string())),
+            }
+        }
+        return Ok(Err(holder.map_or_else(
+            || "an unreadable lease entry".to_owned(),
+            |h| h.describe(),
+        )));
+    }
+}
+
 impl Lease {
     pub fn holder(&self) -> &Holder {
         &self.me
@@ -182,7 +217,7 @@ impl Lease {
 
     /// Renew; `Err` says why not. A lapsed lease (a NATS outage longer than
     /// the TTL) is taken again when nobody else took it.
-    async fn renew(&mut self) -> Result<(), Renewal> {
+    pub(crate) async fn renew(&mut self) -> Result<(), Renewal> {
         let bytes: bytes::Bytes = serde_json::to_vec(&self.me).expect("holder").into();
         match self
             .kv
@@ -230,29 +265,61 @@ impl Lease {
     }
 }
 
-enum Renewal {
+pub(crate) enum Renewal {
     Unreachable(String),
     Lost(String),
 }
 
-/// Renew the lease until `stop`; while another process holds it, the
-/// `Writer` alarm is raised (commands refused). Returns the lease to release.
-pub async fn hold(mut lease: Lease, alarms: Arc<Alarms>, stop: CancellationToken) -> Lease {
+/// What losing the lease means.
+pub enum OnLoss {
+    /// Single mode: raise the `Writer` alarm (commands refused) until it
+    /// is ours again.
+    Alarm(Arc<Alarms>),
+    /// Group mode: this node's term ends (cancel the token), also when the
+    /// lease could not be renewed for two thirds of its TTL: past that,
+    /// another node may hold it.
+    Depose(CancellationToken),
+}
+
+/// Renew the lease every third of its TTL until `stop` (or, in group mode,
+/// until it is lost). Returns the lease to release.
+pub async fn hold(mut lease: Lease, on_loss: OnLoss, stop: CancellationToken) -> Lease {
     let mut ticks = tokio::time::interval(lease.ttl / 3);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return lease,
         }
-        match lease.renew().await {
-            Ok(()) => alarms.clear(AlarmKind::Writer),
-            Err(Renewal::Lost(holder)) => alarms.raise(
-                AlarmKind::Writer,
-                format!("another bcp serve took the writer lease of this stream: {holder}"),
-            ),
+        let lost = match lease.renew().await {
+            Ok(()) => {
+                renewed = tokio::time::Instant::now();
+                None
+            }
+            Err(Renewal::Lost(holder)) => Some(format!(
+                "another bcp serve took the writer lease of this stream: {holder}"
+            )),
             Err(Renewal::Unreachable(e)) => {
-                tracing::debug!(error = %e, "writer lease not renewed (NATS unavailable?)")
+                tracing::debug!(error = %e, "writer lease not renewed (NATS unavailable?)");
+                (renewed.elapsed() >= lease.ttl * 2 / 3).then(|| {
+                    format!(
+                        "the writer lease was not renewed for {:?}: {e}",
+                        renewed.elapsed()
+                    )
+                })
+            }
+        };
+        match (&on_loss, lost) {
+            (OnLoss::Alarm(alarms), None) => alarms.clear(AlarmKind::Writer),
+            (OnLoss::Alarm(alarms), Some(why)) if why.starts_with("another") => {
+                alarms.raise(AlarmKind::Writer, why)
+            }
+            (OnLoss::Alarm(_), Some(_)) | (OnLoss::Depose(_), None) => {}
+            (OnLoss::Depose(deposed), Some(why)) => {
+                tracing::warn!("stepping down: {why}");
+                deposed.cancel();
+                return lease;
             }
         }
     }

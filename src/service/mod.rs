@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod connect;
+pub mod group;
 pub mod guard;
 pub mod intake;
 pub mod lease;
@@ -25,7 +26,6 @@ pub mod writer;
 use crate::store::{Store, StoreError, ledger::Ledger};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,9 @@ pub struct ServeConfig {
     pub stream_check_interval: Duration,
     /// How long the writer lease lives without renewal.
     pub lease_ttl: Duration,
+    /// Group mode: the group's name and this node's (both or neither).
+    pub group: Option<String>,
+    pub node: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,41 +90,82 @@ pub enum ServeError {
     },
 }
 
+/// What every part of a running bcp shares.
+pub(crate) struct Node {
+    pub config: ServeConfig,
+    pub store: Store,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub alarms: Arc<guard::Alarms>,
+    pub metrics: Arc<api::Metrics>,
+    pub service: async_nats::service::Service,
+    /// The log's head in this store.
+    pub head: watch::Sender<u64>,
+    /// The last seq JetStream acknowledged (a follower: what it applied).
+    pub published: watch::Sender<u64>,
+    pub role: watch::Sender<api::Role>,
+    pub holder: lease::Holder,
+    /// Set at the first call after `stop`: one drain budget for everything
+    /// that needs NATS from then on.
+    drain_deadline: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+impl Node {
+    /// The deadline of the final drain (`drain_timeout` from its start).
+    fn drain_deadline(&self) -> tokio::time::Instant {
+        *self
+            .drain_deadline
+            .get_or_init(|| tokio::time::Instant::now() + self.config.drain_timeout)
+    }
+}
+
 /// Run until `stop` is cancelled, then drain: stop taking commands, finish
-/// the batch in hand, let the relay publish what was committed, save the
-/// relay cursor, give the writer lease up.
+/// the batch in hand, let the relay publish what was committed, give the
+/// writer lease up. Without `--group`, this process is the stream's one
+/// writer for its whole life; with it, see [`group`].
 pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), ServeError> {
     let store = Store::open_or_create(&config.db)?;
-    let ledger = Ledger::open(store.clone())?;
-    let head = ledger.head_seq();
+    // Single mode refuses a store whose projections are not at its log's
+    // head before connecting; a group node opens it after reconciling.
+    let ledger = match config.group {
+        None => Some(Ledger::open(store.clone())?),
+        Some(_) => None,
+    };
+    let head = store.head_seq()?;
     // One connection for requests, replies and the relay. A second one for
     // the relay was tried (`bench --e2e-only`): no difference beyond the
     // run-to-run spread of this machine's fsyncs (8-14 k commands/s).
     let client = connect(&config, "bcp serve").await?;
     let js = relay::context(client.clone());
     let alarms = Arc::new(guard::Alarms::default());
-    // Before any endpoint exists: this process is the stream's one writer,
-    // and its store is not behind the stream.
-    let Some(lease) = take_the_stream(&config, &store, &js, head, &alarms, &stop).await? else {
-        return Ok(()); // stopped while waiting for NATS
+    let (holder, lease, role) = match (&config.group, &config.node) {
+        (Some(g), Some(n)) => (lease::Holder::node(g, n), None, api::Role::Follower),
+        _ => {
+            // Before any endpoint exists: this process is the stream's one
+            // writer, and its store is not behind the stream.
+            let Some(lease) = take_the_stream(&config, &store, &js, head, &alarms, &stop).await?
+            else {
+                return Ok(()); // stopped while waiting for NATS
+            };
+            (lease.holder().clone(), Some(lease), api::Role::Single)
+        }
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         db = %config.db.display(),
         nats = %config.nats_url,
         stream = %config.stream,
+        group = config.group.as_deref().unwrap_or("-"),
+        node = config.node.as_deref().unwrap_or("-"),
         head_seq = head,
-        jobs = ledger.world().jobs.len(),
         "bcp serve started"
     );
 
-    let published = Arc::new(AtomicU64::new(store.published_seq()?));
     let (head_tx, head_rx) = watch::channel(head);
-    let (queue_tx, queue_rx) = mpsc::channel(crate::domain::limits::INTAKE_QUEUE_MAX);
-    let (replies_tx, replies_rx) = mpsc::channel(64);
-
-    let metrics = api::Metrics::new(head_rx.clone(), published.clone(), alarms.clone());
-    let (service, requests) = api::start(&client, metrics.clone())
+    let (published_tx, published_rx) = watch::channel(0);
+    let (role_tx, role_rx) = watch::channel(role);
+    let metrics = api::Metrics::new(head_rx, published_rx, alarms.clone());
+    let service = api::start(&client, metrics.clone())
         .await
         .map_err(ServeError::Nats)?;
     let status = tokio::spawn(api::answer_status(
@@ -131,85 +175,179 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
             metrics: metrics.clone(),
             db: config.db.display().to_string(),
             stream: config.stream.clone(),
-            writer: lease.holder().clone(),
+            holder: holder.clone(),
+            group: config.group.clone(),
+            node: config.node.clone(),
+            role: role_rx,
         },
         stop.clone(),
     ));
-    let lease = tokio::spawn(lease::hold(lease, alarms.clone(), stop.clone()));
-    let watcher = tokio::spawn(guard::watch(
-        store.clone(),
-        js.clone(),
-        config.stream.clone(),
-        head_rx.clone(),
-        alarms.clone(),
-        config.stream_check_interval,
-        stop.clone(),
-    ));
-
-    let writer = writer::spawn(
-        ledger,
-        queue_rx,
-        replies_tx,
-        head_tx,
-        published.clone(),
-        stop.clone(),
-    );
-    let replier = tokio::spawn(intake::send_replies(
-        client.clone(),
-        replies_rx,
-        metrics.clone(),
-    ));
-    let relay_drain = CancellationToken::new();
-    let relay = tokio::spawn(relay::run(
-        store.clone(),
-        relay::Target {
-            js,
-            stream: config.stream.clone(),
-            replicas: config.stream_replicas,
-            alarms: alarms.clone(),
-        },
-        head_rx,
-        published.clone(),
-        relay_drain.clone(),
-    ));
-    let sweeper = tokio::spawn(sweeper::run(
-        queue_tx.clone(),
-        alarms.clone(),
-        config.sweep_interval,
-        stop.clone(),
-    ));
-    let intake_result = intake::run(
-        client.clone(),
-        requests,
-        store.clone(),
-        queue_tx,
+    let node = Node {
+        config,
+        store,
+        client,
+        js,
+        alarms,
         metrics,
-        intake::Options {
-            trust_request_info: config.trust_request_info,
-            queries_in_flight: config.queries_in_flight,
-            alarms,
-        },
-        stop.clone(),
-    )
-    .await;
-    // One budget for everything that needs NATS from here on: during an
-    // outage neither unsubscribing, nor the replies (a reply waits while the
-    // client's buffer is full), nor the relay, nor the final flush can
-    // finish, and SIGTERM must still end bcp.
-    let deadline = tokio::time::Instant::now() + config.drain_timeout;
-    let _ = sweeper.await;
-    let _ = watcher.await;
+        service,
+        head: head_tx,
+        published: published_tx,
+        role: role_tx,
+        holder,
+        drain_deadline: std::sync::OnceLock::new(),
+    };
+    let result = match (ledger, lease) {
+        (Some(ledger), Some(lease)) => term(&node, ledger, lease, &stop).await.map(|_| ()),
+        _ => group::run(&node, &stop).await,
+    };
+    let deadline = node.drain_deadline();
     let _ = status.await;
-    match tokio::time::timeout_at(deadline, service.stop()).await {
+    match tokio::time::timeout_at(deadline, node.service.stop()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "service endpoints not stopped cleanly"),
         Err(_) => tracing::warn!("service endpoints not stopped within the drain timeout"),
     }
+    let _ = tokio::time::timeout_at(deadline, node.client.flush()).await;
+    tracing::info!(
+        head_seq = *node.head.borrow(),
+        published_seq = *node.published.borrow(),
+        "bcp serve stopped"
+    );
+    result
+}
+
+/// How a term ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TermEnd {
+    /// `stop`: the process drains and exits.
+    Stopped,
+    /// Group mode: the lease was lost or the stream fenced a publish.
+    Deposed,
+}
+
+/// One writer's term: this process takes commands (single mode: all its
+/// life; a group leader: while it holds the lease and the stream takes its
+/// publishes). Then drain: stop taking commands, finish the batch in hand,
+/// let the relay publish what was committed, give the lease up.
+pub(crate) async fn term(
+    node: &Node,
+    ledger: Ledger,
+    lease: lease::Lease,
+    stop: &CancellationToken,
+) -> Result<TermEnd, ServeError> {
+    let group = node.config.group.is_some();
+    let config = &node.config;
+    // `end` ends the term: on `stop`, or when deposed.
+    let end = stop.child_token();
+    let deposed = CancellationToken::new();
+    let depose = {
+        let (deposed, end) = (deposed.clone(), end.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = deposed.cancelled() => end.cancel(),
+                _ = end.cancelled() => {}
+            }
+        })
+    };
+    let kinds: Vec<api::Kind> = match group {
+        // Followers answer queries too: a group's query endpoints live as
+        // long as the process (see `group`).
+        true => api::command_kinds().collect(),
+        false => api::all_kinds().collect(),
+    };
+    let requests = api::endpoints(&node.service, kinds.into_iter())
+        .await
+        .map_err(ServeError::Nats)?;
+    let (queue_tx, queue_rx) = mpsc::channel(crate::domain::limits::INTAKE_QUEUE_MAX);
+    let (replies_tx, replies_rx) = mpsc::channel(64);
+    let on_loss = match group {
+        true => lease::OnLoss::Depose(deposed.clone()),
+        false => lease::OnLoss::Alarm(node.alarms.clone()),
+    };
+    let lease = tokio::spawn(lease::hold(lease, on_loss, end.clone()));
+    let watcher = tokio::spawn(guard::watch(
+        node.store.clone(),
+        node.js.clone(),
+        config.stream.clone(),
+        node.head.subscribe(),
+        node.alarms.clone(),
+        config.stream_check_interval,
+        end.clone(),
+    ));
+    // A storage failure that needs a restart stops the whole process.
+    let writer = writer::spawn(
+        ledger,
+        queue_rx,
+        replies_tx,
+        node.head.clone(),
+        stop.clone(),
+    );
+    let gate = group.then(|| intake::ReplyGate {
+        published: node.published.subscribe(),
+        deposed: deposed.clone(),
+    });
+    let replier = tokio::spawn(intake::send_replies(
+        node.client.clone(),
+        replies_rx,
+        node.metrics.clone(),
+        gate,
+    ));
+    let relay_drain = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(
+        node.store.clone(),
+        relay::Target {
+            js: node.js.clone(),
+            stream: config.stream.clone(),
+            replicas: config.stream_replicas,
+            alarms: node.alarms.clone(),
+            fence: group.then(|| deposed.clone()),
+        },
+        node.head.subscribe(),
+        node.published.clone(),
+        relay_drain.clone(),
+    ));
+    let sweeper = tokio::spawn(sweeper::run(
+        queue_tx.clone(),
+        node.alarms.clone(),
+        config.sweep_interval,
+        end.clone(),
+    ));
+    let intake_result = intake::run(
+        node.client.clone(),
+        requests,
+        node.store.clone(),
+        queue_tx,
+        node.metrics.clone(),
+        intake::Options {
+            trust_request_info: config.trust_request_info,
+            queries_in_flight: config.queries_in_flight,
+            alarms: node.alarms.clone(),
+            catch_all: !group,
+        },
+        end.clone(),
+    )
+    .await;
+    end.cancel();
+    // One budget for everything that needs NATS from here on: during an
+    // outage neither the replies (a reply waits while the client's buffer
+    // is full), nor the relay, nor the final flush can finish, and SIGTERM
+    // must still end bcp.
+    let deadline = match stop.is_cancelled() {
+        true => node.drain_deadline(),
+        false => tokio::time::Instant::now() + config.drain_timeout,
+    };
+    let _ = sweeper.await;
+    let _ = watcher.await;
+    let _ = depose.await;
 
     // Drain, in data-flow order. The intake has dropped its queue sender, so
     // the writer finishes what is queued and exits, and then the replier.
     tracing::info!("draining: intake closed, waiting for the writer");
     let writer = tokio::task::spawn_blocking(move || writer.join());
+    if deposed.is_cancelled() {
+        // Another node writes the stream now: publish nothing more.
+        relay.abort();
+    }
     let mut replier = replier;
     if tokio::time::timeout_at(deadline, &mut replier)
         .await
@@ -227,22 +365,22 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         .map_err(|e| ServeError::Nats(format!("writer task: {e}")))?
         .map_err(|_| ServeError::Nats("writer thread panicked".into()))?;
     relay_drain.cancel();
-    match tokio::time::timeout_at(deadline, relay).await {
-        Ok(_) => {}
-        Err(_) => tracing::warn!(
+    if !deposed.is_cancelled() && tokio::time::timeout_at(deadline, relay).await.is_err() {
+        tracing::warn!(
             "relay did not publish everything within {:?}; the rest is published on next start",
             config.drain_timeout
-        ),
+        );
     }
-    let published_seq = published.load(std::sync::atomic::Ordering::SeqCst);
     let ledger_head = writer_result?;
-    store.save_published_seq(published_seq)?;
-    if let Ok(lease) = lease.await {
-        let _ = tokio::time::timeout_at(deadline, lease.release()).await;
+    let lease = lease
+        .await
+        .map_err(|e| ServeError::Nats(format!("lease task: {e}")))?;
+    if deposed.is_cancelled() {
+        tracing::warn!(head_seq = ledger_head, "term ended: deposed");
+        return Ok(TermEnd::Deposed);
     }
-    let _ = tokio::time::timeout_at(deadline, client.flush()).await;
-    tracing::info!(head_seq = ledger_head, published_seq, "bcp serve stopped");
-    intake_result
+    let _ = tokio::time::timeout_at(deadline, lease.release()).await;
+    intake_result.map(|()| TermEnd::Stopped)
 }
 
 /// Take the writer lease and check the stream against the store, waiting
@@ -336,7 +474,14 @@ async fn connect(config: &ServeConfig, name: &str) -> Result<async_nats::Client,
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
-        .connect(&config.nats_url)
+        // A cluster's URLs, comma-separated: the client fails over between them.
+        .connect(
+            config
+                .nats_url
+                .split(',')
+                .map(str::trim)
+                .collect::<Vec<_>>(),
+        )
         .await
         .map_err(|source| ServeError::Connect {
             url: config.nats_url.clone(),

@@ -23,6 +23,9 @@ pub struct JobQuery {
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct JobReply {
     pub ok: bool,
+    /// The store has applied the log through this seq (a group-mode
+    /// follower may trail the leader).
+    pub as_of_seq: u64,
     pub job: Job,
 }
 
@@ -30,6 +33,9 @@ pub struct JobReply {
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct JobsReply {
     pub ok: bool,
+    /// The store has applied the log through this seq (a group-mode
+    /// follower may trail the leader).
+    pub as_of_seq: u64,
     /// Matching jobs in job-id order: one page.
     pub jobs: Vec<Job>,
     /// Present when more jobs may match: ask again with `after` set to it.
@@ -41,6 +47,9 @@ pub struct JobsReply {
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct SnapshotsReply {
     pub ok: bool,
+    /// The store has applied the log through this seq (a group-mode
+    /// follower may trail the leader).
+    pub as_of_seq: u64,
     pub job_id: Uuid,
     pub snapshots: Vec<Snapshot>,
 }
@@ -49,6 +58,9 @@ pub struct SnapshotsReply {
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct HistoryReply {
     pub ok: bool,
+    /// The store has applied the log through this seq (a group-mode
+    /// follower may trail the leader).
+    pub as_of_seq: u64,
     pub job_id: Uuid,
     pub history: Vec<HistoryEntry>,
 }
@@ -74,9 +86,17 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
     } else {
         body
     };
+    let as_of_seq = match store.head_seq() {
+        Ok(seq) => seq,
+        Err(e) => return error(ErrorCode::Unavailable, e.to_string()),
+    };
     let result = match kind {
         "job" => parse::<JobQuery>(body).map(|q| match store.job(q.job_id) {
-            Ok(Some(job)) => to_value(JobReply { ok: true, job }),
+            Ok(Some(job)) => to_value(JobReply {
+                ok: true,
+                as_of_seq,
+                job,
+            }),
             Ok(None) => error(ErrorCode::NotFound, format!("no job {}", q.job_id)),
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
@@ -84,6 +104,7 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
             match store.jobs_page(&f, QUERY_JOBS_MAX, QUERY_JOBS_BYTES_MAX) {
                 Ok((jobs, next_after)) => to_value(JobsReply {
                     ok: true,
+                    as_of_seq,
                     jobs,
                     next_after,
                 }),
@@ -97,6 +118,7 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
                     let snapshots = catalog.map(|c| c.snapshots).unwrap_or_default();
                     to_value(SnapshotsReply {
                         ok: true,
+                        as_of_seq,
                         job_id: q.job_id,
                         snapshots,
                     })
@@ -110,6 +132,7 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
             }
             Ok(events) => to_value(HistoryReply {
                 ok: true,
+                as_of_seq,
                 job_id: q.job_id,
                 history: history(&events),
             }),

@@ -18,7 +18,6 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +41,10 @@ pub struct Target {
     pub stream: String,
     pub replicas: usize,
     pub alarms: Arc<Alarms>,
+    /// Group mode: cancelled when the stream shows another writer (a
+    /// publish fenced by `Nats-Expected-Last-Sequence`, or a stream that
+    /// is not this log): this node is no longer the leader.
+    pub fence: Option<CancellationToken>,
 }
 
 /// Why publishing stopped.
@@ -50,6 +53,8 @@ enum Interrupted {
     Nats(String),
     /// An alarm is raised: publish nothing until it clears.
     Halted,
+    /// Group mode: another node writes the stream; stop for good.
+    Fenced,
 }
 
 impl From<String> for Interrupted {
@@ -63,7 +68,7 @@ pub async fn run(
     store: Store,
     target: Target,
     mut head: watch::Receiver<u64>,
-    published: Arc<AtomicU64>,
+    published: watch::Sender<u64>,
     drain: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -73,10 +78,11 @@ pub async fn run(
             Err(e) => {
                 match e {
                     Interrupted::Nats(e) => {
-                        tracing::warn!(error = %e, published_seq = published.load(Ordering::SeqCst), "relay interrupted; reconciling with the stream")
+                        tracing::warn!(error = %e, published_seq = *published.borrow(), "relay interrupted; reconciling with the stream")
                     }
                     // The alarm says why, rate-limited.
                     Interrupted::Halted if drain.is_cancelled() => return,
+                    Interrupted::Fenced => return,
                     Interrupted::Halted => {}
                 }
                 if drain.is_cancelled() && head_reached(&head, &published) {
@@ -92,15 +98,15 @@ pub async fn run(
     }
 }
 
-fn head_reached(head: &watch::Receiver<u64>, published: &AtomicU64) -> bool {
-    published.load(Ordering::SeqCst) >= *head.borrow()
+fn head_reached(head: &watch::Receiver<u64>, published: &watch::Sender<u64>) -> bool {
+    *published.borrow() >= *head.borrow()
 }
 
 async fn publish_until_drained(
     store: &Store,
     target: &Target,
     head: &mut watch::Receiver<u64>,
-    published: &AtomicU64,
+    published: &watch::Sender<u64>,
     drain: &CancellationToken,
 ) -> Result<(), Interrupted> {
     let Target {
@@ -108,6 +114,7 @@ async fn publish_until_drained(
         stream: stream_name,
         replicas,
         alarms,
+        fence,
     } = target;
     js.get_or_create_stream(guard::stream_config(stream_name, *replicas))
         .await
@@ -115,13 +122,13 @@ async fn publish_until_drained(
     let committed = *head.borrow();
     let inspection = guard::inspect(store, js, stream_name, committed, alarms).await?;
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
-        return Err(Interrupted::Halted);
+        return Err(fenced(fence));
     };
     if alarms.refusal().is_some() {
         return Err(Interrupted::Halted);
     }
     let mut last = last;
-    published.store(last, Ordering::SeqCst);
+    published.send_replace(last);
     tracing::info!(
         stream_seq = last,
         head_seq = committed,
@@ -141,7 +148,12 @@ async fn publish_until_drained(
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            last = publish_chunk(js, chunk, published).await?;
+            last = publish_chunk(js, chunk, published)
+                .await
+                .map_err(|e| match e {
+                    Publish::Fenced(_) if fence.is_some() => fenced(fence),
+                    e => Interrupted::Nats(e.to_string()),
+                })?;
         }
         if drain.is_cancelled() {
             return Ok(());
@@ -163,14 +175,14 @@ async fn publish_until_drained(
 async fn publish_chunk(
     js: &jetstream::Context,
     chunk: Vec<(u64, Vec<u8>)>,
-    published: &AtomicU64,
-) -> Result<u64, String> {
+    published: &watch::Sender<u64>,
+) -> Result<u64, Publish> {
     let mut in_flight: VecDeque<(u64, PublishAckFuture)> =
         VecDeque::with_capacity(RELAY_WINDOW_MAX);
-    let mut last = published.load(Ordering::SeqCst);
+    let mut last = *published.borrow();
     for (seq, bytes) in chunk {
         let env = Routing::parse(&bytes)
-            .map_err(|e| format!("event at seq {seq} does not parse: {e}"))?;
+            .map_err(|e| Publish::Failed(format!("event at seq {seq} does not parse: {e}")))?;
         let mut headers = HeaderMap::new();
         headers.insert(SEQ_HEADER, seq.to_string().as_str());
         let msg = PublishMessage::build()
@@ -184,7 +196,7 @@ async fn publish_chunk(
         let ack = js
             .send_publish(env.subject(), msg)
             .await
-            .map_err(|e| format!("publish seq {seq}: {e}"))?;
+            .map_err(|e| Publish::Failed(format!("publish seq {seq}: {e}")))?;
         in_flight.push_back((seq, ack));
     }
     while let Some(f) = in_flight.pop_front() {
@@ -195,15 +207,50 @@ async fn publish_chunk(
 
 async fn await_ack(
     (seq, ack): (u64, PublishAckFuture),
-    published: &AtomicU64,
-) -> Result<u64, String> {
-    let ack = ack.await.map_err(|e| format!("ack of seq {seq}: {e}"))?;
+    published: &watch::Sender<u64>,
+) -> Result<u64, Publish> {
+    let ack = ack.await.map_err(|e| {
+        let what = format!("ack of seq {seq}: {e}");
+        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
+            Publish::Fenced(what)
+        } else {
+            Publish::Failed(what)
+        }
+    })?;
     if ack.sequence != seq {
-        return Err(format!(
+        return Err(Publish::Failed(format!(
             "seq {seq} was stored at stream sequence {}",
             ack.sequence
-        ));
+        )));
     }
-    published.store(seq, Ordering::SeqCst);
+    published.send_replace(seq);
     Ok(seq)
+}
+
+/// Why a publish failed.
+enum Publish {
+    /// The stream's last sequence was not `seq - 1`: someone else wrote it.
+    Fenced(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Publish::Fenced(e) | Publish::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// What a stream that is not (or no longer) this log's continuation means:
+/// in single mode an alarm (raised by the check), in group mode the end of
+/// this node's leadership.
+fn fenced(fence: &Option<CancellationToken>) -> Interrupted {
+    match fence {
+        Some(f) => {
+            f.cancel();
+            Interrupted::Fenced
+        }
+        None => Interrupted::Halted,
+    }
 }

@@ -16,15 +16,10 @@ use crate::domain::{ErrorCode, Reply, Verb};
 use crate::store::ledger::{Batch, Ledger, Prepared};
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, SubsecRound, Utc};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-
-/// How often a batch also saves the relay's published-through cursor.
-const CURSOR_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A decoded command and where its reply goes.
 pub struct WriteRequest {
@@ -42,6 +37,9 @@ pub struct Committed {
     pub command_id: uuid::Uuid,
     /// When the intake queued it.
     pub queued: Instant,
+    /// The log head once its batch was committed: in group mode the reply
+    /// waits until JetStream has acknowledged the log through it.
+    pub through: u64,
 }
 
 /// bcp's clock, read only here at the edge; microseconds, UTC.
@@ -57,7 +55,7 @@ struct Target {
     command_id: uuid::Uuid,
 }
 
-fn answer(targets: Vec<Target>, replies: Vec<Reply>) -> Vec<Committed> {
+fn answer(targets: Vec<Target>, replies: Vec<Reply>, through: u64) -> Vec<Committed> {
     targets
         .into_iter()
         .zip(replies)
@@ -66,6 +64,7 @@ fn answer(targets: Vec<Target>, replies: Vec<Reply>) -> Vec<Committed> {
             verb: t.verb,
             command_id: t.command_id,
             queued: t.queued,
+            through,
             reply,
         })
         .collect()
@@ -82,7 +81,6 @@ struct Committing {
     started: Instant,
     done: oneshot::Receiver<(Prepared, Result<(), StoreError>)>,
     targets: Vec<Target>,
-    cursor: Option<u64>,
 }
 
 type CommitJob = (
@@ -111,11 +109,8 @@ struct Writer {
     queue: mpsc::Receiver<WriteRequest>,
     replies: mpsc::Sender<Vec<Committed>>,
     head: watch::Sender<u64>,
-    published: Arc<AtomicU64>,
     fatal: CancellationToken,
     committer: std::sync::mpsc::Sender<CommitJob>,
-    saved_cursor: Option<u64>,
-    cursor_saved_at: Option<Instant>,
     poisoned: Option<StoreError>,
 }
 
@@ -129,7 +124,6 @@ pub fn spawn(
     queue: mpsc::Receiver<WriteRequest>,
     replies: mpsc::Sender<Vec<Committed>>,
     head: watch::Sender<u64>,
-    published: Arc<AtomicU64>,
     fatal: CancellationToken,
 ) -> JoinHandle<Result<u64, StoreError>> {
     let committer = spawn_committer(ledger.store().clone());
@@ -138,11 +132,8 @@ pub fn spawn(
         queue,
         replies,
         head,
-        published,
         fatal,
         committer,
-        saved_cursor: None,
-        cursor_saved_at: None,
         poisoned: None,
     };
     std::thread::Builder::new()
@@ -221,7 +212,7 @@ impl Writer {
         };
         if let Some(e) = &self.poisoned {
             let reply = unavailable(e);
-            self.send(answer(vec![target], vec![reply])).await;
+            self.send(answer(vec![target], vec![reply], 0)).await;
             return;
         }
         if open.is_none() {
@@ -234,7 +225,8 @@ impl Writer {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the store; answering unavailable");
-                    self.send(answer(vec![target], vec![unavailable(&e)])).await;
+                    self.send(answer(vec![target], vec![unavailable(&e)], 0))
+                        .await;
                     return;
                 }
             }
@@ -255,14 +247,7 @@ impl Writer {
 
     /// Hand the open batch to the commit thread.
     fn commit(&mut self, o: Open) -> Option<Committing> {
-        let cursor = self.published.load(Ordering::SeqCst);
-        // At most once a second: the cursor only shortens the relay's check
-        // against the stream on restart, and it costs a B-tree per commit.
-        let due = self
-            .cursor_saved_at
-            .is_none_or(|t| t.elapsed() >= CURSOR_EVERY);
-        let cursor = (due && self.saved_cursor != Some(cursor)).then_some(cursor);
-        let prepared = self.ledger.prepare(o.batch, cursor);
+        let prepared = self.ledger.prepare(o.batch);
         let (done_tx, done) = oneshot::channel();
         self.committer
             .send((prepared, done_tx))
@@ -271,16 +256,11 @@ impl Writer {
             started: Instant::now(),
             done,
             targets: o.targets,
-            cursor,
         })
     }
 
     /// A batch is durable: publish the new head and reply.
     async fn settled(&mut self, prepared: Prepared, c: Committing) {
-        if c.cursor.is_some() {
-            self.saved_cursor = c.cursor;
-            self.cursor_saved_at = Some(c.started);
-        }
         let head_seq = prepared.head_seq();
         self.head.send_replace(head_seq);
         if tracing::enabled!(tracing::Level::TRACE) {
@@ -294,7 +274,7 @@ impl Writer {
             );
         }
         let replies = self.ledger.committed(prepared);
-        self.send(answer(c.targets, replies)).await;
+        self.send(answer(c.targets, replies, head_seq)).await;
     }
 
     /// A batch failed to commit: undo it in memory and answer
@@ -305,7 +285,7 @@ impl Writer {
         let n = prepared.len();
         self.ledger.rolled_back(prepared);
         tracing::error!(error = %e, commands = n, "batch not committed; answering unavailable");
-        let replies = answer(targets, vec![unavailable(&e); n]);
+        let replies = answer(targets, vec![unavailable(&e); n], 0);
         if e.is_poisoned() {
             // Stopped before answering, as in `commit_thread_stopped`.
             self.stop(e);
@@ -327,16 +307,18 @@ impl Writer {
             self.undo(o, &e).await;
         }
         let n = c.targets.len();
-        self.send(answer(c.targets, vec![unavailable(&e); n])).await;
+        self.send(answer(c.targets, vec![unavailable(&e); n], 0))
+            .await;
     }
 
     /// Undo the open batch in memory (nothing of it was handed to the
     /// commit thread) and answer each of its commands `unavailable`.
     async fn undo(&mut self, o: Open, e: &StoreError) {
-        let undone = self.ledger.prepare(o.batch, None);
+        let undone = self.ledger.prepare(o.batch);
         self.ledger.rolled_back(undone);
         let n = o.targets.len();
-        self.send(answer(o.targets, vec![unavailable(e); n])).await;
+        self.send(answer(o.targets, vec![unavailable(e); n], 0))
+            .await;
     }
 
     /// Refuse everything from now on and have the server drain and exit.

@@ -1,6 +1,6 @@
 //! The write side: decide a batch of commands in order against the in-memory
 //! [`World`], append what was decided to the hash-chained log, and commit the
-//! events, idempotency records, projection rows and relay cursor in ONE
+//! events, idempotency records and projection rows in ONE
 //! `Durability::Immediate` transaction. Only the writer holds a [`Ledger`].
 //!
 //! A batch goes [`Ledger::begin`] → [`Ledger::decide`] (per command) →
@@ -146,7 +146,6 @@ struct Rows {
     /// index); `None`: remove.
     job_rows: Vec<Row<JobKey>>,
     regions: Vec<(String, Vec<u8>)>,
-    published_seq: Option<u64>,
 }
 
 impl Rows {
@@ -155,7 +154,6 @@ impl Rows {
             && self.commands.is_empty()
             && self.job_rows.is_empty()
             && self.regions.is_empty()
-            && self.published_seq.is_none()
     }
 }
 
@@ -222,9 +220,6 @@ impl Store {
                     regions.insert(name.as_str(), bytes.as_slice())?;
                 }
             }
-            if let Some(seq) = r.published_seq {
-                txn.open_table(CURSOR)?.insert(PUBLISHED_SEQ, seq)?;
-            }
         }
         // Errors before this point abort the transaction: nothing recorded.
         txn.commit().map_err(StoreError::CommitFailed)
@@ -282,24 +277,22 @@ impl Ledger {
     }
 
     /// Decide and durably commit `batch`, in order; one reply per command.
-    /// `published_seq`, when given, is stored as the relay cursor in the same
-    /// transaction. On `Err`, nothing of the batch was committed.
+    /// On `Err`, nothing of the batch was committed.
     pub fn execute(
         &mut self,
         batch: &[Pending],
         now: DateTime<Utc>,
         next_id: IdSource<'_>,
-        published_seq: Option<u64>,
     ) -> Result<Vec<Reply>> {
         let mut b = self.begin(now)?;
         for p in batch {
             if let Err(e) = self.decide(&mut b, p, next_id) {
-                let undone = self.prepare(b, published_seq);
+                let undone = self.prepare(b);
                 self.rolled_back(undone);
                 return Err(e);
             }
         }
-        let prepared = self.prepare(b, published_seq);
+        let prepared = self.prepare(b);
         match self.store.commit(&prepared) {
             Ok(()) => Ok(self.committed(prepared)),
             Err(e) => {
@@ -336,7 +329,7 @@ impl Ledger {
     }
 
     /// Close `b`: serialize the projection rows it changed.
-    pub fn prepare(&mut self, b: Batch, published_seq: Option<u64>) -> Prepared {
+    pub fn prepare(&mut self, b: Batch) -> Prepared {
         let Batch {
             mut rows,
             replies,
@@ -364,7 +357,6 @@ impl Ledger {
                 ));
             }
         }
-        rows.published_seq = published_seq;
         Prepared {
             rows,
             replies,
@@ -505,20 +497,6 @@ impl Ledger {
             (Some(id), true) => Some(self.world.jobs.get(&id).map_or(0, |j| j.version) + 1),
             _ => None,
         };
-        if let Some(id) = job_id.filter(|_| job_version.is_some()) {
-            b.undo.jobs.entry(id).or_insert_with(|| {
-                (
-                    self.world.jobs.get(&id).cloned(),
-                    self.world.catalogs.get(&id).cloned(),
-                )
-            });
-        }
-        if let Event::RegionConfigured { region, .. } = &event {
-            b.undo
-                .regions
-                .entry(region.clone())
-                .or_insert_with(|| self.world.regions.get(region).cloned());
-        }
         let mut env = Envelope {
             seq: self.head_seq + 1,
             event_id: next_id(),
@@ -535,17 +513,120 @@ impl Ledger {
             hash: String::new(),
         };
         let bytes = env.seal_to_json(&self.head_hash);
+        self.push(b, &env, bytes);
+        env
+    }
+
+    /// Add a sealed event that continues the log to the batch: its rows,
+    /// and its effect on the in-memory state (remembering what it changes,
+    /// to undo a failed commit).
+    fn push(&mut self, b: &mut Batch, env: &Envelope, bytes: Vec<u8>) {
+        assert_eq!(env.seq, self.head_seq + 1, "the log is gapless");
+        assert_eq!(env.prev_hash, self.head_hash, "the log is chained");
+        if let Some(id) = env.job_id.filter(|_| env.job_version.is_some()) {
+            let before = self.world.jobs.get(&id);
+            assert_eq!(
+                env.job_version,
+                Some(before.map_or(0, |j| j.version) + 1),
+                "a job's versions count its changes from 1"
+            );
+            b.undo
+                .jobs
+                .entry(id)
+                .or_insert_with(|| (before.cloned(), self.world.catalogs.get(&id).cloned()));
+        }
+        if let Event::RegionConfigured { region, .. } = &env.event {
+            b.undo
+                .regions
+                .entry(region.clone())
+                .or_insert_with(|| self.world.regions.get(region).cloned());
+        }
         b.rows.events.push((env.seq, bytes));
-        if let Some(id) = job_id {
+        if let Some(id) = env.job_id {
             b.rows.job_rows.push((
                 JobRow::Event.key(id.as_u128(), u128::from(env.seq)),
                 Some(Vec::new()),
             ));
         }
-        self.world.evolve(&env);
+        self.world.evolve(env);
         self.head_seq = env.seq;
         self.head_hash = env.hash.clone();
         self.head_time = Some(env.recorded_at);
-        env
+    }
+
+    /// Follow a log decided elsewhere (a group-mode follower applying the
+    /// leader's events from the stream): `events` are the stored bytes of
+    /// the events that continue this log, each checked here (its seq, its
+    /// link to the head, its hash, its job version) before it is applied.
+    /// Returns the batch to [`Store::commit`], then settle it with
+    /// [`Ledger::committed`] or [`Ledger::rolled_back`]; on `Err` (an event
+    /// that does not continue this log) nothing was applied. The
+    /// idempotency records of their commands are rebuilt from the log, as
+    /// import does (a command whose events began earlier is rebuilt whole).
+    pub fn follow(&mut self, events: Vec<Vec<u8>>) -> Result<Prepared> {
+        let Some(first) = events.first() else {
+            let b = self.begin(Utc::now())?;
+            return Ok(self.prepare(b));
+        };
+        let first = decode_envelope(self.head_seq + 1, first)?;
+        // The head's command may go on in `events`: its earlier events count.
+        let mut by_command: BTreeMap<Uuid, Vec<Envelope>> = BTreeMap::new();
+        let mut seq = self.head_seq;
+        while seq > 0 {
+            let env = self.store.events(seq, seq)?.pop().expect("seq <= head");
+            if env.command_id != first.command_id {
+                break;
+            }
+            by_command.entry(env.command_id).or_default().insert(0, env);
+            seq -= 1;
+        }
+        let mut b = self.begin(first.recorded_at)?;
+        for bytes in events {
+            let env = match self.continues(&bytes) {
+                Ok(env) => env,
+                Err(e) => {
+                    let undone = self.prepare(b);
+                    self.rolled_back(undone);
+                    return Err(e);
+                }
+            };
+            self.push(&mut b, &env, bytes);
+            by_command.entry(env.command_id).or_default().push(env);
+        }
+        for (id, evs) in by_command {
+            let rec = CommandRecord {
+                fingerprint: super::import::ANY_BODY.to_owned(),
+                reply: Reply::from_events(&evs.iter().collect::<Vec<_>>()),
+            };
+            b.rows.commands.push((
+                id.as_u128(),
+                serde_json::to_vec(&rec).expect("record serializes"),
+            ));
+        }
+        Ok(self.prepare(b))
+    }
+
+    /// The event `bytes`, if it continues this log: the next seq, linked to
+    /// the head, its own hash, the next version of its job.
+    fn continues(&self, bytes: &[u8]) -> Result<Envelope> {
+        let seq = self.head_seq + 1;
+        let mut env = decode_envelope(seq, bytes)?;
+        let bad = |what: &str| Err(StoreError::Corrupt(format!("event at seq {seq}: {what}")));
+        if env.seq != seq {
+            return bad(&format!("it says seq {} (gap or reorder)", env.seq));
+        }
+        if env.prev_hash != self.head_hash {
+            return bad("prev_hash does not link to this log's head");
+        }
+        if let Err(what) = env.check_stored(bytes) {
+            return bad(what);
+        }
+        if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
+            let current = self.world.jobs.get(&job).map_or(0, |j| j.version);
+            if v != current + 1 {
+                return bad(&format!("job {job} version {v} does not follow {current}"));
+            }
+        }
+        Ok(env)
     }
 }

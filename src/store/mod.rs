@@ -117,7 +117,6 @@ fn missing_table(tables: &[String]) -> Option<&'static str> {
         COMMANDS.name(),
         JOB_ROWS.name(),
         REGIONS.name(),
-        CURSOR.name(),
     ]
     .into_iter()
     .find(|t| !tables.iter().any(|n| n == t))
@@ -188,7 +187,6 @@ impl Store {
         txn.open_table(COMMANDS)?;
         txn.open_table(JOB_ROWS)?;
         txn.open_table(REGIONS)?;
-        txn.open_table(CURSOR)?;
         txn.commit()?;
         Ok(())
     }
@@ -247,12 +245,6 @@ impl Store {
         let txn = self.begin_read()?;
         let t = txn.open_table(EVENTS)?;
         Ok(t.last()?.map_or(0, |(k, _)| k.value()))
-    }
-
-    pub fn published_seq(&self) -> Result<u64> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(CURSOR)?;
-        Ok(t.get(PUBLISHED_SEQ)?.map_or(0, |v| v.value()))
     }
 
     /// Events with seq in `from..=to`, in order.
@@ -454,17 +446,6 @@ impl Store {
         }
         world.reindex();
         Ok(world)
-    }
-
-    /// Store the relay's published-through cursor on its own (used at
-    /// shutdown; while serving, the writer carries it in each batch).
-    pub fn save_published_seq(&self, seq: u64) -> Result<()> {
-        let mut txn = self.writable()?.begin_write()?;
-        txn.set_durability(redb::Durability::Immediate)
-            .map_err(corrupt)?;
-        txn.open_table(CURSOR)?.insert(PUBLISHED_SEQ, seq)?;
-        txn.commit()?;
-        Ok(())
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Committed together, in one write transaction per batch: the batch's
 //! events, each command's idempotency record, the rows of every job and
-//! region the batch touched, and the relay's published-through cursor. So
+//! region the batch touched. So
 //! the projections are never ahead of or behind the log, and a command is
 //! never half-applied.
 //!
@@ -21,10 +21,9 @@ pub const COMMANDS: TableDefinition<u128, &[u8]> = TableDefinition::new("command
 pub const JOB_ROWS: TableDefinition<(u128, u8, u128), &[u8]> = TableDefinition::new("job_rows");
 /// region name → region JSON: the region projection.
 pub const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions");
-/// "published_seq" → the last seq the relay saw acknowledged by JetStream.
-pub const CURSOR: TableDefinition<&str, u64> = TableDefinition::new("cursor");
-
-pub const PUBLISHED_SEQ: &str = "published_seq";
+// Stores written before the relay cursor was removed also hold a table
+// "cursor" (the last seq JetStream acknowledged); nothing reads it: the
+// relay always resumes from the stream's own last sequence.
 
 /// The kinds of row in [`JOB_ROWS`], and what `sub` is for each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

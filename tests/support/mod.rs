@@ -7,6 +7,10 @@
 //! fixed sleep). When a test panics, the harness prints the tails of the
 //! nats-server and bcp logs, which are captured into files in the temp dir.
 
+/// The 3-node cluster of the group-mode tests (tests/onelog.rs).
+#[allow(dead_code)]
+pub mod cluster;
+
 use async_nats::jetstream::{self, message::StreamMessage, stream};
 use serde_json::{Value, json};
 use std::collections::HashSet;

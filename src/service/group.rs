@@ -1,0 +1,318 @@
+//! Group mode: several `bcp serve --group G --node N` processes, each with
+//! its own redb store, form one logical bcp on a NATS cluster. NATS is the
+//! replicated part (no consensus of bcp's own): the JetStream stream is the
+//! log every node agrees on, and a lease in NATS KV names the one leader.
+//!
+//! A node starts as a follower: it drops any tail of its own log that the
+//! stream never acknowledged ([`reconcile`]), then applies the stream to its
+//! store with the same checks and the same row layout as the write path
+//! (`Ledger::follow`), answers queries from its store, and tries for the
+//! lease. Once it holds the lease and has applied the stream to its last
+//! message, it leads a term (`super::term`): it takes commands, and a reply
+//! leaves only once its events are fsynced locally and acknowledged by
+//! JetStream (`intake::ReplyGate`). The term ends when the lease is lost or
+//! not renewed in time, or when the stream refuses a publish
+//! (`Nats-Expected-Last-Sequence`: another node wrote there): the node
+//! withholds every reply not yet acknowledged and becomes a follower again.
+//!
+//! Why dropping a tail never drops an acknowledged command: a leader
+//! replies to a command only once JetStream acknowledged the log through
+//! that command's last event, at that very seq (the relay checks the ack's
+//! sequence). The tail [`reconcile`] drops is what this store holds beyond
+//! the longest prefix it shares with the stream, so JetStream never
+//! acknowledged any of it, and no reply covered it.
+
+use super::api::{self, Role};
+use super::guard::{self, AlarmKind, Published};
+use super::lease::{self, Lease};
+use super::{Node, ServeError, TermEnd, intake};
+use crate::store::ledger::Ledger;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::stream::Stream;
+use futures::{FutureExt, StreamExt};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How often a follower tries for the lease (and, holding it, renews it
+/// and checks whether it has caught up).
+const LEASE_POLL: Duration = Duration::from_millis(200);
+/// Events a follower applies in one transaction at most.
+const FOLLOW_BATCH_MAX: usize = 1024;
+
+/// Follow, lead, follow again… until `stop`.
+pub(crate) async fn run(node: &Node, stop: &CancellationToken) -> Result<(), ServeError> {
+    // Every node answers queries from its own store, all its life.
+    let queries = api::endpoints(&node.service, api::query_kinds())
+        .await
+        .map_err(ServeError::Nats)?;
+    let (no_commands, _) = mpsc::channel(1);
+    let queries = tokio::spawn(intake::run(
+        node.client.clone(),
+        queries,
+        node.store.clone(),
+        no_commands,
+        node.metrics.clone(),
+        intake::Options {
+            trust_request_info: node.config.trust_request_info,
+            queries_in_flight: node.config.queries_in_flight,
+            alarms: node.alarms.clone(),
+            catch_all: true,
+        },
+        stop.clone(),
+    ));
+    let result = loop {
+        node.role.send_replace(Role::Follower);
+        let (ledger, lease) = match follow(node, stop).await {
+            Ok(Some(taken)) => taken,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        node.role.send_replace(Role::Leader);
+        tracing::info!(head_seq = ledger.head_seq(), "leader: taking commands");
+        match super::term(node, ledger, lease, stop).await {
+            Ok(TermEnd::Stopped) => break Ok(()),
+            Ok(TermEnd::Deposed) => {
+                // What fenced the term is the next follower phase's to sort out.
+                node.alarms.clear(AlarmKind::Fork);
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = queries.await;
+    result
+}
+
+/// Retry `f` every second until it succeeds or `stop`.
+async fn until_nats<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    stop: &CancellationToken,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
+    let mut told = false;
+    loop {
+        match stop.run_until_cancelled(f()).await? {
+            Ok(t) => return Some(t),
+            Err(e) if !told => {
+                tracing::warn!(error = %e, "{what}: waiting for NATS JetStream");
+                told = true;
+            }
+            Err(_) => {}
+        }
+        stop.run_until_cancelled(tokio::time::sleep(Duration::from_secs(1)))
+            .await?;
+    }
+}
+
+/// The follower phase: reconcile, apply the stream, take the lease, catch
+/// up. `None` on `stop`.
+async fn follow(
+    node: &Node,
+    stop: &CancellationToken,
+) -> Result<Option<(Ledger, Lease)>, ServeError> {
+    let config = &node.config;
+    let stream_config = guard::stream_config(&config.stream, config.stream_replicas);
+    let Some(stream) = until_nats(stop, "the stream", || {
+        node.js.get_or_create_stream(stream_config.clone())
+    })
+    .await
+    else {
+        return Ok(None);
+    };
+    reconcile(node, &stream).await?;
+    let store = node.store.clone();
+    let mut ledger = tokio::task::spawn_blocking(move || Ledger::open(store))
+        .await
+        .map_err(|e| ServeError::Nats(format!("open the store: {e}")))??;
+    node.head.send_replace(ledger.head_seq());
+    node.published.send_replace(ledger.head_seq());
+    tracing::info!(
+        head_seq = ledger.head_seq(),
+        "follower: applying the stream"
+    );
+
+    let mut lease: Option<Lease> = None;
+    let mut messages = None;
+    let mut poll = tokio::time::interval(LEASE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if messages.is_none() && !node.alarms.is_raised(AlarmKind::Fork) {
+            let from = ledger.head_seq() + 1;
+            messages = match ordered_from(&stream, from).await {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::debug!(error = %e, "follower: no consumer yet");
+                    None
+                }
+            };
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {
+                if let Some(l) = lease {
+                    l.release().await;
+                }
+                return Ok(None);
+            }
+            _ = poll.tick() => {
+                lease = match lease {
+                    Some(mut l) => l.renew().await.is_ok().then_some(l),
+                    None if node.alarms.is_raised(AlarmKind::Fork) => None,
+                    None => lease::try_acquire(&node.js, &config.stream, &node.holder, config.lease_ttl, config.stream_replicas)
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                };
+                if let Some(held) = lease.take() {
+                    let last = match stream.get_info().await {
+                        Ok(info) => info.state.last_sequence,
+                        Err(_) => {
+                            lease = Some(held);
+                            continue;
+                        }
+                    };
+                    if last == ledger.head_seq() {
+                        return Ok(Some((ledger, held)));
+                    }
+                    lease = Some(held);
+                    tracing::info!(stream_last = last, head_seq = ledger.head_seq(), "lease taken; catching up before taking commands");
+                }
+            }
+            batch = next_batch(&mut messages), if messages.is_some() => {
+                let Some(batch) = batch else {
+                    messages = None; // the consumer ended: open another
+                    continue;
+                };
+                let store = node.store.clone();
+                let (l, applied) = tokio::task::spawn_blocking(move || {
+                    let applied = apply(&mut ledger, &store, batch);
+                    (ledger, applied)
+                })
+                .await
+                .map_err(|e| ServeError::Nats(format!("apply: {e}")))?;
+                ledger = l;
+                match applied {
+                    Ok(()) => {
+                        node.head.send_replace(ledger.head_seq());
+                        node.published.send_replace(ledger.head_seq());
+                        node.alarms.clear(AlarmKind::Fork);
+                    }
+                    Err(crate::store::StoreError::Corrupt(what)) => {
+                        node.alarms.raise(AlarmKind::Fork, format!("the stream {} is not this log: {what}", config.stream));
+                        messages = None;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+/// Apply `batch` (stream messages that continue the log) in one durable
+/// transaction.
+fn apply(
+    ledger: &mut Ledger,
+    store: &crate::store::Store,
+    batch: Vec<Vec<u8>>,
+) -> Result<(), crate::store::StoreError> {
+    let prepared = ledger.follow(batch)?;
+    match store.commit(&prepared) {
+        Ok(()) => {
+            ledger.committed(prepared);
+            Ok(())
+        }
+        Err(e) => {
+            ledger.rolled_back(prepared);
+            Err(e)
+        }
+    }
+}
+
+type Messages = async_nats::jetstream::consumer::pull::Ordered;
+
+async fn ordered_from(stream: &Stream, from: u64) -> Result<Messages, String> {
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
+
+/// The next message and whatever else is already there, up to
+/// [`FOLLOW_BATCH_MAX`]; `None` when the consumer failed or ended.
+async fn next_batch(messages: &mut Option<Messages>) -> Option<Vec<Vec<u8>>> {
+    let m = messages.as_mut()?;
+    let first = m.next().await?.ok()?;
+    let mut batch = vec![first.payload.to_vec()];
+    while batch.len() < FOLLOW_BATCH_MAX {
+        match m.next().now_or_never() {
+            Some(Some(Ok(msg))) => batch.push(msg.payload.to_vec()),
+            _ => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Drop the tail of this store's log that the stream does not hold: the
+/// events after the longest prefix the two share (see the module doc for
+/// why that tail was never acknowledged). Refuses, changing nothing, a
+/// store of another log, and a non-empty store against an empty stream (a
+/// lost stream: republish it from one node in single mode first).
+async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
+    let name = &node.config.stream;
+    let head = node.store.head_seq()?;
+    let last = stream
+        .get_info()
+        .await
+        .map_err(|e| ServeError::Nats(format!("stream {name}: {e}")))?
+        .state
+        .last_sequence;
+    if head == 0 {
+        return Ok(());
+    }
+    if last == 0 {
+        return Err(ServeError::Nats(format!(
+            "the stream {name} is empty but this store holds {head} events (the stream was lost?): start one node without --group on this store to republish the log, stop it, then start the group again"
+        )));
+    }
+    let mut keep = head.min(last);
+    loop {
+        if keep == 0 {
+            return Err(ServeError::Nats(format!(
+                "this store holds another log than the stream {name} (their first events differ); nothing was changed"
+            )));
+        }
+        let theirs = stream
+            .get_raw_message(keep)
+            .await
+            .map_err(|e| ServeError::Nats(format!("read stream seq {keep}: {e}")))?;
+        let theirs = Published {
+            subject: theirs.subject.to_string(),
+            payload: theirs.payload.to_vec(),
+        };
+        let ours = node.store.raw_events(keep, keep)?;
+        let ours = &ours.first().expect("keep <= head").1;
+        if guard::differs(keep, &theirs, ours).is_none() {
+            break;
+        }
+        keep -= 1;
+    }
+    if keep < head {
+        tracing::warn!(
+            kept = keep,
+            dropped = head - keep,
+            "dropping seqs {}..={head}: the stream never acknowledged them, so no reply covered them",
+            keep + 1
+        );
+        let store = node.store.clone();
+        tokio::task::spawn_blocking(move || store.truncate_to(keep))
+            .await
+            .map_err(|e| ServeError::Nats(format!("truncate: {e}")))??;
+    }
+    Ok(())
+}

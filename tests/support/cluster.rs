@@ -1,0 +1,283 @@
+//! A 3-node JetStream cluster on loopback (each nats-server with its
+//! `server_name`, `jetstream { store_dir }` and a `cluster` block routing to
+//! the other two) and `bcp serve --group` nodes on it, each on its own redb
+//! file. Children are killed on drop; when a test panics, the tails of every
+//! log are printed.
+
+use super::{Deadline, STARTUP, append_log, free_port, kill_and_reap, tail, wait_exit};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tempfile::TempDir;
+
+pub const GROUP: &str = "g1";
+
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    conf: PathBuf,
+    log: PathBuf,
+}
+
+pub struct Cluster {
+    servers: Vec<Server>,
+    /// `bcp serve` per node name, while running.
+    pub nodes: Vec<(String, Option<Child>)>,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    dir: TempDir,
+}
+
+impl Cluster {
+    /// Three nats-servers forming one JetStream cluster (ready: the
+    /// JetStream API answers), and `bcp` nodes `b1..=bN` of group [`GROUP`].
+    pub async fn start(nodes: usize) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("bcp-cluster-test")
+            .tempdir()
+            .expect("temp dir");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let mut servers = Vec::new();
+        for (i, (port, cport)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, c))| format!("nats-route://127.0.0.1:{c}"))
+                .collect();
+            let name = format!("n{}", i + 1);
+            let conf = dir.path().join(format!("{name}.conf"));
+            let store = dir.path().join(format!("js-{name}"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: bcp-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                    store.display(),
+                    routes.join(", ")
+                ),
+            )
+            .expect("write nats config");
+            let mut s = Server {
+                child: None,
+                port: *port,
+                conf,
+                log: dir.path().join(format!("{name}.log")),
+            };
+            s.spawn();
+            servers.push(s);
+        }
+        let client = super::connect(&format!("nats://127.0.0.1:{}", ports[0].0)).await;
+        let js = async_nats::jetstream::new(client.clone());
+        let mut c = Cluster {
+            servers,
+            nodes: (1..=nodes).map(|i| (format!("b{i}"), None)).collect(),
+            client,
+            js,
+            dir,
+        };
+        c.wait_jetstream().await;
+        for i in 0..nodes {
+            c.spawn_node(i);
+        }
+        c
+    }
+
+    /// Every server's client URL, comma-separated.
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn db(&self, node: usize) -> PathBuf {
+        self.path(&format!("{}.redb", self.nodes[node].0))
+    }
+
+    fn node_log(&self, node: usize) -> PathBuf {
+        self.path(&format!("{}.log", self.nodes[node].0))
+    }
+
+    pub fn node_log_text(&self, node: usize) -> String {
+        std::fs::read_to_string(self.node_log(node)).unwrap_or_default()
+    }
+
+    /// Until the JetStream API answers without error (a meta leader exists).
+    async fn wait_jetstream(&self) {
+        let deadline = Deadline::new("the JetStream cluster to answer $JS.API.INFO", STARTUP);
+        loop {
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.client.request("$JS.API.INFO", "".into()),
+            )
+            .await;
+            if let Ok(Ok(m)) = r
+                && let Ok(v) = serde_json::from_slice::<Value>(&m.payload)
+                && v.get("error").is_none()
+            {
+                return;
+            }
+            deadline.tick().await;
+        }
+    }
+
+    /// Start node `i` (`bcp serve --group`), not waiting for it.
+    pub fn spawn_node(&mut self, i: usize) {
+        assert!(self.nodes[i].1.is_none(), "node {i} is running");
+        let out = append_log(&self.node_log(i));
+        let child = Command::new(env!("CARGO_BIN_EXE_bcp"))
+            .arg("serve")
+            .arg("--db")
+            .arg(self.db(i))
+            .args(["--nats", &self.urls()])
+            .args(["--group", GROUP, "--node", &self.nodes[i].0])
+            .args(["--stream-replicas", "3", "--stream-check-interval", "2"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("BCP_STREAM")
+            .env_remove("BCP_LOG_FORMAT")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start bcp serve --group");
+        self.nodes[i].1 = Some(child);
+    }
+
+    /// kill -9 node `i`.
+    pub fn kill_node(&mut self, i: usize) {
+        kill_and_reap(&mut self.nodes[i].1);
+    }
+
+    /// SIGTERM node `i` and wait for it to drain; its exit code.
+    pub async fn stop_node(&mut self, i: usize) -> Option<i32> {
+        let mut child = self.nodes[i].1.take().expect("node running");
+        let pid = child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        wait_exit(&mut child, "bcp serve --group (SIGTERM)", STARTUP)
+            .await
+            .code()
+    }
+
+    pub fn kill_server(&mut self, i: usize) {
+        kill_and_reap(&mut self.servers[i].child);
+    }
+
+    pub fn restart_server(&mut self, i: usize) {
+        self.servers[i].spawn();
+    }
+
+    /// Every node's `bcp.status` reply that comes within half a second.
+    pub async fn statuses(&self) -> Vec<Value> {
+        use futures::StreamExt;
+        let inbox = self.client.new_inbox();
+        let Ok(mut sub) = self.client.subscribe(inbox.clone()).await else {
+            return vec![];
+        };
+        if self
+            .client
+            .publish_with_reply("bcp.status", inbox, "{}".into())
+            .await
+            .is_err()
+        {
+            return vec![];
+        }
+        let mut out = Vec::new();
+        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
+            if m.status.is_none() {
+                out.push(serde_json::from_slice(&m.payload).expect("status JSON"));
+            }
+        }
+        out
+    }
+
+    /// Wait until exactly one node says it leads and `running` nodes
+    /// answer; the leader's node index.
+    pub async fn leader(&self, running: usize) -> usize {
+        let deadline = Deadline::new("one leader among the bcp nodes", STARTUP);
+        loop {
+            let s = self.statuses().await;
+            let leaders: Vec<&Value> = s.iter().filter(|v| v["role"] == json!("leader")).collect();
+            if s.len() == running && leaders.len() == 1 {
+                let name = leaders[0]["node"].as_str().expect("node");
+                return self
+                    .nodes
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .expect("a known node");
+            }
+            deadline.tick().await;
+        }
+    }
+
+    /// Wait until every running node reports head `seq`.
+    pub async fn all_at(&self, running: usize, seq: u64) -> Vec<Value> {
+        let deadline = Deadline::new(format!("every node at head {seq}"), Duration::from_secs(60));
+        loop {
+            let s = self.statuses().await;
+            if s.len() == running && s.iter().all(|v| v["head_seq"] == json!(seq)) {
+                return s;
+            }
+            deadline.tick().await;
+        }
+    }
+}
+
+impl Server {
+    fn spawn(&mut self) {
+        let out = append_log(&self.log);
+        let bin = super::nats_server_bin();
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log handle"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + STARTUP;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server {} did not listen:\n{}",
+                self.conf.display(),
+                tail(&self.log, 40)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 0..self.nodes.len() {
+                eprintln!(
+                    "----- {} log -----\n{}",
+                    self.nodes[i].0,
+                    tail(&self.node_log(i), 80)
+                );
+            }
+            for s in &self.servers {
+                eprintln!("----- {} -----\n{}", s.log.display(), tail(&s.log, 20));
+            }
+        }
+        for (_, child) in &mut self.nodes {
+            kill_and_reap(child);
+        }
+        for s in &mut self.servers {
+            kill_and_reap(&mut s.child);
+        }
+    }
+}
