@@ -150,9 +150,26 @@ impl Cluster {
         self.nodes[i].1 = Some(child);
     }
 
-    /// kill -9 node `i`.
+    /// kill -9 node `i`; its log gets a line `<time> KILLED` first (the
+    /// end of any term it was leading).
     pub fn kill_node(&mut self, i: usize) {
+        use std::io::Write;
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let _ = writeln!(append_log(&self.node_log(i)), "{now} KILLED");
         kill_and_reap(&mut self.nodes[i].1);
+    }
+
+    /// A producer's own connection, to every server of the cluster.
+    pub async fn producer(&self) -> async_nats::Client {
+        let urls: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.port))
+            .collect();
+        async_nats::ConnectOptions::new()
+            .connect(urls)
+            .await
+            .expect("connect a producer")
     }
 
     /// SIGTERM node `i` and wait for it to drain; its exit code.
