@@ -55,6 +55,55 @@ run: nats-server
     bcp_pid=$!
     wait "$bcp_pid"
 
+# A local group: a 3-node NATS cluster (JetStream, loopback ports from BCP_NATS_PORT, default 4222-4224) and 3 bcp nodes (group mode, data/cluster/). Ctrl-C stops everything.
+cluster: nats-server
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release --quiet
+    base={{nats_port}}
+    dir=data/cluster
+    mkdir -p "$dir"
+    pids=()
+    # bcp nodes drain first (they need NATS for that), then nats-servers.
+    cleanup() {
+      for ((k=${#pids[@]}-1; k>=0; k--)); do
+        kill -TERM "${pids[k]}" 2>/dev/null || true
+        wait "${pids[k]}" 2>/dev/null || true
+      done
+    }
+    trap cleanup EXIT
+    trap 'exit 0' INT TERM
+    urls=""
+    for i in 1 2 3; do
+      port=$((base + i - 1)); urls="${urls:+$urls,}nats://127.0.0.1:$port"
+    done
+    for i in 1 2 3; do
+      port=$((base + i - 1)); cport=$((base + 2000 + i - 1)); routes=""
+      for j in 1 2 3; do
+        [ "$j" = "$i" ] || routes="${routes:+$routes, }nats-route://127.0.0.1:$((base + 2000 + j - 1))"
+      done
+      printf 'server_name: n%s\nlisten: 127.0.0.1:%s\njetstream { store_dir: "%s/n%s" }\ncluster {\n  name: bcp-local\n  listen: 127.0.0.1:%s\n  routes: [%s]\n}\n' \
+        "$i" "$port" "$dir" "$i" "$cport" "$routes" > "$dir/n$i.conf"
+      setsid nats-server -c "$dir/n$i.conf" > "$dir/n$i.log" 2>&1 &
+      pids+=($!)
+    done
+    for i in 1 2 3; do
+      port=$((base + i - 1))
+      for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+      (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null || { echo "nats-server n$i did not start on port $port (taken? set BCP_NATS_PORT): $dir/n$i.log" >&2; exit 1; }
+    done
+    for i in 1 2 3; do
+      setsid ./target/release/bcp serve --db "$dir/b$i.redb" --nats "$urls" --group local --node "b$i" --stream-replicas 3 > "$dir/b$i.log" 2>&1 &
+      pids+=($!)
+    done
+    echo "3 nats-servers ($urls) and 3 bcp nodes (logs in $dir/). From another terminal:"
+    echo "  ./target/release/bcp status --nats $urls             # which node leads, each head"
+    echo "  ./target/release/bcp send create --nats $urls --project demo --kind replica_set --name rs0"
+    echo "  kill -9 <the leader's pid from bcp status>            # another node leads within about 3 s"
+    echo "  ./target/release/bcp serve --db $dir/bN.redb --nats $urls --group local --node bN --stream-replicas 3   # restart node N: it rejoins as a follower"
+    echo "Ctrl-C stops everything."
+    wait
+
 # Every test: unit, snapshot, property and integration (starts its own nats-server).
 test: nats-server py-deps
     cargo test
@@ -76,6 +125,10 @@ fuzz cases="1000000":
 # The fault harness: load, then kill -9 of bcp serve and of nats-server at random moments, per round; checks nothing acked is lost or duplicated. BCP_FAULT_SEED replays a run.
 faults rounds="20": nats-server
     BCP_FAULT_ROUNDS={{rounds}} cargo test --release --test faults -- --nocapture
+
+# The group-mode failover harness: 3 NATS nodes, 3 bcp nodes, producers retrying; kill -9 of the leader each round, one NATS node once (a few rounds also run in `just test`).
+failover rounds="10": nats-server
+    BCP_FAILOVER_ROUNDS={{rounds}} cargo test --release --test onelog failover -- --nocapture
 
 # Benchmark bcp against its baselines (raw redb, raw JetStream): 1 M-event logs, several minutes. Writes bench/results/latest.json.
 bench *args: nats-server

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release && cargo bench --bench bcp -- [--quick] [--events N] [--commands N]
 //!     [--growth-commands N] [--in-flight K] [--load-secs S] [--repeats R] [--out FILE] [--keep]
-//!     [--e2e-only]
+//!     [--e2e-only | --group-only]
 //! ```
 //! (`just bench`, `just bench-smoke`). It starts its own nats-servers and
 //! `bcp serve` children (`target/release/bcp`, or `$BCP_BIN`) on free
@@ -40,6 +40,12 @@
 //! 7. **Memory**: VmRSS/VmHWM of `bcp serve` at each step of 6 (10 events
 //!    per job, so 1 M events = 100 k jobs), and the heap the projections
 //!    (`World`) take, counted by this binary's allocator (`heap.rs`).
+//! 8. **The replicated ack** (group mode): the closed loop of 3 against
+//!    three `bcp serve --group` nodes on a 3-node JetStream cluster with
+//!    `--stream-replicas 3` (a reply leaves once the events are fsynced
+//!    locally and acknowledged by a JetStream quorum), beside the same loop
+//!    against a fresh single-node bcp, taking turns. `--group-only` runs
+//!    just this and prints it.
 //!
 //! The disk's speed here drifts by ±30 % within minutes, so the figures a
 //! ratio or a target is read from are each the median of `--repeats` runs
@@ -87,6 +93,8 @@ pub struct Args {
     /// Only the end-to-end run and the fixed loads (3, 4), printed, nothing
     /// written: for comparing two builds quickly.
     pub e2e_only: bool,
+    /// Only the replicated-ack comparison (8), printed, nothing written.
+    pub group_only: bool,
     /// The largest log of the growth steps, replay and verify.
     pub events: u64,
     /// Commands of the end-to-end run (3).
@@ -126,6 +134,7 @@ impl Args {
             Args {
                 quick,
                 e2e_only: false,
+                group_only: false,
                 events: 20_000,
                 commands: 3_000,
                 growth_commands: 1_000,
@@ -143,6 +152,7 @@ impl Args {
             Args {
                 quick,
                 e2e_only: false,
+                group_only: false,
                 events: 1_000_000,
                 commands: 100_000,
                 growth_commands: 20_000,
@@ -165,6 +175,7 @@ impl Args {
                 "--quick" => {}
                 "--keep" => a.keep = true,
                 "--e2e-only" => a.e2e_only = true,
+                "--group-only" => a.group_only = true,
                 // cargo bench passes --bench to harness = false targets.
                 "--bench" => {}
                 "--events" => a.events = value()?.parse()?,
@@ -293,7 +304,18 @@ pub struct Results {
     pub growth: Vec<Step>,
     pub verify: Cli,
     pub replay: Cli,
+    pub group: GroupAck,
     pub elapsed_secs: f64,
+}
+
+/// Item 8: the closed loop against a group of three (replicated ack) and
+/// against a single node, the runs of median rate and every run's rate.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupAck {
+    pub single: Run,
+    pub single_rates: Vec<f64>,
+    pub group: Run,
+    pub group_rates: Vec<f64>,
 }
 
 fn main() -> Result<()> {
@@ -350,6 +372,11 @@ async fn run(args: Args) -> Result<Results> {
         b.dir.display()
     ));
 
+    if b.args.group_only {
+        let g = group_ack(&mut b).await?;
+        print!("{}", report::group_rows(&g));
+        std::process::exit(0);
+    }
     if b.args.e2e_only {
         let EndToEnd {
             e2e: (e2e, rates),
@@ -432,6 +459,7 @@ async fn run(args: Args) -> Result<Results> {
         replays.push(replay);
     }
     let (verify, replay) = (Cli::median(verifies), Cli::median(replays));
+    let group = group_ack(&mut b).await?;
 
     machine.loadavg_end = report::loadavg();
     Ok(Results {
@@ -451,6 +479,7 @@ async fn run(args: Args) -> Result<Results> {
         growth,
         verify,
         replay,
+        group,
         elapsed_secs: started.elapsed().as_secs_f64(),
     })
 }
@@ -846,5 +875,119 @@ async fn time_cli(bin: &Path, args: &[&str], db: &Path, dir: &Path) -> Result<Cl
         rate: Rate::new(events, elapsed),
         rates: vec![events as f64 / elapsed.as_secs_f64().max(1e-9)],
         peak_rss_bytes: peak,
+    })
+}
+
+/// Item 8: `--repeats` turns of a fresh single-node bcp and a fresh group
+/// of three on a 3-node JetStream cluster, the same closed loop against
+/// each.
+async fn group_ack(b: &mut Bench) -> Result<GroupAck> {
+    let (mut singles, mut groups) = (Vec::new(), Vec::new());
+    let commands = b.args.growth_commands;
+    for i in 0..b.args.repeats {
+        let dir = b.dir.join(format!("single-{i}"));
+        let nats = Nats::start(&b.nats_bin, &dir.join("nats"), false)?;
+        let bcp = Bcp::start(
+            &b.bcp_bin,
+            &dir.join("bcp.redb"),
+            &nats.url(),
+            &dir.join("bcp.log"),
+        )
+        .await?;
+        let client = async_nats::connect(nats.url()).await?;
+        let js = jetstream::new(client.clone());
+        let pids = [
+            ("bcp serve", bcp.pid()),
+            ("nats-server", nats.pid()),
+            ("producers (bench)", 0),
+        ];
+        settle().await?;
+        let run = closed(
+            &client,
+            &js,
+            b.lanes.take(b.args.in_flight),
+            commands,
+            &pids,
+        )
+        .await?;
+        say(format!(
+            "single node, run {}: {:.0} commands/s, p50 {} µs, p99 {} µs",
+            i + 1,
+            run.acked.per_sec,
+            run.latency.p50_us,
+            run.latency.p99_us
+        ));
+        bcp.stop().await?;
+        drop(nats);
+        singles.push(run);
+
+        let dir = b.dir.join(format!("group-{i}"));
+        let cluster = Nats::start_cluster(&b.nats_bin, &dir).await?;
+        let urls = cluster.iter().map(Nats::url).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::new();
+        for n in 0..3 {
+            let name = format!("b{n}");
+            let args = [
+                "--group",
+                "bench",
+                "--node",
+                &name,
+                "--stream-replicas",
+                "3",
+            ];
+            let (db, log) = (
+                dir.join(format!("{name}.redb")),
+                dir.join(format!("{name}.log")),
+            );
+            nodes.push(Bcp::spawn(&b.bcp_bin, &db, &urls, &log, &args)?);
+        }
+        nodes[0].ready(&urls, &dir.join("b0.log")).await?;
+        let client = async_nats::connect(urls.split(',').collect::<Vec<_>>()).await?;
+        let js = jetstream::new(client.clone());
+        let names = [
+            "bcp node 0",
+            "bcp node 1",
+            "bcp node 2",
+            "nats-server 0",
+            "nats-server 1",
+            "nats-server 2",
+        ];
+        let pids: Vec<(&str, u32)> = nodes
+            .iter()
+            .map(Bcp::pid)
+            .chain(cluster.iter().map(Nats::pid))
+            .zip(names)
+            .map(|(pid, name)| (name, pid))
+            .chain([("producers (bench)", 0)])
+            .collect();
+        settle().await?;
+        let run = closed(
+            &client,
+            &js,
+            b.lanes.take(b.args.in_flight),
+            commands,
+            &pids,
+        )
+        .await?;
+        say(format!(
+            "group of 3, run {}: {:.0} commands/s, p50 {} µs, p99 {} µs",
+            i + 1,
+            run.acked.per_sec,
+            run.latency.p50_us,
+            run.latency.p99_us
+        ));
+        for node in nodes {
+            node.stop().await?;
+        }
+        drop(cluster);
+        groups.push(run);
+    }
+    let (single, single_rates) = median_by(singles, |r| r.acked.per_sec);
+    let (group, group_rates) = median_by(groups, |r| r.acked.per_sec);
+    Ok(GroupAck {
+        single,
+        single_rates,
+        group,
+        group_rates,
     })
 }

@@ -129,8 +129,61 @@ impl Nats {
     /// JetStream fsyncs every message (`sync_interval: always`); otherwise
     /// nats-server's default (a background sync every 2 minutes).
     pub fn start(bin: &Path, dir: &Path, sync_always: bool) -> Result<Nats> {
+        Self::start_with(bin, dir, free_port(), sync_always, "")
+    }
+
+    /// Three servers forming one JetStream cluster on loopback (each in
+    /// `dir/nN`); the JetStream API answers once they return.
+    pub async fn start_cluster(bin: &Path, dir: &Path) -> Result<Vec<Nats>> {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let mut servers = Vec::new();
+        for (i, (port, cport)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, c))| format!("nats-route://127.0.0.1:{c}"))
+                .collect();
+            let extra = format!(
+                "server_name: n{i}\ncluster {{\n  name: bcp-bench\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            );
+            servers.push(Self::start_with(
+                bin,
+                &dir.join(format!("n{i}")),
+                *port,
+                false,
+                &extra,
+            )?);
+        }
+        let client = async_nats::connect(servers[0].url()).await?;
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.request("$JS.API.INFO", "".into()),
+            )
+            .await;
+            if let Ok(Ok(m)) = r
+                && !String::from_utf8_lossy(&m.payload).contains("\"error\"")
+            {
+                return Ok(servers);
+            }
+            if Instant::now() > deadline {
+                bail!("the JetStream cluster did not answer within {STARTUP:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn start_with(
+        bin: &Path,
+        dir: &Path,
+        port: u16,
+        sync_always: bool,
+        extra: &str,
+    ) -> Result<Nats> {
         std::fs::create_dir_all(dir)?;
-        let port = free_port();
         let store = dir.join("jetstream");
         let sync = if sync_always {
             "\n  sync_interval: always"
@@ -138,7 +191,7 @@ impl Nats {
             ""
         };
         let config = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"{sync}\n}}\n",
+            "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"{sync}\n}}\n{extra}",
             store.display()
         );
         let config_path = dir.join("nats-server.conf");
@@ -193,13 +246,20 @@ pub struct Bcp {
 impl Bcp {
     /// Start `bcp serve --db DB --nats URL` and wait until it answers.
     pub async fn start(bin: &Path, db: &Path, url: &str, log: &Path) -> Result<Bcp> {
+        let mut bcp = Self::spawn(bin, db, url, log, &[])?;
+        bcp.ready(url, log).await?;
+        Ok(bcp)
+    }
+
+    /// Start `bcp serve` with `extra` arguments, not waiting for it.
+    pub fn spawn(bin: &Path, db: &Path, url: &str, log: &Path, extra: &[&str]) -> Result<Bcp> {
         let (out, err) = log_file(log)?;
-        let started = Instant::now();
         let child = Command::new(bin)
             .arg("serve")
             .arg("--db")
             .arg(db)
             .args(["--nats", url])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("BCP_STREAM")
@@ -210,12 +270,20 @@ impl Bcp {
             .stderr(err)
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;
-        let mut bcp = Bcp {
+        Ok(Bcp {
             child: Some(child),
             log: log.to_owned(),
             startup: Duration::ZERO,
-        };
-        let client = async_nats::connect(url).await?;
+        })
+    }
+
+    /// Wait until `url` answers a query and a command probe (in a group:
+    /// until one node leads).
+    pub async fn ready(&mut self, url: &str, log: &Path) -> Result<()> {
+        let started = Instant::now();
+        let bcp = self;
+        let servers: Vec<&str> = url.split(',').collect();
+        let client = async_nats::connect(servers).await?;
         let deadline = Instant::now() + STARTUP;
         loop {
             if let Some(status) = bcp.child()?.try_wait()? {
@@ -250,7 +318,7 @@ impl Bcp {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         bcp.startup = started.elapsed();
-        Ok(bcp)
+        Ok(())
     }
 
     fn child(&mut self) -> Result<&mut Child> {

@@ -602,5 +602,40 @@ pub fn table(r: &Results) -> String {
             ["7", &what, &cell, "", "", "grows with jobs, not events", ""],
         );
     }
+    t.push('\n');
+    t += &group_rows(&r.group);
+    t
+}
+
+/// Item 8: single node beside a group of three (replicated ack).
+pub fn group_rows(g: &crate::GroupAck) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| 8 | replicated ack | commands/s (runs) | p50 / p99 | group ÷ single |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|");
+    for (what, run, rates) in [
+        (
+            "single node (fsync, then reply)",
+            &g.single,
+            &g.single_rates,
+        ),
+        (
+            "group of 3, `--stream-replicas 3` (fsync + JetStream quorum ack, then reply)",
+            &g.group,
+            &g.group_rates,
+        ),
+    ] {
+        let _ = writeln!(
+            t,
+            "| 8 | {what} | {}{} | {} / {} | {} |",
+            int(run.acked.per_sec),
+            of_runs(rates),
+            ms(run.latency.p50_us),
+            ms(run.latency.p99_us),
+            ratio(run.acked.per_sec, g.single.acked.per_sec)
+        );
+    }
     t
 }

@@ -522,10 +522,10 @@ pub fn status_table(replies: &[Value]) -> String {
             field("head_seq"),
             field("published_seq"),
             field("relay_lag"),
-            if r["taking_commands"] == json!(true) {
-                "yes"
-            } else {
-                "NO"
+            match (&r["taking_commands"], r["role"].as_str()) {
+                (Value::Bool(true), _) => "yes",
+                (_, Some("follower")) => "no, it follows the stream",
+                _ => "NO",
             },
             field("log_id"),
         );

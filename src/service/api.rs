@@ -233,7 +233,7 @@ impl StatusSource {
             published_seq: *self.metrics.published.borrow(),
             relay_lag: self.metrics.relay_lag(),
             writer: (role != Role::Follower).then(|| self.holder.store.clone()),
-            taking_commands: alarms.is_empty(),
+            taking_commands: alarms.is_empty() && role != Role::Follower,
             alarms,
         }
     }
