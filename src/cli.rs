@@ -513,7 +513,7 @@ pub fn status_table(replies: &[Value]) -> String {
             v => v.to_string(),
         };
         out += &format!(
-            "{} {} pid {}  db {}  stream {}  head {}  published {}  lag {}  taking commands: {}\n  log id {}\n",
+            "{} {} pid {}  db {}  stream {}  head {}  published {}  lag {}  lease renewed {} ms ago  taking commands: {}\n  log id {}\n",
             field("role"),
             field("node"),
             field("pid"),
@@ -522,6 +522,7 @@ pub fn status_table(replies: &[Value]) -> String {
             field("head_seq"),
             field("published_seq"),
             field("relay_lag"),
+            field("lease_age_ms"),
             match (&r["taking_commands"], r["role"].as_str()) {
                 (Value::Bool(true), _) => "yes",
                 (_, Some("follower")) => "no, it follows the stream",

@@ -687,3 +687,69 @@ async fn failover_keeps_every_acknowledged_command_exactly_once() {
     }
     assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
 }
+
+/// A node whose store holds events the stream never acknowledged (decided
+/// locally, never published: here appended to a stopped node's store
+/// offline, as a leader killed between its commit and its publish leaves
+/// them) drops exactly that tail when it starts, applies the stream in its
+/// place, and rejoins with the same log as every other node.
+#[tokio::test]
+async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
+    let mut c = support::cluster::Cluster::start(3).await;
+    let leader = c.leader(3).await;
+    let job = id();
+    cmd_definitive(&c.client, "create", &create(job)).await;
+    cmd_definitive(&c.client, "start", &on(job)).await;
+    c.all_at(3, 2).await;
+    let follower = (leader + 1) % 3;
+    assert_eq!(c.stop_node(follower).await, Some(0));
+
+    let unacknowledged = create(id());
+    {
+        use bcp::store::ledger::{Ledger, Pending};
+        let store = bcp::store::Store::open_existing(&c.db(follower)).unwrap();
+        let mut ledger = Ledger::open(store).unwrap();
+        let cmd = bcp::domain::command::decode(
+            "p1",
+            "create",
+            unacknowledged.to_string().as_bytes(),
+            None,
+        )
+        .unwrap();
+        let replies = ledger
+            .execute(&[Pending::new(cmd)], chrono::Utc::now(), &mut Uuid::now_v7)
+            .unwrap();
+        assert_eq!(
+            seqs(&serde_json::from_slice(&replies[0].to_json()).unwrap()),
+            [3]
+        );
+    }
+    let stop = on(job);
+    assert_eq!(seqs(&cmd_definitive(&c.client, "stop", &stop).await), [3]);
+
+    c.spawn_node(follower);
+    c.all_at(3, 3).await;
+    assert!(
+        c.node_log_text(follower).contains("dropping seqs 3..=3"),
+        "{}",
+        c.node_log_text(follower)
+    );
+    assert_eq!(c.stop_node(follower).await, Some(0));
+    let store = bcp::store::Store::open_existing(&c.db(follower)).unwrap();
+    let third = store.events(3, 3).unwrap().pop().unwrap();
+    assert_eq!(
+        json!(third.command_id),
+        stop["command_id"],
+        "the stream's seq 3 took its place"
+    );
+    assert_eq!(store.head_seq().unwrap(), 3);
+    drop(store);
+    let db = c.db(follower);
+    let (code, out, err) = bcp_cli_text(&["audit", "verify", "--db", db.to_str().unwrap()]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    // The dropped command was never acknowledged: sent now, it is decided afresh.
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "create", &unacknowledged).await),
+        [4]
+    );
+}

@@ -169,7 +169,10 @@ pub struct Status {
     /// The writer lease's name for this process, while it holds it
     /// (single, leader); null for a follower.
     pub writer: Option<String>,
-    /// Whether commands are taken now (no alarm raised).
+    /// Milliseconds since the writer lease was last renewed, while this
+    /// process holds it (it lapses at the lease TTL).
+    pub lease_age_ms: Option<u64>,
+    /// Whether commands are taken now (the writer, no alarm raised).
     pub taking_commands: bool,
     pub alarms: Vec<Alarm>,
 }
@@ -185,6 +188,7 @@ pub struct StatusSource {
     pub group: Option<String>,
     pub node: Option<String>,
     pub role: watch::Receiver<Role>,
+    pub lease: watch::Receiver<Option<super::lease::Renewed>>,
 }
 
 /// What a process is doing now.
@@ -233,6 +237,11 @@ impl StatusSource {
             published_seq: *self.metrics.published.borrow(),
             relay_lag: self.metrics.relay_lag(),
             writer: (role != Role::Follower).then(|| self.holder.store.clone()),
+            lease_age_ms: self
+                .lease
+                .borrow()
+                .as_ref()
+                .map(|r| r.lock().expect("lease clock").elapsed().as_millis() as u64),
             taking_commands: alarms.is_empty() && role != Role::Follower,
             alarms,
         }

@@ -93,7 +93,12 @@ pub struct Lease {
     me: Holder,
     revision: u64,
     ttl: Duration,
+    /// When it was last taken or renewed (for `bcp.status`).
+    renewed: Renewed,
 }
+
+/// When a lease was last taken or renewed; shared with the status reply.
+pub type Renewed = Arc<std::sync::Mutex<std::time::Instant>>;
 
 /// The bucket, created when missing, and the lease TTL it enforces (its
 /// `max_age`: the first process to create it chose it).
@@ -183,6 +188,7 @@ pub async fn try_acquire(
         me: me.clone(),
         revision,
         ttl,
+        renewed: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
     };
     loop {
         match kv.create(stream, bytes.clone()).await {
@@ -215,6 +221,14 @@ impl Lease {
         &self.me
     }
 
+    pub fn renewed(&self) -> Renewed {
+        self.renewed.clone()
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Renew; `Err` says why not. A lapsed lease (a NATS outage longer than
     /// the TTL) is taken again when nobody else took it.
     pub(crate) async fn renew(&mut self) -> Result<(), Renewal> {
@@ -226,6 +240,7 @@ impl Lease {
         {
             Ok(revision) => {
                 self.revision = revision;
+                *self.renewed.lock().expect("lease clock") = std::time::Instant::now();
                 return Ok(());
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}

@@ -105,6 +105,8 @@ pub(crate) struct Node {
     pub published: watch::Sender<u64>,
     pub role: watch::Sender<api::Role>,
     pub holder: lease::Holder,
+    /// The lease this process holds now, if any (for `bcp.status`).
+    pub lease: watch::Sender<Option<lease::Renewed>>,
     /// Set at the first call after `stop`: one drain budget for everything
     /// that needs NATS from then on.
     drain_deadline: std::sync::OnceLock<tokio::time::Instant>,
@@ -164,6 +166,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let (head_tx, head_rx) = watch::channel(head);
     let (published_tx, published_rx) = watch::channel(0);
     let (role_tx, role_rx) = watch::channel(role);
+    let (lease_tx, lease_rx) = watch::channel(None);
     let metrics = api::Metrics::new(head_rx, published_rx, alarms.clone());
     let service = api::start(&client, metrics.clone())
         .await
@@ -179,6 +182,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
             group: config.group.clone(),
             node: config.node.clone(),
             role: role_rx,
+            lease: lease_rx,
         },
         stop.clone(),
     ));
@@ -194,6 +198,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         published: published_tx,
         role: role_tx,
         holder,
+        lease: lease_tx,
         drain_deadline: std::sync::OnceLock::new(),
     };
     let result = match (ledger, lease) {
@@ -264,6 +269,7 @@ pub(crate) async fn term(
         true => lease::OnLoss::Depose(deposed.clone()),
         false => lease::OnLoss::Alarm(node.alarms.clone()),
     };
+    node.lease.send_replace(Some(lease.renewed()));
     let lease = tokio::spawn(lease::hold(lease, on_loss, end.clone()));
     let watcher = tokio::spawn(guard::watch(
         node.store.clone(),
@@ -375,6 +381,7 @@ pub(crate) async fn term(
     let lease = lease
         .await
         .map_err(|e| ServeError::Nats(format!("lease task: {e}")))?;
+    node.lease.send_replace(None);
     if deposed.is_cancelled() {
         tracing::warn!(head_seq = ledger_head, "term ended: deposed");
         return Ok(TermEnd::Deposed);
