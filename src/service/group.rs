@@ -133,6 +133,7 @@ async fn follow(
     );
 
     let mut lease: Option<Lease> = None;
+    let mut bucket: Option<lease::Bucket> = None;
     let mut messages = None;
     let mut poll = tokio::time::interval(LEASE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -158,10 +159,15 @@ async fn follow(
                 lease = match lease {
                     Some(mut l) => l.renew().await.is_ok().then_some(l),
                     None if node.alarms.is_raised(AlarmKind::Fork) => None,
-                    None => lease::try_acquire(&node.js, &config.stream, &node.holder, config.lease_ttl, config.stream_replicas)
-                        .await
-                        .ok()
-                        .and_then(Result::ok),
+                    None => {
+                        if bucket.is_none() {
+                            bucket = lease::Bucket::open(&node.js, config.lease_ttl, config.stream_replicas).await.ok();
+                        }
+                        match &bucket {
+                            Some(b) => b.try_acquire(&config.stream, &node.holder).await.ok().and_then(Result::ok),
+                            None => None,
+                        }
+                    }
                 };
                 if let Some(held) = lease.take() {
                     let last = match stream.get_info().await {

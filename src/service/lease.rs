@@ -100,39 +100,92 @@ pub struct Lease {
 /// When a lease was last taken or renewed; shared with the status reply.
 pub type Renewed = Arc<std::sync::Mutex<std::time::Instant>>;
 
-/// The bucket, created when missing, and the lease TTL it enforces (its
-/// `max_age`: the first process to create it chose it).
-async fn bucket(
-    js: &jetstream::Context,
+/// The lease bucket, opened (created when missing) once, and the lease TTL
+/// it enforces: its `max_age`, chosen by the first process to create it.
+#[derive(Clone)]
+pub struct Bucket {
+    kv: kv::Store,
     ttl: Duration,
-    replicas: usize,
-) -> Result<(kv::Store, Duration), String> {
-    let kv = match js.get_key_value(BUCKET).await {
-        Ok(kv) => kv,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                description: "bcp: which bcp serve writes each stream".to_owned(),
-                history: 1,
-                max_age: ttl,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas.max(1),
-                ..Default::default()
-            })
+}
+
+impl Bucket {
+    pub async fn open(
+        js: &jetstream::Context,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<Bucket, LeaseError> {
+        let nats = |e: String| LeaseError::Nats(e);
+        let kv = match js.get_key_value(BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: BUCKET.to_owned(),
+                    description: "bcp: which bcp serve writes each stream".to_owned(),
+                    history: 1,
+                    max_age: ttl,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| nats(e.to_string()))?,
+        };
+        let mut stream = js
+            .get_stream(format!("KV_{BUCKET}"))
             .await
-            .map_err(|e| e.to_string())?,
-    };
-    let mut stream = js
-        .get_stream(format!("KV_{BUCKET}"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let max_age = stream
-        .info()
-        .await
-        .map_err(|e| e.to_string())?
-        .config
-        .max_age;
-    Ok((kv, if max_age.is_zero() { ttl } else { max_age }))
+            .map_err(|e| nats(e.to_string()))?;
+        let max_age = stream
+            .info()
+            .await
+            .map_err(|e| nats(e.to_string()))?
+            .config
+            .max_age;
+        let ttl = if max_age.is_zero() { ttl } else { max_age };
+        Ok(Bucket { kv, ttl })
+    }
+
+    /// Take the lease on `stream` for `me` if it is free or already `me`'s;
+    /// otherwise `Ok(Err(who holds it))`, at once.
+    pub async fn try_acquire(
+        &self,
+        stream: &str,
+        me: &Holder,
+    ) -> Result<Result<Lease, String>, LeaseError> {
+        let kv = &self.kv;
+        let bytes: bytes::Bytes = serde_json::to_vec(me).expect("holder serializes").into();
+        let lease = |revision| Lease {
+            kv: kv.clone(),
+            key: stream.to_owned(),
+            me: me.clone(),
+            revision,
+            ttl: self.ttl,
+            renewed: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+        };
+        loop {
+            match kv.create(stream, bytes.clone()).await {
+                Ok(revision) => return Ok(Ok(lease(revision))),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(LeaseError::Nats(e.to_string())),
+            }
+            let entry = kv
+                .entry(stream)
+                .await
+                .map_err(|e| LeaseError::Nats(e.to_string()))?;
+            let Some(entry) = entry else { continue };
+            let holder = holder_of(&entry);
+            if holder.as_ref().is_some_and(|h| h.store == me.store) {
+                match kv.update(stream, bytes.clone(), entry.revision).await {
+                    Ok(revision) => return Ok(Ok(lease(revision))),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => return Err(LeaseError::Nats(e.to_string())),
+                }
+            }
+            return Ok(Err(holder.map_or_else(
+                || "an unreadable lease entry".to_owned(),
+                |h| h.describe(),
+            )));
+        }
+    }
 }
 
 fn holder_of(entry: &kv::Entry) -> Option<Holder> {
@@ -149,10 +202,11 @@ pub async fn acquire(
     ttl: Duration,
     replicas: usize,
 ) -> Result<Lease, LeaseError> {
-    let give_up = tokio::time::Instant::now() + ttl + Duration::from_secs(1);
+    let bucket = Bucket::open(js, ttl, replicas).await?;
+    let give_up = tokio::time::Instant::now() + bucket.ttl + Duration::from_secs(1);
     let mut told = false;
     loop {
-        let holder = match try_acquire(js, stream, &me, ttl, replicas).await? {
+        let holder = match bucket.try_acquire(stream, &me).await? {
             Ok(lease) => return Ok(lease),
             Err(holder) => holder,
         };
@@ -160,59 +214,14 @@ pub async fn acquire(
             return Err(LeaseError::Held {
                 stream: stream.to_owned(),
                 holder,
-                ttl,
+                ttl: bucket.ttl,
             });
         }
         if !told {
-            tracing::warn!(%holder, "the stream's writer lease is held by another store; waiting up to {ttl:?} for it to lapse");
+            tracing::warn!(%holder, "the stream's writer lease is held by another store; waiting up to {:?} for it to lapse", bucket.ttl);
             told = true;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Take the lease on `stream` for `me` if it is free or already `me`'s;
-/// otherwise `Ok(Err(who holds it))`, at once.
-pub async fn try_acquire(
-    js: &jetstream::Context,
-    stream: &str,
-    me: &Holder,
-    ttl: Duration,
-    replicas: usize,
-) -> Result<Result<Lease, String>, LeaseError> {
-    let (kv, ttl) = bucket(js, ttl, replicas).await.map_err(LeaseError::Nats)?;
-    let bytes: bytes::Bytes = serde_json::to_vec(me).expect("holder serializes").into();
-    let lease = |kv, revision| Lease {
-        kv,
-        key: stream.to_owned(),
-        me: me.clone(),
-        revision,
-        ttl,
-        renewed: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
-    };
-    loop {
-        match kv.create(stream, bytes.clone()).await {
-            Ok(revision) => return Ok(Ok(lease(kv, revision))),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(LeaseError::Nats(e.to_string())),
-        }
-        let entry = kv
-            .entry(stream)
-            .await
-            .map_err(|e| LeaseError::Nats(e.to_string()))?;
-        let Some(entry) = entry else { continue };
-        let holder = holder_of(&entry);
-        if holder.as_ref().is_some_and(|h| h.store == me.store) {
-            match kv.update(stream, bytes.clone(), entry.revision).await {
-                Ok(revision) => return Ok(Ok(lease(kv, revision))),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(LeaseError::Nats(e.to_string())),
-            }
-        }
-        return Ok(Err(holder.map_or_else(
-            || "an unreadable lease entry".to_owned(),
-            |h| h.describe(),
-        )));
     }
 }
 
