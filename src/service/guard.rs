@@ -373,16 +373,17 @@ pub async fn check(
     };
     let s = store.clone();
     let ours = tokio::task::spawn_blocking(move || {
-        let mut events = s.raw_events(common.min(head).max(1), head)?;
-        let at = events
-            .iter()
-            .find(|(seq, _)| *seq == common)
-            .map(|(_, b)| b.clone())
-            .unwrap_or_default();
-        let head_hash = events
-            .pop()
-            .filter(|(seq, _)| *seq == head)
-            .and_then(|(_, b)| link(&b).map(|l| l.hash))
+        // Two point reads, whatever lies between (a lost stream against a
+        // long log must not load the log).
+        let event = |seq: u64| -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+            Ok(match seq {
+                0 => None,
+                _ => s.raw_events(seq, seq)?.pop().map(|(_, b)| b),
+            })
+        };
+        let at = event(common)?.unwrap_or_default();
+        let head_hash = event(head)?
+            .and_then(|b| link(&b).map(|l| l.hash))
             .unwrap_or_else(|| GENESIS_HASH.to_owned());
         Ok::<_, crate::store::StoreError>((at, head_hash))
     })
