@@ -269,6 +269,7 @@ impl Lease {
             Ok(None) => match self.kv.create(&self.key, bytes).await {
                 Ok(revision) => {
                     self.revision = revision;
+                    *self.renewed.lock().expect("lease clock") = std::time::Instant::now();
                     Ok(())
                 }
                 Err(e) => Err(Renewal::Unreachable(e.to_string())),
@@ -300,8 +301,8 @@ pub enum OnLoss {
     /// is ours again.
     Alarm(Arc<Alarms>),
     /// Group mode: this node's term ends (cancel the token), also when the
-    /// lease could not be renewed for two thirds of its TTL: past that,
-    /// another node may hold it.
+    /// lease could not be renewed for half its TTL: by the next check
+    /// another node could hold it.
     Depose(CancellationToken),
 }
 
@@ -310,28 +311,28 @@ pub enum OnLoss {
 pub async fn hold(mut lease: Lease, on_loss: OnLoss, stop: CancellationToken) -> Lease {
     let mut ticks = tokio::time::interval(lease.ttl / 3);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return lease,
         }
-        let lost = match lease.renew().await {
-            Ok(()) => {
-                renewed = tokio::time::Instant::now();
-                None
-            }
+        // A renewal that hangs (a NATS server going away) is a failed one.
+        let renewal = tokio::time::timeout(lease.ttl / 4, lease.renew())
+            .await
+            .unwrap_or_else(|_| Err(Renewal::Unreachable("renewal timed out".into())));
+        let lost = match renewal {
+            Ok(()) => None,
             Err(Renewal::Lost(holder)) => Some(format!(
                 "another bcp serve took the writer lease of this stream: {holder}"
             )),
             Err(Renewal::Unreachable(e)) => {
                 tracing::debug!(error = %e, "writer lease not renewed (NATS unavailable?)");
-                (renewed.elapsed() >= lease.ttl * 2 / 3).then(|| {
-                    format!(
-                        "the writer lease was not renewed for {:?}: {e}",
-                        renewed.elapsed()
-                    )
-                })
+                // Checked every third of the TTL, each check bounded by a
+                // quarter: a leader steps down before the TTL is out, so
+                // before another node can take the lease.
+                let since = lease.renewed.lock().expect("lease clock").elapsed();
+                (since >= lease.ttl / 2)
+                    .then(|| format!("the writer lease was not renewed for {since:?}: {e}"))
             }
         };
         match (&on_loss, lost) {
