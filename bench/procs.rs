@@ -304,7 +304,7 @@ impl Bcp {
             // outgrows NATS's 1 MiB payload limit at a few thousand jobs.)
             let short = Duration::from_millis(500);
             let nil = r#"{"job_id":"00000000-0000-0000-0000-000000000000"}"#;
-            let q = tokio::time::timeout(short, client.request("bcp.query.job", nil.into()));
+            let q = tokio::time::timeout(short, client.request("bcp.query._admin.job", nil.into()));
             let c = tokio::time::timeout(short, client.request("bcp.cmd.ready.start", "{}".into()));
             let (q, c) = tokio::join!(q, c);
             let ok = |r: Result<Result<async_nats::Message, _>, _>, want: &str| {

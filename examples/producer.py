@@ -33,8 +33,9 @@ async def command(nc, project, verb, body, timeout=5.0):
     return body, reply
 
 
-async def query(nc, kind, body):
-    msg = await nc.request(f"bcp.query.{kind}", json.dumps(body).encode(), timeout=5.0)
+async def query(nc, project, kind, body):
+    """Reads are scoped by project, as commands are: bcp.query.<project>.<kind>."""
+    msg = await nc.request(f"bcp.query.{project}.{kind}", json.dumps(body).encode(), timeout=5.0)
     reply = json.loads(msg.data)
     if not reply["ok"]:
         raise Rejected(f"query {kind}: {reply['error']}")
@@ -51,9 +52,13 @@ async def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="nats://127.0.0.1:4222")
     ap.add_argument("--project", default="demo")
+    ap.add_argument("--user", help="NATS user (with --password)")
+    ap.add_argument("--password")
+    ap.add_argument("--inbox-prefix", default="_INBOX", help="where replies come back")
     args = ap.parse_args()
 
-    nc = await nats.connect(args.url)
+    auth = {"user": args.user, "password": args.password} if args.user else {}
+    nc = await nats.connect(args.url, inbox_prefix=args.inbox_prefix.encode(), **auth)
     job_id = str(uuid.uuid4())
     p = args.project
 
@@ -87,12 +92,12 @@ async def main():
     })
     expect_ok("record-snapshot", r)
 
-    job = (await query(nc, "job", {"job_id": job_id}))["job"]
+    job = (await query(nc, p, "job", {"job_id": job_id}))["job"]
     print(f"{'job':16} state={job['state']} phase={job['phase']} snapshots={job['snapshot_count']}")
     if (job["state"], job["phase"], job["snapshot_count"]) != ("Active", "incremental", 1):
         raise Rejected(f"unexpected job view {job}")
 
-    snaps = (await query(nc, "snapshots", {"job_id": job_id}))["snapshots"]
+    snaps = (await query(nc, p, "snapshots", {"job_id": job_id}))["snapshots"]
     print(f"{'snapshots':16} {[(s['snapshot_id'], s['classes'], s['expires_at']) for s in snaps]}")
     if [s["snapshot_id"] for s in snaps] != [snapshot_id]:
         raise Rejected(f"unexpected catalog {snaps}")
@@ -100,7 +105,7 @@ async def main():
     _, r = await command(nc, p, "stop", {"job_id": job_id, "actor": "producer.py"})
     expect_ok("stop", r)
 
-    history = (await query(nc, "history", {"job_id": job_id}))["history"]
+    history = (await query(nc, p, "history", {"job_id": job_id}))["history"]
     for h in history:
         change = f"REJECTED {h['code']}" if h["rejected"] else f"{h['from']} -> {h['to']}"
         print(f"  seq {h['seq']:>4} {h['verb']:16} {h['type']:18} {change}")

@@ -103,6 +103,14 @@ pub struct AuthArgs {
     /// Require TLS even without a CA or client certificate.
     #[arg(long, global = true, env = "BCP_TLS", help_heading = "NATS auth")]
     pub tls: bool,
+    /// Inbox prefix for replies (default _INBOX), when NATS allows this user only its own.
+    #[arg(
+        long,
+        global = true,
+        env = "BCP_INBOX_PREFIX",
+        help_heading = "NATS auth"
+    )]
+    pub inbox_prefix: Option<String>,
 }
 
 impl AuthArgs {
@@ -117,6 +125,7 @@ impl AuthArgs {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             tls_required: self.tls,
+            inbox_prefix: self.inbox_prefix.clone(),
         }
     }
 }
@@ -200,9 +209,15 @@ pub enum Cmd {
         format: Format,
     },
     /// A job's snapshot catalog, in time order (through NATS, or --db on a stopped store).
-    #[command(after_help = "Example:\n  bcp snapshots 0192f0c4-0000-7000-8000-0000000000aa")]
+    #[command(
+        after_help = "Example:\n  bcp snapshots 0192f0c4-0000-7000-8000-0000000000aa --project p1"
+    )]
     Snapshots {
         job: Uuid,
+        /// The job's project: reads are scoped by project (bcp.query.<project>.snapshots);
+        /// _admin (the default) reads every project, where NATS permits it.
+        #[arg(long, env = "BCP_PROJECT", default_value = "_admin")]
+        project: String,
         #[command(flatten)]
         source: Source,
         #[arg(long, value_enum, default_value = "table")]
@@ -356,18 +371,20 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Status { nats, wait, format } => status(&nats, Duration::from_millis(wait), format),
         Cmd::Snapshots {
             job,
+            project,
             source,
             format,
         } => {
             let v = match &source.db {
                 Some(db) => bcp::service::queries::answer(
                     &Store::open_read_only(db, CACHE_BYTES)?,
+                    &project,
                     "snapshots",
                     &serde_json::to_vec(&json!({"job_id": job}))?,
                 ),
                 None => request(
                     &source.nats,
-                    "bcp.query.snapshots",
+                    &format!("bcp.query.{project}.snapshots"),
                     &json!({"job_id": job}),
                     5,
                 )?,
@@ -402,6 +419,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                     filter.insert(k.into(), Value::String(v));
                 }
             };
+            // Reads are scoped by the subject's project; _admin lists every project.
+            let scope = project.clone().unwrap_or_else(|| "_admin".to_owned());
             put("project_id", project);
             put(
                 "state",
@@ -419,10 +438,13 @@ pub fn run(cli: Cli) -> Result<u8> {
             loop {
                 let body = Value::Object(filter.clone());
                 let v = match &store {
-                    Some(store) => {
-                        bcp::service::queries::answer(store, "jobs", &serde_json::to_vec(&body)?)
-                    }
-                    None => request(&source.nats, "bcp.query.jobs", &body, 5)?,
+                    Some(store) => bcp::service::queries::answer(
+                        store,
+                        &scope,
+                        "jobs",
+                        &serde_json::to_vec(&body)?,
+                    ),
+                    None => request(&source.nats, &format!("bcp.query.{scope}.jobs"), &body, 5)?,
                 };
                 let next = v["next_after"].clone();
                 jobs.extend(jobs_from(v)?);

@@ -539,7 +539,8 @@ impl Producer {
                 // Resync (a region change can move a job without the
                 // producer seeing it); best effort, any failure is fine.
                 let query = serde_json::to_vec(&json!({"job_id": job_id})).expect("json");
-                if let Attempt::Reply(r) = attempt(&self.client, "bcp.query.job", &query).await
+                if let Attempt::Reply(r) =
+                    attempt(&self.client, "bcp.query._admin.job", &query).await
                     && r["ok"] == json!(true)
                 {
                     job.state = r["job"]["state"].as_str().map(str::to_owned);
@@ -566,7 +567,8 @@ impl Producer {
         if sent.reply["events"].to_string().contains("SnapshotExpired") {
             // Which ones expired is in the log, not the reply: resync.
             let query = serde_json::to_vec(&json!({"job_id": job_id})).expect("json");
-            if let Attempt::Reply(r) = attempt(&self.client, "bcp.query.snapshots", &query).await
+            if let Attempt::Reply(r) =
+                attempt(&self.client, "bcp.query._admin.snapshots", &query).await
                 && let Some(list) = r["snapshots"].as_array()
             {
                 job.snapshots = list

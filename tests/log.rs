@@ -1246,7 +1246,7 @@ fn real_payloads_validate_against_the_checked_in_schemas() {
     // Query answers through the server's own code path.
     let store = Store::open_existing(&big).unwrap();
     let q = |kind: &str, body: serde_json::Value| {
-        bcp::service::queries::answer(&store, kind, body.to_string().as_bytes())
+        bcp::service::queries::answer(&store, "_admin", kind, body.to_string().as_bytes())
     };
     assert_valid(
         &schema("replies/job.json"),
@@ -2084,7 +2084,7 @@ fn jobs_query_pages_and_the_cli_follows_the_pages() {
     }
     let store = Store::open_existing(&path).unwrap();
     let page = |body: serde_json::Value| {
-        bcp::service::queries::answer(&store, "jobs", body.to_string().as_bytes())
+        bcp::service::queries::answer(&store, "_admin", "jobs", body.to_string().as_bytes())
     };
     let mut seen = Vec::new();
     let mut body = json!({});

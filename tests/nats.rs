@@ -2558,7 +2558,7 @@ async fn service_api_is_discoverable_with_stats() {
     for q in ["job", "jobs", "snapshots", "history"] {
         assert_eq!(
             endpoints.get(&format!("query-{q}")),
-            Some(&format!("bcp.query.{q}")),
+            Some(&format!("bcp.query.*.{q}")),
             "{info}"
         );
     }
@@ -2683,6 +2683,7 @@ async fn connect_as(
     password: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
         .request_timeout(Some(std::time::Duration::from_secs(3)))
         .connect(url)
         .await
@@ -2749,7 +2750,7 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
     };
     let deadline = support::Deadline::new("bcp serve behind auth", support::STARTUP);
     loop {
-        if let Ok(r) = ask(&alice, "bcp.query.jobs".into(), json!({})).await
+        if let Ok(r) = ask(&alice, "bcp.query.p1.jobs".into(), json!({})).await
             && r["ok"] == json!(true)
         {
             break;
@@ -2790,6 +2791,8 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
         "bob",
         "--nats-password",
         "bob-secret",
+        "--inbox-prefix",
+        "_INBOX_bob",
         "--project",
         "p2",
         "--job",
@@ -2825,9 +2828,13 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let p2 = ask(&bob, "bcp.query.jobs".into(), json!({"project_id": "p2"}))
-        .await
-        .unwrap();
+    let p2 = ask(
+        &bob,
+        "bcp.query.p2.jobs".into(),
+        json!({"project_id": "p2"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         p2["jobs"].as_array().unwrap().len(),
         1,
@@ -2836,7 +2843,7 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
     assert_eq!(p2["jobs"][0]["job_id"], json!(jb));
 
     // The log records who NATS says sent each command.
-    let h = ask(&alice, "bcp.query.history".into(), json!({"job_id": ja}))
+    let h = ask(&alice, "bcp.query.p1.history".into(), json!({"job_id": ja}))
         .await
         .unwrap();
     assert_eq!(
@@ -2847,7 +2854,7 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
         (json!("alice@PRODUCERS"), json!(true)),
         "{h}"
     );
-    let h = ask(&bob, "bcp.query.history".into(), json!({"job_id": jb}))
+    let h = ask(&bob, "bcp.query.p2.history".into(), json!({"job_id": jb}))
         .await
         .unwrap();
     assert_eq!(
@@ -2857,6 +2864,89 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
         ),
         (json!("bob@PRODUCERS"), json!(true)),
         "{h}"
+    );
+
+    // Reads are scoped like commands (issue 15): alice reads only p1. A
+    // query on p2's subject is refused by nats-server; p2's job asked for
+    // on p1's subject is not_found, exactly as a job that does not exist.
+    let listed = ask(&alice, "bcp.query.p1.jobs".into(), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["jobs"][0]["job_id"], json!(ja));
+    let denied = ask(&alice, "bcp.query.p2.jobs".into(), json!({})).await;
+    assert!(
+        denied.is_err() || denied.as_ref().unwrap()["ok"] != json!(true),
+        "{denied:?}"
+    );
+    for kind in ["job", "snapshots", "history"] {
+        let r = ask(
+            &alice,
+            format!("bcp.query.p1.{kind}"),
+            json!({"job_id": jb}),
+        )
+        .await
+        .unwrap();
+        let other = id();
+        let missing = ask(
+            &alice,
+            format!("bcp.query.p1.{kind}"),
+            json!({"job_id": other}),
+        )
+        .await
+        .unwrap();
+        // Another project's job reads exactly as a missing one.
+        assert_eq!(
+            r["error"],
+            json!({"code": "not_found", "message": format!("no job {jb}")}),
+            "{kind}: {r}"
+        );
+        assert_eq!(
+            missing["error"],
+            json!({"code": "not_found", "message": format!("no job {other}")})
+        );
+    }
+    let widened = ask(
+        &alice,
+        "bcp.query.p1.jobs".into(),
+        json!({"project_id": "p2"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(widened["error"]["code"], json!("bad_request"), "{widened}");
+    // ops reads every project through _admin, and commands none.
+    let ops = connect_as(&url, "ops", "ops-secret").await.unwrap();
+    let all = ask(&ops, "bcp.query._admin.jobs".into(), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(all["jobs"].as_array().unwrap().len(), 2, "{all}");
+    let r = ask(
+        &ops,
+        "bcp.cmd.p1.start".into(),
+        json!({"command_id": id(), "job_id": ja}),
+    )
+    .await;
+    assert!(r.is_err(), "ops cannot command: {r:?}");
+
+    // Replies are private (issue 15): alice may subscribe only to her own
+    // inbox prefix; a subscription to bob's sees none of his replies.
+    let snoop = alice.subscribe("_INBOX_bob.>").await.unwrap();
+    let mut snoop_all = alice.subscribe("_INBOX.>").await.unwrap();
+    let mut snoop = snoop;
+    let r = ask(&bob, "bcp.query.p2.job".into(), json!({"job_id": jb}))
+        .await
+        .unwrap();
+    assert_eq!(r["ok"], json!(true), "{r}");
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        tokio::select! {
+            m = futures::StreamExt::next(&mut snoop) => m,
+            m = futures::StreamExt::next(&mut snoop_all) => m,
+        }
+    })
+    .await;
+    assert!(
+        !matches!(seen, Ok(Some(_))),
+        "alice read a reply meant for bob: {seen:?}"
     );
 
     // Drain, then the stored log agrees and verifies.
@@ -3078,7 +3168,7 @@ async fn serve_behind(
     loop {
         if let Ok(Ok(m)) = tokio::time::timeout(
             std::time::Duration::from_secs(2),
-            client.request("bcp.query.jobs", "{}".into()),
+            client.request("bcp.query._admin.jobs", "{}".into()),
         )
         .await
             && serde_json::from_slice::<Value>(&m.payload).unwrap()["ok"] == json!(true)

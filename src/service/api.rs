@@ -1,6 +1,6 @@
 //! The NATS service API (`$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`): bcp
 //! registers as service `bcp` with one endpoint per command verb
-//! (`bcp.cmd.*.<verb>`) and per query (`bcp.query.<kind>`), so `nats micro
+//! (`bcp.cmd.*.<verb>`) and per query (`bcp.query.*.<kind>`), so `nats micro
 //! ls` / `nats micro info bcp` / `nats micro stats bcp` see it. The
 //! endpoints are also how requests arrive: a request's latency is measured
 //! from receipt to the reply sent after the durable commit.
@@ -134,7 +134,7 @@ pub async fn endpoints(
     for kind in kinds {
         let subject = match kind {
             Kind::Command(v) => format!("bcp.cmd.*.{v}"),
-            Kind::Query(q) => format!("bcp.query.{q}"),
+            Kind::Query(q) => format!("bcp.query.*.{q}"),
         };
         let endpoint = service
             .endpoint_builder()

@@ -18,6 +18,9 @@ pub struct NatsAuth {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_required: bool,
+    /// Where replies come back (`_INBOX` by default): a producer with its
+    /// own prefix can be allowed to subscribe only there.
+    pub inbox_prefix: Option<String>,
 }
 
 impl NatsAuth {
@@ -44,6 +47,9 @@ impl NatsAuth {
         }
         if self.tls_required || self.tls_ca.is_some() || self.tls_cert.is_some() {
             o = o.require_tls(true);
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            o = o.custom_inbox_prefix(prefix.clone());
         }
         Ok(o)
     }

@@ -1,5 +1,5 @@
 //! NATS intake: requests arrive through the service endpoints
-//! (`bcp.cmd.*.<verb>`, `bcp.query.<kind>`, see [`super::api`]). Commands
+//! (`bcp.cmd.*.<verb>`, `bcp.query.*.<kind>`, see [`super::api`]). Commands
 //! are decoded and validated here and queued for the writer; queries are
 //! answered from redb read transactions. Bad input is answered
 //! `bad_request` at once and never reaches the writer; a full queue is
@@ -221,13 +221,20 @@ async fn query(
     tokio::spawn(async move {
         let _permit = permit;
         let payload = request.message.payload.clone();
-        let value =
-            tokio::task::spawn_blocking(move || super::queries::answer(&store, kind, &payload))
-                .await
-                .unwrap_or_else(|e| {
-                    serde_json::to_value(Reply::error(ErrorCode::Internal, e.to_string()))
-                        .expect("reply")
-                });
+        let project = request
+            .message
+            .subject
+            .split('.')
+            .nth(2)
+            .unwrap_or("")
+            .to_owned();
+        let value = tokio::task::spawn_blocking(move || {
+            super::queries::answer(&store, &project, kind, &payload)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            serde_json::to_value(Reply::error(ErrorCode::Internal, e.to_string())).expect("reply")
+        });
         let mut bytes = serde_json::to_vec(&value).expect("json serializes");
         if max_payload > 0 && bytes.len() > max_payload {
             // Never a silent timeout: say why, so the caller can narrow the query.
@@ -251,7 +258,7 @@ async fn not_served(client: &Client, msg: Message) {
     let tokens: Vec<&str> = msg.subject.split('.').collect();
     let served = match tokens.as_slice() {
         ["bcp", "cmd", _, verb] => Verb::parse(verb).is_some(),
-        ["bcp", "query", kind] => super::api::QUERIES.contains(kind),
+        ["bcp", "query", _, kind] => super::api::QUERIES.contains(kind),
         _ => false,
     };
     if served {
@@ -266,7 +273,7 @@ async fn not_served(client: &Client, msg: Message) {
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
-        ["bcp", "query", kind] => DecodeError(format!(
+        ["bcp", "query", _, kind] => DecodeError(format!(
             "unknown query {kind:?}; queries: {}",
             super::api::QUERIES.join(", ")
         )),
@@ -274,7 +281,10 @@ async fn not_served(client: &Client, msg: Message) {
             "subject {} is not bcp.cmd.<project>.<verb>",
             msg.subject
         )),
-        _ => DecodeError(format!("subject {} is not bcp.query.<kind>", msg.subject)),
+        _ => DecodeError(format!(
+            "subject {} is not bcp.query.<project>.<kind> (bcp.query._admin.<kind> for every project)",
+            msg.subject
+        )),
     };
     tracing::debug!(subject = %msg.subject, error = %message, "bad_request");
     if let Some(to) = msg.reply {

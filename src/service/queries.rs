@@ -1,10 +1,13 @@
-//! Read-only queries (`bcp.query.{job,jobs,snapshots,history}`), answered from redb
-//! read transactions (MVCC snapshots: never blocked by, never blocking, the
-//! writer).
+//! Read-only queries (`bcp.query.<project>.{job,jobs,snapshots,history}`),
+//! answered from redb read transactions (MVCC snapshots: never blocked by,
+//! never blocking, the writer). The subject's project scopes the answer as
+//! subject permissions scope the reader: a job of another project is
+//! `not_found`, a listing holds only the project's jobs. Project `_admin`
+//! (operators) sees every project.
 
 use crate::domain::limits::{PAYLOAD_BYTES_MAX, QUERY_JOBS_BYTES_MAX, QUERY_JOBS_MAX};
 use crate::domain::{ErrorCode, Reply};
-use crate::domain::{Job, Snapshot};
+use crate::domain::{Job, ProjectId, Snapshot};
 use crate::projection::history::HistoryEntry;
 use crate::projection::{JobFilter, history::history};
 use crate::store::Store;
@@ -73,8 +76,13 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Value {
     serde_json::to_value(Reply::error(code, message)).expect("reply serializes")
 }
 
-/// Answer one query; pure apart from reading `store`.
-pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
+/// Answer one query on `bcp.query.<project>.<kind>`; pure apart from
+/// reading `store`.
+pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
+    let project = match ProjectId::parse(project) {
+        Ok(p) => p,
+        Err(e) => return error(ErrorCode::BadRequest, format!("subject project: {e}")),
+    };
     if body.len() > PAYLOAD_BYTES_MAX {
         return error(
             ErrorCode::BadRequest,
@@ -92,16 +100,25 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
     };
     let result = match kind {
         "job" => parse::<JobQuery>(body).map(|q| match store.job(q.job_id) {
+            Ok(Some(job)) if !visible(&project, &job) => not_found(q.job_id),
             Ok(Some(job)) => to_value(JobReply {
                 ok: true,
                 as_of_seq,
                 job,
             }),
-            Ok(None) => error(ErrorCode::NotFound, format!("no job {}", q.job_id)),
+            Ok(None) => not_found(q.job_id),
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
-        "jobs" => parse::<JobFilter>(body).map(|f| {
-            match store.jobs_page(&f, QUERY_JOBS_MAX, QUERY_JOBS_BYTES_MAX) {
+        "jobs" => parse::<JobFilter>(body).and_then(|mut f| {
+            if !project.is_admin() {
+                if f.project_id.as_ref().is_some_and(|p| *p != project) {
+                    return Err(format!(
+                        "project_id must be the subject's project ({project}) or absent; bcp.query._admin.jobs lists every project's jobs"
+                    ));
+                }
+                f.project_id = Some(project.clone());
+            }
+            Ok(match store.jobs_page(&f, QUERY_JOBS_MAX, QUERY_JOBS_BYTES_MAX) {
                 Ok((jobs, next_after)) => to_value(JobsReply {
                     ok: true,
                     as_of_seq,
@@ -109,11 +126,12 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
                     next_after,
                 }),
                 Err(e) => error(ErrorCode::Unavailable, e.to_string()),
-            }
+            })
         }),
         "snapshots" => {
             parse::<JobQuery>(body).map(|q| match (store.job(q.job_id), store.catalog(q.job_id)) {
-                (Ok(None), _) => error(ErrorCode::NotFound, format!("no job {}", q.job_id)),
+                (Ok(None), _) => not_found(q.job_id),
+                (Ok(Some(job)), _) if !visible(&project, &job) => not_found(q.job_id),
                 (Ok(Some(_)), Ok(catalog)) => {
                     let snapshots = catalog.map(|c| c.snapshots).unwrap_or_default();
                     to_value(SnapshotsReply {
@@ -127,8 +145,21 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
             })
         }
         "history" => parse::<JobQuery>(body).map(|q| match store.job_events(q.job_id) {
-            Ok(events) if events.is_empty() => {
-                error(ErrorCode::NotFound, format!("no job {}", q.job_id))
+            // A rejected command about a job id records it in that id's
+            // history (for a job of another project too): the events say
+            // which project each belongs to.
+            Ok(events) if events.is_empty() => not_found(q.job_id),
+            Ok(events)
+                if !project.is_admin()
+                    && !match store.job(q.job_id) {
+                        Ok(Some(job)) => job.project_id == project,
+                        // Only rejections (a job that never existed): the
+                        // project's own attempts.
+                        Ok(None) => events.iter().all(|e| e.project_id == project),
+                        Err(_) => false,
+                    } =>
+            {
+                not_found(q.job_id)
             }
             Ok(events) => to_value(HistoryReply {
                 ok: true,
@@ -143,6 +174,17 @@ pub fn answer(store: &Store, kind: &str, body: &[u8]) -> Value {
         )),
     };
     result.unwrap_or_else(|e| error(ErrorCode::BadRequest, e))
+}
+
+/// Whether a reader scoped to `project` may see `job`.
+fn visible(project: &ProjectId, job: &Job) -> bool {
+    project.is_admin() || job.project_id == *project
+}
+
+/// The same answer for a job that does not exist and one of another
+/// project: a reader learns nothing of other projects.
+fn not_found(job_id: Uuid) -> Value {
+    error(ErrorCode::NotFound, format!("no job {job_id}"))
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {

@@ -312,7 +312,7 @@ impl Harness {
                 panic!("bcp serve exited with {status} while starting");
             }
             let short = Duration::from_secs(1);
-            let query = self.try_request("bcp.query.jobs", b"{}".to_vec(), short);
+            let query = self.try_request("bcp.query._admin.jobs", b"{}".to_vec(), short);
             let probe = self.try_request("bcp.cmd.ready.start", b"{}".to_vec(), short);
             let (query, probe) = tokio::join!(query, probe);
             if let (Ok(q), Ok(p)) = (query, probe)
@@ -403,9 +403,11 @@ impl Harness {
         }
     }
 
-    /// A query on `bcp.query.<kind>`.
+    /// A query on `bcp.query._admin.<kind>` (an operator's view: every
+    /// project).
     pub async fn query(&self, kind: &str, body: &Value) -> Value {
-        self.request(&format!("bcp.query.{kind}"), body).await
+        self.request(&format!("bcp.query._admin.{kind}"), body)
+            .await
     }
 
     /// The job VIEW of `bcp.query.job`, asserting the query succeeded.
