@@ -2928,6 +2928,30 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
     .await;
     assert!(r.is_err(), "ops cannot command: {r:?}");
 
+    // A verified actor cannot be forged from inside the BCP account
+    // (issue 15): a command published there would carry the sender's own
+    // Nats-Request-Info claim, so the example config lets no user of that
+    // account publish commands; this one is refused and records nothing.
+    let insider = connect_as(&url, "bcp", "bcp-secret").await.unwrap();
+    let mut forged = async_nats::HeaderMap::new();
+    forged.insert(
+        "Nats-Request-Info",
+        r#"{"acc":"PRODUCERS","user":"alice"}"#,
+    );
+    let forged_create = create_body(id(), id(), "forged");
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        insider.request_with_headers(
+            "bcp.cmd.p1.create".to_owned(),
+            forged,
+            serde_json::to_vec(&forged_create).unwrap().into(),
+        ),
+    )
+    .await;
+    assert!(!matches!(r, Ok(Ok(_))), "a command from inside the BCP account was answered: {r:?}");
+    let all = ask(&ops, "bcp.query._admin.jobs".into(), json!({})).await.unwrap();
+    assert_eq!(all["jobs"].as_array().unwrap().len(), 2, "nothing recorded: {all}");
+
     // Replies are private (issue 15): alice may subscribe only to her own
     // inbox prefix; a subscription to bob's sees none of his replies.
     let snoop = alice.subscribe("_INBOX_bob.>").await.unwrap();
