@@ -52,7 +52,23 @@ pub struct Metrics {
     head: watch::Receiver<u64>,
     published: watch::Receiver<u64>,
     alarms: Arc<Alarms>,
+    /// Fire-and-forget commands not recorded (the intake queue was full or
+    /// bcp was stopping): nobody could be told.
+    dropped: std::sync::atomic::AtomicU64,
+    /// Rate-limited logs of refusals under overload.
+    overload_log: Mutex<Overload>,
 }
+
+/// Refusals and drops since the last log line about them.
+#[derive(Default)]
+struct Overload {
+    last: Option<std::time::Instant>,
+    refused: u64,
+    dropped: u64,
+}
+
+/// How often overload (refused or dropped commands) is logged at most.
+const OVERLOAD_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Metrics {
     pub fn new(
@@ -65,7 +81,39 @@ impl Metrics {
             head,
             published,
             alarms,
+            dropped: Default::default(),
+            overload_log: Mutex::default(),
         })
+    }
+
+    /// A fire-and-forget command was not recorded, because `why`.
+    pub fn dropped(&self, why: &str) {
+        self.dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.overload(why, |o| o.dropped += 1);
+    }
+
+    /// A command was answered `unavailable` at once, because `why`.
+    pub fn refused_log(&self, why: &str) {
+        self.overload(why, |o| o.refused += 1);
+    }
+
+    fn overload(&self, why: &str, count: impl FnOnce(&mut Overload)) {
+        let mut o = self.overload_log.lock().expect("overload lock");
+        count(&mut o);
+        if o.last.is_none_or(|t| t.elapsed() >= OVERLOAD_LOG_EVERY) {
+            tracing::warn!(
+                refused = o.refused,
+                dropped_fire_and_forget = o.dropped,
+                "commands not taken ({why}): {} answered unavailable, {} sent without a reply subject and not recorded, since the last such line",
+                o.refused,
+                o.dropped
+            );
+            *o = Overload {
+                last: Some(std::time::Instant::now()),
+                ..Overload::default()
+            };
+        }
     }
 
     pub fn rejected(&self, endpoint: &str, code: &str) {
@@ -114,6 +162,7 @@ pub async fn start(client: &async_nats::Client, metrics: Arc<Metrics>) -> Result
             json!({
                 "rejections": rejections,
                 "relay_lag": stats_metrics.relay_lag(),
+                "dropped": stats_metrics.dropped.load(std::sync::atomic::Ordering::Relaxed),
                 "alarms": stats_metrics.alarms.list(),
             })
         })

@@ -192,8 +192,14 @@ async fn command(
         Err(TrySendError::Full(r)) => (r, "intake queue is full; retry with the same command_id"),
         Err(TrySendError::Closed(r)) => (r, "bcp is shutting down; retry with the same command_id"),
     };
-    tracing::warn!(command_id = %r.pending.cmd.command_id, message, "unavailable");
     metrics.rejected(verb.as_str(), "unavailable");
+    if r.reply_to.is_nobody() {
+        // Nobody to tell: counted (`$SRV.STATS` data `dropped`), and
+        // logged once a while, not once per command in a flood.
+        metrics.dropped(message);
+        return;
+    }
+    metrics.refused_log(message);
     r.reply_to
         .send(client, &Reply::error(ErrorCode::Unavailable, message))
         .await;
