@@ -3383,3 +3383,93 @@ async fn a_fire_and_forget_flood_is_recorded_or_counted() {
     assert!(dropped == 0 || lines >= 1, "drops are logged:\n{log}");
     assert!(lines <= 10, "{lines} overload lines for {dropped} drops");
 }
+
+/// Text that would display as something else, and times outside what the
+/// log can hold, are refused as bad_request naming the field, and append
+/// nothing (issue 15).
+#[tokio::test]
+async fn spoofing_text_and_out_of_range_times_are_refused() {
+    let h = Harness::start().await;
+    let job = id();
+    h.cmd("p1", "create", &create_body(id(), job, "rs0")).await;
+    h.cmd("p1", "start", &job_body(id(), job)).await;
+    let refused = |r: Value, field: &str| {
+        assert_eq!(r["error"]["code"], json!("bad_request"), "{r}");
+        let message = r["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(field), "{field}: {message}");
+        message
+    };
+    let m = refused(
+        h.cmd(
+            "p1",
+            "create",
+            &create_body(id(), id(), "evil\u{202E}gnp.exe"),
+        )
+        .await,
+        "deployment.name",
+    );
+    assert!(m.contains("U+202E"), "{m}");
+    let mut shard = create_body(id(), id(), "s0");
+    shard["deployment"] = json!({"kind": "shard", "name": "s0", "cluster": "c\u{2066}1"});
+    refused(h.cmd("p1", "create", &shard).await, "deployment.cluster");
+    let mut body = job_body(id(), job);
+    body["actor"] = json!("alice\u{200B}");
+    refused(h.cmd("p1", "stop", &body).await, "actor");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Bcp-Actor", "root\u{202E}");
+    let r = h
+        .client
+        .request_with_headers(
+            "bcp.cmd.p1.stop".to_owned(),
+            headers,
+            serde_json::to_vec(&job_body(id(), job)).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    refused(serde_json::from_slice(&r.payload).unwrap(), "actor");
+
+    let snapshot = |taken_at: &str| json!({"command_id": id(), "job_id": job, "snapshot_id": id(), "taken_at": taken_at, "size_bytes": 1});
+    refused(
+        h.cmd("p1", "record-snapshot", &snapshot("9999-12-31T23:59:59Z"))
+            .await,
+        "taken_at",
+    );
+    refused(
+        h.cmd("p1", "record-snapshot", &snapshot("2026-06-30T23:59:60Z"))
+            .await,
+        "taken_at",
+    );
+    refused(
+        h.cmd("p1", "record-snapshot", &snapshot("1969-12-31T23:59:59Z"))
+            .await,
+        "taken_at",
+    );
+    let expiry = json!({"command_id": id(), "job_id": job, "snapshot_id": id(), "expires_at": "9500-01-01T00:00:00Z"});
+    refused(
+        h.cmd("p1", "set-snapshot-expiry", &expiry).await,
+        "expires_at",
+    );
+    let sweep = json!({"command_id": id(), "now": "9999-01-01T00:00:00Z"});
+    refused(h.cmd("p1", "expire-snapshots", &sweep).await, "now");
+    // The bounds themselves: the last accepted time is stored as RFC 3339.
+    let r = h
+        .cmd("p1", "record-snapshot", &snapshot("8999-12-31T23:59:59Z"))
+        .await;
+    assert_eq!(r["ok"], json!(true), "{r}");
+    let snaps = h.snapshots(job).await;
+    assert!(
+        snaps[0]["expires_at"].as_str().unwrap().starts_with("9"),
+        "{snaps:?}"
+    );
+    assert_eq!(
+        snaps[0]["expires_at"].as_str().unwrap().len(),
+        20,
+        "{snaps:?}"
+    );
+    let status = h.request("bcp.status", &json!({})).await;
+    assert_eq!(
+        status["head_seq"],
+        json!(3),
+        "only the valid commands appended: {status}"
+    );
+}

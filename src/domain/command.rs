@@ -7,7 +7,7 @@
 
 use super::ids::{Name, ProjectId};
 use super::job::Deployment;
-use super::limits::{ACTOR_BYTES_MAX, PAYLOAD_BYTES_MAX};
+use super::limits::{ACTOR_BYTES_MAX, PAYLOAD_BYTES_MAX, TIME_MAX, TIME_MIN};
 use super::schedule::{Schedule, SchedulePatch};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -172,6 +172,33 @@ impl CommandEnvelope {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct DecodeError(pub String);
+
+/// Every time a command carries must lie in [`TIME_MIN`, `TIME_MAX`) and
+/// not be a leap second: what bcp derives from it (an expiry years later)
+/// stays a valid RFC 3339 time, and the log holds no time a reader cannot
+/// parse back.
+fn check_times(command: &Command) -> Result<(), DecodeError> {
+    let (field, t) = match command {
+        Command::RecordSnapshot { taken_at, .. } => ("taken_at", taken_at),
+        Command::SetSnapshotExpiry {
+            expiry: Expiry::At(t),
+            ..
+        } => ("expires_at", t),
+        Command::ExpireSnapshots { now } => ("now", now),
+        _ => return Ok(()),
+    };
+    let (min, max) = (time_bound(TIME_MIN), time_bound(TIME_MAX));
+    if *t < min || *t >= max || chrono::Timelike::nanosecond(t) >= 1_000_000_000 {
+        return Err(bad(format!(
+            "{field} must be from {TIME_MIN} up to (not including) {TIME_MAX}, and not a leap second"
+        )));
+    }
+    Ok(())
+}
+
+fn time_bound(s: &str) -> DateTime<Utc> {
+    s.parse().expect("a valid bound")
+}
 
 fn bad(msg: impl Into<String>) -> DecodeError {
     DecodeError(msg.into())
@@ -502,13 +529,20 @@ pub fn decode_as(
     let actor = identity
         .or(actor)
         .or_else(|| header_actor.map(str::to_owned));
-    if let Some(a) = &actor
-        && (a.len() > ACTOR_BYTES_MAX || a.chars().any(char::is_control))
-    {
-        return Err(bad(format!(
-            "actor must be at most {ACTOR_BYTES_MAX} bytes of printable characters"
-        )));
+    if let Some(a) = &actor {
+        if a.len() > ACTOR_BYTES_MAX {
+            return Err(bad(format!(
+                "actor must be at most {ACTOR_BYTES_MAX} bytes of printable characters"
+            )));
+        }
+        if let Some(c) = a.chars().find(|c| !super::ids::is_displayable(*c)) {
+            return Err(bad(format!(
+                "actor holds U+{:04X}, a control or invisible formatting character (it could make an actor display as another)",
+                c as u32
+            )));
+        }
     }
+    check_times(&command)?;
     Ok(CommandEnvelope {
         command_id,
         project_id,

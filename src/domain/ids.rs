@@ -1,10 +1,31 @@
-//! Validated names: project ids and region/store names.
+//! Validated names: project ids and region/store names, and what free text
+//! (deployment names, actors) may hold.
 //!
 //! Job, command, event and snapshot ids are plain UUIDs; what needs checking
 //! beyond "is a UUID" lives here, so an invalid name can never be constructed.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// Whether `c` may stand in text an operator or auditor reads: not a
+/// control character, and none of the invisible characters that change how
+/// text around them is shown (bidirectional overrides and isolates such as
+/// U+202E, zero-width characters, the byte-order mark, line and paragraph
+/// separators, the soft hyphen), which would let a name display as another.
+pub fn is_displayable(c: char) -> bool {
+    !(c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        ))
+}
 
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'

@@ -31,9 +31,15 @@ pub struct Deployment {
 
 fn check_label(what: &str, s: &str) -> Result<(), String> {
     let n = s.chars().count();
-    if n == 0 || n > 128 || s.chars().any(|c| c.is_control()) {
+    if n == 0 || n > 128 {
         return Err(format!(
             "{what} must be 1-128 printable characters, got {n} characters"
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| !super::ids::is_displayable(*c)) {
+        return Err(format!(
+            "{what} holds U+{:04X}, a control or invisible formatting character (it could make a name display as another)",
+            c as u32
         ));
     }
     Ok(())

@@ -3,6 +3,12 @@
 
 /// Largest command or query body accepted, in bytes. Larger is `bad_request`.
 pub const PAYLOAD_BYTES_MAX: usize = 64 * 1024;
+/// The times a command may carry (`taken_at`, `expires_at`, `now`): from
+/// the Unix epoch up to, not including, the year 9000, so that an expiry
+/// derived from them (retention is counted in days, weeks and months, at
+/// most a few years) is still a four-digit-year RFC 3339 time.
+pub const TIME_MIN: &str = "1970-01-01T00:00:00Z";
+pub const TIME_MAX: &str = "9000-01-01T00:00:00Z";
 /// Longest `actor` string accepted, in bytes.
 pub const ACTOR_BYTES_MAX: usize = 256;
 /// Commands waiting for the writer. When full, producers get `unavailable`.
