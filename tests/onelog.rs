@@ -753,3 +753,64 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
         [4]
     );
 }
+
+/// A stray message lands while the relay has many publishes in flight (a
+/// long log published at start): the sequence check alone would refuse
+/// bcp's event at the stray's seq but store the next ones after it, since
+/// each finds "last sequence = seq - 1". With the previous event's id
+/// expected too, nothing of bcp's follows the stray.
+#[tokio::test]
+async fn a_stray_publish_amid_pipelined_publishes_is_the_streams_last() {
+    use bcp::store::ledger::{Ledger, Pending};
+    let mut h = Harness::start().await;
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    {
+        let store = bcp::store::Store::open_existing(&h.db()).unwrap();
+        let mut ledger = Ledger::open(store).unwrap();
+        for _ in 0..40 {
+            let batch: Vec<Pending> = (0..500)
+                .map(|_| {
+                    let body = create(id()).to_string();
+                    Pending::new(
+                        bcp::domain::command::decode("p1", "create", body.as_bytes(), None)
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            ledger
+                .execute(&batch, chrono::Utc::now(), &mut Uuid::now_v7)
+                .unwrap();
+        }
+        assert_eq!(ledger.head_seq(), 20_000);
+    }
+    h.spawn_bcp();
+    let deadline = Deadline::new("the relay to start publishing", Duration::from_secs(60));
+    while h.stream_info().await.map_or(0, |i| i.state.last_sequence) < 200 {
+        deadline.tick().await;
+    }
+    let stray_seq = stray(
+        &h,
+        format!("bcp.evt.p1.{}.JobCreated", id()),
+        r#"{"forged":true}"#,
+    )
+    .await;
+    assert!(
+        stray_seq < 20_000,
+        "the relay had not finished: {stray_seq}"
+    );
+    alarm(&h, "fork").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last = stream_last(&h).await;
+    let stream = h.js.get_stream(STREAM).await.unwrap();
+    let last_msg = stream.get_raw_message(last).await.unwrap();
+    assert_eq!(
+        (last, &last_msg.payload[..]),
+        (stray_seq, &br#"{"forged":true}"#[..]),
+        "nothing of bcp's was stored after the stray"
+    );
+    let mut before = Vec::new();
+    for seq in 1..stray_seq {
+        before.push(stream.get_raw_message(seq).await.unwrap());
+    }
+    support::check_stream(&before, stray_seq - 1);
+}

@@ -25,6 +25,7 @@ use async_nats::jetstream::{self, stream};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch as tokio_watch;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,8 @@ pub struct Alarm {
 #[derive(Default)]
 pub struct Alarms {
     raised: Mutex<BTreeMap<AlarmKind, (Alarm, Instant)>>,
+    /// How many are raised: read on the relay's hot path without the lock.
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl Alarms {
@@ -87,15 +90,23 @@ impl Alarms {
                         now,
                     ),
                 );
+                self.count.store(raised.len(), Ordering::Relaxed);
             }
         }
     }
 
     /// Clear `kind`; logs when it was raised.
     pub fn clear(&self, kind: AlarmKind) {
-        if let Some((alarm, _)) = self.raised.lock().expect("alarms lock").remove(&kind) {
+        let mut raised = self.raised.lock().expect("alarms lock");
+        if let Some((alarm, _)) = raised.remove(&kind) {
+            self.count.store(raised.len(), Ordering::Relaxed);
             tracing::info!(alarm = ?kind, since = %alarm.since, "alarm cleared: taking commands again");
         }
+    }
+
+    /// Whether any alarm is raised (no lock: the relay asks per event).
+    pub fn any(&self) -> bool {
+        self.count.load(Ordering::Relaxed) > 0
     }
 
     /// Raise or clear `kind` by the outcome of a check.

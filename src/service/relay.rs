@@ -1,7 +1,12 @@
 //! The outbox relay: publishes committed events to JetStream in seq order,
 //! pipelined (up to `RELAY_WINDOW_MAX` acks outstanding, awaited in order),
 //! with `Nats-Msg-Id = event_id` and `Nats-Expected-Last-Sequence = seq - 1`,
-//! so the stream sequence of every event equals its bcp seq.
+//! so the stream sequence of every event equals its bcp seq. Every publish
+//! but the first after a check also carries `Nats-Expected-Last-Msg-Id` =
+//! the previous event's id: the sequence alone checks a position, not what
+//! stands there, so once a foreign message took seq K, the pipelined
+//! publishes of K+1… would each find "last sequence K" and be stored after
+//! it. With the id, every publish after a foreign message is refused.
 //!
 //! On every (re)connection it checks the stream against the log
 //! ([`super::guard::inspect`]) and resumes after the stream's last sequence,
@@ -73,7 +78,9 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match publish_until_drained(&store, &target, &mut head, &published, &drain).await {
+        match publish_until_drained(&store, &target, &mut head, &published, &drain, &mut backoff)
+            .await
+        {
             Ok(()) => return,
             Err(e) => {
                 match e {
@@ -108,6 +115,7 @@ async fn publish_until_drained(
     head: &mut watch::Receiver<u64>,
     published: &watch::Sender<u64>,
     drain: &CancellationToken,
+    backoff: &mut Duration,
 ) -> Result<(), Interrupted> {
     let Target {
         js,
@@ -128,6 +136,10 @@ async fn publish_until_drained(
         return Err(Interrupted::Halted);
     }
     let mut last = last;
+    *backoff = Duration::from_millis(100);
+    // The first publish is checked by the sequence alone: the check above
+    // found the stream's last message to be the log's event at `last`.
+    let mut prev_id: Option<String> = None;
     published.send_replace(last);
     tracing::info!(
         stream_seq = last,
@@ -148,10 +160,11 @@ async fn publish_until_drained(
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            last = publish_chunk(js, chunk, published)
+            last = publish_chunk(js, chunk, published, &mut prev_id, alarms, fence)
                 .await
                 .map_err(|e| match e {
                     Publish::Fenced(_) if fence.is_some() => fenced(fence),
+                    Publish::Halted => Interrupted::Halted,
                     e => Interrupted::Nats(e.to_string()),
                 })?;
         }
@@ -176,20 +189,33 @@ async fn publish_chunk(
     js: &jetstream::Context,
     chunk: Vec<(u64, Vec<u8>)>,
     published: &watch::Sender<u64>,
+    prev_id: &mut Option<String>,
+    alarms: &Alarms,
+    fence: &Option<CancellationToken>,
 ) -> Result<u64, Publish> {
     let mut in_flight: VecDeque<(u64, PublishAckFuture)> =
         VecDeque::with_capacity(RELAY_WINDOW_MAX);
     let mut last = *published.borrow();
     for (seq, bytes) in chunk {
+        if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            return Err(Publish::Fenced("this node stepped down".into()));
+        }
+        if alarms.any() {
+            return Err(Publish::Halted);
+        }
         let env = Routing::parse(&bytes)
             .map_err(|e| Publish::Failed(format!("event at seq {seq} does not parse: {e}")))?;
         let mut headers = HeaderMap::new();
         headers.insert(SEQ_HEADER, seq.to_string().as_str());
-        let msg = PublishMessage::build()
+        let event_id = env.event_id.to_string();
+        let mut msg = PublishMessage::build()
             .payload(bytes.into())
             .headers(headers)
-            .message_id(env.event_id.to_string())
+            .message_id(&event_id)
             .expected_last_sequence(seq - 1);
+        if let Some(prev) = prev_id.replace(event_id) {
+            msg = msg.expected_last_message_id(prev);
+        }
         if in_flight.len() >= RELAY_WINDOW_MAX {
             last = await_ack(in_flight.pop_front().expect("window not empty"), published).await?;
         }
@@ -211,7 +237,11 @@ async fn await_ack(
 ) -> Result<u64, Publish> {
     let ack = ack.await.map_err(|e| {
         let what = format!("ack of seq {seq}: {e}");
-        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
+        if matches!(
+            e.kind(),
+            jetstream::context::PublishErrorKind::WrongLastSequence
+                | jetstream::context::PublishErrorKind::WrongLastMessageId
+        ) {
             Publish::Fenced(what)
         } else {
             Publish::Failed(what)
@@ -232,12 +262,15 @@ enum Publish {
     /// The stream's last sequence was not `seq - 1`: someone else wrote it.
     Fenced(String),
     Failed(String),
+    /// An alarm was raised: stop before the next publish.
+    Halted,
 }
 
 impl std::fmt::Display for Publish {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Publish::Fenced(e) | Publish::Failed(e) => f.write_str(e),
+            Publish::Halted => f.write_str("an alarm was raised"),
         }
     }
 }
