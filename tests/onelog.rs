@@ -814,3 +814,29 @@ async fn a_stray_publish_amid_pipelined_publishes_is_the_streams_last() {
     }
     support::check_stream(&before, stray_seq - 1);
 }
+
+/// Under load, the stream check on its timer (every second here) finds the
+/// stream in step however far the relay got meanwhile: no alarm, no
+/// command refused.
+#[tokio::test]
+async fn the_timer_check_raises_no_alarm_under_load() {
+    let h = Harness::start_with(&["--stream-check-interval", "1"]).await;
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        let bodies: Vec<Value> = (0..64).map(|_| create(id())).collect();
+        let replies =
+            futures::future::join_all(bodies.iter().map(|b| h.cmd("p1", "create", b))).await;
+        for r in replies {
+            assert_eq!(r["ok"], json!(true), "{r}");
+        }
+        sent += 64;
+    }
+    let log = h.bcp_log_text();
+    assert!(
+        !log.contains("not taking commands"),
+        "a false alarm after {sent} commands:\n{log}"
+    );
+    let (code, s) = status(&h).await;
+    assert_eq!(code, Some(0), "{s}");
+}

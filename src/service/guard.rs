@@ -422,11 +422,16 @@ pub enum Inspection {
 /// Check the stream's settings and its messages against the log, and raise
 /// or clear the `StreamConfig` and `Fork` alarms by what is found. The
 /// caller decides what `Behind` means (refuse to start, or an alarm).
+///
+/// `head` is read once the stream's state is in hand: the relay only
+/// publishes what is committed, so the stream's last sequence read before
+/// can never be past it (read before, a busy relay's publishes in between
+/// would look like another writer's).
 pub async fn inspect(
     store: &Store,
     js: &jetstream::Context,
     stream_name: &str,
-    head: u64,
+    head: impl Fn() -> u64,
     alarms: &Alarms,
 ) -> Result<Inspection, String> {
     let mut stream = match js.get_stream(stream_name).await {
@@ -457,7 +462,7 @@ pub async fn inspect(
             )
         }),
     );
-    let verdict = check(store, &stream, &info.state, head).await?;
+    let verdict = check(store, &stream, &info.state, head()).await?;
     alarms.set(
         AlarmKind::Fork,
         match &verdict {
@@ -490,8 +495,7 @@ pub async fn watch(
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let h = *head.borrow();
-        if let Err(e) = inspect(&store, &js, &stream_name, h, &alarms).await {
+        if let Err(e) = inspect(&store, &js, &stream_name, || *head.borrow(), &alarms).await {
             tracing::debug!(error = %e, "stream check not done (NATS unavailable?)");
         }
     }

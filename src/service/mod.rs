@@ -434,7 +434,7 @@ async fn take_the_stream(
         }
     };
     loop {
-        let inspection = guard::inspect(store, js, &config.stream, head, alarms);
+        let inspection = guard::inspect(store, js, &config.stream, || head, alarms);
         match stop.run_until_cancelled(inspection).await {
             None => {
                 lease.release().await;

@@ -128,7 +128,7 @@ async fn publish_until_drained(
         .await
         .map_err(|e| format!("stream {stream_name}: {e}"))?;
     let committed = *head.borrow();
-    let inspection = guard::inspect(store, js, stream_name, committed, alarms).await?;
+    let inspection = guard::inspect(store, js, stream_name, || committed, alarms).await?;
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
         return Err(fenced(fence));
     };
