@@ -516,7 +516,7 @@ async fn a_group_has_one_leader_and_followers_that_apply_the_stream() {
         let r = c
             .client
             .request(
-                "bcp.query.job",
+                "bcp.query._admin.job",
                 serde_json::to_vec(&json!({"job_id": job})).unwrap().into(),
             )
             .await

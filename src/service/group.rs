@@ -38,8 +38,12 @@ use tokio_util::sync::CancellationToken;
 /// How often a follower tries for the lease (and, holding it, renews it
 /// and checks whether it has caught up).
 const LEASE_POLL: Duration = Duration::from_millis(200);
-/// Events a follower applies in one transaction at most.
+/// Events a follower applies in one transaction at most; a follower at
+/// most this far behind the stream tries for the lease.
 const FOLLOW_BATCH_MAX: usize = 1024;
+/// How often a follower stopped by an event that does not continue its
+/// log reads the stream again.
+const FORK_RETRY: Duration = Duration::from_secs(2);
 
 /// Follow, lead, follow again… until `stop`.
 pub(crate) async fn run(node: &Node, stop: &CancellationToken) -> Result<(), ServeError> {
@@ -120,7 +124,9 @@ async fn follow(
     else {
         return Ok(None);
     };
-    reconcile(node, &stream).await?;
+    if stop.run_until_cancelled(reconcile(node, &stream)).await.transpose()?.is_none() {
+        return Ok(None);
+    }
     let store = node.store.clone();
     let mut ledger = tokio::task::spawn_blocking(move || Ledger::open(store))
         .await
@@ -135,57 +141,95 @@ async fn follow(
     let mut lease: Option<Lease> = None;
     let mut bucket: Option<lease::Bucket> = None;
     let mut messages = None;
+    // How many messages the stream holds past what was applied, as the
+    // last one delivered said (unknown until then): a node tries for the
+    // lease only when near the head, so a far-behind node does not lead
+    // only to replay the stream before taking commands.
+    let mut behind = match stop.run_until_cancelled(stream.get_info()).await {
+        None => return Ok(None),
+        Some(info) => info
+            .ok()
+            .map(|i| i.state.last_sequence.saturating_sub(ledger.head_seq())),
+    };
+    let mut retry_at = tokio::time::Instant::now();
     let mut poll = tokio::time::interval(LEASE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if messages.is_none() && !node.alarms.is_raised(AlarmKind::Fork) {
+        let forked = node.alarms.is_raised(AlarmKind::Fork);
+        // After an event that does not continue this log, try again now and
+        // then: the alarm clears once the stream is this log again.
+        if messages.is_none() && (!forked || tokio::time::Instant::now() >= retry_at) {
+            retry_at = tokio::time::Instant::now() + FORK_RETRY;
             let from = ledger.head_seq() + 1;
-            messages = match ordered_from(&stream, from).await {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    tracing::debug!(error = %e, "follower: no consumer yet");
-                    None
-                }
-            };
+            match stop.run_until_cancelled(ordered_from(&stream, from)).await {
+                None => return Ok(None),
+                Some(Ok(m)) => messages = Some(m),
+                Some(Err(e)) => tracing::debug!(error = %e, "follower: no consumer yet"),
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => {
                 if let Some(l) = lease {
-                    l.release().await;
+                    let _ = tokio::time::timeout(LEASE_POLL, l.release()).await;
                 }
                 return Ok(None);
             }
             _ = poll.tick() => {
-                lease = match lease {
-                    Some(mut l) => l.renew().await.is_ok().then_some(l),
-                    None if node.alarms.is_raised(AlarmKind::Fork) => None,
-                    None => {
-                        if bucket.is_none() {
-                            bucket = lease::Bucket::open(&node.js, config.lease_ttl, config.stream_replicas).await.ok();
+                let near = behind.is_some_and(|b| b <= FOLLOW_BATCH_MAX as u64);
+                let taking = async {
+                    match lease.take() {
+                        // A forked node must not lead: let another take it.
+                        Some(l) if forked => {
+                            l.release().await;
+                            None
                         }
-                        match &bucket {
-                            Some(b) => b.try_acquire(&config.stream, &node.holder).await.ok().and_then(Result::ok),
-                            None => None,
+                        Some(mut l) => l.renew().await.is_ok().then_some(l),
+                        None if forked || !near => None,
+                        None => {
+                            if bucket.is_none() {
+                                bucket = lease::Bucket::open(&node.js, config.lease_ttl, config.stream_replicas).await.ok();
+                            }
+                            match &bucket {
+                                Some(b) => b.try_acquire(&config.stream, &node.holder).await.ok().and_then(Result::ok),
+                                None => None,
+                            }
                         }
                     }
                 };
-                if let Some(held) = lease.take() {
-                    let last = match stream.get_info().await {
-                        Ok(info) => info.state.last_sequence,
-                        Err(_) => {
-                            lease = Some(held);
-                            continue;
-                        }
-                    };
-                    if last == ledger.head_seq() {
-                        return Ok(Some((ledger, held)));
+                let Some(taken) = stop.run_until_cancelled(taking).await else {
+                    return Ok(None);
+                };
+                lease = taken;
+                let Some(held) = lease.take() else { continue };
+                let last = match stop.run_until_cancelled(stream.get_info()).await {
+                    None => {
+                        let _ = tokio::time::timeout(LEASE_POLL, held.release()).await;
+                        return Ok(None);
                     }
-                    lease = Some(held);
-                    tracing::info!(stream_last = last, head_seq = ledger.head_seq(), "lease taken; catching up before taking commands");
+                    Some(Ok(info)) => info.state.last_sequence,
+                    Some(Err(_)) => {
+                        lease = Some(held);
+                        continue;
+                    }
+                };
+                if last == ledger.head_seq() {
+                    return Ok(Some((ledger, held)));
                 }
+                if last < ledger.head_seq() {
+                    // The stream lost events this store holds: not a
+                    // stream this node may lead on; reconcile says why.
+                    held.release().await;
+                    return Err(ServeError::Nats(format!(
+                        "the stream {} ends at seq {last}, before this store's head {}: it lost events (restart this node to check it)",
+                        config.stream,
+                        ledger.head_seq()
+                    )));
+                }
+                lease = Some(held);
+                tracing::info!(stream_last = last, head_seq = ledger.head_seq(), "lease taken; catching up before taking commands");
             }
             batch = next_batch(&mut messages), if messages.is_some() => {
-                let Some(batch) = batch else {
+                let Some((batch, pending)) = batch else {
                     messages = None; // the consumer ended: open another
                     continue;
                 };
@@ -199,6 +243,7 @@ async fn follow(
                 ledger = l;
                 match applied {
                     Ok(()) => {
+                        behind = Some(pending);
                         node.head.send_replace(ledger.head_seq());
                         node.published.send_replace(ledger.head_seq());
                         node.alarms.clear(AlarmKind::Fork);
@@ -250,18 +295,23 @@ async fn ordered_from(stream: &Stream, from: u64) -> Result<Messages, String> {
 }
 
 /// The next message and whatever else is already there, up to
-/// [`FOLLOW_BATCH_MAX`]; `None` when the consumer failed or ended.
-async fn next_batch(messages: &mut Option<Messages>) -> Option<Vec<Vec<u8>>> {
+/// [`FOLLOW_BATCH_MAX`], with how many the stream held past the last of
+/// them; `None` when the consumer failed or ended.
+async fn next_batch(messages: &mut Option<Messages>) -> Option<(Vec<Vec<u8>>, u64)> {
     let m = messages.as_mut()?;
     let first = m.next().await?.ok()?;
+    let mut pending = first.info().map_or(u64::MAX, |i| i.pending);
     let mut batch = vec![first.payload.to_vec()];
     while batch.len() < FOLLOW_BATCH_MAX {
         match m.next().now_or_never() {
-            Some(Some(Ok(msg))) => batch.push(msg.payload.to_vec()),
+            Some(Some(Ok(msg))) => {
+                pending = msg.info().map_or(u64::MAX, |i| i.pending);
+                batch.push(msg.payload.to_vec());
+            }
             _ => break,
         }
     }
-    Some(batch)
+    Some((batch, pending))
 }
 
 /// Drop the tail of this store's log that the stream does not hold: the

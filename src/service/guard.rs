@@ -495,8 +495,11 @@ pub async fn watch(
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return,
         }
-        if let Err(e) = inspect(&store, &js, &stream_name, || *head.borrow(), &alarms).await {
-            tracing::debug!(error = %e, "stream check not done (NATS unavailable?)");
+        let check = inspect(&store, &js, &stream_name, || *head.borrow(), &alarms);
+        match stop.run_until_cancelled(check).await {
+            None => return,
+            Some(Err(e)) => tracing::debug!(error = %e, "stream check not done (NATS unavailable?)"),
+            Some(Ok(_)) => {}
         }
     }
 }

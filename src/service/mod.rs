@@ -244,13 +244,19 @@ pub(crate) async fn term(
     let config = &node.config;
     // `end` ends the term: on `stop`, or when deposed.
     let end = stop.child_token();
+    // Group mode: cancelled when this node stops leading (the lease lost,
+    // a publish fenced, or the term ending for any reason): from then on
+    // the relay publishes nothing and no reply leaves that JetStream had
+    // not acknowledged; the next leader answers the retries.
     let deposed = CancellationToken::new();
     let depose = {
         let (deposed, end) = (deposed.clone(), end.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = deposed.cancelled() => end.cancel(),
-                _ = end.cancelled() => {}
+                _ = end.cancelled() => if group {
+                    deposed.cancel();
+                },
             }
         })
     };
@@ -342,18 +348,19 @@ pub(crate) async fn term(
         true => node.drain_deadline(),
         false => tokio::time::Instant::now() + config.drain_timeout,
     };
+    let _ = depose.await;
+    if deposed.is_cancelled() {
+        // Another node writes (or is about to write) the stream: publish
+        // nothing more.
+        relay.abort();
+    }
     let _ = sweeper.await;
     let _ = watcher.await;
-    let _ = depose.await;
 
     // Drain, in data-flow order. The intake has dropped its queue sender, so
     // the writer finishes what is queued and exits, and then the replier.
     tracing::info!("draining: intake closed, waiting for the writer");
     let writer = tokio::task::spawn_blocking(move || writer.join());
-    if deposed.is_cancelled() {
-        // Another node writes the stream now: publish nothing more.
-        relay.abort();
-    }
     let mut replier = replier;
     if tokio::time::timeout_at(deadline, &mut replier)
         .await
@@ -382,10 +389,14 @@ pub(crate) async fn term(
         .await
         .map_err(|e| ServeError::Nats(format!("lease task: {e}")))?;
     node.lease.send_replace(None);
-    if deposed.is_cancelled() {
+    if !stop.is_cancelled() {
         tracing::warn!(head_seq = ledger_head, "term ended: deposed");
         return Ok(TermEnd::Deposed);
     }
+    if group {
+        tracing::info!(head_seq = ledger_head, "term ended: stopping");
+    }
+    // Nothing more is published: the next writer need not wait for the TTL.
     let _ = tokio::time::timeout_at(deadline, lease.release()).await;
     intake_result.map(|()| TermEnd::Stopped)
 }
