@@ -17,9 +17,10 @@ pub const INTAKE_QUEUE_MAX: usize = 8192;
 pub const BATCH_COMMANDS_MAX: usize = 512;
 /// Events the relay publishes to JetStream before awaiting the oldest ack.
 pub const RELAY_WINDOW_MAX: usize = 256;
-/// How long the relay waits for JetStream to acknowledge a publish before
-/// it reconciles with the stream and resumes from its last sequence.
-pub const RELAY_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long bcp waits for JetStream to acknowledge a publish (or answer an
+/// API request) before it reconciles with the stream and resumes from its
+/// last sequence.
+pub const RELAY_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Events the relay reads from redb per read transaction.
 pub const RELAY_CHUNK_MAX: usize = 1024;
 /// Queries answered at once (each on a blocking thread, its reply up to

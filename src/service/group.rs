@@ -336,27 +336,45 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
             "the stream {name} is empty but this store holds {head} events (the stream was lost?): start one node without --group on this store to republish the log, stop it, then start the group again"
         )));
     }
-    let mut keep = head.min(last);
-    loop {
-        if keep == 0 {
-            return Err(ServeError::Nats(format!(
-                "this store holds another log than the stream {name} (their first events differ); nothing was changed"
-            )));
-        }
+    // Whether the stream's message at `seq` is this store's event there.
+    let same = async |seq: u64| -> Result<bool, ServeError> {
         let theirs = stream
-            .get_raw_message(keep)
+            .get_raw_message(seq)
             .await
-            .map_err(|e| ServeError::Nats(format!("read stream seq {keep}: {e}")))?;
+            .map_err(|e| ServeError::Nats(format!("read stream seq {seq}: {e}")))?;
         let theirs = Published {
             subject: theirs.subject.to_string(),
             payload: theirs.payload.to_vec(),
         };
-        let ours = node.store.raw_events(keep, keep)?;
-        let ours = &ours.first().expect("keep <= head").1;
-        if guard::differs(keep, &theirs, ours).is_none() {
-            break;
+        let ours = node.store.raw_events(seq, seq)?;
+        let Some((_, ours)) = ours.first() else {
+            return Err(ServeError::Nats(format!(
+                "this store has no event at seq {seq}, below its head {head}: run bcp audit verify"
+            )));
+        };
+        Ok(guard::differs(seq, &theirs, ours).is_none())
+    };
+    // The longest shared prefix. Hash-chained, two logs that agree at a
+    // seq agree at every seq before it, so it is found by bisection.
+    let common = head.min(last);
+    let keep = if same(common).await? {
+        common
+    } else {
+        let (mut agree, mut differ) = (0, common); // agree: shared (0 trivially)
+        while differ - agree > 1 {
+            let mid = agree + (differ - agree) / 2;
+            if same(mid).await? {
+                agree = mid;
+            } else {
+                differ = mid;
+            }
         }
-        keep -= 1;
+        agree
+    };
+    if keep == 0 {
+        return Err(ServeError::Nats(format!(
+            "this store holds another log than the stream {name} (their first events differ); nothing was changed"
+        )));
     }
     if keep < head {
         tracing::warn!(

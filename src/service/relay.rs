@@ -29,13 +29,17 @@ use tokio_util::sync::CancellationToken;
 
 pub const SEQ_HEADER: &str = "Bcp-Seq";
 
-/// The relay's JetStream context. A publish whose ack has not come within
-/// `RELAY_ACK_TIMEOUT` was probably sent to a server that died: the relay
-/// then reconciles with the stream and resumes (the client default, 5 s,
-/// left publishing stalled that long after every NATS restart).
+/// bcp's JetStream context (the relay, the stream check, the lease). An
+/// ack or an API answer that has not come within `RELAY_ACK_TIMEOUT` was
+/// probably asked of a server that died: the caller reconciles and
+/// resumes (the client defaults, 5 s for awaited acks and 10 s for API
+/// requests, left publishing and SIGTERM stalled that long after every
+/// NATS restart). `ack_timeout` bounds acks never awaited, `timeout` the
+/// awaited ones and the API requests.
 pub fn context(client: async_nats::Client) -> jetstream::Context {
     jetstream::context::ContextBuilder::new()
         .ack_timeout(crate::domain::limits::RELAY_ACK_TIMEOUT)
+        .timeout(crate::domain::limits::RELAY_ACK_TIMEOUT)
         .build(client)
 }
 
