@@ -46,6 +46,15 @@ run: nats-server
     trap cleanup EXIT
     trap 'exit 0' INT TERM
     for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/{{nats_port}}) 2>/dev/null && break; sleep 0.1; done
+    sleep 0.3
+    if ! kill -0 "$nats_pid" 2>/dev/null; then
+      echo "nats-server did not start; its log (data/nats-server.log) ends:" >&2
+      tail -5 data/nats-server.log >&2
+      if grep -q "address already in use" data/nats-server.log; then
+        echo "port {{nats_port}} is taken by another process: choose another with BCP_NATS_PORT, e.g. BCP_NATS_PORT=4333 just run" >&2
+      fi
+      exit 1
+    fi
     url="nats://127.0.0.1:{{nats_port}}"
     echo "nats-server on $url (log: data/nats-server.log); starting bcp serve on data/bcp.redb"
     echo "send a first command from another terminal:"

@@ -13,6 +13,14 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // NATS_URL is the NATS ecosystem's variable (the nats CLI, nats-py):
+    // honoured where BCP_NATS_URL is not set.
+    if std::env::var_os("BCP_NATS_URL").is_none()
+        && let Some(url) = std::env::var_os("NATS_URL")
+    {
+        // SAFETY: at the start of main, before any other thread exists.
+        unsafe { std::env::set_var("BCP_NATS_URL", url) };
+    }
     let cli = cli::Cli::parse();
     let default_level = if matches!(cli.command, cli::Cmd::Serve { .. }) {
         "info"
