@@ -33,6 +33,10 @@ fn main() -> ExitCode {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (stderr a closed pipe) is lost,
+        // never fatal: by default the subscriber reports it with eprintln!,
+        // which panics on that same stderr and took bcp serve down.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match cli.log_format {
         cli::LogFormat::Text => builder.init(),

@@ -3473,3 +3473,70 @@ async fn spoofing_text_and_out_of_range_times_are_refused() {
         "only the valid commands appended: {status}"
     );
 }
+
+/// stderr a closed pipe (`bcp serve 2>&1 | head -2`): a log line that
+/// cannot be written is lost, never fatal; bcp keeps taking commands and
+/// SIGTERM still ends it, exit 0 (issue 15).
+#[tokio::test]
+async fn a_closed_stderr_neither_kills_bcp_nor_blocks_sigterm() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(
+        free_port(),
+        &dir.path().join("nats"),
+        &dir.path().join("nats.log"),
+    )
+    .await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
+        .args(["serve", "--nats", &nats.url(), "--db"])
+        .arg(dir.path().join("bcp.redb"))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        lines.next().unwrap().unwrap();
+        lines.next().unwrap().unwrap();
+    } // the read end closes here, as `head -2` exits
+    let client = support::connect(&nats.url()).await;
+    let deadline = support::Deadline::new(
+        "bcp serve to answer with its stderr closed",
+        support::STARTUP,
+    );
+    let reply = loop {
+        let body = serde_json::to_vec(&create_body(id(), id(), "rs0")).unwrap();
+        if let Ok(Ok(m)) = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            client.request("bcp.cmd.p1.create", body.into()),
+        )
+        .await
+        {
+            break serde_json::from_slice::<Value>(&m.payload).unwrap();
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "bcp serve died with its stderr closed"
+        );
+        deadline.tick().await;
+    };
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = support::Deadline::new("bcp serve to exit on SIGTERM", support::STARTUP);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        deadline.tick().await;
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
+}

@@ -124,7 +124,12 @@ async fn follow(
     else {
         return Ok(None);
     };
-    if stop.run_until_cancelled(reconcile(node, &stream)).await.transpose()?.is_none() {
+    if stop
+        .run_until_cancelled(reconcile(node, &stream))
+        .await
+        .transpose()?
+        .is_none()
+    {
         return Ok(None);
     }
     let store = node.store.clone();

@@ -498,7 +498,9 @@ pub async fn watch(
         let check = inspect(&store, &js, &stream_name, || *head.borrow(), &alarms);
         match stop.run_until_cancelled(check).await {
             None => return,
-            Some(Err(e)) => tracing::debug!(error = %e, "stream check not done (NATS unavailable?)"),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "stream check not done (NATS unavailable?)")
+            }
             Some(Ok(_)) => {}
         }
     }

@@ -631,7 +631,9 @@ impl Ledger {
             }
         }
         if self.head_time.is_some_and(|t| env.recorded_at < t) {
-            return bad("recorded_at is earlier than the head's (time only moves forward in the log)");
+            return bad(
+                "recorded_at is earlier than the head's (time only moves forward in the log)",
+            );
         }
         Ok(env)
     }
