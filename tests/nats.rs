@@ -3540,3 +3540,80 @@ async fn a_closed_stderr_neither_kills_bcp_nor_blocks_sigterm() {
     };
     assert_eq!(status.code(), Some(0), "{status}");
 }
+
+/// The cluster rule as a rule of state (issue 15): a shard without a region,
+/// in a cluster where another job has one, is Misconfigured when it would
+/// be Active; its siblings move in the same command that gives or takes a
+/// region, each with an event naming the cause, and back when it goes away.
+#[tokio::test]
+async fn the_cluster_rule_moves_siblings_when_a_cluster_becomes_regional() {
+    let h = Harness::start().await;
+    let shard = |name: &str, job: Uuid| json!({"command_id": id(), "job_id": job, "deployment": {"kind": "shard", "name": name, "cluster": "c1"}});
+    let (s0, s1) = (id(), id());
+    h.cmd("p1", "create", &shard("shard0", s0)).await;
+    h.cmd("p1", "create", &shard("shard1", s1)).await;
+    h.cmd("p1", "start", &job_body(id(), s0)).await;
+    h.cmd("p1", "start", &job_body(id(), s1)).await;
+    let full = json!({"command_id": id(), "region": "eu", "snapshot_store": "s", "oplog_store": "o", "sync_store": "y"});
+    h.cmd("_admin", "configure-region", &full).await;
+    assert_eq!(h.job(s1).await["state"], json!("Active"));
+
+    // shard0 gets a region: shard1, regionless in a now regional cluster,
+    // is Misconfigured in the same command.
+    let r = h
+        .cmd(
+            "p1",
+            "assign-region",
+            &json!({"command_id": id(), "job_id": s0, "region": "eu"}),
+        )
+        .await;
+    assert_eq!(r["ok"], json!(true), "{r}");
+    let types: Vec<&str> = r["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["RegionAssigned", "JobMisconfigured"], "{r}");
+    assert_eq!(h.job(s0).await["state"], json!("Active"));
+    let sibling = h.job(s1).await;
+    assert_eq!(sibling["state"], json!("Misconfigured"), "{sibling}");
+    let history = h.history(s1).await;
+    let last = history.last().unwrap();
+    assert_eq!(last["type"], json!("JobMisconfigured"), "{last}");
+    let reason = last["reason"].as_str().unwrap_or_default().to_owned() + &last.to_string();
+    assert!(
+        reason.contains("cluster c1") && reason.contains(&s0.to_string()),
+        "{last}"
+    );
+    // A shard started now is Misconfigured too, as before.
+    let s2 = id();
+    h.cmd("p1", "create", &shard("shard2", s2)).await;
+    h.cmd("p1", "start", &job_body(id(), s2)).await;
+    assert_eq!(h.job(s2).await["state"], json!("Misconfigured"));
+
+    // The cause goes away: shard0 stopped, terminated and its region removed;
+    // shard1 and shard2 return to Active in that command.
+    h.cmd("p1", "stop", &job_body(id(), s0)).await;
+    h.cmd("p1", "terminate", &job_body(id(), s0)).await;
+    let r = h
+        .cmd(
+            "p1",
+            "assign-region",
+            &json!({"command_id": id(), "job_id": s0, "region": null}),
+        )
+        .await;
+    let types: Vec<&str> = r["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["RegionAssigned", "JobReconfigured", "JobReconfigured"],
+        "{r}"
+    );
+    assert_eq!(h.job(s1).await["state"], json!("Active"));
+    assert_eq!(h.job(s2).await["state"], json!("Active"));
+}

@@ -145,7 +145,18 @@ pub fn decide(world: &World, cmd: &CommandEnvelope, now: DateTime<Utc>) -> Decis
             schedule: *schedule,
             region: region.clone(),
         };
-        return Ok(vec![on_job(event)]);
+        let mut out = vec![on_job(event)];
+        if region.is_some() {
+            let cluster = deployment.cluster.as_deref();
+            out.extend(cluster_siblings(
+                world,
+                job_id,
+                &cmd.project_id,
+                cluster,
+                region.as_ref(),
+            ));
+        }
+        return Ok(out);
     }
     let Some(job) = job else {
         return Err(reject(
@@ -154,10 +165,77 @@ pub fn decide(world: &World, cmd: &CommandEnvelope, now: DateTime<Utc>) -> Decis
             format!("no job {job_id} in project {}", cmd.project_id),
         ));
     };
-    Ok(decide_job(world, job, cmd, now)?
-        .into_iter()
-        .map(on_job)
-        .collect())
+    let events = decide_job(world, job, cmd, now)?;
+    let region_changed = events.iter().find_map(|e| match e {
+        Event::RegionAssigned { region } => Some(region.clone()),
+        _ => None,
+    });
+    let mut out: Vec<Decided> = events.into_iter().map(on_job).collect();
+    if let Some(region) = region_changed {
+        let cluster = job.deployment.cluster.as_deref();
+        out.extend(cluster_siblings(
+            world,
+            job.job_id,
+            &job.project_id,
+            cluster,
+            region.as_ref(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The cluster rule as a rule of state: a shard or config server with no
+/// region, in a cluster where another job has one, is Misconfigured when it
+/// would be Active. When `job` (of a sharded cluster) gets `region` (or
+/// loses its own), every running sibling without a region whose state the
+/// rule now changes moves in the same command, each with an event naming
+/// the cause; and moves back when the cause goes away. `job` is the job
+/// whose region changes (to `region`), of `project` and `cluster`.
+fn cluster_siblings(
+    world: &World,
+    job: Uuid,
+    project: &ProjectId,
+    cluster: Option<&str>,
+    region: Option<&Name>,
+) -> Vec<Decided> {
+    let Some(cluster) = cluster else {
+        return Vec::new();
+    };
+    let in_cluster =
+        |o: &Job| o.project_id == *project && o.deployment.cluster.as_deref() == Some(cluster);
+    world
+        .jobs
+        .values()
+        .filter(|s| s.job_id != job && in_cluster(s) && s.region.is_none())
+        .filter_map(|s| {
+            // Regional after the change: `job` with its new region, or any
+            // other sibling of `s` with one.
+            let regional = region.is_some()
+                || world.jobs.values().any(|o| {
+                    o.job_id != s.job_id && o.job_id != job && in_cluster(o) && o.region.is_some()
+                });
+            let event = match (s.state, regional) {
+                (JobState::Active, true) => Event::JobMisconfigured {
+                    reason: format!(
+                        "cluster {cluster} uses regional backup (job {job} was assigned region {}) but this job has no region",
+                        region.map_or("-", |r| r.as_str())
+                    ),
+                },
+                (JobState::Misconfigured, false) => Event::JobReconfigured {
+                    reason: format!(
+                        "cluster {cluster} no longer uses regional backup (job {job} left its region)"
+                    ),
+                    phase: s.resume_phase(),
+                },
+                _ => return None,
+            };
+            Some(Decided {
+                project_id: s.project_id.clone(),
+                job_id: Some(s.job_id),
+                event,
+            })
+        })
+        .collect()
 }
 
 /// The transition table for an existing job.
