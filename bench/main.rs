@@ -901,22 +901,8 @@ async fn group_ack(b: &mut Bench) -> Result<GroupAck> {
             ("nats-server", nats.pid()),
             ("producers (bench)", 0),
         ];
-        settle().await?;
-        let run = closed(
-            &client,
-            &js,
-            b.lanes.take(b.args.in_flight),
-            commands,
-            &pids,
-        )
-        .await?;
-        say(format!(
-            "single node, run {}: {:.0} commands/s, p50 {} µs, p99 {} µs",
-            i + 1,
-            run.acked.per_sec,
-            run.latency.p50_us,
-            run.latency.p99_us
-        ));
+        let lanes = b.lanes.take(b.args.in_flight);
+        let run = replicated_run("single node", i, &client, &js, lanes, commands, &pids).await?;
         bcp.stop().await?;
         drop(nats);
         singles.push(run);
@@ -960,22 +946,8 @@ async fn group_ack(b: &mut Bench) -> Result<GroupAck> {
             .map(|(pid, name)| (name, pid))
             .chain([("producers (bench)", 0)])
             .collect();
-        settle().await?;
-        let run = closed(
-            &client,
-            &js,
-            b.lanes.take(b.args.in_flight),
-            commands,
-            &pids,
-        )
-        .await?;
-        say(format!(
-            "group of 3, run {}: {:.0} commands/s, p50 {} µs, p99 {} µs",
-            i + 1,
-            run.acked.per_sec,
-            run.latency.p50_us,
-            run.latency.p99_us
-        ));
+        let lanes = b.lanes.take(b.args.in_flight);
+        let run = replicated_run("group of 3", i, &client, &js, lanes, commands, &pids).await?;
         for node in nodes {
             node.stop().await?;
         }
@@ -990,4 +962,26 @@ async fn group_ack(b: &mut Bench) -> Result<GroupAck> {
         group,
         group_rates,
     })
+}
+
+/// One closed loop of item 8, said as it ends.
+async fn replicated_run(
+    what: &str,
+    i: usize,
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    lanes: Vec<workload::Lane>,
+    commands: u64,
+    pids: &[(&str, u32)],
+) -> Result<Run> {
+    settle().await?;
+    let run = closed(client, js, lanes, commands, pids).await?;
+    say(format!(
+        "{what}, run {}: {:.0} commands/s, p50 {} µs, p99 {} µs",
+        i + 1,
+        run.acked.per_sec,
+        run.latency.p50_us,
+        run.latency.p99_us
+    ));
+    Ok(run)
 }

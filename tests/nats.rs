@@ -2980,21 +2980,7 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
     );
 
     // Drain, then the stored log agrees and verifies.
-    let pid = serve.0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = support::Deadline::new("bcp serve to drain", support::STARTUP);
-    let status = loop {
-        if let Some(s) = serve.0.try_wait().unwrap() {
-            break s;
-        }
-        deadline.tick().await;
-    };
+    let status = support::terminate(&mut serve.0, "bcp serve to drain").await;
     assert!(status.success(), "{status}");
     let db = db.to_str().unwrap();
     let history = support::bcp_cli_json(&[
@@ -3523,21 +3509,7 @@ async fn a_closed_stderr_neither_kills_bcp_nor_blocks_sigterm() {
         deadline.tick().await;
     };
     assert_eq!(reply["ok"], json!(true), "{reply}");
-    let pid = child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = support::Deadline::new("bcp serve to exit on SIGTERM", support::STARTUP);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        deadline.tick().await;
-    };
+    let status = support::terminate(&mut child, "bcp serve (SIGTERM)").await;
     assert_eq!(status.code(), Some(0), "{status}");
 }
 

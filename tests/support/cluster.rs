@@ -4,7 +4,7 @@
 //! file. Children are killed on drop; when a test panics, the tails of every
 //! log are printed.
 
-use super::{Deadline, STARTUP, append_log, free_port, kill_and_reap, tail, wait_exit};
+use super::{Deadline, STARTUP, append_log, free_port, kill_and_reap, tail};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -175,12 +175,7 @@ impl Cluster {
     /// SIGTERM node `i` and wait for it to drain; its exit code.
     pub async fn stop_node(&mut self, i: usize) -> Option<i32> {
         let mut child = self.nodes[i].1.take().expect("node running");
-        let pid = child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        wait_exit(&mut child, "bcp serve --group (SIGTERM)", STARTUP)
+        super::terminate(&mut child, "bcp serve --group (SIGTERM)")
             .await
             .code()
     }

@@ -123,6 +123,17 @@ fn kill_and_reap(child: &mut Option<Child>) {
     }
 }
 
+/// SIGTERM `child` and wait (at most [`STARTUP`]) for it to exit.
+pub async fn terminate(child: &mut Child, what: &str) -> ExitStatus {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill -TERM");
+    assert!(sent.success(), "kill -TERM {pid} failed");
+    wait_exit(child, what, STARTUP).await
+}
+
 /// Wait for a child to exit (polling), at most `timeout`.
 async fn wait_exit(child: &mut Child, what: &str, timeout: Duration) -> ExitStatus {
     let deadline = Deadline::new(format!("{what} to exit"), timeout);
@@ -226,13 +237,7 @@ impl Bcp {
 
     /// SIGTERM, then wait for the drain to finish.
     async fn terminate(&mut self) -> ExitStatus {
-        let pid = self.child().id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill -TERM");
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        let status = wait_exit(self.child(), "bcp serve (SIGTERM)", STARTUP).await;
+        let status = terminate(self.child(), "bcp serve (SIGTERM)").await;
         self.child = None;
         status
     }
