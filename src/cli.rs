@@ -10,6 +10,7 @@ use bcp::store::{CACHE_BYTES, Store};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use uuid::Uuid;
@@ -223,6 +224,44 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// One job's view (through NATS, or --db on a stopped store).
+    #[command(after_help = "Example:\n  bcp job 0192f0c4-0000-7000-8000-0000000000aa --project p1")]
+    Job {
+        job: Uuid,
+        #[command(flatten)]
+        scope: Scope,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// A job's history: every transition and rejection, in seq order (through
+    /// NATS, or --db on a stopped store).
+    #[command(
+        after_help = "Example:\n  bcp history 0192f0c4-0000-7000-8000-0000000000aa --project p1"
+    )]
+    History {
+        job: Uuid,
+        #[command(flatten)]
+        scope: Scope,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Follow the published events, one line per event, until Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  bcp watch\n  bcp watch --project p1\n  bcp watch --project p1 --job 0192f0c4-0000-7000-8000-0000000000aa"
+    )]
+    Watch {
+        #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// Only this project's events (default: every project).
+        #[arg(long)]
+        project: Option<String>,
+        /// Only this job's events.
+        #[arg(long)]
+        job: Option<Uuid>,
+        /// One JSON envelope per line instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every running bcp process: role, head, published seq, and any alarm.
     /// Exit 0 all take commands, 1 an alarm is raised, 3 none answered.
     #[command(after_help = "Example:\n  bcp status --nats nats://127.0.0.1:4222")]
@@ -250,6 +289,45 @@ pub enum Cmd {
         #[arg(long, default_value = "schemas")]
         out: PathBuf,
     },
+}
+
+/// Where a job query reads, and as which project.
+#[derive(Args)]
+pub struct Scope {
+    /// The job's project: reads are scoped by project (bcp.query.<project>.<kind>);
+    /// _admin (the default) reads every project, where NATS permits it.
+    #[arg(long, env = "BCP_PROJECT", default_value = "_admin")]
+    project: String,
+    #[command(flatten)]
+    source: Source,
+}
+
+impl Scope {
+    /// One query about `job`: its reply, or exit 1 with the error's message.
+    fn ask(&self, kind: &str, job: Uuid) -> Result<std::result::Result<Value, String>> {
+        let body = json!({ "job_id": job });
+        let v = match &self.source.db {
+            Some(db) => bcp::service::queries::answer(
+                &Store::open_read_only(db, CACHE_BYTES)?,
+                &self.project,
+                kind,
+                &serde_json::to_vec(&body)?,
+            ),
+            None => request(
+                &self.source.nats,
+                &format!("bcp.query.{}.{kind}", self.project),
+                &body,
+                5,
+            )?,
+        };
+        Ok(match v["ok"] == json!(true) {
+            true => Ok(v),
+            false => Err(v["error"]["message"]
+                .as_str()
+                .unwrap_or("query failed")
+                .to_owned()),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -369,33 +447,47 @@ pub fn run(cli: Cli) -> Result<u8> {
             node,
         }),
         Cmd::Status { nats, wait, format } => status(&nats, Duration::from_millis(wait), format),
+        Cmd::Job { job, scope, format } => {
+            let v = match scope.ask("job", job)? {
+                Ok(v) => v,
+                Err(message) => return rejected(&message),
+            };
+            let job: Job = serde_json::from_value(v["job"].clone())?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&job)?),
+                Format::Table => print!("{}", jobs_table(std::slice::from_ref(&job))),
+            }
+            Ok(EXIT_OK)
+        }
+        Cmd::History { job, scope, format } => {
+            let v = match scope.ask("history", job)? {
+                Ok(v) => v,
+                Err(message) => return rejected(&message),
+            };
+            let entries: Vec<HistoryEntry> = serde_json::from_value(v["history"].clone())?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+                Format::Table => print!("{}", history_table(&entries)),
+            }
+            Ok(EXIT_OK)
+        }
+        Cmd::Watch {
+            nats,
+            project,
+            job,
+            json,
+        } => watch(&nats, project.as_deref(), job, json),
         Cmd::Snapshots {
             job,
             project,
             source,
             format,
         } => {
-            let v = match &source.db {
-                Some(db) => bcp::service::queries::answer(
-                    &Store::open_read_only(db, CACHE_BYTES)?,
-                    &project,
-                    "snapshots",
-                    &serde_json::to_vec(&json!({"job_id": job}))?,
-                ),
-                None => request(
-                    &source.nats,
-                    &format!("bcp.query.{project}.snapshots"),
-                    &json!({"job_id": job}),
-                    5,
-                )?,
+            let scope = Scope { project, source };
+            let v = match scope.ask("snapshots", job)? {
+                Ok(v) => v,
+                Err(message) => return rejected(&message),
             };
-            if v["ok"] != json!(true) {
-                eprintln!(
-                    "bcp: {}",
-                    v["error"]["message"].as_str().unwrap_or("query failed")
-                );
-                return Ok(EXIT_REJECTED);
-            }
             let snapshots: Vec<bcp::domain::Snapshot> =
                 serde_json::from_value(v["snapshots"].clone())?;
             match format {
@@ -562,6 +654,51 @@ pub fn status_table(replies: &[Value]) -> String {
         }
     }
     out
+}
+
+/// A query answered with an error: say it, exit 1.
+fn rejected(message: &str) -> Result<u8> {
+    eprintln!("bcp: {message}");
+    Ok(EXIT_REJECTED)
+}
+
+/// Follow the published events (a core NATS subscription on the event
+/// subjects): one line per event, or the envelope itself with `json`.
+fn watch(url: &str, project: Option<&str>, job: Option<Uuid>, json: bool) -> Result<u8> {
+    let subject = format!(
+        "bcp.evt.{}.{}.*",
+        project.unwrap_or("*"),
+        job.map_or("*".to_owned(), |j| j.to_string())
+    );
+    block_on(async {
+        let client = connect(url).await?;
+        let mut events = client.subscribe(subject.clone()).await?;
+        client.flush().await?;
+        eprintln!("watching {subject} (Ctrl-C stops)");
+        let mut out = std::io::stdout().lock();
+        while let Some(msg) = events.next().await {
+            let line = if json {
+                String::from_utf8_lossy(&msg.payload).into_owned()
+            } else {
+                let e: Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+                let field = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+                format!(
+                    "{:>7} {} {:<12} {:<36} {:<20} {}",
+                    e["seq"],
+                    field("recorded_at"),
+                    field("project_id"),
+                    field("job_id"),
+                    field("type"),
+                    field("actor")
+                )
+            };
+            // A closed pipe (`| head`) is a normal end.
+            if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                break;
+            }
+        }
+        Ok(EXIT_OK)
+    })
 }
 
 /// Build a command body from the flags.

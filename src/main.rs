@@ -40,7 +40,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr);
     match cli.log_format {
         cli::LogFormat::Text => builder.init(),
-        cli::LogFormat::Json => builder.json().init(),
+        // `message` at the top level of each line, beside the fields.
+        cli::LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     match cli::run(cli) {
         Ok(code) => ExitCode::from(code),

@@ -3589,3 +3589,78 @@ async fn the_cluster_rule_moves_siblings_when_a_cluster_becomes_regional() {
     assert_eq!(h.job(s1).await["state"], json!("Active"));
     assert_eq!(h.job(s2).await["state"], json!("Active"));
 }
+
+/// The CLI's live views (issue 15): `bcp job`, `bcp history` (scoped by
+/// project like the queries) and `bcp watch` (one line per published
+/// event), reaching NATS through NATS_URL.
+#[tokio::test]
+async fn job_history_and_watch_from_the_cli() {
+    let h = Harness::start().await;
+    let url = h.nats.url();
+    let job = id();
+    h.cmd("p1", "create", &create_body(id(), job, "rs0")).await;
+    h.cmd("p1", "start", &job_body(id(), job)).await;
+    let j = job.to_string();
+    let v = support::bcp_cli_json(&[
+        "job",
+        &j,
+        "--nats",
+        &url,
+        "--project",
+        "p1",
+        "--format",
+        "json",
+    ])
+    .await;
+    assert_eq!(v["state"], json!("Active"), "{v}");
+    let table = support::bcp_cli_ok(&["history", &j, "--nats", &url, "--project", "p1"]).await;
+    assert!(
+        table.contains("JobCreated") && table.contains("JobStarted: Inactive -> Active"),
+        "{table}"
+    );
+    let (code, _, err) =
+        support::bcp_cli_text(&["job", &j, "--nats", &url, "--project", "p2"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("no job {j}")), "{err}");
+
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
+        .args(["watch", "--project", "p1"])
+        .env_remove("BCP_NATS_URL")
+        .env("NATS_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut err = tokio::io::BufReader::new(watch.stderr.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut err, &mut line)
+        .await
+        .unwrap();
+    assert!(line.contains("watching bcp.evt.p1.*.*"), "{line}");
+    h.cmd("p1", "stop", &job_body(id(), job)).await;
+    h.cmd("p2", "create", &create_body(id(), id(), "other"))
+        .await;
+    h.cmd("p1", "start", &job_body(id(), job)).await;
+    let mut out = tokio::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut l = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::io::AsyncBufReadExt::read_line(&mut out, &mut l),
+        )
+        .await
+        .expect("a line per event")
+        .unwrap();
+        seen.push(l);
+    }
+    assert!(
+        seen[0].contains("JobStopped") && seen[0].contains(&j),
+        "{seen:?}"
+    );
+    assert!(
+        seen[1].contains("JobStarted"),
+        "p2's event is not shown: {seen:?}"
+    );
+}
