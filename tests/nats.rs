@@ -2606,15 +2606,15 @@ async fn python_producer_example_runs_against_bcp() {
         _ => pylib.display().to_string(),
     };
     let has_nats = std::process::Command::new("python3")
-        .args(["-c", "import nats"])
+        .args(["-c", "import nats, blake3"])
         .env("PYTHONPATH", &pythonpath)
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(
         has_nats,
-        "python3 with nats-py is needed for examples/producer.py: run `just py-deps` \
-         (pip install --target .tools/pylib nats-py)"
+        "python3 with nats-py and blake3 is needed for examples/producer.py and \
+         examples/verify_log.py: run `just py-deps` (pip install --target .tools/pylib nats-py blake3)"
     );
     let out = tokio::process::Command::new("python3")
         .arg(root.join("examples/producer.py"))
@@ -2665,6 +2665,39 @@ async fn python_producer_example_runs_against_bcp() {
         ]
     );
     assert_eq!(history[0]["actor"], json!("producer.py"));
+
+    // The hash chain recomputed from the README's rule alone, in Python,
+    // on a real exported log (issue 15), a non-ASCII actor included.
+    let mut body = job_body(id(), job);
+    body["actor"] = json!("zoë ✓ \"quoted\"");
+    h.cmd("py", "start", &body).await;
+    let mut h = h;
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    let log = h.path("log.jsonl");
+    let (db, out) = (h.db(), log.to_str().unwrap().to_owned());
+    support::bcp_cli_ok(&["export", "--db", db.to_str().unwrap(), "--out", &out]).await;
+    let verify = |path: std::path::PathBuf| {
+        std::process::Command::new("python3")
+            .arg(root.join("examples/verify_log.py"))
+            .arg(path)
+            .env("PYTHONPATH", &pythonpath)
+            .output()
+            .expect("run python3")
+    };
+    let ok = verify(log.clone());
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(said.starts_with("ok: 6 events, head hash "), "{said}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let tampered = h.path("tampered.jsonl");
+    std::fs::write(&tampered, text.replacen("zoë", "zoe", 1)).unwrap();
+    let bad = verify(tampered);
+    assert!(!bad.status.success(), "a changed actor must not verify");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("seq 6: hash does not match"));
 }
 
 /// A child process killed when dropped.
