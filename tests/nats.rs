@@ -3697,3 +3697,59 @@ async fn job_history_and_watch_from_the_cli() {
         "p2's event is not shown: {seen:?}"
     );
 }
+
+/// The README's walk-through works when followed in order on a fresh
+/// server (issue 15): examples/tour.sh runs it, and every command of it
+/// stands in the README as it is in the script, and the other way round.
+#[tokio::test]
+async fn the_readme_walkthrough_runs_in_order() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tour = std::fs::read_to_string(root.join("examples/tour.sh")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let commands: Vec<&str> = tour
+        .lines()
+        .filter_map(|l| l.strip_prefix("step "))
+        .chain(
+            tour.lines()
+                .filter(|l| l.starts_with("JOB") || l.starts_with("SNAP")),
+        )
+        .collect();
+    assert!(commands.len() > 20, "{commands:?}");
+    for c in &commands {
+        assert!(
+            readme.lines().any(|l| l == *c),
+            "README lacks the tour's `{c}`"
+        );
+    }
+    let walk = &readme[readme.find("## Usage").unwrap()..readme.find("### Audit").unwrap()];
+    for l in walk.lines().filter(|l| l.starts_with("bcp ")) {
+        assert!(commands.contains(&l), "the tour lacks the README's `{l}`");
+    }
+
+    let h = Harness::start().await;
+    let out = tokio::process::Command::new("bash")
+        .arg(root.join("examples/tour.sh"))
+        .current_dir(root)
+        .env("BCP", env!("CARGO_BIN_EXE_bcp"))
+        .env("BCP_NATS_URL", h.nats.url())
+        .env_remove("BCP_PROJECT")
+        .env_remove("BCP_ACTOR")
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "the tour failed:\n{stdout}\n{stderr}");
+    let job2 = h
+        .job("0192f0c4-0000-7000-8000-000000000002".parse().unwrap())
+        .await;
+    assert_eq!(job2["state"], json!("Active"), "{job2}");
+    let after_start = stdout.split("bcp job $JOB2").nth(1).unwrap_or_default();
+    assert!(
+        stdout.contains("Misconfigured"),
+        "the Regions part shows a Misconfigured job:\n{stdout}"
+    );
+    let _ = after_start;
+}
