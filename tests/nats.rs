@@ -3621,6 +3621,12 @@ async fn the_cluster_rule_moves_siblings_when_a_cluster_becomes_regional() {
     );
     assert_eq!(h.job(s1).await["state"], json!("Active"));
     assert_eq!(h.job(s2).await["state"], json!("Active"));
+    // The log, its projections and its records agree (audit verify).
+    let head = h.request("bcp.status", &json!({})).await["head_seq"]
+        .as_u64()
+        .unwrap();
+    let mut h = h;
+    h.stop_and_verify(head).await;
 }
 
 /// The CLI's live views (issue 15): `bcp job`, `bcp history` (scoped by

@@ -197,10 +197,16 @@ impl CommandLog {
             ));
         }
         if let Some(job) = reply.job_id.map(|j| j.as_u128()) {
-            if events.iter().any(|e| e.job != Some(job)) {
+            // The command's own job comes first; a region change may move
+            // the job's cluster siblings after it (the cluster rule).
+            if events.first().is_some_and(|e| e.job != Some(job)) {
                 return Err("names a job other than its events'".into());
             }
-            let last_version = events.iter().rev().find_map(|e| e.job_version);
+            let last_version = events
+                .iter()
+                .rev()
+                .filter(|e| e.job == Some(job))
+                .find_map(|e| e.job_version);
             if last_version.is_some() && reply.version != last_version {
                 return Err(format!(
                     "says version {:?}, but its last event made it {last_version:?}",
