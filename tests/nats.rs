@@ -3759,3 +3759,41 @@ async fn the_readme_walkthrough_runs_in_order() {
     );
     let _ = after_start;
 }
+
+/// The audit tools' messages and exit codes (issue 15): each says what to
+/// do, none calls a usage or reachability problem a bad log.
+#[tokio::test]
+async fn audit_tool_messages_say_what_to_do() {
+    let mut h = Harness::start().await;
+    h.cmd("p1", "create", &create_body(id(), id(), "rs0")).await;
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    let db = h.db();
+    let db = db.to_str().unwrap();
+    let (code, _, err) = support::bcp_cli_text(&["replay"]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--db") && err.contains("--from-nats"), "{err}");
+    let (code, _, err) =
+        support::bcp_cli_text(&["replay", "--db", db, "--until", "yesterday"]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("such as 2026-11-27T10:00:00Z"), "{err}");
+    let nowhere = format!("nats://127.0.0.1:{}", free_port());
+    let (code, out, err) =
+        support::bcp_cli_text(&["audit", "verify", "--db", db, "--against-nats", &nowhere]).await;
+    assert_eq!(
+        code,
+        Some(3),
+        "unreachable NATS is not a bad log: {out}{err}"
+    );
+    let file = h.path("log.jsonl");
+    let (code, _, err) =
+        support::bcp_cli_text(&["export", "--db", db, "--out", file.to_str().unwrap()]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.starts_with("ok: exported 1 events to "), "{err}");
+    let (code, _, err) =
+        support::bcp_cli_text(&["import", "--db", db, file.to_str().unwrap()]).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("already holds a log") && !err.contains("corrupt"),
+        "{err}"
+    );
+}

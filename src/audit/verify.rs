@@ -36,6 +36,10 @@ pub enum VerifyError {
     Records(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The stream to compare with could not be reached: nothing is known
+    /// of the log.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl VerifyError {

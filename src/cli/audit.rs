@@ -21,13 +21,8 @@ use uuid::Uuid;
 /// Where the log comes from: a stopped store, or the JetStream stream.
 #[derive(Args)]
 pub struct LogSource {
-    /// A store no running server holds open.
-    #[arg(
-        long,
-        env = "BCP_DB",
-        conflicts_with = "from_nats",
-        required_unless_present = "from_nats"
-    )]
+    /// A store no running server holds open (or --from-nats URL: the published stream).
+    #[arg(long, env = "BCP_DB", conflicts_with = "from_nats")]
     pub db: Option<PathBuf>,
     /// Read the published log from this NATS server's stream instead (works while bcp serve runs).
     #[arg(long)]
@@ -46,8 +41,9 @@ pub struct ReplayArgs {
     /// Stop after this seq.
     #[arg(long)]
     pub until_seq: Option<u64>,
-    /// Stop after the last event recorded at or before this time (RFC 3339).
-    #[arg(long)]
+    /// Stop after the last event recorded at or before this time (RFC 3339,
+    /// e.g. 2026-11-27T10:00:00Z).
+    #[arg(long, value_parser = parse_until)]
     pub until: Option<DateTime<Utc>>,
     #[arg(long)]
     pub job: Option<Uuid>,
@@ -135,8 +131,10 @@ fn progress(total: Option<u64>, what: &'static str) -> ProgressBar {
         ProgressDrawTarget::hidden()
     };
     let bar = ProgressBar::with_draw_target(total, target);
-    let style = ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} events {per_sec}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(
+        "{msg} [{wide_bar:.cyan/blue}] {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_message(what);
     bar
@@ -145,6 +143,7 @@ fn progress(total: Option<u64>, what: &'static str) -> ProgressBar {
 fn failed(e: VerifyError) -> Result<u8> {
     match e {
         VerifyError::Store(e) => Err(e.into()),
+        VerifyError::Unreachable(why) => Err(super::Unavailable(why).into()),
         e => {
             println!("FAILED: {e}");
             Ok(EXIT_REJECTED)
@@ -205,7 +204,9 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
             }
             r.view(&select)
         }
-        (None, None) => bail!(super::Usage("give --db or --from-nats".into())),
+        (None, None) => bail!(super::Usage(
+            "give --db PATH (a stopped store) or --from-nats URL (the published stream)".into()
+        )),
     };
     match a.format {
         Format::Json => {
@@ -309,9 +310,13 @@ fn compare_with_stream(
             .await
             .map_err(anyhow::Error::msg)
     })
-    .map_err(|e| VerifyError::BadEvent {
-        seq: 0,
-        what: format!("cannot read the stream: {e:#}"),
+    .map_err(|e| match e.downcast::<super::Unavailable>() {
+        // Not reaching NATS says nothing of the log: exit 3, not 1.
+        Ok(u) => VerifyError::Unreachable(u.0),
+        Err(e) => VerifyError::BadEvent {
+            seq: 0,
+            what: format!("cannot read the stream: {e:#}"),
+        },
     })?;
     let head = store.head_seq()?;
     let mut mismatch = None;
@@ -381,9 +386,27 @@ pub fn export(a: ExportArgs) -> Result<u8> {
         None => {}
     }
     match out.flush() {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(EXIT_OK),
-        r => r.map(|_| EXIT_OK).map_err(Into::into),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(EXIT_OK),
+        r => r?,
     }
+    // The summary goes to stderr: stdout may be the log itself.
+    let head = store.head_seq()?;
+    let hash = store
+        .events(head, head)?
+        .pop()
+        .map_or_else(|| "-".to_owned(), |e| e.hash);
+    let to = a
+        .out
+        .as_ref()
+        .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
+    eprintln!("ok: exported {head} events to {to}, head seq {head} hash {hash}");
+    Ok(EXIT_OK)
+}
+
+/// `--until`: an RFC 3339 time, with the expected form in the error.
+fn parse_until(s: &str) -> std::result::Result<DateTime<Utc>, String> {
+    bcp::domain::timestamp::parse(s)
+        .map_err(|e| format!("{e}: expected an RFC 3339 time such as 2026-11-27T10:00:00Z"))
 }
 
 pub fn import(a: ImportArgs) -> Result<u8> {

@@ -25,10 +25,9 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
     if path.exists() {
         let existing = Store::open_existing(path)?;
         if existing.event_count()? > 0 {
-            return Err(StoreError::Corrupt(format!(
-                "{} already holds a log; import only into a new store",
-                path.display()
-            )));
+            return Err(StoreError::Exists {
+                path: path.display().to_string(),
+            });
         }
     }
     let tmp = path.with_extension("importing");

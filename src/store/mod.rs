@@ -23,6 +23,8 @@ pub enum StoreError {
     InUse { path: String },
     #[error("no store at {path}")]
     Missing { path: String },
+    #[error("{path} already holds a log; import only into a new store (or remove it first)")]
+    Exists { path: String },
     #[error(
         "the store {path} was not closed cleanly (bcp serve was killed?) and needs recovery before it can be read without writing; start bcp serve on it once (it recovers and re-checks the store), stop it, then audit"
     )]
