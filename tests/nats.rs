@@ -2154,6 +2154,10 @@ async fn sweeper_expires_due_snapshots() {
     let reply = h.cmd("p1", "stop", &job_body(id(), j)).await;
     assert_eq!(reply, accepted(Some(j), Some(10), &[(15, "JobStopped")]));
     h.caught_up_stream(15).await;
+    // The sweep logs as a sweep, not as someone's fire-and-forget command.
+    let log = h.bcp_log_text();
+    assert!(log.contains("retention sweep: expired snapshots"), "{log}");
+    assert!(!log.contains("command without reply subject"), "{log}");
     h.stop_and_verify(15).await;
 }
 

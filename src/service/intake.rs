@@ -342,7 +342,15 @@ pub async fn send_replies(
                 metrics.rejected(c.verb.as_str(), code.as_str().unwrap_or("?"));
                 tracing::debug!(command_id = %c.command_id, verb = %c.verb, code = ?err.code, message = %err.message, "command rejected");
             }
-            if c.reply_to.is_nobody() {
+            if c.internal {
+                if !c.reply.events.is_empty() {
+                    tracing::info!(
+                        expired = c.reply.events.len(),
+                        first_seq = c.reply.events[0].seq,
+                        "retention sweep: expired snapshots"
+                    );
+                }
+            } else if c.reply_to.is_nobody() {
                 if c.reply.ok && c.reply.events.is_empty() {
                     tracing::debug!(command_id = %c.command_id, verb = %c.verb, "command without reply subject decided: nothing to do");
                 } else {

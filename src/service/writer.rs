@@ -35,6 +35,8 @@ pub struct Committed {
     pub reply: Reply,
     pub verb: Verb,
     pub command_id: uuid::Uuid,
+    /// bcp's own command (the retention sweep).
+    pub internal: bool,
     /// When the intake queued it.
     pub queued: Instant,
     /// The log head once its batch was committed: in group mode the reply
@@ -53,6 +55,7 @@ struct Target {
     reply_to: ReplyTo,
     verb: Verb,
     command_id: uuid::Uuid,
+    internal: bool,
 }
 
 fn answer(targets: Vec<Target>, replies: Vec<Reply>, through: u64) -> Vec<Committed> {
@@ -63,6 +66,7 @@ fn answer(targets: Vec<Target>, replies: Vec<Reply>, through: u64) -> Vec<Commit
             reply_to: t.reply_to,
             verb: t.verb,
             command_id: t.command_id,
+            internal: t.internal,
             queued: t.queued,
             through,
             reply,
@@ -209,6 +213,7 @@ impl Writer {
             reply_to: r.reply_to,
             verb: r.pending.cmd.verb,
             command_id: r.pending.cmd.command_id,
+            internal: r.pending.internal,
         };
         if let Some(e) = &self.poisoned {
             let reply = unavailable(e);
