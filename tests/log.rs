@@ -1026,7 +1026,10 @@ fn tampered_exports_are_refused_naming_the_seq_and_nothing_is_written() {
     // The helper joins stdout and stderr; the summary ("ok: exported …")
     // is the one line that is not an envelope.
     let lines: Vec<&str> = exported.lines().filter(|l| l.starts_with('{')).collect();
-    assert!(exported.contains(&format!("ok: exported {events} events")), "{exported}");
+    assert!(
+        exported.contains(&format!("ok: exported {events} events")),
+        "{exported}"
+    );
     assert_eq!(lines.len() as u64, events);
 
     let forged = {

@@ -718,6 +718,14 @@ async fn relay_catches_up_after_nats_outage() {
     h.restart_nats(port, &store).await;
     h.start_bcp().await;
     h.caught_up_stream(head).await;
+    // Losing NATS was said at WARN, naming the server.
+    let log = h.bcp_log_text();
+    let url = h.nats.url();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("NATS connection lost") && l.contains(&url)),
+        "{log}"
+    );
     h.stop_and_verify(head).await;
 }
 

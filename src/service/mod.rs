@@ -487,8 +487,29 @@ async fn connect(config: &ServeConfig, name: &str) -> Result<async_nats::Client,
         .options()
         .await
         .map_err(|e| ServeError::Nats(format!("NATS credentials: {e}")))?;
+    let url = config.nats_url.clone();
     options
         .name(name)
+        // The client logs its own events at INFO; losing NATS (or being
+        // told of a slow consumer, which drops messages) is an operator's
+        // business: WARN, naming the server.
+        .event_callback(move |event| {
+            let url = url.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!(nats = %url, "connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(nats = %url, "NATS connection lost; reconnecting")
+                    }
+                    async_nats::Event::SlowConsumer(sid) => tracing::warn!(
+                        nats = %url,
+                        subscription = sid,
+                        "slow consumer: NATS dropped messages for bcp (producers retry what got no reply)"
+                    ),
+                    other => tracing::info!(nats = %url, event = %other, "NATS"),
+                }
+            }
+        })
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
