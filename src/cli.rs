@@ -845,18 +845,25 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 /// Fits 80 columns: a UUID is 36 of them.
 pub fn jobs_table(jobs: &[Job]) -> String {
     let mut out = format!(
-        "{:<36} {:<10} {:<13} {:<10} {:>4} {}\n",
-        "JOB", "PROJECT", "STATE", "REGION", "VER", "PHASE"
+        "{:<36} {:<10} {:<20} {:<13} {:<10} {:>4} {}\n",
+        "JOB", "PROJECT", "DEPLOYMENT", "STATE", "REGION", "VER", "PHASE"
     );
     for j in jobs {
         let phase = j
             .phase
             .map(|p| serde_json::to_value(p).expect("phase"))
             .map(|v| v.as_str().unwrap_or("").to_owned());
+        // The name as an operator knows it, with its cluster for a shard or
+        // config server (names are printable text, at most 128 characters).
+        let deployment = match &j.deployment.cluster {
+            Some(c) => format!("{}/{}", c, j.deployment.name),
+            None => j.deployment.name.clone(),
+        };
         out += &format!(
-            "{:<36} {:<10} {:<13} {:<10} {:>4} {}\n",
+            "{:<36} {:<10} {:<20} {:<13} {:<10} {:>4} {}\n",
             j.job_id,
             j.project_id.as_str(),
+            deployment,
             j.state.as_str(),
             or_dash(j.region.as_ref()),
             j.version,
