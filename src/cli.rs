@@ -46,8 +46,10 @@ pub struct Cli {
 /// NATS credentials, for every command that talks to NATS.
 #[derive(Args, Clone, Default)]
 pub struct AuthArgs {
+    /// NATS user name (with --nats-password).
     #[arg(long, global = true, env = "BCP_NATS_USER", help_heading = "NATS auth")]
     pub nats_user: Option<String>,
+    /// NATS password (with --nats-user); better from the environment.
     #[arg(
         long,
         global = true,
@@ -56,6 +58,7 @@ pub struct AuthArgs {
         help_heading = "NATS auth"
     )]
     pub nats_password: Option<String>,
+    /// NATS token; better from the environment.
     #[arg(
         long,
         global = true,
@@ -93,6 +96,7 @@ pub struct AuthArgs {
         help_heading = "NATS auth"
     )]
     pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM), with --tls-cert.
     #[arg(
         long,
         global = true,
@@ -151,8 +155,10 @@ pub enum Cmd {
     /// Run the control plane (graceful drain on SIGINT/SIGTERM).
     #[command(after_help = "Example:\n  bcp serve --db data/bcp.redb --nats nats://127.0.0.1:4222")]
     Serve {
+        /// The store (one redb file; created when missing).
         #[arg(long, env = "BCP_DB", default_value = "data/bcp.redb")]
         db: PathBuf,
+        /// The NATS server(s), comma-separated for a cluster.
         #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
         nats: String,
         /// JetStream stream the events are published to.
@@ -194,18 +200,25 @@ pub enum Cmd {
     )]
     Send(Box<SendArgs>),
     /// List jobs (through NATS, or from a stopped store with --db).
+    #[command(
+        after_help = "Examples:\n  bcp jobs\n  bcp jobs --project p1 --state Active\n  bcp jobs --region eu --format json\n  bcp jobs --cluster c1 --db data/bcp.redb"
+    )]
     Jobs {
         #[command(flatten)]
         source: Source,
+        /// Only this project's jobs.
         #[arg(long)]
         project: Option<String>,
         /// Inactive, Active, Stopped or Misconfigured.
         #[arg(long)]
         state: Option<String>,
+        /// Only jobs in this region.
         #[arg(long)]
         region: Option<String>,
+        /// Only jobs of this cluster (its shards and config server).
         #[arg(long)]
         cluster: Option<String>,
+        /// Output: a table for people, or JSON for programs.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -214,6 +227,7 @@ pub enum Cmd {
         after_help = "Example:\n  bcp snapshots 0192f0c4-0000-7000-8000-0000000000aa --project p1"
     )]
     Snapshots {
+        /// The job's id (a UUID).
         job: Uuid,
         /// The job's project: reads are scoped by project (bcp.query.<project>.snapshots);
         /// _admin (the default) reads every project, where NATS permits it.
@@ -221,15 +235,18 @@ pub enum Cmd {
         project: String,
         #[command(flatten)]
         source: Source,
+        /// Output: a table for people, or JSON for programs.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
     /// One job's view (through NATS, or --db on a stopped store).
     #[command(after_help = "Example:\n  bcp job 0192f0c4-0000-7000-8000-0000000000aa --project p1")]
     Job {
+        /// The job's id (a UUID).
         job: Uuid,
         #[command(flatten)]
         scope: Scope,
+        /// Output: a table for people, or JSON for programs.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -239,9 +256,11 @@ pub enum Cmd {
         after_help = "Example:\n  bcp history 0192f0c4-0000-7000-8000-0000000000aa --project p1"
     )]
     History {
+        /// The job's id (a UUID).
         job: Uuid,
         #[command(flatten)]
         scope: Scope,
+        /// Output: a table for people, or JSON for programs.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -250,6 +269,7 @@ pub enum Cmd {
         after_help = "Examples:\n  bcp watch\n  bcp watch --project p1\n  bcp watch --project p1 --job 0192f0c4-0000-7000-8000-0000000000aa"
     )]
     Watch {
+        /// The NATS server(s), comma-separated for a cluster.
         #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
         nats: String,
         /// Only this project's events (default: every project).
@@ -266,19 +286,35 @@ pub enum Cmd {
     /// Exit 0 all take commands, 1 an alarm is raised, 3 none answered.
     #[command(after_help = "Example:\n  bcp status --nats nats://127.0.0.1:4222")]
     Status {
+        /// The NATS server(s), comma-separated for a cluster.
         #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
         nats: String,
         /// Milliseconds to collect replies (one per process).
         #[arg(long, default_value_t = 1000)]
         wait: u64,
+        /// Output: a table for people, or JSON for programs.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
     /// Rebuild job states and snapshot catalogs as of a seq or a time.
     Replay(audit::ReplayArgs),
     /// Audit the log: a job's history, verify the chain, print a digest.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  bcp audit history --db data/bcp.redb --job 0192f0c4-...\n  bcp audit verify --db data/bcp.redb\n  bcp audit digest --db data/bcp.redb > anchor.txt\n  bcp audit verify --db data/bcp.redb --digest \"$(cat anchor.txt)\""
+    )]
     Audit(audit::AuditCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  bcp completions bash > /etc/bash_completion.d/bcp\n  bcp completions zsh > \"${fpath[1]}/_bcp\""
+    )]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from the same definitions as --help.
+    #[command(after_help = "Example:\n  bcp man > bcp.1 && man ./bcp.1")]
+    Man,
     /// Write the log as JSON Lines (one envelope per line, seq order).
     Export(audit::ExportArgs),
     /// Build a new store from JSON Lines or the stream, verifying as it goes.
@@ -286,6 +322,7 @@ pub enum Cmd {
     /// Write the JSON Schemas of the contract (commands, replies, queries, views, events).
     #[command(after_help = "Example:\n  bcp schemas --out schemas")]
     Schemas {
+        /// The directory to write them to.
         #[arg(long, default_value = "schemas")]
         out: PathBuf,
     },
@@ -344,6 +381,7 @@ pub struct Source {
 pub struct SendArgs {
     /// create, start, stop, terminate, assign-region, change-schedule, configure-region, ...
     verb: String,
+    /// The job's project: the command goes to bcp.cmd.<project>.<verb>.
     #[arg(long, env = "BCP_PROJECT")]
     project: String,
     /// The job (create: generated when omitted).
@@ -352,8 +390,10 @@ pub struct SendArgs {
     /// Generated when omitted and printed on stderr: reuse it to retry safely.
     #[arg(long)]
     command_id: Option<Uuid>,
+    /// Refuse with version_conflict unless the job is at exactly this version.
     #[arg(long)]
     expected_version: Option<u64>,
+    /// Who sends it (recorded in the log; unverified unless NATS vouches for it).
     #[arg(long, env = "BCP_ACTOR")]
     actor: Option<String>,
     /// create: replica_set, shard or config_server.
@@ -395,6 +435,7 @@ pub struct SendArgs {
     /// Extra body fields as a JSON object, merged last.
     #[arg(long)]
     body: Option<String>,
+    /// The NATS server(s), comma-separated for a cluster.
     #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
     /// Seconds to wait for the reply.
@@ -555,6 +596,16 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Audit(cmd) => audit::audit(cmd),
         Cmd::Export(a) => audit::export(a),
         Cmd::Import(a) => audit::import(a),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "bcp", &mut std::io::stdout());
+            Ok(EXIT_OK)
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(EXIT_OK)
+        }
         Cmd::Schemas { out } => {
             for (path, text) in bcp::schema::render() {
                 let p = out.join(path);
@@ -935,4 +986,55 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every option and argument of every command says what it is for
+    /// (issue 15): `--help`, the man page and the completions show it.
+    #[test]
+    fn every_argument_has_a_description() {
+        fn walk(cmd: &clap::Command, path: String, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "bcp".into(), &mut missing);
+        missing.sort();
+        missing.dedup();
+        assert!(
+            missing.is_empty(),
+            "no description:\n{}",
+            missing.join("\n")
+        );
+    }
+
+    #[test]
+    fn completions_and_man_page_cover_every_command() {
+        let mut cmd = Cli::command();
+        let mut script = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "bcp", &mut script);
+        let script = String::from_utf8(script).unwrap();
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(man.starts_with(".ie") || man.contains(".TH bcp"), "{man}");
+        for sub in Cli::command().get_subcommands() {
+            let name = sub.get_name();
+            assert!(script.contains(name), "completions lack {name}");
+            assert!(man.contains(name), "man page lacks {name}");
+        }
+    }
 }

@@ -27,6 +27,7 @@ pub struct LogSource {
     /// Read the published log from this NATS server's stream instead (works while bcp serve runs).
     #[arg(long)]
     pub from_nats: Option<String>,
+    /// The JetStream stream that holds the published log.
     #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
     pub stream: String,
 }
@@ -45,10 +46,13 @@ pub struct ReplayArgs {
     /// e.g. 2026-11-27T10:00:00Z).
     #[arg(long, value_parser = parse_until)]
     pub until: Option<DateTime<Utc>>,
+    /// Only this job.
     #[arg(long)]
     pub job: Option<Uuid>,
+    /// Only this project's jobs.
     #[arg(long)]
     pub project: Option<String>,
+    /// Output: a table for people, or JSON for programs.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
 }
@@ -58,10 +62,13 @@ pub enum AuditCmd {
     /// Every transition and rejection of a job: seq, time, actor, command, from -> to, reason.
     #[command(after_help = "Example:\n  bcp audit history --db data/bcp.redb --job 0192…")]
     History {
+        /// The store (stopped: a running bcp serve holds it open).
         #[arg(long, env = "BCP_DB")]
         db: PathBuf,
+        /// The job's id (a UUID).
         #[arg(long)]
         job: Uuid,
+        /// Output: a table for people, or JSON for programs.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -70,6 +77,7 @@ pub enum AuditCmd {
         after_help = "Exit 0 and a one-line summary, or exit 1 naming the first bad seq.\nExamples:\n  bcp audit verify --db data/bcp.redb\n  bcp audit verify --db data/bcp.redb --digest 42:9f…\n  bcp audit verify --db data/bcp.redb --against-nats nats://127.0.0.1:4222"
     )]
     Verify {
+        /// The store (stopped: a running bcp serve holds it open).
         #[arg(long, env = "BCP_DB")]
         db: PathBuf,
         /// SEQ:HASH from `bcp audit digest`: the log must still hold exactly that prefix.
@@ -78,11 +86,13 @@ pub enum AuditCmd {
         /// Also check that this NATS server's stream holds the same events, byte for byte.
         #[arg(long)]
         against_nats: Option<String>,
+        /// The JetStream stream that holds the published log.
         #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
         stream: String,
     },
     /// Print the head seq and hash (SEQ:HASH), to anchor outside bcp.
     Digest {
+        /// The store (stopped: a running bcp serve holds it open).
         #[arg(long, env = "BCP_DB")]
         db: PathBuf,
     },
@@ -91,6 +101,7 @@ pub enum AuditCmd {
 #[derive(Args)]
 #[command(after_help = "Example:\n  bcp export --db data/bcp.redb --out bcp-log.jsonl")]
 pub struct ExportArgs {
+    /// The store (stopped: a running bcp serve holds it open).
     #[arg(long, env = "BCP_DB")]
     pub db: PathBuf,
     /// Write here instead of stdout.
@@ -112,6 +123,7 @@ pub struct ImportArgs {
     /// Rebuild from this NATS server's stream instead of a file.
     #[arg(long)]
     pub from_nats: Option<String>,
+    /// The JetStream stream that holds the published log.
     #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
     pub stream: String,
     /// SEQ:HASH: refuse unless the log holds exactly that prefix.
