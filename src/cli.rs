@@ -193,6 +193,10 @@ pub enum Cmd {
         /// This node's name in the group (unique, kept across restarts).
         #[arg(long, env = "BCP_NODE", requires = "group")]
         node: Option<String>,
+        /// Serve /healthz, /readyz and /metrics (Prometheus text) on this address,
+        /// e.g. 127.0.0.1:9090.
+        #[arg(long, env = "BCP_HTTP")]
+        http: Option<std::net::SocketAddr>,
     },
     /// Send one command and print the reply. Exit 0 accepted, 1 rejected, 2 usage, 3 unavailable.
     #[command(
@@ -468,6 +472,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             lease_ttl,
             group,
             node,
+            http,
         } => serve(bcp::service::ServeConfig {
             db,
             nats_url: nats,
@@ -486,6 +491,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             },
             group,
             node,
+            http,
         }),
         Cmd::Status { nats, wait, format } => status(&nats, Duration::from_millis(wait), format),
         Cmd::Job { job, scope, format } => {

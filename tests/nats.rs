@@ -3809,3 +3809,87 @@ async fn audit_tool_messages_say_what_to_do() {
         "{err}"
     );
 }
+
+/// One HTTP/1.1 GET on loopback: (status code, body).
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// `bcp serve --http` (issue 15): /healthz, /readyz (not ready while an
+/// alarm is raised) and /metrics in the Prometheus text format.
+#[tokio::test]
+async fn operators_http_endpoints() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let h = Harness::start_with(&["--http", &addr, "--stream-check-interval", "1"]).await;
+    assert_eq!(http_get(port, "/healthz").await, (200, "ok\n".to_owned()));
+    let (status, body) = http_get(port, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let job = id();
+    h.cmd("p1", "create", &create_body(id(), job, "rs0")).await;
+    h.cmd("p1", "start", &job_body(id(), job)).await;
+    h.cmd("p1", "start", &job_body(id(), job)).await; // invalid_transition
+    h.request_bytes("bcp.cmd.p1.stop", b"not json".to_vec())
+        .await;
+    h.caught_up_stream(3).await;
+    let (status, metrics) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"bcp_commands_total{verb="create",outcome="ok"} 1"#,
+        r#"bcp_commands_total{verb="start",outcome="ok"} 1"#,
+        r#"bcp_commands_total{verb="start",outcome="invalid_transition"} 1"#,
+        r#"bcp_commands_total{verb="stop",outcome="bad_request"} 1"#,
+        "bcp_head_seq 3",
+        "bcp_published_seq 3",
+        "bcp_relay_lag 0",
+        "bcp_intake_queue_depth 0",
+        "bcp_alarms 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in:\n{metrics}"
+        );
+    }
+    let batches: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bcp_batch_commands_count "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        batches >= 3,
+        "one batch per command here at least: {metrics}"
+    );
+    assert!(
+        metrics.contains("bcp_commit_seconds_bucket{le="),
+        "{metrics}"
+    );
+    // An alarm: not ready, and it says why.
+    let mut config = h.stream_info().await.unwrap().config;
+    config.max_messages = 10;
+    h.js.update_stream(config).await.unwrap();
+    let deadline = support::Deadline::new("/readyz to say not ready", support::STARTUP);
+    let body = loop {
+        let (status, body) = http_get(port, "/readyz").await;
+        if status == 503 {
+            break body;
+        }
+        deadline.tick().await;
+    };
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ready"], json!(false));
+    assert_eq!(v["alarms"][0]["kind"], json!("stream_config"), "{v}");
+}

@@ -57,6 +57,10 @@ pub struct Metrics {
     dropped: std::sync::atomic::AtomicU64,
     /// Rate-limited logs of refusals under overload.
     overload_log: Mutex<Overload>,
+    /// The same counts for `/metrics` (`bcp serve --http`).
+    prom: super::http::Prom,
+    /// The writer's queue while a term runs (its depth for `/metrics`).
+    queue: Mutex<Option<tokio::sync::mpsc::WeakSender<super::writer::WriteRequest>>>,
 }
 
 /// Refusals and drops since the last log line about them.
@@ -83,6 +87,8 @@ impl Metrics {
             alarms,
             dropped: Default::default(),
             overload_log: Mutex::default(),
+            prom: Default::default(),
+            queue: Mutex::default(),
         })
     }
 
@@ -122,6 +128,58 @@ impl Metrics {
             .or_default()
             .entry(code.to_owned())
             .or_default() += 1;
+        self.prom.command(endpoint, code);
+    }
+
+    /// A command accepted (its reply `ok`).
+    pub fn accepted(&self, verb: &str) {
+        self.prom.command(verb, "ok");
+    }
+
+    pub fn prom(&self) -> &super::http::Prom {
+        &self.prom
+    }
+
+    /// The writer's queue of this term (`None` between terms).
+    pub fn set_queue(
+        &self,
+        queue: Option<tokio::sync::mpsc::WeakSender<super::writer::WriteRequest>>,
+    ) {
+        *self.queue.lock().expect("metrics lock") = queue;
+    }
+
+    /// Whether a writer runs (a term: single mode, or a group's leader).
+    pub fn writer_running(&self) -> bool {
+        self.queue
+            .lock()
+            .expect("metrics lock")
+            .as_ref()
+            .is_some_and(|q| q.strong_count() > 0)
+    }
+
+    /// Commands waiting for the writer.
+    pub fn queue_depth(&self) -> u64 {
+        let queue = self.queue.lock().expect("metrics lock");
+        let Some(q) = queue.as_ref().and_then(|q| q.upgrade()) else {
+            return 0;
+        };
+        (q.max_capacity() - q.capacity()) as u64
+    }
+
+    pub fn head_seq(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    pub fn published_seq(&self) -> u64 {
+        *self.published.borrow()
+    }
+
+    pub fn alarm_list(&self) -> Vec<Alarm> {
+        self.alarms.list()
+    }
+
+    pub fn dropped_count(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Last committed seq minus last published seq.

@@ -336,7 +336,13 @@ pub async fn send_replies(
         let oldest = tracing::enabled!(tracing::Level::TRACE)
             .then(|| batch.iter().map(|c| c.queued).min())
             .flatten();
+        if let Some(commit) = batch.first().and_then(|c| c.commit) {
+            metrics.prom().batch(batch.len(), commit);
+        }
         for c in batch {
+            if c.reply.ok && !c.internal {
+                metrics.accepted(c.verb.as_str());
+            }
             if let Some(err) = &c.reply.error {
                 let code = serde_json::to_value(err.code).expect("code serializes");
                 metrics.rejected(c.verb.as_str(), code.as_str().unwrap_or("?"));

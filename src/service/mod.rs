@@ -15,6 +15,7 @@ pub mod api;
 pub mod connect;
 pub mod group;
 pub mod guard;
+pub mod http;
 pub mod intake;
 pub mod lease;
 pub mod queries;
@@ -60,6 +61,8 @@ pub struct ServeConfig {
     /// Group mode: the group's name and this node's (both or neither).
     pub group: Option<String>,
     pub node: Option<String>,
+    /// Serve /healthz, /readyz and /metrics here (`--http`).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +170,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let (published_tx, published_rx) = watch::channel(0);
     let (role_tx, role_rx) = watch::channel(role);
     let (lease_tx, lease_rx) = watch::channel(None);
+    let http_role = role_rx.clone();
     let metrics = api::Metrics::new(head_rx, published_rx, alarms.clone());
     let service = api::start(&client, metrics.clone())
         .await
@@ -186,6 +190,24 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         },
         stop.clone(),
     ));
+    let http = match config.http {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Nats(format!("--http {addr}: {e}")))?;
+            tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+            Some(tokio::spawn(http::serve(
+                listener,
+                http::HttpState {
+                    metrics: metrics.clone(),
+                    client: client.clone(),
+                    role: http_role,
+                },
+                stop.clone(),
+            )))
+        }
+    };
     let node = Node {
         config,
         store,
@@ -207,6 +229,9 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     };
     let deadline = node.drain_deadline();
     let _ = status.await;
+    if let Some(http) = http {
+        let _ = tokio::time::timeout_at(deadline, http).await;
+    }
     match tokio::time::timeout_at(deadline, node.service.stop()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "service endpoints not stopped cleanly"),
@@ -270,6 +295,7 @@ pub(crate) async fn term(
         .await
         .map_err(ServeError::Nats)?;
     let (queue_tx, queue_rx) = mpsc::channel(crate::domain::limits::INTAKE_QUEUE_MAX);
+    node.metrics.set_queue(Some(queue_tx.downgrade()));
     let (replies_tx, replies_rx) = mpsc::channel(64);
     let on_loss = match group {
         true => lease::OnLoss::Depose(deposed.clone()),
@@ -384,6 +410,7 @@ pub(crate) async fn term(
             config.drain_timeout
         );
     }
+    node.metrics.set_queue(None);
     let ledger_head = writer_result?;
     let lease = lease
         .await

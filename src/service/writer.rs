@@ -42,6 +42,8 @@ pub struct Committed {
     /// The log head once its batch was committed: in group mode the reply
     /// waits until JetStream has acknowledged the log through it.
     pub through: u64,
+    /// How long its batch's commit took (None: answered without one).
+    pub commit: Option<std::time::Duration>,
 }
 
 /// bcp's clock, read only here at the edge; microseconds, UTC.
@@ -59,6 +61,15 @@ struct Target {
 }
 
 fn answer(targets: Vec<Target>, replies: Vec<Reply>, through: u64) -> Vec<Committed> {
+    answer_timed(targets, replies, through, None)
+}
+
+fn answer_timed(
+    targets: Vec<Target>,
+    replies: Vec<Reply>,
+    through: u64,
+    commit: Option<std::time::Duration>,
+) -> Vec<Committed> {
     targets
         .into_iter()
         .zip(replies)
@@ -69,6 +80,7 @@ fn answer(targets: Vec<Target>, replies: Vec<Reply>, through: u64) -> Vec<Commit
             internal: t.internal,
             queued: t.queued,
             through,
+            commit,
             reply,
         })
         .collect()
@@ -279,7 +291,9 @@ impl Writer {
             );
         }
         let replies = self.ledger.committed(prepared);
-        self.send(answer(c.targets, replies, head_seq)).await;
+        let commit = Some(c.started.elapsed());
+        self.send(answer_timed(c.targets, replies, head_seq, commit))
+            .await;
     }
 
     /// A batch failed to commit: undo it in memory and answer
