@@ -879,9 +879,12 @@ fn request(url: &str, subject: &str, body: &Value, timeout_secs: u64) -> Result<
             .await
             .map_err(|_| Unavailable(format!("no reply on {subject} within {timeout_secs}s")))?
             .map_err(|e| {
-                Unavailable(format!(
-                    "no reply on {subject}: {e} (is bcp serve running?)"
-                ))
+                Unavailable(match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => format!(
+                        "no reply on {subject}: nothing answers there (is bcp serve running? in a group, a failover takes a few seconds)"
+                    ),
+                    _ => format!("no reply on {subject}: {e}"),
+                })
             })?;
         let v: Value = serde_json::from_slice(&msg.payload).context("reply is not JSON")?;
         Ok(v)

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("bcp: {e:#}");
+            eprintln!("bcp: {}", message(&e));
             let code = if e.is::<cli::Usage>() {
                 cli::EXIT_USAGE
             } else if e.is::<cli::Unavailable>() {
@@ -57,4 +57,18 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// An error and its causes, each said once: many errors already include
+/// their source's text ("…: magic number mismatch"), and the chain would
+/// repeat it.
+fn message(e: &anyhow::Error) -> String {
+    let mut said = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !said.contains(&cause) {
+            said = format!("{said}: {cause}");
+        }
+    }
+    said
 }

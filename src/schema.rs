@@ -176,19 +176,23 @@ fn address(subject: &str) -> (String, Value) {
         .next()
         .unwrap_or(subject)
         .split('.')
-        .map(|t| match t.strip_prefix('<').and_then(|t| t.strip_suffix('>')) {
-            Some(p) => {
-                let what = match p {
-                    "project" => "the project (its jobs; _admin: every project, or the regions)",
-                    "job" => "the job id (a region's name for RegionConfigured)",
-                    "EventType" => "the event's type",
-                    _ => "",
-                };
-                params.insert(p.to_owned(), json!({ "description": what }));
-                format!("{{{p}}}")
-            }
-            None => t.to_owned(),
-        })
+        .map(
+            |t| match t.strip_prefix('<').and_then(|t| t.strip_suffix('>')) {
+                Some(p) => {
+                    let what = match p {
+                        "project" => {
+                            "the project (its jobs; _admin: every project, or the regions)"
+                        }
+                        "job" => "the job id (a region's name for RegionConfigured)",
+                        "EventType" => "the event's type",
+                        _ => "",
+                    };
+                    params.insert(p.to_owned(), json!({ "description": what }));
+                    format!("{{{p}}}")
+                }
+                None => t.to_owned(),
+            },
+        )
         .collect::<Vec<_>>()
         .join(".");
     (address, Value::Object(params))
@@ -218,11 +222,18 @@ pub fn asyncapi(files: &[SchemaFile]) -> Value {
     let reply_of = |subject: &str| {
         files
             .iter()
-            .find(|r| r.subject.strip_prefix("reply to ") == Some(subject.split(' ').next().unwrap_or(subject)))
+            .find(|r| {
+                r.subject.strip_prefix("reply to ")
+                    == Some(subject.split(' ').next().unwrap_or(subject))
+            })
             .map(|r| name_of(r.path))
             .unwrap_or_else(|| "reply".to_owned())
     };
-    let mut add = |id: String, subject: &str, message: String, action: &str, reply: Option<String>| {
+    let mut add = |id: String,
+                   subject: &str,
+                   message: String,
+                   action: &str,
+                   reply: Option<String>| {
         let (address, parameters) = address(subject);
         let mut channel = json!({
             "address": address,
@@ -258,7 +269,13 @@ pub fn asyncapi(files: &[SchemaFile]) -> Value {
     for f in files {
         let is_request = f.subject.starts_with("bcp.cmd.") || f.subject.starts_with("bcp.query.");
         if is_request {
-            add(name_of(f.path), f.subject, name_of(f.path), "send", Some(reply_of(f.subject)));
+            add(
+                name_of(f.path),
+                f.subject,
+                name_of(f.path),
+                "send",
+                Some(reply_of(f.subject)),
+            );
         } else if f.subject.starts_with("bcp.evt.") {
             add("events".into(), f.subject, name_of(f.path), "receive", None);
         }
@@ -319,10 +336,16 @@ mod tests {
         let doc = super::asyncapi(&files);
         let ops = doc["operations"].as_object().unwrap();
         for verb in crate::domain::Verb::ALL {
-            assert!(ops.contains_key(&format!("commands-{verb}")), "no operation for {verb}");
+            assert!(
+                ops.contains_key(&format!("commands-{verb}")),
+                "no operation for {verb}"
+            );
         }
         for q in crate::service::api::QUERIES {
-            assert!(ops.contains_key(&format!("queries-{q}")), "no operation for query {q}");
+            assert!(
+                ops.contains_key(&format!("queries-{q}")),
+                "no operation for query {q}"
+            );
         }
         assert!(ops.contains_key("events") && ops.contains_key("status"));
         let rendered: Vec<String> = super::render().into_iter().map(|(p, _)| p).collect();

@@ -3808,6 +3808,19 @@ async fn audit_tool_messages_say_what_to_do() {
         err.contains("already holds a log") && !err.contains("corrupt"),
         "{err}"
     );
+    // No message says the same thing twice.
+    let junk = h.path("junk.redb");
+    std::fs::write(&junk, b"not a store").unwrap();
+    let (code, _, err) =
+        support::bcp_cli_text(&["audit", "verify", "--db", junk.to_str().unwrap()]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.matches("magic number mismatch").count(), 1, "{err}");
+    let (code, _, err) = support::bcp_cli_text(&["jobs", "--nats", &h.nats.url()]).await;
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("nothing answers there") && !err.contains("no responders: no responders"),
+        "{err}"
+    );
 }
 
 /// One HTTP/1.1 GET on loopback: (status code, body).
