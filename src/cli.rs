@@ -37,8 +37,6 @@ pub struct Cli {
         env = "BCP_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
-    #[command(flatten)]
-    pub auth: AuthArgs,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -47,12 +45,11 @@ pub struct Cli {
 #[derive(Args, Clone, Default)]
 pub struct AuthArgs {
     /// NATS user name (with --nats-password).
-    #[arg(long, global = true, env = "BCP_NATS_USER", help_heading = "NATS auth")]
+    #[arg(long, env = "BCP_NATS_USER", help_heading = "NATS auth")]
     pub nats_user: Option<String>,
     /// NATS password (with --nats-user); better from the environment.
     #[arg(
         long,
-        global = true,
         env = "BCP_NATS_PASSWORD",
         hide_env_values = true,
         help_heading = "NATS auth"
@@ -61,7 +58,6 @@ pub struct AuthArgs {
     /// NATS token; better from the environment.
     #[arg(
         long,
-        global = true,
         env = "BCP_NATS_TOKEN",
         hide_env_values = true,
         help_heading = "NATS auth"
@@ -70,27 +66,20 @@ pub struct AuthArgs {
     /// An nkey seed (SU...).
     #[arg(
         long,
-        global = true,
         env = "BCP_NATS_NKEY",
         hide_env_values = true,
         help_heading = "NATS auth"
     )]
     pub nats_nkey: Option<String>,
     /// A .creds file (JWT + nkey seed).
-    #[arg(
-        long,
-        global = true,
-        env = "BCP_NATS_CREDS",
-        help_heading = "NATS auth"
-    )]
+    #[arg(long, env = "BCP_NATS_CREDS", help_heading = "NATS auth")]
     pub nats_creds: Option<PathBuf>,
     /// CA certificate (PEM) to verify the server; implies TLS.
-    #[arg(long, global = true, env = "BCP_TLS_CA", help_heading = "NATS auth")]
+    #[arg(long, env = "BCP_TLS_CA", help_heading = "NATS auth")]
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (PEM), with --tls-key; implies TLS.
     #[arg(
         long,
-        global = true,
         env = "BCP_TLS_CERT",
         requires = "tls_key",
         help_heading = "NATS auth"
@@ -99,22 +88,16 @@ pub struct AuthArgs {
     /// The client certificate's key (PEM), with --tls-cert.
     #[arg(
         long,
-        global = true,
         env = "BCP_TLS_KEY",
         requires = "tls_cert",
         help_heading = "NATS auth"
     )]
     pub tls_key: Option<PathBuf>,
     /// Require TLS even without a CA or client certificate.
-    #[arg(long, global = true, env = "BCP_TLS", help_heading = "NATS auth")]
+    #[arg(long, env = "BCP_TLS", help_heading = "NATS auth")]
     pub tls: bool,
     /// Inbox prefix for replies (default _INBOX), when NATS allows this user only its own.
-    #[arg(
-        long,
-        global = true,
-        env = "BCP_INBOX_PREFIX",
-        help_heading = "NATS auth"
-    )]
+    #[arg(long, env = "BCP_INBOX_PREFIX", help_heading = "NATS auth")]
     pub inbox_prefix: Option<String>,
 }
 
@@ -197,6 +180,8 @@ pub enum Cmd {
         /// e.g. 127.0.0.1:9090.
         #[arg(long, env = "BCP_HTTP")]
         http: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// Send one command and print the reply. Exit 0 accepted, 1 rejected, 2 usage, 3 unavailable.
     #[command(
@@ -285,6 +270,8 @@ pub enum Cmd {
         /// One JSON envelope per line instead of a summary.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// Every running bcp process: role, head, published seq, and any alarm.
     /// Exit 0 all take commands, 1 an alarm is raised, 3 none answered.
@@ -299,6 +286,8 @@ pub enum Cmd {
         /// Output: a table for people, or JSON for programs.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// Rebuild job states and snapshot catalogs as of a seq or a time.
     Replay(audit::ReplayArgs),
@@ -379,12 +368,16 @@ pub struct Source {
     /// Read a stopped store directly instead.
     #[arg(long)]
     db: Option<PathBuf>,
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 #[derive(Args)]
 pub struct SendArgs {
     /// create, start, stop, terminate, assign-region, change-schedule, configure-region, ...
     verb: String,
+    #[command(flatten)]
+    auth: AuthArgs,
     /// The job's project: the command goes to bcp.cmd.<project>.<verb>.
     #[arg(long, env = "BCP_PROJECT")]
     project: String,
@@ -458,7 +451,9 @@ pub struct Usage(pub String);
 pub struct Unavailable(pub String);
 
 pub fn run(cli: Cli) -> Result<u8> {
-    let _ = AUTH.set(cli.auth.auth());
+    if let Some(auth) = auth_of(&cli.command) {
+        let _ = AUTH.set(auth.auth());
+    }
     match cli.command {
         Cmd::Serve {
             db,
@@ -473,6 +468,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             group,
             node,
             http,
+            auth: _,
         } => serve(bcp::service::ServeConfig {
             db,
             nats_url: nats,
@@ -493,7 +489,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             node,
             http,
         }),
-        Cmd::Status { nats, wait, format } => status(&nats, Duration::from_millis(wait), format),
+        Cmd::Status {
+            nats, wait, format, ..
+        } => status(&nats, Duration::from_millis(wait), format),
         Cmd::Job { job, scope, format } => {
             let v = match scope.ask("job", job)? {
                 Ok(v) => v,
@@ -523,6 +521,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             project,
             job,
             json,
+            auth: _,
         } => watch(&nats, project.as_deref(), job, json),
         Cmd::Snapshots {
             job,
@@ -756,6 +755,21 @@ fn watch(url: &str, project: Option<&str>, job: Option<Uuid>, json: bool) -> Res
         }
         Ok(EXIT_OK)
     })
+}
+
+/// The NATS credentials of a command that talks to NATS (the others,
+/// which only read a local file, take none).
+fn auth_of(cmd: &Cmd) -> Option<&AuthArgs> {
+    match cmd {
+        Cmd::Serve { auth, .. } | Cmd::Watch { auth, .. } | Cmd::Status { auth, .. } => Some(auth),
+        Cmd::Send(a) => Some(&a.auth),
+        Cmd::Jobs { source, .. } | Cmd::Snapshots { source, .. } => Some(&source.auth),
+        Cmd::Job { scope, .. } | Cmd::History { scope, .. } => Some(&scope.source.auth),
+        Cmd::Replay(a) => Some(&a.source.auth),
+        Cmd::Audit(audit::AuditCmd::Verify { auth, .. }) => Some(auth),
+        Cmd::Import(a) => Some(&a.auth),
+        _ => None,
+    }
 }
 
 /// Build a command body from the flags.

@@ -30,6 +30,8 @@ pub struct LogSource {
     /// The JetStream stream that holds the published log.
     #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
     pub stream: String,
+    #[command(flatten)]
+    pub auth: super::AuthArgs,
 }
 
 #[derive(Args)]
@@ -89,6 +91,8 @@ pub enum AuditCmd {
         /// The JetStream stream that holds the published log.
         #[arg(long, env = "BCP_STREAM", default_value = bcp::service::STREAM)]
         stream: String,
+        #[command(flatten)]
+        auth: Box<super::AuthArgs>,
     },
     /// Print the head seq and hash (SEQ:HASH), to anchor outside bcp.
     Digest {
@@ -129,6 +133,8 @@ pub struct ImportArgs {
     /// SEQ:HASH: refuse unless the log holds exactly that prefix.
     #[arg(long)]
     pub digest: Option<Digest>,
+    #[command(flatten)]
+    pub auth: super::AuthArgs,
 }
 
 /// redb's page cache for a pass over the whole log: the tree's branch pages
@@ -263,6 +269,7 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
             digest,
             against_nats,
             stream,
+            auth: _,
         } => {
             let store = Store::open_read_only(&db, SCAN_CACHE_BYTES)?;
             let bar = progress(Some(store.event_count()?), "verifying");
