@@ -124,13 +124,25 @@ async fn follow(
     else {
         return Ok(None);
     };
-    if stop
-        .run_until_cancelled(reconcile(node, &stream))
-        .await
-        .transpose()?
-        .is_none()
-    {
-        return Ok(None);
+    // NATS failing meanwhile (a step-down often comes with NATS trouble) is
+    // waited out; a store that cannot join is refused.
+    let mut told = false;
+    loop {
+        match stop.run_until_cancelled(reconcile(node, &stream)).await {
+            None => return Ok(None),
+            Some(Ok(())) => break,
+            Some(Err(ServeError::Nats(e))) => {
+                if !told {
+                    tracing::warn!(error = %e, "reconciling with the stream: waiting for NATS JetStream");
+                    told = true;
+                }
+                let pause = tokio::time::sleep(Duration::from_secs(1));
+                if stop.run_until_cancelled(pause).await.is_none() {
+                    return Ok(None);
+                }
+            }
+            Some(Err(refused)) => return Err(refused),
+        }
     }
     let store = node.store.clone();
     let mut ledger = tokio::task::spawn_blocking(move || Ledger::open(store))
@@ -180,6 +192,19 @@ async fn follow(
                 return Ok(None);
             }
             _ = poll.tick() => {
+                if behind.is_none() {
+                    // Unknown (the first look failed, no message since):
+                    // look again, or an idle stream would never let this
+                    // node lead.
+                    match stop.run_until_cancelled(stream.get_info()).await {
+                        None => return Ok(None),
+                        Some(info) => {
+                            behind = info
+                                .ok()
+                                .map(|i| i.state.last_sequence.saturating_sub(ledger.head_seq()));
+                        }
+                    }
+                }
                 let near = behind.is_some_and(|b| b <= FOLLOW_BATCH_MAX as u64);
                 let taking = async {
                     match lease.take() {
@@ -337,7 +362,7 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         return Ok(());
     }
     if last == 0 {
-        return Err(ServeError::Nats(format!(
+        return Err(ServeError::Refused(format!(
             "the stream {name} is empty but this store holds {head} events (the stream was lost?): start one node without --group on this store to republish the log, stop it, then start the group again"
         )));
     }
@@ -353,7 +378,7 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         };
         let ours = node.store.raw_events(seq, seq)?;
         let Some((_, ours)) = ours.first() else {
-            return Err(ServeError::Nats(format!(
+            return Err(ServeError::Refused(format!(
                 "this store has no event at seq {seq}, below its head {head}: run bcp audit verify"
             )));
         };
@@ -377,7 +402,7 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         agree
     };
     if keep == 0 {
-        return Err(ServeError::Nats(format!(
+        return Err(ServeError::Refused(format!(
             "this store holds another log than the stream {name} (their first events differ); nothing was changed"
         )));
     }
@@ -391,7 +416,7 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         let store = node.store.clone();
         tokio::task::spawn_blocking(move || store.truncate_to(keep))
             .await
-            .map_err(|e| ServeError::Nats(format!("truncate: {e}")))??;
+            .map_err(|e| ServeError::Refused(format!("truncate: {e}")))??;
     }
     Ok(())
 }

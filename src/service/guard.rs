@@ -476,15 +476,32 @@ pub async fn inspect(
     Ok(Inspection::Checked(verdict))
 }
 
+/// What [`watch`] checks, and whom it tells.
+pub struct Watched {
+    pub store: Store,
+    pub js: jetstream::Context,
+    pub stream: String,
+    pub alarms: std::sync::Arc<Alarms>,
+    /// Group mode: cancelled when the stream is not this log in step.
+    pub fence: Option<CancellationToken>,
+}
+
 /// Inspect the stream every `interval` until `stop`, so a stray publish, a
 /// changed setting or a sealed stream is found while the relay is idle, and
-/// an alarm clears once its cause is gone.
+/// an alarm clears once its cause is gone. In group mode (`fence`), a
+/// stream that is not this node's log in step ends the node's term at once:
+/// another node wrote it (a deposed leader's late publishes), and the
+/// follower phase sorts it out, where an alarm would refuse commands with
+/// the lease held.
 pub async fn watch(
-    store: Store,
-    js: jetstream::Context,
-    stream_name: String,
+    Watched {
+        store,
+        js,
+        stream: stream_name,
+        alarms,
+        fence,
+    }: Watched,
     head: tokio_watch::Receiver<u64>,
-    alarms: std::sync::Arc<Alarms>,
     interval: Duration,
     stop: CancellationToken,
 ) {
@@ -501,7 +518,17 @@ pub async fn watch(
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "stream check not done (NATS unavailable?)")
             }
-            Some(Ok(_)) => {}
+            Some(Ok(Inspection::Checked(Verdict::InStep { .. }) | Inspection::NoStream)) => {}
+            Some(Ok(Inspection::Checked(verdict))) => {
+                if let Some(fence) = &fence {
+                    tracing::warn!(
+                        ?verdict,
+                        "stepping down: the stream is not this node's log in step"
+                    );
+                    fence.cancel();
+                    return;
+                }
+            }
         }
     }
 }

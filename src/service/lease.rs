@@ -242,6 +242,9 @@ impl Lease {
     /// the TTL) is taken again when nobody else took it.
     pub(crate) async fn renew(&mut self) -> Result<(), Renewal> {
         let bytes: bytes::Bytes = serde_json::to_vec(&self.me).expect("holder").into();
+        // The lease is renewed as of when the renewal was sent: the server
+        // may have written it any time after.
+        let sent = std::time::Instant::now();
         match self
             .kv
             .update(&self.key, bytes.clone(), self.revision)
@@ -249,7 +252,7 @@ impl Lease {
         {
             Ok(revision) => {
                 self.revision = revision;
-                *self.renewed.lock().expect("lease clock") = std::time::Instant::now();
+                *self.renewed.lock().expect("lease clock") = sent;
                 return Ok(());
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
@@ -269,7 +272,7 @@ impl Lease {
             Ok(None) => match self.kv.create(&self.key, bytes).await {
                 Ok(revision) => {
                     self.revision = revision;
-                    *self.renewed.lock().expect("lease clock") = std::time::Instant::now();
+                    *self.renewed.lock().expect("lease clock") = sent;
                     Ok(())
                 }
                 Err(e) => Err(Renewal::Unreachable(e.to_string())),

@@ -78,6 +78,10 @@ pub enum ServeError {
     Nats(String),
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    /// This store cannot join the stream as it is (group mode): an
+    /// operator must act; nothing was changed.
+    #[error("{0}")]
+    Refused(String),
     /// The stream goes on past this store's head: the store is empty or
     /// stale and must not take commands.
     #[error(
@@ -304,11 +308,14 @@ pub(crate) async fn term(
     node.lease.send_replace(Some(lease.renewed()));
     let lease = tokio::spawn(lease::hold(lease, on_loss, end.clone()));
     let watcher = tokio::spawn(guard::watch(
-        node.store.clone(),
-        node.js.clone(),
-        config.stream.clone(),
+        guard::Watched {
+            store: node.store.clone(),
+            js: node.js.clone(),
+            stream: config.stream.clone(),
+            alarms: node.alarms.clone(),
+            fence: group.then(|| deposed.clone()),
+        },
         node.head.subscribe(),
-        node.alarms.clone(),
         config.stream_check_interval,
         end.clone(),
     ));

@@ -241,11 +241,11 @@ async fn await_ack(
 ) -> Result<u64, Publish> {
     let ack = ack.await.map_err(|e| {
         let what = format!("ack of seq {seq}: {e}");
-        if matches!(
-            e.kind(),
-            jetstream::context::PublishErrorKind::WrongLastSequence
-                | jetstream::context::PublishErrorKind::WrongLastMessageId
-        ) {
+        // A wrong last sequence is another writer's doing. A wrong last
+        // message id may also be JetStream's forgetting: it remembers the
+        // last id only within its duplicate window across a restart; the
+        // reconnection's check tells a foreign message apart.
+        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
             Publish::Fenced(what)
         } else {
             Publish::Failed(what)
