@@ -2599,6 +2599,14 @@ async fn service_api_is_discoverable_with_stats() {
         start["data"]["rejections"]["bad_request"].as_u64().unwrap() >= 1,
         "{start}"
     );
+    // Bad requests are the endpoint's errors (in data: NATS micro's own
+    // count is for replies without a body).
+    assert_eq!(
+        start["data"]["errors"],
+        start["data"]["rejections"]["bad_request"],
+        "{start}"
+    );
+    assert_eq!(by_name("create")["data"]["errors"], json!(0));
     assert_eq!(by_name("create")["num_requests"], json!(1));
     assert_eq!(by_name("create")["data"]["rejections"], json!({}));
     assert_eq!(by_name("query-job")["num_requests"], json!(1));

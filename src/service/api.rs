@@ -217,7 +217,12 @@ pub async fn start(client: &async_nats::Client, metrics: Arc<Metrics>) -> Result
                 .get(&endpoint)
                 .cloned()
                 .unwrap_or_default();
+            // NATS micro counts an error only for a reply with no body,
+            // and bcp answers every request with a JSON one: its errors
+            // (bad requests: input bcp could not take) are counted here.
+            let errors = rejections.get("bad_request").copied().unwrap_or(0);
             json!({
+                "errors": errors,
                 "rejections": rejections,
                 "relay_lag": stats_metrics.relay_lag(),
                 "dropped": stats_metrics.dropped.load(std::sync::atomic::Ordering::Relaxed),
