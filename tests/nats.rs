@@ -2602,8 +2602,7 @@ async fn service_api_is_discoverable_with_stats() {
     // Bad requests are the endpoint's errors (in data: NATS micro's own
     // count is for replies without a body).
     assert_eq!(
-        start["data"]["errors"],
-        start["data"]["rejections"]["bad_request"],
+        start["data"]["errors"], start["data"]["rejections"]["bad_request"],
         "{start}"
     );
     assert_eq!(by_name("create")["data"]["errors"], json!(0));
