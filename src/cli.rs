@@ -230,29 +230,13 @@ pub enum Cmd {
     },
     /// One job's view (through NATS, or --db on a stopped store).
     #[command(after_help = "Example:\n  bcp job 0192f0c4-0000-7000-8000-0000000000aa --project p1")]
-    Job {
-        /// The job's id (a UUID).
-        job: Uuid,
-        #[command(flatten)]
-        scope: Scope,
-        /// Output: a table for people, or JSON for programs.
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
-    },
+    Job(JobArgs),
     /// A job's history: every transition and rejection, in seq order (through
     /// NATS, or --db on a stopped store).
     #[command(
         after_help = "Example:\n  bcp history 0192f0c4-0000-7000-8000-0000000000aa --project p1"
     )]
-    History {
-        /// The job's id (a UUID).
-        job: Uuid,
-        #[command(flatten)]
-        scope: Scope,
-        /// Output: a table for people, or JSON for programs.
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
-    },
+    History(JobArgs),
     /// Follow the published events, one line per event, until Ctrl-C.
     #[command(
         after_help = "Examples:\n  bcp watch\n  bcp watch --project p1\n  bcp watch --project p1 --job 0192f0c4-0000-7000-8000-0000000000aa"
@@ -319,6 +303,18 @@ pub enum Cmd {
         #[arg(long, default_value = "schemas")]
         out: PathBuf,
     },
+}
+
+/// One job, where to read it, and how to print it (`bcp job`, `bcp history`).
+#[derive(Args)]
+pub struct JobArgs {
+    /// The job's id (a UUID).
+    job: Uuid,
+    #[command(flatten)]
+    scope: Scope,
+    /// Output: a table for people, or JSON for programs.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
 }
 
 /// Where a job query reads, and as which project.
@@ -492,7 +488,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Status {
             nats, wait, format, ..
         } => status(&nats, Duration::from_millis(wait), format),
-        Cmd::Job { job, scope, format } => {
+        Cmd::Job(JobArgs { job, scope, format }) => {
             let v = match scope.ask("job", job)? {
                 Ok(v) => v,
                 Err(message) => return rejected(&message),
@@ -504,7 +500,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             }
             Ok(EXIT_OK)
         }
-        Cmd::History { job, scope, format } => {
+        Cmd::History(JobArgs { job, scope, format }) => {
             let v = match scope.ask("history", job)? {
                 Ok(v) => v,
                 Err(message) => return rejected(&message),
@@ -764,7 +760,7 @@ fn auth_of(cmd: &Cmd) -> Option<&AuthArgs> {
         Cmd::Serve { auth, .. } | Cmd::Watch { auth, .. } | Cmd::Status { auth, .. } => Some(auth),
         Cmd::Send(a) => Some(&a.auth),
         Cmd::Jobs { source, .. } | Cmd::Snapshots { source, .. } => Some(&source.auth),
-        Cmd::Job { scope, .. } | Cmd::History { scope, .. } => Some(&scope.source.auth),
+        Cmd::Job(a) | Cmd::History(a) => Some(&a.scope.source.auth),
         Cmd::Replay(a) => Some(&a.source.auth),
         Cmd::Audit(audit::AuditCmd::Verify { auth, .. }) => Some(auth),
         Cmd::Import(a) => Some(&a.auth),
