@@ -175,7 +175,13 @@ async fn command(
             return;
         }
     };
-    if let Some(why) = options.alarms.refusal() {
+    // `any` first: no lock on the hot path while nothing is raised.
+    if let Some(why) = options
+        .alarms
+        .any()
+        .then(|| options.alarms.refusal())
+        .flatten()
+    {
         metrics.rejected(verb.as_str(), "unavailable");
         ReplyTo::of_request(request)
             .send(client, &Reply::error(ErrorCode::Unavailable, why))
