@@ -234,10 +234,6 @@ impl Lease {
         self.renewed.clone()
     }
 
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// Renew; `Err` says why not. A lapsed lease (a NATS outage longer than
     /// the TTL) is taken again when nobody else took it.
     pub(crate) async fn renew(&mut self) -> Result<(), Renewal> {
