@@ -3747,7 +3747,20 @@ async fn the_readme_walkthrough_runs_in_order() {
         );
     }
     let walk = &readme[readme.find("## Usage").unwrap()..readme.find("### Audit").unwrap()];
-    for l in walk.lines().filter(|l| l.starts_with("bcp ")) {
+    // The commands of the section's shell blocks (prose may start a line
+    // with "bcp" too).
+    let blocks: Vec<&str> = walk
+        .split("```")
+        .enumerate()
+        .filter(|(i, b)| i % 2 == 1 && b.starts_with("sh\n"))
+        .map(|(_, b)| b)
+        .collect();
+    assert!(blocks.len() >= 3, "the Usage, Snapshots and Regions blocks");
+    for l in blocks
+        .iter()
+        .flat_map(|b| b.lines())
+        .filter(|l| l.starts_with("bcp "))
+    {
         assert!(commands.contains(&l), "the tour lacks the README's `{l}`");
     }
 
