@@ -25,7 +25,7 @@
 use super::api::{self, Role};
 use super::guard::{self, AlarmKind, Published};
 use super::lease::{self, Lease};
-use super::{Node, ServeError, TermEnd, intake};
+use super::{Node, ServeError, TermEnd, intake, until_nats};
 use crate::store::ledger::Ledger;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
@@ -88,27 +88,6 @@ pub(crate) async fn run(node: &Node, stop: &CancellationToken) -> Result<(), Ser
     result
 }
 
-/// Retry `f` every second until it succeeds or `stop`.
-async fn until_nats<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
-    stop: &CancellationToken,
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> Option<T> {
-    let mut told = false;
-    loop {
-        match stop.run_until_cancelled(f()).await? {
-            Ok(t) => return Some(t),
-            Err(e) if !told => {
-                tracing::warn!(error = %e, "{what}: waiting for NATS JetStream");
-                told = true;
-            }
-            Err(_) => {}
-        }
-        stop.run_until_cancelled(tokio::time::sleep(Duration::from_secs(1)))
-            .await?;
-    }
-}
-
 /// The follower phase: reconcile, apply the stream, take the lease, catch
 /// up. `None` on `stop`.
 async fn follow(
@@ -126,23 +105,17 @@ async fn follow(
     };
     // NATS failing meanwhile (a step-down often comes with NATS trouble) is
     // waited out; a store that cannot join is refused.
-    let mut told = false;
-    loop {
-        match stop.run_until_cancelled(reconcile(node, &stream)).await {
-            None => return Ok(None),
-            Some(Ok(())) => break,
-            Some(Err(ServeError::Nats(e))) => {
-                if !told {
-                    tracing::warn!(error = %e, "reconciling with the stream: waiting for NATS JetStream");
-                    told = true;
-                }
-                let pause = tokio::time::sleep(Duration::from_secs(1));
-                if stop.run_until_cancelled(pause).await.is_none() {
-                    return Ok(None);
-                }
-            }
-            Some(Err(refused)) => return Err(refused),
+    let reconciled = until_nats(stop, "reconciling with the stream", || async {
+        match reconcile(node, &stream).await {
+            Err(ServeError::Nats(e)) => Err(e),
+            answer => Ok(answer),
         }
+    })
+    .await;
+    match reconciled {
+        None => return Ok(None),
+        Some(Err(refused)) => return Err(refused),
+        Some(Ok(())) => {}
     }
     let store = node.store.clone();
     let mut ledger = tokio::task::spawn_blocking(move || Ledger::open(store))

@@ -448,15 +448,9 @@ async fn take_the_stream(
     alarms: &guard::Alarms,
     stop: &CancellationToken,
 ) -> Result<Option<lease::Lease>, ServeError> {
-    let mut told = false;
-    let mut wait = |e: String| {
-        if !told {
-            tracing::warn!(nats = %config.nats_url, error = %e, "waiting for NATS JetStream before taking commands");
-            told = true;
-        }
-    };
+    let waiting = format!("{} (before taking commands)", config.nats_url);
     let me = lease::Holder::me(&config.db);
-    let lease = loop {
+    let taken = until_nats(stop, &waiting, || async {
         let attempt = lease::acquire(
             js,
             &config.stream,
@@ -464,54 +458,69 @@ async fn take_the_stream(
             config.lease_ttl,
             config.stream_replicas,
         );
-        match stop.run_until_cancelled(attempt).await {
-            None => return Ok(None),
-            Some(Ok(lease)) => break lease,
-            Some(Err(lease::LeaseError::Nats(e))) => wait(e),
-            Some(Err(held)) => return Err(held.into()),
+        match attempt.await {
+            Err(lease::LeaseError::Nats(e)) => Err(e),
+            answer => Ok(answer),
         }
-        if stop
-            .run_until_cancelled(tokio::time::sleep(Duration::from_secs(1)))
-            .await
-            .is_none()
-        {
-            return Ok(None);
-        }
+    })
+    .await;
+    let lease = match taken {
+        None => return Ok(None),
+        Some(taken) => taken?,
     };
-    loop {
-        let inspection = guard::inspect(store, js, &config.stream, || head, alarms);
-        match stop.run_until_cancelled(inspection).await {
-            None => {
-                lease.release().await;
-                return Ok(None);
-            }
-            Some(Ok(guard::Inspection::Checked(guard::Verdict::Behind { head, stream_last }))) => {
-                lease.release().await;
-                alarms.clear(guard::AlarmKind::Fork);
-                return Err(ServeError::Behind {
-                    stream: config.stream.clone(),
-                    stream_last,
-                    db: config.db.display().to_string(),
-                    head,
-                    what: if head == 0 {
-                        "empty (a new file: a lost store, a wrong --db?)"
-                    } else {
-                        "stale (an older copy of this log?)"
-                    },
-                    nats: config.nats_url.clone(),
-                });
-            }
-            Some(Ok(_)) => return Ok(Some(lease)),
-            Some(Err(e)) => wait(e),
-        }
-        if stop
-            .run_until_cancelled(tokio::time::sleep(Duration::from_secs(1)))
-            .await
-            .is_none()
-        {
+    let inspected = until_nats(stop, &waiting, || {
+        guard::inspect(store, js, &config.stream, || head, alarms)
+    })
+    .await;
+    match inspected {
+        None => {
             lease.release().await;
-            return Ok(None);
+            Ok(None)
         }
+        Some(guard::Inspection::Checked(guard::Verdict::Behind { head, stream_last })) => {
+            lease.release().await;
+            alarms.clear(guard::AlarmKind::Fork);
+            Err(ServeError::Behind {
+                stream: config.stream.clone(),
+                stream_last,
+                db: config.db.display().to_string(),
+                head,
+                what: if head == 0 {
+                    "empty (a new file: a lost store, a wrong --db?)"
+                } else {
+                    "stale (an older copy of this log?)"
+                },
+                nats: config.nats_url.clone(),
+            })
+        }
+        Some(_) => Ok(Some(lease)),
+    }
+}
+
+/// Run `attempt` until it answers, waiting out NATS failures (its `Err`:
+/// logged once at WARN, naming `what` waits; retried every second).
+/// `None` on `stop`.
+pub(crate) async fn until_nats<T, E, F>(
+    stop: &CancellationToken,
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut told = false;
+    loop {
+        match stop.run_until_cancelled(attempt()).await? {
+            Ok(answer) => return Some(answer),
+            Err(e) if !told => {
+                tracing::warn!(error = %e, "{what}: waiting for NATS JetStream");
+                told = true;
+            }
+            Err(_) => {}
+        }
+        stop.run_until_cancelled(tokio::time::sleep(Duration::from_secs(1)))
+            .await?;
     }
 }
 
