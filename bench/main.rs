@@ -66,6 +66,8 @@
 
 mod heap;
 mod measure;
+#[path = "../tests/support/nats_cluster.rs"]
+mod nats_cluster;
 mod procs;
 mod report;
 mod workload;

@@ -135,23 +135,15 @@ impl Nats {
     /// Three servers forming one JetStream cluster on loopback (each in
     /// `dir/nN`); the JetStream API answers once they return.
     pub async fn start_cluster(bin: &Path, dir: &Path) -> Result<Vec<Nats>> {
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers = Vec::new();
-        for (i, (port, cport)) in ports.iter().enumerate() {
-            let routes: Vec<String> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, (_, c))| format!("nats-route://127.0.0.1:{c}"))
-                .collect();
-            let extra = format!(
-                "server_name: n{i}\ncluster {{\n  name: bcp-bench\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
-                routes.join(", ")
-            );
+        for i in 0..route_ports.len() {
+            let name = format!("n{i}");
+            let extra = crate::nats_cluster::cluster_block(&name, "bcp-bench", i, &route_ports);
             servers.push(Self::start_with(
                 bin,
-                &dir.join(format!("n{i}")),
-                *port,
+                &dir.join(&name),
+                free_port(),
                 false,
                 &extra,
             )?);

@@ -37,37 +37,31 @@ impl Cluster {
             .prefix("bcp-cluster-test")
             .tempdir()
             .expect("temp dir");
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers = Vec::new();
-        for (i, (port, cport)) in ports.iter().enumerate() {
-            let routes: Vec<String> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, (_, c))| format!("nats-route://127.0.0.1:{c}"))
-                .collect();
-            let name = format!("n{}", i + 1);
+        for i in 0..route_ports.len() {
+            let (name, port) = (format!("n{}", i + 1), free_port());
             let conf = dir.path().join(format!("{name}.conf"));
             let store = dir.path().join(format!("js-{name}"));
             std::fs::write(
                 &conf,
                 format!(
-                    "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: bcp-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                    "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{}",
                     store.display(),
-                    routes.join(", ")
+                    super::nats_cluster::cluster_block(&name, "bcp-test", i, &route_ports)
                 ),
             )
             .expect("write nats config");
             let mut s = Server {
                 child: None,
-                port: *port,
+                port,
                 conf,
                 log: dir.path().join(format!("{name}.log")),
             };
             s.spawn();
             servers.push(s);
         }
-        let client = super::connect(&format!("nats://127.0.0.1:{}", ports[0].0)).await;
+        let client = super::connect(&format!("nats://127.0.0.1:{}", servers[0].port)).await;
         let js = async_nats::jetstream::new(client.clone());
         let mut c = Cluster {
             servers,

@@ -10,6 +10,8 @@
 /// The 3-node cluster of the group-mode tests (tests/onelog.rs).
 #[allow(dead_code)]
 pub mod cluster;
+#[allow(dead_code)]
+pub mod nats_cluster;
 
 use async_nats::jetstream::{self, message::StreamMessage, stream};
 use serde_json::{Value, json};
