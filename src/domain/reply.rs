@@ -19,6 +19,22 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// The code as on the wire (`bad_request`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::InvalidTransition => "invalid_transition",
+            ErrorCode::VersionConflict => "version_conflict",
+            ErrorCode::CommandIdConflict => "command_id_conflict",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
 impl From<RejectCode> for ErrorCode {
     fn from(c: RejectCode) -> Self {
         match c {

@@ -122,7 +122,7 @@ impl Metrics {
         }
     }
 
-    pub fn rejected(&self, endpoint: &str, code: &str) {
+    pub fn rejected(&self, endpoint: &'static str, code: &'static str) {
         let mut r = self.rejections.lock().expect("metrics lock");
         *r.entry(endpoint.to_owned())
             .or_default()
@@ -132,7 +132,7 @@ impl Metrics {
     }
 
     /// A command accepted (its reply `ok`).
-    pub fn accepted(&self, verb: &str) {
+    pub fn accepted(&self, verb: &'static str) {
         self.prom.command(verb, "ok");
     }
 

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-type Labels = Vec<(&'static str, String)>;
+/// `verb` and `outcome`: static strings, so counting allocates nothing.
+type Labels = [(&'static str, &'static str); 2];
 
 /// The Prometheus side of [`Metrics`]: counters and histograms updated as
 /// commands are answered, gauges set from the live state at each scrape.
@@ -105,12 +106,9 @@ impl Default for Prom {
 
 impl Prom {
     /// One command answered: `outcome` is `ok` or the error code.
-    pub fn command(&self, verb: &str, outcome: &str) {
+    pub fn command(&self, verb: &'static str, outcome: &'static str) {
         self.commands
-            .get_or_create(&vec![
-                ("verb", verb.to_owned()),
-                ("outcome", outcome.to_owned()),
-            ])
+            .get_or_create(&[("verb", verb), ("outcome", outcome)])
             .inc();
     }
 

@@ -350,8 +350,7 @@ pub async fn send_replies(
                 metrics.accepted(c.verb.as_str());
             }
             if let Some(err) = &c.reply.error {
-                let code = serde_json::to_value(err.code).expect("code serializes");
-                metrics.rejected(c.verb.as_str(), code.as_str().unwrap_or("?"));
+                metrics.rejected(c.verb.as_str(), err.code.as_str());
                 tracing::debug!(command_id = %c.command_id, verb = %c.verb, code = ?err.code, message = %err.message, "command rejected");
             }
             if c.internal {
