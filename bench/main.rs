@@ -15,7 +15,7 @@
 //!    log the workload built), group-committed with `Durability::Immediate`,
 //!    1, 4, 64 and 512 per transaction: the ceiling of any durable log on
 //!    this disk; each commit timed. Beside it, bcp's own write path without
-//!    NATS (`Ledger::execute`: decide, hash chain, projections, idempotency,
+//!    NATS (`Pipeline::execute`: decide, hash chain, projections, idempotency,
 //!    one durable commit) at the same batch sizes, and the bytes and the CPU
 //!    time each write transaction takes. 1 and 4 are the batches `bcp serve`
 //!    commits at low load.
@@ -33,7 +33,7 @@
 //!    latency p50/p99 from each command's due time.
 //! 5. **Replay and verify**: the `bcp` CLI (`audit verify --db`, `replay --db
 //!    --format json`) on the log of 6 (`--events`, default 1 M), timed.
-//! 6. **Cost growth**: a log built offline through `Ledger::execute` to
+//! 6. **Cost growth**: a log built offline through `Pipeline::execute` to
 //!    `--events`/100, /10 and `--events`; after each, `bcp serve` restarts
 //!    on it (startup time; relay catch-up rate), then the closed loop of 3
 //!    runs again.
@@ -113,7 +113,7 @@ pub struct Args {
     pub baseline_a_events: u64,
     pub baseline_b_msgs: u64,
     pub baseline_b_sync_msgs: u64,
-    /// Commands per `Ledger::execute` when building logs offline.
+    /// Commands per `Pipeline::execute` when building logs offline.
     pub build_batch: usize,
     pub out: PathBuf,
     pub keep: bool,
@@ -219,7 +219,7 @@ pub struct Step {
     /// Events in the log when the measured run started.
     pub log_events: u64,
     pub jobs: u64,
-    /// Offline build of this step's events through `Ledger::execute`.
+    /// Offline build of this step's events through `Pipeline::execute`.
     pub build: Rate,
     /// `bcp serve` start until it answers (loads every job into memory).
     pub startup_ms: f64,
@@ -239,17 +239,17 @@ pub struct Step {
     /// The projections `bcp serve` keeps in memory, counted on the heap
     /// after it stopped (same log as `memory_after`).
     pub heap: heap::WorldBytes,
-    /// One idle retention sweep through `Ledger::execute` on this log: how
+    /// One idle retention sweep through `Pipeline::execute` on this log: how
     /// long it holds the writer.
     pub sweep_ms: f64,
 }
 
-/// `Ledger::execute` at a fixed batch size, no NATS (beside baseline A).
+/// `Pipeline::execute` at a fixed batch size, no NATS (beside baseline A).
 #[derive(Clone, Debug, Serialize)]
 pub struct LedgerAppends {
     pub batch: usize,
     pub rate: Rate,
-    /// Duration of each `Ledger::execute` call (decide, append, commit).
+    /// Duration of each `Pipeline::execute` call (decide, append, commit).
     pub execute: measure::Latency,
     /// Of which `Store::commit` (the commit thread's part).
     pub commit: measure::Latency,
@@ -289,7 +289,7 @@ pub struct Results {
     pub machine: Machine,
     pub envelope_bytes_mean: f64,
     pub baseline_a: Vec<measure::Appends>,
-    /// `Ledger::execute` (decide, hash chain, projections, idempotency, one
+    /// `Pipeline::execute` (decide, hash chain, projections, idempotency, one
     /// durable commit per batch) at the batch sizes of baseline A.
     pub ledger_a: Vec<LedgerAppends>,
     /// B's and B′'s runs of median rate, and every run's msgs/s.
@@ -497,7 +497,7 @@ fn appends_for(batch: usize, events: u64) -> u64 {
     events.min(2_000 * batch as u64)
 }
 
-/// Baseline A (raw redb), and bcp's `Ledger::execute` at the same batch
+/// Baseline A (raw redb), and bcp's `Pipeline::execute` at the same batch
 /// sizes: the write path without NATS.
 async fn durable_appends(
     b: &mut Bench,
@@ -537,7 +537,7 @@ async fn durable_appends(
             commit_cpu: measure::Latency::of(built.commit_cpus),
         };
         say(format!(
-            "Ledger::execute, {batch}/commit: {:.0} events/s, per batch p50 {} µs, p99 {} µs",
+            "Pipeline::execute, {batch}/commit: {:.0} events/s, per batch p50 {} µs, p99 {} µs",
             l.rate.per_sec, l.execute.p50_us, l.execute.p99_us
         ));
         ledger_a.push(l);

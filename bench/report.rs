@@ -214,7 +214,7 @@ pub fn table(r: &Results) -> String {
             [
                 "1",
                 &format!(
-                    "`Ledger::execute` alone (no NATS), {} commands/commit",
+                    "`Pipeline::execute` alone (no NATS), {} commands/commit",
                     l.batch
                 ),
                 &format!("{}/s", int(l.rate.per_sec)),

@@ -9,14 +9,15 @@
 //! comes from many lanes. Every command has a fresh `command_id`.
 //!
 //! The same bodies are sent over NATS (producers) and fed straight into
-//! `bcp::store::ledger::Ledger::execute` (to build large logs fast for the
+//! `bcp::store::pipeline::Pipeline::execute` (to build large logs fast for the
 //! replay, growth and memory measurements), so both paths write the same
 //! events.
 
 use anyhow::{Context, Result, bail};
 use bcp::domain::command::decode;
 use bcp::store::Store;
-use bcp::store::ledger::{Ledger, Pending};
+use bcp::store::ledger::Pending;
+use bcp::store::pipeline::Pipeline;
 use chrono::{DateTime, Duration as Span, SubsecRound, Utc};
 use serde_json::json;
 use std::path::Path;
@@ -172,7 +173,7 @@ pub struct Built {
     pub head_seq: u64,
     pub jobs: u64,
     pub appended: u64,
-    /// Time spent in `Ledger::execute` (not in generating the commands).
+    /// Time spent in `Pipeline::execute` (not in generating the commands).
     pub elapsed: Duration,
     /// Each batch (decide, prepare, commit), in microseconds.
     pub executes: Vec<u64>,
@@ -183,13 +184,13 @@ pub struct Built {
     pub commit_cpus: Vec<u64>,
 }
 
-/// Append commands straight through `Ledger::execute` (the writer's own
+/// Append commands straight through `Pipeline::execute` (the writer's own
 /// path, durable commits included) until the log at `db` holds at least
 /// `target` events (at most 9 more). Whole jobs only, so every job gets its
 /// ten events. `bcp serve` must not be running on `db`.
 pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Result<Built> {
     let store = Store::open_or_create(db).with_context(|| format!("open {}", db.display()))?;
-    let mut ledger = Ledger::open(store).context("open ledger")?;
+    let mut ledger = Pipeline::open(store).context("open ledger")?;
     let start_seq = ledger.head_seq();
     let mut in_execute = Duration::ZERO;
     let mut executes = Vec::new();
@@ -213,22 +214,26 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
                 })
                 .collect::<Result<Vec<_>>>()?;
             let now = Utc::now().trunc_subsecs(6);
-            // `Ledger::execute`, step by step, to time the commit apart.
+            // `Pipeline::execute`, step by step, to time the commit apart.
             let t = Instant::now();
-            let mut b = ledger.begin(now)?;
             for p in &pendings {
-                ledger.decide(&mut b, p, &mut Uuid::now_v7)?;
+                if let Some(a) = ledger.decide(p, (), now, &mut Uuid::now_v7).pop() {
+                    bail!("not decided offline: {:?}", a.reply.error);
+                }
             }
-            let prepared = ledger.prepare(b);
+            let prepared = ledger.to_commit().expect("a batch was decided");
             let (committing, cpu) = (Instant::now(), crate::measure::thread_cpu_us());
-            ledger.store().commit(&prepared).context("Store::commit")?;
+            let result = ledger.store().commit(&prepared);
             commits.push(committing.elapsed().as_micros() as u64);
             commit_cpus.push(crate::measure::thread_cpu_us() - cpu);
-            let replies = ledger.committed(prepared);
+            let settled = ledger.settle(result);
+            if let Some(e) = settled.error {
+                return Err(e).context("Store::commit");
+            }
             in_execute += t.elapsed();
             executes.push(t.elapsed().as_micros() as u64);
-            if let Some(r) = replies.iter().find(|r| !r.ok) {
-                bail!("the workload was rejected offline: {:?}", r.error);
+            if let Some(a) = settled.answers.iter().find(|a| !a.reply.ok) {
+                bail!("the workload was rejected offline: {:?}", a.reply.error);
             }
         }
     }
@@ -249,7 +254,7 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
 /// writer waits. `bcp serve` must not be running on `db`.
 pub fn sweep_duration(db: &Path) -> Result<Duration> {
     let store = Store::open_existing(db)?;
-    let mut ledger = Ledger::open(store).context("open ledger")?;
+    let mut ledger = Pipeline::open(store).context("open ledger")?;
     let now = Utc::now().trunc_subsecs(6);
     let sweep = bcp::service::sweeper::sweep_command(now);
     let t = Instant::now();

@@ -8,7 +8,8 @@ use bcp::audit::verify::verify as verify_with;
 use bcp::domain::command::decode;
 use bcp::domain::{Envelope, World};
 use bcp::store::Store;
-use bcp::store::ledger::{Ledger, Pending};
+use bcp::store::ledger::Pending;
+use bcp::store::pipeline::Pipeline;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use proptest::prelude::*;
 use redb::ReadableTable;
@@ -27,7 +28,7 @@ fn t0() -> DateTime<Utc> {
 
 /// Drives a ledger with a scripted clock and counter ids.
 struct Script {
-    ledger: Ledger,
+    ledger: Pipeline<()>,
     now: DateTime<Utc>,
     next_id: u128,
     next_cmd: u128,
@@ -35,7 +36,7 @@ struct Script {
 
 impl Script {
     fn new(path: &Path) -> Script {
-        let ledger = Ledger::open(Store::open_or_create(path).unwrap()).unwrap();
+        let ledger = Pipeline::open(Store::open_or_create(path).unwrap()).unwrap();
         Script {
             ledger,
             now: t0(),
@@ -526,7 +527,7 @@ proptest! {
     fn stored_projection_is_the_fold_of_the_log(ops in proptest::collection::vec(op(), 1..60), batch in 1usize..8) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
-        let mut ledger = Ledger::open(store.clone()).unwrap();
+        let mut ledger = Pipeline::open(store.clone()).unwrap();
         let mut pending = Vec::new();
         let mut sent: Vec<Pending> = Vec::new();
         let mut now = t0();
@@ -994,7 +995,7 @@ fn export_import_round_trip_keeps_the_head_hash() {
         .unwrap();
     let store = Store::open_existing(Path::new(restored)).unwrap();
     assert_eq!(store.load_world().unwrap(), original);
-    let mut ledger = Ledger::open(store).unwrap();
+    let mut ledger = Pipeline::open(store).unwrap();
     let first = decode("p1", "create", json!({"command_id": Uuid::from_u128(0xc0de_0001), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs0"}}).to_string().as_bytes(), None).unwrap();
     let mut ids = || Uuid::nil();
     let reply = ledger
@@ -1452,15 +1453,16 @@ fn faulty_store(path: &Path) -> (Store, Faults) {
     (Store::with_backend(backend).unwrap(), faults)
 }
 
-/// The writer decides batch N+1 while batch N commits on another thread
-/// (src/service/writer.rs). N+1 sees N's effects, a retry of one of N's
-/// commands is answered from N's not-yet-committed record, and when N's
-/// commit fails both are undone: memory equals the disk again.
+/// The pipeline decides batch N+1 while batch N commits (bcp serve's
+/// writer runs the commit on another thread). When N's commit fails, N+1 is
+/// undone with it, exactly those two batches' commands are answered
+/// `unavailable`, and memory equals the disk again. (N+1 seeing N's effects
+/// and N's uncommitted records: `overlapping_batches_commit_in_order_…`.)
 #[test]
 fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let (store, Faults { fail, .. }) = faulty_store(&dir.path().join("bcp.redb"));
-    let mut ledger = Ledger::open(store.clone()).unwrap();
+    let mut ledger = Pipeline::open(store.clone()).unwrap();
     let mut next = 0u128;
     let mut ids = || {
         next += 1;
@@ -1483,31 +1485,42 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
         "record-snapshot",
         json!({"command_id": Uuid::from_u128(3), "job_id": job(1), "snapshot_id": Uuid::from_u128(9), "taken_at": t0(), "size_bytes": 1}),
     );
-    let run = |ledger: &mut Ledger, ids: &mut dyn FnMut() -> Uuid, batch: &[&Pending]| {
-        let mut b = ledger.begin(t0()).unwrap();
-        for p in batch {
-            ledger.decide(&mut b, p, ids).unwrap();
-        }
-        ledger.prepare(b)
-    };
-    let n = run(&mut ledger, &mut ids, &[&start]);
-    let n1 = run(&mut ledger, &mut ids, &[&snapshot, &start]);
-    let started = &n.replies()[0];
-    assert!(started.ok && !started.duplicate, "{started:?}");
-    let [recorded, retried] = n1.replies() else {
-        panic!("two replies")
-    };
-    assert!(recorded.ok, "N+1 sees the job Active after N: {recorded:?}");
-    assert!(retried.duplicate, "{retried:?}");
-    assert_eq!(retried.events, started.events, "the retry gets N's answer");
-    assert_eq!((n.head_seq(), n1.head_seq()), (2, 3));
+    // N is at the commit thread while N+1 is decided on top of it.
+    let mut p: Pipeline<&str> = Pipeline::new(ledger.into_ledger());
+    assert!(p.decide(&start, "start", t0(), &mut ids).is_empty());
+    let n = p.to_commit().expect("N goes to commit");
+    assert!(p.decide(&snapshot, "snapshot", t0(), &mut ids).is_empty());
+    assert!(p.decide(&start, "start again", t0(), &mut ids).is_empty());
+    assert!(p.to_commit().is_none(), "one batch commits at a time");
+    assert_eq!(p.head_seq(), 3, "N+1 is decided on N");
 
+    // N's commit fails: N+1 is undone with it, every command answered
+    // unavailable, newest batch first; memory equals the disk again.
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert!(store.commit(&n).is_err());
-    ledger.rolled_back(n1);
-    ledger.rolled_back(n);
-    assert_eq!((ledger.world().clone(), ledger.head_seq()), on_disk);
+    let result = store.commit(&n);
+    assert!(result.is_err());
+    let settled = p.settle(result);
+    let answered: Vec<_> = settled.answers.iter().map(|a| a.to).collect();
+    assert_eq!(answered, ["snapshot", "start again", "start"]);
+    assert!(settled.answers.iter().all(|a| {
+        a.through == 0
+            && a.reply.error.as_ref().map(|e| e.code) == Some(bcp::domain::ErrorCode::Unavailable)
+    }));
+    assert_eq!(settled.head, None);
+    assert_eq!((p.world().clone(), p.head_seq()), on_disk);
     assert_eq!(store.load_world().unwrap(), on_disk.0);
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    // A failed commit() leaves the store needing a reopen: the pipeline
+    // stopped, and answers the next command at once.
+    assert!(settled.stopped, "{:?}", settled.error);
+    let later = p.decide(&snapshot, "later", t0(), &mut ids);
+    assert_eq!(later.len(), 1);
+    assert_eq!(
+        later[0].reply.error.as_ref().map(|e| e.code),
+        Some(bcp::domain::ErrorCode::Unavailable)
+    );
+    assert!(p.to_commit().is_none(), "nothing was opened");
 }
 
 /// `bcp serve`'s writer thread over a [`faulty_store`]: commands go in as
@@ -1528,12 +1541,18 @@ fn create_command(n: u128) -> Pending {
 impl FaultyWriter {
     fn start(path: &Path) -> FaultyWriter {
         let (store, faults) = faulty_store(path);
-        let ledger = Ledger::open(store).unwrap();
+        let ledger = Pipeline::open(store).unwrap();
         let (queue, intake) = tokio::sync::mpsc::channel(8);
         let (replies_tx, replies) = tokio::sync::mpsc::channel(8);
         let (head, _) = tokio::sync::watch::channel(0);
         let fatal = tokio_util::sync::CancellationToken::new();
-        let writer = bcp::service::writer::spawn(ledger, intake, replies_tx, head, fatal.clone());
+        let writer = bcp::service::writer::spawn(
+            ledger.into_ledger(),
+            intake,
+            replies_tx,
+            head,
+            fatal.clone(),
+        );
         FaultyWriter {
             faults,
             queue,
@@ -1634,7 +1653,7 @@ fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_a
     let store = Store::open_existing(&path).unwrap();
     verify(&store).unwrap();
     assert_eq!(store.head_seq().unwrap(), 2);
-    let mut ledger = Ledger::open(store).unwrap();
+    let mut ledger = Pipeline::open(store).unwrap();
     let mut ids = Uuid::now_v7;
     let retried = ledger
         .execute(&[create_command(2)], t0(), &mut ids)
@@ -1644,13 +1663,15 @@ fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_a
     assert_eq!(ledger.head_seq(), 2, "nothing appended twice");
 }
 
-/// The same two overlapping batches, committed: the log verifies, the
-/// stored projection is the fold, and the retry appended nothing.
+/// Two overlapping batches, committed: N+1 (decided while N commits) sees
+/// N's effects (stop after N's start) and answers a retry of N's start from
+/// N's record not yet committed; the log verifies, the stored projection is
+/// the fold, and the retry appended nothing.
 #[test]
 fn overlapping_batches_commit_in_order_and_the_log_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
-    let mut ledger = Ledger::open(store.clone()).unwrap();
+    let ledger = Pipeline::open(store.clone()).unwrap();
     let mut next = 0u128;
     let mut ids = || {
         next += 1;
@@ -1670,20 +1691,24 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
     );
     let start = cmd(2, "start", json!({}));
     let stop = cmd(3, "stop", json!({}));
-    let mut b = ledger.begin(t0()).unwrap();
-    ledger.decide(&mut b, &create, &mut ids).unwrap();
-    ledger.decide(&mut b, &start, &mut ids).unwrap();
-    let n = ledger.prepare(b);
-    let mut b = ledger.begin(t0()).unwrap();
-    ledger.decide(&mut b, &start, &mut ids).unwrap();
-    ledger.decide(&mut b, &stop, &mut ids).unwrap();
-    let n1 = ledger.prepare(b);
-    store.commit(&n).unwrap();
-    let replies = ledger.committed(n);
-    assert!(replies.iter().all(|r| r.ok && !r.duplicate), "{replies:?}");
-    store.commit(&n1).unwrap();
-    let replies = ledger.committed(n1);
-    assert!(replies[0].duplicate && replies[1].ok, "{replies:?}");
+    let mut p: Pipeline<()> = Pipeline::new(ledger.into_ledger());
+    assert!(p.decide(&create, (), t0(), &mut ids).is_empty());
+    assert!(p.decide(&start, (), t0(), &mut ids).is_empty());
+    let n = p.to_commit().unwrap();
+    assert!(p.decide(&start, (), t0(), &mut ids).is_empty());
+    assert!(p.decide(&stop, (), t0(), &mut ids).is_empty());
+    let replies = p.settle(store.commit(&n)).answers;
+    assert!(
+        replies.iter().all(|a| a.reply.ok && !a.reply.duplicate),
+        "{replies:?}"
+    );
+    let n1 = p.to_commit().unwrap();
+    let replies = p.settle(store.commit(&n1)).answers;
+    assert!(
+        replies[0].reply.duplicate && replies[1].reply.ok,
+        "{replies:?}"
+    );
+    let mut ledger = p;
     assert_eq!(store.head_seq().unwrap(), 3, "create, start, stop");
     assert_eq!(&store.load_world().unwrap(), ledger.world());
     verify(&store).unwrap();
@@ -1697,9 +1722,9 @@ fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
     let (store, Faults { fail, .. }) = faulty_store(&path);
-    let mut ledger = Ledger::open(store.clone()).unwrap();
+    let mut ledger = Pipeline::open(store.clone()).unwrap();
     let mut next = 0u128;
-    let mut run = |ledger: &mut Ledger, verb: &str, body: &serde_json::Value| {
+    let mut run = |ledger: &mut Pipeline<()>, verb: &str, body: &serde_json::Value| {
         let cmd = decode("p1", verb, body.to_string().as_bytes(), None).unwrap();
         let mut ids = || {
             next += 1;
@@ -1712,7 +1737,7 @@ fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() 
     let before = (
         ledger.world().clone(),
         ledger.head_seq(),
-        ledger.head_hash().to_owned(),
+        ledger.ledger().head_hash().to_owned(),
     );
 
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1723,7 +1748,7 @@ fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() 
         (
             ledger.world().clone(),
             ledger.head_seq(),
-            ledger.head_hash().to_owned()
+            ledger.ledger().head_hash().to_owned()
         ),
         before,
         "memory rolled back"
@@ -1739,12 +1764,12 @@ fn a_storage_error_fails_the_batch_changes_nothing_and_the_retry_applies_once() 
     // is there, and the producer's retry is applied exactly once.
     let store = Store::open_existing(&path).unwrap();
     verify(&store).unwrap();
-    let mut ledger = Ledger::open(store.clone()).unwrap();
+    let mut ledger = Pipeline::open(store.clone()).unwrap();
     assert_eq!(
         (
             ledger.world().clone(),
             ledger.head_seq(),
-            ledger.head_hash().to_owned()
+            ledger.ledger().head_hash().to_owned()
         ),
         before
     );
@@ -1802,7 +1827,7 @@ fn serve_refuses_a_store_whose_projection_disagrees_with_the_log_tail() {
     let path = dir.path().join("bcp.redb");
     scenario(&path);
     edit_job_row(&path, job(2), |v| v["version"] = json!(2)); // the log says 3
-    let err = Ledger::open(Store::open_existing(&path).unwrap())
+    let err = Pipeline::open(Store::open_existing(&path).unwrap())
         .err()
         .expect("refused");
     assert!(err.to_string().contains("startup check"), "{err}");
@@ -1949,12 +1974,12 @@ fn fuzz_input() -> impl Strategy<Value = (String, String, Vec<u8>)> {
 
 /// One in-memory ledger shared by every case, so state builds up (jobs
 /// created, started, snapshotted) and later inputs meet every state.
-fn fuzz_ledger() -> &'static std::sync::Mutex<(Ledger, u128)> {
-    static LEDGER: std::sync::OnceLock<std::sync::Mutex<(Ledger, u128)>> =
+fn fuzz_ledger() -> &'static std::sync::Mutex<(Pipeline<()>, u128)> {
+    static LEDGER: std::sync::OnceLock<std::sync::Mutex<(Pipeline<()>, u128)>> =
         std::sync::OnceLock::new();
     LEDGER.get_or_init(|| {
         let store = Store::with_backend(redb::backends::InMemoryBackend::new()).unwrap();
-        std::sync::Mutex::new((Ledger::open(store).unwrap(), 0))
+        std::sync::Mutex::new((Pipeline::open(store).unwrap(), 0))
     })
 }
 
@@ -2067,7 +2092,7 @@ fn jobs_query_pages_and_the_cli_follows_the_pages() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
     {
-        let mut ledger = Ledger::open(Store::open_or_create(&path).unwrap()).unwrap();
+        let mut ledger = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
         let batch: Vec<Pending> = (0..1200u128)
             .map(|i| {
                 let project = if i % 3 == 0 { "p2" } else { "p1" };

@@ -3101,7 +3101,7 @@ async fn concurrent_commands_equal_a_serial_order() {
         .collect();
     ordered.sort();
     let dir = tempfile::tempdir().unwrap();
-    let mut ledger = bcp::store::ledger::Ledger::open(
+    let mut ledger = bcp::store::pipeline::Pipeline::open(
         bcp::store::Store::open_or_create(&dir.path().join("serial.redb")).unwrap(),
     )
     .unwrap();

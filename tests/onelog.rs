@@ -706,9 +706,9 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
 
     let unacknowledged = create(id());
     {
-        use bcp::store::ledger::{Ledger, Pending};
+        use bcp::store::{ledger::Pending, pipeline::Pipeline};
         let store = bcp::store::Store::open_existing(&c.db(follower)).unwrap();
-        let mut ledger = Ledger::open(store).unwrap();
+        let mut ledger = Pipeline::open(store).unwrap();
         let cmd = bcp::domain::command::decode(
             "p1",
             "create",
@@ -761,12 +761,12 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
 /// expected too, nothing of bcp's follows the stray.
 #[tokio::test]
 async fn a_stray_publish_amid_pipelined_publishes_is_the_streams_last() {
-    use bcp::store::ledger::{Ledger, Pending};
+    use bcp::store::{ledger::Pending, pipeline::Pipeline};
     let mut h = Harness::start().await;
     assert_eq!(h.stop_bcp().await.code(), Some(0));
     {
         let store = bcp::store::Store::open_existing(&h.db()).unwrap();
-        let mut ledger = Ledger::open(store).unwrap();
+        let mut ledger = Pipeline::open(store).unwrap();
         for _ in 0..40 {
             let batch: Vec<Pending> = (0..500)
                 .map(|_| {

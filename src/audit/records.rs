@@ -222,7 +222,8 @@ impl CommandLog {
 mod tests {
     use super::CommandLog;
     use crate::domain::command::decode;
-    use crate::store::ledger::{Ledger, Pending};
+    use crate::store::ledger::Pending;
+    use crate::store::pipeline::Pipeline;
     use crate::store::tables::COMMANDS;
     use crate::store::{Store, decode_envelope};
     use chrono::{TimeZone, Utc};
@@ -246,7 +247,7 @@ mod tests {
     fn every_record_is_checked_in_every_split() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
-        let mut ledger = Ledger::open(store.clone()).unwrap();
+        let mut ledger = Pipeline::open(store.clone()).unwrap();
         let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).unwrap();
         let mut next = 0u128;
         // Command ids 100, 200, …, 900: jobs created, one started twice

@@ -362,7 +362,8 @@ mod tests {
     use super::{JOB_ROWS, JobRow, rows};
     use crate::domain::command::decode;
     use crate::store::Store;
-    use crate::store::ledger::{Ledger, Pending};
+    use crate::store::ledger::Pending;
+    use crate::store::pipeline::Pipeline;
     use chrono::{TimeZone, Utc};
     use uuid::Uuid;
 
@@ -387,7 +388,7 @@ mod tests {
     fn the_fast_projection_check_matches_what_the_writer_stored_and_only_that() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
-        let mut ledger = Ledger::open(store.clone()).unwrap();
+        let mut ledger = Pipeline::open(store.clone()).unwrap();
         let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).unwrap();
         let job = Uuid::from_u128(7);
         let bodies = [

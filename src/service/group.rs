@@ -6,7 +6,7 @@
 //! A node starts as a follower: it drops any tail of its own log that the
 //! stream never acknowledged ([`reconcile`]), then applies the stream to its
 //! store with the same checks and the same row layout as the write path
-//! (`Ledger::follow`), answers queries from its store, and tries for the
+//! (`Pipeline::follow`), answers queries from its store, and tries for the
 //! lease. Once it holds the lease and has applied the stream to its last
 //! message, it leads a term (`super::term`): it takes commands, and a reply
 //! leaves only once its events are fsynced locally and acknowledged by
@@ -27,6 +27,7 @@ use super::guard::{self, AlarmKind, Published};
 use super::lease::{self, Lease};
 use super::{Node, ServeError, TermEnd, intake, until_nats};
 use crate::store::ledger::Ledger;
+use crate::store::pipeline::Pipeline;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::stream::Stream;
@@ -118,7 +119,7 @@ async fn follow(
         Some(Ok(())) => {}
     }
     let store = node.store.clone();
-    let mut ledger = tokio::task::spawn_blocking(move || Ledger::open(store))
+    let mut ledger = tokio::task::spawn_blocking(move || Pipeline::<()>::open(store))
         .await
         .map_err(|e| ServeError::Nats(format!("open the store: {e}")))??;
     node.head.send_replace(ledger.head_seq());
@@ -216,7 +217,7 @@ async fn follow(
                     }
                 };
                 if last == ledger.head_seq() {
-                    return Ok(Some((ledger, held)));
+                    return Ok(Some((ledger.into_ledger(), held)));
                 }
                 if last < ledger.head_seq() {
                     // The stream lost events this store holds: not a
@@ -236,9 +237,8 @@ async fn follow(
                     messages = None; // the consumer ended: open another
                     continue;
                 };
-                let store = node.store.clone();
                 let (l, applied) = tokio::task::spawn_blocking(move || {
-                    let applied = apply(&mut ledger, &store, batch);
+                    let applied = ledger.follow(batch);
                     (ledger, applied)
                 })
                 .await
@@ -258,26 +258,6 @@ async fn follow(
                     Err(e) => return Err(e.into()),
                 }
             }
-        }
-    }
-}
-
-/// Apply `batch` (stream messages that continue the log) in one durable
-/// transaction.
-fn apply(
-    ledger: &mut Ledger,
-    store: &crate::store::Store,
-    batch: Vec<Vec<u8>>,
-) -> Result<(), crate::store::StoreError> {
-    let prepared = ledger.follow(batch)?;
-    match store.commit(&prepared) {
-        Ok(()) => {
-            ledger.committed(prepared);
-            Ok(())
-        }
-        Err(e) => {
-            ledger.rolled_back(prepared);
-            Err(e)
         }
     }
 }

@@ -11,9 +11,9 @@
 //! and exits, and a retry after the restart gets the recorded outcome.
 
 use super::intake::ReplyTo;
-use crate::domain::limits::BATCH_COMMANDS_MAX;
-use crate::domain::{ErrorCode, Reply, Verb};
-use crate::store::ledger::{Batch, Ledger, Prepared};
+use crate::domain::{Reply, Verb};
+use crate::store::ledger::{Ledger, Prepared};
+use crate::store::pipeline::{Answer, Pipeline, Settled};
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, SubsecRound, Utc};
 use std::thread::JoinHandle;
@@ -51,7 +51,7 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-/// Where each reply of a batch goes, in batch order.
+/// Where a command's reply goes, and what the reply path reports of it.
 struct Target {
     queued: Instant,
     reply_to: ReplyTo,
@@ -60,52 +60,11 @@ struct Target {
     internal: bool,
 }
 
-fn answer(targets: Vec<Target>, replies: Vec<Reply>, through: u64) -> Vec<Committed> {
-    answer_timed(targets, replies, through, None)
-}
-
-fn answer_timed(
-    targets: Vec<Target>,
-    replies: Vec<Reply>,
-    through: u64,
-    commit: Option<std::time::Duration>,
-) -> Vec<Committed> {
-    targets
-        .into_iter()
-        .zip(replies)
-        .map(|(t, reply)| Committed {
-            reply_to: t.reply_to,
-            verb: t.verb,
-            command_id: t.command_id,
-            internal: t.internal,
-            queued: t.queued,
-            through,
-            commit,
-            reply,
-        })
-        .collect()
-}
-
-/// A batch being decided.
-struct Open {
-    batch: Batch,
-    targets: Vec<Target>,
-}
-
-/// A batch handed to the commit thread.
-struct Committing {
-    started: Instant,
-    done: oneshot::Receiver<(Prepared, Result<(), StoreError>)>,
-    targets: Vec<Target>,
-}
-
-type CommitJob = (
-    Prepared,
-    oneshot::Sender<(Prepared, Result<(), StoreError>)>,
-);
+/// The outcome of one commit, sent back by the commit thread.
+type CommitJob = (Prepared, oneshot::Sender<Result<(), StoreError>>);
 
 /// The commit thread: writes each prepared batch in one durable
-/// transaction, in the order given, and hands it back with the outcome.
+/// transaction, in the order given, and sends back the outcome.
 fn spawn_committer(store: Store) -> std::sync::mpsc::Sender<CommitJob> {
     let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
     std::thread::Builder::new()
@@ -113,15 +72,21 @@ fn spawn_committer(store: Store) -> std::sync::mpsc::Sender<CommitJob> {
         .spawn(move || {
             for (prepared, done) in rx {
                 let result = store.commit(&prepared);
-                let _ = done.send((prepared, result));
+                let _ = done.send(result);
             }
         })
         .expect("spawn commit thread");
     tx
 }
 
+/// The batch at the commit thread.
+struct Committing {
+    started: Instant,
+    done: oneshot::Receiver<Result<(), StoreError>>,
+}
+
 struct Writer {
-    ledger: Ledger,
+    pipeline: Pipeline<Target>,
     queue: mpsc::Receiver<WriteRequest>,
     replies: mpsc::Sender<Vec<Committed>>,
     head: watch::Sender<u64>,
@@ -144,7 +109,7 @@ pub fn spawn(
 ) -> JoinHandle<Result<u64, StoreError>> {
     let committer = spawn_committer(ledger.store().clone());
     let writer = Writer {
-        ledger,
+        pipeline: Pipeline::new(ledger),
         queue,
         replies,
         head,
@@ -160,53 +125,36 @@ pub fn spawn(
 
 impl Writer {
     async fn run(mut self) -> Result<u64, StoreError> {
-        let mut open: Option<Open> = None;
         let mut committing: Option<Committing> = None;
         let mut queue_open = true;
         loop {
-            let room = open.as_ref().map_or(0, |o| o.batch.len()) < BATCH_COMMANDS_MAX;
             tokio::select! {
                 biased;
                 done = async { (&mut committing.as_mut().expect("guarded").done).await }, if committing.is_some() => {
                     let c = committing.take().expect("guarded");
-                    let Ok((prepared, result)) = done else {
+                    let settled = match done {
+                        Ok(result) => self.pipeline.settle(result),
                         // The commit thread dropped the batch: it panicked.
-                        self.commit_thread_stopped(c, open.take()).await;
-                        continue;
+                        Err(_) => self.pipeline.commit_lost(),
                     };
-                    match result {
-                        Ok(()) => {
-                            self.settled(prepared, c).await;
-                            if let Some(o) = open.take() {
-                                committing = self.commit(o);
-                            }
-                        }
-                        Err(e) => {
-                            // The batch decided on top of the failed one goes first.
-                            if let Some(o) = open.take() {
-                                self.undo(o, &e).await;
-                            }
-                            self.failed(prepared, c.targets, e).await;
-                        }
-                    }
+                    self.deliver(settled, c.started).await;
+                    committing = self.commit_next();
                 }
-                r = self.queue.recv(), if queue_open && room => {
+                r = self.queue.recv(), if queue_open && self.pipeline.has_room() => {
                     let Some(first) = r else {
                         queue_open = false;
                         continue;
                     };
-                    self.take(&mut open, first).await;
+                    self.take(first).await;
                     // Whatever else is already queued joins the same batch.
-                    while open.as_ref().is_some_and(|o| o.batch.len() < BATCH_COMMANDS_MAX) {
+                    while self.pipeline.has_room() {
                         match self.queue.try_recv() {
-                            Ok(r) => self.take(&mut open, r).await,
+                            Ok(r) => self.take(r).await,
                             Err(_) => break,
                         }
                     }
-                    if committing.is_none()
-                        && let Some(o) = open.take()
-                    {
-                        committing = self.commit(o);
+                    if committing.is_none() {
+                        committing = self.commit_next();
                     }
                 }
                 else => break,
@@ -214,12 +162,12 @@ impl Writer {
         }
         match self.poisoned {
             Some(e) => Err(e),
-            None => Ok(self.ledger.head_seq()),
+            None => Ok(self.pipeline.ledger().head_seq()),
         }
     }
 
-    /// Decide one command into the open batch (starting one if needed).
-    async fn take(&mut self, open: &mut Option<Open>, r: WriteRequest) {
+    /// Decide one command into the open batch.
+    async fn take(&mut self, r: WriteRequest) {
         let target = Target {
             queued: r.queued,
             reply_to: r.reply_to,
@@ -227,44 +175,16 @@ impl Writer {
             command_id: r.pending.cmd.command_id,
             internal: r.pending.internal,
         };
-        if let Some(e) = &self.poisoned {
-            let reply = unavailable(e);
-            self.send(answer(vec![target], vec![reply], 0)).await;
-            return;
-        }
-        if open.is_none() {
-            match self.ledger.begin(now()) {
-                Ok(batch) => {
-                    *open = Some(Open {
-                        batch,
-                        targets: Vec::new(),
-                    })
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the store; answering unavailable");
-                    self.send(answer(vec![target], vec![unavailable(&e)], 0))
-                        .await;
-                    return;
-                }
-            }
-        }
-        let o = open.as_mut().expect("opened above");
         let mut ids = uuid::Uuid::now_v7;
-        match self.ledger.decide(&mut o.batch, &r.pending, &mut ids) {
-            Ok(()) => o.targets.push(target),
-            Err(e) => {
-                // A storage read failed mid-batch: the batch so far is undone.
-                let mut o = open.take().expect("opened above");
-                o.targets.push(target);
-                tracing::error!(error = %e, commands = o.targets.len(), "batch not decided; answering unavailable");
-                self.undo(o, &e).await;
-            }
+        let answers = self.pipeline.decide(&r.pending, target, now(), &mut ids);
+        if !answers.is_empty() {
+            self.send(committed(answers, None)).await;
         }
     }
 
-    /// Hand the open batch to the commit thread.
-    fn commit(&mut self, o: Open) -> Option<Committing> {
-        let prepared = self.ledger.prepare(o.batch);
+    /// Hand the open batch to the commit thread, if there is one.
+    fn commit_next(&mut self) -> Option<Committing> {
+        let prepared = self.pipeline.to_commit()?;
         let (done_tx, done) = oneshot::channel();
         self.committer
             .send((prepared, done_tx))
@@ -272,80 +192,32 @@ impl Writer {
         Some(Committing {
             started: Instant::now(),
             done,
-            targets: o.targets,
         })
     }
 
-    /// A batch is durable: publish the new head and reply.
-    async fn settled(&mut self, prepared: Prepared, c: Committing) {
-        let head_seq = prepared.head_seq();
-        self.head.send_replace(head_seq);
-        if tracing::enabled!(tracing::Level::TRACE) {
-            let oldest = c.targets.iter().map(|t| t.queued).min();
-            tracing::trace!(
-                commands = prepared.len(),
-                head_seq,
-                commit_us = c.started.elapsed().as_micros() as u64,
-                oldest_queued_us = oldest.map_or(0, |t| t.elapsed().as_micros() as u64),
-                "batch committed"
-            );
+    /// A commit settled: publish the new head, stop if the store needs
+    /// reopening (before any answer can be seen), and answer.
+    async fn deliver(&mut self, settled: Settled<Target>, started: Instant) {
+        let commit = settled.head.map(|head_seq| {
+            self.head.send_replace(head_seq);
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let oldest = settled.answers.iter().map(|a| a.to.queued).min();
+                tracing::trace!(
+                    commands = settled.answers.len(),
+                    head_seq,
+                    commit_us = started.elapsed().as_micros() as u64,
+                    oldest_queued_us = oldest.map_or(0, |t| t.elapsed().as_micros() as u64),
+                    "batch committed"
+                );
+            }
+            started.elapsed()
+        });
+        if settled.stopped {
+            self.queue.close();
+            self.fatal.cancel();
+            self.poisoned = settled.error;
         }
-        let replies = self.ledger.committed(prepared);
-        let commit = Some(c.started.elapsed());
-        self.send(answer_timed(c.targets, replies, head_seq, commit))
-            .await;
-    }
-
-    /// A batch failed to commit: undo it in memory and answer
-    /// `unavailable`; stop first if the store needs reopening (a failed
-    /// `commit()` always does: only the reopened store says whether the
-    /// batch was recorded).
-    async fn failed(&mut self, prepared: Prepared, targets: Vec<Target>, e: StoreError) {
-        let n = prepared.len();
-        self.ledger.rolled_back(prepared);
-        tracing::error!(error = %e, commands = n, "batch not committed; answering unavailable");
-        let replies = answer(targets, vec![unavailable(&e); n], 0);
-        if e.is_poisoned() {
-            // Stopped before answering, as in `commit_thread_stopped`.
-            self.stop(e);
-        }
-        self.send(replies).await;
-    }
-
-    /// The commit thread is gone with batch `c` (it panicked): whether `c`
-    /// was recorded is unknown, so its commands and the open batch's are
-    /// answered `unavailable` (a retry with the same command_id gets the
-    /// first outcome after the restart), and the writer stops.
-    async fn commit_thread_stopped(&mut self, c: Committing, open: Option<Open>) {
-        let e = StoreError::CommitThreadStopped;
-        tracing::error!(error = %e, commands = c.targets.len(), "batch outcome unknown; answering unavailable");
-        // Stopped before answering: no reply can be seen before the server
-        // is told to exit.
-        self.stop(StoreError::CommitThreadStopped);
-        if let Some(o) = open {
-            self.undo(o, &e).await;
-        }
-        let n = c.targets.len();
-        self.send(answer(c.targets, vec![unavailable(&e); n], 0))
-            .await;
-    }
-
-    /// Undo the open batch in memory (nothing of it was handed to the
-    /// commit thread) and answer each of its commands `unavailable`.
-    async fn undo(&mut self, o: Open, e: &StoreError) {
-        let undone = self.ledger.prepare(o.batch);
-        self.ledger.rolled_back(undone);
-        let n = o.targets.len();
-        self.send(answer(o.targets, vec![unavailable(e); n], 0))
-            .await;
-    }
-
-    /// Refuse everything from now on and have the server drain and exit.
-    fn stop(&mut self, e: StoreError) {
-        tracing::error!(error = %e, "the writer stops; restart bcp serve");
-        self.queue.close();
-        self.fatal.cancel();
-        self.poisoned = Some(e);
+        self.send(committed(settled.answers, commit)).await;
     }
 
     async fn send(&self, committed: Vec<Committed>) {
@@ -357,14 +229,19 @@ impl Writer {
     }
 }
 
-fn unavailable(e: &StoreError) -> Reply {
-    let outcome = if e.outcome_unknown() {
-        "retry with the same command_id after the restart"
-    } else {
-        "nothing recorded"
-    };
-    Reply::error(
-        ErrorCode::Unavailable,
-        format!("storage error, {outcome}: {e}"),
-    )
+/// The answers of a batch as the reply path takes them.
+fn committed(answers: Vec<Answer<Target>>, commit: Option<std::time::Duration>) -> Vec<Committed> {
+    answers
+        .into_iter()
+        .map(|Answer { to, reply, through }| Committed {
+            reply_to: to.reply_to,
+            verb: to.verb,
+            command_id: to.command_id,
+            internal: to.internal,
+            queued: to.queued,
+            through,
+            commit,
+            reply,
+        })
+        .collect()
 }

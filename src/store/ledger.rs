@@ -1,17 +1,15 @@
-//! The write side: decide a batch of commands in order against the in-memory
-//! [`World`], append what was decided to the hash-chained log, and commit the
-//! events, idempotency records and projection rows in ONE
-//! `Durability::Immediate` transaction. Only the writer holds a [`Ledger`].
+//! The steps of the write side: decide a command against the in-memory
+//! [`World`], append what it decided to the hash-chained log, and lay out
+//! the rows a batch writes (events, idempotency records, projection rows)
+//! for ONE `Durability::Immediate` transaction ([`Store::commit`]).
 //!
-//! A batch goes [`Ledger::begin`] → [`Ledger::decide`] (per command) →
-//! [`Ledger::prepare`] (the rows it writes) → [`Store::commit`] → either
-//! [`Ledger::committed`] (its replies may go out) or [`Ledger::rolled_back`]
-//! (the in-memory state is put back as it is on disk, and every command of
-//! the batch is answered `unavailable`). The commit may run on another
-//! thread while the next batch is decided on top of this one; a batch is
-//! only committed after the one before it, and if one fails, every batch
-//! decided after it is rolled back too. [`Ledger::execute`] does all of it
-//! in one call. Nothing acknowledged is ever missing from the log.
+//! A batch goes `begin` → `decide` (per command) → `seal` (its rows, and
+//! what it decided) → [`Store::commit`] → `committed` (its replies may go
+//! out) or `undo` (the in-memory state is put back as it is on disk). The
+//! order those steps may run in, with one batch committing while the next
+//! is decided, is owned by [`Pipeline`](super::pipeline::Pipeline), the only
+//! caller of the steps. `push` holds the invariants every appended event
+//! meets (gapless seq, chained hash, per-job version), as assertions.
 
 use super::rows::{JobKey, Row};
 use super::tables::*;
@@ -97,6 +95,8 @@ impl Pending {
 /// in tests. Passed in, so the append path stays deterministic under test.
 pub type IdSource<'a> = &'a mut dyn FnMut() -> Uuid;
 
+/// The log head and the projections as decided so far, and the steps of a
+/// batch. Only the [`Pipeline`](super::pipeline::Pipeline) drives the steps.
 pub struct Ledger {
     store: Store,
     world: World,
@@ -116,24 +116,39 @@ struct Undo {
     head: (u64, String, Option<DateTime<Utc>>),
 }
 
-/// A batch being decided: the replies so far, the rows they will write, and
-/// how to undo them in memory.
-pub struct Batch {
+/// What a batch decided, held in memory until its commit settles: the
+/// replies it may send, and how to undo it.
+pub(super) struct Decided {
+    replies: Vec<Reply>,
+    undo: Undo,
+    /// The idempotency records it added to `Ledger::uncommitted`.
+    records: Vec<u128>,
+    /// The log head once the batch is committed.
+    head_seq: u64,
+}
+
+impl Decided {
+    pub(super) fn len(&self) -> usize {
+        self.replies.len()
+    }
+
+    pub(super) fn head_seq(&self) -> u64 {
+        self.head_seq
+    }
+}
+
+/// A batch being decided: the rows it will write, and what it decided.
+pub(super) struct Batch {
     now: DateTime<Utc>,
     /// Committed idempotency records, as of the batch's start.
     commands: ReadOnlyTable<u128, &'static [u8]>,
     rows: Rows,
-    replies: Vec<Reply>,
-    undo: Undo,
+    decided: Decided,
 }
 
 impl Batch {
-    pub fn len(&self) -> usize {
-        self.replies.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.replies.is_empty()
+    pub(super) fn len(&self) -> usize {
+        self.decided.replies.len()
     }
 }
 
@@ -157,38 +172,15 @@ impl Rows {
     }
 }
 
-/// A decided batch ready to commit: [`Store::commit`] writes it (on any
-/// thread); then [`Ledger::committed`] or [`Ledger::rolled_back`] settles it.
+/// The rows of a sealed batch: what [`Store::commit`] writes, on any thread.
 pub struct Prepared {
     rows: Rows,
-    replies: Vec<Reply>,
-    undo: Undo,
-    head_seq: u64,
-}
-
-impl Prepared {
-    /// The log head once this batch is committed.
-    pub fn head_seq(&self) -> u64 {
-        self.head_seq
-    }
-
-    /// The replies, in batch order; they may go out only once committed.
-    pub fn replies(&self) -> &[Reply] {
-        &self.replies
-    }
-
-    pub fn len(&self) -> usize {
-        self.replies.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.replies.is_empty()
-    }
 }
 
 impl Store {
     /// Write a prepared batch in ONE `Durability::Immediate` transaction.
-    /// On `Err`, nothing of it was written.
+    /// On `Err`, nothing of it was written (but see
+    /// [`StoreError::CommitFailed`]).
     pub fn commit(&self, p: &Prepared) -> Result<()> {
         if p.rows.is_empty() {
             // Only answers already durable (retries, an idle sweep): no fsync.
@@ -276,67 +268,51 @@ impl Ledger {
         &self.head_hash
     }
 
-    /// Decide and durably commit `batch`, in order; one reply per command.
-    /// On `Err`, nothing of the batch was committed.
-    pub fn execute(
-        &mut self,
-        batch: &[Pending],
-        now: DateTime<Utc>,
-        next_id: IdSource<'_>,
-    ) -> Result<Vec<Reply>> {
-        let mut b = self.begin(now)?;
-        for p in batch {
-            if let Err(e) = self.decide(&mut b, p, next_id) {
-                let undone = self.prepare(b);
-                self.rolled_back(undone);
-                return Err(e);
-            }
-        }
-        let prepared = self.prepare(b);
-        match self.store.commit(&prepared) {
-            Ok(()) => Ok(self.committed(prepared)),
-            Err(e) => {
-                self.rolled_back(prepared);
-                Err(e)
-            }
-        }
-    }
-
     /// Start a batch decided at `now` (never before the log's last time, even
     /// if the wall clock went back, so replay "as of a time" is always a
     /// prefix of the log).
-    pub fn begin(&mut self, now: DateTime<Utc>) -> Result<Batch> {
+    pub(super) fn begin(&mut self, now: DateTime<Utc>) -> Result<Batch> {
         let now = self.head_time.map_or(now, |t| now.max(t));
         let commands = self.store.begin_read()?.open_table(COMMANDS)?;
         Ok(Batch {
             now,
             commands,
             rows: Rows::default(),
-            replies: Vec::new(),
-            undo: Undo {
-                head: (self.head_seq, self.head_hash.clone(), self.head_time),
-                ..Undo::default()
+            decided: Decided {
+                replies: Vec::new(),
+                undo: Undo {
+                    head: (self.head_seq, self.head_hash.clone(), self.head_time),
+                    ..Undo::default()
+                },
+                records: Vec::new(),
+                head_seq: self.head_seq,
             },
         })
     }
 
     /// Decide one command into `b`, after the ones already in it. On `Err`
-    /// (a storage read failed) the batch must be rolled back.
-    pub fn decide(&mut self, b: &mut Batch, p: &Pending, next_id: IdSource<'_>) -> Result<()> {
+    /// (a storage read failed) `b` must be [abandoned](Ledger::abandon).
+    pub(super) fn decide(
+        &mut self,
+        b: &mut Batch,
+        p: &Pending,
+        next_id: IdSource<'_>,
+    ) -> Result<()> {
         let reply = self.decide_one(b, p, next_id)?;
-        b.replies.push(reply);
+        b.decided.replies.push(reply);
         Ok(())
     }
 
-    /// Close `b`: serialize the projection rows it changed.
-    pub fn prepare(&mut self, b: Batch) -> Prepared {
+    /// Close `b`: serialize the projection rows it changed. The rows go to
+    /// [`Store::commit`]; what it decided stays until the commit settles
+    /// ([`Ledger::committed`] or [`Ledger::undo`]).
+    pub(super) fn seal(&mut self, b: Batch) -> (Prepared, Decided) {
         let Batch {
             mut rows,
-            replies,
-            undo,
+            mut decided,
             ..
         } = b;
-        for (id, (_, catalog_before)) in &undo.jobs {
+        for (id, (_, catalog_before)) in &decided.undo.jobs {
             let key = id.as_u128();
             let job = self.world.jobs.get(id);
             rows.job_rows
@@ -349,7 +325,7 @@ impl Ledger {
         }
         // In key order: one job's rows are neighbours in one B-tree.
         rows.job_rows.sort_unstable_by_key(|(k, _)| *k);
-        for name in undo.regions.keys() {
+        for name in decided.undo.regions.keys() {
             if let Some(r) = self.world.regions.get(name) {
                 rows.regions.push((
                     name.as_str().to_owned(),
@@ -357,29 +333,26 @@ impl Ledger {
                 ));
             }
         }
-        Prepared {
-            rows,
-            replies,
-            undo,
-            head_seq: self.head_seq,
-        }
+        decided.head_seq = self.head_seq;
+        (Prepared { rows }, decided)
     }
 
-    /// `p` is durable: its replies may go out.
-    pub fn committed(&mut self, p: Prepared) -> Vec<Reply> {
-        for (id, _) in &p.rows.commands {
+    /// `d`'s batch is durable: its replies may go out.
+    pub(super) fn committed(&mut self, d: Decided) -> Vec<Reply> {
+        for id in &d.records {
             self.uncommitted.remove(id);
         }
-        p.replies
+        d.replies
     }
 
-    /// `p` was not committed: put the in-memory state back as it was before
-    /// it. Batches decided after `p` must be rolled back first (newest first).
-    pub fn rolled_back(&mut self, p: Prepared) {
-        for (id, _) in &p.rows.commands {
+    /// `d`'s batch was not committed: put the in-memory state back as it was
+    /// before it. Batches decided after it must be undone first (newest
+    /// first); the pipeline keeps that order.
+    pub(super) fn undo(&mut self, d: Decided) {
+        for id in &d.records {
             self.uncommitted.remove(id);
         }
-        let undo = p.undo;
+        let undo = d.undo;
         for (id, (job, catalog)) in undo.jobs {
             match job {
                 Some(j) => self.world.jobs.insert(id, j),
@@ -394,6 +367,11 @@ impl Ledger {
             };
         }
         (self.head_seq, self.head_hash, self.head_time) = undo.head;
+    }
+
+    /// Undo a batch that was never sealed (its rows are dropped unbuilt).
+    pub(super) fn abandon(&mut self, b: Batch) {
+        self.undo(b.decided);
     }
 
     /// The idempotency record of `command_id`, if any: decided in a batch
@@ -462,6 +440,7 @@ impl Ledger {
         b.rows
             .commands
             .push((key, serde_json::to_vec(&rec).expect("record serializes")));
+        b.decided.records.push(key);
         self.uncommitted.insert(key, rec);
         Ok(reply)
     }
@@ -530,13 +509,15 @@ impl Ledger {
                 Some(before.map_or(0, |j| j.version) + 1),
                 "a job's versions count its changes from 1"
             );
-            b.undo
+            b.decided
+                .undo
                 .jobs
                 .entry(id)
                 .or_insert_with(|| (before.cloned(), self.world.catalogs.get(&id).cloned()));
         }
         if let Event::RegionConfigured { region, .. } = &env.event {
-            b.undo
+            b.decided
+                .undo
                 .regions
                 .entry(region.clone())
                 .or_insert_with(|| self.world.regions.get(region).cloned());
@@ -558,15 +539,13 @@ impl Ledger {
     /// leader's events from the stream): `events` are the stored bytes of
     /// the events that continue this log, each checked here (its seq, its
     /// link to the head, its hash, its job version) before it is applied.
-    /// Returns the batch to [`Store::commit`], then settle it with
-    /// [`Ledger::committed`] or [`Ledger::rolled_back`]; on `Err` (an event
-    /// that does not continue this log) nothing was applied. The
-    /// idempotency records of their commands are rebuilt from the log, as
-    /// import does (a command whose events began earlier is rebuilt whole).
-    pub fn follow(&mut self, events: Vec<Vec<u8>>) -> Result<Prepared> {
+    /// Returns the batch to seal and commit; on `Err` (an event that does
+    /// not continue this log) nothing was applied. The idempotency records
+    /// of their commands are rebuilt from the log, as import does (a command
+    /// whose events began earlier is rebuilt whole).
+    pub(super) fn follow(&mut self, events: Vec<Vec<u8>>) -> Result<Batch> {
         let Some(first) = events.first() else {
-            let b = self.begin(Utc::now())?;
-            return Ok(self.prepare(b));
+            return self.begin(Utc::now());
         };
         let first = decode_envelope(self.head_seq + 1, first)?;
         // The head's command may go on in `events`: its earlier events count.
@@ -585,8 +564,7 @@ impl Ledger {
             let env = match self.continues(&bytes) {
                 Ok(env) => env,
                 Err(e) => {
-                    let undone = self.prepare(b);
-                    self.rolled_back(undone);
+                    self.abandon(b);
                     return Err(e);
                 }
             };
@@ -603,7 +581,7 @@ impl Ledger {
                 serde_json::to_vec(&rec).expect("record serializes"),
             ));
         }
-        Ok(self.prepare(b))
+        Ok(b)
     }
 
     /// The event `bytes`, if it continues this log: the next seq, linked to

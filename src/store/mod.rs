@@ -4,6 +4,7 @@
 
 pub mod import;
 pub mod ledger;
+pub mod pipeline;
 pub mod rows;
 pub mod tables;
 
@@ -44,6 +45,10 @@ pub enum StoreError {
         "the commit failed part way ({0}); whether that batch was recorded is known only after a restart of bcp serve"
     )]
     CommitFailed(redb::CommitError),
+    /// The write pipeline stopped on an earlier error (one of the above
+    /// that needs a reopened store) and takes no more commands.
+    #[error("the writer stopped after an earlier failure ({0}); restart bcp serve")]
+    Stopped(String),
 }
 
 macro_rules! from_redb {
@@ -74,6 +79,7 @@ impl StoreError {
             StoreError::Redb(redb::Error::PreviousIo)
                 | StoreError::CommitThreadStopped
                 | StoreError::CommitFailed(_)
+                | StoreError::Stopped(_)
         )
     }
 
