@@ -1260,30 +1260,92 @@ fn catalog_entry(
     })
 }
 
-/// Snapshot verbs over NATS, every reply exactly: classes and expiry per
-/// DOMAIN.md (a Monday that starts a month is daily, weekly and monthly),
-/// the catalog in time order, phase initial_sync → incremental, duplicate
-/// and unknown snapshots, do_not_delete, expiry on demand for one job and
-/// for a project (never another project's), record-snapshot refused in
-/// Stopped and Inactive (naming the state), terminate purging everything,
-/// schedule values outside the table, and every malformed body of these
-/// verbs refused `bad_request` with nothing appended.
+/// The reply of `bcp.query.<project>.snapshots` for `job`.
+async fn project_snapshots(h: &Harness, project: &str, job: Uuid) -> Value {
+    let subject = format!("bcp.query.{project}.snapshots");
+    h.request(&subject, &json!({ "job_id": job })).await
+}
+
+/// A successful `bcp.query.snapshots` reply, exactly.
+fn catalog_reply(as_of_seq: u64, job: Uuid, entries: &[&Value]) -> Value {
+    json!({"ok": true, "as_of_seq": as_of_seq, "job_id": job, "snapshots": entries})
+}
+
+/// state, phase, snapshot_count and latest_snapshot_at of a job view.
+fn snapshot_facts(view: &Value) -> Value {
+    json!([
+        view["state"],
+        view["phase"],
+        view["snapshot_count"],
+        view["latest_snapshot_at"]
+    ])
+}
+
+/// The snapshot verbs over the wire; their rules (classes and expiry, the
+/// catalog in time order, phase, duplicates, do_not_delete, unknown
+/// snapshots, the states that refuse, every malformed body) are the
+/// given/when/then tables of `src/domain/scenarios.rs`. Here: a recorded
+/// snapshot's exact reply and catalog entry through the project's query, a
+/// malformed body and a schedule value outside the table refused
+/// `bad_request` with nothing appended, expiry for a project never touching
+/// another project's snapshots, and terminate purging what the query shows.
 #[tokio::test]
 async fn snapshot_verbs_over_nats() {
     let mut h = Harness::start().await;
-    let (a, b, c) = (id(), id(), id());
-    let (s0, s1, s2, s3) = (id(), id(), id(), id());
+    let (a, b, c, s0, b1, c1) = (id(), id(), id(), id(), id(), id());
 
-    // Job A keeps dailies 7 days; the rest of its schedule is the default
-    // (base 2 days, weekly 2 weeks, monthly 1 month = 28 days).
+    // Job A keeps dailies 7 days. Times lie ahead of bcp's clock (the
+    // agent's clock), so the server's own sweeps never touch them. Its
+    // first snapshot is daily, weekly and monthly: the monthly's 28 days.
     let mut create_a = create_body(id(), a, "rs-a");
     create_a["schedule"] = json!({"daily_retention_days": 7});
-    let r = h.cmd("p1", "create", &create_a).await;
-    assert_eq!(r, accepted(Some(a), Some(1), &[(1, "JobCreated")]));
+    h.cmd("p1", "create", &create_a).await;
+    h.cmd("p1", "start", &job_body(id(), a)).await;
+    let record_s0 = record_body(a, s0, "2027-02-28T00:00:00Z", 500);
+    let r = h.cmd("p1", "record-snapshot", &record_s0).await;
+    assert_eq!(r, accepted(Some(a), Some(3), &[(3, "SnapshotRecorded")]));
+    let retry = h.cmd("p1", "record-snapshot", &record_s0).await;
+    assert_eq!(retry, as_duplicate(&r));
+    let e0 = catalog_entry(
+        s0,
+        "2027-02-28T00:00:00Z",
+        500,
+        &["base", "daily", "weekly", "monthly"],
+        "2027-03-28T00:00:00Z",
+        false,
+    );
+    assert_eq!(
+        project_snapshots(&h, "p1", a).await,
+        catalog_reply(3, a, &[&e0])
+    );
+    let view = h.job(a).await;
+    let facts = json!(["Active", "incremental", 1, "2027-02-28T00:00:00Z"]);
+    assert_eq!(snapshot_facts(&view), facts, "{view}");
+
+    // A malformed body, and a schedule value outside DOMAIN.md's table
+    // (refused by decide, against the job's schedule): bad_request, nothing
+    // appended, so the fixed schedule, retried with the same command_id,
+    // is the next event.
+    let mut classes = record_body(a, id(), "2027-03-01T00:00:00Z", 1);
+    classes["classes"] = json!(["monthly"]);
+    let r = h.cmd("p1", "record-snapshot", &classes).await;
+    let message = rejected(&r, "bad_request", None);
+    assert!(message.contains("unknown field `classes`"), "{message}");
+    let mut keys: Vec<_> = r.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["duplicate", "error", "ok"], "{r}");
+    let mut schedule = job_body(id(), a);
+    schedule["schedule"] = json!({"snapshot_interval_hours": 7});
+    let r = h.cmd("p1", "change-schedule", &schedule).await;
+    let message = rejected(&r, "bad_request", None);
+    assert!(message.contains("6, 8, 12, 24"), "{message}");
+    schedule["schedule"] = json!({"snapshot_interval_hours": 12});
+    let r = h.cmd("p1", "change-schedule", &schedule).await;
+    assert_eq!(r, accepted(Some(a), Some(4), &[(4, "ScheduleChanged")]));
     assert_eq!(
         h.job(a).await["schedule"],
         json!({
-            "snapshot_interval_hours": 24,
+            "snapshot_interval_hours": 12,
             "snapshot_retention_days": 2,
             "daily_retention_days": 7,
             "weekly_retention_weeks": 2,
@@ -1293,700 +1355,109 @@ async fn snapshot_verbs_over_nats() {
             "reference_minute_of_hour": 0,
         })
     );
-    let r = h.cmd("p1", "start", &job_body(id(), a)).await;
-    assert_eq!(r, accepted(Some(a), Some(2), &[(2, "JobStarted")]));
-    assert_eq!(h.job(a).await["phase"], json!("initial_sync"));
-    assert!(h.snapshots(a).await.is_empty());
-
-    // Times lie ahead of bcp's clock (allowed: the agent's clock), so the
-    // server's own retention sweeps never touch them. The job's first
-    // snapshot, on Sunday 2027-02-28, is its first daily, weekly (ISO week
-    // 8) and monthly (February).
-    let r = h
-        .cmd(
-            "p1",
-            "record-snapshot",
-            &record_body(a, s0, "2027-02-28T00:00:00Z", 500),
-        )
-        .await;
-    assert_eq!(r, accepted(Some(a), Some(3), &[(3, "SnapshotRecorded")]));
-    let view = h.job(a).await;
-    assert_eq!(view["phase"], json!("incremental"), "{view}");
-    assert_eq!(view["state"], json!("Active"), "{view}");
-    // The next day, Monday 2027-03-01, starts a new ISO week and a new
-    // month: daily, weekly and monthly again.
-    let record_s1 = record_body(a, s1, "2027-03-01T00:00:00Z", 1000);
-    let r1 = h.cmd("p1", "record-snapshot", &record_s1).await;
-    assert_eq!(r1, accepted(Some(a), Some(4), &[(4, "SnapshotRecorded")]));
-    // The next day (a Tuesday): daily only. Then, out of order, a second
-    // one on the Monday: base only, since that day has its daily.
-    let r = h
-        .cmd(
-            "p1",
-            "record-snapshot",
-            &record_body(a, s2, "2027-03-02T00:00:00Z", 2000),
-        )
-        .await;
-    assert_eq!(r, accepted(Some(a), Some(5), &[(5, "SnapshotRecorded")]));
-    let r = h
-        .cmd(
-            "p1",
-            "record-snapshot",
-            &record_body(a, s3, "2027-03-01T12:00:00Z", 3000),
-        )
-        .await;
-    assert_eq!(r, accepted(Some(a), Some(6), &[(6, "SnapshotRecorded")]));
-    let all = ["base", "daily", "weekly", "monthly"];
-    let e0 = catalog_entry(
-        s0,
-        "2027-02-28T00:00:00Z",
-        500,
-        &all,
-        "2027-03-28T00:00:00Z",
-        false,
-    );
-    let e1 = catalog_entry(
-        s1,
-        "2027-03-01T00:00:00Z",
-        1000,
-        &all,
-        "2027-03-29T00:00:00Z", // monthly: 28 days
-        false,
-    );
-    let e2 = catalog_entry(
-        s2,
-        "2027-03-02T00:00:00Z",
-        2000,
-        &["base", "daily"],
-        "2027-03-09T00:00:00Z", // daily: 7 days
-        false,
-    );
-    let e3 = catalog_entry(
-        s3,
-        "2027-03-01T12:00:00Z",
-        3000,
-        &["base"],
-        "2027-03-03T12:00:00Z", // base: 2 days
-        false,
-    );
-    assert_eq!(
-        h.snapshots(a).await,
-        [e0.clone(), e1.clone(), e3.clone(), e2.clone()],
-        "time order"
-    );
-    let view = h.job(a).await;
-    assert_eq!(view["snapshot_count"], json!(4), "{view}");
-    assert_eq!(view["latest_snapshot_at"], json!("2027-03-02T00:00:00Z"));
-    assert_eq!(view["version"], json!(6), "{view}");
-
-    // The same snapshot again, as a new command: already_exists, recorded.
-    let r = h
-        .cmd(
-            "p1",
-            "record-snapshot",
-            &record_body(a, s1, "2027-03-01T00:00:00Z", 1000),
-        )
-        .await;
-    let message = rejected(&r, "already_exists", Some(7));
-    assert!(message.contains(&s1.to_string()), "{message}");
-    // A retry of the first record command is its first reply.
-    assert_eq!(
-        h.cmd("p1", "record-snapshot", &record_s1).await,
-        as_duplicate(&r1)
-    );
-
-    // do_not_delete keeps the expiry it had; such a snapshot cannot be
-    // deleted until it gets an expiry again.
-    let mut keep = snapshot_body(a, s2);
-    keep["do_not_delete"] = json!(true);
-    let r = h.cmd("p1", "set-snapshot-expiry", &keep).await;
-    assert_eq!(
-        r,
-        accepted(Some(a), Some(7), &[(8, "SnapshotExpiryChanged")])
-    );
-    let mut e2_kept = e2.clone();
-    e2_kept["do_not_delete"] = json!(true);
-    assert_eq!(
-        h.snapshots(a).await,
-        [e0.clone(), e1.clone(), e3.clone(), e2_kept]
-    );
-    let r = h.cmd("p1", "delete-snapshot", &snapshot_body(a, s2)).await;
-    let message = rejected(&r, "invalid_transition", Some(9));
-    assert!(message.contains("do_not_delete"), "{message}");
-    let mut expiry = snapshot_body(a, s2);
-    expiry["expires_at"] = json!("2027-03-05T00:00:00Z");
-    let r = h.cmd("p1", "set-snapshot-expiry", &expiry).await;
-    assert_eq!(
-        r,
-        accepted(Some(a), Some(8), &[(10, "SnapshotExpiryChanged")])
-    );
-    let mut e2_moved = e2.clone();
-    e2_moved["expires_at"] = json!("2027-03-05T00:00:00Z");
-    assert_eq!(
-        h.snapshots(a).await,
-        [e0.clone(), e1.clone(), e3.clone(), e2_moved]
-    );
-    let r = h.cmd("p1", "delete-snapshot", &snapshot_body(a, s2)).await;
-    assert_eq!(r, accepted(Some(a), Some(9), &[(11, "SnapshotDeleted")]));
-    assert_eq!(h.snapshots(a).await, [e0.clone(), e1.clone(), e3.clone()]);
-
-    // Unknown snapshots.
-    let unknown = id();
-    let r = h
-        .cmd("p1", "delete-snapshot", &snapshot_body(a, unknown))
-        .await;
-    let message = rejected(&r, "not_found", Some(12));
-    assert!(message.contains(&unknown.to_string()), "{message}");
-    let mut body = snapshot_body(a, unknown);
-    body["do_not_delete"] = json!(true);
-    let r = h.cmd("p1", "set-snapshot-expiry", &body).await;
-    rejected(&r, "not_found", Some(13));
-    // Deleted is gone: it cannot be deleted twice.
-    let r = h.cmd("p1", "delete-snapshot", &snapshot_body(a, s2)).await;
-    rejected(&r, "not_found", Some(14));
 
     // Jobs B (p1) and C (p2) keep base snapshots only (2 days).
     let base_only = json!({"weekly_retention_weeks": 0, "monthly_retention_months": 0});
-    let (b1, c1) = (id(), id());
-    let mut head = 14;
     for (project, job, snap) in [("p1", b, b1), ("p2", c, c1)] {
         let mut create = create_body(id(), job, "rs-bc");
         create["schedule"] = base_only.clone();
-        let r = h.cmd(project, "create", &create).await;
-        assert_eq!(r, accepted(Some(job), Some(1), &[(head + 1, "JobCreated")]));
-        let r = h.cmd(project, "start", &job_body(id(), job)).await;
-        assert_eq!(r, accepted(Some(job), Some(2), &[(head + 2, "JobStarted")]));
-        let r = h
-            .cmd(
-                project,
-                "record-snapshot",
-                &record_body(job, snap, "2027-03-01T00:00:00Z", 10),
-            )
-            .await;
-        assert_eq!(
-            r,
-            accepted(Some(job), Some(3), &[(head + 3, "SnapshotRecorded")])
-        );
-        head += 3;
+        h.cmd(project, "create", &create).await;
+        h.cmd(project, "start", &job_body(id(), job)).await;
+        let record = record_body(job, snap, "2027-03-01T00:00:00Z", 10);
+        let r = h.cmd(project, "record-snapshot", &record).await;
+        assert_eq!(r["ok"], json!(true), "{r}");
     }
-    let eb = catalog_entry(
-        b1,
-        "2027-03-01T00:00:00Z",
-        10,
-        &all,
-        "2027-03-03T00:00:00Z",
-        false,
+    // Expiry for project p1: B's due b1 goes; C's due c1 (p2) stays, and
+    // p1's query does not show C at all.
+    let expire_p1 = json!({"command_id": id(), "now": "2027-03-04T00:00:00Z"});
+    let r = h.cmd("p1", "expire-snapshots", &expire_p1).await;
+    assert_eq!(r, accepted(None, None, &[(11, "SnapshotExpired")]));
+    assert_eq!(
+        project_snapshots(&h, "p1", b).await,
+        catalog_reply(11, b, &[])
     );
+    let r = project_snapshots(&h, "p1", c).await;
+    rejected(&r, "not_found", None);
     let ec = catalog_entry(
         c1,
         "2027-03-01T00:00:00Z",
         10,
-        &all,
+        &["base", "daily", "weekly", "monthly"],
         "2027-03-03T00:00:00Z",
         false,
     );
-    assert_eq!(h.snapshots(b).await, std::slice::from_ref(&eb));
-    assert_eq!(h.snapshots(c).await, std::slice::from_ref(&ec));
-    assert_eq!(head, 20);
-
-    // expire-snapshots for job A as of 2027-03-04: only A's due snapshot
-    // (s3, due 03-03T12:00) goes; B's b1 is due too but not in scope.
+    assert_eq!(
+        project_snapshots(&h, "p2", c).await,
+        catalog_reply(11, c, &[&ec])
+    );
+    assert_eq!(h.snapshots(a).await, [e0]);
+    // Nothing due for one job: accepted, no events, nothing appended.
     let expire_a = json!({"command_id": id(), "job_id": a, "now": "2027-03-04T00:00:00Z"});
     let r = h.cmd("p1", "expire-snapshots", &expire_a).await;
-    assert_eq!(r, accepted(Some(a), Some(10), &[(21, "SnapshotExpired")]));
-    assert_eq!(h.snapshots(a).await, [e0.clone(), e1.clone()]);
-    assert_eq!(h.snapshots(b).await, std::slice::from_ref(&eb));
-    // Nothing more is due: accepted, an empty event list, nothing appended.
-    let again = json!({"command_id": id(), "job_id": a, "now": "2027-03-04T00:00:00Z"});
-    let r = h.cmd("p1", "expire-snapshots", &again).await;
     assert_eq!(
         r,
-        json!({"ok": true, "job_id": a, "version": 10, "events": [], "duplicate": false})
+        json!({"ok": true, "job_id": a, "version": 4, "events": [], "duplicate": false})
     );
-    // For project p1: B's b1; C (project p2) keeps its due c1.
-    let expire_p1 = json!({"command_id": id(), "now": "2027-03-04T00:00:00Z"});
-    let r = h.cmd("p1", "expire-snapshots", &expire_p1).await;
-    assert_eq!(r, accepted(None, None, &[(22, "SnapshotExpired")]));
-    assert!(h.snapshots(b).await.is_empty());
-    assert_eq!(h.snapshots(a).await, [e0.clone(), e1.clone()]);
-    assert_eq!(h.snapshots(c).await, std::slice::from_ref(&ec));
-    assert_eq!(h.job(b).await["snapshot_count"], json!(0));
-    assert_eq!(h.job(b).await["version"], json!(4));
 
-    // Stopped: snapshots are kept and their expiry can be changed, but
-    // none is recorded (the message names the state).
-    let r = h.cmd("p1", "stop", &job_body(id(), a)).await;
-    assert_eq!(r, accepted(Some(a), Some(11), &[(23, "JobStopped")]));
-    let mut keep = snapshot_body(a, s1);
+    // Terminate purges everything, do_not_delete included; the Inactive
+    // job then refuses a snapshot, naming its state.
+    h.cmd("p1", "stop", &job_body(id(), a)).await;
+    let mut keep = snapshot_body(a, s0);
     keep["do_not_delete"] = json!(true);
     let r = h.cmd("p1", "set-snapshot-expiry", &keep).await;
     assert_eq!(
         r,
-        accepted(Some(a), Some(12), &[(24, "SnapshotExpiryChanged")])
+        accepted(Some(a), Some(6), &[(13, "SnapshotExpiryChanged")])
     );
-    let s4 = id();
-    let r = h
-        .cmd(
-            "p1",
-            "record-snapshot",
-            &record_body(a, s4, "2027-03-03T00:00:00Z", 1),
-        )
-        .await;
-    let message = rejected(&r, "invalid_transition", Some(25));
-    assert!(message.contains("Stopped"), "{message}");
-    let mut e1_kept = e1.clone();
-    e1_kept["do_not_delete"] = json!(true);
-    assert_eq!(h.snapshots(a).await, [e0.clone(), e1_kept]);
-    assert_eq!(h.job(a).await["phase"], Value::Null);
-
-    // Terminate: JobTerminated and SnapshotsPurged, do_not_delete included.
     let r = h.cmd("p1", "terminate", &job_body(id(), a)).await;
+    let purged = [(14, "JobTerminated"), (15, "SnapshotsPurged")];
+    assert_eq!(r, accepted(Some(a), Some(8), &purged));
     assert_eq!(
-        r,
-        accepted(
-            Some(a),
-            Some(14),
-            &[(26, "JobTerminated"), (27, "SnapshotsPurged")]
-        )
+        project_snapshots(&h, "p1", a).await,
+        catalog_reply(15, a, &[])
     );
-    assert!(h.snapshots(a).await.is_empty());
     let view = h.job(a).await;
     assert_eq!(
-        (
-            &view["state"],
-            &view["phase"],
-            &view["snapshot_count"],
-            &view["latest_snapshot_at"]
-        ),
-        (&json!("Inactive"), &Value::Null, &json!(0), &Value::Null),
+        snapshot_facts(&view),
+        json!(["Inactive", null, 0, null]),
         "{view}"
     );
-
-    // Inactive: no snapshot verbs.
-    let r = h
-        .cmd(
-            "p1",
-            "record-snapshot",
-            &record_body(a, s4, "2027-03-03T00:00:00Z", 1),
-        )
-        .await;
-    let message = rejected(&r, "invalid_transition", Some(28));
-    assert!(message.contains("Inactive"), "{message}");
-    let r = h.cmd("p1", "delete-snapshot", &snapshot_body(a, s1)).await;
-    let message = rejected(&r, "invalid_transition", Some(29));
-    assert!(message.contains("Inactive"), "{message}");
-    let r = h.cmd("p1", "set-snapshot-expiry", &keep).await;
-    assert_eq!(r["ok"], json!(true), "a retry of the earlier command: {r}");
-    assert_eq!(r["duplicate"], json!(true), "{r}");
-    let mut keep_again = snapshot_body(a, s1);
-    keep_again["do_not_delete"] = json!(true);
-    let r = h.cmd("p1", "set-snapshot-expiry", &keep_again).await;
-    let message = rejected(&r, "invalid_transition", Some(30));
+    let late = record_body(a, id(), "2027-03-03T00:00:00Z", 1);
+    let r = h.cmd("p1", "record-snapshot", &late).await;
+    let message = rejected(&r, "invalid_transition", Some(16));
     assert!(message.contains("Inactive"), "{message}");
 
-    // Started again after a terminate: a full initial sync. The catalog
-    // remembers that 2027-03-01 had its daily (DOMAIN.md: "first" counts
-    // every snapshot ever recorded, purged ones too).
-    let r = h.cmd("p1", "start", &job_body(id(), a)).await;
-    assert_eq!(r, accepted(Some(a), Some(15), &[(31, "JobStarted")]));
-    assert_eq!(h.job(a).await["phase"], json!("initial_sync"));
-    let s5 = id();
-    let r = h
-        .cmd(
-            "p1",
-            "record-snapshot",
-            &record_body(a, s5, "2027-03-01T06:00:00Z", 5),
-        )
-        .await;
-    assert_eq!(r, accepted(Some(a), Some(16), &[(32, "SnapshotRecorded")]));
-    assert_eq!(
-        h.snapshots(a).await,
-        [catalog_entry(
-            s5,
-            "2027-03-01T06:00:00Z",
-            5,
-            &["base"],
-            "2027-03-03T06:00:00Z",
-            false
-        )]
-    );
-    assert_eq!(h.job(a).await["phase"], json!("incremental"));
-    let head = 32;
-
-    // A schedule value outside DOMAIN.md's table: bad_request naming the
-    // field and the allowed values; not recorded, so the producer can fix
-    // the body and retry with the same command_id.
-    let schedule_cid = id();
-    let mut bad_schedule = job_body(schedule_cid, a);
-    bad_schedule["schedule"] = json!({"snapshot_interval_hours": 7});
-    let r = h.cmd("p1", "change-schedule", &bad_schedule).await;
-    let message = rejected(&r, "bad_request", None);
-    assert!(
-        message.contains("snapshot_interval_hours") && message.contains("6, 8, 12, 24"),
-        "{message}"
-    );
-    for (schedule, field) in [
-        (
-            json!({"snapshot_retention_days": 31}),
-            "snapshot_retention_days",
-        ),
-        (
-            json!({"snapshot_interval_hours": 6, "snapshot_retention_days": 6}),
-            "snapshot_retention_days",
-        ),
-        (json!({"daily_retention_days": 366}), "daily_retention_days"),
-        (
-            json!({"weekly_retention_weeks": 53}),
-            "weekly_retention_weeks",
-        ),
-        (
-            json!({"monthly_retention_months": 37}),
-            "monthly_retention_months",
-        ),
-        (
-            json!({"point_in_time_window_hours": 0}),
-            "point_in_time_window_hours",
-        ),
-        (
-            json!({"reference_hour_of_day": 24}),
-            "reference_hour_of_day",
-        ),
-        (
-            json!({"reference_minute_of_hour": 60}),
-            "reference_minute_of_hour",
-        ),
-    ] {
-        let mut body = job_body(id(), a);
-        body["schedule"] = schedule.clone();
-        let r = h.cmd("p1", "change-schedule", &body).await;
-        let message = rejected(&r, "bad_request", None);
-        assert!(message.contains(field), "{schedule}: {message}");
-    }
-
-    // Every malformed body of the snapshot verbs: bad_request at intake.
-    let (j, s) = (a.to_string(), s1.to_string());
-    let cid = || id().to_string();
-    let record = |taken_at: Value, size_bytes: Value| {
-        json!({"command_id": cid(), "job_id": j, "snapshot_id": s,
-               "taken_at": taken_at, "size_bytes": size_bytes})
-    };
-    let t = json!("2027-03-05T00:00:00Z");
-    let cases: Vec<(&str, &str, Value, &str)> = vec![
-        (
-            "taken_at not a time",
-            "record-snapshot",
-            record(json!("yesterday"), json!(1)),
-            "taken_at",
-        ),
-        (
-            "taken_at a date only",
-            "record-snapshot",
-            record(json!("2027-03-05"), json!(1)),
-            "taken_at",
-        ),
-        (
-            "taken_at without an offset",
-            "record-snapshot",
-            record(json!("2027-03-05T00:00:00"), json!(1)),
-            "taken_at",
-        ),
-        (
-            "taken_at not a calendar day",
-            "record-snapshot",
-            record(json!("2027-02-30T00:00:00Z"), json!(1)),
-            "taken_at",
-        ),
-        (
-            "taken_at a number",
-            "record-snapshot",
-            record(json!(1_803_859_200), json!(1)),
-            "taken_at",
-        ),
-        (
-            "taken_at null",
-            "record-snapshot",
-            record(Value::Null, json!(1)),
-            "taken_at",
-        ),
-        (
-            "negative size_bytes",
-            "record-snapshot",
-            record(t.clone(), json!(-1)),
-            "size_bytes",
-        ),
-        (
-            "fractional size_bytes",
-            "record-snapshot",
-            record(t.clone(), json!(1.5)),
-            "size_bytes",
-        ),
-        (
-            "size_bytes a string",
-            "record-snapshot",
-            record(t.clone(), json!("1024")),
-            "size_bytes",
-        ),
-        (
-            "size_bytes beyond u64",
-            "record-snapshot",
-            record(t.clone(), json!(18_446_744_073_709_551_616.0)),
-            "size_bytes",
-        ),
-        (
-            "record without taken_at",
-            "record-snapshot",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "size_bytes": 1}),
-            "missing field `taken_at`",
-        ),
-        (
-            "record without size_bytes",
-            "record-snapshot",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "taken_at": t}),
-            "missing field `size_bytes`",
-        ),
-        (
-            "record without snapshot_id",
-            "record-snapshot",
-            json!({"command_id": cid(), "job_id": j, "taken_at": t, "size_bytes": 1}),
-            "missing field `snapshot_id`",
-        ),
-        (
-            "malformed snapshot_id",
-            "record-snapshot",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": "snap-1",
-                   "taken_at": t, "size_bytes": 1}),
-            "snapshot_id",
-        ),
-        (
-            "classes set by the producer",
-            "record-snapshot",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s,
-                   "taken_at": t, "size_bytes": 1, "classes": ["monthly"]}),
-            "unknown field `classes`",
-        ),
-        (
-            "expiry set by the producer",
-            "record-snapshot",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s,
-                   "taken_at": t, "size_bytes": 1, "expires_at": t}),
-            "unknown field `expires_at`",
-        ),
-        (
-            "both expires_at and do_not_delete",
-            "set-snapshot-expiry",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s,
-                   "expires_at": t, "do_not_delete": true}),
-            "either expires_at",
-        ),
-        (
-            "neither expires_at nor do_not_delete",
-            "set-snapshot-expiry",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s}),
-            "either expires_at",
-        ),
-        (
-            "do_not_delete false alone",
-            "set-snapshot-expiry",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "do_not_delete": false}),
-            "either expires_at",
-        ),
-        (
-            "expires_at not a time",
-            "set-snapshot-expiry",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "expires_at": "soon"}),
-            "expires_at",
-        ),
-        (
-            "do_not_delete not a boolean",
-            "set-snapshot-expiry",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "do_not_delete": "yes"}),
-            "do_not_delete",
-        ),
-        (
-            "set-snapshot-expiry without snapshot_id",
-            "set-snapshot-expiry",
-            json!({"command_id": cid(), "job_id": j, "do_not_delete": true}),
-            "missing field `snapshot_id`",
-        ),
-        (
-            "delete with do_not_delete",
-            "delete-snapshot",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "do_not_delete": true}),
-            "takes no expires_at or do_not_delete",
-        ),
-        (
-            "delete with expires_at",
-            "delete-snapshot",
-            json!({"command_id": cid(), "job_id": j, "snapshot_id": s, "expires_at": t}),
-            "takes no expires_at or do_not_delete",
-        ),
-        (
-            "delete without snapshot_id",
-            "delete-snapshot",
-            json!({"command_id": cid(), "job_id": j}),
-            "missing field `snapshot_id`",
-        ),
-        (
-            "expire without now",
-            "expire-snapshots",
-            json!({"command_id": cid(), "job_id": j}),
-            "missing field `now`",
-        ),
-        (
-            "expire with now not a time",
-            "expire-snapshots",
-            json!({"command_id": cid(), "now": "now"}),
-            "now",
-        ),
-        (
-            "expire with a snapshot_id",
-            "expire-snapshots",
-            json!({"command_id": cid(), "now": t, "snapshot_id": s}),
-            "unknown field `snapshot_id`",
-        ),
-        (
-            "expire with a malformed job_id",
-            "expire-snapshots",
-            json!({"command_id": cid(), "now": t, "job_id": "job-1"}),
-            "job_id",
-        ),
-        (
-            "schedule value of the wrong type",
-            "change-schedule",
-            json!({"command_id": cid(), "job_id": j,
-                   "schedule": {"snapshot_interval_hours": -6}}),
-            "snapshot_interval_hours",
-        ),
-        (
-            "unknown schedule setting",
-            "change-schedule",
-            json!({"command_id": cid(), "job_id": j, "schedule": {"hourly": 1}}),
-            "unknown field `hourly`",
-        ),
-        (
-            "change-schedule without schedule",
-            "change-schedule",
-            json!({"command_id": cid(), "job_id": j}),
-            "missing field `schedule`",
-        ),
-    ];
-    for (what, verb, body, needle) in cases {
-        let reply = h.cmd("p1", verb, &body).await;
-        let message = rejected(&reply, "bad_request", None);
-        assert!(
-            message.contains(needle),
-            "{what}: message {message:?} lacks {needle:?}"
-        );
-        let mut keys: Vec<_> = reply.as_object().unwrap().keys().cloned().collect();
-        keys.sort();
-        assert_eq!(keys, ["duplicate", "error", "ok"], "{what}: {reply}");
-    }
-
-    // Nothing was appended by any of them; the fixed schedule, retried
-    // with the same command_id, is accepted.
-    bad_schedule["schedule"] = json!({"snapshot_interval_hours": 12});
-    let r = h.cmd("p1", "change-schedule", &bad_schedule).await;
-    assert_eq!(
-        r,
-        accepted(Some(a), Some(17), &[(head + 1, "ScheduleChanged")])
-    );
-    let view = h.job(a).await;
-    assert_eq!(view["schedule"]["snapshot_interval_hours"], json!(12));
-    assert_eq!(view["schedule"]["daily_retention_days"], json!(7));
-    // The snapshot recorded before keeps its expiry.
-    assert_eq!(
-        h.snapshots(a).await[0]["expires_at"],
-        json!("2027-03-03T06:00:00Z")
-    );
-    let head = head + 1;
-
-    // The log: exactly the events the replies named, with the data.
-    let events = h.caught_up_stream(head).await;
+    // The log: the events the replies named, with the data.
+    let events = h.caught_up_stream(16).await;
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let want = "JobCreated JobStarted SnapshotRecorded ScheduleChanged \
+                JobCreated JobStarted SnapshotRecorded JobCreated JobStarted SnapshotRecorded \
+                SnapshotExpired JobStopped SnapshotExpiryChanged \
+                JobTerminated SnapshotsPurged CommandRejected";
+    assert_eq!(types.join(" "), want);
+    let expired = &events[10];
     assert_eq!(
-        types,
-        [
-            "JobCreated",
-            "JobStarted",
-            "SnapshotRecorded",
-            "SnapshotRecorded",
-            "SnapshotRecorded",
-            "SnapshotRecorded",
-            "CommandRejected",
-            "SnapshotExpiryChanged",
-            "CommandRejected",
-            "SnapshotExpiryChanged",
-            "SnapshotDeleted",
-            "CommandRejected",
-            "CommandRejected",
-            "CommandRejected",
-            "JobCreated",
-            "JobStarted",
-            "SnapshotRecorded",
-            "JobCreated",
-            "JobStarted",
-            "SnapshotRecorded",
-            "SnapshotExpired",
-            "SnapshotExpired",
-            "JobStopped",
-            "SnapshotExpiryChanged",
-            "CommandRejected",
-            "JobTerminated",
-            "SnapshotsPurged",
-            "CommandRejected",
-            "CommandRejected",
-            "CommandRejected",
-            "JobStarted",
-            "SnapshotRecorded",
-            "ScheduleChanged",
-        ]
-    );
-    assert_eq!(
-        events[3]["data"],
-        json!({
-            "snapshot_id": s1, "taken_at": "2027-03-01T00:00:00Z", "size_bytes": 1000,
-            "classes": all, "expires_at": "2027-03-29T00:00:00Z",
-        })
-    );
-    assert_eq!(
-        events[7]["data"],
-        json!({"snapshot_id": s2, "expires_at": "2027-03-09T00:00:00Z", "do_not_delete": true})
-    );
-    assert_eq!(events[10]["data"], json!({"snapshot_id": s2}));
-    assert_eq!(
-        events[20]["data"],
-        json!({"snapshot_id": s3, "expires_at": "2027-03-03T12:00:00Z"})
-    );
-    assert_eq!(events[20]["job_id"], json!(a));
-    assert_eq!(
-        (&events[21]["project_id"], &events[21]["job_id"]),
+        (&expired["project_id"], &expired["job_id"]),
         (&json!("p1"), &json!(b))
     );
     assert_eq!(
-        events[21]["data"],
+        expired["data"],
         json!({"snapshot_id": b1, "expires_at": "2027-03-03T00:00:00Z"})
     );
-    assert_eq!(events[21]["command_id"], expire_p1["command_id"]);
-    assert_eq!(events[26]["data"], json!({"snapshot_ids": [s0, s1]}));
-    for (i, code, state) in [
-        (6, "already_exists", "Active"),
-        (8, "invalid_transition", "Active"),
-        (11, "not_found", "Active"),
-        (24, "invalid_transition", "Stopped"),
-        (27, "invalid_transition", "Inactive"),
-    ] {
-        assert_eq!(events[i]["data"]["code"], json!(code), "{}", events[i]);
-        assert_eq!(events[i]["data"]["state"], json!(state), "{}", events[i]);
-        assert_eq!(events[i]["job_version"], Value::Null, "{}", events[i]);
-    }
-    let history = h.history(a).await;
-    let verbs: Vec<&str> = history
-        .iter()
-        .filter(|e| e["type"] == json!("SnapshotExpired"))
-        .map(|e| e["verb"].as_str().unwrap())
-        .collect();
-    assert_eq!(verbs, ["expire-snapshots"]);
-    h.stop_and_verify(head).await;
+    assert_eq!(expired["command_id"], expire_p1["command_id"]);
+    let kept =
+        json!({"snapshot_id": s0, "expires_at": "2027-03-28T00:00:00Z", "do_not_delete": true});
+    assert_eq!(events[12]["data"], kept);
+    assert_eq!(events[14]["data"], json!({"snapshot_ids": [s0]}));
+    let refused = &events[15];
+    assert_eq!(
+        refused["data"]["code"],
+        json!("invalid_transition"),
+        "{refused}"
+    );
+    assert_eq!(refused["data"]["state"], json!("Inactive"), "{refused}");
+    assert_eq!(refused["job_version"], Value::Null, "{refused}");
+    h.stop_and_verify(16).await;
 }
 
 /// RFC 3339, whole seconds, `Z`: how bcp prints such a time.

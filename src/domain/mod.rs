@@ -30,3 +30,6 @@ pub use job::{Deployment, DeploymentKind, Job, JobState, Phase};
 pub use reply::{ErrorCode, Reply};
 pub use schedule::{Schedule, SchedulePatch};
 pub use world::{Region, World};
+
+#[cfg(test)]
+mod scenarios;
