@@ -2,9 +2,7 @@
 //! beat, all measured in one run on one machine.
 //!
 //! ```text
-//! cargo build --release && cargo bench --bench bcp -- [--quick] [--events N] [--commands N]
-//!     [--growth-commands N] [--in-flight K] [--load-secs S] [--repeats R] [--out FILE] [--keep]
-//!     [--e2e-only | --group-only]
+//! cargo build --release && cargo bench --bench bcp -- --help
 //! ```
 //! (`just bench`, `just bench-smoke`). It starts its own nats-servers and
 //! `bcp serve` children (`target/release/bcp`, or `$BCP_BIN`) on free
@@ -28,7 +26,11 @@
 //!    each) send the workload mix (see `workload.rs`) over NATS to a fresh
 //!    `bcp serve`; acked commands/s, ack latency p50/p95/p99/max, how long
 //!    after the last ack the stream holds every event, and the CPU and disk
-//!    writes of each process (from /proc).
+//!    writes of each process (from /proc). Beside it, the headline peer
+//!    **C** (`peer.rs`): what a team would build instead of bcp, a NATS
+//!    request/reply service that publishes each command as an event to
+//!    JetStream and replies after the ack (no fsync of its own), driven by
+//!    the same producers with the same commands; bcp ÷ C is the headline.
 //! 4. **Fixed load**: open-loop pacing at 25/50/75 % of the rate of 3;
 //!    latency p50/p99 from each command's due time.
 //! 5. **Replay and verify**: the `bcp` CLI (`audit verify --db`, `replay --db
@@ -50,7 +52,7 @@
 //! The disk's speed here drifts by ±30 % within minutes, so the figures a
 //! ratio or a target is read from are each the median of `--repeats` runs
 //! (default 3), and the runs whose rates are divided are interleaved:
-//! B, B′ and bcp end to end take turns (phases 2 and 3; bcp's later runs
+//! B, B′, C and bcp end to end take turns (phases 2 and 3; bcp's later runs
 //! find the earlier runs' events in its log), as do verify and replay (5);
 //! each growth step (6) repeats its closed loop. Every run's rate is kept
 //! beside the median.
@@ -68,6 +70,7 @@ mod heap;
 mod measure;
 #[path = "../tests/support/nats_cluster.rs"]
 mod nats_cluster;
+mod peer;
 mod procs;
 mod report;
 mod workload;
@@ -78,7 +81,6 @@ use bytes::Bytes;
 use measure::{Rate, Run};
 use procs::{Bcp, Memory, Nats};
 use serde::Serialize;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use workload::Lanes;
@@ -119,22 +121,62 @@ pub struct Args {
     pub keep: bool,
 }
 
+/// The command line (`cargo bench --bench bcp -- --help`); unset values
+/// take the defaults of a full run, or of `--quick`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "bcp-bench",
+    about = "bcp's benchmark: bcp end to end beside raw redb (A), raw JetStream (B, B′) and a JetStream-backed request/reply service (C), in one run",
+    long_about = None
+)]
+struct CommandLine {
+    /// Small sizes (seconds): only shows the harness still runs.
+    #[arg(long)]
+    quick: bool,
+    /// Only peer C and bcp end to end (3) and the fixed loads (4), printed,
+    /// nothing written: for comparing two builds.
+    #[arg(long, conflicts_with = "group_only")]
+    e2e_only: bool,
+    /// Only the replicated-ack comparison (8), printed, nothing written.
+    #[arg(long)]
+    group_only: bool,
+    /// The largest log of the growth steps, replay and verify (at least 1000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1000..))]
+    events: Option<u64>,
+    /// Commands of each end-to-end run (3), for bcp and for peer C.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    commands: Option<u64>,
+    /// Commands of the end-to-end run at each growth step (6).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    growth_commands: Option<u64>,
+    /// Producers (commands in flight) for 3 and 6; publish window for B.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    in_flight: Option<u64>,
+    /// Seconds per offered load (4).
+    #[arg(long)]
+    load_secs: Option<f64>,
+    /// Runs of each figure a ratio is read from; the median is reported.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    repeats: Option<u64>,
+    /// Where the JSON results go (default bench/results/latest.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Keep the temp dir (stores, logs) for a look afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// cargo bench passes it to `harness = false` targets.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// Run as peer C against this NATS URL (the bench starts it so).
+    #[arg(long, hide = true, value_name = "NATS_URL")]
+    serve_peer_c: Option<String>,
+}
+
 impl Args {
-    fn parse() -> Result<Args> {
-        let raw: Vec<String> = std::env::args().skip(1).collect();
-        // `cargo test --all-targets` builds and runs this target too, without
-        // `--bench`: that must not start a benchmark of several minutes.
-        if !raw
-            .iter()
-            .any(|a| a == "--bench" || a == "-h" || a == "--help")
-        {
-            println!("bcp benchmark: run it with `cargo bench --bench bcp -- [--quick] ...`");
-            std::process::exit(0);
-        }
-        let quick = raw.iter().any(|a| a == "--quick");
-        let mut a = if quick {
+    fn from(cli: CommandLine) -> Args {
+        let mut a = if cli.quick {
             Args {
-                quick,
+                quick: true,
                 e2e_only: false,
                 group_only: false,
                 events: 20_000,
@@ -152,7 +194,7 @@ impl Args {
             }
         } else {
             Args {
-                quick,
+                quick: false,
                 e2e_only: false,
                 group_only: false,
                 events: 1_000_000,
@@ -169,47 +211,19 @@ impl Args {
                 keep: false,
             }
         };
-        a.out = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results/latest.json");
-        let mut it = raw.into_iter();
-        while let Some(flag) = it.next() {
-            let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-            match flag.as_str() {
-                "--quick" => {}
-                "--keep" => a.keep = true,
-                "--e2e-only" => a.e2e_only = true,
-                "--group-only" => a.group_only = true,
-                // cargo bench passes --bench to harness = false targets.
-                "--bench" => {}
-                "--events" => a.events = value()?.parse()?,
-                "--commands" => a.commands = value()?.parse()?,
-                "--growth-commands" => a.growth_commands = value()?.parse()?,
-                "--in-flight" => a.in_flight = value()?.parse()?,
-                "--load-secs" => a.load_secs = value()?.parse()?,
-                "--repeats" => a.repeats = value()?.parse()?,
-                "--out" => a.out = PathBuf::from(value()?),
-                "-h" | "--help" => {
-                    let doc = include_str!("main.rs")
-                        .lines()
-                        .take_while(|l| l.starts_with("//!"));
-                    let mut out = std::io::stdout().lock();
-                    for line in doc {
-                        let line = line.trim_start_matches("//!").trim_start_matches(' ');
-                        // A closed pipe (`| head`) is a normal end.
-                        if writeln!(out, "{line}").is_err() {
-                            break;
-                        }
-                    }
-                    std::process::exit(0);
-                }
-                other => bail!("unknown argument {other:?}; see --help"),
-            }
-        }
-        if a.events < 1000 || a.in_flight == 0 || a.commands == 0 || a.repeats == 0 {
-            bail!(
-                "--events must be at least 1000, --in-flight, --commands and --repeats at least 1"
-            );
-        }
-        Ok(a)
+        a.e2e_only = cli.e2e_only;
+        a.group_only = cli.group_only;
+        a.keep = cli.keep;
+        a.events = cli.events.unwrap_or(a.events);
+        a.commands = cli.commands.unwrap_or(a.commands);
+        a.growth_commands = cli.growth_commands.unwrap_or(a.growth_commands);
+        a.in_flight = cli.in_flight.map_or(a.in_flight, |n| n as usize);
+        a.load_secs = cli.load_secs.unwrap_or(a.load_secs);
+        a.repeats = cli.repeats.map_or(a.repeats, |n| n as usize);
+        a.out = cli.out.unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results/latest.json")
+        });
+        a
     }
 }
 
@@ -298,8 +312,12 @@ pub struct Results {
     pub baseline_b_sync: measure::Publish,
     pub baseline_b_sync_rates: Vec<f64>,
     pub memory_empty: Memory,
+    /// Peer C's closed loop (a JetStream-backed request/reply service, the
+    /// headline peer): the run of median rate, and every run's commands/s.
+    pub peer_c: Run,
+    pub peer_c_rates: Vec<f64>,
     /// The closed loop's run of median rate, and every run's commands/s
-    /// (each run after a B and a B′ run).
+    /// (each run after a B, a B′ and a C run).
     pub e2e: Run,
     pub e2e_rates: Vec<f64>,
     pub fixed_load: Vec<(f64, Run)>,
@@ -321,7 +339,20 @@ pub struct GroupAck {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse()?;
+    let cli = <CommandLine as clap::Parser>::parse();
+    if let Some(url) = cli.serve_peer_c {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(peer::serve(&url));
+    }
+    // `cargo test --all-targets` builds and runs this target too, without
+    // `--bench`: that must not start a benchmark of several minutes.
+    if !cli.bench {
+        println!("bcp benchmark: run it with `cargo bench --bench bcp -- [--quick] ...` (--help)");
+        return Ok(());
+    }
+    let args = Args::from(cli);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -382,6 +413,7 @@ async fn run(args: Args) -> Result<Results> {
     if b.args.e2e_only {
         let EndToEnd {
             e2e: (e2e, rates),
+            peer_c: (c, c_rates),
             fixed_load,
             ..
         } = fresh_bcp(&mut b, None).await?;
@@ -412,6 +444,26 @@ async fn run(args: Args) -> Result<Results> {
             cpu_per_command(&e2e),
             cores(&e2e)
         );
+        println!(
+            "peer C: {:.0} commands/s{}, p50/p99 {}/{} µs, CPU/command: peer C {:.0} µs, nats-server {:.0} µs (other processes {:.2} cores)",
+            c.acked.per_sec,
+            report::of_runs(&c_rates),
+            c.latency.p50_us,
+            c.latency.p99_us,
+            us_per_command(&c, "peer C"),
+            us_per_command(&c, "nats-server"),
+            cores(&c)
+        );
+        println!(
+            "bcp ÷ C: {:.2}× (medians; runs {})",
+            e2e.acked.per_sec / c.acked.per_sec,
+            rates
+                .iter()
+                .zip(&c_rates)
+                .map(|(b, c)| format!("{:.2}×", b / c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         for (share, run) in &fixed_load {
             println!(
                 "{:.0} % load: p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
@@ -441,6 +493,7 @@ async fn run(args: Args) -> Result<Results> {
     let (baseline_a, ledger_a) = durable_appends(&mut b, &samples).await?;
     let EndToEnd {
         memory_empty,
+        peer_c: (peer_c, peer_c_rates),
         e2e: (e2e, e2e_rates),
         baselines,
         fixed_load,
@@ -475,6 +528,8 @@ async fn run(args: Args) -> Result<Results> {
         baseline_b_sync,
         baseline_b_sync_rates,
         memory_empty,
+        peer_c,
+        peer_c_rates,
         e2e,
         e2e_rates,
         fixed_load,
@@ -599,10 +654,38 @@ async fn jetstream_baselines(
     Ok((default_sync, sync_always))
 }
 
+/// One closed loop against peer C (`peer.rs`) on a fresh default
+/// nats-server, whose files are deleted after it: the same commands, the
+/// same number in flight, as bcp's run it takes turns with.
+async fn peer_c(b: &mut Bench, run: usize, commands: u64) -> Result<Run> {
+    settle().await?;
+    let dir = b.dir.join(format!("nats-c-{run}"));
+    let nats = Nats::start(&b.nats_bin, &dir, false)?;
+    let peer = procs::Peer::start(&nats.url(), &b.dir.join(format!("peer-c-{run}.log")))?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+    let pids = [
+        ("peer C", peer.pid()),
+        ("nats-server", nats.pid()),
+        ("producers (bench)", 0),
+    ];
+    let lanes = b.lanes.take(b.args.in_flight);
+    let result = closed(&client, &js, lanes, commands, &pids).await?;
+    drop((client, peer, nats));
+    std::fs::remove_dir_all(dir)?;
+    say(format!(
+        "peer C: {:.0} commands/s, p99 {} µs",
+        result.acked.per_sec, result.latency.p99_us
+    ));
+    Ok(result)
+}
+
 /// What [`fresh_bcp`] measured: each figure as (run of median rate, every
 /// run's rate).
 struct EndToEnd {
     memory_empty: Memory,
+    /// Peer C's closed loops, each just before one of bcp's.
+    peer_c: (Run, Vec<f64>),
     e2e: (Run, Vec<f64>),
     baselines: Option<Baselines>,
     fixed_load: Vec<(f64, Run)>,
@@ -612,8 +695,8 @@ struct EndToEnd {
 type Baselines = ((measure::Publish, Vec<f64>), (measure::Publish, Vec<f64>));
 
 /// Items 2, 3 and 4: a fresh `bcp serve` on an empty log; `--repeats`
-/// closed loops, each after a run of B and B′ when `samples` are given
-/// (bcp idles meanwhile); then the open loop at 25, 50 and 75 % of the
+/// closed loops, each after a run of peer C, and of B and B′ before it
+/// when `samples` are given (bcp idles meanwhile); then the open loop at 25, 50 and 75 % of the
 /// median closed loop's rate.
 async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result<EndToEnd> {
     let nats = Nats::start(&b.nats_bin, &b.dir.join("nats-e2e"), false)?;
@@ -627,13 +710,14 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
         ("nats-server", nats.pid()),
         ("producers (bench)", 0),
     ];
-    let (mut runs, mut bs, mut syncs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut runs, mut bs, mut syncs, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..b.args.repeats {
         if let Some(samples) = samples {
             let (default_sync, sync_always) = jetstream_baselines(b, samples, i).await?;
             bs.push(default_sync);
             syncs.push(sync_always);
         }
+        cs.push(peer_c(b, i, b.args.commands).await?);
         say(format!(
             "bcp end to end, run {} of {}: {} commands, {} in flight",
             i + 1,
@@ -651,6 +735,7 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
         runs.push(run);
     }
     let e2e = median_by(runs, |r| r.acked.per_sec);
+    let peer_c = median_by(cs, |r| r.acked.per_sec);
     let baselines = samples.map(|_| {
         (
             median_by(bs, |p| p.rate.per_sec),
@@ -680,6 +765,7 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
     bcp.stop().await?;
     Ok(EndToEnd {
         memory_empty,
+        peer_c,
         e2e,
         baselines,
         fixed_load,

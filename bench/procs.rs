@@ -1,5 +1,5 @@
 //! The processes the benchmark runs: nats-server (default sync, or
-//! `sync_interval: always`) and `bcp serve`, each on a free loopback port and
+//! `sync_interval: always`), `bcp serve` and peer C, each on a free loopback port and
 //! a store in the benchmark's temp dir, output captured in a log file there.
 //! Children are killed on drop; `bcp serve` is stopped with SIGTERM (its
 //! graceful drain) between phases.
@@ -221,6 +221,46 @@ impl Nats {
 }
 
 impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running peer C (`peer.rs`): this bench binary with `--serve-peer-c`.
+pub struct Peer {
+    child: Child,
+}
+
+impl Peer {
+    /// Start it against `url` and wait until it says it is ready.
+    pub fn start(url: &str, log: &Path) -> Result<Peer> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().context("the bench binary's path")?;
+        let err = File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let mut child = Command::new(exe)
+            .args(["--serve-peer-c", url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .context("start peer C")?;
+        let out = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            bail!("peer C did not start:\n{}", tail(log));
+        }
+        Ok(Peer { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

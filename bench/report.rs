@@ -199,7 +199,7 @@ pub fn table(r: &Results) -> String {
     );
     let _ = writeln!(
         t,
-        "| # | figure | bcp | baseline | bcp ÷ baseline | target (issue 5) | |"
+        "| # | figure | bcp | baseline | bcp ÷ baseline | target | |"
     );
     let _ = writeln!(t, "|---|---|---|---|---|---|---|");
     let e2e = r.e2e.acked.per_sec;
@@ -288,6 +288,7 @@ pub fn table(r: &Results) -> String {
         run_counts(&r.e2e),
         of_runs(&r.e2e_rates)
     );
+    let c = r.peer_c.acked.per_sec;
     row(
         &mut t,
         [
@@ -295,12 +296,28 @@ pub fn table(r: &Results) -> String {
             "durable commands/s, end to end",
             &e2e_s,
             &format!(
+                "**C: {} commands/s** (JetStream-backed request/reply service{})",
+                int(c),
+                of_runs(&r.peer_c_rates)
+            ),
+            &format!("**{}**", ratio(e2e, c)),
+            "≥ 1.0× (issue 14)",
+            verdict(e2e >= c),
+        ],
+    );
+    row(
+        &mut t,
+        [
+            "3",
+            "",
+            "",
+            &format!(
                 "B: {} msgs/s (JetStream, default sync{})",
                 int(b),
                 of_runs(&r.baseline_b_rates)
             ),
             &ratio(e2e, b),
-            "≥ 1.0×",
+            "≥ 1.0× (issue 5)",
             verdict(e2e >= b),
         ],
     );
@@ -316,7 +333,7 @@ pub fn table(r: &Results) -> String {
                 of_runs(&r.baseline_b_sync_rates)
             ),
             &ratio(e2e, bs),
-            "≥ 10×",
+            "≥ 10× (issue 5)",
             verdict(e2e >= 10.0 * bs),
         ],
     );
@@ -346,6 +363,18 @@ pub fn table(r: &Results) -> String {
             "3",
             "ack latency p50 / p95 / p99 / max",
             &lat4(&r.e2e.latency),
+            &format!("C: {}", lat4(&r.peer_c.latency)),
+            &ratio(r.e2e.latency.p99_us as f64, r.peer_c.latency.p99_us as f64),
+            "–",
+            "",
+        ],
+    );
+    row(
+        &mut t,
+        [
+            "3",
+            "",
+            "",
             &format!("B: {}", lat4(&r.baseline_b.latency)),
             &ratio(
                 r.e2e.latency.p99_us as f64,
@@ -389,7 +418,11 @@ pub fn table(r: &Results) -> String {
                 "3",
                 "CPU used during the run (cores)",
                 &cpu_cell(cpu),
-                &format!("B: {}", cpu_cell(&r.baseline_b.cpu)),
+                &format!(
+                    "C: {}; B: {}",
+                    r.peer_c.cpu.as_ref().map_or(String::new(), cpu_cell),
+                    cpu_cell(&r.baseline_b.cpu)
+                ),
                 "",
                 "–",
                 "",
