@@ -4,9 +4,9 @@
 
 use super::catalog::SnapshotClass;
 use super::command::Verb;
-use super::decide::RejectCode;
 use super::ids::Name;
 use super::job::{Deployment, JobState, Phase};
+use super::rejection::RejectCode;
 use super::schedule::Schedule;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
