@@ -451,10 +451,10 @@ fn configure_region(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::command::Verb;
     use crate::domain::envelope::Envelope;
     use crate::domain::job::{Deployment, DeploymentKind};
     use crate::domain::schedule::Schedule;
+    use crate::domain::verb::Verb;
     use chrono::TimeZone;
 
     const P: &str = "p1";

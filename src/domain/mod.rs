@@ -19,10 +19,11 @@ pub mod rejection;
 pub mod reply;
 pub mod schedule;
 pub mod timestamp;
+pub mod verb;
 pub mod world;
 
 pub use catalog::{Catalog, Snapshot, SnapshotClass};
-pub use command::{Command, CommandEnvelope, Verb};
+pub use command::{Command, CommandEnvelope};
 pub use decide::{Decision, decide};
 pub use envelope::Envelope;
 pub use event::Event;
@@ -31,4 +32,5 @@ pub use job::{Deployment, DeploymentKind, Job, JobState, Phase};
 pub use rejection::{RejectCode, Rejection};
 pub use reply::{ErrorCode, Reply};
 pub use schedule::{Schedule, SchedulePatch};
+pub use verb::Verb;
 pub use world::{Region, World};

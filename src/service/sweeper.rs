@@ -5,7 +5,8 @@
 
 use super::writer::{WriteRequest, now};
 use crate::domain::ProjectId;
-use crate::domain::command::{Command, CommandEnvelope, Verb};
+use crate::domain::command::{Command, CommandEnvelope};
+use crate::domain::verb::Verb;
 use crate::store::ledger::Pending;
 use std::time::Duration;
 use tokio::sync::mpsc;
