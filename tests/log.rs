@@ -1546,7 +1546,7 @@ impl FaultyWriter {
     fn request(n: u128) -> bcp::service::writer::WriteRequest {
         bcp::service::writer::WriteRequest {
             pending: create_command(n),
-            reply_to: bcp::service::intake::ReplyTo::Nobody,
+            reply_to: bcp::service::reply::ReplyTo::Nobody,
             queued: std::time::Instant::now(),
         }
     }

@@ -52,7 +52,7 @@ pub async fn run(
         }
         let request = WriteRequest {
             pending: sweep_command(now()),
-            reply_to: super::intake::ReplyTo::Nobody,
+            reply_to: super::reply::ReplyTo::Nobody,
             queued: std::time::Instant::now(),
         };
         if queue.try_send(request).is_err() {
