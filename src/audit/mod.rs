@@ -2,6 +2,7 @@
 //! projections and the idempotency records, job history. They fold the same pure code as the live
 //! server ([`crate::domain::World::evolve`], [`crate::projection`]).
 
+pub mod chain;
 pub mod logfile;
 pub mod nats;
 pub mod records;

@@ -1,8 +1,8 @@
 //! Rejections: why a command was refused against state. [`RejectCode`] is
 //! the wire code (and whether the log records it as `CommandRejected`);
 //! [`Rejection`] carries the code, the message and the job's state and
-//! version when refused. [`decide`](super::decide) produces them; replies and
-//! the `CommandRejected` event carry them out.
+//! version when refused. [`decide`](super::decide::decide) produces them;
+//! replies and the `CommandRejected` event carry them out.
 
 use super::job::JobState;
 use serde::{Deserialize, Serialize};
