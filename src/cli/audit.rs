@@ -9,7 +9,7 @@ use bcp::audit::logfile::{Verified, verify_json_lines, verify_stream};
 use bcp::audit::replay::{self, Cut, Replayer, Select};
 use bcp::audit::verify::{self, VerifyError};
 use bcp::domain::ProjectId;
-use bcp::projection::history::history;
+use bcp::domain::history::history;
 use bcp::store::{CACHE_BYTES, Store, import::write_new_store};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};

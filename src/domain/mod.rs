@@ -1,5 +1,6 @@
 //! The pure domain core: identifiers, schedules, jobs, regions, commands,
-//! events, `decide` and `evolve`.
+//! events, `decide` and `evolve`, and every fold of the log: the job, the
+//! catalog and the world (`evolve`), a job's history, job filters.
 //!
 //! Nothing in here performs I/O, reads a clock or draws randomness: time and
 //! ids arrive as arguments. Replay reuses exactly this code, so replay can
@@ -11,6 +12,8 @@ pub mod decide;
 pub mod envelope;
 mod envelope_de;
 pub mod event;
+pub mod filter;
+pub mod history;
 pub mod ids;
 pub mod job;
 pub mod limits;
