@@ -4,8 +4,8 @@
 mod audit;
 
 use anyhow::{Context, Result, bail};
+use bcp::domain::history::HistoryEntry;
 use bcp::domain::{Job, JobState, Reply, Verb};
-use bcp::projection::history::HistoryEntry;
 use bcp::store::{CACHE_BYTES, Store};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;

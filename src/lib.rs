@@ -10,7 +10,6 @@
 
 pub mod audit;
 pub mod domain;
-pub mod projection;
 pub mod schema;
 pub mod service;
 pub mod store;
@@ -18,10 +17,10 @@ pub mod store;
 #[cfg(test)]
 mod architecture {
     //! The pure core stays pure: no I/O, clock or randomness in `domain/`
-    //! or `projection/` (ARCHITECTURE.md, invariant 1).
+    //! (ARCHITECTURE.md, invariant 1).
 
     #[test]
-    fn domain_and_projection_do_no_io_read_no_clock_draw_no_randomness() {
+    fn domain_does_no_io_reads_no_clock_draws_no_randomness() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let forbidden = [
             "redb::",
@@ -40,7 +39,7 @@ mod architecture {
             "rand::",
         ];
         let mut checked = 0;
-        for dir in ["domain", "projection"] {
+        for dir in ["domain"] {
             for entry in std::fs::read_dir(root.join(dir)).unwrap() {
                 let path = entry.unwrap().path();
                 let text = std::fs::read_to_string(&path).unwrap();

@@ -11,9 +11,9 @@ use crate::domain::command::{
     AssignRegionBody, ChangeScheduleBody, ConfigureRegionBody, CreateBody, ExpireSnapshotsBody,
     JobBody, RecordSnapshotBody, SnapshotBody,
 };
+use crate::domain::filter::JobFilter;
+use crate::domain::history::HistoryEntry;
 use crate::domain::{Envelope, Job, Reply, Snapshot};
-use crate::projection::JobFilter;
-use crate::projection::history::HistoryEntry;
 use crate::service::queries::{HistoryReply, JobQuery, JobReply, JobsReply, SnapshotsReply};
 use schemars::{JsonSchema, Schema};
 use serde_json::{Value, json};

@@ -140,7 +140,7 @@ fn scripted_scenario_projection_replay_and_history() {
     insta::assert_yaml_snapshot!("regions", world.regions.values().collect::<Vec<_>>());
 
     let events = store.job_events(job(1)).unwrap();
-    insta::assert_yaml_snapshot!("history_job1", bcp::projection::history::history(&events));
+    insta::assert_yaml_snapshot!("history_job1", bcp::domain::history::history(&events));
 
     let report = verify(&store).unwrap();
     assert_eq!(report.events, 13);
@@ -864,7 +864,7 @@ fn catalog_region_misconfigured_then_repaired() {
     assert!(s.send_at(t + Duration::days(1), "p1", "record-snapshot", json!({"job_id": j, "snapshot_id": snap(2), "taken_at": t + Duration::days(1), "size_bytes": 7})).ok);
     let job = &s.ledger.world().jobs[&j];
     insta::assert_yaml_snapshot!("catalog_repaired", (job.state, job.phase, s.catalog(j)));
-    let history = bcp::projection::history::history(&s.ledger.store().job_events(j).unwrap());
+    let history = bcp::domain::history::history(&s.ledger.store().job_events(j).unwrap());
     let transitions: Vec<String> = history
         .iter()
         .map(|h| {
@@ -1565,7 +1565,7 @@ impl FaultyWriter {
     fn request(n: u128) -> bcp::service::writer::WriteRequest {
         bcp::service::writer::WriteRequest {
             pending: create_command(n),
-            reply_to: bcp::service::intake::ReplyTo::Nobody,
+            reply_to: bcp::service::reply::ReplyTo::Nobody,
             queued: std::time::Instant::now(),
         }
     }

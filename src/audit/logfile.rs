@@ -1,43 +1,14 @@
 //! Verifying a log that is not (yet) a store: JSON Lines from `bcp export`,
 //! or the messages of the JetStream stream. Each event is checked as it
 //! arrives (seq, chain, canonical bytes, versions) by the same
-//! [`check_event`] as `audit verify`, and folded by the same pure code.
+//! [`check_event`] as `audit verify` ([`super::chain`]), and folded by the
+//! same pure code.
 
-use super::verify::{VerifyError, check_event};
+use super::chain::{Digest, check_digest, check_event};
+use super::verify::VerifyError;
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::{Envelope, World};
 use std::io::BufRead;
-
-/// `SEQ:HASH`, as printed by `bcp audit digest`: the log must still hold
-/// exactly this prefix.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Digest {
-    pub seq: u64,
-    pub hash: String,
-}
-
-impl std::str::FromStr for Digest {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Digest, String> {
-        let (seq, hash) = s.split_once(':').ok_or("a digest is SEQ:HASH")?;
-        let seq = seq
-            .parse()
-            .map_err(|_| format!("digest seq {seq:?} is not a number"))?;
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err("digest hash must be 64 hex digits".into());
-        }
-        Ok(Digest {
-            seq,
-            hash: hash.to_ascii_lowercase(),
-        })
-    }
-}
-
-impl std::fmt::Display for Digest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.seq, self.hash)
-    }
-}
 
 /// A whole log, verified, with its fold.
 pub struct Verified {
@@ -56,27 +27,6 @@ impl Verified {
         check_digest(digest, self.head_seq(), |seq| {
             self.log.get(seq as usize - 1).map(|(e, _)| e.hash.clone())
         })
-    }
-}
-
-pub fn check_digest(
-    digest: &Digest,
-    head_seq: u64,
-    hash_at: impl Fn(u64) -> Option<String>,
-) -> Result<(), VerifyError> {
-    let bad = |what: String| VerifyError::BadEvent {
-        seq: digest.seq,
-        what,
-    };
-    if digest.seq == 0 || digest.seq > head_seq {
-        return Err(bad(format!(
-            "the log ends at seq {head_seq}, before the digest's seq (truncated)"
-        )));
-    }
-    match hash_at(digest.seq) {
-        Some(h) if h == digest.hash => Ok(()),
-        Some(h) => Err(bad(format!("hash is {h}, the digest says {}", digest.hash))),
-        None => Err(bad("missing".into())),
     }
 }
 

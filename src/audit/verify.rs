@@ -3,14 +3,14 @@
 //! per-job versions count up by one, every stored row of the projections
 //! and of the per-job event index is, under its key, what the writer would
 //! store for a full rebuild, and the idempotency records agree with the
-//! log ([`super::records`]). Reports the first bad seq, or the first row
-//! or record that differs.
+//! log ([`super::records`]). The per-event checks are [`super::chain`]'s.
+//! Reports the first bad seq, or the first row or record that differs.
 
-use super::logfile::{Digest, check_digest};
+use super::chain::{Digest, Parsed, check_digest, check_key, check_parsed};
 use super::records::CommandLog;
 use super::scan::{self, scan};
+use crate::domain::World;
 use crate::domain::envelope::GENESIS_HASH;
-use crate::domain::{Envelope, World};
 use crate::store::rows;
 use crate::store::tables::{JOB_ROWS, JobRow, REGIONS};
 use crate::store::{Store, StoreError};
@@ -51,72 +51,6 @@ impl VerifyError {
     }
 }
 
-/// What [`check_event`] finds in an event's bytes alone: it parses, and
-/// what [`Envelope::check_stored`] says of them. Independent of every other
-/// event, so [`verify`] computes it on worker threads.
-pub struct Parsed(Result<(Envelope, Result<(), &'static str>), String>);
-
-impl Parsed {
-    pub fn of(bytes: &[u8]) -> Parsed {
-        Parsed(match Envelope::from_json(bytes) {
-            Ok(mut env) => {
-                let stored = env.check_stored(bytes);
-                Ok((env, stored))
-            }
-            Err(e) => Err(format!("does not parse: {e}")),
-        })
-    }
-}
-
-/// Checks one envelope after `prev_hash`, against the fold so far.
-pub fn check_event(
-    expected_seq: u64,
-    bytes: &[u8],
-    prev_hash: &str,
-    world: &World,
-) -> Result<Envelope, VerifyError> {
-    let parsed = Parsed::of(bytes);
-    check_parsed(expected_seq, &parsed, prev_hash, world)?;
-    match parsed.0 {
-        Ok((env, _)) => Ok(env),
-        Err(_) => unreachable!("check_parsed passed an event that does not parse"),
-    }
-}
-
-/// [`check_event`] given what the event's bytes alone say: the checks
-/// happen, and the first failing one is named, in the same order.
-pub fn check_parsed<'p>(
-    expected_seq: u64,
-    parsed: &'p Parsed,
-    prev_hash: &str,
-    world: &World,
-) -> Result<&'p Envelope, VerifyError> {
-    let bad = |what: String| VerifyError::BadEvent {
-        seq: expected_seq,
-        what,
-    };
-    let (env, stored) = parsed.0.as_ref().map_err(|e| bad(e.clone()))?;
-    if env.seq != expected_seq {
-        return Err(bad(format!(
-            "envelope says seq {} (gap or reorder)",
-            env.seq
-        )));
-    }
-    if env.prev_hash != prev_hash {
-        return Err(bad("prev_hash does not match the previous event's hash (an event before it was removed, reordered or edited)".into()));
-    }
-    stored.map_err(|what| bad(what.to_owned()))?;
-    if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
-        let current = world.jobs.get(&job).map_or(0, |j| j.version);
-        if v != current + 1 {
-            return Err(bad(format!(
-                "job {job} version {v} follows version {current}"
-            )));
-        }
-    }
-    Ok(env)
-}
-
 /// Verify a store; with a digest, also that the log still holds exactly the
 /// prefix it names. `progress` sees the count of events checked.
 ///
@@ -138,18 +72,13 @@ pub fn verify(
     // the fold's thread.
     let events = usize::try_from(store.event_count()?).unwrap_or(0);
     let mut commands = CommandLog::with_capacity(events);
-    scan(
+    scan::<_, VerifyError>(
         store,
         scan::workers(),
         |_, bytes| Parsed::of(bytes),
         |key, parsed| {
             seq += 1;
-            if key != seq {
-                return Err(VerifyError::BadEvent {
-                    seq,
-                    what: format!("missing; the next stored seq is {key}"),
-                });
-            }
+            check_key(seq, key)?;
             let env = check_parsed(seq, parsed, &prev_hash, &world)?;
             world.evolve(env);
             commands.add(env);

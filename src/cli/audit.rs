@@ -4,11 +4,12 @@
 
 use super::{EXIT_OK, EXIT_REJECTED, Format, history_table, jobs_table};
 use anyhow::{Context, Result, bail};
-use bcp::audit::logfile::{Digest, Verified, verify_json_lines, verify_stream};
+use bcp::audit::chain::Digest;
+use bcp::audit::logfile::{Verified, verify_json_lines, verify_stream};
 use bcp::audit::replay::{self, Cut, Replayer, Select};
 use bcp::audit::verify::{self, VerifyError};
 use bcp::domain::ProjectId;
-use bcp::projection::history::history;
+use bcp::domain::history::history;
 use bcp::store::{CACHE_BYTES, Store, import::write_new_store};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};

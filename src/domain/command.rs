@@ -1,5 +1,6 @@
-//! Commands: the verbs of the contract, their bodies, and decoding a NATS
-//! request (subject verb + JSON body) into a typed [`CommandEnvelope`].
+//! Commands: their bodies, and decoding a NATS request (subject verb + JSON
+//! body) into a typed [`CommandEnvelope`]. The verbs themselves are
+//! [`super::verb`].
 //!
 //! Decoding is strict: unknown fields, wrong types, malformed ids, values
 //! outside the allowed ranges and oversized bodies are a [`DecodeError`]
@@ -9,68 +10,10 @@ use super::ids::{Name, ProjectId};
 use super::job::Deployment;
 use super::limits::{ACTOR_BYTES_MAX, PAYLOAD_BYTES_MAX, TIME_MAX, TIME_MIN};
 use super::schedule::{Schedule, SchedulePatch};
+use super::verb::Verb;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
-use std::fmt;
 use uuid::Uuid;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verb {
-    Create,
-    Start,
-    Stop,
-    Terminate,
-    AssignRegion,
-    ChangeSchedule,
-    RecordSnapshot,
-    DeleteSnapshot,
-    SetSnapshotExpiry,
-    ExpireSnapshots,
-    ConfigureRegion,
-}
-
-impl Verb {
-    pub const ALL: [Verb; 11] = [
-        Verb::Create,
-        Verb::Start,
-        Verb::Stop,
-        Verb::Terminate,
-        Verb::AssignRegion,
-        Verb::ChangeSchedule,
-        Verb::RecordSnapshot,
-        Verb::DeleteSnapshot,
-        Verb::SetSnapshotExpiry,
-        Verb::ExpireSnapshots,
-        Verb::ConfigureRegion,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verb::Create => "create",
-            Verb::Start => "start",
-            Verb::Stop => "stop",
-            Verb::Terminate => "terminate",
-            Verb::AssignRegion => "assign-region",
-            Verb::ChangeSchedule => "change-schedule",
-            Verb::RecordSnapshot => "record-snapshot",
-            Verb::DeleteSnapshot => "delete-snapshot",
-            Verb::SetSnapshotExpiry => "set-snapshot-expiry",
-            Verb::ExpireSnapshots => "expire-snapshots",
-            Verb::ConfigureRegion => "configure-region",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Verb> {
-        Self::ALL.into_iter().find(|v| v.as_str() == s)
-    }
-}
-
-impl fmt::Display for Verb {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A change to one store of a region.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

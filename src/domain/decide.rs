@@ -10,50 +10,10 @@ use super::event::Event;
 use super::ids::{Name, ProjectId};
 use super::job::{Job, JobState, Phase};
 use super::limits::EXPIRE_EVENTS_MAX;
+use super::rejection::{RejectCode, Rejection, reject};
 use super::world::{Region, World};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-
-/// Wire error codes for rejections decided against state, plus `bad_request`
-/// for values only checkable against state (a schedule patch).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RejectCode {
-    BadRequest,
-    NotFound,
-    AlreadyExists,
-    InvalidTransition,
-    VersionConflict,
-}
-
-impl RejectCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectCode::BadRequest => "bad_request",
-            RejectCode::NotFound => "not_found",
-            RejectCode::AlreadyExists => "already_exists",
-            RejectCode::InvalidTransition => "invalid_transition",
-            RejectCode::VersionConflict => "version_conflict",
-        }
-    }
-
-    /// Whether the rejection is recorded in the log as `CommandRejected`
-    /// (DESIGN.md §2: every rejection decided against state; not bad input).
-    pub fn is_audited(self) -> bool {
-        self != RejectCode::BadRequest
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rejection {
-    pub code: RejectCode,
-    pub message: String,
-    /// The job's state when refused, if there is such a job.
-    pub state: Option<JobState>,
-    /// For `version_conflict`: the job's version.
-    pub current_version: Option<u64>,
-}
 
 /// One event to append, with the stream it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,15 +24,6 @@ pub struct Decided {
 }
 
 pub type Decision = Result<Vec<Decided>, Rejection>;
-
-fn reject(code: RejectCode, state: Option<JobState>, message: String) -> Rejection {
-    Rejection {
-        code,
-        message,
-        state,
-        current_version: None,
-    }
-}
 
 /// Decide one command. An `Ok` with no events means "already so" (assigning
 /// the region a job already has).
@@ -500,10 +451,10 @@ fn configure_region(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::command::Verb;
     use crate::domain::envelope::Envelope;
     use crate::domain::job::{Deployment, DeploymentKind};
     use crate::domain::schedule::Schedule;
+    use crate::domain::verb::Verb;
     use chrono::TimeZone;
 
     const P: &str = "p1";

@@ -362,11 +362,11 @@ mod equivalence_tests {
     use super::super::envelope_de::derived::Flattened;
     use super::*;
     use crate::domain::catalog::SnapshotClass;
-    use crate::domain::command::Verb;
-    use crate::domain::decide::RejectCode;
     use crate::domain::ids::{Name, ProjectId};
     use crate::domain::job::{Deployment, DeploymentKind, JobState, Phase};
+    use crate::domain::rejection::RejectCode;
     use crate::domain::schedule::Schedule;
+    use crate::domain::verb::Verb;
     use chrono::TimeZone;
 
     fn events() -> Vec<Event> {

@@ -3,11 +3,11 @@
 //! `data` side by side.
 
 use super::catalog::SnapshotClass;
-use super::command::Verb;
-use super::decide::RejectCode;
 use super::ids::Name;
 use super::job::{Deployment, JobState, Phase};
+use super::rejection::RejectCode;
 use super::schedule::Schedule;
+use super::verb::Verb;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

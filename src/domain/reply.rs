@@ -1,7 +1,7 @@
 //! Replies to commands, as they go on the wire (DESIGN.md §3). Stored with
 //! each command's idempotency record, so a retry gets the original reply.
 
-use super::decide::{RejectCode, Rejection};
+use super::rejection::{RejectCode, Rejection};
 use super::{Envelope, Event};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

@@ -10,11 +10,12 @@
 use super::catalog::Snapshot;
 use super::catalog::SnapshotClass::{self, *};
 use super::command::{CommandEnvelope, decode};
-use super::decide::{Decided, Decision, RejectCode, decide};
+use super::decide::{Decided, Decision, decide};
 use super::envelope::Envelope;
 use super::event::Event;
 use super::ids::ProjectId;
 use super::job::{Deployment, DeploymentKind, JobState, Phase};
+use super::rejection::RejectCode;
 use super::schedule::Schedule;
 use super::world::World;
 use JobState::{Active, Inactive, Stopped};

@@ -10,7 +10,7 @@
 //! lease. Once it holds the lease and has applied the stream to its last
 //! message, it leads a term (`super::term`): it takes commands, and a reply
 //! leaves only once its events are fsynced locally and acknowledged by
-//! JetStream (`intake::ReplyGate`). The term ends when the lease is lost or
+//! JetStream (`reply::ReplyGate`). The term ends when the lease is lost or
 //! not renewed in time, or when the stream refuses a publish
 //! (`Nats-Expected-Last-Sequence`: another node wrote there): the node
 //! withholds every reply not yet acknowledged and becomes a follower again.

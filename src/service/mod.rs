@@ -4,9 +4,10 @@
 //! NATS service `bcp` and its endpoints; [`intake`] decodes commands and
 //! queues them, and answers queries through [`queries`] (redb snapshots);
 //! [`writer`] (one thread) decides and commits commands in batches and hands
-//! the replies back; [`relay`] publishes committed events to JetStream in
-//! seq order; [`sweeper`] queues retention on a timer; [`shutdown`] turns
-//! SIGINT/SIGTERM into an orderly drain. [`lease`] makes this process the
+//! the replies back, and [`reply`] sends them once they may leave; [`relay`]
+//! publishes committed events to JetStream in seq order; [`sweeper`] queues
+//! retention on a timer; [`shutdown`] turns SIGINT/SIGTERM into an orderly
+//! drain. [`lease`] makes this process the
 //! stream's one writer, and [`guard`] checks the stream is this log (at
 //! start, on every relay reconnection and on a timer) and raises the alarms
 //! that stop publishing and commands.
@@ -20,6 +21,7 @@ pub mod intake;
 pub mod lease;
 pub mod queries;
 pub mod relay;
+pub mod reply;
 pub mod shutdown;
 pub mod sweeper;
 pub mod writer;
@@ -327,11 +329,11 @@ pub(crate) async fn term(
         node.head.clone(),
         stop.clone(),
     );
-    let gate = group.then(|| intake::ReplyGate {
+    let gate = group.then(|| reply::ReplyGate {
         published: node.published.subscribe(),
         deposed: deposed.clone(),
     });
-    let replier = tokio::spawn(intake::send_replies(
+    let replier = tokio::spawn(reply::send_replies(
         node.client.clone(),
         replies_rx,
         node.metrics.clone(),

@@ -5,11 +5,11 @@
 //! `not_found`, a listing holds only the project's jobs. Project `_admin`
 //! (operators) sees every project.
 
+use crate::domain::filter::JobFilter;
+use crate::domain::history::{HistoryEntry, history};
 use crate::domain::limits::{PAYLOAD_BYTES_MAX, QUERY_JOBS_BYTES_MAX, QUERY_JOBS_MAX};
 use crate::domain::{ErrorCode, Reply};
 use crate::domain::{Job, ProjectId, Snapshot};
-use crate::projection::history::HistoryEntry;
-use crate::projection::{JobFilter, history::history};
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -5,7 +5,8 @@
 
 use super::writer::{WriteRequest, now};
 use crate::domain::ProjectId;
-use crate::domain::command::{Command, CommandEnvelope, Verb};
+use crate::domain::command::{Command, CommandEnvelope};
+use crate::domain::verb::Verb;
 use crate::store::ledger::Pending;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -51,7 +52,7 @@ pub async fn run(
         }
         let request = WriteRequest {
             pending: sweep_command(now()),
-            reply_to: super::intake::ReplyTo::Nobody,
+            reply_to: super::reply::ReplyTo::Nobody,
             queued: std::time::Instant::now(),
         };
         if queue.try_send(request).is_err() {

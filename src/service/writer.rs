@@ -10,7 +10,7 @@
 //! are answered `unavailable` too, and the writer stops: bcp serve drains
 //! and exits, and a retry after the restart gets the recorded outcome.
 
-use super::intake::ReplyTo;
+use super::reply::ReplyTo;
 use crate::domain::{Reply, Verb};
 use crate::store::ledger::{Ledger, Prepared};
 use crate::store::pipeline::{Answer, Pipeline, Settled};

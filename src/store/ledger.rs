@@ -14,9 +14,9 @@
 use super::rows::{JobKey, Row};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
-use crate::domain::decide::Rejection;
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::event::SCHEMA_VERSION;
+use crate::domain::rejection::Rejection;
 use crate::domain::reply::EventRef;
 use crate::domain::{
     Catalog, CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,

@@ -345,7 +345,7 @@ impl Store {
     /// `max_bytes` of JSON; with the id to continue after when more may match.
     pub fn jobs_page(
         &self,
-        filter: &crate::projection::JobFilter,
+        filter: &crate::domain::filter::JobFilter,
         max_jobs: usize,
         max_bytes: usize,
     ) -> Result<(Vec<Job>, Option<Uuid>)> {

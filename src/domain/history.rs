@@ -1,7 +1,10 @@
 //! A job's history: each transition (seq, time, actor, command, from → to)
-//! and each rejection, folded from the job's own events.
+//! and each rejection, folded from the job's own events. The live server
+//! (`bcp.query.history`) and the audit tools use exactly this fold.
 
-use crate::domain::{Envelope, Event, Job, JobState};
+use super::envelope::Envelope;
+use super::event::Event;
+use super::job::{Job, JobState};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -76,7 +79,7 @@ pub fn history<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Vec<Histor
 /// between Active and Misconfigured, which follows its `RegionAssigned` in
 /// the same command (assign-region) or else comes from configure-region.
 fn verb_of(env: &Envelope, same_command_before: Option<&Envelope>) -> &'static str {
-    use crate::domain::Verb;
+    use super::verb::Verb;
     let verb = match &env.event {
         Event::JobCreated { .. } => Verb::Create,
         Event::JobStarted { .. } => Verb::Start,

@@ -1,9 +1,8 @@
-//! Pure folds over the log: job filters and per-job history. The live
-//! server and the audit tools use exactly these.
+//! Job filters: the jobs a `bcp.query.jobs` asks for, and its paging. The
+//! store reads its job views through [`JobFilter::matches`].
 
-pub mod history;
-
-use crate::domain::{Job, JobState, Name, ProjectId};
+use super::ids::{Name, ProjectId};
+use super::job::{Job, JobState};
 use serde::{Deserialize, Serialize};
 
 /// `bcp.query.jobs` filters; every given field must match.

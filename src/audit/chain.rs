@@ -1,0 +1,144 @@
+//! The hash chain's checks and the log's digest, one definition for every
+//! reader of a log: a store (`audit verify`, [`super::verify`]), JSON Lines
+//! or the stream's messages ([`super::logfile`]).
+//!
+//! An event is checked in order against the one before it: it is at the
+//! expected seq (no gap, no reorder), its `prev_hash` is the previous
+//! event's hash, its bytes are its canonical form with the right hash, and
+//! its job version follows the job's. A [`Digest`] (`SEQ:HASH`) names a
+//! prefix the log must still hold.
+
+use super::verify::VerifyError;
+use crate::domain::{Envelope, World};
+
+/// `SEQ:HASH`, as printed by `bcp audit digest`: the log must still hold
+/// exactly this prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digest {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for Digest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Digest, String> {
+        let (seq, hash) = s.split_once(':').ok_or("a digest is SEQ:HASH")?;
+        let seq = seq
+            .parse()
+            .map_err(|_| format!("digest seq {seq:?} is not a number"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("digest hash must be 64 hex digits".into());
+        }
+        Ok(Digest {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash)
+    }
+}
+
+/// A log ending at `head_seq`, with `hash_at` the hash of the event at a
+/// seq, holds exactly the prefix `digest` names.
+pub fn check_digest(
+    digest: &Digest,
+    head_seq: u64,
+    hash_at: impl Fn(u64) -> Option<String>,
+) -> Result<(), VerifyError> {
+    let bad = |what: String| VerifyError::BadEvent {
+        seq: digest.seq,
+        what,
+    };
+    if digest.seq == 0 || digest.seq > head_seq {
+        return Err(bad(format!(
+            "the log ends at seq {head_seq}, before the digest's seq (truncated)"
+        )));
+    }
+    match hash_at(digest.seq) {
+        Some(h) if h == digest.hash => Ok(()),
+        Some(h) => Err(bad(format!("hash is {h}, the digest says {}", digest.hash))),
+        None => Err(bad("missing".into())),
+    }
+}
+
+/// The store holds the event expected at `expected_seq` under `key`: any
+/// other key means that event is missing (a gap).
+pub fn check_key(expected_seq: u64, key: u64) -> Result<(), VerifyError> {
+    if key != expected_seq {
+        return Err(VerifyError::BadEvent {
+            seq: expected_seq,
+            what: format!("missing; the next stored seq is {key}"),
+        });
+    }
+    Ok(())
+}
+
+/// What [`check_event`] finds in an event's bytes alone: it parses, and
+/// what [`Envelope::check_stored`] says of them. Independent of every other
+/// event, so [`verify`](super::verify::verify) computes it on worker threads.
+pub struct Parsed(Result<(Envelope, Result<(), &'static str>), String>);
+
+impl Parsed {
+    pub fn of(bytes: &[u8]) -> Parsed {
+        Parsed(match Envelope::from_json(bytes) {
+            Ok(mut env) => {
+                let stored = env.check_stored(bytes);
+                Ok((env, stored))
+            }
+            Err(e) => Err(format!("does not parse: {e}")),
+        })
+    }
+}
+
+/// Checks one envelope after `prev_hash`, against the fold so far.
+pub fn check_event(
+    expected_seq: u64,
+    bytes: &[u8],
+    prev_hash: &str,
+    world: &World,
+) -> Result<Envelope, VerifyError> {
+    let parsed = Parsed::of(bytes);
+    check_parsed(expected_seq, &parsed, prev_hash, world)?;
+    match parsed.0 {
+        Ok((env, _)) => Ok(env),
+        Err(_) => unreachable!("check_parsed passed an event that does not parse"),
+    }
+}
+
+/// [`check_event`] given what the event's bytes alone say: the checks
+/// happen, and the first failing one is named, in the same order.
+pub fn check_parsed<'p>(
+    expected_seq: u64,
+    parsed: &'p Parsed,
+    prev_hash: &str,
+    world: &World,
+) -> Result<&'p Envelope, VerifyError> {
+    let bad = |what: String| VerifyError::BadEvent {
+        seq: expected_seq,
+        what,
+    };
+    let (env, stored) = parsed.0.as_ref().map_err(|e| bad(e.clone()))?;
+    if env.seq != expected_seq {
+        return Err(bad(format!(
+            "envelope says seq {} (gap or reorder)",
+            env.seq
+        )));
+    }
+    if env.prev_hash != prev_hash {
+        return Err(bad("prev_hash does not match the previous event's hash (an event before it was removed, reordered or edited)".into()));
+    }
+    stored.map_err(|what| bad(what.to_owned()))?;
+    if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
+        let current = world.jobs.get(&job).map_or(0, |j| j.version);
+        if v != current + 1 {
+            return Err(bad(format!(
+                "job {job} version {v} follows version {current}"
+            )));
+        }
+    }
+    Ok(env)
+}
