@@ -343,7 +343,7 @@ fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
                 t.insert(key, serde_json::to_vec(&forged).unwrap().as_slice())
                     .unwrap();
             },
-            "is a rejection the log does not hold",
+            r#"differs from what the log says it got: recorded {"ok":false,"error":{"code":"not_found","message":"forged"}"#,
         ),
         (
             "a planted record",
@@ -353,7 +353,7 @@ fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
                 t.insert(999u128, serde_json::to_vec(&planted).unwrap().as_slice())
                     .unwrap();
             },
-            "names events [(1, \"JobCreated\")], but the log holds [] for this command",
+            "names events [1], but the log holds no event of this command",
         ),
         (
             "a deleted record",

@@ -4,13 +4,16 @@
 //! edited record would otherwise answer a retry, or a new command reusing
 //! its id, with a reply no event backs.
 //!
-//! What the log cannot tell, and so is not checked: a record's fingerprint
-//! (the log does not hold command bodies) and a record of a command that
-//! was accepted with no events (a no-op, e.g. assigning a job the region it
-//! has), which only needs to be ok with no events.
+//! The reply a record must hold is [`Reply::of_events`] of the command's
+//! events: the one derivation the write path answers with and import
+//! rebuilds records with. What the log cannot tell, and so is not checked: a
+//! record's fingerprint (the log does not hold command bodies) and a record
+//! of a command that was accepted with no events (a no-op, e.g. assigning a
+//! job the region it has), which only needs to be ok with no events.
 
 use super::verify::VerifyError;
-use crate::domain::{Envelope, ErrorCode, Event};
+use crate::domain::reply::EventFacts;
+use crate::domain::{Envelope, ErrorCode, Event, Reply};
 use crate::store::tables::COMMANDS;
 use crate::store::{CommandRecord, Store, StoreError};
 use std::collections::HashMap;
@@ -150,69 +153,55 @@ impl CommandLog {
     }
 
     /// Whether `record`'s reply is what the log says its command got:
-    /// `events` are the log's events of that command, in seq order.
+    /// `events` are the log's events of that command, in seq order. The
+    /// reply the log implies is [`Reply::of_events`], the derivation the
+    /// write path answered with, for the job the record names.
     fn reply_matches(&self, record: &CommandRecord, events: &[Logged]) -> Result<(), String> {
         let reply = &record.reply;
         if reply.duplicate {
             return Err("is marked duplicate".into());
         }
-        if !reply.ok {
-            let Some(seq) = reply.rejection_seq else {
-                return Err("is a rejection the log does not hold (no rejection_seq)".into());
+        if events.is_empty() {
+            // A no-op: the log holds nothing to compare but that it was ok.
+            let seqs: Vec<u64> = reply.events.iter().map(|e| e.seq).collect();
+            return match (reply.ok, &reply.error, reply.rejection_seq) {
+                (true, None, None) if seqs.is_empty() => Ok(()),
+                (true, None, None) => Err(format!(
+                    "names events {seqs:?}, but the log holds no event of this command"
+                )),
+                _ => Err(
+                    "is not ok, but the log holds no event of this command (no recorded rejection)"
+                        .into(),
+                ),
             };
-            let (Some(error), [e]) = (&reply.error, events) else {
-                return Err(format!(
-                    "is a rejection at seq {seq}, but the log holds {} events of this command",
-                    events.len()
-                ));
-            };
-            let rejection = self.rejections.get(&e.seq).filter(|_| e.seq == seq);
-            let Some(r) = rejection else {
-                return Err(format!(
-                    "is a rejection at seq {seq}, but the log's event of this command is seq {} ({})",
-                    e.seq, e.kind
-                ));
-            };
-            if (error.code, &error.message, error.current_version)
-                != (r.code, &r.reason, r.current_version)
-                || reply.job_id.map(|j| j.as_u128()) != e.job
-                || !reply.events.is_empty()
-            {
-                return Err(format!("differs from the rejection at seq {seq}"));
-            }
-            return Ok(());
         }
-        if reply.error.is_some() || reply.rejection_seq.is_some() {
-            return Err("is ok and an error at once".into());
+        // The command's own job comes first; a region change may move the
+        // job's cluster siblings after it (the cluster rule).
+        if let Some(job) = reply.job_id.filter(|_| reply.ok)
+            && events[0].job != Some(job.as_u128())
+        {
+            return Err("names a job other than its events'".into());
         }
-        let refs: Vec<(u64, &str)> = reply
-            .events
+        let facts: Vec<EventFacts> = events
             .iter()
-            .map(|r| (r.seq, r.event_type.as_str()))
+            .map(|e| EventFacts {
+                seq: e.seq,
+                job_id: e.job.map(Uuid::from_u128),
+                job_version: e.job_version,
+                event_type: e.kind,
+                rejected: self
+                    .rejections
+                    .get(&e.seq)
+                    .map(|r| (r.code, r.reason.as_str(), r.current_version)),
+            })
             .collect();
-        let logged: Vec<(u64, &str)> = events.iter().map(|e| (e.seq, e.kind)).collect();
-        if refs != logged {
+        let logged = Reply::of_events(reply.job_id, &facts);
+        if *reply != logged {
             return Err(format!(
-                "names events {refs:?}, but the log holds {logged:?} for this command"
+                "differs from what the log says it got: recorded {}, the log says {}",
+                serde_json::to_string(reply).unwrap_or_default(),
+                serde_json::to_string(&logged).unwrap_or_default()
             ));
-        }
-        if let Some(job) = reply.job_id.map(|j| j.as_u128()) {
-            // The command's own job comes first; a region change may move
-            // the job's cluster siblings after it (the cluster rule).
-            if events.first().is_some_and(|e| e.job != Some(job)) {
-                return Err("names a job other than its events'".into());
-            }
-            let last_version = events
-                .iter()
-                .rev()
-                .filter(|e| e.job == Some(job))
-                .find_map(|e| e.job_version);
-            if last_version.is_some() && reply.version != last_version {
-                return Err(format!(
-                    "says version {:?}, but its last event made it {last_version:?}",
-                    reply.version
-                ));
-            }
         }
         Ok(())
     }

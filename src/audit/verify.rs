@@ -226,31 +226,22 @@ fn job_rows_differ(
     index: &[(u128, u64)],
     keys: std::ops::RangeInclusive<rows::JobKey>,
 ) -> Result<Option<String>, StoreError> {
-    // The rows the writer stores for these jobs, in key order.
+    // The rows the writer stores for these jobs, in key order: the layout
+    // the write path and import use, from nothing.
     let mut events = index.iter().peekable();
     let expected = ids.iter().flat_map(|&id| {
         let uuid = Uuid::from_u128(id);
-        let view = world
-            .jobs
-            .get(&uuid)
-            .map(|job| (JobRow::Job.key(id, 0), rows::job_row(job)));
-        let mut catalog = world
-            .catalogs
-            .get(&uuid)
-            .map(|c| rows::catalog_rows(uuid, None, Some(c)))
-            .unwrap_or_default();
-        catalog.sort_unstable_by_key(|(k, _)| *k);
         let mut seqs = Vec::new();
         while let Some((_, seq)) = events.next_if(|(job, _)| *job == id) {
-            seqs.push((JobRow::Event.key(id, u128::from(*seq)), Vec::new()));
+            seqs.push(*seq);
         }
-        view.into_iter()
-            .chain(
-                catalog
-                    .into_iter()
-                    .map(|(k, v)| (k, v.expect("a new catalog only adds rows"))),
-            )
-            .chain(seqs)
+        let all = rows::JobState {
+            job: world.jobs.get(&uuid),
+            catalog: world.catalogs.get(&uuid),
+        };
+        rows::job_rows(uuid, rows::JobState::default(), all, &seqs)
+            .into_iter()
+            .map(|(k, v)| (k, v.expect("rows from nothing only add")))
     });
     let mut expected = expected.peekable();
     for r in txn.open_table(JOB_ROWS)?.range(keys)? {

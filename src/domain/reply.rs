@@ -165,42 +165,79 @@ impl Reply {
 }
 
 impl Reply {
-    /// The reply a command got, as far as the log tells: its recorded
-    /// rejection, or its events (the job and its version when they all
-    /// concern one job). Import and group-mode followers rebuild the
-    /// idempotency records with it.
-    pub fn from_events(events: &[&Envelope]) -> Reply {
-        if let Some(env) = events
-            .iter()
-            .find(|e| matches!(e.event, Event::CommandRejected { .. }))
+    /// The reply of a command about `job` (the job it names, if any) whose
+    /// events are `events` (in seq order, at least one): its recorded
+    /// rejection, or ok with its events and the version its last event of
+    /// `job` gave that job. The one derivation of a reply: the write path
+    /// answers with it, import and group followers rebuild idempotency
+    /// records with it ([`Reply::from_events`]), and `audit verify` checks
+    /// every stored record against it.
+    pub fn of_events(job: Option<Uuid>, events: &[EventFacts<'_>]) -> Reply {
+        if let Some((e, (code, reason, current_version))) =
+            events.iter().find_map(|e| Some((e, e.rejected?)))
         {
-            let Event::CommandRejected {
-                code,
-                reason,
-                current_version,
-                ..
-            } = &env.event
-            else {
-                unreachable!()
-            };
-            let mut reply = Reply::error(ErrorCode::from(*code), reason.clone());
-            reply.job_id = env.job_id;
-            reply.rejection_seq = Some(env.seq);
-            if let Some(e) = reply.error.as_mut() {
-                e.current_version = *current_version;
+            let mut reply = Reply::error(code, reason);
+            reply.job_id = e.job_id;
+            reply.rejection_seq = Some(e.seq);
+            if let Some(err) = reply.error.as_mut() {
+                err.current_version = current_version;
             }
             return reply;
         }
-        let first_job = events.first().and_then(|e| e.job_id);
-        let one_job = first_job.filter(|j| events.iter().all(|e| e.job_id == Some(*j)));
-        let version = one_job.and_then(|_| events.iter().rev().find_map(|e| e.job_version));
+        let version = job.and_then(|job| {
+            (events.iter().rev())
+                .filter(|e| e.job_id == Some(job))
+                .find_map(|e| e.job_version)
+        });
         let refs = events
             .iter()
             .map(|e| EventRef {
                 seq: e.seq,
-                event_type: e.event.type_name().to_owned(),
+                event_type: e.event_type.to_owned(),
             })
             .collect();
-        Reply::accepted(one_job, version, refs)
+        Reply::accepted(job, version, refs)
+    }
+
+    /// [`Reply::of_events`] where the command itself is not known (the log
+    /// holds no command bodies): its job is the one all its events concern,
+    /// if they concern one.
+    pub fn from_events(events: &[&Envelope]) -> Reply {
+        let first_job = events.first().and_then(|e| e.job_id);
+        let one_job = first_job.filter(|j| events.iter().all(|e| e.job_id == Some(*j)));
+        let facts: Vec<EventFacts> = events.iter().map(|e| EventFacts::of(e)).collect();
+        Reply::of_events(one_job, &facts)
+    }
+}
+
+/// What a reply repeats of one of its command's events.
+#[derive(Clone, Copy, Debug)]
+pub struct EventFacts<'a> {
+    pub seq: u64,
+    pub job_id: Option<Uuid>,
+    pub job_version: Option<u64>,
+    pub event_type: &'static str,
+    /// A recorded rejection: its code, its reason, and the job's version.
+    pub rejected: Option<(ErrorCode, &'a str, Option<u64>)>,
+}
+
+impl<'a> EventFacts<'a> {
+    pub fn of(env: &'a Envelope) -> EventFacts<'a> {
+        let rejected = match &env.event {
+            Event::CommandRejected {
+                code,
+                reason,
+                current_version,
+                ..
+            } => Some((ErrorCode::from(*code), reason.as_str(), *current_version)),
+            _ => None,
+        };
+        EventFacts {
+            seq: env.seq,
+            job_id: env.job_id,
+            job_version: env.job_version,
+            event_type: env.event.type_name(),
+            rejected,
+        }
     }
 }

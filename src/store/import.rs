@@ -5,11 +5,12 @@
 //! [`Store::truncate_to`]: the same rebuild, in place, of a prefix of the
 //! store's own log (a group-mode node dropping a tail never acknowledged).
 
+use super::rows::{JobState, job_rows as job_rows_of};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError};
 use crate::domain::{Envelope, Reply, World};
 use redb::ReadableTableMetadata;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use uuid::Uuid;
 
@@ -61,15 +62,12 @@ fn write_log(
     world: &World,
 ) -> Result<()> {
     let mut events = txn.open_table(EVENTS)?;
-    let mut job_rows = txn.open_table(JOB_ROWS)?;
     let mut by_command: BTreeMap<Uuid, Vec<&Envelope>> = BTreeMap::new();
+    let mut seqs: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
     for (env, bytes) in log {
         events.insert(env.seq, bytes.as_slice())?;
         if let Some(j) = env.job_id {
-            job_rows.insert(
-                JobRow::Event.key(j.as_u128(), u128::from(env.seq)),
-                [].as_slice(),
-            )?;
+            seqs.entry(j).or_default().push(env.seq);
         }
         by_command.entry(env.command_id).or_default().push(env);
     }
@@ -86,15 +84,20 @@ fn write_log(
                 .as_slice(),
         )?;
     }
-    for (id, job) in &world.jobs {
-        job_rows.insert(
-            JobRow::Job.key(id.as_u128(), 0),
-            super::rows::job_row(job).as_slice(),
-        )?;
-    }
-    for (id, c) in &world.catalogs {
-        for (key, row) in super::rows::catalog_rows(*id, None, Some(c)) {
-            let row = row.expect("a new catalog only adds rows");
+    let mut job_rows = txn.open_table(JOB_ROWS)?;
+    let ids: BTreeSet<Uuid> = (world.jobs.keys())
+        .chain(world.catalogs.keys())
+        .chain(seqs.keys())
+        .copied()
+        .collect();
+    for id in ids {
+        let after = JobState {
+            job: world.jobs.get(&id),
+            catalog: world.catalogs.get(&id),
+        };
+        let new_seqs = seqs.get(&id).map_or(&[][..], Vec::as_slice);
+        for (key, row) in job_rows_of(id, JobState::default(), after, new_seqs) {
+            let row = row.expect("rows from nothing only add");
             job_rows.insert(key, row.as_slice())?;
         }
     }

@@ -11,13 +11,13 @@
 //! caller of the steps. `push` holds the invariants every appended event
 //! meets (gapless seq, chained hash, per-job version), as assertions.
 
-use super::rows::{JobKey, Row};
+use super::rows::{JobKey, JobState, Row};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::event::SCHEMA_VERSION;
 use crate::domain::rejection::Rejection;
-use crate::domain::reply::EventRef;
+use crate::domain::reply::EventFacts;
 use crate::domain::{
     Catalog, CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
 };
@@ -143,6 +143,8 @@ pub(super) struct Batch {
     /// Committed idempotency records, as of the batch's start.
     commands: ReadOnlyTable<u128, &'static [u8]>,
     rows: Rows,
+    /// The seqs of the batch's events about each job (its event index).
+    seqs: BTreeMap<Uuid, Vec<u64>>,
     decided: Decided,
 }
 
@@ -278,6 +280,7 @@ impl Ledger {
             now,
             commands,
             rows: Rows::default(),
+            seqs: BTreeMap::new(),
             decided: Decided {
                 replies: Vec::new(),
                 undo: Undo {
@@ -309,22 +312,35 @@ impl Ledger {
     pub(super) fn seal(&mut self, b: Batch) -> (Prepared, Decided) {
         let Batch {
             mut rows,
+            seqs,
             mut decided,
             ..
         } = b;
-        for (id, (_, catalog_before)) in &decided.undo.jobs {
-            let key = id.as_u128();
-            let job = self.world.jobs.get(id);
+        let touched: std::collections::BTreeSet<Uuid> = decided
+            .undo
+            .jobs
+            .keys()
+            .chain(seqs.keys())
+            .copied()
+            .collect();
+        // In job order, each job's rows in key order: one job's rows are
+        // neighbours in one B-tree.
+        for id in touched {
+            let after = JobState {
+                job: self.world.jobs.get(&id),
+                catalog: self.world.catalogs.get(&id),
+            };
+            let before = match decided.undo.jobs.get(&id) {
+                Some((job, catalog)) => JobState {
+                    job: job.as_ref(),
+                    catalog: catalog.as_ref(),
+                },
+                None => after,
+            };
+            let new_seqs = seqs.get(&id).map_or(&[][..], Vec::as_slice);
             rows.job_rows
-                .push((JobRow::Job.key(key, 0), job.map(super::rows::job_row)));
-            rows.job_rows.extend(super::rows::catalog_rows(
-                *id,
-                catalog_before.as_ref(),
-                self.world.catalogs.get(id),
-            ));
+                .extend(super::rows::job_rows(id, before, after, new_seqs));
         }
-        // In key order: one job's rows are neighbours in one B-tree.
-        rows.job_rows.sort_unstable_by_key(|(k, _)| *k);
         for name in decided.undo.regions.keys() {
             if let Some(r) = self.world.regions.get(name) {
                 rows.regions.push((
@@ -408,24 +424,25 @@ impl Ledger {
         }
         let now = b.now;
         let reply = match decide(&self.world, cmd, now) {
-            Ok(decided) => {
-                let mut refs = Vec::with_capacity(decided.len());
-                for d in decided {
-                    let env = self.append(b, cmd, d.project_id, d.job_id, d.event, next_id);
-                    refs.push(EventRef {
-                        seq: env.seq,
-                        event_type: env.event.type_name().to_owned(),
-                    });
-                }
+            Ok(decided) if decided.is_empty() => {
+                // A no-op: the job's version as it stands.
                 let version = cmd
                     .job_id
                     .and_then(|id| self.world.jobs.get(&id))
                     .map(|j| j.version);
-                Reply::accepted(cmd.job_id, version, refs)
+                Reply::accepted(cmd.job_id, version, Vec::new())
+            }
+            Ok(decided) => {
+                let envs: Vec<Envelope> = decided
+                    .into_iter()
+                    .map(|d| self.append(b, cmd, d.project_id, d.job_id, d.event, next_id))
+                    .collect();
+                let facts: Vec<EventFacts> = envs.iter().map(EventFacts::of).collect();
+                Reply::of_events(cmd.job_id, &facts)
             }
             Err(rejection) if rejection.code.is_audited() => {
                 let env = self.append_rejection(b, cmd, &rejection, next_id);
-                Reply::rejected(cmd.job_id, &rejection, Some(env.seq))
+                Reply::of_events(cmd.job_id, &[EventFacts::of(&env)])
             }
             // A value only checkable against state: bad input, not recorded.
             Err(rejection) => return Ok(Reply::rejected(cmd.job_id, &rejection, None)),
@@ -524,10 +541,7 @@ impl Ledger {
         }
         b.rows.events.push((env.seq, bytes));
         if let Some(id) = env.job_id {
-            b.rows.job_rows.push((
-                JobRow::Event.key(id.as_u128(), u128::from(env.seq)),
-                Some(Vec::new()),
-            ));
+            b.seqs.entry(id).or_default().push(env.seq);
         }
         self.world.evolve(env);
         self.head_seq = env.seq;

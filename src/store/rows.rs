@@ -112,8 +112,43 @@ pub fn read_catalog(
     })
 }
 
+/// What bcp keeps of one job: its view and its snapshot catalog.
+#[derive(Clone, Copy, Default)]
+pub struct JobState<'a> {
+    pub job: Option<&'a Job>,
+    pub catalog: Option<&'a Catalog>,
+}
+
+/// The one layout of a job's rows in [`JOB_ROWS`](super::tables::JOB_ROWS),
+/// used by the write path, import and verify: the rows that turn job `id`'s
+/// stored rows from `before` into `after`, and the event index rows of
+/// `new_seqs` (its events since `before`), in key order. Only what changed
+/// is written: the view when it changed, the class row when the classes
+/// did, each snapshot added, changed or removed. From nothing
+/// (`JobState::default()`) it is every row the job has.
+pub fn job_rows(
+    id: Uuid,
+    before: JobState<'_>,
+    after: JobState<'_>,
+    new_seqs: &[u64],
+) -> Vec<Row<JobKey>> {
+    let key = id.as_u128();
+    let mut rows = Vec::with_capacity(2 + new_seqs.len());
+    if before.job != after.job {
+        rows.push((JobRow::Job.key(key, 0), after.job.map(job_row)));
+    }
+    rows.extend(catalog_rows(id, before.catalog, after.catalog));
+    rows.extend(
+        new_seqs
+            .iter()
+            .map(|&seq| (JobRow::Event.key(key, u128::from(seq)), Some(Vec::new()))),
+    );
+    rows.sort_unstable_by_key(|(k, _)| *k);
+    rows
+}
+
 /// The rows that turn a job's stored catalog `before` into `after`.
-pub fn catalog_rows(
+fn catalog_rows(
     job_id: Uuid,
     before: Option<&Catalog>,
     after: Option<&Catalog>,
