@@ -99,6 +99,8 @@ pub struct Args {
     pub e2e_only: bool,
     /// Only the replicated-ack comparison (8), printed, nothing written.
     pub group_only: bool,
+    /// Only the relay's publish modes, printed, nothing written.
+    pub publish_only: bool,
     /// The largest log of the growth steps, replay and verify.
     pub events: u64,
     /// Commands of the end-to-end run (3).
@@ -140,6 +142,10 @@ struct CommandLine {
     /// Only the replicated-ack comparison (8), printed, nothing written.
     #[arg(long)]
     group_only: bool,
+    /// Only the relay's publish modes: one ack per message (as the relay
+    /// publishes) against JetStream atomic batches, printed, nothing written.
+    #[arg(long, conflicts_with_all = ["e2e_only", "group_only"])]
+    publish_only: bool,
     /// The largest log of the growth steps, replay and verify (at least 1000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1000..))]
     events: Option<u64>,
@@ -179,6 +185,7 @@ impl Args {
                 quick: true,
                 e2e_only: false,
                 group_only: false,
+                publish_only: false,
                 events: 20_000,
                 commands: 3_000,
                 growth_commands: 1_000,
@@ -197,6 +204,7 @@ impl Args {
                 quick: false,
                 e2e_only: false,
                 group_only: false,
+                publish_only: false,
                 events: 1_000_000,
                 commands: 100_000,
                 growth_commands: 20_000,
@@ -213,6 +221,7 @@ impl Args {
         };
         a.e2e_only = cli.e2e_only;
         a.group_only = cli.group_only;
+        a.publish_only = cli.publish_only;
         a.keep = cli.keep;
         a.events = cli.events.unwrap_or(a.events);
         a.commands = cli.commands.unwrap_or(a.commands);
@@ -408,6 +417,10 @@ async fn run(args: Args) -> Result<Results> {
     if b.args.group_only {
         let g = group_ack(&mut b).await?;
         print!("{}", report::group_rows(&g));
+        std::process::exit(0);
+    }
+    if b.args.publish_only {
+        publish_modes(&mut b).await?;
         std::process::exit(0);
     }
     if b.args.e2e_only {
@@ -678,6 +691,58 @@ async fn peer_c(b: &mut Bench, run: usize, commands: u64) -> Result<Run> {
         result.acked.per_sec, result.latency.p99_us
     ));
     Ok(result)
+}
+
+/// `--publish-only`: the relay's way to publish (one ack per message, 256
+/// in flight) against JetStream atomic batches of 64 and 256 messages (one
+/// ack per batch, 4 batches in flight), each on a fresh default
+/// nats-server, taking turns `--repeats` times; printed.
+async fn publish_modes(b: &mut Bench) -> Result<()> {
+    let db = b.dir.join("samples.redb");
+    build(&db, 10_000, &mut b.lanes, b.args.build_batch).await?;
+    let samples = envelopes(&db)?;
+    let msgs = b.args.baseline_b_msgs;
+    let modes: [(&str, Option<u64>); 3] = [
+        ("one ack per message, 256 in flight (the relay)", None),
+        ("atomic batches of 64, 4 in flight", Some(64)),
+        ("atomic batches of 256, 4 in flight", Some(256)),
+    ];
+    let mut runs: Vec<Vec<measure::Publish>> = vec![Vec::new(); modes.len()];
+    for i in 0..b.args.repeats {
+        for (m, (name, batch)) in modes.iter().enumerate() {
+            settle().await?;
+            let dir = b.dir.join(format!("nats-publish-{i}-{m}"));
+            let nats = Nats::start(&b.nats_bin, &dir, false)?;
+            let p = match batch {
+                None => measure::jetstream_publish(&nats, &samples, msgs, 256).await?,
+                Some(n) => measure::jetstream_atomic_batches(&nats, &samples, msgs, *n, 4).await?,
+            };
+            drop(nats);
+            std::fs::remove_dir_all(dir)?;
+            say(format!("{name}: {:.0} msgs/s", p.rate.per_sec));
+            runs[m].push(p);
+        }
+    }
+    for ((name, _), runs) in modes.iter().zip(runs) {
+        let (p, rates) = median_by(runs, |p| p.rate.per_sec);
+        let cores = |who: &str| {
+            p.cpu
+                .procs
+                .iter()
+                .find(|c| c.name == who)
+                .map_or(0.0, |c| c.cores)
+        };
+        println!(
+            "{name}: {:.0} msgs/s{}, ack p50/p99 {}/{} µs, CPU per message: nats-server {:.1} µs, publisher {:.1} µs",
+            p.rate.per_sec,
+            report::of_runs(&rates),
+            p.latency.p50_us,
+            p.latency.p99_us,
+            cores("nats-server") * 1e6 / p.rate.per_sec,
+            cores("publisher (bench)") * 1e6 / p.rate.per_sec,
+        );
+    }
+    Ok(())
 }
 
 /// What [`fresh_bcp`] measured: each figure as (run of median rate, every

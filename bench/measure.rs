@@ -201,6 +201,96 @@ pub async fn jetstream_publish(
     })
 }
 
+/// The relay's alternative (issue 14): the same messages as JetStream
+/// atomic batches (nats-server 2.12+, stream `allow_atomic`) of `batch`
+/// messages, one ack per batch at its commit, `window` batches in flight.
+/// The first message of each batch carries `Nats-Expected-Last-Sequence`,
+/// as the relay would need to keep stream seq == log seq; the others go
+/// without a reply subject. Latency is per batch, publish of its first
+/// message to the ack of its commit.
+pub async fn jetstream_atomic_batches(
+    nats: &crate::procs::Nats,
+    samples: &[(String, Bytes)],
+    msgs: u64,
+    batch: u64,
+    window: usize,
+) -> Result<Publish> {
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+    js.create_stream(stream::Config {
+        name: "BASELINE_BATCHED".to_owned(),
+        subjects: vec!["bcp.evt.>".to_owned()],
+        storage: stream::StorageType::File,
+        deny_delete: true,
+        deny_purge: true,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .context("create the batched baseline stream")?;
+    let mut in_flight: VecDeque<(Instant, PublishAckFuture)> = VecDeque::with_capacity(window);
+    let mut lat = Vec::new();
+    let cpu = crate::procs::Meter::start(&[("nats-server", nats.pid()), ("publisher (bench)", 0)]);
+    let started = Instant::now();
+    let mut sent_msgs = 0u64;
+    let mut batches = 0u64;
+    while sent_msgs < msgs {
+        if in_flight.len() >= window {
+            let (sent, ack) = in_flight.pop_front().expect("not empty");
+            ack.await.context("batch commit ack")?;
+            lat.push(micros(sent.elapsed()));
+        }
+        let n = batch.min(msgs - sent_msgs);
+        let id = format!("b{batches}");
+        let sent = Instant::now();
+        for i in 1..=n {
+            let (subject, payload) = &samples[(sent_msgs + i - 1) as usize % samples.len()];
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Batch-Id", id.as_str());
+            headers.insert("Nats-Batch-Sequence", i.to_string().as_str());
+            if i == 1 {
+                headers.insert(
+                    "Nats-Expected-Last-Sequence",
+                    sent_msgs.to_string().as_str(),
+                );
+            }
+            if i < n {
+                client
+                    .publish_with_headers(subject.clone(), headers, payload.clone())
+                    .await
+                    .context("publish in a batch")?;
+            } else {
+                headers.insert("Nats-Batch-Commit", "1");
+                let ack = js
+                    .publish_with_headers(subject.clone(), headers, payload.clone())
+                    .await
+                    .context("publish a batch's commit")?;
+                in_flight.push_back((sent, ack));
+            }
+        }
+        sent_msgs += n;
+        batches += 1;
+    }
+    while let Some((sent, ack)) = in_flight.pop_front() {
+        ack.await.context("batch commit ack")?;
+        lat.push(micros(sent.elapsed()));
+    }
+    let rate = Rate::new(msgs, started.elapsed());
+    let last = js
+        .get_stream("BASELINE_BATCHED")
+        .await?
+        .get_info()
+        .await?
+        .state
+        .last_sequence;
+    anyhow::ensure!(last == msgs, "the stream holds {last} of {msgs} messages");
+    Ok(Publish {
+        rate,
+        latency: Latency::of(lat),
+        cpu: cpu.stop(),
+    })
+}
+
 // ------------------------------------------------------------ bcp end to end
 
 /// What one end-to-end run measured.
