@@ -249,20 +249,145 @@ fn verify_names_the_first_tampered_seq() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("seq 6"));
 }
 
-/// Edit a stored job view in place, bypassing the ledger.
+/// Edit a stored job view in place, bypassing the ledger (written back as
+/// JSON, the row layout before the compact one, which reads alike).
 fn edit_job_row(path: &Path, j: Uuid, edit: impl FnOnce(&mut serde_json::Value)) {
     let db = redb::Database::create(path).unwrap();
     let txn = db.begin_write().unwrap();
     {
         let mut t = txn.open_table(bcp::store::tables::JOB_ROWS).unwrap();
         let key = bcp::store::tables::JobRow::Job.key(j.as_u128(), 0);
-        let mut v: serde_json::Value =
-            serde_json::from_slice(t.get(key).unwrap().unwrap().value()).unwrap();
+        let job = bcp::store::rows::read_job(t.get(key).unwrap().unwrap().value()).unwrap();
+        let mut v = serde_json::to_value(job).unwrap();
         edit(&mut v);
         t.insert(key, serde_json::to_vec(&v).unwrap().as_slice())
             .unwrap();
     }
     txn.commit().unwrap();
+}
+
+/// A store written before the compact row encoding (job views, snapshots
+/// and idempotency records as JSON) reads alike: it verifies, it serves
+/// (projections loaded, a retry answered from its JSON record), and rows
+/// written after it are compact, next to the JSON ones; it still verifies.
+#[test]
+fn a_store_with_json_rows_reads_verifies_and_serves() {
+    use bcp::store::rows;
+    use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let cmd = |n: u128, verb: &str, extra: serde_json::Value| {
+        let mut body = json!({"command_id": Uuid::from_u128(n), "job_id": job(1)});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
+    };
+    let snapshot = |n: u128, hours: i64| {
+        let taken_at = t0() + Duration::hours(hours);
+        json!({"snapshot_id": Uuid::from_u128(0x5000 + n), "taken_at": taken_at, "size_bytes": n})
+    };
+    let shard = json!({"deployment": {"kind": "shard", "name": "s0", "cluster": "c1"}});
+    let mut next = 0u128;
+    let mut ids = || {
+        next += 1;
+        Uuid::from_u128(next)
+    };
+    let first = {
+        let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+        let cmds = [
+            cmd(1, "create", shard),
+            cmd(2, "start", json!({})),
+            cmd(3, "record-snapshot", snapshot(1, 1)),
+            cmd(4, "record-snapshot", snapshot(2, 30)),
+        ];
+        let replies = p.execute(&cmds, t0(), &mut ids).unwrap();
+        assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+        replies[2].clone()
+    };
+    // Rewrite every job view, snapshot and record as JSON.
+    let mut rewritten = 0;
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(JOB_ROWS).unwrap();
+            let rows_now: Vec<_> = t
+                .iter()
+                .unwrap()
+                .map(|r| r.unwrap())
+                .map(|(k, v)| (k.value(), v.value().to_vec()))
+                .collect();
+            for (key, bytes) in rows_now {
+                let json = match key.1 {
+                    k if k == JobRow::Job as u8 => {
+                        serde_json::to_vec(&rows::read_job(&bytes).unwrap()).unwrap()
+                    }
+                    k if k == JobRow::Snapshot as u8 => {
+                        serde_json::to_vec(&rows::read_snapshot(&bytes).unwrap()).unwrap()
+                    }
+                    _ => continue,
+                };
+                assert!(json.len() > bytes.len(), "the compact row is the smaller");
+                t.insert(key, json.as_slice()).unwrap();
+                rewritten += 1;
+            }
+            let mut c = txn.open_table(COMMANDS).unwrap();
+            let records: Vec<_> = c
+                .iter()
+                .unwrap()
+                .map(|r| r.unwrap())
+                .map(|(k, v)| (k.value(), v.value().to_vec()))
+                .collect();
+            for (key, bytes) in records {
+                let json = serde_json::to_vec(&rows::read_record(&bytes).unwrap()).unwrap();
+                assert!(json.starts_with(b"{"));
+                c.insert(key, json.as_slice()).unwrap();
+                rewritten += 1;
+            }
+        }
+        txn.commit().unwrap();
+    }
+    assert_eq!(
+        rewritten,
+        1 + 2 + 4,
+        "one view, two snapshots, four records"
+    );
+    verify(&Store::open_existing(&path).unwrap()).unwrap();
+    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+    assert_eq!(p.world().catalogs[&job(1)].snapshots.len(), 2);
+    assert_eq!(
+        p.world().jobs[&job(1)].deployment.cluster.as_deref(),
+        Some("c1")
+    );
+    let retried = p
+        .execute(&[cmd(3, "record-snapshot", snapshot(1, 1))], t0(), &mut ids)
+        .unwrap();
+    assert_eq!(
+        retried[0],
+        bcp::domain::Reply {
+            duplicate: true,
+            ..first
+        }
+    );
+    let more = p
+        .execute(
+            &[
+                cmd(5, "record-snapshot", snapshot(3, 60)),
+                cmd(6, "stop", json!({})),
+            ],
+            t0(),
+            &mut ids,
+        )
+        .unwrap();
+    assert!(more.iter().all(|r| r.ok), "{more:?}");
+    drop(p);
+    let store = Store::open_existing(&path).unwrap();
+    verify(&store).unwrap();
+    assert_eq!(
+        store.job(job(1)).unwrap().unwrap().state,
+        bcp::domain::JobState::Stopped
+    );
 }
 
 #[test]

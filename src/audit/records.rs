@@ -138,7 +138,7 @@ impl CommandLog {
             let n = logged.iter().take_while(|e| e.command == id).count();
             let (events, rest) = logged.split_at(n);
             logged = rest;
-            let record: CommandRecord = match serde_json::from_slice(v.value()) {
+            let record: CommandRecord = match crate::store::rows::read_record(v.value()) {
                 Ok(r) => r,
                 Err(e) => return bad(id, format!("its record does not parse: {e}")),
             };

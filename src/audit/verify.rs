@@ -9,8 +9,8 @@
 use super::chain::{Digest, Parsed, check_digest, check_key, check_parsed};
 use super::records::CommandLog;
 use super::scan::{self, scan};
-use crate::domain::World;
 use crate::domain::envelope::GENESIS_HASH;
+use crate::domain::{Job, Snapshot, World};
 use crate::store::rows;
 use crate::store::tables::{JOB_ROWS, JobRow, REGIONS};
 use crate::store::{Store, StoreError};
@@ -257,7 +257,10 @@ fn job_rows_differ(
             return Ok(Some(format!("{} is missing", describe(want_key))));
         }
         let same = want.as_slice() == v.value()
-            // A class row of the layout before runs: equal if it holds the same.
+            // A row of an earlier layout (JSON; class rows listing every
+            // period): equal if it holds the same.
+            || key.1 == JobRow::Job as u8 && rows::same_value::<Job>(&want, v.value())
+            || key.1 == JobRow::Snapshot as u8 && rows::same_value::<Snapshot>(&want, v.value())
             || key.1 == JobRow::Classes as u8
                 && world
                     .catalogs
@@ -267,8 +270,8 @@ fn job_rows_differ(
             return Ok(Some(format!(
                 "{} differs: stored {}, rebuilt {}",
                 describe(key),
-                String::from_utf8_lossy(v.value()),
-                String::from_utf8_lossy(&want)
+                rows::show(key.1, v.value()),
+                rows::show(key.1, &want)
             )));
         }
     }

@@ -20,13 +20,31 @@ pub enum DeploymentKind {
 
 /// What the job backs up: a replica set, or one shard or the config server of
 /// a sharded cluster.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Deployment {
     pub kind: DeploymentKind,
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+}
+
+/// As derived, but `cluster` is left out only in JSON (when absent): a
+/// binary row (`store::rows`) has every field in order.
+impl Serialize for Deployment {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let skip = s.is_human_readable() && self.cluster.is_none();
+        let mut st = s.serialize_struct("Deployment", if skip { 2 } else { 3 })?;
+        st.serialize_field("kind", &self.kind)?;
+        st.serialize_field("name", &self.name)?;
+        if skip {
+            st.skip_field("cluster")?;
+        } else {
+            st.serialize_field("cluster", &self.cluster)?;
+        }
+        st.end()
+    }
 }
 
 fn check_label(what: &str, s: &str) -> Result<(), String> {

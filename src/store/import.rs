@@ -77,12 +77,7 @@ fn write_log(
             fingerprint: ANY_BODY.to_owned(),
             reply: Reply::from_events(&evs),
         };
-        commands.insert(
-            id.as_u128(),
-            serde_json::to_vec(&rec)
-                .expect("record serializes")
-                .as_slice(),
-        )?;
+        commands.insert(id.as_u128(), super::rows::record_row(&rec).as_slice())?;
     }
     let mut job_rows = txn.open_table(JOB_ROWS)?;
     let ids: BTreeSet<Uuid> = (world.jobs.keys())

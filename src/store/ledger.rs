@@ -398,7 +398,7 @@ impl Ledger {
         }
         match b.commands.get(key)? {
             None => Ok(None),
-            Some(rec) => serde_json::from_slice(rec.value())
+            Some(rec) => super::rows::read_record(rec.value())
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt(format!("command record {command_id}: {e}"))),
         }
@@ -454,9 +454,7 @@ impl Ledger {
             fingerprint: p.fingerprint.clone(),
             reply: reply.clone(),
         };
-        b.rows
-            .commands
-            .push((key, serde_json::to_vec(&rec).expect("record serializes")));
+        b.rows.commands.push((key, super::rows::record_row(&rec)));
         b.decided.records.push(key);
         self.uncommitted.insert(key, rec);
         Ok(reply)
@@ -590,10 +588,9 @@ impl Ledger {
                 fingerprint: super::import::ANY_BODY.to_owned(),
                 reply: Reply::from_events(&evs.iter().collect::<Vec<_>>()),
             };
-            b.rows.commands.push((
-                id.as_u128(),
-                serde_json::to_vec(&rec).expect("record serializes"),
-            ));
+            b.rows
+                .commands
+                .push((id.as_u128(), super::rows::record_row(&rec)));
         }
         Ok(b)
     }

@@ -317,9 +317,7 @@ impl Store {
         let txn = self.begin_read()?;
         let t = txn.open_table(JOB_ROWS)?;
         t.get(JobRow::Job.key(job_id.as_u128(), 0))?
-            .map(|v| {
-                serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("job {job_id}: {e}")))
-            })
+            .map(|v| rows::read_job(v.value()).map_err(|e| corrupt(format!("job {job_id}: {e}"))))
             .transpose()
     }
 
@@ -333,7 +331,7 @@ impl Store {
         };
         let mut snapshots = Vec::new();
         for r in t.range(JobRow::Snapshot.range(id))? {
-            snapshots.push(serde_json::from_slice(r?.1.value()));
+            snapshots.push(rows::read_snapshot(r?.1.value()));
         }
         rows::read_catalog(classes.value(), snapshots)
             .map(Some)
@@ -366,18 +364,20 @@ impl Store {
                 continue; // only rejections of a job id that never existed
             }
             let job: Job =
-                serde_json::from_slice(v.value()).map_err(|e| corrupt(format!("job row: {e}")))?;
+                rows::read_job(v.value()).map_err(|e| corrupt(format!("job row: {e}")))?;
             if !filter.matches(&job) {
                 continue;
             }
-            if jobs.len() == limit || bytes + v.value().len() > max_bytes {
+            // The page is sized by the JSON the reply will carry.
+            let json_len = serde_json::to_vec(&job).map_or(0, |j| j.len());
+            if jobs.len() == limit || bytes + json_len > max_bytes {
                 let last = jobs
                     .last()
                     .map(|j: &Job| j.job_id)
                     .unwrap_or(Uuid::from_u128(id.saturating_sub(1)));
                 return Ok((jobs, Some(last)));
             }
-            bytes += v.value().len();
+            bytes += json_len;
             jobs.push(job);
         }
         Ok((jobs, None))
@@ -421,8 +421,8 @@ impl Store {
             }
             match kind {
                 k if k == JobRow::Job as u8 => {
-                    let row: Job = serde_json::from_slice(v.value())
-                        .map_err(|e| corrupt(format!("job row: {e}")))?;
+                    let row: Job =
+                        rows::read_job(v.value()).map_err(|e| corrupt(format!("job row: {e}")))?;
                     if row.job_id.as_u128() != id {
                         return Err(corrupt(format!(
                             "job row keyed {} holds job {}",
@@ -440,7 +440,7 @@ impl Store {
                             Uuid::from_u128(id)
                         )));
                     }
-                    snapshots.push(serde_json::from_slice(v.value()));
+                    snapshots.push(rows::read_snapshot(v.value()));
                 }
                 _ => {}
             }

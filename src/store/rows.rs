@@ -6,9 +6,11 @@
 //! changed or removed, and the class row only when it changed, so recording
 //! a snapshot costs one small row however large the catalog is.
 
+use super::CommandRecord;
 use super::tables::JobRow;
 use crate::domain::periods::{Month, Runs, Week};
-use crate::domain::{Catalog, Job, Snapshot};
+use crate::domain::reply::{ErrorBody, EventRef};
+use crate::domain::{Catalog, ErrorCode, Job, Reply, Snapshot};
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -54,13 +56,109 @@ pub fn classes_row(c: &Catalog) -> Vec<u8> {
     .expect("catalog classes serialize")
 }
 
+/// The first byte of a row in bcp's compact encoding: postcard (serde's
+/// field order, varints, no names), version 1. A row that starts with `{`
+/// is JSON, the layout before it, and reads alike; it is rewritten compact
+/// the next time it changes. JSON stays the contract on the wire and in the
+/// log; rows are bcp's own, read only through this module.
+const COMPACT_V1: u8 = 1;
+
+fn compact<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_extend(value, vec![COMPACT_V1]).expect("a row serializes")
+}
+
+/// A row in either encoding.
+fn read<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&COMPACT_V1, rest)) => postcard::from_bytes(rest).map_err(|e| e.to_string()),
+        _ => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+    }
+}
+
 /// A job's view row ([`JobRow::Job`]).
 pub fn job_row(j: &Job) -> Vec<u8> {
-    serde_json::to_vec(j).expect("job serializes")
+    compact(j)
+}
+
+pub fn read_job(bytes: &[u8]) -> Result<Job, String> {
+    read(bytes)
 }
 
 pub fn snapshot_row(s: &Snapshot) -> Vec<u8> {
-    serde_json::to_vec(s).expect("snapshot serializes")
+    compact(s)
+}
+
+pub fn read_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
+    read(bytes)
+}
+
+/// A command's idempotency record (table `COMMANDS`), field by field: the
+/// reply's JSON form leaves fields out, which a compact row cannot.
+#[derive(Serialize, Deserialize)]
+struct StoredRecord {
+    fingerprint: String,
+    ok: bool,
+    job_id: Option<Uuid>,
+    version: Option<u64>,
+    events: Vec<EventRef>,
+    error: Option<(ErrorCode, String, Option<u64>)>,
+    rejection_seq: Option<u64>,
+}
+
+pub fn record_row(r: &CommandRecord) -> Vec<u8> {
+    let reply = &r.reply;
+    compact(&StoredRecord {
+        fingerprint: r.fingerprint.clone(),
+        ok: reply.ok,
+        job_id: reply.job_id,
+        version: reply.version,
+        events: reply.events.clone(),
+        error: (reply.error.as_ref()).map(|e| (e.code, e.message.clone(), e.current_version)),
+        rejection_seq: reply.rejection_seq,
+    })
+}
+
+pub fn read_record(bytes: &[u8]) -> Result<CommandRecord, String> {
+    if bytes.first() != Some(&COMPACT_V1) {
+        return read(bytes);
+    }
+    let r: StoredRecord = read(bytes)?;
+    Ok(CommandRecord {
+        fingerprint: r.fingerprint,
+        reply: Reply {
+            ok: r.ok,
+            job_id: r.job_id,
+            version: r.version,
+            events: r.events,
+            error: r.error.map(|(code, message, current_version)| ErrorBody {
+                code,
+                message,
+                current_version,
+            }),
+            rejection_seq: r.rejection_seq,
+            duplicate: false,
+        },
+    })
+}
+
+/// A row of `kind` for a message: its value as JSON whatever its encoding
+/// (or its bytes, when it does not decode).
+pub fn show(kind: u8, bytes: &[u8]) -> String {
+    let json = match kind {
+        k if k == JobRow::Job as u8 => read_job(bytes).map(|j| serde_json::to_string(&j)),
+        k if k == JobRow::Snapshot as u8 => read_snapshot(bytes).map(|s| serde_json::to_string(&s)),
+        _ => Err(String::new()),
+    };
+    match json {
+        Ok(Ok(json)) => json,
+        _ => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// Whether two rows of the same kind hold the same value, in whichever
+/// encoding each is.
+pub fn same_value<T: serde::de::DeserializeOwned + PartialEq>(a: &[u8], b: &[u8]) -> bool {
+    a == b || matches!((read::<T>(a), read::<T>(b)), (Ok(x), Ok(y)) if x == y)
 }
 
 pub fn snapshot_key(job_id: Uuid, snapshot_id: Uuid) -> JobKey {
@@ -99,9 +197,10 @@ pub fn classes_match(stored: &[u8], c: &Catalog) -> bool {
 /// A catalog from its class row and its snapshot rows (in any order).
 pub fn read_catalog(
     classes: &[u8],
-    snapshots: impl IntoIterator<Item = Result<Snapshot, serde_json::Error>>,
-) -> Result<Catalog, serde_json::Error> {
-    let (daily_days, weekly_weeks, monthly_months) = read_classes(classes)?;
+    snapshots: impl IntoIterator<Item = Result<Snapshot, String>>,
+) -> Result<Catalog, String> {
+    let (daily_days, weekly_weeks, monthly_months) =
+        read_classes(classes).map_err(|e| e.to_string())?;
     let mut snapshots = snapshots.into_iter().collect::<Result<Vec<_>, _>>()?;
     snapshots.sort_by_key(|s| (s.taken_at, s.snapshot_id));
     Ok(Catalog {
@@ -256,9 +355,94 @@ mod tests {
             .iter()
             .rev()
             .filter(|(k, _)| k.1 == snapshot)
-            .map(|(_, v)| serde_json::from_slice(v.as_ref().unwrap()));
+            .map(|(_, v)| read_snapshot(v.as_ref().unwrap()));
         assert_eq!(read_catalog(&classes_bytes, snapshots).unwrap(), later);
         assert!(catalog_rows(job, Some(&later), Some(&later)).is_empty());
+    }
+
+    #[test]
+    fn compact_rows_read_back_as_their_values_and_json_rows_read_alike() {
+        use crate::domain::job::{Deployment, DeploymentKind, JobState};
+        use crate::domain::{ErrorCode, ProjectId, Schedule};
+        let t = Utc.with_ymd_and_hms(2026, 11, 1, 6, 0, 0).unwrap();
+        let job = |cluster: Option<&str>| Job {
+            job_id: Uuid::from_u128(7),
+            project_id: ProjectId::try_from("p1".to_owned()).unwrap(),
+            deployment: Deployment {
+                kind: DeploymentKind::Shard,
+                name: "s0".into(),
+                cluster: cluster.map(str::to_owned),
+            },
+            schedule: Schedule::default(),
+            region: None,
+            state: JobState::Active,
+            phase: None,
+            version: 3,
+            snapshot_count: 1,
+            latest_snapshot_at: Some(t),
+            created_at: t,
+            last_transition_at: t,
+            stopped_at: None,
+            initial_sync_done: true,
+        };
+        for j in [job(Some("c1")), job(None)] {
+            let row = job_row(&j);
+            assert_eq!(row[0], COMPACT_V1);
+            assert_eq!(read_job(&row).unwrap(), j);
+            let json = serde_json::to_vec(&j).unwrap();
+            assert_eq!(read_job(&json).unwrap(), j, "a JSON row reads alike");
+            assert!(same_value::<Job>(&row, &json));
+            assert!(
+                row.len() * 2 < json.len(),
+                "{} vs {}",
+                row.len(),
+                json.len()
+            );
+        }
+        // JSON leaves an absent cluster out, as the contract's view does.
+        let v = serde_json::to_value(job(None)).unwrap();
+        assert!(v["deployment"].get("cluster").is_none(), "{v}");
+        assert!(!same_value::<Job>(
+            &job_row(&job(None)),
+            &job_row(&job(Some("c1")))
+        ));
+
+        let s = snap(3, 2);
+        assert_eq!(read_snapshot(&snapshot_row(&s)).unwrap(), s);
+        assert_eq!(read_snapshot(&serde_json::to_vec(&s).unwrap()).unwrap(), s);
+
+        let replies = [
+            Reply::accepted(
+                Some(Uuid::from_u128(7)),
+                Some(3),
+                vec![EventRef {
+                    seq: 9,
+                    event_type: "JobStarted".into(),
+                }],
+            ),
+            {
+                let mut r = Reply::error(ErrorCode::VersionConflict, "expected 2");
+                r.job_id = Some(Uuid::from_u128(7));
+                r.rejection_seq = Some(10);
+                r.error.as_mut().unwrap().current_version = Some(3);
+                r
+            },
+        ];
+        for reply in replies {
+            let rec = CommandRecord {
+                fingerprint: "f".repeat(64),
+                reply,
+            };
+            let row = record_row(&rec);
+            let back = read_record(&row).unwrap();
+            assert_eq!(
+                (back.fingerprint, back.reply),
+                (rec.fingerprint.clone(), rec.reply.clone())
+            );
+            let json = serde_json::to_vec(&rec).unwrap();
+            assert_eq!(read_record(&json).unwrap().reply, rec.reply);
+            assert!(row.len() < json.len());
+        }
     }
 
     #[test]

@@ -15,7 +15,8 @@ use redb::TableDefinition;
 
 /// seq → envelope JSON (with `hash`). Gapless from 1.
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-/// command_id → idempotency record JSON (fingerprint + original reply). Kept forever.
+/// command_id → idempotency record (fingerprint + original reply; compact,
+/// `rows::record_row`). Kept forever.
 pub const COMMANDS: TableDefinition<u128, &[u8]> = TableDefinition::new("commands");
 /// (job_id, kind, sub) → row: everything bcp keeps per job, see [`JobRow`].
 pub const JOB_ROWS: TableDefinition<(u128, u8, u128), &[u8]> = TableDefinition::new("job_rows");
@@ -29,12 +30,12 @@ pub const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions"
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum JobRow {
-    /// sub 0 → the job view JSON: the job-state projection.
+    /// sub 0 → the job view (compact, `rows::job_row`): the job-state projection.
     Job = 0,
     /// sub 0 → which days/weeks/months had their daily/weekly/monthly: the
     /// class history of the snapshot catalog (`rows.rs`).
     Classes = 1,
-    /// sub snapshot_id → a retained snapshot's JSON, one row each.
+    /// sub snapshot_id → a retained snapshot (compact), one row each.
     Snapshot = 2,
     /// sub seq → empty: every event and rejection of the job, for history.
     Event = 3,
