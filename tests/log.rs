@@ -409,7 +409,7 @@ fn verify_catches_a_projection_that_disagrees_with_the_log() {
 fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
     use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow, REGIONS};
     type Tamper = fn(&redb::WriteTransaction);
-    let cases: [(&str, Tamper, &str); 8] = [
+    let cases: [(&str, Tamper, &str); 9] = [
         (
             "a copy of a view under sub 1",
             |txn| {
@@ -458,6 +458,17 @@ fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
                 t.insert("us", row.as_slice()).unwrap();
             },
             "region eu is missing",
+        ),
+        (
+            "a compact view row with a byte more",
+            |txn| {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                let key = JobRow::Job.key(job(1).as_u128(), 0);
+                let mut row = t.get(key).unwrap().unwrap().value().to_vec();
+                row.push(0);
+                t.insert(key, row.as_slice()).unwrap();
+            },
+            "view row differs",
         ),
         (
             "a forged reply",
@@ -1827,12 +1838,19 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
         replies.iter().all(|a| a.reply.ok && !a.reply.duplicate),
         "{replies:?}"
     );
+    let created = replies[0].reply.events.clone();
+    // N is durable while N+1 is still open (it reads committed records as
+    // of its start, before N committed): a retry of N's create decided into
+    // N+1 now is still a duplicate, not a second create.
+    assert!(p.decide(&create, (), t0(), &mut ids).is_empty());
     let n1 = p.to_commit().unwrap();
     let replies = p.settle(store.commit(&n1)).answers;
     assert!(
         replies[0].reply.duplicate && replies[1].reply.ok,
         "{replies:?}"
     );
+    assert!(replies[2].reply.duplicate, "{replies:?}");
+    assert_eq!(replies[2].reply.events, created);
     let mut ledger = p;
     assert_eq!(store.head_seq().unwrap(), 3, "create, start, stop");
     assert_eq!(&store.load_world().unwrap(), ledger.world());

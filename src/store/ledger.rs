@@ -353,10 +353,18 @@ impl Ledger {
         (Prepared { rows }, decided)
     }
 
-    /// `d`'s batch is durable: its replies may go out.
-    pub(super) fn committed(&mut self, d: Decided) -> Vec<Reply> {
-        for id in &d.records {
-            self.uncommitted.remove(id);
+    /// `d`'s batch is durable: its replies may go out. Its idempotency
+    /// records leave `uncommitted`, unless a batch is open: that batch reads
+    /// committed records as of its start, before `d` committed, so they stay
+    /// until it is settled too (a retry decided into it is a duplicate).
+    pub(super) fn committed(&mut self, mut d: Decided, open: Option<&mut Batch>) -> Vec<Reply> {
+        match open {
+            Some(b) => b.decided.records.append(&mut d.records),
+            None => {
+                for id in &d.records {
+                    self.uncommitted.remove(id);
+                }
+            }
         }
         d.replies
     }

@@ -196,7 +196,8 @@ impl<T> Pipeline<T> {
         match result {
             Ok(()) => {
                 let through = decided.head_seq();
-                let replies = self.ledger.committed(decided);
+                let open = self.open.as_mut().map(|(batch, _)| batch);
+                let replies = self.ledger.committed(decided, open);
                 assert_eq!(replies.len(), targets.len(), "one reply per command");
                 Settled {
                     answers: targets
@@ -301,6 +302,10 @@ impl Pipeline<()> {
             self.open.is_none() && self.committing.is_none(),
             "follow runs alone"
         );
+        if let Some(reply) = &self.stopped {
+            let said = reply.error.as_ref().map(|e| e.message.clone());
+            return Err(StoreError::Stopped(said.unwrap_or_default()));
+        }
         let batch = self.ledger.follow(events)?;
         self.open = Some((batch, Vec::new()));
         self.commit_in_line().map(|_| ())

@@ -67,12 +67,22 @@ fn compact<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_extend(value, vec![COMPACT_V1]).expect("a row serializes")
 }
 
-/// A row in either encoding.
+/// A row in either encoding. A compact row must be exactly one value:
+/// trailing bytes are refused (postcard alone would ignore them).
 fn read<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match bytes.split_first() {
-        Some((&COMPACT_V1, rest)) => postcard::from_bytes(rest).map_err(|e| e.to_string()),
+        Some((&COMPACT_V1, rest)) => match postcard::take_from_bytes(rest) {
+            Ok((value, [])) => Ok(value),
+            Ok((_, extra)) => Err(format!("{} bytes after the row's value", extra.len())),
+            Err(e) => Err(e.to_string()),
+        },
         _ => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
     }
+}
+
+/// Whether a row is in the layout before the compact one (JSON).
+pub fn is_json(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&b'{')
 }
 
 /// A job's view row ([`JobRow::Job`]).
@@ -155,10 +165,13 @@ pub fn show(kind: u8, bytes: &[u8]) -> String {
     }
 }
 
-/// Whether two rows of the same kind hold the same value, in whichever
-/// encoding each is.
-pub fn same_value<T: serde::de::DeserializeOwned + PartialEq>(a: &[u8], b: &[u8]) -> bool {
-    a == b || matches!((read::<T>(a), read::<T>(b)), (Ok(x), Ok(y)) if x == y)
+/// Whether a stored row of the JSON layout holds the value of the compact
+/// row `want`. A compact row is only ever equal byte for byte: its encoding
+/// is canonical, so any other bytes are an edit.
+pub fn same_value<T: serde::de::DeserializeOwned + PartialEq>(want: &[u8], stored: &[u8]) -> bool {
+    want == stored
+        || is_json(stored)
+            && matches!((read::<T>(want), read::<T>(stored)), (Ok(x), Ok(y)) if x == y)
 }
 
 pub fn snapshot_key(job_id: Uuid, snapshot_id: Uuid) -> JobKey {
