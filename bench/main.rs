@@ -4,7 +4,9 @@
 //! ```text
 //! cargo build --release && cargo bench --bench bcp -- --help
 //! ```
-//! (`just bench`, `just bench-smoke`). It starts its own nats-servers and
+//! (`just bench`, `just bench-smoke`; `BCP_BENCH_LOG` sets `bcp serve`'s
+//! `RUST_LOG`, e.g. `info,bcp::service::writer=trace` for each commit's
+//! time). It starts its own nats-servers and
 //! `bcp serve` children (`target/release/bcp`, or `$BCP_BIN`) on free
 //! loopback ports, with their stores in a temp dir (`--keep` keeps it).
 //!

@@ -259,7 +259,10 @@ impl Bcp {
             .arg(db)
             .args(["--nats", url])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("BCP_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .env_remove("BCP_STREAM")
             .env_remove("BCP_LOG_FORMAT")
