@@ -357,48 +357,29 @@ pub fn table(r: &Results) -> String {
             ],
         );
     }
-    row(
-        &mut t,
-        [
-            "3",
-            "ack latency p50 / p95 / p99 / max",
-            &lat4(&r.e2e.latency),
-            &format!("C: {}", lat4(&r.peer_c.latency)),
-            &ratio(r.e2e.latency.p99_us as f64, r.peer_c.latency.p99_us as f64),
-            "–",
-            "",
-        ],
-    );
-    row(
-        &mut t,
-        [
-            "3",
-            "",
-            "",
-            &format!("B: {}", lat4(&r.baseline_b.latency)),
-            &ratio(
-                r.e2e.latency.p99_us as f64,
-                r.baseline_b.latency.p99_us as f64,
-            ),
-            "–",
-            "",
-        ],
-    );
-    row(
-        &mut t,
-        [
-            "3",
-            "",
-            "",
-            &format!("B′: {}", lat4(&r.baseline_b_sync.latency)),
-            &ratio(
-                r.e2e.latency.p99_us as f64,
-                r.baseline_b_sync.latency.p99_us as f64,
-            ),
-            "–",
-            "",
-        ],
-    );
+    let peers = [
+        ("C", &r.peer_c.latency),
+        ("B", &r.baseline_b.latency),
+        ("B′", &r.baseline_b_sync.latency),
+    ];
+    for (i, (name, latency)) in peers.into_iter().enumerate() {
+        let (figure, ours) = match i {
+            0 => ("ack latency p50 / p95 / p99 / max", lat4(&r.e2e.latency)),
+            _ => ("", String::new()),
+        };
+        row(
+            &mut t,
+            [
+                "3",
+                figure,
+                &ours,
+                &format!("{name}: {}", lat4(latency)),
+                &ratio(r.e2e.latency.p99_us as f64, latency.p99_us as f64),
+                "–",
+                "",
+            ],
+        );
+    }
     row(
         &mut t,
         [
