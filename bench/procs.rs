@@ -253,21 +253,10 @@ impl Bcp {
     /// Start `bcp serve` with `extra` arguments, not waiting for it.
     pub fn spawn(bin: &Path, db: &Path, url: &str, log: &Path, extra: &[&str]) -> Result<Bcp> {
         let (out, err) = log_file(log)?;
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg("--db")
-            .arg(db)
-            .args(["--nats", url])
+        let log_filter = std::env::var("BCP_BENCH_LOG").unwrap_or_else(|_| "info".into());
+        let child = crate::shared_procs::serve_command(bin, db, url)
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("BCP_BENCH_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .env_remove("BCP_STREAM")
-            .env_remove("BCP_LOG_FORMAT")
-            .env_remove("BCP_SWEEP_INTERVAL")
-            .stdin(Stdio::null())
+            .env("RUST_LOG", log_filter)
             .stdout(out)
             .stderr(err)
             .spawn()

@@ -125,18 +125,10 @@ impl Cluster {
     pub fn spawn_node(&mut self, i: usize) {
         assert!(self.nodes[i].1.is_none(), "node {i} is running");
         let out = append_log(&self.node_log(i));
-        let child = Command::new(env!("CARGO_BIN_EXE_bcp"))
-            .arg("serve")
-            .arg("--db")
-            .arg(self.db(i))
-            .args(["--nats", &self.urls()])
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_bcp"));
+        let child = super::procs::serve_command(bin, &self.db(i), &self.urls())
             .args(["--group", GROUP, "--node", &self.nodes[i].0])
             .args(["--stream-replicas", "3", "--stream-check-interval", "2"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("BCP_STREAM")
-            .env_remove("BCP_LOG_FORMAT")
-            .stdin(Stdio::null())
             .stdout(out.try_clone().expect("clone log handle"))
             .stderr(out)
             .spawn()

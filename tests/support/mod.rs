@@ -173,18 +173,8 @@ pub struct Bcp {
 impl Bcp {
     fn spawn(db: &Path, nats_url: &str, log: &Path, extra: &[String]) -> Bcp {
         let out = append_log(log);
-        let child = Command::new(env!("CARGO_BIN_EXE_bcp"))
-            .arg("serve")
-            .arg("--db")
-            .arg(db)
-            .args(["--nats", nats_url])
+        let child = procs::serve_command(Path::new(env!("CARGO_BIN_EXE_bcp")), db, nats_url)
             .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("BCP_STREAM")
-            .env_remove("BCP_LOG_FORMAT")
-            .env_remove("BCP_SWEEP_INTERVAL")
-            .stdin(Stdio::null())
             .stdout(out.try_clone().expect("clone log handle"))
             .stderr(out)
             .spawn()

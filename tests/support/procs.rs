@@ -42,6 +42,25 @@ pub fn find_nats_server() -> Result<PathBuf, String> {
     ))
 }
 
+/// `bcp serve --db DB --nats URL`, as every test and the bench start it:
+/// logs at `info` without colour, and none of the environment that would
+/// change what is measured or asserted (`BCP_STREAM`, `BCP_LOG_FORMAT`,
+/// `BCP_SWEEP_INTERVAL`). The caller adds arguments and its stdio.
+pub fn serve_command(bin: &Path, db: &Path, nats_url: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("serve")
+        .arg("--db")
+        .arg(db)
+        .args(["--nats", nats_url])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("BCP_STREAM")
+        .env_remove("BCP_LOG_FORMAT")
+        .env_remove("BCP_SWEEP_INTERVAL")
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
 /// A free loopback TCP port (bound, read, released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
