@@ -104,7 +104,7 @@ pub fn read_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
 
 /// A command's idempotency record (table `COMMANDS`), field by field: the
 /// reply's JSON form leaves fields out, which a compact row cannot.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct StoredRecord {
     fingerprint: String,
     ok: bool,
@@ -115,15 +115,28 @@ struct StoredRecord {
     rejection_seq: Option<u64>,
 }
 
+/// [`StoredRecord`] borrowed from a record, to write it without copies:
+/// the same fields in the same order, so the same bytes.
+#[derive(Serialize)]
+struct StoredRecordRef<'a> {
+    fingerprint: &'a str,
+    ok: bool,
+    job_id: Option<Uuid>,
+    version: Option<u64>,
+    events: &'a [EventRef],
+    error: Option<(ErrorCode, &'a str, Option<u64>)>,
+    rejection_seq: Option<u64>,
+}
+
 pub fn record_row(r: &CommandRecord) -> Vec<u8> {
     let reply = &r.reply;
-    compact(&StoredRecord {
-        fingerprint: r.fingerprint.clone(),
+    compact(&StoredRecordRef {
+        fingerprint: &r.fingerprint,
         ok: reply.ok,
         job_id: reply.job_id,
         version: reply.version,
-        events: reply.events.clone(),
-        error: (reply.error.as_ref()).map(|e| (e.code, e.message.clone(), e.current_version)),
+        events: &reply.events,
+        error: (reply.error.as_ref()).map(|e| (e.code, e.message.as_str(), e.current_version)),
         rejection_seq: reply.rejection_seq,
     })
 }
