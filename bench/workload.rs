@@ -175,7 +175,7 @@ pub struct Built {
     pub appended: u64,
     /// Time spent in `Pipeline::execute` (not in generating the commands).
     pub elapsed: Duration,
-    /// Each batch (decide, prepare, commit), in microseconds.
+    /// Each batch (decide, seal, commit), in microseconds.
     pub executes: Vec<u64>,
     /// The `Store::commit` of each batch alone (what `bcp serve`'s commit
     /// thread does while its writer decides the next batch), in microseconds.
