@@ -1,6 +1,7 @@
-//! The single writer: one OS thread owns the [`Ledger`] and decides commands
-//! in order against its in-memory state; a second thread commits each batch
-//! in one durable transaction. The two overlap: while batch N is being
+//! The single writer's threads and channels around the write model,
+//! [`Pipeline`] (which owns the batches and the rules between them): one OS
+//! thread decides commands in order against the in-memory state; a second
+//! thread commits each batch in one durable transaction. The two overlap: while batch N is being
 //! written and fsynced, the commands that arrive are decided into batch N+1,
 //! which is committed as soon as N is durable. A command later in a batch
 //! sees the effects of earlier ones (also of the batch still committing).
