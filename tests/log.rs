@@ -266,6 +266,17 @@ fn edit_job_row(path: &Path, j: Uuid, edit: impl FnOnce(&mut serde_json::Value))
     txn.commit().unwrap();
 }
 
+/// Every row of `table`, copied out (to rewrite them in the same transaction).
+fn every_row<K>(table: &impl ReadableTable<K, &'static [u8]>) -> Vec<(K, Vec<u8>)>
+where
+    K: redb::Key + 'static + for<'a> redb::Value<SelfType<'a> = K>,
+{
+    (table.iter().unwrap())
+        .map(|r| r.unwrap())
+        .map(|(k, v)| (k.value(), v.value().to_vec()))
+        .collect()
+}
+
 /// A store written before the compact row encoding (job views, snapshots
 /// and idempotency records as JSON) reads alike: it verifies, it serves
 /// (projections loaded, a retry answered from its JSON record), and rows
@@ -312,13 +323,7 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
         let txn = db.begin_write().unwrap();
         {
             let mut t = txn.open_table(JOB_ROWS).unwrap();
-            let rows_now: Vec<_> = t
-                .iter()
-                .unwrap()
-                .map(|r| r.unwrap())
-                .map(|(k, v)| (k.value(), v.value().to_vec()))
-                .collect();
-            for (key, bytes) in rows_now {
+            for (key, bytes) in every_row(&t) {
                 let json = match key.1 {
                     k if k == JobRow::Job as u8 => {
                         serde_json::to_vec(&rows::read_job(&bytes).unwrap()).unwrap()
@@ -333,13 +338,7 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
                 rewritten += 1;
             }
             let mut c = txn.open_table(COMMANDS).unwrap();
-            let records: Vec<_> = c
-                .iter()
-                .unwrap()
-                .map(|r| r.unwrap())
-                .map(|(k, v)| (k.value(), v.value().to_vec()))
-                .collect();
-            for (key, bytes) in records {
+            for (key, bytes) in every_row(&c) {
                 let json = serde_json::to_vec(&rows::read_record(&bytes).unwrap()).unwrap();
                 assert!(json.starts_with(b"{"));
                 c.insert(key, json.as_slice()).unwrap();

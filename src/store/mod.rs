@@ -149,6 +149,22 @@ pub fn decode_envelope(seq: u64, bytes: &[u8]) -> Result<Envelope> {
         .map_err(|e| corrupt(format!("event at seq {seq} does not parse: {e}")))
 }
 
+/// How many bytes `value`'s JSON takes, without building it.
+fn json_len(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_or(0, |()| count.0)
+}
+
 impl Store {
     /// Open the store at `path`, creating it (and its tables) if missing.
     pub fn open_or_create(path: &Path) -> Result<Store> {
@@ -368,8 +384,9 @@ impl Store {
             if !filter.matches(&job) {
                 continue;
             }
-            // The page is sized by the JSON the reply will carry.
-            let json_len = serde_json::to_vec(&job).map_or(0, |j| j.len());
+            // The page is sized by the JSON the reply will carry (counted,
+            // not built: the reply serializes it once).
+            let json_len = json_len(&job);
             if jobs.len() == limit || bytes + json_len > max_bytes {
                 let last = jobs
                     .last()

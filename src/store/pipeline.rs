@@ -96,20 +96,11 @@ impl<T> Pipeline<T> {
         self.ledger
     }
 
-    /// Whether the pipeline has stopped (the store needs reopening).
-    pub fn is_stopped(&self) -> bool {
-        self.stopped.is_some()
-    }
-
     /// Whether the open batch can take another command.
     pub fn has_room(&self) -> bool {
         self.open
             .as_ref()
             .is_none_or(|(b, _)| b.len() < BATCH_COMMANDS_MAX)
-    }
-
-    pub fn is_committing(&self) -> bool {
-        self.committing.is_some()
     }
 
     /// Decide `p` into the open batch (opening one at `now` if there is
