@@ -64,11 +64,18 @@ struct Target {
 /// The outcome of one commit, sent back by the commit thread.
 type CommitJob = (Prepared, oneshot::Sender<Result<(), StoreError>>);
 
+/// The commit thread and the channel that feeds it.
+struct Committer {
+    jobs: std::sync::mpsc::Sender<CommitJob>,
+    thread: JoinHandle<()>,
+}
+
 /// The commit thread: writes each prepared batch in one durable
-/// transaction, in the order given, and sends back the outcome.
-fn spawn_committer(store: Store) -> std::sync::mpsc::Sender<CommitJob> {
-    let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
-    std::thread::Builder::new()
+/// transaction, in the order given, and sends back the outcome; it ends
+/// (dropping its handle on the store) when the channel closes.
+fn spawn_committer(store: Store) -> Committer {
+    let (jobs, rx) = std::sync::mpsc::channel::<CommitJob>();
+    let thread = std::thread::Builder::new()
         .name("bcp-commit".into())
         .spawn(move || {
             for (prepared, done) in rx {
@@ -77,7 +84,7 @@ fn spawn_committer(store: Store) -> std::sync::mpsc::Sender<CommitJob> {
             }
         })
         .expect("spawn commit thread");
-    tx
+    Committer { jobs, thread }
 }
 
 /// The batch at the commit thread.
@@ -92,7 +99,7 @@ struct Writer {
     replies: mpsc::Sender<Vec<Committed>>,
     head: watch::Sender<u64>,
     fatal: CancellationToken,
-    committer: std::sync::mpsc::Sender<CommitJob>,
+    committer: Committer,
     poisoned: Option<StoreError>,
 }
 
@@ -161,9 +168,23 @@ impl Writer {
                 else => break,
             }
         }
-        match self.poisoned {
+        let head = self.pipeline.ledger().head_seq();
+        // The loop ends with no batch at the commit thread. Close its
+        // channel and wait for it to drop its handle on the store, so the
+        // store is closed cleanly (not left needing recovery) once the
+        // writer has returned.
+        let Writer {
+            committer,
+            poisoned,
+            pipeline,
+            ..
+        } = self;
+        drop(pipeline);
+        drop(committer.jobs);
+        let _ = committer.thread.join();
+        match poisoned {
             Some(e) => Err(e),
-            None => Ok(self.pipeline.ledger().head_seq()),
+            None => Ok(head),
         }
     }
 
@@ -188,6 +209,7 @@ impl Writer {
         let prepared = self.pipeline.to_commit()?;
         let (done_tx, done) = oneshot::channel();
         self.committer
+            .jobs
             .send((prepared, done_tx))
             .expect("the commit thread lives as long as the writer");
         Some(Committing {
