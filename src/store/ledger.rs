@@ -106,6 +106,13 @@ pub struct Ledger {
     /// Idempotency records of batches decided but not yet known committed
     /// (the writer decides the next batch while the previous one commits).
     uncommitted: HashMap<u128, CommandRecord>,
+    /// The committed idempotency records, opened ahead for the next batch
+    /// at a moment no commit runs (when a batch is sealed, and when one
+    /// settles). redb's `begin_read` waits for a running commit to finish
+    /// its fsync; opened at a batch's first command, it stalled deciding
+    /// for a whole commit, every command in flight with it. It sees every
+    /// commit whose records have left `uncommitted`.
+    ahead: Option<ReadOnlyTable<u128, &'static [u8]>>,
 }
 
 /// Prior values of everything a batch touched, to undo a failed commit.
@@ -250,6 +257,7 @@ impl Ledger {
             head_hash,
             head_time,
             uncommitted: HashMap::new(),
+            ahead: None,
         })
     }
 
@@ -275,7 +283,10 @@ impl Ledger {
     /// prefix of the log).
     pub(super) fn begin(&mut self, now: DateTime<Utc>) -> Result<Batch> {
         let now = self.head_time.map_or(now, |t| now.max(t));
-        let commands = self.store.begin_read()?.open_table(COMMANDS)?;
+        let commands = match self.ahead.take() {
+            Some(commands) => commands,
+            None => self.committed_records()?,
+        };
         Ok(Batch {
             now,
             commands,
@@ -291,6 +302,16 @@ impl Ledger {
                 head_seq: self.head_seq,
             },
         })
+    }
+
+    fn committed_records(&self) -> Result<ReadOnlyTable<u128, &'static [u8]>> {
+        Ok(self.store.begin_read()?.open_table(COMMANDS)?)
+    }
+
+    /// Open the committed records for the next batch now; only while no
+    /// commit runs. A failed read is left to that batch's `begin` to report.
+    fn read_ahead(&mut self) {
+        self.ahead = self.committed_records().ok();
     }
 
     /// Decide one command into `b`, after the ones already in it. On `Err`
@@ -316,6 +337,12 @@ impl Ledger {
             mut decided,
             ..
         } = b;
+        // Sealed only when no commit runs (the pipeline commits one batch
+        // at a time), so this does not wait: the next batch, decided while
+        // this one commits, starts from it.
+        if self.ahead.is_none() {
+            self.read_ahead();
+        }
         let touched: std::collections::BTreeSet<Uuid> = decided
             .undo
             .jobs
@@ -359,11 +386,17 @@ impl Ledger {
     /// until it is settled too (a retry decided into it is a duplicate).
     pub(super) fn committed(&mut self, mut d: Decided, open: Option<&mut Batch>) -> Vec<Reply> {
         match open {
-            Some(b) => b.decided.records.append(&mut d.records),
+            Some(b) => {
+                debug_assert!(self.ahead.is_none(), "the open batch took it");
+                b.decided.records.append(&mut d.records)
+            }
             None => {
                 for id in &d.records {
                     self.uncommitted.remove(id);
                 }
+                // Records opened ahead before this commit lack these: open
+                // them again (no commit runs now).
+                self.read_ahead();
             }
         }
         d.replies
