@@ -5,7 +5,12 @@ mod cli;
 
 /// mimalloc instead of glibc malloc: under load, glibc's malloc/free took
 /// about 14 % of `bcp serve`'s CPU (perf, bench/RESULTS.md), spread over
-/// NATS message buffers, serde and redb's page buffers.
+/// NATS message buffers, serde and redb's page buffers. Built without
+/// transparent huge pages (`no_thp`): mimalloc asks for them by default,
+/// and each first touch of a fresh 2 MiB page, zeroed whole by the kernel,
+/// stalled the writer or the commit thread for milliseconds (perf: up to
+/// 456 ms of `clear_page_erms` on the writer in 24 s); p99 at 25 % load
+/// went from 11-22 ms to 5-6 ms without them (bench/RESULTS.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
