@@ -332,6 +332,8 @@ pub struct Results {
     pub e2e: Run,
     pub e2e_rates: Vec<f64>,
     pub fixed_load: Vec<(f64, Run)>,
+    /// Peer C at the same offered rates as `fixed_load`.
+    pub peer_c_fixed_load: Vec<Run>,
     pub growth: Vec<Step>,
     pub verify: Cli,
     pub replay: Cli,
@@ -430,6 +432,7 @@ async fn run(args: Args) -> Result<Results> {
             e2e: (e2e, rates),
             peer_c: (c, c_rates),
             fixed_load,
+            peer_c_fixed_load,
             ..
         } = fresh_bcp(&mut b, None).await?;
         let cores = |r: &Run| r.cpu.as_ref().map_or(0.0, |c| c.others_cores);
@@ -479,14 +482,16 @@ async fn run(args: Args) -> Result<Results> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        for (share, run) in &fixed_load {
+        for ((share, run), c) in fixed_load.iter().zip(&peer_c_fixed_load) {
             println!(
-                "{:.0} % load: p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
+                "{:.0} % load: p50/p99 {}/{} µs, {} (other processes {:.2} cores); peer C at that rate: p50/p99 {}/{} µs",
                 share * 100.0,
                 run.latency.p50_us,
                 run.latency.p99_us,
                 cpu_per_command(run),
-                cores(run)
+                cores(run),
+                c.latency.p50_us,
+                c.latency.p99_us
             );
         }
         std::process::exit(0);
@@ -512,6 +517,7 @@ async fn run(args: Args) -> Result<Results> {
         e2e: (e2e, e2e_rates),
         baselines,
         fixed_load,
+        peer_c_fixed_load,
     } = fresh_bcp(&mut b, Some(&samples)).await?;
     let ((baseline_b, baseline_b_rates), (baseline_b_sync, baseline_b_sync_rates)) =
         baselines.context("the baselines ran beside bcp")?;
@@ -548,6 +554,7 @@ async fn run(args: Args) -> Result<Results> {
         e2e,
         e2e_rates,
         fixed_load,
+        peer_c_fixed_load,
         growth,
         verify,
         replay,
@@ -756,6 +763,8 @@ struct EndToEnd {
     e2e: (Run, Vec<f64>),
     baselines: Option<Baselines>,
     fixed_load: Vec<(f64, Run)>,
+    /// Peer C at each of `fixed_load`'s offered rates.
+    peer_c_fixed_load: Vec<Run>,
 }
 
 /// B and B′.
@@ -830,13 +839,51 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
         fixed_load.push((share, run));
     }
     bcp.stop().await?;
+    let rates: Vec<f64> = fixed_load
+        .iter()
+        .map(|(_, r)| r.offered_per_sec.unwrap_or(0.0))
+        .collect();
+    let peer_c_fixed_load = peer_c_open(b, &rates).await?;
     Ok(EndToEnd {
         memory_empty,
         peer_c,
         e2e,
         baselines,
         fixed_load,
+        peer_c_fixed_load,
     })
+}
+
+/// Peer C under the same offered loads as bcp's fixed loads (item 4), on
+/// a fresh nats-server: the latency a JetStream-backed service has at
+/// those rates on this machine, beside bcp's.
+async fn peer_c_open(b: &mut Bench, rates: &[f64]) -> Result<Vec<Run>> {
+    let dir = b.dir.join("nats-c-open");
+    let nats = Nats::start(&b.nats_bin, &dir, false)?;
+    let peer = procs::Peer::start(&nats.url(), &b.dir.join("peer-c-open.log"))?;
+    let client = async_nats::connect(nats.url()).await?;
+    let pids = [
+        ("peer C", peer.pid()),
+        ("nats-server", nats.pid()),
+        ("producers (bench)", 0),
+    ];
+    let mut runs = Vec::new();
+    for &rate in rates {
+        let lanes = b.lanes.take(((rate * 0.05) as usize).clamp(256, 8192));
+        let secs = Duration::from_secs_f64(b.args.load_secs);
+        settle().await?;
+        let meter = procs::Meter::start(&pids);
+        let mut run = measure::open_loop(&client, lanes, rate, secs).await;
+        run.cpu = Some(meter.stop());
+        say(format!(
+            "peer C at {rate:.0}/s offered: p50 {} µs, p99 {} µs",
+            run.latency.p50_us, run.latency.p99_us
+        ));
+        runs.push(run);
+    }
+    drop((client, peer, nats));
+    std::fs::remove_dir_all(dir)?;
+    Ok(runs)
 }
 
 /// Items 6 and 7: grow one log offline step by step; after each step restart

@@ -428,7 +428,7 @@ pub fn table(r: &Results) -> String {
             ],
         );
     }
-    for (share, run) in &r.fixed_load {
+    for ((share, run), c) in r.fixed_load.iter().zip(&r.peer_c_fixed_load) {
         let p99 = run.latency.p99_us;
         let is_half = (*share - 0.5).abs() < 1e-9;
         row(
@@ -447,8 +447,12 @@ pub fn table(r: &Results) -> String {
                     ms(p99),
                     run_counts(run)
                 ),
-                "",
-                "",
+                &format!(
+                    "C at that rate: {} / {} ms",
+                    ms(c.latency.p50_us),
+                    ms(c.latency.p99_us)
+                ),
+                &format!("p99 {}", ratio(p99 as f64, c.latency.p99_us as f64)),
                 if is_half { "p99 < 5 ms" } else { "–" },
                 if is_half { verdict(p99 < 5_000) } else { "" },
             ],

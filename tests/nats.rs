@@ -3381,6 +3381,15 @@ async fn operators_http_endpoints() {
         metrics.contains("bcp_commit_seconds_bucket{le="),
         "{metrics}"
     );
+    // The store's own fsyncs: one durable commit at least for each of the
+    // three commands that appended an event.
+    let fsyncs: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bcp_fsync_seconds_count "))
+        .unwrap_or_else(|| panic!("no bcp_fsync_seconds in:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(fsyncs >= 3, "{metrics}");
     // An alarm: not ready, and it says why.
     let mut config = h.stream_info().await.unwrap().config;
     config.max_messages = 10;

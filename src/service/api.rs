@@ -79,6 +79,7 @@ impl Metrics {
         head: watch::Receiver<u64>,
         published: watch::Receiver<u64>,
         alarms: Arc<Alarms>,
+        fsync_seconds: prometheus_client::metrics::histogram::Histogram,
     ) -> Arc<Metrics> {
         Arc::new(Metrics {
             rejections: Mutex::default(),
@@ -87,7 +88,7 @@ impl Metrics {
             alarms,
             dropped: Default::default(),
             overload_log: Mutex::default(),
-            prom: Default::default(),
+            prom: super::http::Prom::new(fsync_seconds),
             queue: Mutex::default(),
         })
     }

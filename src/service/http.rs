@@ -42,8 +42,9 @@ struct Gauges {
     dropped: Gauge,
 }
 
-impl Default for Prom {
-    fn default() -> Self {
+impl Prom {
+    /// The registry, with the store's fsync times (`Store::fsync_seconds`).
+    pub fn new(fsync_seconds: Histogram) -> Self {
         let mut registry = Registry::with_prefix("bcp");
         let commands = Family::<Labels, Counter>::default();
         registry.register(
@@ -62,6 +63,11 @@ impl Default for Prom {
             "commit_seconds",
             "From a batch handed to the commit thread to its durable commit (fsync included)",
             commit_seconds.clone(),
+        );
+        registry.register(
+            "fsync_seconds",
+            "Each fsync of the store's file: the disk's part of a commit",
+            fsync_seconds,
         );
         let gauges = Gauges::default();
         for (name, help, g) in [
@@ -102,9 +108,7 @@ impl Default for Prom {
             gauges,
         }
     }
-}
 
-impl Prom {
     /// One command answered: `outcome` is `ok` or the error code.
     pub fn command(&self, verb: &'static str, outcome: &'static str) {
         self.commands

@@ -177,7 +177,12 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let (role_tx, role_rx) = watch::channel(role);
     let (lease_tx, lease_rx) = watch::channel(None);
     let http_role = role_rx.clone();
-    let metrics = api::Metrics::new(head_rx, published_rx, alarms.clone());
+    let metrics = api::Metrics::new(
+        head_rx,
+        published_rx,
+        alarms.clone(),
+        store.fsync_seconds().clone(),
+    );
     let service = api::start(&client, metrics.clone())
         .await
         .map_err(ServeError::Nats)?;

@@ -2,6 +2,7 @@
 //! [`ledger`]) appending decided events. Synchronous; callers on async code
 //! use `spawn_blocking`. Nothing here awaits.
 
+pub mod disk;
 pub mod import;
 pub mod ledger;
 pub mod pipeline;
@@ -111,6 +112,8 @@ pub const CACHE_BYTES: usize = 128 << 20;
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Db>,
+    /// Every fsync of the file ([`disk::TimedFile`]); none on a read-only store.
+    fsync_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 enum Db {
@@ -172,12 +175,25 @@ impl Store {
     }
 
     fn open(path: &Path, cache_bytes: usize) -> Result<Store> {
-        let db = redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(path)
+        // As redb's `Builder::create(path)` opens it, with the fsyncs timed.
+        let fsync_seconds = disk::fsync_histogram();
+        let db = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(redb::DatabaseError::from)
+            .and_then(|file| disk::TimedFile::new(file, fsync_seconds.clone()))
+            .and_then(|file| {
+                redb::Builder::new()
+                    .set_cache_size(cache_bytes)
+                    .create_with_backend(file)
+            })
             .map_err(|e| open_error(path, e))?;
         let store = Store {
             db: Arc::new(Db::ReadWrite(db)),
+            fsync_seconds,
         };
         store.create_tables()?;
         Ok(store)
@@ -188,6 +204,7 @@ impl Store {
         let db = redb::Builder::new().create_with_backend(backend)?;
         let store = Store {
             db: Arc::new(Db::ReadWrite(db)),
+            fsync_seconds: disk::fsync_histogram(),
         };
         store.create_tables()?;
         Ok(store)
@@ -228,6 +245,11 @@ impl Store {
         Self::open(path, cache_bytes)
     }
 
+    /// How long each fsync of the store's file took (for `/metrics`).
+    pub fn fsync_seconds(&self) -> &prometheus_client::metrics::histogram::Histogram {
+        &self.fsync_seconds
+    }
+
     /// The database, for writing; an error on a read-only store.
     pub(crate) fn writable(&self) -> Result<&Database> {
         match &*self.db {
@@ -254,6 +276,7 @@ impl Store {
             .map_err(|e| open_error(path, e))?;
         let store = Store {
             db: Arc::new(Db::ReadOnly(db)),
+            fsync_seconds: disk::fsync_histogram(),
         };
         let txn = store.begin_read()?;
         let names: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
