@@ -34,7 +34,9 @@
 //!    JetStream and replies after the ack (no fsync of its own), driven by
 //!    the same producers with the same commands; bcp ÷ C is the headline.
 //! 4. **Fixed load**: open-loop pacing at 25/50/75 % of the rate of 3;
-//!    latency p50/p99 from each command's due time.
+//!    latency p50/p99 from each command's due time; then peer C at the
+//!    same offered rates (what a JetStream-backed service's latency is at
+//!    those rates on this machine).
 //! 5. **Replay and verify**: the `bcp` CLI (`audit verify --db`, `replay --db
 //!    --format json`) on the log of 6 (`--events`, default 1 M), timed.
 //! 6. **Cost growth**: a log built offline through `Pipeline::execute` to
