@@ -823,13 +823,7 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
     let mut fixed_load = Vec::new();
     for share in [0.25, 0.50, 0.75] {
         let rate = e2e.0.acked.per_sec * share;
-        // Enough idle lanes for 50 ms of commands in flight.
-        let lanes = b.lanes.take(((rate * 0.05) as usize).clamp(256, 8192));
-        let secs = Duration::from_secs_f64(b.args.load_secs);
-        settle().await?;
-        let meter = procs::Meter::start(&pids);
-        let mut run = measure::open_loop(&client, lanes, rate, secs).await;
-        run.cpu = Some(meter.stop());
+        let mut run = fixed_rate(b, &client, rate, &pids).await?;
         let lag = measure::wait_for_stream(&js, STREAM, run.last_seq, Duration::from_secs(300));
         run.stream_lag_after_last_ack_ms = lag.await?.as_secs_f64() * 1e3;
         say(format!(
@@ -871,12 +865,7 @@ async fn peer_c_open(b: &mut Bench, rates: &[f64]) -> Result<Vec<Run>> {
     ];
     let mut runs = Vec::new();
     for &rate in rates {
-        let lanes = b.lanes.take(((rate * 0.05) as usize).clamp(256, 8192));
-        let secs = Duration::from_secs_f64(b.args.load_secs);
-        settle().await?;
-        let meter = procs::Meter::start(&pids);
-        let mut run = measure::open_loop(&client, lanes, rate, secs).await;
-        run.cpu = Some(meter.stop());
+        let run = fixed_rate(b, &client, rate, &pids).await?;
         say(format!(
             "peer C at {rate:.0}/s offered: p50 {} µs, p99 {} µs",
             run.latency.p50_us, run.latency.p99_us
@@ -886,6 +875,23 @@ async fn peer_c_open(b: &mut Bench, rates: &[f64]) -> Result<Vec<Run>> {
     drop((client, peer, nats));
     std::fs::remove_dir_all(dir)?;
     Ok(runs)
+}
+
+/// One open-loop run at `rate` for `--load-secs`, with the CPU of `pids`.
+async fn fixed_rate(
+    b: &mut Bench,
+    client: &async_nats::Client,
+    rate: f64,
+    pids: &[(&str, u32)],
+) -> Result<Run> {
+    // Enough idle lanes for 50 ms of commands in flight.
+    let lanes = b.lanes.take(((rate * 0.05) as usize).clamp(256, 8192));
+    let secs = Duration::from_secs_f64(b.args.load_secs);
+    settle().await?;
+    let meter = procs::Meter::start(pids);
+    let mut run = measure::open_loop(client, lanes, rate, secs).await;
+    run.cpu = Some(meter.stop());
+    Ok(run)
 }
 
 /// Items 6 and 7: grow one log offline step by step; after each step restart
