@@ -1855,8 +1855,8 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
     assert_eq!(&store.load_world().unwrap(), ledger.world());
     verify(&store).unwrap();
     // After the commit the retry is answered from the stored record: of N's
-    // command and of N+1's (the records the next batch reads were opened
-    // before N+1 committed, so they are opened again once it settles).
+    // command and of N+1's (the records the next batch would read were
+    // opened before N+1 committed, so they are dropped once it settles).
     let replies = ledger.execute(&[start, stop], t0(), &mut ids).unwrap();
     assert!(replies[0].duplicate && replies[0].events[0].seq == 2);
     assert!(replies[1].duplicate && replies[1].events[0].seq == 3);

@@ -107,11 +107,13 @@ pub struct Ledger {
     /// (the writer decides the next batch while the previous one commits).
     uncommitted: HashMap<u128, CommandRecord>,
     /// The committed idempotency records, opened ahead for the next batch
-    /// at a moment no commit runs (when a batch is sealed, and when one
-    /// settles). redb's `begin_read` waits for a running commit to finish
-    /// its fsync; opened at a batch's first command, it stalled deciding
+    /// when a batch is sealed (no commit runs then). redb's `begin_read`
+    /// waits for a running commit to finish its fsync; opened at a batch's
+    /// first command, while the batch before commits, it stalled deciding
     /// for a whole commit, every command in flight with it. It sees every
-    /// commit whose records have left `uncommitted`.
+    /// commit whose records have left `uncommitted` (dropped when they
+    /// leave without a batch open: the next `begin` reads afresh, and no
+    /// commit runs before it).
     ahead: Option<ReadOnlyTable<u128, &'static [u8]>>,
 }
 
@@ -394,9 +396,8 @@ impl Ledger {
                 for id in &d.records {
                     self.uncommitted.remove(id);
                 }
-                // Records opened ahead before this commit lack these: open
-                // them again (no commit runs now).
-                self.read_ahead();
+                // Records opened ahead before this commit lack these.
+                self.ahead = None;
             }
         }
         d.replies
