@@ -371,7 +371,10 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let results = rt.block_on(run(args.clone()))?;
+    // The modes that only print return `None`.
+    let Some(results) = rt.block_on(run(args.clone()))? else {
+        return Ok(());
+    };
     println!("{}", report::table(&results));
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -396,7 +399,9 @@ struct Bench {
     lanes: Lanes,
 }
 
-async fn run(args: Args) -> Result<Results> {
+/// Every phase, or one mode of them (`--e2e-only` …, printed: `None`). It
+/// returns (never exits) so the temp dir is removed unless `--keep`.
+async fn run(args: Args) -> Result<Option<Results>> {
     let started = Instant::now();
     let tmp = tempfile::Builder::new().prefix("bcp-bench").tempdir()?;
     let mut b = Bench {
@@ -423,11 +428,11 @@ async fn run(args: Args) -> Result<Results> {
     if b.args.group_only {
         let g = group_ack(&mut b).await?;
         print!("{}", report::group_rows(&g));
-        std::process::exit(0);
+        return Ok(None);
     }
     if b.args.publish_only {
         publish_modes(&mut b).await?;
-        std::process::exit(0);
+        return Ok(None);
     }
     if b.args.e2e_only {
         let EndToEnd {
@@ -496,7 +501,7 @@ async fn run(args: Args) -> Result<Results> {
                 c.latency.p99_us
             );
         }
-        std::process::exit(0);
+        return Ok(None);
     }
     // The growth log's first step doubles as the source of real envelopes
     // for the baselines.
@@ -540,7 +545,7 @@ async fn run(args: Args) -> Result<Results> {
     let group = group_ack(&mut b).await?;
 
     machine.loadavg_end = report::loadavg();
-    Ok(Results {
+    Ok(Some(Results {
         args: b.args,
         machine,
         envelope_bytes_mean,
@@ -562,7 +567,7 @@ async fn run(args: Args) -> Result<Results> {
         replay,
         group,
         elapsed_secs: started.elapsed().as_secs_f64(),
-    })
+    }))
 }
 
 /// Commands per commit in phase 1: 1 and 4 are what `bcp serve` commits at
