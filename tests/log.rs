@@ -26,6 +26,16 @@ fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).unwrap()
 }
 
+/// Command `n` (its command_id) of `verb` for job 1 in project p1, with
+/// the body's other fields from `extra`.
+fn job1_command(n: u128, verb: &str, extra: serde_json::Value) -> Pending {
+    let mut body = json!({"command_id": Uuid::from_u128(n), "job_id": job(1)});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
+}
+
 /// Drives a ledger with a scripted clock and counter ids.
 struct Script {
     ledger: Pipeline<()>,
@@ -287,13 +297,7 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
     use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
-    let cmd = |n: u128, verb: &str, extra: serde_json::Value| {
-        let mut body = json!({"command_id": Uuid::from_u128(n), "job_id": job(1)});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
-    };
+    let cmd = job1_command;
     let snapshot = |n: u128, hours: i64| {
         let taken_at = t0() + Duration::hours(hours);
         json!({"snapshot_id": Uuid::from_u128(0x5000 + n), "taken_at": taken_at, "size_bytes": n})
@@ -1812,13 +1816,7 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
         next += 1;
         Uuid::from_u128(next)
     };
-    let cmd = |n: u128, verb: &str, extra: serde_json::Value| {
-        let mut body = json!({"command_id": Uuid::from_u128(n), "job_id": job(1)});
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
-    };
+    let cmd = job1_command;
     let create = cmd(
         1,
         "create",
