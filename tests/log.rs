@@ -1578,13 +1578,7 @@ impl redb::StorageBackend for FaultyBackend {
 /// A store at `path` that fails as the returned [`Faults`] are set.
 fn faulty_store(path: &Path) -> (Store, Faults) {
     let faults = Faults::default();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .unwrap();
+    let file = bcp::store::disk::open_file(path).unwrap();
     let backend = FaultyBackend {
         inner: redb::backends::FileBackend::new(file).unwrap(),
         faults: faults.clone(),

@@ -9,6 +9,17 @@ use redb::{BackendError, StorageBackend};
 use std::ops::Bound;
 use std::time::Instant;
 
+/// The store's file, opened as redb's `Builder::create(path)` opens it
+/// (created if missing, never truncated).
+pub fn open_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 /// 50 µs to about 0.8 s, doubling.
 pub fn fsync_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 15))

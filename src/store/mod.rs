@@ -177,12 +177,7 @@ impl Store {
     fn open(path: &Path, cache_bytes: usize) -> Result<Store> {
         // As redb's `Builder::create(path)` opens it, with the fsyncs timed.
         let fsync_seconds = disk::fsync_histogram();
-        let db = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
+        let db = disk::open_file(path)
             .map_err(redb::DatabaseError::from)
             .and_then(|file| disk::TimedFile::new(file, fsync_seconds.clone()))
             .and_then(|file| {
