@@ -688,25 +688,62 @@ async fn jetstream_baselines(
 /// same number in flight, as bcp's run it takes turns with.
 async fn peer_c(b: &mut Bench, run: usize, commands: u64) -> Result<Run> {
     settle().await?;
-    let dir = b.dir.join(format!("nats-c-{run}"));
-    let nats = Nats::start(&b.nats_bin, &dir, false)?;
-    let peer = procs::Peer::start(&nats.url(), &b.dir.join(format!("peer-c-{run}.log")))?;
-    let client = async_nats::connect(nats.url()).await?;
-    let js = jetstream::new(client.clone());
-    let pids = [
-        ("peer C", peer.pid()),
-        ("nats-server", nats.pid()),
-        ("producers (bench)", 0),
-    ];
+    let c = PeerC::start(b, &format!("{run}")).await?;
+    let js = jetstream::new(c.client.clone());
     let lanes = b.lanes.take(b.args.in_flight);
-    let result = closed(&client, &js, lanes, commands, &pids).await?;
-    drop((client, peer, nats));
-    std::fs::remove_dir_all(dir)?;
+    let result = closed(&c.client, &js, lanes, commands, &c.pids()).await?;
+    c.stop()?;
     say(format!(
         "peer C: {:.0} commands/s, p99 {} µs",
         result.acked.per_sec, result.latency.p99_us
     ));
     Ok(result)
+}
+
+/// Peer C on its own fresh nats-server, and a client to drive it.
+struct PeerC {
+    dir: PathBuf,
+    nats: Nats,
+    peer: procs::Peer,
+    client: async_nats::Client,
+}
+
+impl PeerC {
+    /// Start it; `name` tells its NATS store and log from other runs'.
+    async fn start(b: &Bench, name: &str) -> Result<PeerC> {
+        let dir = b.dir.join(format!("nats-c-{name}"));
+        let nats = Nats::start(&b.nats_bin, &dir, false)?;
+        let peer = procs::Peer::start(&nats.url(), &b.dir.join(format!("peer-c-{name}.log")))?;
+        let client = async_nats::connect(nats.url()).await?;
+        Ok(PeerC {
+            dir,
+            nats,
+            peer,
+            client,
+        })
+    }
+
+    /// The processes whose CPU a run of it counts.
+    fn pids(&self) -> [(&'static str, u32); 3] {
+        [
+            ("peer C", self.peer.pid()),
+            ("nats-server", self.nats.pid()),
+            ("producers (bench)", 0),
+        ]
+    }
+
+    /// Stop both processes and remove the NATS store.
+    fn stop(self) -> Result<()> {
+        let PeerC {
+            dir,
+            nats,
+            peer,
+            client,
+        } = self;
+        drop((client, peer, nats));
+        std::fs::remove_dir_all(dir)?;
+        Ok(())
+    }
 }
 
 /// `--publish-only`: the relay's way to publish (one ack per message, 256
@@ -859,26 +896,17 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
 /// a fresh nats-server: the latency a JetStream-backed service has at
 /// those rates on this machine, beside bcp's.
 async fn peer_c_open(b: &mut Bench, rates: &[f64]) -> Result<Vec<Run>> {
-    let dir = b.dir.join("nats-c-open");
-    let nats = Nats::start(&b.nats_bin, &dir, false)?;
-    let peer = procs::Peer::start(&nats.url(), &b.dir.join("peer-c-open.log"))?;
-    let client = async_nats::connect(nats.url()).await?;
-    let pids = [
-        ("peer C", peer.pid()),
-        ("nats-server", nats.pid()),
-        ("producers (bench)", 0),
-    ];
+    let c = PeerC::start(b, "open").await?;
     let mut runs = Vec::new();
     for &rate in rates {
-        let run = fixed_rate(b, &client, rate, &pids).await?;
+        let run = fixed_rate(b, &c.client, rate, &c.pids()).await?;
         say(format!(
             "peer C at {rate:.0}/s offered: p50 {} µs, p99 {} µs",
             run.latency.p50_us, run.latency.p99_us
         ));
         runs.push(run);
     }
-    drop((client, peer, nats));
-    std::fs::remove_dir_all(dir)?;
+    c.stop()?;
     Ok(runs)
 }
 
