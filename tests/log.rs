@@ -1664,6 +1664,8 @@ struct FaultyWriter {
     replies: tokio::sync::mpsc::Receiver<Vec<bcp::service::writer::Committed>>,
     fatal: tokio_util::sync::CancellationToken,
     writer: std::thread::JoinHandle<Result<u64, bcp::store::StoreError>>,
+    /// What the relay would be handed.
+    outbox: bcp::service::relay::Outbox,
 }
 
 fn create_command(n: u128) -> Pending {
@@ -1679,11 +1681,13 @@ impl FaultyWriter {
         let (replies_tx, replies) = tokio::sync::mpsc::channel(8);
         let (head, _) = tokio::sync::watch::channel(0);
         let fatal = tokio_util::sync::CancellationToken::new();
+        let outbox = bcp::service::relay::Outbox::default();
         let writer = bcp::service::writer::spawn(
             ledger.into_ledger(),
             intake,
             replies_tx,
             head,
+            outbox.clone(),
             fatal.clone(),
         );
         FaultyWriter {
@@ -1692,6 +1696,7 @@ impl FaultyWriter {
             replies,
             fatal,
             writer,
+            outbox,
         }
     }
 
@@ -1743,11 +1748,13 @@ fn a_commit_thread_that_panics_gets_its_batch_answered_and_stops_the_writer() {
     let mut w = FaultyWriter::start(&dir.path().join("bcp.redb"));
     // A first batch commits; the next one's commit panics.
     assert!(w.answer(1).ok);
+    assert_eq!(w.outbox.seqs(), [1], "a committed event goes to the relay");
     w.faults
         .panic_once
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let message = w.unavailable(2);
     assert!(message.contains("after the restart"), "{message}");
+    assert_eq!(w.outbox.seqs(), [1], "nothing of the lost batch");
     let stopped = w.stopped();
     assert!(
         matches!(stopped, bcp::store::StoreError::CommitThreadStopped),
@@ -1775,6 +1782,9 @@ fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_a
             && !message.contains("nothing recorded"),
         "{message}"
     );
+    // Not handed to the relay: after the restart, the relay reads what
+    // the store holds.
+    assert_eq!(w.outbox.seqs(), [1]);
     let stopped = w.stopped();
     assert!(
         matches!(stopped, bcp::store::StoreError::CommitFailed(_)),

@@ -23,6 +23,9 @@ pub const RELAY_WINDOW_MAX: usize = 256;
 pub const RELAY_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Events the relay reads from redb per read transaction.
 pub const RELAY_CHUNK_MAX: usize = 1024;
+/// Committed events held in memory for the relay (about 0.6 KB each):
+/// beyond it, the oldest are dropped and the relay reads them from redb.
+pub const RELAY_OUTBOX_MAX: usize = 4 * RELAY_CHUNK_MAX;
 /// Queries answered at once (each on a blocking thread, its reply up to
 /// [`QUERY_JOBS_BYTES_MAX`]); beyond it a query is answered `unavailable`
 /// at once. `bcp serve --queries-in-flight` sets it.

@@ -327,11 +327,14 @@ pub(crate) async fn term(
         end.clone(),
     ));
     // A storage failure that needs a restart stops the whole process.
+    // This term's committed events, from the commit thread to the relay.
+    let outbox = relay::Outbox::default();
     let writer = writer::spawn(
         ledger,
         queue_rx,
         replies_tx,
         node.head.clone(),
+        outbox.clone(),
         stop.clone(),
     );
     let gate = group.then(|| reply::ReplyGate {
@@ -347,6 +350,7 @@ pub(crate) async fn term(
     let relay_drain = CancellationToken::new();
     let relay = tokio::spawn(relay::run(
         node.store.clone(),
+        outbox,
         relay::Target {
             js: node.js.clone(),
             stream: config.stream.clone(),

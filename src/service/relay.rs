@@ -8,6 +8,14 @@
 //! publishes of K+1… would each find "last sequence K" and be stored after
 //! it. With the id, every publish after a foreign message is refused.
 //!
+//! The events come from the [`Outbox`], handed over by the commit thread
+//! as each batch becomes durable, and from redb only when the outbox no
+//! longer holds them (after a restart, or when the relay fell behind):
+//! a read of redb waits for the fsync of any commit running, which the
+//! relay would otherwise pay once per batch. Acks stay outstanding across
+//! batches: the relay publishes a new batch without waiting for the acks
+//! of the one before (in a group, each reply waits for its batch's ack).
+//!
 //! On every (re)connection it checks the stream against the log
 //! ([`super::guard::inspect`]) and resumes after the stream's last sequence,
 //! so a crash, a NATS outage or a lost NATS store delays publishing but never
@@ -17,12 +25,16 @@
 
 use super::guard::{self, Alarms, Inspection, Verdict};
 use crate::domain::envelope::Routing;
-use crate::domain::limits::{RELAY_CHUNK_MAX, RELAY_WINDOW_MAX};
+use crate::domain::limits::{RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX, RELAY_WINDOW_MAX};
 use crate::store::Store;
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use async_nats::jetstream::{
+    self, context::PublishError, message::PublishMessage, publish::PublishAck,
+};
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +68,62 @@ pub struct Target {
     pub fence: Option<CancellationToken>,
 }
 
+/// Committed events on their way to the relay, in seq order, without a
+/// gap: the commit thread [`push`](Outbox::push)es each batch once it is
+/// durable, before its head is announced, so the relay finds there every
+/// event up to the head it was woken for. Holds at most
+/// [`RELAY_OUTBOX_MAX`] events; older ones are read from redb.
+#[derive(Clone, Default)]
+pub struct Outbox(Arc<Mutex<VecDeque<Event>>>);
+
+/// A committed event: its seq and its stored bytes.
+type Event = (u64, Vec<u8>);
+
+impl Outbox {
+    /// Add a durable batch's events (seq order, following the last pushed).
+    pub fn push(&self, events: Vec<Event>) {
+        let mut held = self.0.lock().expect("outbox lock");
+        if let (Some((last, _)), Some((first, _))) = (held.back(), events.first())
+            && *first != last + 1
+        {
+            // Not the batch after the last (cannot happen: one commit
+            // thread, batches in order). The relay reads redb instead.
+            tracing::error!(
+                last,
+                first,
+                "outbox: batch does not follow the last; dropped"
+            );
+            held.clear();
+        }
+        held.extend(events);
+        let excess = held.len().saturating_sub(RELAY_OUTBOX_MAX);
+        held.drain(..excess);
+    }
+
+    /// The events from `from` through at most `to`, taken out, if the
+    /// outbox holds `from`; `None`: read them from redb. Drops what is
+    /// older than `from` (published).
+    pub fn take(&self, from: u64, to: u64) -> Option<Vec<Event>> {
+        let mut held = self.0.lock().expect("outbox lock");
+        let published = held.iter().take_while(|(seq, _)| *seq < from).count();
+        held.drain(..published);
+        if held.front()?.0 != from {
+            return None;
+        }
+        let n = held.iter().take_while(|(seq, _)| *seq <= to).count();
+        Some(held.drain(..n).collect())
+    }
+
+    /// The seqs held (tests).
+    pub fn seqs(&self) -> Vec<u64> {
+        let held = self.0.lock().expect("outbox lock");
+        held.iter().map(|(seq, _)| *seq).collect()
+    }
+}
+
+/// An outstanding publish: its seq and its ack.
+type Ack = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
 /// Why publishing stopped.
 enum Interrupted {
     /// NATS failed (an outage, a timeout): reconcile and resume.
@@ -75,15 +143,24 @@ impl From<String> for Interrupted {
 /// Publish until `drain` is cancelled and everything committed is published.
 pub async fn run(
     store: Store,
+    outbox: Outbox,
     target: Target,
     mut head: watch::Receiver<u64>,
     published: watch::Sender<u64>,
     drain: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let source = Source { store, outbox };
     loop {
-        match publish_until_drained(&store, &target, &mut head, &published, &drain, &mut backoff)
-            .await
+        match publish_until_drained(
+            &source,
+            &target,
+            &mut head,
+            &published,
+            &drain,
+            &mut backoff,
+        )
+        .await
         {
             Ok(()) => return,
             Err(e) => {
@@ -113,8 +190,33 @@ fn head_reached(head: &watch::Receiver<u64>, published: &watch::Sender<u64>) -> 
     *published.borrow() >= *head.borrow()
 }
 
+/// Where the relay reads committed events: the outbox, else redb.
+struct Source {
+    store: Store,
+    outbox: Outbox,
+}
+
+impl Source {
+    /// The events from `from` through at most `to` (at least `from`).
+    async fn events(&self, from: u64, to: u64) -> Result<Vec<Event>, String> {
+        if let Some(events) = self.outbox.take(from, to) {
+            return Ok(events);
+        }
+        let s = self.store.clone();
+        let to = to.min(from + RELAY_CHUNK_MAX as u64 - 1);
+        let events = tokio::task::spawn_blocking(move || s.raw_events(from, to))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        match events.first() {
+            Some((seq, _)) if *seq == from => Ok(events),
+            _ => Err(format!("the store holds no event at seq {from}")),
+        }
+    }
+}
+
 async fn publish_until_drained(
-    store: &Store,
+    source: &Source,
     target: &Target,
     head: &mut watch::Receiver<u64>,
     published: &watch::Sender<u64>,
@@ -132,14 +234,16 @@ async fn publish_until_drained(
         .await
         .map_err(|e| format!("stream {stream_name}: {e}"))?;
     let committed = *head.borrow();
-    let inspection = guard::inspect(store, js, stream_name, || committed, alarms).await?;
+    let inspection = guard::inspect(&source.store, js, stream_name, || committed, alarms).await?;
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
         return Err(fenced(fence));
     };
     if alarms.refusal().is_some() {
         return Err(Interrupted::Halted);
     }
-    let mut last = last;
+    let mut sent = last;
+    let mut in_flight: VecDeque<(u64, Ack)> = VecDeque::with_capacity(RELAY_WINDOW_MAX);
+    let mut writer_gone = false;
     *backoff = Duration::from_millis(100);
     // The first publish is checked by the sequence alone: the check above
     // found the stream's last message to be the log's event at `last`.
@@ -151,55 +255,75 @@ async fn publish_until_drained(
         nats_server_version = %js.client().server_info().version,
         "relay connected: the stream is this log; publishing from its last sequence"
     );
+    let interrupted = |e| match e {
+        Publish::Fenced(_) if fence.is_some() => fenced(fence),
+        Publish::Halted => Interrupted::Halted,
+        e => Interrupted::Nats(e.to_string()),
+    };
     loop {
         let target = *head.borrow_and_update();
-        while last < target {
+        while sent < target {
             if alarms.refusal().is_some() {
                 return Err(Interrupted::Halted);
             }
-            let to = target.min(last + RELAY_CHUNK_MAX as u64);
-            let s = store.clone();
-            let from = last + 1;
-            let chunk = tokio::task::spawn_blocking(move || s.raw_events(from, to))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            last = publish_chunk(js, chunk, published, &mut prev_id, alarms, fence)
-                .await
-                .map_err(|e| match e {
-                    Publish::Fenced(_) if fence.is_some() => fenced(fence),
-                    Publish::Halted => Interrupted::Halted,
-                    e => Interrupted::Nats(e.to_string()),
-                })?;
+            let chunk = source.events(sent + 1, target).await?;
+            sent = publish_chunk(
+                js,
+                chunk,
+                &mut in_flight,
+                published,
+                &mut prev_id,
+                alarms,
+                fence,
+            )
+            .await
+            .map_err(interrupted)?
+            .unwrap_or(sent);
+        }
+        if let Some((seq, ack)) = in_flight.front_mut() {
+            // Acks outstanding: settle the oldest, unless more events are
+            // committed first (then publish those too, without waiting).
+            let seq = *seq;
+            tokio::select! {
+                biased;
+                result = ack => {
+                    in_flight.pop_front();
+                    settle(seq, result, published).map_err(interrupted)?;
+                }
+                changed = head.changed(), if !writer_gone => writer_gone = changed.is_err(),
+            }
+            continue;
         }
         if drain.is_cancelled() {
             return Ok(());
         }
+        if writer_gone {
+            // The head read above is final and is published. Wait for the
+            // drain (not `changed()` again: it would return at once,
+            // forever, and spin a core).
+            drain.cancelled().await;
+            continue;
+        }
         tokio::select! {
-            changed = head.changed() => if changed.is_err() {
-                // The writer is gone: the head read above is final and is
-                // published. Wait for the drain (not `changed()` again: it
-                // would return at once, forever, and spin a core).
-                drain.cancelled().await;
-            },
+            changed = head.changed() => writer_gone = changed.is_err(),
             _ = drain.cancelled() => {}
         }
     }
 }
 
-/// Publish a chunk with a window of acks in flight; returns the last seq
-/// acknowledged in place.
+/// Publish a chunk, its acks joining the window of those outstanding
+/// (when it is full, the oldest is awaited first); returns the last seq
+/// sent (`None`: the chunk was empty).
 async fn publish_chunk(
     js: &jetstream::Context,
-    chunk: Vec<(u64, Vec<u8>)>,
+    chunk: Vec<Event>,
+    in_flight: &mut VecDeque<(u64, Ack)>,
     published: &watch::Sender<u64>,
     prev_id: &mut Option<String>,
     alarms: &Alarms,
     fence: &Option<CancellationToken>,
-) -> Result<u64, Publish> {
-    let mut in_flight: VecDeque<(u64, PublishAckFuture)> =
-        VecDeque::with_capacity(RELAY_WINDOW_MAX);
-    let mut last = *published.borrow();
+) -> Result<Option<u64>, Publish> {
+    let mut sent = None;
     for (seq, bytes) in chunk {
         if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
             return Err(Publish::Fenced("this node stepped down".into()));
@@ -221,25 +345,27 @@ async fn publish_chunk(
             msg = msg.expected_last_message_id(prev);
         }
         if in_flight.len() >= RELAY_WINDOW_MAX {
-            last = await_ack(in_flight.pop_front().expect("window not empty"), published).await?;
+            let (seq, ack) = in_flight.pop_front().expect("window not empty");
+            settle(seq, ack.await, published)?;
         }
         let ack = js
             .send_publish(env.subject(), msg)
             .await
             .map_err(|e| Publish::Failed(format!("publish seq {seq}: {e}")))?;
-        in_flight.push_back((seq, ack));
+        in_flight.push_back((seq, ack.into_future()));
+        sent = Some(seq);
     }
-    while let Some(f) = in_flight.pop_front() {
-        last = await_ack(f, published).await?;
-    }
-    Ok(last)
+    Ok(sent)
 }
 
-async fn await_ack(
-    (seq, ack): (u64, PublishAckFuture),
+/// The ack of the publish of `seq`: it was stored at stream sequence
+/// `seq`, so the stream holds the log through `seq`.
+fn settle(
+    seq: u64,
+    ack: Result<PublishAck, PublishError>,
     published: &watch::Sender<u64>,
-) -> Result<u64, Publish> {
-    let ack = ack.await.map_err(|e| {
+) -> Result<(), Publish> {
+    let ack = ack.map_err(|e| {
         let what = format!("ack of seq {seq}: {e}");
         // A wrong last sequence is another writer's doing. A wrong last
         // message id may also be JetStream's forgetting: it remembers the
@@ -258,7 +384,7 @@ async fn await_ack(
         )));
     }
     published.send_replace(seq);
-    Ok(seq)
+    Ok(())
 }
 
 /// Why a publish failed.
@@ -289,5 +415,55 @@ fn fenced(fence: &Option<CancellationToken>) -> Interrupted {
             Interrupted::Fenced
         }
         None => Interrupted::Halted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
+        seqs.map(|s| (s, s.to_string().into_bytes())).collect()
+    }
+
+    fn seqs(events: &[(u64, Vec<u8>)]) -> Vec<u64> {
+        events.iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn the_relay_takes_what_the_outbox_holds_from_the_seq_it_asks() {
+        let outbox = Outbox::default();
+        outbox.push(batch(1..=3));
+        outbox.push(batch(4..=5));
+        // Up to the head the relay was woken for, not past it.
+        assert_eq!(seqs(&outbox.take(1, 4).unwrap()), [1, 2, 3, 4]);
+        assert_eq!(outbox.take(5, 9).unwrap(), batch(5..=5), "the bytes too");
+        assert_eq!(outbox.seqs(), Vec::<u64>::new(), "taken out");
+        // Asked for what it no longer holds (a reconnection resumes from
+        // the stream's last sequence): redb's turn.
+        outbox.push(batch(6..=8));
+        assert_eq!(outbox.take(4, 8), None);
+        assert_eq!(outbox.seqs(), [6, 7, 8], "what is held stays");
+        // Asked past what it holds: older ones are dropped as published.
+        assert_eq!(outbox.take(7, 7).map(|e| seqs(&e)), Some(vec![7]));
+        assert_eq!(outbox.seqs(), [8]);
+        assert_eq!(outbox.take(9, 9), None);
+        assert_eq!(outbox.seqs(), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn the_outbox_keeps_the_newest_events_within_its_bound() {
+        let outbox = Outbox::default();
+        let n = RELAY_OUTBOX_MAX as u64;
+        outbox.push(batch(1..=n));
+        outbox.push(batch(n + 1..=n + 10));
+        let held = outbox.seqs();
+        assert_eq!(held.len(), RELAY_OUTBOX_MAX);
+        assert_eq!((held[0], *held.last().unwrap()), (11, n + 10));
+        assert_eq!(outbox.take(1, 20), None, "the dropped ones: from redb");
+        // A batch that does not follow the last is not spliced in after a
+        // gap: the outbox starts again from it.
+        outbox.push(batch(n + 20..=n + 21));
+        assert_eq!(outbox.seqs(), [n + 20, n + 21]);
     }
 }

@@ -11,6 +11,7 @@
 //! are answered `unavailable` too, and the writer stops: bcp serve drains
 //! and exits, and a retry after the restart gets the recorded outcome.
 
+use super::relay::Outbox;
 use super::reply::ReplyTo;
 use crate::domain::{Reply, Verb};
 use crate::store::ledger::{Ledger, Prepared};
@@ -71,15 +72,20 @@ struct Committer {
 }
 
 /// The commit thread: writes each prepared batch in one durable
-/// transaction, in the order given, and sends back the outcome; it ends
-/// (dropping its handle on the store) when the channel closes.
-fn spawn_committer(store: Store) -> Committer {
+/// transaction, in the order given, hands a committed batch's events to
+/// the relay's `outbox`, and sends back the outcome; it ends (dropping its
+/// handle on the store) when the channel closes.
+fn spawn_committer(store: Store, outbox: Outbox) -> Committer {
     let (jobs, rx) = std::sync::mpsc::channel::<CommitJob>();
     let thread = std::thread::Builder::new()
         .name("bcp-commit".into())
         .spawn(move || {
             for (prepared, done) in rx {
                 let result = store.commit(&prepared);
+                if result.is_ok() {
+                    // Before the writer announces the new head.
+                    outbox.push(prepared.into_events());
+                }
                 let _ = done.send(result);
             }
         })
@@ -104,7 +110,8 @@ struct Writer {
 }
 
 /// Start the writer thread; it returns the final head seq when the queue
-/// closes and is empty. If the store fails in a way only reopening it cures
+/// closes and is empty. Each committed batch's events go to `outbox`
+/// before `head` moves past them. If the store fails in a way only reopening it cures
 /// (redb after an I/O error), the writer answers everything `unavailable`,
 /// cancels `fatal` so the server drains and exits non-zero, and returns the
 /// error: a supervisor restarts bcp, and nothing acknowledged was lost.
@@ -113,9 +120,10 @@ pub fn spawn(
     queue: mpsc::Receiver<WriteRequest>,
     replies: mpsc::Sender<Vec<Committed>>,
     head: watch::Sender<u64>,
+    outbox: Outbox,
     fatal: CancellationToken,
 ) -> JoinHandle<Result<u64, StoreError>> {
-    let committer = spawn_committer(ledger.store().clone());
+    let committer = spawn_committer(ledger.store().clone(), outbox);
     let writer = Writer {
         pipeline: Pipeline::new(ledger),
         queue,

@@ -188,6 +188,14 @@ pub struct Prepared {
     rows: Rows,
 }
 
+impl Prepared {
+    /// The batch's events, `(seq, stored bytes)` in seq order: once
+    /// committed, what the relay publishes.
+    pub fn into_events(self) -> Vec<(u64, Vec<u8>)> {
+        self.rows.events
+    }
+}
+
 impl Store {
     /// Write a prepared batch in ONE `Durability::Immediate` transaction.
     /// On `Err`, nothing of it was written (but see
