@@ -446,18 +446,26 @@ async fn run(args: Args) -> Result<Option<Results>> {
         // CPU time of `bcp serve` and nats-server per command: steadier than
         // the rate when two builds are compared, since the disk's fsync time
         // moves the rate by ±30 % from run to run here.
-        let us_per_command = |r: &Run, name: &str| {
-            let cores = r
-                .cpu
+        let used = |r: &Run, name: &str| {
+            r.cpu
                 .as_ref()
-                .and_then(|c| c.procs.iter().find(|p| p.name == name).map(|p| p.cores));
-            cores.map_or(0.0, |cores| cores * 1e6 / r.acked.per_sec)
+                .and_then(|c| c.procs.iter().find(|p| p.name == name).cloned())
+                .unwrap_or_default()
         };
-        let cpu_per_command = |r: &Run| {
+        let us_per_command = |r: &Run, name: &str| used(r, name).cores * 1e6 / r.acked.per_sec;
+        // Context switches per command: the thread hops a command costs,
+        // which the CPU per command at low load is mostly made of here.
+        let switches_per_command = |r: &Run, name: &str| {
+            let secs = r.cpu.as_ref().map_or(0.0, |c| c.secs);
+            used(r, name).switches as f64 / (r.acked.per_sec * secs).max(1.0)
+        };
+        let cpu_per_command = |r: &Run, server: &str| {
             format!(
-                "CPU/command: bcp serve {:.0} µs, nats-server {:.0} µs",
-                us_per_command(r, "bcp serve"),
-                us_per_command(r, "nats-server")
+                "CPU/command: {server} {:.0} µs, nats-server {:.0} µs; switches/command: {server} {:.1}, nats-server {:.1}",
+                us_per_command(r, server),
+                us_per_command(r, "nats-server"),
+                switches_per_command(r, server),
+                switches_per_command(r, "nats-server"),
             )
         };
         println!(
@@ -466,17 +474,16 @@ async fn run(args: Args) -> Result<Option<Results>> {
             report::of_runs(&rates),
             e2e.latency.p50_us,
             e2e.latency.p99_us,
-            cpu_per_command(&e2e),
+            cpu_per_command(&e2e, "bcp serve"),
             cores(&e2e)
         );
         println!(
-            "peer C: {:.0} commands/s{}, p50/p99 {}/{} µs, CPU/command: peer C {:.0} µs, nats-server {:.0} µs (other processes {:.2} cores)",
+            "peer C: {:.0} commands/s{}, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
             c.acked.per_sec,
             report::of_runs(&c_rates),
             c.latency.p50_us,
             c.latency.p99_us,
-            us_per_command(&c, "peer C"),
-            us_per_command(&c, "nats-server"),
+            cpu_per_command(&c, "peer C"),
             cores(&c)
         );
         println!(
@@ -491,14 +498,15 @@ async fn run(args: Args) -> Result<Option<Results>> {
         );
         for ((share, run), c) in fixed_load.iter().zip(&peer_c_fixed_load) {
             println!(
-                "{:.0} % load: p50/p99 {}/{} µs, {} (other processes {:.2} cores); peer C at that rate: p50/p99 {}/{} µs",
+                "{:.0} % load: p50/p99 {}/{} µs, {} (other processes {:.2} cores)\n  peer C at that rate: p50/p99 {}/{} µs, {}",
                 share * 100.0,
                 run.latency.p50_us,
                 run.latency.p99_us,
-                cpu_per_command(run),
+                cpu_per_command(run, "bcp serve"),
                 cores(run),
                 c.latency.p50_us,
-                c.latency.p99_us
+                c.latency.p99_us,
+                cpu_per_command(c, "peer C"),
             );
         }
         return Ok(None);

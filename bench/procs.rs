@@ -438,6 +438,32 @@ pub fn written_bytes(pid: u32) -> Option<u64> {
         .and_then(|n| n.trim().parse().ok())
 }
 
+/// Context switches (voluntary and not) of every thread of a process so
+/// far (/proc/PID/task/*/status; a thread that ended takes its count with
+/// it); `None` once the process is gone. `pid` 0 is the benchmark itself.
+pub fn switches(pid: u32) -> Option<u64> {
+    let dir = if pid == 0 {
+        "/proc/self/task".to_owned()
+    } else {
+        format!("/proc/{pid}/task")
+    };
+    let mut total = 0;
+    for thread in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(status) = std::fs::read_to_string(thread.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
+}
+
 /// What one process used over an interval.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ProcUse {
@@ -446,6 +472,9 @@ pub struct ProcUse {
     pub cores: f64,
     /// Bytes written to storage (after the page cache) over the interval.
     pub written_bytes: u64,
+    /// Context switches of its threads over the interval: each is a thread
+    /// put to sleep or woken, the cost of a hop between threads.
+    pub switches: u64,
 }
 
 /// What some processes used over an interval, and what the rest of the
@@ -483,7 +512,7 @@ fn machine_cpu_secs() -> (f64, f64) {
 pub struct Meter {
     started: Instant,
     machine: (f64, f64),
-    at_start: Vec<(String, u32, f64, u64)>,
+    at_start: Vec<(String, u32, f64, u64, u64)>,
 }
 
 impl Meter {
@@ -496,7 +525,8 @@ impl Meter {
                 .map(|(name, pid)| {
                     let cpu = cpu_secs(*pid).unwrap_or(0.0);
                     let written = written_bytes(*pid).unwrap_or(0);
-                    (name.to_string(), *pid, cpu, written)
+                    let switched = switches(*pid).unwrap_or(0);
+                    (name.to_string(), *pid, cpu, written, switched)
                 })
                 .collect(),
         }
@@ -508,12 +538,13 @@ impl Meter {
         let procs: Vec<ProcUse> = self
             .at_start
             .into_iter()
-            .map(|(name, pid, cpu, written)| ProcUse {
+            .map(|(name, pid, cpu, written, switched)| ProcUse {
                 name,
                 cores: (cpu_secs(pid).unwrap_or(cpu) - cpu) / wall,
                 written_bytes: written_bytes(pid)
                     .unwrap_or(written)
                     .saturating_sub(written),
+                switches: switches(pid).unwrap_or(switched).saturating_sub(switched),
             })
             .collect();
         let ours: f64 = procs.iter().map(|p| p.cores).sum();
