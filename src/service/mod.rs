@@ -326,9 +326,9 @@ pub(crate) async fn term(
         config.stream_check_interval,
         end.clone(),
     ));
-    // A storage failure that needs a restart stops the whole process.
     // This term's committed events, from the commit thread to the relay.
     let outbox = relay::Outbox::default();
+    // A storage failure that needs a restart stops the whole process.
     let writer = writer::spawn(
         ledger,
         queue_rx,

@@ -111,10 +111,11 @@ struct Writer {
 
 /// Start the writer thread; it returns the final head seq when the queue
 /// closes and is empty. Each committed batch's events go to `outbox`
-/// before `head` moves past them. If the store fails in a way only reopening it cures
-/// (redb after an I/O error), the writer answers everything `unavailable`,
-/// cancels `fatal` so the server drains and exits non-zero, and returns the
-/// error: a supervisor restarts bcp, and nothing acknowledged was lost.
+/// before `head` moves past them. If the store fails in a way only
+/// reopening it cures (redb after an I/O error), the writer answers
+/// everything `unavailable`, cancels `fatal` so the server drains and exits
+/// non-zero, and returns the error: a supervisor restarts bcp, and nothing
+/// acknowledged was lost.
 pub fn spawn(
     ledger: Ledger,
     queue: mpsc::Receiver<WriteRequest>,
