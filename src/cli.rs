@@ -626,8 +626,13 @@ fn serve(config: bcp::service::ServeConfig) -> Result<u8> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let stop = bcp::service::shutdown::on_signal();
-        bcp::service::serve(config, stop).await
-    })?;
+        // On the runtime's workers, not on this thread: the intake then
+        // runs where NATS delivers the requests, rather than waking this
+        // thread for them.
+        tokio::spawn(bcp::service::serve(config, stop))
+            .await
+            .context("bcp serve panicked")
+    })??;
     Ok(EXIT_OK)
 }
 
