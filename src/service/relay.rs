@@ -121,7 +121,7 @@ impl Outbox {
     }
 }
 
-/// An outstanding publish: its seq and its ack.
+/// The ack of a publish not yet acknowledged.
 type Ack = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
 /// Why publishing stopped.
