@@ -17,8 +17,9 @@
 //!    this disk; each commit timed. Beside it, bcp's own write path without
 //!    NATS (`Pipeline::execute`: decide, hash chain, projections, idempotency,
 //!    one durable commit) at the same batch sizes, and the bytes and the CPU
-//!    time each write transaction takes. 1 and 4 are the batches `bcp serve`
-//!    commits at low load.
+//!    time each write transaction takes (the thread's CPU clock,
+//!    `measure::thread_cpu_us`). 1 and 4 are the batches `bcp serve`
+//!    commits at low load. `--appends-only` runs just this and prints it.
 //! 2. **Baseline B**: raw JetStream publish-with-ack of the same bytes,
 //!    `--in-flight` acks outstanding, against a default nats-server (which
 //!    fsyncs every 2 minutes, not per message); **B′**: the same against a
@@ -105,6 +106,9 @@ pub struct Args {
     pub group_only: bool,
     /// Only the relay's publish modes, printed, nothing written.
     pub publish_only: bool,
+    /// Only phase 1 (raw redb against `Pipeline::execute`), printed,
+    /// nothing written: for profiling and comparing the commit.
+    pub appends_only: bool,
     /// The largest log of the growth steps, replay and verify.
     pub events: u64,
     /// Commands of the end-to-end run (3).
@@ -150,6 +154,10 @@ struct CommandLine {
     /// publishes) against JetStream atomic batches, printed, nothing written.
     #[arg(long, conflicts_with_all = ["e2e_only", "group_only"])]
     publish_only: bool,
+    /// Only phase 1: raw redb appends (A) against bcp's write transaction
+    /// at the same batch sizes, printed, nothing written.
+    #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only"])]
+    appends_only: bool,
     /// The largest log of the growth steps, replay and verify (at least 1000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1000..))]
     events: Option<u64>,
@@ -190,6 +198,7 @@ impl Args {
                 e2e_only: false,
                 group_only: false,
                 publish_only: false,
+                appends_only: false,
                 events: 20_000,
                 commands: 3_000,
                 growth_commands: 1_000,
@@ -209,6 +218,7 @@ impl Args {
                 e2e_only: false,
                 group_only: false,
                 publish_only: false,
+                appends_only: false,
                 events: 1_000_000,
                 commands: 100_000,
                 growth_commands: 20_000,
@@ -226,6 +236,7 @@ impl Args {
         a.e2e_only = cli.e2e_only;
         a.group_only = cli.group_only;
         a.publish_only = cli.publish_only;
+        a.appends_only = cli.appends_only;
         a.keep = cli.keep;
         a.events = cli.events.unwrap_or(a.events);
         a.commands = cli.commands.unwrap_or(a.commands);
@@ -432,6 +443,30 @@ async fn run(args: Args) -> Result<Option<Results>> {
     }
     if b.args.publish_only {
         publish_modes(&mut b).await?;
+        return Ok(None);
+    }
+    if b.args.appends_only {
+        let db = b.dir.join("samples.redb");
+        build(&db, 10_000, &mut b.lanes, b.args.build_batch).await?;
+        let samples = envelopes(&db)?;
+        let (a, l) = durable_appends(&mut b, &samples).await?;
+        for (a, l) in a.iter().zip(&l) {
+            let per = |w: u64, n: u64| w as f64 / n.max(1) as f64;
+            let (lw, aw) = (
+                per(l.written_bytes, l.rate.count),
+                per(a.written_bytes, a.rate.count),
+            );
+            println!(
+                "{}/commit: CPU per transaction p50 bcp {} µs, A {} µs = {:.2}× (means {} / {} µs); bytes/event bcp {lw:.0}, A {aw:.0} = {:.2}×",
+                l.batch,
+                l.commit_cpu.p50_us,
+                a.commit_cpu.p50_us,
+                l.commit_cpu.p50_us as f64 / a.commit_cpu.p50_us.max(1) as f64,
+                l.commit_cpu.mean_us,
+                a.commit_cpu.mean_us,
+                lw / aw.max(1.0),
+            );
+        }
         return Ok(None);
     }
     if b.args.e2e_only {
