@@ -3361,6 +3361,8 @@ async fn operators_http_endpoints() {
         "bcp_relay_lag 0",
         "bcp_intake_queue_depth 0",
         "bcp_alarms 0",
+        // The three that went through the writer; the bad request did not.
+        "bcp_command_seconds_count 3",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

@@ -2,9 +2,9 @@
 //! `/healthz` (the process is up), `/readyz` (NATS connected, no alarm
 //! raised, and the writer running, or a group follower applying the
 //! stream), and `/metrics` in the Prometheus/OpenMetrics text format,
-//! encoded by `prometheus-client` (commands by verb and outcome, batch
-//! sizes, commit latency, relay lag, intake queue depth, head and
-//! published seq, alarms).
+//! encoded by `prometheus-client` (commands by verb and outcome, each
+//! command's time from arrival to reply, batch sizes, commit and fsync
+//! latency, relay lag, intake queue depth, head and published seq, alarms).
 
 use super::api::{Metrics, Role};
 use axum::extract::State;
@@ -29,6 +29,7 @@ pub struct Prom {
     commands: Family<Labels, Counter>,
     batch_commands: Histogram,
     commit_seconds: Histogram,
+    command_seconds: Histogram,
     gauges: Gauges,
 }
 
@@ -63,6 +64,12 @@ impl Prom {
             "commit_seconds",
             "From a batch handed to the commit thread to its durable commit (fsync included)",
             commit_seconds.clone(),
+        );
+        let command_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        registry.register(
+            "command_seconds",
+            "From a command's arrival to its reply sent: queued, decided, committed (in a group, also acknowledged by JetStream)",
+            command_seconds.clone(),
         );
         registry.register(
             "fsync_seconds",
@@ -105,6 +112,7 @@ impl Prom {
             commands,
             batch_commands,
             commit_seconds,
+            command_seconds,
             gauges,
         }
     }
@@ -120,6 +128,11 @@ impl Prom {
     pub fn batch(&self, commands: usize, commit: std::time::Duration) {
         self.batch_commands.observe(commands as f64);
         self.commit_seconds.observe(commit.as_secs_f64());
+    }
+
+    /// One command's reply sent, `since` its arrival.
+    pub fn answered(&self, since: std::time::Duration) {
+        self.command_seconds.observe(since.as_secs_f64());
     }
 }
 

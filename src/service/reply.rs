@@ -110,6 +110,11 @@ pub async fn send_replies(
                     tracing::info!(command_id = %c.command_id, verb = %c.verb, ok = c.reply.ok, events = c.reply.events.len(), "command without reply subject decided");
                 }
             }
+            if !c.internal {
+                // Before the send, so a client that has its reply also
+                // finds it counted.
+                metrics.prom().answered(c.queued.elapsed());
+            }
             c.reply_to.send(&client, &c.reply).await;
         }
         if let Some(t) = oldest {
