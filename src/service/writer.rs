@@ -62,8 +62,15 @@ struct Target {
     internal: bool,
 }
 
+/// A batch for the commit thread, and where its outcome goes.
+type CommitJob = (Prepared, oneshot::Sender<CommitDone>);
+
 /// The outcome of one commit, sent back by the commit thread.
-type CommitJob = (Prepared, oneshot::Sender<Result<(), StoreError>>);
+struct CommitDone {
+    result: Result<(), StoreError>,
+    /// When the commit returned: the writer may notice it later.
+    at: Instant,
+}
 
 /// The commit thread and the channel that feeds it.
 struct Committer {
@@ -86,7 +93,10 @@ fn spawn_committer(store: Store, outbox: Outbox) -> Committer {
                     // Before the writer announces the new head.
                     outbox.push(prepared.into_events());
                 }
-                let _ = done.send(result);
+                let _ = done.send(CommitDone {
+                    result,
+                    at: Instant::now(),
+                });
             }
         })
         .expect("spawn commit thread");
@@ -96,7 +106,14 @@ fn spawn_committer(store: Store, outbox: Outbox) -> Committer {
 /// The batch at the commit thread.
 struct Committing {
     started: Instant,
-    done: oneshot::Receiver<Result<(), StoreError>>,
+    done: oneshot::Receiver<CommitDone>,
+}
+
+impl Committing {
+    /// The commit thread has sent the outcome.
+    fn is_done(&self) -> bool {
+        !self.done.is_empty()
+    }
 }
 
 struct Writer {
@@ -149,12 +166,12 @@ impl Writer {
                 biased;
                 done = async { (&mut committing.as_mut().expect("guarded").done).await }, if committing.is_some() => {
                     let c = committing.take().expect("guarded");
-                    let settled = match done {
-                        Ok(result) => self.pipeline.settle(result),
+                    let (settled, finished) = match done {
+                        Ok(done) => (self.pipeline.settle(done.result), done.at),
                         // The commit thread dropped the batch: it panicked.
-                        Err(_) => self.pipeline.commit_lost(),
+                        Err(_) => (self.pipeline.commit_lost(), Instant::now()),
                     };
-                    self.deliver(settled, c.started).await;
+                    self.deliver(settled, c.started, finished).await;
                     committing = self.commit_next();
                 }
                 r = self.queue.recv(), if queue_open && self.pipeline.has_room() => {
@@ -163,8 +180,14 @@ impl Writer {
                         continue;
                     };
                     self.take(first).await;
-                    // Whatever else is already queued joins the same batch.
-                    while self.pipeline.has_room() {
+                    // Whatever else is already queued joins the same batch,
+                    // until the commit running is done: its replies and the
+                    // next commit come first (a backlog of hundreds of
+                    // commands took milliseconds to decide, with the commit
+                    // thread idle and that batch's replies held meanwhile).
+                    while self.pipeline.has_room()
+                        && !committing.as_ref().is_some_and(Committing::is_done)
+                    {
                         match self.queue.try_recv() {
                             Ok(r) => self.take(r).await,
                             Err(_) => break,
@@ -228,8 +251,10 @@ impl Writer {
     }
 
     /// A commit settled: publish the new head, stop if the store needs
-    /// reopening (before any answer can be seen), and answer.
-    async fn deliver(&mut self, settled: Settled<Target>, started: Instant) {
+    /// reopening (before any answer can be seen), and answer. The commit
+    /// ran from `started` to `finished`.
+    async fn deliver(&mut self, settled: Settled<Target>, started: Instant, finished: Instant) {
+        let commit = finished.saturating_duration_since(started);
         let commit = settled.head.map(|head_seq| {
             self.head.send_replace(head_seq);
             if tracing::enabled!(tracing::Level::TRACE) {
@@ -237,12 +262,14 @@ impl Writer {
                 tracing::trace!(
                     commands = settled.answers.len(),
                     head_seq,
-                    commit_us = started.elapsed().as_micros() as u64,
+                    commit_us = commit.as_micros() as u64,
+                    // From the commit's end to the writer settling it.
+                    noticed_us = finished.elapsed().as_micros() as u64,
                     oldest_queued_us = oldest.map_or(0, |t| t.elapsed().as_micros() as u64),
                     "batch committed"
                 );
             }
-            started.elapsed()
+            commit
         });
         if settled.stopped {
             self.queue.close();
