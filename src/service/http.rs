@@ -3,7 +3,7 @@
 //! raised, and the writer running, or a group follower applying the
 //! stream), and `/metrics` in the Prometheus/OpenMetrics text format,
 //! encoded by `prometheus-client` (commands by verb and outcome, each
-//! command's time from arrival to reply, batch sizes, commit and fsync
+//! command's time from intake to reply, batch sizes, commit and fsync
 //! latency, relay lag, intake queue depth, head and published seq, alarms).
 
 use super::api::{Metrics, Role};
@@ -68,7 +68,7 @@ impl Prom {
         let command_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
         registry.register(
             "command_seconds",
-            "From a command's arrival to its reply sent: queued, decided, committed (in a group, also acknowledged by JetStream)",
+            "From a command decoded and queued by intake to its reply: waiting for the writer, decided, committed (in a group, also acknowledged by JetStream)",
             command_seconds.clone(),
         );
         registry.register(
@@ -130,7 +130,7 @@ impl Prom {
         self.commit_seconds.observe(commit.as_secs_f64());
     }
 
-    /// One command's reply sent, `since` its arrival.
+    /// One command answered, `since` the intake queued it.
     pub fn answered(&self, since: std::time::Duration) {
         self.command_seconds.observe(since.as_secs_f64());
     }

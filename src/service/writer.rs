@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub struct WriteRequest {
     pub pending: crate::store::ledger::Pending,
     pub reply_to: ReplyTo,
-    /// When the intake queued it (for the per-batch trace).
+    /// When the intake queued it (`bcp_command_seconds`, the per-batch
+    /// trace).
     pub queued: Instant,
 }
 
@@ -89,14 +90,12 @@ fn spawn_committer(store: Store, outbox: Outbox) -> Committer {
         .spawn(move || {
             for (prepared, done) in rx {
                 let result = store.commit(&prepared);
+                let at = Instant::now();
                 if result.is_ok() {
                     // Before the writer announces the new head.
                     outbox.push(prepared.into_events());
                 }
-                let _ = done.send(CommitDone {
-                    result,
-                    at: Instant::now(),
-                });
+                let _ = done.send(CommitDone { result, at });
             }
         })
         .expect("spawn commit thread");
@@ -110,7 +109,10 @@ struct Committing {
 }
 
 impl Committing {
-    /// The commit thread has sent the outcome.
+    /// The commit thread has sent the outcome. (A commit thread that
+    /// panicked sends none: the writer learns of it at its next `select`,
+    /// after deciding what is queued, all of which is then answered
+    /// `unavailable`.)
     fn is_done(&self) -> bool {
         !self.done.is_empty()
     }
@@ -167,9 +169,9 @@ impl Writer {
                 done = async { (&mut committing.as_mut().expect("guarded").done).await }, if committing.is_some() => {
                     let c = committing.take().expect("guarded");
                     let (settled, finished) = match done {
-                        Ok(done) => (self.pipeline.settle(done.result), done.at),
+                        Ok(done) => (self.pipeline.settle(done.result), Some(done.at)),
                         // The commit thread dropped the batch: it panicked.
-                        Err(_) => (self.pipeline.commit_lost(), Instant::now()),
+                        Err(_) => (self.pipeline.commit_lost(), None),
                     };
                     self.deliver(settled, c.started, finished).await;
                     committing = self.commit_next();
@@ -240,23 +242,28 @@ impl Writer {
     fn commit_next(&mut self) -> Option<Committing> {
         let prepared = self.pipeline.to_commit()?;
         let (done_tx, done) = oneshot::channel();
+        let started = Instant::now();
         self.committer
             .jobs
             .send((prepared, done_tx))
             .expect("the commit thread lives as long as the writer");
-        Some(Committing {
-            started: Instant::now(),
-            done,
-        })
+        Some(Committing { started, done })
     }
 
     /// A commit settled: publish the new head, stop if the store needs
     /// reopening (before any answer can be seen), and answer. The commit
-    /// ran from `started` to `finished`.
-    async fn deliver(&mut self, settled: Settled<Target>, started: Instant, finished: Instant) {
-        let commit = finished.saturating_duration_since(started);
-        let commit = settled.head.map(|head_seq| {
+    /// ran from `started` to `finished` (`None`: the commit thread is gone).
+    async fn deliver(
+        &mut self,
+        settled: Settled<Target>,
+        started: Instant,
+        finished: Option<Instant>,
+    ) {
+        if let Some(head_seq) = settled.head {
             self.head.send_replace(head_seq);
+        }
+        let commit = settled.head.zip(finished).map(|(head_seq, finished)| {
+            let commit = finished.saturating_duration_since(started);
             if tracing::enabled!(tracing::Level::TRACE) {
                 let oldest = settled.answers.iter().map(|a| a.to.queued).min();
                 tracing::trace!(
