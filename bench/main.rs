@@ -19,7 +19,8 @@
 //!    one durable commit) at the same batch sizes, and the bytes and the CPU
 //!    time each write transaction takes (the thread's CPU clock,
 //!    `measure::thread_cpu_us`). 1 and 4 are about the batches `bcp serve`
-//!    commits at low load (about 5 at 25 % of its max load). `--appends-only` runs just this and prints it.
+//!    commits at low load (about 5 at 25 % of its max load).
+//!    `--appends-only` runs just this and prints it.
 //! 2. **Baseline B**: raw JetStream publish-with-ack of the same bytes,
 //!    `--in-flight` acks outstanding, against a default nats-server (which
 //!    fsyncs every 2 minutes, not per message); **B′**: the same against a
