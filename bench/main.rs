@@ -298,6 +298,13 @@ pub struct LedgerAppends {
     pub written_bytes: u64,
 }
 
+impl LedgerAppends {
+    /// Bytes written to storage per event appended.
+    pub fn bytes_per_event(&self) -> f64 {
+        self.written_bytes as f64 / self.rate.count.max(1) as f64
+    }
+}
+
 /// A `bcp` CLI command timed over a log.
 #[derive(Clone, Debug, Serialize)]
 pub struct Cli {
@@ -452,11 +459,7 @@ async fn run(args: Args) -> Result<Option<Results>> {
         let samples = envelopes(&db)?;
         let (a, l) = durable_appends(&mut b, &samples).await?;
         for (a, l) in a.iter().zip(&l) {
-            let per = |w: u64, n: u64| w as f64 / n.max(1) as f64;
-            let (lw, aw) = (
-                per(l.written_bytes, l.rate.count),
-                per(a.written_bytes, a.rate.count),
-            );
+            let (lw, aw) = (l.bytes_per_event(), a.bytes_per_event());
             println!(
                 "{}/commit: CPU per transaction p50 bcp {} µs, A {} µs = {:.2}× (means {} / {} µs); bytes/event bcp {lw:.0}, A {aw:.0} = {:.2}×",
                 l.batch,

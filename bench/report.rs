@@ -257,11 +257,7 @@ pub fn table(r: &Results) -> String {
             "commit ",
             &a.commit,
         );
-        let per = |w: u64, n: u64| w as f64 / n.max(1) as f64;
-        let (lw, aw) = (
-            per(l.written_bytes, l.rate.count),
-            per(a.written_bytes, a.rate.count),
-        );
+        let (lw, aw) = (l.bytes_per_event(), a.bytes_per_event());
         row(
             &mut t,
             [
@@ -419,7 +415,7 @@ pub fn table(r: &Results) -> String {
                 &format!(
                     "B′: {}; A: {} bytes/event ({}/commit)",
                     written_per(&r.baseline_b_sync.cpu, r.baseline_b_sync.rate.count),
-                    int(a64.map_or(0.0, |a| a.written_bytes as f64 / a.rate.count.max(1) as f64)),
+                    int(a64.map_or(0.0, crate::measure::Appends::bytes_per_event)),
                     a64.map_or(0, |a| a.batch)
                 ),
                 "",
