@@ -91,7 +91,7 @@ impl Outbox {
             tracing::error!(
                 last,
                 first,
-                "outbox: batch does not follow the last; dropped"
+                "outbox: batch does not follow the last; the events held before it dropped"
             );
             held.clear();
         }
