@@ -231,9 +231,12 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
         Format::Json => {
             // Streamed: the view of 100 k jobs is some 250 MB of JSON.
             let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-            serde_json::to_writer_pretty(&mut out, &view)?;
+            view.write_pretty(&mut out, bcp::audit::scan::workers())?;
             out.write_all(b"\n")?;
             out.flush()?;
+            // The process exits next: freeing 100 k jobs one by one would
+            // only delay that.
+            std::mem::forget(view);
         }
         Format::Table => {
             println!("as of seq {}", view.as_of_seq);
