@@ -138,9 +138,14 @@ pub struct ImportArgs {
     pub auth: super::AuthArgs,
 }
 
-/// redb's page cache for a pass over the whole log: the tree's branch pages
-/// stay cached, and memory does not grow with the log.
-const SCAN_CACHE_BYTES: usize = 64 << 20;
+/// redb's page cache for a pass over the whole log: none. Every read of
+/// replay, verify and export is a forward range over a table, which reads
+/// each page once and holds the branch pages above it while it moves on, so
+/// a cache only adds the work of filling and evicting it. On a 1.02 M-event
+/// log, against 64 MiB: replay 1.05-1.15 s -> 0.91-0.93 s, verify
+/// 1.99-2.05 s -> 1.88-1.91 s, and 80-90 MB less memory (1 MiB measured
+/// the same as none).
+const SCAN_CACHE_BYTES: usize = 0;
 
 /// A bar on stderr while stdout is a terminal; nothing otherwise.
 fn progress(total: Option<u64>, what: &'static str) -> ProgressBar {
