@@ -638,6 +638,11 @@ async fn jetstream_stream_contents() {
     assert_eq!(config.subjects, ["bcp.evt.>"]);
     assert!(config.deny_delete, "deny_delete");
     assert!(config.deny_purge, "deny_purge");
+    // Short: bcp does not rely on JetStream's de-duplication.
+    assert_eq!(
+        config.duplicate_window,
+        bcp::domain::limits::STREAM_DUPLICATE_WINDOW
+    );
     assert_eq!(
         config.storage,
         async_nats::jetstream::stream::StorageType::File

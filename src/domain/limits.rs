@@ -21,6 +21,14 @@ pub const RELAY_WINDOW_MAX: usize = 256;
 /// API request) before it reconciles with the stream and resumes from its
 /// last sequence.
 pub const RELAY_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The duplicate window of the stream bcp creates. bcp does not rely on
+/// JetStream's de-duplication: every publish carries the expected last
+/// sequence, and the relay re-sends nothing without first checking the
+/// stream. nats-server keeps every message id of the window in memory
+/// (JetStream's default of 2 minutes is some 3 M ids at 25 k events/s),
+/// and garbage-collects them: after a catch-up of 880 k events, that took
+/// its CPU per command from 20 to 44 µs for two minutes.
+pub const STREAM_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 /// Events the relay reads from redb per read transaction.
 pub const RELAY_CHUNK_MAX: usize = 1024;
 /// Committed events held in memory for the relay (about 0.6 KB each):

@@ -20,6 +20,7 @@
 //! by accident, and the stream's first message names the log it carries.
 
 use crate::domain::envelope::{GENESIS_HASH, Routing};
+use crate::domain::limits::STREAM_DUPLICATE_WINDOW;
 use crate::store::Store;
 use async_nats::jetstream::{self, stream};
 use serde::{Deserialize, Serialize};
@@ -139,7 +140,9 @@ impl Alarms {
 
 /// The stream's configuration: file storage, every `bcp.evt.>` subject, no
 /// limits, and no deletes or purges through NATS: the published audit trail
-/// is append-only.
+/// is append-only. Its duplicate window is short
+/// ([`STREAM_DUPLICATE_WINDOW`]); it is not checked, so a stream created
+/// before keeps its own.
 pub fn stream_config(name: &str, replicas: usize) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
@@ -148,6 +151,7 @@ pub fn stream_config(name: &str, replicas: usize) -> stream::Config {
         num_replicas: replicas.max(1),
         deny_delete: true,
         deny_purge: true,
+        duplicate_window: STREAM_DUPLICATE_WINDOW,
         ..Default::default()
     }
 }
