@@ -21,14 +21,20 @@ pub const RELAY_WINDOW_MAX: usize = 256;
 /// API request) before it reconciles with the stream and resumes from its
 /// last sequence.
 pub const RELAY_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-/// The duplicate window of the stream bcp creates. bcp does not rely on
-/// JetStream's de-duplication: every publish carries the expected last
-/// sequence, and the relay re-sends nothing without first checking the
-/// stream. nats-server keeps every message id of the window in memory
-/// (JetStream's default of 2 minutes is some 3 M ids at 25 k events/s),
-/// and garbage-collects them: after a catch-up of 880 k events, that took
-/// its CPU per command from 20 to 44 µs for two minutes.
-pub const STREAM_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+/// The duplicate window of the stream bcp creates: 10 s, not JetStream's
+/// default of 2 minutes. nats-server keeps every message id of the window
+/// in memory and garbage-collects them: right after a relay catch-up of
+/// 880 k events (the growth step of the benchmark), the default window
+/// took its CPU per command at 1 M events from about 20 to 39-46 µs in 4
+/// of 6 runs. bcp's idempotency is its own and permanent, so the window
+/// serves only the relay: a publish whose ack timed out
+/// ([`RELAY_ACK_TIMEOUT`]) may still be stored after the reconciliation
+/// that follows read the stream's last sequence, and its re-sent copy must
+/// then get a duplicate ack rather than a wrong-last-sequence refusal (in a
+/// group, that refusal makes the leader step down). The window covers the
+/// timeout and the reconciliation's API request several times over.
+pub const STREAM_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+const _: () = assert!(STREAM_DUPLICATE_WINDOW.as_secs() >= 4 * RELAY_ACK_TIMEOUT.as_secs());
 /// Events the relay reads from redb per read transaction.
 pub const RELAY_CHUNK_MAX: usize = 1024;
 /// Committed events held in memory for the relay (about 0.6 KB each):

@@ -141,8 +141,8 @@ impl Alarms {
 /// The stream's configuration: file storage, every `bcp.evt.>` subject, no
 /// limits, and no deletes or purges through NATS: the published audit trail
 /// is append-only. Its duplicate window is short
-/// ([`STREAM_DUPLICATE_WINDOW`]); it is not checked, so a stream created
-/// before keeps its own.
+/// ([`STREAM_DUPLICATE_WINDOW`]); the stream check does not compare it, so
+/// a stream created before keeps its own.
 pub fn stream_config(name: &str, replicas: usize) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
