@@ -638,7 +638,8 @@ async fn jetstream_stream_contents() {
     assert_eq!(config.subjects, ["bcp.evt.>"]);
     assert!(config.deny_delete, "deny_delete");
     assert!(config.deny_purge, "deny_purge");
-    // Short: bcp does not rely on JetStream's de-duplication.
+    // Short: JetStream's de-duplication only has to catch the relay's
+    // re-sent publishes (limits.rs says why).
     assert_eq!(
         config.duplicate_window,
         bcp::domain::limits::STREAM_DUPLICATE_WINDOW
