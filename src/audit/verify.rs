@@ -137,13 +137,14 @@ fn projections_differ(
     parts: usize,
 ) -> Result<Option<String>, StoreError> {
     let txn = store.begin_read()?;
-    // Every job id with a row: a view, a catalog, or an event about it.
+    // Every job id with a row: a view, a catalog, or an event about it
+    // (the index is sorted by job: one id per run of it, not per event).
     let mut ids: Vec<u128> = world
         .jobs
         .keys()
         .chain(world.catalogs.keys())
         .map(|id| id.as_u128())
-        .chain(index.iter().map(|(job, _)| *job))
+        .chain(index.chunk_by(|a, b| a.0 == b.0).map(|run| run[0].0))
         .collect();
     ids.sort_unstable();
     ids.dedup();
