@@ -301,7 +301,7 @@ pub struct LedgerAppends {
 impl LedgerAppends {
     /// Bytes written to storage per event appended.
     pub fn bytes_per_event(&self) -> f64 {
-        self.written_bytes as f64 / self.rate.count.max(1) as f64
+        measure::per_event(self.written_bytes, &self.rate)
     }
 }
 

@@ -106,17 +106,23 @@ pub struct Appends {
     pub written_bytes: u64,
 }
 
+impl Appends {
+    /// Bytes written to storage per event appended.
+    pub fn bytes_per_event(&self) -> f64 {
+        per_event(self.written_bytes, &self.rate)
+    }
+}
+
+/// `bytes` spread over the events `rate` counted (baseline A and bcp's
+/// write transaction alike).
+pub fn per_event(bytes: u64, rate: &Rate) -> f64 {
+    bytes as f64 / rate.count.max(1) as f64
+}
+
 /// Baseline A: `events` appends of the sample envelopes (cycled, keyed by a
 /// u64 seq like bcp's events table) into a fresh redb file, `batch` per
 /// write transaction, every commit `Durability::Immediate`. Nothing else:
 /// no decide, no hashing, no projections, no idempotency records.
-impl Appends {
-    /// Bytes written to storage per event appended.
-    pub fn bytes_per_event(&self) -> f64 {
-        self.written_bytes as f64 / self.rate.count.max(1) as f64
-    }
-}
-
 pub fn redb_appends(path: &Path, samples: &[Bytes], events: u64, batch: u64) -> Result<Appends> {
     const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
     let db = redb::Database::create(path)?;
