@@ -85,23 +85,17 @@ fn pretty_list<T: Sync>(
         return out.write_all(empty);
     }
     out.write_all(&empty[..1])?;
+    let chunks: Vec<&[T]> = items.chunks(CHUNK).collect();
     let chunk = |n: usize, buf: &mut Vec<u8>| -> serde_json::Result<()> {
-        let start = n * CHUNK;
-        for (i, x) in items[start..items.len().min(start + CHUNK)]
-            .iter()
-            .enumerate()
-        {
-            buf.extend_from_slice(if start + i == 0 {
-                b"\n    "
-            } else {
-                b",\n    "
-            });
+        for (i, x) in chunks[n].iter().enumerate() {
+            let first = n == 0 && i == 0;
+            buf.extend_from_slice(if first { b"\n    " } else { b",\n    " });
             item(x, buf)?;
         }
         Ok(())
     };
-    let chunks = items.len().div_ceil(CHUNK);
-    let workers = workers.clamp(1, chunks);
+    let count = chunks.len();
+    let workers = workers.clamp(1, count);
     // Chunk n goes to worker n % workers; each sends its pieces back on its
     // own bounded channel, so they are written in order with a few queued.
     std::thread::scope(|s| {
@@ -110,7 +104,7 @@ fn pretty_list<T: Sync>(
                 let (tx, rx) = sync_channel::<serde_json::Result<Vec<u8>>>(2);
                 let chunk = &chunk;
                 s.spawn(move || {
-                    for n in (w..chunks).step_by(workers) {
+                    for n in (w..count).step_by(workers) {
                         let mut buf = Vec::new();
                         let done = chunk(n, &mut buf).map(|()| buf);
                         let failed = done.is_err();
@@ -122,7 +116,7 @@ fn pretty_list<T: Sync>(
                 rx
             })
             .collect();
-        for n in 0..chunks {
+        for n in 0..count {
             let piece = from_workers[n % workers]
                 .recv()
                 .expect("a serializing thread stopped early")?;
