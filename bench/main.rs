@@ -36,9 +36,12 @@
 //!    JetStream and replies after the ack (no fsync of its own), driven by
 //!    the same producers with the same commands; bcp ÷ C is the headline.
 //! 4. **Fixed load**: open-loop pacing at 25/50/75 % of the rate of 3;
-//!    latency p50/p99 from each command's due time; then peer C at the
-//!    same offered rates (what a JetStream-backed service's latency is at
-//!    those rates on this machine).
+//!    latency p50/p99 from each command's due time, and beside it bcp
+//!    serve's own share (its `bcp_command_seconds` over the run, read from
+//!    `--http` /metrics: intake queue to reply sent), so a missed latency
+//!    target shows whether the time went inside bcp or around it; then
+//!    peer C at the same offered rates (what a JetStream-backed service's
+//!    latency is at those rates on this machine).
 //! 5. **Replay and verify**: the `bcp` CLI (`audit verify --db`, `replay --db
 //!    --format json`) on the log of 6 (`--events`, default 1 M), timed.
 //! 6. **Cost growth**: a log built offline through `Pipeline::execute` to
@@ -537,10 +540,11 @@ async fn run(args: Args) -> Result<Option<Results>> {
         );
         for ((share, run), c) in fixed_load.iter().zip(&peer_c_fixed_load) {
             println!(
-                "{:.0} % load: p50/p99 {}/{} µs, {} (other processes {:.2} cores)\n  peer C at that rate: p50/p99 {}/{} µs, {}",
+                "{:.0} % load: p50/p99 {}/{} µs{}, {} (other processes {:.2} cores)\n  peer C at that rate: p50/p99 {}/{} µs, {}",
                 share * 100.0,
                 run.latency.p50_us,
                 run.latency.p99_us,
+                report::inside(run),
                 cpu_per_command(run, "bcp serve"),
                 cores(run),
                 c.latency.p50_us,
@@ -912,14 +916,15 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
     let mut fixed_load = Vec::new();
     for share in [0.25, 0.50, 0.75] {
         let rate = e2e.0.acked.per_sec * share;
-        let mut run = fixed_rate(b, &client, rate, &pids).await?;
+        let mut run = fixed_rate(b, &client, rate, &pids, Some(&bcp)).await?;
         let lag = measure::wait_for_stream(&js, STREAM, run.last_seq, Duration::from_secs(300));
         run.stream_lag_after_last_ack_ms = lag.await?.as_secs_f64() * 1e3;
         say(format!(
-            "fixed load {:.0} %: {rate:.0}/s offered, p50 {} µs, p99 {} µs",
+            "fixed load {:.0} %: {rate:.0}/s offered, p50 {} µs, p99 {} µs{}",
             share * 100.0,
             run.latency.p50_us,
-            run.latency.p99_us
+            run.latency.p99_us,
+            report::inside(&run)
         ));
         fixed_load.push((share, run));
     }
@@ -946,7 +951,7 @@ async fn peer_c_open(b: &mut Bench, rates: &[f64]) -> Result<Vec<Run>> {
     let c = PeerC::start(b, "open").await?;
     let mut runs = Vec::new();
     for &rate in rates {
-        let run = fixed_rate(b, &c.client, rate, &c.pids()).await?;
+        let run = fixed_rate(b, &c.client, rate, &c.pids(), None).await?;
         say(format!(
             "peer C at {rate:.0}/s offered: p50 {} µs, p99 {} µs",
             run.latency.p50_us, run.latency.p99_us
@@ -957,20 +962,29 @@ async fn peer_c_open(b: &mut Bench, rates: &[f64]) -> Result<Vec<Run>> {
     Ok(runs)
 }
 
-/// One open-loop run at `rate` for `--load-secs`, with the CPU of `pids`.
+/// One open-loop run at `rate` for `--load-secs`, with the CPU of `pids`
+/// and, given a `bcp` serve, its own share of the latency.
 async fn fixed_rate(
     b: &mut Bench,
     client: &async_nats::Client,
     rate: f64,
     pids: &[(&str, u32)],
+    bcp: Option<&Bcp>,
 ) -> Result<Run> {
     // Enough idle lanes for 50 ms of commands in flight.
     let lanes = b.lanes.take(((rate * 0.05) as usize).clamp(256, 8192));
     let secs = Duration::from_secs_f64(b.args.load_secs);
     settle().await?;
+    let before = match bcp {
+        Some(bcp) => Some(bcp.command_seconds().await?),
+        None => None,
+    };
     let meter = procs::Meter::start(pids);
     let mut run = measure::open_loop(client, lanes, rate, secs).await;
     run.cpu = Some(meter.stop());
+    if let (Some(bcp), Some(before)) = (bcp, before) {
+        run.inside_bcp = bcp.command_seconds().await?.since(&before).inside();
+    }
     Ok(run)
 }
 

@@ -349,6 +349,101 @@ pub struct Run {
     /// When the run started (Unix seconds), to line stalls up with other
     /// records of the machine.
     pub started_unix_s: f64,
+    /// bcp serve's own share of the latency, from its
+    /// `bcp_command_seconds` over the run (none for peer C).
+    pub inside_bcp: Option<Inside>,
+}
+
+/// Each command's time inside bcp serve during one run, from the intake
+/// queue to its reply being sent (`bcp_command_seconds`): set beside the
+/// producers' latency, what is left of theirs was spent in NATS, in the
+/// producers and in bcp's NATS client before the intake.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Inside {
+    pub commands: u64,
+    /// Estimated within the histogram's buckets (doubling from 0.1 ms),
+    /// as Prometheus's `histogram_quantile` does.
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+/// A Prometheus histogram as scraped: (upper bound in seconds, cumulative
+/// count) per bucket, in order, `+Inf` last.
+#[derive(Clone, Debug, Default)]
+pub struct Buckets(Vec<(f64, u64)>);
+
+impl Buckets {
+    /// The `name` histogram's buckets in a /metrics text.
+    pub fn parse(metrics: &str, name: &str) -> Result<Buckets> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut buckets = Vec::new();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            let (le, count) = rest
+                .split_once("\"} ")
+                .with_context(|| format!("a bucket line of {name}: {line}"))?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse()?
+            };
+            buckets.push((le, count.trim().parse()?));
+        }
+        if buckets.last().is_none_or(|(le, _)| le.is_finite()) {
+            bail!("no histogram {name} (with a +Inf bucket) in /metrics");
+        }
+        Ok(Buckets(buckets))
+    }
+
+    /// What was counted after `earlier` (a scrape of the same histogram).
+    pub fn since(&self, earlier: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .zip(earlier.0.iter().chain(std::iter::repeat(&(0.0, 0))))
+                .map(|(&(le, now), &(_, then))| (le, now.saturating_sub(then)))
+                .collect(),
+        )
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.last().map_or(0, |&(_, n)| n)
+    }
+
+    /// The `q` quantile in seconds, interpolated linearly within its bucket
+    /// (from 0 for the first); in the `+Inf` bucket, the largest finite
+    /// bound. `None` when nothing was counted.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let mut below = (0.0, 0u64);
+        for &(le, n) in &self.0 {
+            if n as f64 >= rank {
+                if le.is_infinite() {
+                    return Some(below.0);
+                }
+                let within = (rank - below.1 as f64) / (n - below.1).max(1) as f64;
+                return Some(below.0 + (le - below.0) * within);
+            }
+            below = (le, n);
+        }
+        Some(below.0)
+    }
+
+    /// The run's [`Inside`], from this histogram's counts over it.
+    pub fn inside(&self) -> Option<Inside> {
+        let us = |q| self.quantile(q).map(|s| (s * 1e6).round() as u64);
+        Some(Inside {
+            commands: self.count(),
+            p50_us: us(0.5)?,
+            p99_us: us(0.99)?,
+        })
+    }
 }
 
 /// Tally of replies, shared by producer tasks.

@@ -240,14 +240,36 @@ pub struct Bcp {
     log: PathBuf,
     /// From spawn until it answered a query and a command probe.
     pub startup: Duration,
+    /// Its `--http` port (/metrics), when started with one.
+    http_port: Option<u16>,
 }
 
 impl Bcp {
     /// Start `bcp serve --db DB --nats URL` and wait until it answers.
+    /// With `--http` on a free loopback port, for
+    /// [`Bcp::command_seconds`].
     pub async fn start(bin: &Path, db: &Path, url: &str, log: &Path) -> Result<Bcp> {
-        let mut bcp = Self::spawn(bin, db, url, log, &[])?;
+        let port = crate::shared_procs::free_port();
+        let http = format!("127.0.0.1:{port}");
+        let mut bcp = Self::spawn(bin, db, url, log, &["--http", &http])?;
+        bcp.http_port = Some(port);
         bcp.ready(url, log).await?;
         Ok(bcp)
+    }
+
+    /// Its `bcp_command_seconds` histogram now: each command's time inside
+    /// bcp serve, from the intake queue to its reply being sent.
+    pub async fn command_seconds(&self) -> Result<crate::measure::Buckets> {
+        let port = self
+            .http_port
+            .ok_or_else(|| anyhow!("bcp serve was started without --http"))?;
+        let (status, body) = crate::shared_procs::http_get(port, "/metrics")
+            .await
+            .map_err(|e| anyhow!(e))?;
+        if status != 200 {
+            bail!("GET /metrics: status {status}");
+        }
+        crate::measure::Buckets::parse(&body, "bcp_command_seconds")
     }
 
     /// Start `bcp serve` with `extra` arguments, not waiting for it.
@@ -265,6 +287,7 @@ impl Bcp {
             child: Some(child),
             log: log.to_owned(),
             startup: Duration::ZERO,
+            http_port: None,
         })
     }
 

@@ -156,6 +156,17 @@ pub fn bytes_per_job(r: &Results) -> Option<f64> {
     })
 }
 
+/// bcp serve's own share of a run's latency ([`crate::measure::Inside`]),
+/// for a line of text; empty when it was not measured.
+pub fn inside(run: &Run) -> String {
+    run.inside_bcp.map_or(String::new(), |i| {
+        format!(
+            "; inside bcp serve (intake queue → reply sent) p50/p99 {}/{} µs",
+            i.p50_us, i.p99_us
+        )
+    })
+}
+
 fn run_counts(run: &Run) -> String {
     let mut s = format!("{} ok", int(run.ok as f64));
     for (n, what) in [
@@ -453,6 +464,25 @@ pub fn table(r: &Results) -> String {
                 if is_half { verdict(p99 < 5_000) } else { "" },
             ],
         );
+        if let Some(i) = run.inside_bcp {
+            row(
+                &mut t,
+                [
+                    "4",
+                    "… of which inside bcp serve (intake queue → reply sent, `bcp_command_seconds`): p50 / p99",
+                    &format!(
+                        "{} / {} ms ({} commands; the rest is NATS, the producers and bcp's NATS client)",
+                        ms(i.p50_us),
+                        ms(i.p99_us),
+                        int(i.commands as f64)
+                    ),
+                    "",
+                    "",
+                    "–",
+                    "",
+                ],
+            );
+        }
     }
     for (name, cli) in [
         ("audit verify", &r.verify),

@@ -13,6 +13,7 @@ mod support;
 use chrono::{DateTime, Duration as ChronoDuration, SecondsFormat, SubsecRound, Utc};
 use futures::future::join_all;
 use serde_json::{Value, json};
+use support::procs::http_get;
 use support::{Harness, Nats, bcp_cli, free_port};
 use uuid::Uuid;
 
@@ -3320,24 +3321,6 @@ async fn audit_tool_messages_say_what_to_do() {
     );
 }
 
-/// One HTTP/1.1 GET on loopback: (status code, body).
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).await.unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
-}
-
 /// `bcp serve --http` (issue 15): /healthz, /readyz (not ready while an
 /// alarm is raised) and /metrics in the Prometheus text format.
 #[tokio::test]
@@ -3345,8 +3328,11 @@ async fn operators_http_endpoints() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let h = Harness::start_with(&["--http", &addr, "--stream-check-interval", "1"]).await;
-    assert_eq!(http_get(port, "/healthz").await, (200, "ok\n".to_owned()));
-    let (status, body) = http_get(port, "/readyz").await;
+    assert_eq!(
+        http_get(port, "/healthz").await.unwrap(),
+        (200, "ok\n".to_owned())
+    );
+    let (status, body) = http_get(port, "/readyz").await.unwrap();
     assert_eq!(status, 200, "{body}");
     let job = id();
     h.cmd("p1", "create", &create_body(id(), job, "rs0")).await;
@@ -3355,7 +3341,7 @@ async fn operators_http_endpoints() {
     h.request_bytes("bcp.cmd.p1.stop", b"not json".to_vec())
         .await;
     h.caught_up_stream(3).await;
-    let (status, metrics) = http_get(port, "/metrics").await;
+    let (status, metrics) = http_get(port, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     for line in [
         r#"bcp_commands_total{verb="create",outcome="ok"} 1"#,
@@ -3404,7 +3390,7 @@ async fn operators_http_endpoints() {
     h.js.update_stream(config).await.unwrap();
     let deadline = support::Deadline::new("/readyz to say not ready", support::STARTUP);
     let body = loop {
-        let (status, body) = http_get(port, "/readyz").await;
+        let (status, body) = http_get(port, "/readyz").await.unwrap();
         if status == 503 {
             break body;
         }

@@ -1,7 +1,7 @@
 //! What the tests (`support`) and the benchmark (`bench/procs.rs`, which
 //! includes this file) share of starting processes: finding nats-server,
-//! a free loopback port, the end of a process's log, and the configuration
-//! of a JetStream cluster on loopback. Plain functions returning `Result`s
+//! a free loopback port, the end of a process's log, a GET of `bcp serve
+//! --http`, and the configuration of a JetStream cluster on loopback. Plain functions returning `Result`s
 //! with the message to show: the tests panic with it, the bench reports it.
 
 use std::net::TcpListener;
@@ -67,6 +67,30 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind a loopback port")
         .port()
+}
+
+/// `GET path` from the HTTP server on loopback `port` (`bcp serve
+/// --http`): the status code and the body.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |e: std::io::Error| format!("GET 127.0.0.1:{port}{path}: {e}");
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(fail)?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.map_err(fail)?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.map_err(fail)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("GET 127.0.0.1:{port}{path}: no status in {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
 }
 
 /// The last `lines` lines of the log at `path`, or why it cannot be read.
