@@ -356,8 +356,9 @@ pub struct Run {
 
 /// Each command's time inside bcp serve during one run, from the intake
 /// queue to its reply being sent (`bcp_command_seconds`): set beside the
-/// producers' latency, what is left of theirs was spent in NATS, in the
-/// producers and in bcp's NATS client before the intake.
+/// producers' latency, what is left of theirs was spent outside that path
+/// (NATS, the producers, bcp's NATS client and tasks, and waiting for a
+/// core meanwhile).
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Inside {
     pub commands: u64,
@@ -369,7 +370,7 @@ pub struct Inside {
 
 /// A Prometheus histogram as scraped: (upper bound in seconds, cumulative
 /// count) per bucket, in order, `+Inf` last.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug)]
 pub struct Buckets(Vec<(f64, u64)>);
 
 impl Buckets {

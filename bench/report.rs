@@ -471,7 +471,7 @@ pub fn table(r: &Results) -> String {
                     "4",
                     "… of which inside bcp serve (intake queue → reply sent, `bcp_command_seconds`): p50 / p99",
                     &format!(
-                        "{} / {} ms ({} commands; the rest is NATS, the producers and bcp's NATS client)",
+                        "{} / {} ms ({} commands; the rest is outside bcp's intake-to-reply path)",
                         ms(i.p50_us),
                         ms(i.p99_us),
                         int(i.commands as f64)

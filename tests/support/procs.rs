@@ -1,8 +1,9 @@
 //! What the tests (`support`) and the benchmark (`bench/procs.rs`, which
 //! includes this file) share of starting processes: finding nats-server,
 //! a free loopback port, the end of a process's log, a GET of `bcp serve
-//! --http`, and the configuration of a JetStream cluster on loopback. Plain functions returning `Result`s
-//! with the message to show: the tests panic with it, the bench reports it.
+//! --http`, and the configuration of a JetStream cluster on loopback.
+//! Plain functions returning `Result`s with the message to show: the
+//! tests panic with it, the bench reports it.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
