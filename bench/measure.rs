@@ -362,8 +362,8 @@ pub struct Run {
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Inside {
     pub commands: u64,
-    /// Estimated within the histogram's buckets (doubling from 0.1 ms),
-    /// as Prometheus's `histogram_quantile` does.
+    /// Estimated within the histogram's buckets, whatever bounds bcp
+    /// serve exports, as Prometheus's `histogram_quantile` does.
     pub p50_us: u64,
     pub p99_us: u64,
 }
