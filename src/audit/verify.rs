@@ -12,7 +12,7 @@ use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::{Job, Snapshot, World};
 use crate::store::rows;
-use crate::store::tables::{JOB_ROWS, JobRow, REGIONS};
+use crate::store::tables::{JobRow, REGIONS};
 use crate::store::{Store, StoreError};
 use redb::ReadableTable;
 use std::time::{Duration, Instant};
@@ -136,7 +136,9 @@ fn projections_differ(
     index: &[(u128, u64)],
     parts: usize,
 ) -> Result<Option<String>, StoreError> {
-    let txn = store.begin_read()?;
+    // The committed rows: the table, and any held behind it (a store
+    // serving; one closed cleanly has none).
+    let view = store.job_rows(..)?;
     // Every job id with a row: a view, a catalog, or an event about it
     // (the index is sorted by job: one id per run of it, not per event).
     let mut ids: Vec<u128> = world
@@ -159,7 +161,7 @@ fn projections_differ(
             let from = index.partition_point(|(job, _)| *job < lo);
             let to = index.partition_point(|(job, _)| *job <= hi);
             let keys = (lo, 0, 0)..=(hi, u8::MAX, u128::MAX);
-            job_rows_differ(&txn, world, jobs, &index[from..to], keys)
+            job_rows_differ(&view, world, jobs, &index[from..to], keys)
         },
     );
     let differences = differences
@@ -169,7 +171,7 @@ fn projections_differ(
         return Ok(Some(d));
     }
     let mut expected = world.regions.iter();
-    for r in txn.open_table(REGIONS)?.iter()? {
+    for r in store.begin_read()?.open_table(REGIONS)?.iter()? {
         let (k, v) = r?;
         let name = k.value();
         match expected.next() {
@@ -221,7 +223,7 @@ fn describe(key: rows::JobKey) -> String {
 /// must be exactly those of the jobs `ids` (sorted) with their events
 /// `index`.
 fn job_rows_differ(
-    txn: &redb::ReadTransaction,
+    view: &crate::store::behind::JobRowsView,
     world: &World,
     ids: &[u128],
     index: &[(u128, u64)],
@@ -245,9 +247,8 @@ fn job_rows_differ(
             .map(|(k, v)| (k, v.expect("rows from nothing only add")))
     });
     let mut expected = expected.peekable();
-    for r in txn.open_table(JOB_ROWS)?.range(keys)? {
-        let (k, v) = r?;
-        let key = k.value();
+    for r in view.rows()?.range(keys)? {
+        let (key, v) = r?;
         let Some((want_key, want)) = expected.next_if(|(want_key, _)| *want_key <= key) else {
             return Ok(Some(format!(
                 "{} is stored, but a rebuild of the log has no such row",
@@ -283,11 +284,12 @@ fn job_rows_differ(
 
 #[cfg(test)]
 mod tests {
-    use super::{JOB_ROWS, JobRow, rows};
+    use super::rows;
     use crate::domain::command::decode;
     use crate::store::Store;
     use crate::store::ledger::Pending;
     use crate::store::pipeline::Pipeline;
+    use crate::store::tables::{JOB_ROWS, JobRow};
     use chrono::{TimeZone, Utc};
     use uuid::Uuid;
 
@@ -340,6 +342,10 @@ mod tests {
         }
         let mut world = ledger.world().clone();
         assert_eq!(world.catalogs[&job].snapshots.len(), 1);
+        assert!(projections_match(&store, &world, 2).unwrap());
+        // The rows held behind the table are written first: below, rows
+        // are edited in the table.
+        store.checkpoint().unwrap();
         assert!(projections_match(&store, &world, 2).unwrap());
         // A class row in the layout before runs is compared by what it holds.
         let write_classes = |row: &str| {

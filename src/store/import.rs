@@ -103,6 +103,9 @@ fn write_log(
             serde_json::to_vec(r).expect("region serializes").as_slice(),
         )?;
     }
+    // Every row written: current at the head.
+    txn.open_table(CHECKPOINT)?
+        .insert(ROWS_AT, log.last().map_or(0, |(env, _)| env.seq))?;
     debug_assert_eq!(events.len()?, log.len() as u64);
     Ok(())
 }
@@ -129,6 +132,7 @@ impl Store {
         for (env, _) in &log {
             world.evolve(env);
         }
+        let _one = self.inner.one_writer();
         let mut txn = self.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -137,7 +141,8 @@ impl Store {
         txn.delete_table(JOB_ROWS)?;
         txn.delete_table(REGIONS)?;
         write_log(&txn, &log, &world)?;
-        txn.commit()?;
-        Ok(())
+        // The rows held behind belong to the table being replaced: readers
+        // wait for the rebuilt one.
+        self.rows_rebuilt(|| txn.commit().map_err(StoreError::from))
     }
 }

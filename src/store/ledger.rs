@@ -197,19 +197,22 @@ impl Prepared {
 }
 
 impl Store {
-    /// Write a prepared batch in ONE `Durability::Immediate` transaction.
-    /// On `Err`, nothing of it was written (but see
-    /// [`StoreError::CommitFailed`]).
+    /// Write a prepared batch in ONE `Durability::Immediate` transaction:
+    /// its events, idempotency records and region rows, and the job rows
+    /// [`behind`](super::behind) says are due; the batch's own job rows are
+    /// held behind once it committed. On `Err`, nothing of it was written
+    /// (but see [`StoreError::CommitFailed`]).
     pub fn commit(&self, p: &Prepared) -> Result<()> {
         if p.rows.is_empty() {
             // Only answers already durable (retries, an idle sweep): no fsync.
             return Ok(());
         }
+        let _one = self.inner.one_writer();
         let mut txn = self.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let r = &p.rows;
         {
-            let r = &p.rows;
             let mut events = txn.open_table(EVENTS)?;
             for (seq, bytes) in &r.events {
                 events.insert(*seq, bytes.as_slice())?;
@@ -218,13 +221,6 @@ impl Store {
             for (key, bytes) in &r.commands {
                 commands.insert(*key, bytes.as_slice())?;
             }
-            let mut job_rows = txn.open_table(JOB_ROWS)?;
-            for (key, row) in &r.job_rows {
-                match row {
-                    Some(bytes) => job_rows.insert(*key, bytes.as_slice())?,
-                    None => job_rows.remove(*key)?,
-                };
-            }
             if !r.regions.is_empty() {
                 let mut regions = txn.open_table(REGIONS)?;
                 for (name, bytes) in &r.regions {
@@ -232,8 +228,7 @@ impl Store {
                 }
             }
         }
-        // Errors before this point abort the transaction: nothing recorded.
-        txn.commit().map_err(StoreError::CommitFailed)
+        self.commit_rows(txn, &r.events, &r.job_rows)
     }
 }
 

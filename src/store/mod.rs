@@ -2,6 +2,7 @@
 //! [`ledger`]) appending decided events. Synchronous; callers on async code
 //! use `spawn_blocking`. Nothing here awaits.
 
+pub mod behind;
 pub mod disk;
 pub mod import;
 pub mod ledger;
@@ -111,9 +112,50 @@ pub const CACHE_BYTES: usize = 128 << 20;
 /// A handle on the store; cheap to clone, shared by the writer and readers.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Db>,
+    inner: Arc<Inner>,
     /// Every fsync of the file ([`disk::TimedFile`]); none on a read-only store.
     fsync_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// What every handle of one open store shares.
+struct Inner {
+    db: Db,
+    /// Job rows committed but not yet written to `JOB_ROWS` ([`behind`]).
+    behind: std::sync::RwLock<behind::Behind>,
+    /// Held by each write transaction: commits, checkpoints, rebuilds.
+    committing: std::sync::Mutex<()>,
+}
+
+impl Inner {
+    fn new(db: Db) -> Arc<Inner> {
+        Arc::new(Inner {
+            db,
+            behind: Default::default(),
+            committing: Default::default(),
+        })
+    }
+
+    /// The lock every write transaction holds. A commit thread that
+    /// panicked while holding it (a bug, or an injected fault) left nothing
+    /// behind it to repair: redb aborts the transaction.
+    fn one_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.committing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Closing the store cleanly writes the job rows held behind
+/// ([`Store::checkpoint`]); if that fails, the next open catches them up
+/// from the log.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Db::ReadWrite(db) = &self.db
+            && let Err(e) = behind::checkpoint(db, self)
+        {
+            tracing::warn!(error = %e, "job rows not checkpointed at close; the next open catches them up from the log");
+        }
+    }
 }
 
 enum Db {
@@ -187,22 +229,22 @@ impl Store {
             })
             .map_err(|e| open_error(path, e))?;
         let store = Store {
-            db: Arc::new(Db::ReadWrite(db)),
+            inner: Inner::new(Db::ReadWrite(db)),
             fsync_seconds,
         };
         store.create_tables()?;
-        Ok(store)
+        store.caught_up()
     }
 
     /// A store on another storage backend (fault-injection tests).
     pub fn with_backend(backend: impl redb::StorageBackend) -> Result<Store> {
         let db = redb::Builder::new().create_with_backend(backend)?;
         let store = Store {
-            db: Arc::new(Db::ReadWrite(db)),
+            inner: Inner::new(Db::ReadWrite(db)),
             fsync_seconds: disk::fsync_histogram(),
         };
         store.create_tables()?;
-        Ok(store)
+        store.caught_up()
     }
 
     /// Create the tables a store lacks. A store that has them all is only
@@ -215,14 +257,23 @@ impl Store {
             .map(|t| t.name().to_owned())
             .collect();
         check_layout(&names)?;
-        if missing_table(&names).is_none() {
+        let checkpointed = names.iter().any(|n| n == CHECKPOINT.name());
+        if missing_table(&names).is_none() && checkpointed {
             return Ok(());
         }
         let txn = self.writable()?.begin_write()?;
-        txn.open_table(EVENTS)?;
         txn.open_table(COMMANDS)?;
         txn.open_table(JOB_ROWS)?;
         txn.open_table(REGIONS)?;
+        let head = txn
+            .open_table(EVENTS)?
+            .last()?
+            .map_or(0, |(k, _)| k.value());
+        if !checkpointed {
+            // A new store, or one whose rows were all written by each
+            // commit: current at its head.
+            txn.open_table(CHECKPOINT)?.insert(ROWS_AT, head)?;
+        }
         txn.commit()?;
         Ok(())
     }
@@ -247,14 +298,14 @@ impl Store {
 
     /// The database, for writing; an error on a read-only store.
     pub(crate) fn writable(&self) -> Result<&Database> {
-        match &*self.db {
+        match &self.inner.db {
             Db::ReadWrite(db) => Ok(db),
             Db::ReadOnly(_) => Err(corrupt("the store is open read-only")),
         }
     }
 
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {
-        Ok(match &*self.db {
+        Ok(match &self.inner.db {
             Db::ReadWrite(db) => db.begin_read()?,
             Db::ReadOnly(db) => db.begin_read()?,
         })
@@ -270,7 +321,7 @@ impl Store {
             .open_read_only(path)
             .map_err(|e| open_error(path, e))?;
         let store = Store {
-            db: Arc::new(Db::ReadOnly(db)),
+            inner: Inner::new(Db::ReadOnly(db)),
             fsync_seconds: disk::fsync_histogram(),
         };
         let txn = store.begin_read()?;
@@ -279,7 +330,7 @@ impl Store {
         if let Some(t) = missing_table(&names) {
             return Err(corrupt(format!("not a bcp store: no table {t}")));
         }
-        Ok(store)
+        store.caught_up()
     }
 
     /// Seq of the last event (0 when empty).
@@ -333,12 +384,13 @@ impl Store {
 
     /// Every event and rejection of one job, in seq order.
     pub fn job_events(&self, job_id: Uuid) -> Result<Vec<Envelope>> {
-        let txn = self.begin_read()?;
-        let index = txn.open_table(JOB_ROWS)?;
-        let events = txn.open_table(EVENTS)?;
+        let view = self.job_rows(JobRow::Event.range(job_id.as_u128()))?;
+        let index = view.rows()?;
+        // Begun after the view's: it holds every event the index names.
+        let events = self.begin_read()?.open_table(EVENTS)?;
         let mut out = Vec::new();
         for r in index.range(JobRow::Event.range(job_id.as_u128()))? {
-            let seq = r?.0.value().2 as u64;
+            let seq = r?.0.2 as u64;
             let bytes = events
                 .get(seq)?
                 .ok_or_else(|| corrupt(format!("job {job_id}'s index names missing seq {seq}")))?;
@@ -348,28 +400,16 @@ impl Store {
     }
 
     pub fn job(&self, job_id: Uuid) -> Result<Option<Job>> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(JOB_ROWS)?;
-        t.get(JobRow::Job.key(job_id.as_u128(), 0))?
-            .map(|v| rows::read_job(v.value()).map_err(|e| corrupt(format!("job {job_id}: {e}"))))
-            .transpose()
+        let view = self.job_rows(JobRow::Job.range(job_id.as_u128()))?;
+        behind::job_of(&view.rows()?, job_id)
     }
 
     /// A job's snapshot catalog (None: the job never had a snapshot).
     pub fn catalog(&self, job_id: Uuid) -> Result<Option<Catalog>> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(JOB_ROWS)?;
         let id = job_id.as_u128();
-        let Some(classes) = t.get(JobRow::Classes.key(id, 0))? else {
-            return Ok(None);
-        };
-        let mut snapshots = Vec::new();
-        for r in t.range(JobRow::Snapshot.range(id))? {
-            snapshots.push(rows::read_snapshot(r?.1.value()));
-        }
-        rows::read_catalog(classes.value(), snapshots)
-            .map(Some)
-            .map_err(|e| corrupt(format!("catalog {job_id}: {e}")))
+        let view =
+            self.job_rows(JobRow::Classes.key(id, 0)..=JobRow::Snapshot.key(id, u128::MAX))?;
+        behind::catalog_of(&view.rows()?, job_id)
     }
 
     /// One page of the jobs matching `filter`, in job-id order, after
@@ -382,9 +422,9 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<Job>, Option<Uuid>)> {
         let limit = filter.limit.unwrap_or(max_jobs).clamp(1, max_jobs);
-        let txn = self.begin_read()?;
-        let t = txn.open_table(JOB_ROWS)?;
         let mut next = filter.after.map_or(Some(0), |a| a.as_u128().checked_add(1));
+        let view = self.job_rows(JobRow::Job.key(next.unwrap_or(u128::MAX), 0)..)?;
+        let t = view.rows()?;
         let (mut jobs, mut bytes) = (Vec::new(), 0);
         // Each job's view is its first row: seek to it, then past the job.
         while let Some(from) = next {
@@ -392,7 +432,7 @@ impl Store {
                 break;
             };
             let (k, v) = r?;
-            let (id, kind, _) = k.value();
+            let (id, kind, _) = k;
             next = id.checked_add(1);
             if kind != JobRow::Job as u8 {
                 continue; // only rejections of a job id that never existed
@@ -420,7 +460,7 @@ impl Store {
 
     /// The stored projections (jobs, catalogs and regions) as a [`World`].
     pub fn load_world(&self) -> Result<World> {
-        let txn = self.begin_read()?;
+        let view = self.job_rows(..)?;
         let mut world = World::default();
         // Rows come grouped by job: its view, class row, snapshots, events.
         let mut job: Option<u128> = None;
@@ -439,9 +479,9 @@ impl Store {
             world.catalogs.insert(Uuid::from_u128(id), catalog);
             Ok(())
         };
-        for r in txn.open_table(JOB_ROWS)?.iter()? {
+        for r in view.rows()?.range(..)? {
             let (k, v) = r?;
-            let (id, kind, _) = k.value();
+            let (id, kind, _) = k;
             if job != Some(id) {
                 finish(&mut world, job, classes.take(), &mut snapshots)?;
                 job = Some(id);
@@ -481,7 +521,7 @@ impl Store {
             }
         }
         finish(&mut world, job, classes.take(), &mut snapshots)?;
-        for r in txn.open_table(REGIONS)?.iter()? {
+        for r in self.begin_read()?.open_table(REGIONS)?.iter()? {
             let (_, v) = r?;
             let region: Region = serde_json::from_slice(v.value())
                 .map_err(|e| corrupt(format!("region row: {e}")))?;

@@ -1,10 +1,12 @@
 //! Every redb table, typed, in one place.
 //!
 //! Committed together, in one write transaction per batch: the batch's
-//! events, each command's idempotency record, the rows of every job and
-//! region the batch touched. So
-//! the projections are never ahead of or behind the log, and a command is
-//! never half-applied.
+//! events, each command's idempotency record, the rows of every region the
+//! batch touched. So a command is never half-applied. The rows of the jobs
+//! it touched are committed state at the same moment, but written to
+//! [`JOB_ROWS`] by a later commit (at most
+//! [`ROWS_BEHIND_MAX`](super::behind::ROWS_BEHIND_MAX) events later), and
+//! read until then from memory: see [`behind`](super::behind).
 //!
 //! A job's rows (its view, its catalog, its event index) share one table,
 //! keyed by job first, so one command dirties one B-tree leaf for its job
@@ -22,6 +24,13 @@ pub const COMMANDS: TableDefinition<u128, &[u8]> = TableDefinition::new("command
 pub const JOB_ROWS: TableDefinition<(u128, u8, u128), &[u8]> = TableDefinition::new("job_rows");
 /// region name → region JSON: the region projection.
 pub const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions");
+/// [`ROWS_AT`] → the seq `JOB_ROWS` was last made current at (a clean
+/// close). A store whose checkpoint is not its head is caught up when
+/// opened (`behind.rs`). Stores from before rows were written behind lack
+/// the table: their rows are always current.
+pub const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
+/// The one key of [`CHECKPOINT`].
+pub const ROWS_AT: &str = "rows_at";
 // Stores written before the relay cursor was removed also hold a table
 // "cursor" (the last seq JetStream acknowledged); nothing reads it: the
 // relay always resumes from the stream's own last sequence.

@@ -1,0 +1,652 @@
+//! Job rows written behind the log: what a commit of the write path puts
+//! off, how long it may put it off, how readers see it, and how a store
+//! opened after a crash catches its rows up with its log.
+//!
+//! Every batch's events and idempotency records are durable before its
+//! replies leave, as always. The rows of the jobs it touched (views,
+//! catalogs, event index: [`JOB_ROWS`]) are committed state too, but are
+//! held in memory ([`Behind`]) and written by a later commit: a job's rows
+//! are written once per [`ROWS_BEHIND_MAX`] events of the log rather than
+//! once per batch that touches it, and each commit writes the rows that
+//! fell that far behind, oldest first, so the work is spread evenly.
+//!
+//! What this keeps true:
+//! - **Readers see every committed batch.** Queries read `JOB_ROWS` through
+//!   [`JobRows`], the table under the rows held behind it; a batch's rows
+//!   join [`Behind`] right after its commit, before its replies go out.
+//! - **Each job's stored rows are one state of it.** A commit writes all
+//!   of a job's rows held behind, as they stood before the commit (never
+//!   the committing batch's own): a reader that opened the table before or
+//!   after that commit, with the rows held behind as they were, sees one
+//!   state of the job either way.
+//! - **The table lags the log by at most [`ROWS_BEHIND_MAX`] events.** A
+//!   job's rows are written once their oldest unwritten change is that far
+//!   behind the head; a batch of more than half that many events writes
+//!   its rows through.
+//! - **A clean close leaves the table current.** [`Store::checkpoint`] (and
+//!   dropping the last handle of a writable store) writes everything held
+//!   behind and records the head it stands at ([`ROWS_AT`] in
+//!   [`CHECKPOINT`]); the first commit after it removes that record. A
+//!   store opened with the record is read as it is: a log changed by hand
+//!   after a clean close is found by the startup check and `audit verify`,
+//!   not folded into the rows.
+//! - **A crash costs a fold of the last [`ROWS_BEHIND_MAX`] events.** A
+//!   store opened without the record was being written when it stopped:
+//!   [`Store::catch_up`] folds each job's events of the log's last
+//!   `ROWS_BEHIND_MAX` that are newer than its stored version onto its
+//!   stored state, and gives its event index their seqs. A writable store
+//!   writes the result and a checkpoint at once; a read-only one (the audit
+//!   tools) holds it in memory.
+
+use super::rows::{self, JobKey, JobState, Row};
+use super::tables::*;
+use super::{Result, Store, StoreError};
+use crate::domain::{Catalog, Job, World};
+use redb::{AccessGuard, ReadOnlyTable, ReadableTable};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::RangeBounds;
+use uuid::Uuid;
+
+/// How far (in events) `JOB_ROWS` may lag the log: a job's rows are written
+/// once its oldest unwritten change is this many events behind the head.
+/// Also the most events a store opened after a crash folds to catch up.
+pub const ROWS_BEHIND_MAX: u64 = 8192;
+
+/// A batch with more events than this writes its rows at once (a group
+/// follower catching up, say), so that no row falls further behind than
+/// [`ROWS_BEHIND_MAX`].
+const WRITE_THROUGH: usize = (ROWS_BEHIND_MAX / 2) as usize;
+
+/// Committed job rows not yet written to `JOB_ROWS`.
+#[derive(Default)]
+pub(super) struct Behind {
+    /// Key → row (`None`: the row is removed).
+    rows: BTreeMap<JobKey, Option<Vec<u8>>>,
+    /// Job → seq of the first event of the oldest batch whose rows of it
+    /// are held here.
+    since: HashMap<u128, u64>,
+    /// `(since, job)`: the jobs held, oldest first.
+    order: BTreeSet<(u64, u128)>,
+    /// Whether [`CHECKPOINT`] holds [`ROWS_AT`] (the rows were current at
+    /// that seq when it was written). The first commit after it removes it.
+    marked: bool,
+}
+
+impl Behind {
+    fn rows_of(&self, job: u128) -> impl Iterator<Item = (&JobKey, &Option<Vec<u8>>)> {
+        self.rows.range((job, 0, 0)..=(job, u8::MAX, u128::MAX))
+    }
+
+    /// The jobs to write in a commit whose batch's events end at `head`:
+    /// those that fell [`ROWS_BEHIND_MAX`] behind, or all of them.
+    fn due(&self, head: u64, all: bool) -> Vec<u128> {
+        let upto = if all {
+            u64::MAX
+        } else {
+            head.saturating_sub(ROWS_BEHIND_MAX)
+        };
+        (self.order.range(..=(upto, u128::MAX)))
+            .map(|&(_, job)| job)
+            .collect()
+    }
+
+    /// `jobs`' rows are in the table now.
+    fn written(&mut self, jobs: &[u128]) {
+        for job in jobs {
+            let since = self.since.remove(job).expect("a job held behind");
+            self.order.remove(&(since, *job));
+            let keys: Vec<JobKey> = self.rows_of(*job).map(|(k, _)| *k).collect();
+            for k in keys {
+                self.rows.remove(&k);
+            }
+        }
+    }
+
+    /// Hold committed `rows` of a batch whose first event is `since`.
+    fn hold(&mut self, since: u64, rows: impl IntoIterator<Item = Row<JobKey>>) {
+        for (key, row) in rows {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.since.entry(key.0) {
+                e.insert(since);
+                self.order.insert((since, key.0));
+            }
+            self.rows.insert(key, row);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.since.clear();
+        self.order.clear();
+    }
+
+    /// Seq of the oldest event whose rows are not written.
+    pub(super) fn oldest(&self) -> Option<u64> {
+        self.order.first().map(|&(since, _)| since)
+    }
+}
+
+/// One committed job row: in the table, or held behind it.
+pub enum RowRef<'v> {
+    Table(AccessGuard<'static, &'static [u8]>),
+    Behind(&'v [u8]),
+}
+
+impl RowRef<'_> {
+    pub fn value(&self) -> &[u8] {
+        match self {
+            RowRef::Table(g) => g.value(),
+            RowRef::Behind(b) => b,
+        }
+    }
+}
+
+/// `JOB_ROWS` as committed, for some keys: a read transaction of the table
+/// and a copy of the rows held behind it, taken together
+/// ([`Store::job_rows`]).
+pub struct JobRowsView {
+    txn: redb::ReadTransaction,
+    behind: BTreeMap<JobKey, Option<Vec<u8>>>,
+}
+
+impl JobRowsView {
+    /// The rows, to read (on any thread: the view is shared, each thread
+    /// opens its own reader).
+    pub fn rows(&self) -> Result<JobRows<'_>> {
+        Ok(JobRows {
+            table: self.txn.open_table(JOB_ROWS)?,
+            behind: &self.behind,
+        })
+    }
+}
+
+/// Reads of [`JobRowsView`]: a held row hides the table's under its key.
+pub struct JobRows<'v> {
+    table: ReadOnlyTable<JobKey, &'static [u8]>,
+    behind: &'v BTreeMap<JobKey, Option<Vec<u8>>>,
+}
+
+impl<'v> JobRows<'v> {
+    pub fn get(&self, key: JobKey) -> Result<Option<RowRef<'v>>> {
+        Ok(match self.behind.get(&key) {
+            Some(Some(row)) => Some(RowRef::Behind(row)),
+            Some(None) => None,
+            None => self.table.get(key)?.map(RowRef::Table),
+        })
+    }
+
+    /// The rows with keys in `range`, in key order.
+    pub fn range(&self, range: impl RangeBounds<JobKey> + Clone) -> Result<Merged<'v>> {
+        Ok(Merged {
+            table: self.table.range(range.clone())?.peekable(),
+            behind: self.behind.range(range).peekable(),
+        })
+    }
+}
+
+/// The table's rows and the held ones, merged in key order.
+pub struct Merged<'v> {
+    table: std::iter::Peekable<redb::Range<'static, JobKey, &'static [u8]>>,
+    behind: std::iter::Peekable<std::collections::btree_map::Range<'v, JobKey, Option<Vec<u8>>>>,
+}
+
+impl<'v> Iterator for Merged<'v> {
+    type Item = Result<(JobKey, RowRef<'v>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let stored = match self.table.peek() {
+                Some(Ok((k, _))) => Some(k.value()),
+                Some(Err(_)) => {
+                    let e = self.table.next()?.err()?;
+                    return Some(Err(e.into()));
+                }
+                None => None,
+            };
+            let held = self.behind.peek().map(|(k, _)| **k);
+            match (stored, held) {
+                (None, None) => return None,
+                (Some(s), h) if h.is_none_or(|h| s < h) => {
+                    let (k, v) = self.table.next()?.ok()?;
+                    return Some(Ok((k.value(), RowRef::Table(v))));
+                }
+                (s, Some(h)) => {
+                    if s == Some(h) {
+                        self.table.next(); // hidden by the held row
+                    }
+                    let (_, row) = self.behind.next()?;
+                    if let Some(row) = row {
+                        return Some(Ok((h, RowRef::Behind(row))));
+                    } // removed: go on
+                }
+                (Some(_), None) => unreachable!("matched above"),
+            }
+        }
+    }
+}
+
+/// The log's head, and the seq the rows were checkpointed at (`None`: the
+/// store was being written when it stopped).
+fn head_and_checkpoint(txn: &redb::ReadTransaction) -> Result<(u64, Option<u64>)> {
+    let head = txn
+        .open_table(EVENTS)?
+        .last()?
+        .map_or(0, |(k, _)| k.value());
+    let at = match txn.open_table(CHECKPOINT) {
+        Ok(t) => t.get(ROWS_AT)?.map(|v| v.value()),
+        // A store from before rows were written behind: always current.
+        Err(redb::TableError::TableDoesNotExist(_)) => Some(head),
+        Err(e) => return Err(e.into()),
+    };
+    Ok((head, at))
+}
+
+impl Store {
+    /// Committed job rows with keys in `range` (and the table's other rows).
+    pub fn job_rows(&self, range: impl RangeBounds<JobKey>) -> Result<JobRowsView> {
+        // The transaction is begun while the held rows cannot change: a
+        // commit applies its rows to them only after it committed, so this
+        // pairs a table with the rows held behind exactly that table (or,
+        // between a commit and its update of them, with the rows held
+        // before it, which are what it wrote: the same state).
+        let behind = self.inner.behind.read().expect("rows held behind");
+        let txn = self.begin_read()?;
+        let copy = (behind.rows.range(range))
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        Ok(JobRowsView { txn, behind: copy })
+    }
+
+    /// Commit `txn` (a batch's events, records and regions, written), with
+    /// the job rows due: those held behind that fell [`ROWS_BEHIND_MAX`]
+    /// behind `events`' last seq. The batch's own job rows `rows` are held
+    /// behind once it committed; a batch of more than [`WRITE_THROUGH`]
+    /// events writes them, and every row held, through.
+    pub(super) fn commit_rows(
+        &self,
+        txn: redb::WriteTransaction,
+        events: &[(u64, Vec<u8>)],
+        rows: &[Row<JobKey>],
+    ) -> Result<()> {
+        let (Some((first, _)), Some((head, _))) = (events.first(), events.last()) else {
+            assert!(rows.is_empty(), "job rows change only with events");
+            return txn.commit().map_err(StoreError::CommitFailed);
+        };
+        let through = events.len() > WRITE_THROUGH;
+        let written = {
+            let behind = self.inner.behind.read().expect("rows held behind");
+            if behind.marked {
+                // From now on a crash leaves rows behind: say so on disk.
+                txn.open_table(CHECKPOINT)?.remove(ROWS_AT)?;
+            }
+            let written = behind.due(*head, through);
+            let mut table = txn.open_table(JOB_ROWS)?;
+            let held = written.iter().flat_map(|job| behind.rows_of(*job));
+            let own = rows.iter().filter(|_| through).map(|(k, v)| (k, v));
+            for (key, row) in held.chain(own) {
+                match row {
+                    Some(bytes) => table.insert(*key, bytes.as_slice())?,
+                    None => table.remove(*key)?,
+                };
+            }
+            written
+        };
+        // Rows written through replace rows that readers would otherwise
+        // see held over them (older): readers wait for this commit.
+        let mut hold_off = through.then(|| self.inner.behind.write().expect("rows held behind"));
+        // Errors before this point abort the transaction: nothing recorded.
+        txn.commit().map_err(StoreError::CommitFailed)?;
+        let mut behind = match hold_off.take() {
+            Some(b) => b,
+            None => self.inner.behind.write().expect("rows held behind"),
+        };
+        behind.written(&written);
+        if !through {
+            behind.hold(*first, rows.iter().cloned());
+        }
+        behind.marked = false;
+        let oldest = behind.oldest();
+        drop(behind);
+        if let Some(oldest) = oldest {
+            assert!(
+                head - oldest < ROWS_BEHIND_MAX,
+                "the job rows lag the log by less than ROWS_BEHIND_MAX events"
+            );
+        }
+        Ok(())
+    }
+
+    /// Write every job row held behind and record that the rows are current
+    /// at the log's head: a clean close. Nothing is written when they are
+    /// already. Not while a commit runs (the commits are serialized with it).
+    pub fn checkpoint(&self) -> Result<()> {
+        checkpoint(self.writable()?, &self.inner)
+    }
+
+    /// After opening a store that was being written when it stopped (no
+    /// checkpoint): the job rows that bring `JOB_ROWS` to the log's head,
+    /// and the first seq they cover. `None` for a store closed cleanly: its
+    /// rows are taken as they are (and a log changed after that close, by
+    /// hand, is found by the startup check and by `audit verify`, not
+    /// folded into the rows). See the module doc.
+    pub(super) fn catch_up(&self) -> Result<Option<(u64, Vec<Row<JobKey>>)>> {
+        let txn = self.begin_read()?;
+        let (head, at) = head_and_checkpoint(&txn)?;
+        if at.is_some() {
+            self.inner.behind.write().expect("rows held behind").marked = true;
+            return Ok(None);
+        }
+        let from = head.saturating_sub(ROWS_BEHIND_MAX) + 1;
+        let table = txn.open_table(JOB_ROWS)?;
+        let rows_read = JobRowsView {
+            txn,
+            behind: BTreeMap::new(),
+        };
+        let rows_read = rows_read.rows()?;
+        let mut stored: BTreeMap<Uuid, (Option<Job>, Option<Catalog>)> = BTreeMap::new();
+        let mut world = World::default();
+        let mut seqs: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
+        for env in self.events(from, head)? {
+            let Some(id) = env.job_id else { continue };
+            if let std::collections::btree_map::Entry::Vacant(e) = stored.entry(id) {
+                let (job, catalog) = (job_of(&rows_read, id)?, catalog_of(&rows_read, id)?);
+                if let Some(j) = &job {
+                    world.jobs.insert(id, j.clone());
+                }
+                if let Some(c) = &catalog {
+                    world.catalogs.insert(id, c.clone());
+                }
+                e.insert((job, catalog));
+            }
+            seqs.entry(id).or_default().push(env.seq);
+            let Some(version) = env.job_version else {
+                continue; // a rejection: only its index row
+            };
+            let current = world.jobs.get(&id).map_or(0, |j| j.version);
+            if version > current + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "job {id}'s rows are at version {current}, but its event at seq {} (version {version}) is among the last {} events: the rows are further behind the log than bcp writes them; run `bcp audit verify`",
+                    env.seq,
+                    head - from + 1
+                )));
+            }
+            if version == current + 1 {
+                world.evolve(&env);
+            }
+        }
+        let mut rows = Vec::new();
+        for (id, (job, catalog)) in &stored {
+            let before = JobState {
+                job: job.as_ref(),
+                catalog: catalog.as_ref(),
+            };
+            let after = JobState {
+                job: world.jobs.get(id),
+                catalog: world.catalogs.get(id),
+            };
+            for (key, row) in rows::job_rows(*id, before, after, &seqs[id]) {
+                let indexed = key.1 == JobRow::Event as u8 && table.get(key)?.is_some();
+                if !indexed {
+                    rows.push((key, row));
+                }
+            }
+        }
+        Ok(Some((from, rows)))
+    }
+
+    /// Bring a store just opened to its head: a writable one writes the
+    /// rows [`Store::catch_up`] finds, and the checkpoint, in one durable
+    /// transaction; a read-only one holds them behind, in memory.
+    pub(super) fn caught_up(self) -> Result<Store> {
+        let Some((from, rows)) = self.catch_up()? else {
+            return Ok(self);
+        };
+        self.inner
+            .behind
+            .write()
+            .expect("rows held behind")
+            .hold(from, rows);
+        if self.writable().is_ok() {
+            self.checkpoint()?;
+        }
+        Ok(self)
+    }
+
+    /// Run `rebuild` (a commit that replaces `JOB_ROWS` whole, and
+    /// checkpoints it) with readers held off, and forget the rows held
+    /// behind once it committed.
+    pub(super) fn rows_rebuilt(&self, rebuild: impl FnOnce() -> Result<()>) -> Result<()> {
+        let mut behind = self.inner.behind.write().expect("rows held behind");
+        rebuild()?;
+        behind.clear();
+        behind.marked = true;
+        Ok(())
+    }
+}
+
+/// A job's view, from `rows`.
+pub(super) fn job_of(rows: &JobRows<'_>, job_id: Uuid) -> Result<Option<Job>> {
+    rows.get(JobRow::Job.key(job_id.as_u128(), 0))?
+        .map(|v| {
+            rows::read_job(v.value()).map_err(|e| StoreError::Corrupt(format!("job {job_id}: {e}")))
+        })
+        .transpose()
+}
+
+/// A job's catalog, from `rows` (None: the job never had a snapshot).
+pub(super) fn catalog_of(rows: &JobRows<'_>, job_id: Uuid) -> Result<Option<Catalog>> {
+    let id = job_id.as_u128();
+    let Some(classes) = rows.get(JobRow::Classes.key(id, 0))? else {
+        return Ok(None);
+    };
+    let mut snapshots = Vec::new();
+    for r in rows.range(JobRow::Snapshot.range(id))? {
+        snapshots.push(rows::read_snapshot(r?.1.value()));
+    }
+    rows::read_catalog(classes.value(), snapshots)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(format!("catalog {job_id}: {e}")))
+}
+
+/// [`Store::checkpoint`], also from the drop of the last handle.
+pub(super) fn checkpoint(db: &redb::Database, inner: &super::Inner) -> Result<()> {
+    let _one = inner.one_writer();
+    let lost = || StoreError::Corrupt("the rows held behind were lost to a panic".into());
+    let behind = inner.behind.read().map_err(|_| lost())?;
+    if behind.marked {
+        return Ok(());
+    }
+    let mut txn = db.begin_write()?;
+    txn.set_durability(redb::Durability::Immediate)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    {
+        let head = txn
+            .open_table(EVENTS)?
+            .last()?
+            .map_or(0, |(k, _)| k.value());
+        let mut table = txn.open_table(JOB_ROWS)?;
+        for (key, row) in &behind.rows {
+            match row {
+                Some(bytes) => table.insert(*key, bytes.as_slice())?,
+                None => table.remove(*key)?,
+            };
+        }
+        txn.open_table(CHECKPOINT)?.insert(ROWS_AT, head)?;
+    }
+    txn.commit()?;
+    drop(behind);
+    let mut behind = inner.behind.write().map_err(|_| lost())?;
+    behind.clear();
+    behind.marked = true;
+    Ok(())
+}
+
+#[cfg(test)]
+impl Store {
+    /// Lose the rows held behind, as a crash would (nothing is written when
+    /// the last handle is dropped).
+    fn crash(&self) {
+        let mut behind = self.inner.behind.write().expect("rows held behind");
+        behind.clear();
+        behind.marked = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::command::decode;
+    use crate::store::ledger::Pending;
+    use crate::store::pipeline::Pipeline;
+    use chrono::{Duration, TimeZone, Utc};
+    use serde_json::json;
+
+    const JOBS: u128 = 200;
+
+    /// Batches of 64 commands over 200 jobs, six hours apart: creates and
+    /// starts, then snapshots of a third of the jobs per batch, a retention
+    /// sweep every fourth batch (snapshot rows removed) and a rejected start
+    /// in each (an event-index row only), until the log holds `events`.
+    fn workload(ledger: &mut Pipeline<()>, events: u64) {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let mut ids = 1u128 << 64;
+        let mut cmd = 0u128;
+        let mut round = 0i64;
+        while ledger.head_seq() < events {
+            let now = t0 + Duration::hours(6 * round);
+            let mut bodies: Vec<(&str, serde_json::Value)> = Vec::new();
+            for n in 0..64u128 {
+                let i = (round as u128 * 64 + n) % JOBS;
+                let job = Uuid::from_u128(i + 1);
+                bodies.push(match round {
+                    0..=3 if round as u128 * 64 + n < JOBS => (
+                        "create",
+                        json!({"job_id": job, "deployment": {"kind": "replica_set", "name": format!("rs{i}")}}),
+                    ),
+                    0..=3 => ("start", json!({"job_id": Uuid::from_u128(i + 1)})),
+                    4..=7 => ("start", json!({"job_id": job})),
+                    _ if n == 0 => ("start", json!({"job_id": job})), // rejected
+                    _ if n == 1 && round % 4 == 0 => ("expire-snapshots", json!({"now": now})),
+                    _ => (
+                        "record-snapshot",
+                        json!({"job_id": job, "snapshot_id": Uuid::from_u128((round as u128) << 32 | n), "taken_at": now - Duration::minutes(5), "size_bytes": 1}),
+                    ),
+                });
+            }
+            let batch: Vec<Pending> = bodies
+                .into_iter()
+                .map(|(verb, mut body)| {
+                    cmd += 1;
+                    body["command_id"] = json!(Uuid::from_u128(cmd));
+                    Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
+                })
+                .collect();
+            let mut next = || {
+                ids += 1;
+                Uuid::from_u128(ids)
+            };
+            ledger.execute(&batch, now, &mut next).unwrap();
+            round += 1;
+        }
+    }
+
+    /// The job rows as they are in the table, without those held behind.
+    fn in_table(store: &Store, job: u128) -> usize {
+        let txn = store.begin_read().unwrap();
+        let table = txn.open_table(JOB_ROWS).unwrap();
+        table
+            .range((job, 0, 0)..=(job, u8::MAX, u128::MAX))
+            .unwrap()
+            .count()
+    }
+
+    /// Queries read a batch's rows as soon as it committed, from memory;
+    /// they reach the table once the log moved ROWS_BEHIND_MAX events on,
+    /// never further behind; a store that stopped without a checkpoint (a
+    /// crash) folds its log's tail into its rows when opened, read-only in
+    /// memory or writable on disk, and then verifies: every row equal to a
+    /// rebuild from the log.
+    #[test]
+    fn rows_written_behind_are_read_at_once_bounded_and_caught_up_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bcp.redb");
+        let store = Store::open_or_create(&path).unwrap();
+        let mut ledger = Pipeline::open(store.clone()).unwrap();
+        workload(&mut ledger, 1);
+        let first = Uuid::from_u128(1);
+        assert_eq!(in_table(&store, 1), 0, "held behind, not yet written");
+        assert_eq!(store.job(first).unwrap().unwrap().version, 1);
+        assert_eq!(store.job_events(first).unwrap().len(), 1);
+        let (page, _) = store
+            .jobs_page(&Default::default(), 1000, usize::MAX)
+            .unwrap();
+        assert_eq!(page.len(), 64, "the first batch's jobs, all held behind");
+
+        workload(&mut ledger, ROWS_BEHIND_MAX + 3000);
+        let head = ledger.head_seq();
+        let oldest = store.inner.behind.read().unwrap().oldest().unwrap();
+        assert!(head - oldest < ROWS_BEHIND_MAX, "{head} {oldest}");
+        assert!(in_table(&store, 1) > 0, "written once far enough behind");
+        let world = ledger.world().clone();
+        assert_eq!(
+            store.load_world().unwrap(),
+            world,
+            "table and memory: the committed state"
+        );
+        let kinds = |name: &str| {
+            (store.events(1, head).unwrap().iter())
+                .filter(|e| e.event.type_name() == name)
+                .count()
+        };
+        assert!(
+            kinds("SnapshotExpired") > 100,
+            "the sweeps removed snapshot rows"
+        );
+        assert!(
+            kinds("CommandRejected") > 100,
+            "rejections: index rows only"
+        );
+
+        // A follower taking the whole log in one batch writes it through.
+        let copy = dir.path().join("follower.redb");
+        {
+            let follower = Store::open_or_create(&copy).unwrap();
+            let log = store.raw_events(1, head).unwrap();
+            assert!(log.len() > WRITE_THROUGH);
+            let mut following = Pipeline::open(follower.clone()).unwrap();
+            following
+                .follow(log.into_iter().map(|(_, b)| b).collect())
+                .unwrap();
+            assert!(follower.inner.behind.read().unwrap().rows.is_empty());
+            assert!(in_table(&follower, 1) > 0);
+            crate::audit::verify::verify(&follower, None, |_| {}).unwrap();
+        }
+
+        // A crash: what was held behind is lost; the log has it.
+        store.crash();
+        drop((ledger, store));
+        let bytes = std::fs::read(&path).unwrap();
+        let read_only = Store::open_read_only(&path, 0).unwrap();
+        assert!(
+            read_only.inner.behind.read().unwrap().rows.len() > 64,
+            "caught up in memory"
+        );
+        assert_eq!(read_only.load_world().unwrap(), world);
+        crate::audit::verify::verify(&read_only, None, |_| {}).unwrap();
+        drop(read_only);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "read-only: nothing written"
+        );
+
+        let store = Store::open_existing(&path).unwrap();
+        assert!(
+            store.inner.behind.read().unwrap().rows.is_empty(),
+            "caught up on disk"
+        );
+        assert_eq!(store.load_world().unwrap(), world);
+        crate::audit::verify::verify(&store, None, |_| {}).unwrap();
+        let ledger = Pipeline::open(store.clone()).unwrap();
+        assert_eq!(ledger.world(), &world);
+    }
+}
