@@ -243,6 +243,16 @@ fn head_and_checkpoint(txn: &redb::ReadTransaction) -> Result<(u64, Option<u64>)
 impl Store {
     /// Committed job rows with keys in `range` (and the table's other rows).
     pub fn job_rows(&self, range: impl RangeBounds<JobKey>) -> Result<JobRowsView> {
+        self.job_rows_of(range, None)
+    }
+
+    /// [`Store::job_rows`], the held rows of one kind only (the table's
+    /// rows of other kinds still show).
+    pub fn job_rows_of(
+        &self,
+        range: impl RangeBounds<JobKey>,
+        kind: Option<JobRow>,
+    ) -> Result<JobRowsView> {
         // The transaction is begun while the held rows cannot change: a
         // commit applies its rows to them only after it committed, so this
         // pairs a table with the rows held behind exactly that table (or,
@@ -251,6 +261,7 @@ impl Store {
         let behind = self.inner.behind.read().expect("rows held behind");
         let txn = self.begin_read()?;
         let copy = (behind.rows.range(range))
+            .filter(|(k, _)| kind.is_none_or(|kind| k.1 == kind as u8))
             .map(|(k, v)| (*k, v.clone()))
             .collect();
         Ok(JobRowsView { txn, behind: copy })
@@ -592,6 +603,21 @@ mod tests {
             world,
             "table and memory: the committed state"
         );
+        // Pages of jobs merge the table's views with the held ones.
+        let (mut listed, mut filter) = (Vec::new(), crate::domain::filter::JobFilter::default());
+        loop {
+            let (page, next) = store.jobs_page(&filter, 7, usize::MAX).unwrap();
+            listed.extend(page);
+            match next {
+                Some(after) => filter.after = Some(after),
+                None => break,
+            }
+        }
+        assert_eq!(listed, world.jobs.values().cloned().collect::<Vec<_>>());
+        // Every job has older rows in the table, hidden by newer held ones.
+        let held = store.inner.behind.read().unwrap().since.len();
+        assert_eq!(held, JOBS as usize);
+        assert!((1..=JOBS).all(|job| in_table(&store, job) > 0));
         let kinds = |name: &str| {
             (store.events(1, head).unwrap().iter())
                 .filter(|e| e.event.type_name() == name)

@@ -423,7 +423,10 @@ impl Store {
     ) -> Result<(Vec<Job>, Option<Uuid>)> {
         let limit = filter.limit.unwrap_or(max_jobs).clamp(1, max_jobs);
         let mut next = filter.after.map_or(Some(0), |a| a.as_u128().checked_add(1));
-        let view = self.job_rows(JobRow::Job.key(next.unwrap_or(u128::MAX), 0)..)?;
+        // Only views are read here: the rows held behind are copied for
+        // those alone.
+        let from = JobRow::Job.key(next.unwrap_or(u128::MAX), 0);
+        let view = self.job_rows_of(from.., Some(JobRow::Job))?;
         let t = view.rows()?;
         let (mut jobs, mut bytes) = (Vec::new(), 0);
         // Each job's view is its first row: seek to it, then past the job.
