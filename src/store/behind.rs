@@ -6,9 +6,11 @@
 //! replies leave, as always. The rows of the jobs it touched (views,
 //! catalogs, event index: [`JOB_ROWS`]) are committed state too, but are
 //! held in memory ([`Behind`]) and written by a later commit: a job's rows
-//! are written once per [`ROWS_BEHIND_MAX`] events of the log rather than
-//! once per batch that touches it, and each commit writes the rows that
-//! fell that far behind, oldest first, so the work is spread evenly.
+//! are held at least [`ROWS_HELD`] events, so a job touched by many
+//! batches in that window is written once, and then written, oldest
+//! first, in chunks of [`ROWS_CHUNK`] jobs or a share per commit, so rows
+//! that became due together are written over many commits rather than in
+//! one.
 //!
 //! What this keeps true:
 //! - **Readers see every committed batch.** Queries read `JOB_ROWS` through
@@ -20,9 +22,9 @@
 //!   after that commit, with the rows held behind as they were, sees one
 //!   state of the job either way.
 //! - **The table lags the log by at most [`ROWS_BEHIND_MAX`] events.** A
-//!   job's rows are written once their oldest unwritten change is that far
-//!   behind the head; a batch of more than half that many events writes
-//!   its rows through.
+//!   job's rows are written at the latest when their oldest unwritten
+//!   change is that far behind the head; a batch of more than half that
+//!   many events writes its rows through.
 //! - **A clean close leaves the table current.** [`Store::checkpoint`] (and
 //!   dropping the last handle of a writable store) writes everything held
 //!   behind and records the head it stands at ([`ROWS_AT`] in
@@ -47,10 +49,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::RangeBounds;
 use uuid::Uuid;
 
-/// How far (in events) `JOB_ROWS` may lag the log: a job's rows are written
-/// once its oldest unwritten change is this many events behind the head.
-/// Also the most events a store opened after a crash folds to catch up.
-pub const ROWS_BEHIND_MAX: u64 = 8192;
+/// How long (in events of the log) a job's rows are held before they may
+/// be written: the window in which further changes to the job cost
+/// nothing more.
+pub const ROWS_HELD: u64 = 8192;
+
+/// How far (in events) `JOB_ROWS` may lag the log: the rows held longer
+/// than [`ROWS_HELD`] are written over the next `ROWS_BEHIND_MAX -
+/// ROWS_HELD` events, evenly, and none is held longer than this. Also the
+/// most events a store opened after a crash folds to catch up.
+pub const ROWS_BEHIND_MAX: u64 = 2 * ROWS_HELD;
+
+/// The fewest jobs a commit writes the rows of, unless some are overdue.
+const ROWS_CHUNK: usize = 64;
 
 /// A batch with more events than this writes its rows at once (a group
 /// follower catching up, say), so that no row falls further behind than
@@ -77,16 +88,34 @@ impl Behind {
         self.rows.range((job, 0, 0)..=(job, u8::MAX, u128::MAX))
     }
 
-    /// The jobs to write in a commit whose batch's events end at `head`:
-    /// those that fell [`ROWS_BEHIND_MAX`] behind, or all of them.
-    fn due(&self, head: u64, all: bool) -> Vec<u128> {
-        let upto = if all {
-            u64::MAX
-        } else {
-            head.saturating_sub(ROWS_BEHIND_MAX)
+    /// The jobs to write in a commit of `events` events ending at `head`
+    /// (all of them: `all`), oldest first: every job held
+    /// [`ROWS_BEHIND_MAX`] events, and of those held [`ROWS_HELD`], a
+    /// share that writes them all by the time the oldest would reach
+    /// `ROWS_BEHIND_MAX` (so jobs that became due together, as a batch's
+    /// do, are written over many commits, not in one).
+    fn due(&self, head: u64, events: u64, all: bool) -> Vec<u128> {
+        if all {
+            return self.order.iter().map(|&(_, job)| job).collect();
+        }
+        let must = head.saturating_sub(ROWS_BEHIND_MAX);
+        let may = head.saturating_sub(ROWS_HELD);
+        let held: Vec<(u64, u128)> = self.order.range(..=(may, u128::MAX)).copied().collect();
+        let Some(&(oldest, _)) = held.first() else {
+            return Vec::new();
         };
-        (self.order.range(..=(upto, u128::MAX)))
-            .map(|&(_, job)| job)
+        let left = (oldest + ROWS_BEHIND_MAX).saturating_sub(head).max(events);
+        let share = (held.len() as u64 * events).div_ceil(left) as usize;
+        // Fewer jobs at a time cost more per job (the leaves and branches
+        // a write dirties are shared by neighbouring jobs): wait for a
+        // chunk, unless some are overdue.
+        let share = match held.len() >= ROWS_CHUNK {
+            true => share.max(ROWS_CHUNK),
+            false => 0,
+        };
+        let overdue = held.partition_point(|&(since, _)| since <= must);
+        (held.into_iter().take(share.max(overdue)))
+            .map(|(_, job)| job)
             .collect()
     }
 
@@ -289,7 +318,7 @@ impl Store {
                 // From now on a crash leaves rows behind: say so on disk.
                 txn.open_table(CHECKPOINT)?.remove(ROWS_AT)?;
             }
-            let written = behind.due(*head, through);
+            let written = behind.due(*head, events.len() as u64, through);
             let mut table = txn.open_table(JOB_ROWS)?;
             let held = written.iter().flat_map(|job| behind.rows_of(*job));
             let own = rows.iter().filter(|_| through).map(|(k, v)| (k, v));
