@@ -171,7 +171,7 @@ fn projections_differ(
         return Ok(Some(d));
     }
     let mut expected = world.regions.iter();
-    for r in store.begin_read()?.open_table(REGIONS)?.iter()? {
+    for r in view.txn().open_table(REGIONS)?.iter()? {
         let (k, v) = r?;
         let name = k.value();
         match expected.next() {

@@ -94,10 +94,9 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
     } else {
         body
     };
-    let as_of_seq = match store.head_seq() {
-        Ok(seq) => seq,
-        Err(e) => return error(ErrorCode::Unavailable, e.to_string()),
-    };
+    // Read before the rows: what follows is at least this state (the log's
+    // own head may be a batch ahead of the rows readers see).
+    let as_of_seq = store.applied_seq();
     let result = match kind {
         "job" => parse::<JobQuery>(body).map(|q| match store.job(q.job_id) {
             Ok(Some(job)) if !visible(&project, &job) => not_found(q.job_id),

@@ -20,7 +20,9 @@
 //!   of a job's rows held behind, as they stood before the commit (never
 //!   the committing batch's own): a reader that opened the table before or
 //!   after that commit, with the rows held behind as they were, sees one
-//!   state of the job either way.
+//!   state of the job either way. (A batch written through does write its
+//!   own rows; readers wait for its commit.) Queries answer `as_of_seq`
+//!   from [`Store::applied_seq`], the state the rows they read are of.
 //! - **The table lags the log by at most [`ROWS_BEHIND_MAX`] events.** A
 //!   job's rows are written at the latest when their oldest unwritten
 //!   change is that far behind the head; a batch of more than half that
@@ -81,6 +83,14 @@ pub(super) struct Behind {
     /// Whether [`CHECKPOINT`] holds [`ROWS_AT`] (the rows were current at
     /// that seq when it was written). The first commit after it removes it.
     marked: bool,
+    /// Whether the table may lag the log (rows held, or the log grew,
+    /// since the last checkpoint): what a checkpoint is for. False until a
+    /// store is open, so a store that failed to open writes nothing.
+    lagging: bool,
+    /// The log's head as readers see it: the table and the rows held here
+    /// are the state after this seq (a batch's events are in the log a
+    /// moment before its rows join the held ones).
+    applied: u64,
 }
 
 impl Behind {
@@ -178,6 +188,12 @@ pub struct JobRowsView {
 }
 
 impl JobRowsView {
+    /// The read transaction the view's table is of (for the other tables,
+    /// as of the same commit).
+    pub fn txn(&self) -> &redb::ReadTransaction {
+        &self.txn
+    }
+
     /// The rows, to read (on any thread: the view is shared, each thread
     /// opens its own reader).
     pub fn rows(&self) -> Result<JobRows<'_>> {
@@ -253,6 +269,10 @@ impl<'v> Iterator for Merged<'v> {
     }
 }
 
+/// The job rows a store opened after a crash lacked, and the first seq
+/// they cover.
+type Caught = (u64, Vec<Row<JobKey>>);
+
 /// The log's head, and the seq the rows were checkpointed at (`None`: the
 /// store was being written when it stopped).
 fn head_and_checkpoint(txn: &redb::ReadTransaction) -> Result<(u64, Option<u64>)> {
@@ -287,7 +307,7 @@ impl Store {
         // pairs a table with the rows held behind exactly that table (or,
         // between a commit and its update of them, with the rows held
         // before it, which are what it wrote: the same state).
-        let behind = self.inner.behind.read().expect("rows held behind");
+        let behind = self.inner.held();
         let txn = self.begin_read()?;
         let copy = (behind.rows.range(range))
             .filter(|(k, _)| kind.is_none_or(|kind| k.1 == kind as u8))
@@ -297,10 +317,9 @@ impl Store {
     }
 
     /// Commit `txn` (a batch's events, records and regions, written), with
-    /// the job rows due: those held behind that fell [`ROWS_BEHIND_MAX`]
-    /// behind `events`' last seq. The batch's own job rows `rows` are held
-    /// behind once it committed; a batch of more than [`WRITE_THROUGH`]
-    /// events writes them, and every row held, through.
+    /// the held job rows due ([`Behind::due`]). The batch's own job rows
+    /// `rows` are held once it committed; a batch of more than
+    /// [`WRITE_THROUGH`] events writes them, and every row held, through.
     pub(super) fn commit_rows(
         &self,
         txn: redb::WriteTransaction,
@@ -313,7 +332,7 @@ impl Store {
         };
         let through = events.len() > WRITE_THROUGH;
         let written = {
-            let behind = self.inner.behind.read().expect("rows held behind");
+            let behind = self.inner.held();
             if behind.marked {
                 // From now on a crash leaves rows behind: say so on disk.
                 txn.open_table(CHECKPOINT)?.remove(ROWS_AT)?;
@@ -332,18 +351,20 @@ impl Store {
         };
         // Rows written through replace rows that readers would otherwise
         // see held over them (older): readers wait for this commit.
-        let mut hold_off = through.then(|| self.inner.behind.write().expect("rows held behind"));
+        let mut hold_off = through.then(|| self.inner.held_mut());
         // Errors before this point abort the transaction: nothing recorded.
         txn.commit().map_err(StoreError::CommitFailed)?;
         let mut behind = match hold_off.take() {
             Some(b) => b,
-            None => self.inner.behind.write().expect("rows held behind"),
+            None => self.inner.held_mut(),
         };
         behind.written(&written);
         if !through {
             behind.hold(*first, rows.iter().cloned());
         }
         behind.marked = false;
+        behind.lagging = true;
+        behind.applied = *head;
         let oldest = behind.oldest();
         drop(behind);
         if let Some(oldest) = oldest {
@@ -367,15 +388,34 @@ impl Store {
     /// and the first seq they cover. `None` for a store closed cleanly: its
     /// rows are taken as they are (and a log changed after that close, by
     /// hand, is found by the startup check and by `audit verify`, not
-    /// folded into the rows). See the module doc.
-    pub(super) fn catch_up(&self) -> Result<Option<(u64, Vec<Row<JobKey>>)>> {
+    /// folded into the rows). Also the log's head. The events folded are
+    /// checked first (seqs, links, hashes), so a log edited by hand is
+    /// refused before anything is written. See the module doc.
+    fn catch_up(&self) -> Result<(u64, Option<Caught>)> {
         let txn = self.begin_read()?;
         let (head, at) = head_and_checkpoint(&txn)?;
         if at.is_some() {
-            self.inner.behind.write().expect("rows held behind").marked = true;
-            return Ok(None);
+            return Ok((head, None));
         }
         let from = head.saturating_sub(ROWS_BEHIND_MAX) + 1;
+        let window = self.events(from.saturating_sub(1).max(1), head)?;
+        let bad = |seq: u64, what: &str| {
+            Err(StoreError::Corrupt(format!(
+                "catching the job rows up with the log (bcp stopped without a checkpoint): seq {seq}: {what}; run `bcp audit verify`"
+            )))
+        };
+        for (i, env) in window.iter().enumerate() {
+            let seq = from.saturating_sub(1).max(1) + i as u64;
+            if env.seq != seq {
+                return bad(seq, &format!("found seq {}", env.seq));
+            }
+            if env.compute_hash() != env.hash {
+                return bad(seq, "hash does not match the event");
+            }
+            if i > 0 && env.prev_hash != window[i - 1].hash {
+                return bad(seq, "prev_hash does not link to the event before");
+            }
+        }
         let table = txn.open_table(JOB_ROWS)?;
         let rows_read = JobRowsView {
             txn,
@@ -385,7 +425,7 @@ impl Store {
         let mut stored: BTreeMap<Uuid, (Option<Job>, Option<Catalog>)> = BTreeMap::new();
         let mut world = World::default();
         let mut seqs: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
-        for env in self.events(from, head)? {
+        for env in window.into_iter().filter(|e| e.seq >= from) {
             let Some(id) = env.job_id else { continue };
             if let std::collections::btree_map::Entry::Vacant(e) = stored.entry(id) {
                 let (job, catalog) = (job_of(&rows_read, id)?, catalog_of(&rows_read, id)?);
@@ -403,11 +443,13 @@ impl Store {
             };
             let current = world.jobs.get(&id).map_or(0, |j| j.version);
             if version > current + 1 {
-                return Err(StoreError::Corrupt(format!(
-                    "job {id}'s rows are at version {current}, but its event at seq {} (version {version}) is among the last {} events: the rows are further behind the log than bcp writes them; run `bcp audit verify`",
+                return bad(
                     env.seq,
-                    head - from + 1
-                )));
+                    &format!(
+                        "job {id}'s rows are at version {current}, but this event (version {version}) is among the last {} events: the rows are further behind the log than bcp writes them",
+                        head - from + 1
+                    ),
+                );
             }
             if version == current + 1 {
                 world.evolve(&env);
@@ -430,35 +472,61 @@ impl Store {
                 }
             }
         }
-        Ok(Some((from, rows)))
+        Ok((head, Some((from, rows))))
     }
 
     /// Bring a store just opened to its head: a writable one writes the
     /// rows [`Store::catch_up`] finds, and the checkpoint, in one durable
-    /// transaction; a read-only one holds them behind, in memory.
+    /// transaction; a read-only one holds them behind, in memory. Until
+    /// this succeeded, dropping the store writes nothing.
     pub(super) fn caught_up(self) -> Result<Store> {
-        let Some((from, rows)) = self.catch_up()? else {
-            return Ok(self);
+        let (head, caught) = match self.catch_up() {
+            // The audit tools read such a store as it is: `audit verify`
+            // names the event that stopped the catch-up.
+            Err(StoreError::Corrupt(e)) if self.writable().is_err() => {
+                tracing::warn!(error = %e, "job rows not caught up with the log");
+                (self.head_seq()?, None)
+            }
+            r => r?,
         };
-        self.inner
-            .behind
-            .write()
-            .expect("rows held behind")
-            .hold(from, rows);
+        {
+            let mut behind = self.inner.held_mut();
+            behind.applied = head;
+            match caught {
+                None => behind.marked = true,
+                Some((from, rows)) => {
+                    behind.hold(from, rows);
+                    behind.lagging = true;
+                }
+            }
+        }
         if self.writable().is_ok() {
             self.checkpoint()?;
         }
         Ok(self)
     }
 
+    /// The log's head as queries see it: the job rows they read are the
+    /// state after this seq (never older; a commit's events are in the log
+    /// a moment before its job rows are readable).
+    pub fn applied_seq(&self) -> u64 {
+        self.inner.held().applied
+    }
+
     /// Run `rebuild` (a commit that replaces `JOB_ROWS` whole, and
     /// checkpoints it) with readers held off, and forget the rows held
     /// behind once it committed.
-    pub(super) fn rows_rebuilt(&self, rebuild: impl FnOnce() -> Result<()>) -> Result<()> {
-        let mut behind = self.inner.behind.write().expect("rows held behind");
+    pub(super) fn rows_rebuilt(
+        &self,
+        head: u64,
+        rebuild: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let mut behind = self.inner.held_mut();
         rebuild()?;
         behind.clear();
         behind.marked = true;
+        behind.lagging = false;
+        behind.applied = head;
         Ok(())
     }
 }
@@ -490,9 +558,8 @@ pub(super) fn catalog_of(rows: &JobRows<'_>, job_id: Uuid) -> Result<Option<Cata
 /// [`Store::checkpoint`], also from the drop of the last handle.
 pub(super) fn checkpoint(db: &redb::Database, inner: &super::Inner) -> Result<()> {
     let _one = inner.one_writer();
-    let lost = || StoreError::Corrupt("the rows held behind were lost to a panic".into());
-    let behind = inner.behind.read().map_err(|_| lost())?;
-    if behind.marked {
+    let behind = inner.held();
+    if !behind.lagging {
         return Ok(());
     }
     let mut txn = db.begin_write()?;
@@ -514,9 +581,10 @@ pub(super) fn checkpoint(db: &redb::Database, inner: &super::Inner) -> Result<()
     }
     txn.commit()?;
     drop(behind);
-    let mut behind = inner.behind.write().map_err(|_| lost())?;
+    let mut behind = inner.held_mut();
     behind.clear();
     behind.marked = true;
+    behind.lagging = false;
     Ok(())
 }
 
@@ -525,9 +593,9 @@ impl Store {
     /// Lose the rows held behind, as a crash would (nothing is written when
     /// the last handle is dropped).
     fn crash(&self) {
-        let mut behind = self.inner.behind.write().expect("rows held behind");
+        let mut behind = self.inner.held_mut();
         behind.clear();
-        behind.marked = true;
+        behind.lagging = false;
     }
 }
 
@@ -703,5 +771,56 @@ mod tests {
         crate::audit::verify::verify(&store, None, |_| {}).unwrap();
         let ledger = Pipeline::open(store.clone()).unwrap();
         assert_eq!(ledger.world(), &world);
+        assert_eq!(store.applied_seq(), head);
+    }
+
+    /// A store that stopped without a checkpoint, whose log's tail was then
+    /// edited, is refused before anything is written, and stays refused
+    /// (a failed open writes no checkpoint); the audit tools still read it
+    /// and `audit verify` names the edited event.
+    #[test]
+    fn a_crashed_store_with_an_edited_tail_is_refused_and_stays_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bcp.redb");
+        let store = Store::open_or_create(&path).unwrap();
+        let mut ledger = Pipeline::open(store.clone()).unwrap();
+        workload(&mut ledger, 1000);
+        let head = ledger.head_seq();
+        assert_eq!(store.applied_seq(), head);
+        store.crash();
+        drop((ledger, store));
+        let edited = head - 3;
+        let rows_at = |path: &std::path::Path| {
+            use redb::ReadableDatabase;
+            let db = redb::Database::create(path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let t = txn.open_table(CHECKPOINT).unwrap();
+            t.get(ROWS_AT).unwrap().map(|v| v.value())
+        };
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(EVENTS).unwrap();
+                let bytes = t.get(edited).unwrap().unwrap().value().to_vec();
+                let text = String::from_utf8(bytes).unwrap();
+                assert!(text.contains("\"size_bytes\":1"), "{text}");
+                let forged = text.replace("\"size_bytes\":1", "\"size_bytes\":2");
+                t.insert(edited, forged.as_bytes()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        assert_eq!(rows_at(&path), None, "stopped without a checkpoint");
+        for _ in 0..2 {
+            let Err(e) = Store::open_existing(&path) else {
+                panic!("an edited tail was caught up");
+            };
+            let e = e.to_string();
+            assert!(e.contains(&format!("seq {edited}: hash")), "{e}");
+            assert_eq!(rows_at(&path), None, "a refused store is not checkpointed");
+        }
+        let read_only = Store::open_read_only(&path, 0).unwrap();
+        let err = crate::audit::verify::verify(&read_only, None, |_| {}).unwrap_err();
+        assert_eq!(err.seq(), Some(edited), "{err}");
     }
 }

@@ -143,6 +143,6 @@ impl Store {
         write_log(&txn, &log, &world)?;
         // The rows held behind belong to the table being replaced: readers
         // wait for the rebuilt one.
-        self.rows_rebuilt(|| txn.commit().map_err(StoreError::from))
+        self.rows_rebuilt(keep, || txn.commit().map_err(StoreError::from))
     }
 }

@@ -135,6 +135,22 @@ impl Inner {
         })
     }
 
+    /// The rows held behind, to read. A commit thread that panicked
+    /// holding the lock (in a commit that writes rows through) changed
+    /// nothing in them yet: the lock's poison is ignored.
+    fn held(&self) -> std::sync::RwLockReadGuard<'_, behind::Behind> {
+        self.behind
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The rows held behind, to change (see [`Inner::held`]).
+    fn held_mut(&self) -> std::sync::RwLockWriteGuard<'_, behind::Behind> {
+        self.behind
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The lock every write transaction holds. A commit thread that
     /// panicked while holding it (a bug, or an injected fault) left nothing
     /// behind it to repair: redb aborts the transaction.
@@ -247,9 +263,10 @@ impl Store {
         store.caught_up()
     }
 
-    /// Create the tables a store lacks. A store that has them all is only
-    /// read (so auditing a store does not write to it); one of an older
-    /// layout is refused.
+    /// Create the tables a store lacks (so auditing a store, read-only,
+    /// never needs to); one of an older layout is refused. A store that
+    /// has them all is only read here; opening it may still write the job
+    /// rows a crash left unwritten ([`Store::caught_up`]).
     fn create_tables(&self) -> Result<()> {
         let names: Vec<String> = self
             .begin_read()?
@@ -524,7 +541,7 @@ impl Store {
             }
         }
         finish(&mut world, job, classes.take(), &mut snapshots)?;
-        for r in self.begin_read()?.open_table(REGIONS)?.iter()? {
+        for r in view.txn().open_table(REGIONS)?.iter()? {
             let (_, v) = r?;
             let region: Region = serde_json::from_slice(v.value())
                 .map_err(|e| corrupt(format!("region row: {e}")))?;

@@ -25,9 +25,10 @@ pub const JOB_ROWS: TableDefinition<(u128, u8, u128), &[u8]> = TableDefinition::
 /// region name → region JSON: the region projection.
 pub const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions");
 /// [`ROWS_AT`] → the seq `JOB_ROWS` was last made current at (a clean
-/// close). A store whose checkpoint is not its head is caught up when
-/// opened (`behind.rs`). Stores from before rows were written behind lack
-/// the table: their rows are always current.
+/// close); the first commit after it removes the key. A store opened
+/// without the key was being written when it stopped and is caught up
+/// from its log (`behind.rs`). Stores from before rows were written behind
+/// lack the table: their rows are always current.
 pub const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
 /// The one key of [`CHECKPOINT`].
 pub const ROWS_AT: &str = "rows_at";
