@@ -182,6 +182,10 @@ pub struct Built {
     pub commits: Vec<u64>,
     /// The CPU time of each of those commits, on its thread.
     pub commit_cpus: Vec<u64>,
+    /// The CPU time of the checkpoint that closes the run (the job rows
+    /// still held behind, written), on the same thread: part of what the
+    /// commits cost, paid once.
+    pub checkpoint_cpu: u64,
 }
 
 /// Append commands straight through `Pipeline::execute` (the writer's own
@@ -237,7 +241,11 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
             }
         }
     }
+    let cpu = crate::measure::thread_cpu_us();
+    ledger.store().checkpoint().context("checkpoint")?;
+    let checkpoint_cpu = crate::measure::thread_cpu_us() - cpu;
     Ok(Built {
+        checkpoint_cpu,
         head_seq: ledger.head_seq(),
         jobs: ledger.world().jobs.len() as u64,
         appended: ledger.head_seq() - start_seq,

@@ -403,8 +403,8 @@ impl Store {
     pub fn job_events(&self, job_id: Uuid) -> Result<Vec<Envelope>> {
         let view = self.job_rows(JobRow::Event.range(job_id.as_u128()))?;
         let index = view.rows()?;
-        // Begun after the view's: it holds every event the index names.
-        let events = self.begin_read()?.open_table(EVENTS)?;
+        // The held rows name only committed events: all in this transaction.
+        let events = view.txn().open_table(EVENTS)?;
         let mut out = Vec::new();
         for r in index.range(JobRow::Event.range(job_id.as_u128()))? {
             let seq = r?.0.2 as u64;
