@@ -1745,7 +1745,8 @@ impl FaultyWriter {
 #[test]
 fn a_commit_thread_that_panics_gets_its_batch_answered_and_stops_the_writer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut w = FaultyWriter::start(&dir.path().join("bcp.redb"));
+    let path = dir.path().join("bcp.redb");
+    let mut w = FaultyWriter::start(&path);
     // A first batch commits; the next one's commit panics.
     assert!(w.answer(1).ok);
     assert_eq!(w.outbox.seqs(), [1], "a committed event goes to the relay");
@@ -1759,6 +1760,15 @@ fn a_commit_thread_that_panics_gets_its_batch_answered_and_stops_the_writer() {
     assert!(
         matches!(stopped, bcp::store::StoreError::CommitThreadStopped),
         "{stopped:?}"
+    );
+    // Restarted: whatever the panic left on disk, the job rows agree with
+    // the log (a commit in doubt is never checkpointed over).
+    let store = Store::open_existing(&path).unwrap();
+    verify(&store).unwrap();
+    assert_eq!(
+        store.job(job(1)).unwrap().map(|j| j.version),
+        Some(1),
+        "the committed batch's job"
     );
 }
 

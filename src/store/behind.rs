@@ -40,7 +40,9 @@
 //!   `ROWS_BEHIND_MAX` that are newer than its stored version onto its
 //!   stored state, and gives its event index their seqs. A writable store
 //!   writes the result and a checkpoint at once; a read-only one (the audit
-//!   tools) holds it in memory.
+//!   tools) holds it in memory. If the events folded do not check out (a
+//!   tail edited by hand), a writable store is refused and a read-only one
+//!   reads only its log (`audit verify` names the event).
 
 use super::rows::{self, JobKey, JobState, Row};
 use super::tables::*;
@@ -85,8 +87,12 @@ pub(super) struct Behind {
     marked: bool,
     /// Whether the table may lag the log (rows held, or the log grew,
     /// since the last checkpoint): what a checkpoint is for. False until a
-    /// store is open, so a store that failed to open writes nothing.
+    /// store's rows are caught up, so a store that failed to open never
+    /// checkpoints rows it did not catch up.
     lagging: bool,
+    /// Why the job rows of a store opened read-only could not be caught up
+    /// with its log (an edited tail): they are not read then, only the log.
+    unreadable: Option<String>,
     /// The log's head as readers see it: the table and the rows held here
     /// are the state after this seq (a batch's events are in the log a
     /// moment before its rows join the held ones).
@@ -308,6 +314,11 @@ impl Store {
         // between a commit and its update of them, with the rows held
         // before it, which are what it wrote: the same state).
         let behind = self.inner.held();
+        if let Some(why) = &behind.unreadable {
+            return Err(StoreError::Corrupt(format!(
+                "the job rows could not be caught up with the log ({why})"
+            )));
+        }
         let txn = self.begin_read()?;
         let copy = (behind.rows.range(range))
             .filter(|(k, _)| kind.is_none_or(|kind| k.1 == kind as u8))
@@ -353,6 +364,10 @@ impl Store {
         // see held over them (older): readers wait for this commit.
         let mut hold_off = through.then(|| self.inner.held_mut());
         // Errors before this point abort the transaction: nothing recorded.
+        // From here until its rows are held, the batch may be on disk
+        // without them: a commit that fails or panics here leaves it so,
+        // and no checkpoint may then say the table is current.
+        (self.inner.in_doubt).store(true, std::sync::atomic::Ordering::SeqCst);
         txn.commit().map_err(StoreError::CommitFailed)?;
         let mut behind = match hold_off.take() {
             Some(b) => b,
@@ -367,6 +382,7 @@ impl Store {
         behind.applied = *head;
         let oldest = behind.oldest();
         drop(behind);
+        (self.inner.in_doubt).store(false, std::sync::atomic::Ordering::SeqCst);
         if let Some(oldest) = oldest {
             assert!(
                 head - oldest < ROWS_BEHIND_MAX,
@@ -481,11 +497,12 @@ impl Store {
     /// this succeeded, dropping the store writes nothing.
     pub(super) fn caught_up(self) -> Result<Store> {
         let (head, caught) = match self.catch_up() {
-            // The audit tools read such a store as it is: `audit verify`
-            // names the event that stopped the catch-up.
+            // The audit tools still read such a store's log (`audit verify`
+            // names the event that stopped the catch-up); reads of its job
+            // rows fail.
             Err(StoreError::Corrupt(e)) if self.writable().is_err() => {
-                tracing::warn!(error = %e, "job rows not caught up with the log");
-                (self.head_seq()?, None)
+                self.inner.held_mut().unreadable = Some(e);
+                return Ok(self);
             }
             r => r?,
         };
@@ -561,6 +578,11 @@ pub(super) fn checkpoint(db: &redb::Database, inner: &super::Inner) -> Result<()
     let behind = inner.held();
     if !behind.lagging {
         return Ok(());
+    }
+    if inner.in_doubt.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(StoreError::Corrupt(
+            "a commit failed or stopped before its job rows were held: the next open catches them up from the log".into(),
+        ));
     }
     let mut txn = db.begin_write()?;
     txn.set_durability(redb::Durability::Immediate)
@@ -822,5 +844,13 @@ mod tests {
         let read_only = Store::open_read_only(&path, 0).unwrap();
         let err = crate::audit::verify::verify(&read_only, None, |_| {}).unwrap_err();
         assert_eq!(err.seq(), Some(edited), "{err}");
+        // Its job rows are not served as if current.
+        let e = read_only.job(Uuid::from_u128(1)).unwrap_err().to_string();
+        assert!(e.contains("could not be caught up"), "{e}");
+        assert!(
+            read_only
+                .jobs_page(&Default::default(), 10, usize::MAX)
+                .is_err()
+        );
     }
 }

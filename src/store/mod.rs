@@ -124,6 +124,9 @@ struct Inner {
     behind: std::sync::RwLock<behind::Behind>,
     /// Held by each write transaction: commits, checkpoints, rebuilds.
     committing: std::sync::Mutex<()>,
+    /// A commit was started and its job rows are not held yet (it failed,
+    /// or is running): no checkpoint then ([`behind`]).
+    in_doubt: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -132,12 +135,14 @@ impl Inner {
             db,
             behind: Default::default(),
             committing: Default::default(),
+            in_doubt: Default::default(),
         })
     }
 
     /// The rows held behind, to read. A commit thread that panicked
     /// holding the lock (in a commit that writes rows through) changed
-    /// nothing in them yet: the lock's poison is ignored.
+    /// nothing in them yet: the lock's poison is ignored for reading them
+    /// (that commit left `in_doubt` set, so nothing checkpoints them).
     fn held(&self) -> std::sync::RwLockReadGuard<'_, behind::Behind> {
         self.behind
             .read()
