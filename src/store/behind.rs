@@ -114,25 +114,26 @@ impl Behind {
         if all {
             return self.order.iter().map(|&(_, job)| job).collect();
         }
-        let must = head.saturating_sub(ROWS_BEHIND_MAX);
-        let may = head.saturating_sub(ROWS_HELD);
-        let held: Vec<(u64, u128)> = self.order.range(..=(may, u128::MAX)).copied().collect();
-        let Some(&(oldest, _)) = held.first() else {
+        let held = self
+            .order
+            .range(..=(head.saturating_sub(ROWS_HELD), u128::MAX));
+        let Some(&(oldest, _)) = held.clone().next() else {
             return Vec::new();
         };
+        let (n, overdue) = held.clone().fold((0, 0), |(n, overdue), &(since, _)| {
+            let late = since.saturating_add(ROWS_BEHIND_MAX) <= head;
+            (n + 1, overdue + usize::from(late))
+        });
         let left = (oldest + ROWS_BEHIND_MAX).saturating_sub(head).max(events);
-        let share = (held.len() as u64 * events).div_ceil(left) as usize;
+        let share = (n as u64 * events).div_ceil(left) as usize;
         // Fewer jobs at a time cost more per job (the leaves and branches
         // a write dirties are shared by neighbouring jobs): wait for a
         // chunk, unless some are overdue.
-        let share = match held.len() >= ROWS_CHUNK {
+        let share = match n >= ROWS_CHUNK {
             true => share.max(ROWS_CHUNK),
             false => 0,
         };
-        let overdue = held.partition_point(|&(since, _)| since <= must);
-        (held.into_iter().take(share.max(overdue)))
-            .map(|(_, job)| job)
-            .collect()
+        held.take(share.max(overdue)).map(|&(_, job)| job).collect()
     }
 
     /// `jobs`' rows are in the table now.
@@ -679,6 +680,17 @@ mod tests {
         }
     }
 
+    /// A new store at a temporary path, its pipeline run through the
+    /// workload until the log holds `events`.
+    fn store_with(events: u64) -> (tempfile::TempDir, std::path::PathBuf, Store, Pipeline<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bcp.redb");
+        let store = Store::open_or_create(&path).unwrap();
+        let mut ledger = Pipeline::open(store.clone()).unwrap();
+        workload(&mut ledger, events);
+        (dir, path, store, ledger)
+    }
+
     /// The job rows as they are in the table, without those held behind.
     fn in_table(store: &Store, job: u128) -> usize {
         let txn = store.begin_read().unwrap();
@@ -690,18 +702,14 @@ mod tests {
     }
 
     /// Queries read a batch's rows as soon as it committed, from memory;
-    /// they reach the table once the log moved ROWS_BEHIND_MAX events on,
-    /// never further behind; a store that stopped without a checkpoint (a
+    /// they reach the table once the log moved ROWS_HELD events on, never
+    /// more than ROWS_BEHIND_MAX behind; a store that stopped without a checkpoint (a
     /// crash) folds its log's tail into its rows when opened, read-only in
     /// memory or writable on disk, and then verifies: every row equal to a
     /// rebuild from the log.
     #[test]
     fn rows_written_behind_are_read_at_once_bounded_and_caught_up_after_a_crash() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bcp.redb");
-        let store = Store::open_or_create(&path).unwrap();
-        let mut ledger = Pipeline::open(store.clone()).unwrap();
-        workload(&mut ledger, 1);
+        let (dir, path, store, mut ledger) = store_with(1);
         let first = Uuid::from_u128(1);
         assert_eq!(in_table(&store, 1), 0, "held behind, not yet written");
         assert_eq!(store.job(first).unwrap().unwrap().version, 1);
@@ -802,11 +810,7 @@ mod tests {
     /// and `audit verify` names the edited event.
     #[test]
     fn a_crashed_store_with_an_edited_tail_is_refused_and_stays_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bcp.redb");
-        let store = Store::open_or_create(&path).unwrap();
-        let mut ledger = Pipeline::open(store.clone()).unwrap();
-        workload(&mut ledger, 1000);
+        let (_dir, path, store, ledger) = store_with(1000);
         let head = ledger.head_seq();
         assert_eq!(store.applied_seq(), head);
         store.crash();
