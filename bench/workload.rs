@@ -225,9 +225,9 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
                     bail!("not decided offline: {:?}", a.reply.error);
                 }
             }
-            let prepared = ledger.to_commit().expect("a batch was decided");
+            let mut prepared = ledger.to_commit().expect("a batch was decided");
             let (committing, cpu) = (Instant::now(), crate::measure::thread_cpu_us());
-            let result = ledger.store().commit(&prepared);
+            let result = ledger.store().commit(&mut prepared);
             commits.push(committing.elapsed().as_micros() as u64);
             commit_cpus.push(crate::measure::thread_cpu_us() - cpu);
             let settled = ledger.settle(result);

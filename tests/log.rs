@@ -1621,7 +1621,7 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
     // N is at the commit thread while N+1 is decided on top of it.
     let mut p: Pipeline<&str> = Pipeline::new(ledger.into_ledger());
     assert!(p.decide(&start, "start", t0(), &mut ids).is_empty());
-    let n = p.to_commit().expect("N goes to commit");
+    let mut n = p.to_commit().expect("N goes to commit");
     assert!(p.decide(&snapshot, "snapshot", t0(), &mut ids).is_empty());
     assert!(p.decide(&start, "start again", t0(), &mut ids).is_empty());
     assert!(p.to_commit().is_none(), "one batch commits at a time");
@@ -1630,7 +1630,7 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
     // N's commit fails: N+1 is undone with it, every command answered
     // unavailable, newest batch first; memory equals the disk again.
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    let result = store.commit(&n);
+    let result = store.commit(&mut n);
     assert!(result.is_err());
     let settled = p.settle(result);
     let answered: Vec<_> = settled.answers.iter().map(|a| a.to).collect();
@@ -1841,10 +1841,10 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
     let mut p: Pipeline<()> = Pipeline::new(ledger.into_ledger());
     assert!(p.decide(&create, (), t0(), &mut ids).is_empty());
     assert!(p.decide(&start, (), t0(), &mut ids).is_empty());
-    let n = p.to_commit().unwrap();
+    let mut n = p.to_commit().unwrap();
     assert!(p.decide(&start, (), t0(), &mut ids).is_empty());
     assert!(p.decide(&stop, (), t0(), &mut ids).is_empty());
-    let replies = p.settle(store.commit(&n)).answers;
+    let replies = p.settle(store.commit(&mut n)).answers;
     assert!(
         replies.iter().all(|a| a.reply.ok && !a.reply.duplicate),
         "{replies:?}"
@@ -1854,8 +1854,8 @@ fn overlapping_batches_commit_in_order_and_the_log_verifies() {
     // of its start, before N committed): a retry of N's create decided into
     // N+1 now is still a duplicate, not a second create.
     assert!(p.decide(&create, (), t0(), &mut ids).is_empty());
-    let n1 = p.to_commit().unwrap();
-    let replies = p.settle(store.commit(&n1)).answers;
+    let mut n1 = p.to_commit().unwrap();
+    let replies = p.settle(store.commit(&mut n1)).answers;
     assert!(
         replies[0].reply.duplicate && replies[1].reply.ok,
         "{replies:?}"

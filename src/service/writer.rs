@@ -88,8 +88,8 @@ fn spawn_committer(store: Store, outbox: Outbox) -> Committer {
     let thread = std::thread::Builder::new()
         .name("bcp-commit".into())
         .spawn(move || {
-            for (prepared, done) in rx {
-                let result = store.commit(&prepared);
+            for (mut prepared, done) in rx {
+                let result = store.commit(&mut prepared);
                 let at = Instant::now();
                 if result.is_ok() {
                     // Before the writer announces the new head.

@@ -159,10 +159,13 @@ impl Behind {
         }
     }
 
-    fn clear(&mut self) {
+    /// Every row is in the table and [`ROWS_AT`] says so: nothing held.
+    fn current(&mut self) {
         self.rows.clear();
         self.since.clear();
         self.order.clear();
+        self.marked = true;
+        self.lagging = false;
     }
 
     /// Seq of the oldest event whose rows are not written.
@@ -280,13 +283,29 @@ impl<'v> Iterator for Merged<'v> {
 /// they cover.
 type Caught = (u64, Vec<Row<JobKey>>);
 
+/// The seq of the last event in `events` (0: none), in a read or a write
+/// transaction.
+pub(super) fn last_seq(events: &impl ReadableTable<u64, &'static [u8]>) -> Result<u64> {
+    Ok(events.last()?.map_or(0, |(k, _)| k.value()))
+}
+
+/// Write one job row into `table` (`None`: remove it).
+fn put(
+    table: &mut redb::Table<'_, JobKey, &'static [u8]>,
+    key: JobKey,
+    row: &Option<Vec<u8>>,
+) -> Result<()> {
+    match row {
+        Some(bytes) => table.insert(key, bytes.as_slice())?,
+        None => table.remove(key)?,
+    };
+    Ok(())
+}
+
 /// The log's head, and the seq the rows were checkpointed at (`None`: the
 /// store was being written when it stopped).
 fn head_and_checkpoint(txn: &redb::ReadTransaction) -> Result<(u64, Option<u64>)> {
-    let head = txn
-        .open_table(EVENTS)?
-        .last()?
-        .map_or(0, |(k, _)| k.value());
+    let head = last_seq(&txn.open_table(EVENTS)?)?;
     let at = match txn.open_table(CHECKPOINT) {
         Ok(t) => t.get(ROWS_AT)?.map(|v| v.value()),
         // A store from before rows were written behind: always current.
@@ -336,7 +355,7 @@ impl Store {
         &self,
         txn: redb::WriteTransaction,
         events: &[(u64, Vec<u8>)],
-        rows: &[Row<JobKey>],
+        rows: Vec<Row<JobKey>>,
     ) -> Result<()> {
         let (Some((first, _)), Some((head, _))) = (events.first(), events.last()) else {
             assert!(rows.is_empty(), "job rows change only with events");
@@ -354,10 +373,7 @@ impl Store {
             let held = written.iter().flat_map(|job| behind.rows_of(*job));
             let own = rows.iter().filter(|_| through).map(|(k, v)| (k, v));
             for (key, row) in held.chain(own) {
-                match row {
-                    Some(bytes) => table.insert(*key, bytes.as_slice())?,
-                    None => table.remove(*key)?,
-                };
+                put(&mut table, *key, row)?;
             }
             written
         };
@@ -376,7 +392,7 @@ impl Store {
         };
         behind.written(&written);
         if !through {
-            behind.hold(*first, rows.iter().cloned());
+            behind.hold(*first, rows);
         }
         behind.marked = false;
         behind.lagging = true;
@@ -433,19 +449,19 @@ impl Store {
                 return bad(seq, "prev_hash does not link to the event before");
             }
         }
-        let table = txn.open_table(JOB_ROWS)?;
-        let rows_read = JobRowsView {
+        // Nothing is held yet: the view is the table.
+        let view = JobRowsView {
             txn,
             behind: BTreeMap::new(),
         };
-        let rows_read = rows_read.rows()?;
+        let stored_rows = view.rows()?;
         let mut stored: BTreeMap<Uuid, (Option<Job>, Option<Catalog>)> = BTreeMap::new();
         let mut world = World::default();
         let mut seqs: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
         for env in window.into_iter().filter(|e| e.seq >= from) {
             let Some(id) = env.job_id else { continue };
             if let std::collections::btree_map::Entry::Vacant(e) = stored.entry(id) {
-                let (job, catalog) = (job_of(&rows_read, id)?, catalog_of(&rows_read, id)?);
+                let (job, catalog) = (job_of(&stored_rows, id)?, catalog_of(&stored_rows, id)?);
                 if let Some(j) = &job {
                     world.jobs.insert(id, j.clone());
                 }
@@ -483,7 +499,7 @@ impl Store {
                 catalog: world.catalogs.get(id),
             };
             for (key, row) in rows::job_rows(*id, before, after, &seqs[id]) {
-                let indexed = key.1 == JobRow::Event as u8 && table.get(key)?.is_some();
+                let indexed = key.1 == JobRow::Event as u8 && stored_rows.get(key)?.is_some();
                 if !indexed {
                     rows.push((key, row));
                 }
@@ -541,9 +557,7 @@ impl Store {
     ) -> Result<()> {
         let mut behind = self.inner.held_mut();
         rebuild()?;
-        behind.clear();
-        behind.marked = true;
-        behind.lagging = false;
+        behind.current();
         behind.applied = head;
         Ok(())
     }
@@ -589,25 +603,16 @@ pub(super) fn checkpoint(db: &redb::Database, inner: &super::Inner) -> Result<()
     txn.set_durability(redb::Durability::Immediate)
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     {
-        let head = txn
-            .open_table(EVENTS)?
-            .last()?
-            .map_or(0, |(k, _)| k.value());
+        let head = last_seq(&txn.open_table(EVENTS)?)?;
         let mut table = txn.open_table(JOB_ROWS)?;
         for (key, row) in &behind.rows {
-            match row {
-                Some(bytes) => table.insert(*key, bytes.as_slice())?,
-                None => table.remove(*key)?,
-            };
+            put(&mut table, *key, row)?;
         }
         txn.open_table(CHECKPOINT)?.insert(ROWS_AT, head)?;
     }
     txn.commit()?;
     drop(behind);
-    let mut behind = inner.held_mut();
-    behind.clear();
-    behind.marked = true;
-    behind.lagging = false;
+    inner.held_mut().current();
     Ok(())
 }
 
@@ -617,8 +622,8 @@ impl Store {
     /// the last handle is dropped).
     fn crash(&self) {
         let mut behind = self.inner.held_mut();
-        behind.clear();
-        behind.lagging = false;
+        behind.current();
+        behind.marked = false; // as on disk: the first commit removed it
     }
 }
 

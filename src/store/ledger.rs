@@ -200,9 +200,10 @@ impl Store {
     /// Write a prepared batch in ONE `Durability::Immediate` transaction:
     /// its events, idempotency records and region rows, and the job rows
     /// [`behind`](super::behind) says are due; the batch's own job rows are
-    /// held behind once it committed. On `Err`, nothing of it was written
-    /// (but see [`StoreError::CommitFailed`]).
-    pub fn commit(&self, p: &Prepared) -> Result<()> {
+    /// held behind once it committed (they are taken out of `p`, which
+    /// keeps its events for the relay). On `Err`, nothing of it was
+    /// written (but see [`StoreError::CommitFailed`]).
+    pub fn commit(&self, p: &mut Prepared) -> Result<()> {
         if p.rows.is_empty() {
             // Only answers already durable (retries, an idle sweep): no fsync.
             return Ok(());
@@ -211,6 +212,7 @@ impl Store {
         let mut txn = self.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let job_rows = std::mem::take(&mut p.rows.job_rows);
         let r = &p.rows;
         {
             let mut events = txn.open_table(EVENTS)?;
@@ -228,7 +230,7 @@ impl Store {
                 }
             }
         }
-        self.commit_rows(txn, &r.events, &r.job_rows)
+        self.commit_rows(txn, &r.events, job_rows)
     }
 }
 

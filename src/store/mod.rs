@@ -287,10 +287,7 @@ impl Store {
         txn.open_table(COMMANDS)?;
         txn.open_table(JOB_ROWS)?;
         txn.open_table(REGIONS)?;
-        let head = txn
-            .open_table(EVENTS)?
-            .last()?
-            .map_or(0, |(k, _)| k.value());
+        let head = behind::last_seq(&txn.open_table(EVENTS)?)?;
         if !checkpointed {
             // A new store, or one whose rows were all written by each
             // commit: current at its head.
@@ -358,8 +355,7 @@ impl Store {
     /// Seq of the last event (0 when empty).
     pub fn head_seq(&self) -> Result<u64> {
         let txn = self.begin_read()?;
-        let t = txn.open_table(EVENTS)?;
-        Ok(t.last()?.map_or(0, |(k, _)| k.value()))
+        behind::last_seq(&txn.open_table(EVENTS)?)
     }
 
     /// Events with seq in `from..=to`, in order.

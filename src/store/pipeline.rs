@@ -303,7 +303,7 @@ impl Pipeline<()> {
     }
 
     fn commit_in_line(&mut self) -> Result<Settled<()>> {
-        let Some(prepared) = self.to_commit() else {
+        let Some(mut prepared) = self.to_commit() else {
             return Ok(Settled {
                 answers: Vec::new(),
                 head: None,
@@ -311,7 +311,7 @@ impl Pipeline<()> {
                 stopped: false,
             });
         };
-        let result = self.ledger.store().commit(&prepared);
+        let result = self.ledger.store().commit(&mut prepared);
         let mut settled = self.settle(result);
         match settled.error.take() {
             None => Ok(settled),
