@@ -113,6 +113,8 @@ pub struct Args {
     /// Only phase 1 (raw redb against `Pipeline::execute`), printed,
     /// nothing written: for profiling and comparing the commit.
     pub appends_only: bool,
+    /// The batch sizes of phase 1 (commands per commit).
+    pub batches: Vec<usize>,
     /// The largest log of the growth steps, replay and verify.
     pub events: u64,
     /// Commands of the end-to-end run (3).
@@ -162,6 +164,10 @@ struct CommandLine {
     /// at the same batch sizes, printed, nothing written.
     #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only"])]
     appends_only: bool,
+    /// With `--appends-only`: only this batch size (repeatable), e.g. to
+    /// profile one of them.
+    #[arg(long = "batch", requires = "appends_only", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batches: Vec<u64>,
     /// The largest log of the growth steps, replay and verify (at least 1000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1000..))]
     events: Option<u64>,
@@ -203,6 +209,7 @@ impl Args {
                 group_only: false,
                 publish_only: false,
                 appends_only: false,
+                batches: BATCHES.to_vec(),
                 events: 20_000,
                 commands: 3_000,
                 growth_commands: 1_000,
@@ -223,6 +230,7 @@ impl Args {
                 group_only: false,
                 publish_only: false,
                 appends_only: false,
+                batches: BATCHES.to_vec(),
                 events: 1_000_000,
                 commands: 100_000,
                 growth_commands: 20_000,
@@ -241,6 +249,9 @@ impl Args {
         a.group_only = cli.group_only;
         a.publish_only = cli.publish_only;
         a.appends_only = cli.appends_only;
+        if !cli.batches.is_empty() {
+            a.batches = cli.batches.iter().map(|&n| n as usize).collect();
+        }
         a.keep = cli.keep;
         a.events = cli.events.unwrap_or(a.events);
         a.commands = cli.commands.unwrap_or(a.commands);
@@ -652,7 +663,7 @@ async fn durable_appends(
     samples: &[(String, Bytes)],
 ) -> Result<(Vec<measure::Appends>, Vec<LedgerAppends>)> {
     let mut baseline_a = Vec::new();
-    for batch in BATCHES {
+    for batch in b.args.batches.clone() {
         let path = b.dir.join(format!("baseline-a-{batch}.redb"));
         let bytes: Vec<Bytes> = samples.iter().map(|(_, b)| b.clone()).collect();
         let n = appends_for(batch, b.args.baseline_a_events);
@@ -669,7 +680,7 @@ async fn durable_appends(
         baseline_a.push(a);
     }
     let mut ledger_a = Vec::new();
-    for batch in BATCHES {
+    for batch in b.args.batches.clone() {
         let db = b.dir.join(format!("ledger-{batch}.redb"));
         settle().await?;
         let written = procs::written_bytes(0).unwrap_or(0);

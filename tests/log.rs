@@ -410,9 +410,10 @@ fn verify_catches_a_projection_that_disagrees_with_the_log() {
 /// Each is found, and named.
 #[test]
 fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
+    use bcp::store::rows;
     use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow, REGIONS};
     type Tamper = fn(&redb::WriteTransaction);
-    let cases: [(&str, Tamper, &str); 9] = [
+    let cases: [(&str, Tamper, &str); 11] = [
         (
             "a copy of a view under sub 1",
             |txn| {
@@ -437,12 +438,36 @@ fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
             "row of unknown kind 7",
         ),
         (
-            "an event index row removed",
+            "an event taken out of a job's index",
             |txn| {
+                // Job 1's events (seqs 1 to 7) were written as one index row.
                 let mut t = txn.open_table(JOB_ROWS).unwrap();
-                t.remove(JobRow::Event.key(job(1).as_u128(), 2)).unwrap();
+                let key = JobRow::Event.key(job(1).as_u128(), 1);
+                let row = t.get(key).unwrap().unwrap().value().to_vec();
+                let mut seqs = rows::read_index(1, &row).unwrap();
+                assert_eq!(seqs, [1, 2, 3, 4, 5, 6, 7]);
+                seqs.retain(|&seq| seq != 2);
+                t.insert(key, rows::index_row(&seqs).1.as_slice()).unwrap();
             },
             "event index row for seq 2 is missing",
+        ),
+        (
+            "an index row that overlaps the one before it",
+            |txn| {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                t.insert(JobRow::Event.key(job(1).as_u128(), 3), &b""[..])
+                    .unwrap();
+            },
+            "event index row for seq 3 overlaps the row before it (which reaches seq 7)",
+        ),
+        (
+            "an index row that does not decode",
+            |txn| {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                t.insert(JobRow::Event.key(job(1).as_u128(), 1), &[1u8, 0][..])
+                    .unwrap();
+            },
+            "event index row for seq 1 does not decode: a gap of 0 after seq 1",
         ),
         (
             "another job's event in a job's index",

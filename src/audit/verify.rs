@@ -11,6 +11,7 @@ use super::records::CommandLog;
 use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::{Job, Snapshot, World};
+use crate::store::behind::{Merged, RowRef};
 use crate::store::rows;
 use crate::store::tables::{JobRow, REGIONS};
 use crate::store::{Store, StoreError};
@@ -125,11 +126,13 @@ const PROGRESS_EVERY: u64 = 4096;
 /// for `world` and the event index `index` ((job, seq), sorted), or `None`.
 ///
 /// Every row of JOB_ROWS is compared under its key, byte for byte: a job's
-/// view, class row and snapshot rows, and its event index (one empty row per
-/// event about the job, rejections included). A class row of the layout
-/// before runs is compared by what it holds. Regions likewise, keyed by
-/// name. A row where none is expected, or under another key, is a
-/// difference: queries read rows by key.
+/// view, class row and snapshot rows. A class row of the layout before
+/// runs is compared by what it holds. A job's event index is compared seq
+/// by seq (every event about the job, rejections included): how its seqs
+/// are split into rows depends on when the writer wrote them, but each row
+/// must be keyed by its first seq and the rows must not overlap. Regions
+/// likewise, keyed by name. A row where none is expected, or under another
+/// key, is a difference: queries read rows by key.
 fn projections_differ(
     store: &Store,
     world: &World,
@@ -230,25 +233,31 @@ fn job_rows_differ(
     keys: std::ops::RangeInclusive<rows::JobKey>,
 ) -> Result<Option<String>, StoreError> {
     // The rows the writer stores for these jobs, in key order: the layout
-    // the write path and import use, from nothing.
+    // the write path and import use, from nothing, but the event index as
+    // one entry per seq (an index row's key with an empty value).
     let mut events = index.iter().peekable();
     let expected = ids.iter().flat_map(|&id| {
         let uuid = Uuid::from_u128(id);
-        let mut seqs = Vec::new();
-        while let Some((_, seq)) = events.next_if(|(job, _)| *job == id) {
-            seqs.push(*seq);
-        }
         let all = rows::JobState {
             job: world.jobs.get(&uuid),
             catalog: world.catalogs.get(&uuid),
         };
-        rows::job_rows(uuid, rows::JobState::default(), all, &seqs)
+        let seqs = std::iter::from_fn(|| events.next_if(|(job, _)| *job == id).map(|e| e.1));
+        let index: Vec<_> = seqs
+            .map(|seq| (JobRow::Event.key(id, u128::from(seq)), Vec::new()))
+            .collect();
+        rows::job_rows(uuid, rows::JobState::default(), all, &[])
             .into_iter()
             .map(|(k, v)| (k, v.expect("rows from nothing only add")))
+            .chain(index)
     });
     let mut expected = expected.peekable();
-    for r in view.rows()?.range(keys)? {
-        let (key, v) = r?;
+    let mut stored = IndexEntries::new(view.rows()?.range(keys)?);
+    while let Some(r) = stored.next() {
+        let (key, v) = match r? {
+            Ok(row) => row,
+            Err(why) => return Ok(Some(why)),
+        };
         let Some((want_key, want)) = expected.next_if(|(want_key, _)| *want_key <= key) else {
             return Ok(Some(format!(
                 "{} is stored, but a rebuild of the log has no such row",
@@ -258,21 +267,22 @@ fn job_rows_differ(
         if want_key < key {
             return Ok(Some(format!("{} is missing", describe(want_key))));
         }
-        let same = want.as_slice() == v.value()
+        let v = v.as_ref().map_or(&[][..], RowRef::value);
+        let same = want.as_slice() == v
             // A row of an earlier layout (JSON; class rows listing every
             // period): equal if it holds the same.
-            || key.1 == JobRow::Job as u8 && rows::same_value::<Job>(&want, v.value())
-            || key.1 == JobRow::Snapshot as u8 && rows::same_value::<Snapshot>(&want, v.value())
+            || key.1 == JobRow::Job as u8 && rows::same_value::<Job>(&want, v)
+            || key.1 == JobRow::Snapshot as u8 && rows::same_value::<Snapshot>(&want, v)
             || key.1 == JobRow::Classes as u8
                 && world
                     .catalogs
                     .get(&Uuid::from_u128(key.0))
-                    .is_some_and(|c| rows::classes_match(v.value(), c));
+                    .is_some_and(|c| rows::classes_match(v, c));
         if !same {
             return Ok(Some(format!(
                 "{} differs: stored {}, rebuilt {}",
                 describe(key),
-                rows::show(key.1, v.value()),
+                rows::show(key.1, v),
                 rows::show(key.1, &want)
             )));
         }
@@ -280,6 +290,61 @@ fn job_rows_differ(
     Ok(expected
         .next()
         .map(|(want_key, _)| format!("{} is missing", describe(want_key))))
+}
+
+/// A stored row: its key and value (the value of an index entry: none).
+type Stored<'v> = (rows::JobKey, Option<RowRef<'v>>);
+
+/// Stored job rows with each event index row taken apart into one entry
+/// per seq (its key the row's, with that seq), in key order; an index row
+/// that does not decode, or that overlaps the row before it, is a
+/// difference (`Ok(Err(why))`).
+struct IndexEntries<'v> {
+    rows: Merged<'v>,
+    /// Seqs of the index row being taken apart, next first.
+    seqs: std::vec::IntoIter<u64>,
+    /// The job of that row, and the last index key given out.
+    last: Option<rows::JobKey>,
+}
+
+impl<'v> IndexEntries<'v> {
+    fn new(rows: Merged<'v>) -> Self {
+        IndexEntries {
+            rows,
+            seqs: Vec::new().into_iter(),
+            last: None,
+        }
+    }
+
+    fn next(&mut self) -> Option<Result<Result<Stored<'v>, String>, StoreError>> {
+        if let (Some(seq), Some(last)) = (self.seqs.next(), self.last) {
+            let key = JobRow::Event.key(last.0, u128::from(seq));
+            self.last = Some(key);
+            return Some(Ok(Ok((key, None))));
+        }
+        let (key, row) = match self.rows.next()? {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        if key.1 != JobRow::Event as u8 {
+            return Some(Ok(Ok((key, Some(row)))));
+        }
+        let seqs = match rows::read_index(key.2 as u64, row.value()) {
+            Ok(seqs) => seqs,
+            Err(e) => return Some(Ok(Err(format!("{} does not decode: {e}", describe(key))))),
+        };
+        if let Some(last) = self.last.filter(|last| last.0 == key.0 && *last >= key) {
+            return Some(Ok(Err(format!(
+                "{} overlaps the row before it (which reaches seq {})",
+                describe(key),
+                last.2
+            ))));
+        }
+        self.seqs = seqs.into_iter();
+        self.seqs.next(); // the row's own key
+        self.last = Some(key);
+        Some(Ok(Ok((key, None))))
+    }
 }
 
 #[cfg(test)]

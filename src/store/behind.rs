@@ -148,12 +148,23 @@ impl Behind {
         }
     }
 
-    /// Hold committed `rows` of a batch whose first event is `since`.
+    /// Hold committed `rows` of a batch whose first event is `since`. A
+    /// job's event index rows held are one row: the batch's seqs join the
+    /// one already held (nothing has read them from the table yet).
     fn hold(&mut self, since: u64, rows: impl IntoIterator<Item = Row<JobKey>>) {
         for (key, row) in rows {
             if let std::collections::hash_map::Entry::Vacant(e) = self.since.entry(key.0) {
                 e.insert(since);
                 self.order.insert((since, key.0));
+            }
+            if key.1 == JobRow::Event as u8
+                && let Some(row) = &row
+                && let Some((held, Some(into))) =
+                    self.rows.range_mut(JobRow::Event.range(key.0)).next_back()
+            {
+                let seqs = rows::read_index(key.2 as u64, row).expect("an index row built here");
+                rows::index_extend(held.2 as u64, into, &seqs);
+                continue;
             }
             self.rows.insert(key, row);
         }
@@ -498,12 +509,12 @@ impl Store {
                 job: world.jobs.get(id),
                 catalog: world.catalogs.get(id),
             };
-            for (key, row) in rows::job_rows(*id, before, after, &seqs[id]) {
-                let indexed = key.1 == JobRow::Event as u8 && stored_rows.get(key)?.is_some();
-                if !indexed {
-                    rows.push((key, row));
-                }
-            }
+            let indexed = indexed_since(&stored_rows, id.as_u128(), from)?;
+            let unindexed: Vec<u64> = (seqs[id].iter())
+                .filter(|seq| !indexed.contains(seq))
+                .copied()
+                .collect();
+            rows.extend(rows::job_rows(*id, before, after, &unindexed));
         }
         Ok((head, Some((from, rows))))
     }
@@ -561,6 +572,27 @@ impl Store {
         behind.applied = head;
         Ok(())
     }
+}
+
+/// The seqs from `from` on that job `job`'s stored event index holds (its
+/// last rows: each is keyed by its first seq).
+fn indexed_since(rows: &JobRows<'_>, job: u128, from: u64) -> Result<BTreeSet<u64>> {
+    let mut seqs = BTreeSet::new();
+    for r in rows.table.range(JobRow::Event.range(job))?.rev() {
+        let (key, row) = r?;
+        let first = key.value().2 as u64;
+        let index = rows::read_index(first, row.value()).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "job {}'s event index row for seq {first}: {e}",
+                Uuid::from_u128(job)
+            ))
+        })?;
+        seqs.extend(index.into_iter().filter(|&seq| seq >= from));
+        if first < from {
+            break;
+        }
+    }
+    Ok(seqs)
 }
 
 /// A job's view, from `rows`.

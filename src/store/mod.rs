@@ -408,11 +408,19 @@ impl Store {
         let events = view.txn().open_table(EVENTS)?;
         let mut out = Vec::new();
         for r in index.range(JobRow::Event.range(job_id.as_u128()))? {
-            let seq = r?.0.2 as u64;
-            let bytes = events
-                .get(seq)?
-                .ok_or_else(|| corrupt(format!("job {job_id}'s index names missing seq {seq}")))?;
-            out.push(decode_envelope(seq, bytes.value())?);
+            let (key, row) = r?;
+            let seqs = rows::read_index(key.2 as u64, row.value()).map_err(|e| {
+                corrupt(format!(
+                    "job {job_id}'s event index row for seq {}: {e}",
+                    key.2
+                ))
+            })?;
+            for seq in seqs {
+                let bytes = events.get(seq)?.ok_or_else(|| {
+                    corrupt(format!("job {job_id}'s index names missing seq {seq}"))
+                })?;
+                out.push(decode_envelope(seq, bytes.value())?);
+            }
         }
         Ok(out)
     }

@@ -1,10 +1,14 @@
-//! How a job's snapshot catalog is laid out in rows of
-//! [`JOB_ROWS`](super::tables::JOB_ROWS): one row per retained snapshot
+//! How a job's rows in [`JOB_ROWS`](super::tables::JOB_ROWS) are laid out
+//! and encoded. Its snapshot catalog: one row per retained snapshot
 //! ([`JobRow::Snapshot`]) and one row of the job's class history, which
 //! days, weeks and months already had their daily, weekly, monthly
 //! ([`JobRow::Classes`]). A batch writes only the snapshots it added,
 //! changed or removed, and the class row only when it changed, so recording
-//! a snapshot costs one small row however large the catalog is.
+//! a snapshot costs one small row however large the catalog is. Its event
+//! index ([`JobRow::Event`]): rows of consecutive seqs of the job, each
+//! keyed by its first (see [`index_row`]), so the rows of a job written
+//! once after many of its events (`behind.rs`) add one index row, not one
+//! per event.
 
 use super::CommandRecord;
 use super::tables::JobRow;
@@ -263,13 +267,105 @@ pub fn job_rows(
         rows.push((JobRow::Job.key(key, 0), after.job.map(job_row)));
     }
     rows.extend(catalog_rows(id, before.catalog, after.catalog));
-    rows.extend(
-        new_seqs
-            .iter()
-            .map(|&seq| (JobRow::Event.key(key, u128::from(seq)), Some(Vec::new()))),
-    );
+    rows.extend(new_seqs.chunks(INDEX_ROW_MAX).map(|seqs| {
+        let (first, row) = index_row(seqs);
+        (JobRow::Event.key(key, u128::from(first)), Some(row))
+    }));
     rows.sort_unstable_by_key(|(k, _)| *k);
     rows
+}
+
+/// The most seqs [`job_rows`] puts in one index row (a job's events
+/// written at once: many only on import or a write-through).
+pub const INDEX_ROW_MAX: usize = 4096;
+
+/// An event index row ([`JobRow::Event`]) of `seqs` (strictly increasing,
+/// at least one): its key's sub, the first seq, and its value. One seq:
+/// an empty value, the layout from before index rows held many (read
+/// alike). More: [`COMPACT_V1`], then the gap from each seq to the next as
+/// a LEB128 varint; canonical, so a stored row is equal byte for byte.
+pub fn index_row(seqs: &[u64]) -> (u64, Vec<u8>) {
+    let (&first, rest) = seqs.split_first().expect("an index row of no seq");
+    let mut row = Vec::new();
+    index_extend(first, &mut row, rest);
+    (first, row)
+}
+
+/// Add `seqs` (each after the last seq of the row) to the index row
+/// `row` whose first seq is `first`: what merging two rows of one job
+/// held behind costs, without decoding the gaps already there.
+pub fn index_extend(first: u64, row: &mut Vec<u8>, seqs: &[u64]) {
+    if seqs.is_empty() {
+        return;
+    }
+    let mut last = match row.is_empty() {
+        true => {
+            row.push(COMPACT_V1);
+            first
+        }
+        false => index_last(first, row).expect("a held index row decodes"),
+    };
+    for &seq in seqs {
+        assert!(seq > last, "an event index grows: {seq} after {last}");
+        let mut gap = seq - last;
+        while gap >= 0x80 {
+            row.push(gap as u8 | 0x80);
+            gap >>= 7;
+        }
+        row.push(gap as u8);
+        last = seq;
+    }
+}
+
+/// The seqs of the index row with first seq `first` and value `row`.
+pub fn read_index(first: u64, row: &[u8]) -> Result<Vec<u64>, String> {
+    let mut seqs = vec![first];
+    index_walk(first, row, |seq| seqs.push(seq))?;
+    Ok(seqs)
+}
+
+/// The last seq of an index row.
+fn index_last(first: u64, row: &[u8]) -> Result<u64, String> {
+    let mut last = first;
+    index_walk(first, row, |seq| last = seq)?;
+    Ok(last)
+}
+
+/// Each seq of an index row after its first, in order; a row that is not
+/// in the one canonical encoding is refused (a zero gap, a varint with a
+/// needless byte or past u64, a cut-off varint, the marker with nothing).
+fn index_walk(first: u64, row: &[u8], mut each: impl FnMut(u64)) -> Result<(), String> {
+    let gaps = match row.split_first() {
+        None => return Ok(()),
+        Some((&COMPACT_V1, gaps)) if !gaps.is_empty() => gaps,
+        Some(_) => return Err("not an event index row".into()),
+    };
+    let (mut seq, mut gap, mut shift) = (first, 0u64, 0u32);
+    for (i, &b) in gaps.iter().enumerate() {
+        let bits = u64::from(b & 0x7f);
+        if shift >= 64 || (bits << shift) >> shift != bits || (b == 0 && shift > 0) {
+            return Err(format!(
+                "a gap ending at byte {} is not a canonical varint",
+                i + 1
+            ));
+        }
+        gap |= bits << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            if gap == 0 {
+                return Err(format!("a gap of 0 after seq {seq}"));
+            }
+            seq = seq
+                .checked_add(gap)
+                .ok_or_else(|| format!("a gap past the largest seq after {seq}"))?;
+            each(seq);
+            (gap, shift) = (0, 0);
+        }
+    }
+    match shift {
+        0 => Ok(()),
+        _ => Err("the last gap is cut off".into()),
+    }
 }
 
 /// The rows that turn a job's stored catalog `before` into `after`.
@@ -469,6 +565,61 @@ mod tests {
             assert_eq!(read_record(&json).unwrap().reply, rec.reply);
             assert!(row.len() < json.len());
         }
+    }
+
+    #[test]
+    fn index_rows_hold_their_seqs_grow_in_place_and_refuse_other_bytes() {
+        let seqs = [5u64, 6, 9, 200, 70_000, u64::MAX];
+        for n in 1..=seqs.len() {
+            let (first, row) = index_row(&seqs[..n]);
+            assert_eq!(first, 5);
+            assert_eq!(row.is_empty(), n == 1, "one seq: the old empty row");
+            assert_eq!(read_index(first, &row).unwrap(), seqs[..n]);
+            // Grown in place, it is the row of all its seqs, byte for byte.
+            for k in 1..n {
+                let (_, mut grown) = index_row(&seqs[..k]);
+                index_extend(first, &mut grown, &seqs[k..n]);
+                assert_eq!(grown, row, "{k} then {n}");
+            }
+        }
+        assert_eq!(index_row(&[5, 6, 9, 200]).1, [COMPACT_V1, 1, 3, 191, 1]);
+        // The layout's rows, one per INDEX_ROW_MAX seqs, keyed by their first.
+        let many: Vec<u64> = (1..=INDEX_ROW_MAX as u64 + 1).map(|s| s * 2).collect();
+        let rows = job_rows(
+            Uuid::from_u128(7),
+            JobState::default(),
+            JobState::default(),
+            &many,
+        );
+        let keys: Vec<_> = rows.iter().map(|(k, _)| *k).collect();
+        let job = 7u128;
+        let last = 2 * (INDEX_ROW_MAX as u128 + 1);
+        assert_eq!(
+            keys,
+            [JobRow::Event.key(job, 2), JobRow::Event.key(job, last)]
+        );
+        let back: Vec<u64> = rows
+            .iter()
+            .flat_map(|(k, v)| read_index(k.2 as u64, v.as_ref().unwrap()).unwrap())
+            .collect();
+        assert_eq!(back, many);
+        let bad: [&[u8]; 6] = [
+            &[COMPACT_V1],
+            &[COMPACT_V1, 0],
+            &[COMPACT_V1, 0x81],
+            &[COMPACT_V1, 0x81, 0],
+            &[
+                COMPACT_V1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+            ],
+            b"{}",
+        ];
+        for row in bad {
+            assert!(read_index(1, row).is_err(), "{row:?}");
+        }
+        assert!(
+            read_index(u64::MAX - 1, &[COMPACT_V1, 2]).is_err(),
+            "past u64"
+        );
     }
 
     #[test]

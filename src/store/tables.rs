@@ -47,7 +47,9 @@ pub enum JobRow {
     Classes = 1,
     /// sub snapshot_id → a retained snapshot (compact), one row each.
     Snapshot = 2,
-    /// sub seq → empty: every event and rejection of the job, for history.
+    /// sub seq → the seqs from `sub` on that the row holds (`rows::index_row`;
+    /// empty: `sub` alone): every event and rejection of the job, for
+    /// history, in rows that do not overlap.
     Event = 3,
 }
 
