@@ -49,7 +49,7 @@ use super::tables::*;
 use super::{Result, Store, StoreError};
 use crate::domain::{Catalog, Job, World};
 use redb::{AccessGuard, ReadOnlyTable, ReadableTable};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeBounds;
 use uuid::Uuid;
 
@@ -72,14 +72,26 @@ const ROWS_CHUNK: usize = 64;
 /// [`ROWS_BEHIND_MAX`].
 const WRITE_THROUGH: usize = (ROWS_BEHIND_MAX / 2) as usize;
 
+/// A row of one job held behind: `(kind, sub)` of its key, and the row
+/// (`None`: the row is removed).
+type HeldRow = ((u8, u128), Option<Vec<u8>>);
+
+/// The rows of one job held behind.
+struct Held {
+    /// Seq of the first event of the oldest batch whose rows of the job
+    /// are held.
+    since: u64,
+    /// Its rows, in key order: a handful (a view, a class row, the
+    /// snapshots a few batches changed, one event index row).
+    rows: Vec<HeldRow>,
+}
+
 /// Committed job rows not yet written to `JOB_ROWS`.
 #[derive(Default)]
 pub(super) struct Behind {
-    /// Key → row (`None`: the row is removed).
-    rows: BTreeMap<JobKey, Option<Vec<u8>>>,
-    /// Job → seq of the first event of the oldest batch whose rows of it
-    /// are held here.
-    since: HashMap<u128, u64>,
+    /// Job → its rows held (one map entry per job, not per row: a batch
+    /// holds several rows of each job it touched).
+    jobs: BTreeMap<u128, Held>,
     /// `(since, job)`: the jobs held, oldest first.
     order: BTreeSet<(u64, u128)>,
     /// Whether [`CHECKPOINT`] holds [`ROWS_AT`] (the rows were current at
@@ -100,8 +112,31 @@ pub(super) struct Behind {
 }
 
 impl Behind {
-    fn rows_of(&self, job: u128) -> impl Iterator<Item = (&JobKey, &Option<Vec<u8>>)> {
-        self.rows.range((job, 0, 0)..=(job, u8::MAX, u128::MAX))
+    /// The rows held with keys in `range`, in key order.
+    fn range(
+        &self,
+        range: impl RangeBounds<JobKey>,
+    ) -> impl Iterator<Item = (JobKey, &Option<Vec<u8>>)> {
+        let job = |b: std::ops::Bound<&JobKey>| b.map(|k| k.0);
+        let jobs = (job(range.start_bound()), job(range.end_bound()));
+        self.jobs
+            .range(jobs)
+            .flat_map(|(&job, held)| {
+                held.rows
+                    .iter()
+                    .map(move |((kind, sub), row)| ((job, *kind, *sub), row))
+            })
+            .filter(move |(key, _)| range.contains(key))
+    }
+
+    fn rows_of(&self, job: u128) -> impl Iterator<Item = (JobKey, &Option<Vec<u8>>)> {
+        self.range((job, 0, 0)..=(job, u8::MAX, u128::MAX))
+    }
+
+    /// How many rows are held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.jobs.values().map(|held| held.rows.len()).sum()
     }
 
     /// The jobs to write in a commit of `events` events ending at `head`
@@ -139,41 +174,33 @@ impl Behind {
     /// `jobs`' rows are in the table now.
     fn written(&mut self, jobs: &[u128]) {
         for job in jobs {
-            let since = self.since.remove(job).expect("a job held behind");
-            self.order.remove(&(since, *job));
-            let keys: Vec<JobKey> = self.rows_of(*job).map(|(k, _)| *k).collect();
-            for k in keys {
-                self.rows.remove(&k);
-            }
+            let held = self.jobs.remove(job).expect("a job held behind");
+            self.order.remove(&(held.since, *job));
         }
     }
 
-    /// Hold committed `rows` of a batch whose first event is `since`. A
-    /// job's event index rows held are one row: the batch's seqs join the
-    /// one already held (nothing has read them from the table yet).
-    fn hold(&mut self, since: u64, rows: impl IntoIterator<Item = Row<JobKey>>) {
-        for (key, row) in rows {
-            if let std::collections::hash_map::Entry::Vacant(e) = self.since.entry(key.0) {
-                e.insert(since);
-                self.order.insert((since, key.0));
+    /// Hold committed `rows` of a batch whose first event is `since`.
+    fn hold(&mut self, since: u64, rows: Vec<Row<JobKey>>) {
+        let mut rows = rows.into_iter().peekable();
+        while let Some(((id, kind, sub), row)) = rows.next() {
+            let held = self.jobs.entry(id).or_insert_with(|| {
+                self.order.insert((since, id));
+                Held {
+                    since,
+                    rows: Vec::new(),
+                }
+            });
+            held.hold((kind, sub), row);
+            // The rest of this job's rows (a batch's come in job order).
+            while let Some(((_, kind, sub), row)) = rows.next_if(|(k, _)| k.0 == id) {
+                held.hold((kind, sub), row);
             }
-            if key.1 == JobRow::Event as u8
-                && let Some(row) = &row
-                && let Some((held, Some(into))) =
-                    self.rows.range_mut(JobRow::Event.range(key.0)).next_back()
-            {
-                let seqs = rows::read_index(key.2 as u64, row).expect("an index row built here");
-                rows::index_extend(held.2 as u64, into, &seqs);
-                continue;
-            }
-            self.rows.insert(key, row);
         }
     }
 
     /// Every row is in the table and [`ROWS_AT`] says so: nothing held.
     fn current(&mut self) {
-        self.rows.clear();
-        self.since.clear();
+        self.jobs.clear();
         self.order.clear();
         self.marked = true;
         self.lagging = false;
@@ -182,6 +209,27 @@ impl Behind {
     /// Seq of the oldest event whose rows are not written.
     pub(super) fn oldest(&self) -> Option<u64> {
         self.order.first().map(|&(since, _)| since)
+    }
+}
+
+impl Held {
+    /// Hold one row of the job. Its event index rows held are one row (the
+    /// last, as `JobRow::Event` is the last kind): the batch's seqs join
+    /// the one already held (nothing has read them from the table yet).
+    fn hold(&mut self, key: (u8, u128), row: Option<Vec<u8>>) {
+        let index = JobRow::Event as u8;
+        if key.0 == index
+            && let Some(row) = &row
+            && let Some(((_, first), Some(into))) = self.rows.last_mut().filter(|r| r.0.0 == index)
+        {
+            let seqs = rows::read_index(key.1 as u64, row).expect("an index row built here");
+            rows::index_extend(*first as u64, into, &seqs);
+            return;
+        }
+        match self.rows.binary_search_by_key(&key, |r| r.0) {
+            Ok(i) => self.rows[i].1 = row,
+            Err(i) => self.rows.insert(i, (key, row)),
+        }
     }
 }
 
@@ -351,9 +399,9 @@ impl Store {
             )));
         }
         let txn = self.begin_read()?;
-        let copy = (behind.rows.range(range))
+        let copy = (behind.range(range))
             .filter(|(k, _)| kind.is_none_or(|kind| k.1 == kind as u8))
-            .map(|(k, v)| (*k, v.clone()))
+            .map(|(k, v)| (k, v.clone()))
             .collect();
         Ok(JobRowsView { txn, behind: copy })
     }
@@ -383,8 +431,8 @@ impl Store {
             let mut table = txn.open_table(JOB_ROWS)?;
             let held = written.iter().flat_map(|job| behind.rows_of(*job));
             let own = rows.iter().filter(|_| through).map(|(k, v)| (k, v));
-            for (key, row) in held.chain(own) {
-                put(&mut table, *key, row)?;
+            for (key, row) in held.chain(own.map(|(k, v)| (*k, v))) {
+                put(&mut table, key, row)?;
             }
             written
         };
@@ -637,8 +685,8 @@ pub(super) fn checkpoint(db: &redb::Database, inner: &super::Inner) -> Result<()
     {
         let head = last_seq(&txn.open_table(EVENTS)?)?;
         let mut table = txn.open_table(JOB_ROWS)?;
-        for (key, row) in &behind.rows {
-            put(&mut table, *key, row)?;
+        for (key, row) in behind.range(..) {
+            put(&mut table, key, row)?;
         }
         txn.open_table(CHECKPOINT)?.insert(ROWS_AT, head)?;
     }
@@ -779,7 +827,7 @@ mod tests {
         }
         assert_eq!(listed, world.jobs.values().cloned().collect::<Vec<_>>());
         // Every job has older rows in the table, hidden by newer held ones.
-        let held = store.inner.behind.read().unwrap().since.len();
+        let held = store.inner.behind.read().unwrap().jobs.len();
         assert_eq!(held, JOBS as usize);
         assert!((1..=JOBS).all(|job| in_table(&store, job) > 0));
         let kinds = |name: &str| {
@@ -806,7 +854,7 @@ mod tests {
             following
                 .follow(log.into_iter().map(|(_, b)| b).collect())
                 .unwrap();
-            assert!(follower.inner.behind.read().unwrap().rows.is_empty());
+            assert!(follower.inner.behind.read().unwrap().jobs.is_empty());
             assert!(in_table(&follower, 1) > 0);
             crate::audit::verify::verify(&follower, None, |_| {}).unwrap();
         }
@@ -817,7 +865,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         let read_only = Store::open_read_only(&path, 0).unwrap();
         assert!(
-            read_only.inner.behind.read().unwrap().rows.len() > 64,
+            read_only.inner.behind.read().unwrap().len() > 64,
             "caught up in memory"
         );
         assert_eq!(read_only.load_world().unwrap(), world);
@@ -831,7 +879,7 @@ mod tests {
 
         let store = Store::open_existing(&path).unwrap();
         assert!(
-            store.inner.behind.read().unwrap().rows.is_empty(),
+            store.inner.behind.read().unwrap().jobs.is_empty(),
             "caught up on disk"
         );
         assert_eq!(store.load_world().unwrap(), world);
