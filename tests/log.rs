@@ -413,7 +413,7 @@ fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
     use bcp::store::rows;
     use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow, REGIONS};
     type Tamper = fn(&redb::WriteTransaction);
-    let cases: [(&str, Tamper, &str); 11] = [
+    let cases: [(&str, Tamper, &str); 12] = [
         (
             "a copy of a view under sub 1",
             |txn| {
@@ -468,6 +468,16 @@ fn verify_compares_every_row_under_its_key_and_the_idempotency_records() {
                     .unwrap();
             },
             "event index row for seq 1 does not decode: a gap of 0 after seq 1",
+        ),
+        (
+            "another job's event inside a job's index row",
+            |txn| {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                let key = JobRow::Event.key(job(1).as_u128(), 1);
+                t.insert(key, rows::index_row(&[1, 2, 3, 4, 5, 6, 7, 8]).1.as_slice())
+                    .unwrap();
+            },
+            "event index row for seq 8 is stored",
         ),
         (
             "another job's event in a job's index",

@@ -1,8 +1,9 @@
 //! `bcp audit verify`: the log is gapless from seq 1, every hash links to the
 //! one before, every stored envelope is byte-for-byte its canonical form,
 //! per-job versions count up by one, every stored row of the projections
-//! and of the per-job event index is, under its key, what the writer would
-//! store for a full rebuild, and the idempotency records agree with the
+//! is, under its key, what the writer would store for a full rebuild, each
+//! job's event index holds exactly the seqs of its events (in rows that
+//! decode and do not overlap), and the idempotency records agree with the
 //! log ([`super::records`]). The per-event checks are [`super::chain`]'s.
 //! Reports the first bad seq, or the first row or record that differs.
 
@@ -329,7 +330,7 @@ impl<'v> IndexEntries<'v> {
         if key.1 != JobRow::Event as u8 {
             return Some(Ok(Ok((key, Some(row)))));
         }
-        let seqs = match rows::read_index(key.2 as u64, row.value()) {
+        let seqs = match rows::read_index(key.2, row.value()) {
             Ok(seqs) => seqs,
             Err(e) => return Some(Ok(Err(format!("{} does not decode: {e}", describe(key))))),
         };

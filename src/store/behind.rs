@@ -84,6 +84,8 @@ struct Held {
     /// Its rows, in key order: a handful (a view, a class row, the
     /// snapshots a few batches changed, one event index row).
     rows: Vec<HeldRow>,
+    /// The last seq of its event index row held (if one is).
+    indexed: u64,
 }
 
 /// Committed job rows not yet written to `JOB_ROWS`.
@@ -117,7 +119,14 @@ impl Behind {
         &self,
         range: impl RangeBounds<JobKey>,
     ) -> impl Iterator<Item = (JobKey, &Option<Vec<u8>>)> {
-        let job = |b: std::ops::Bound<&JobKey>| b.map(|k| k.0);
+        // The jobs the range touches (a bound that excludes a key still
+        // includes its job's other rows); the filter cuts exactly.
+        let job = |b: std::ops::Bound<&JobKey>| match b {
+            std::ops::Bound::Unbounded => std::ops::Bound::Unbounded,
+            std::ops::Bound::Included(k) | std::ops::Bound::Excluded(k) => {
+                std::ops::Bound::Included(k.0)
+            }
+        };
         let jobs = (job(range.start_bound()), job(range.end_bound()));
         self.jobs
             .range(jobs)
@@ -188,6 +197,7 @@ impl Behind {
                 Held {
                     since,
                     rows: Vec::new(),
+                    indexed: 0,
                 }
             });
             held.hold((kind, sub), row);
@@ -220,11 +230,15 @@ impl Held {
         let index = JobRow::Event as u8;
         if key.0 == index
             && let Some(row) = &row
-            && let Some(((_, first), Some(into))) = self.rows.last_mut().filter(|r| r.0.0 == index)
         {
-            let seqs = rows::read_index(key.1 as u64, row).expect("an index row built here");
-            rows::index_extend(*first as u64, into, &seqs);
-            return;
+            let seqs = rows::read_index(key.1, row).expect("an index row built here");
+            let last = *seqs.last().expect("an index row holds a seq");
+            if let Some((_, Some(into))) = self.rows.last_mut().filter(|r| r.0.0 == index) {
+                rows::index_extend(into, self.indexed, &seqs);
+                self.indexed = last;
+                return;
+            }
+            self.indexed = last;
         }
         match self.rows.binary_search_by_key(&key, |r| r.0) {
             Ok(i) => self.rows[i].1 = row,
@@ -628,7 +642,7 @@ fn indexed_since(rows: &JobRows<'_>, job: u128, from: u64) -> Result<BTreeSet<u6
     let mut seqs = BTreeSet::new();
     for r in rows.table.range(JobRow::Event.range(job))?.rev() {
         let (key, row) = r?;
-        let first = key.value().2 as u64;
+        let first = key.value().2;
         let index = rows::read_index(first, row.value()).map_err(|e| {
             StoreError::Corrupt(format!(
                 "job {}'s event index row for seq {first}: {e}",
@@ -636,7 +650,7 @@ fn indexed_since(rows: &JobRows<'_>, job: u128, from: u64) -> Result<BTreeSet<u6
             ))
         })?;
         seqs.extend(index.into_iter().filter(|&seq| seq >= from));
-        if first < from {
+        if first < u128::from(from) {
             break;
         }
     }
@@ -717,6 +731,67 @@ mod tests {
     use serde_json::json;
 
     const JOBS: u128 = 200;
+
+    #[test]
+    fn held_rows_merge_each_jobs_index_and_read_back_in_key_order_for_any_range() {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let view = |job, v: u8| (JobRow::Job.key(job, 0), Some(vec![v]));
+        let index = |job, seqs: &[u64]| {
+            let (first, row) = rows::index_row(seqs);
+            (JobRow::Event.key(job, u128::from(first)), Some(row))
+        };
+        let snap = |job, sub| (JobRow::Snapshot.key(job, sub), Some(vec![9]));
+        let mut b = Behind::default();
+        b.hold(
+            1,
+            vec![view(1, 1), index(1, &[1]), view(2, 1), index(2, &[2, 3])],
+        );
+        // A later batch: job 1 again (one seq), job 2 (a snapshot and two seqs).
+        b.hold(
+            4,
+            vec![view(1, 2), index(1, &[4]), snap(2, 5), index(2, &[5, 6])],
+        );
+        let all: Vec<_> = b.range(..).map(|(k, v)| (k, v.clone())).collect();
+        let want = vec![
+            view(1, 2),
+            index(1, &[1, 4]),
+            view(2, 1),
+            snap(2, 5),
+            index(2, &[2, 3, 5, 6]),
+        ];
+        assert_eq!(all, want, "one index row per job, grown; the last view");
+        assert_eq!(
+            b.order.iter().copied().collect::<Vec<_>>(),
+            [(1, 1), (1, 2)]
+        );
+        // Any bounds, excluded ones too, give exactly the keys in them.
+        let keys: Vec<JobKey> = want.iter().map(|(k, _)| *k).collect();
+        let (k1, k3) = (keys[1], keys[3]);
+        let ranges = [
+            (Unbounded, Unbounded),
+            (Included(k1), Unbounded),
+            (Excluded(k1), Unbounded),
+            (Excluded(keys[0]), Excluded(k3)),
+            (Included(k1), Included(k3)),
+            (Unbounded, Excluded(k1)),
+            (Excluded(keys[2]), Excluded(k3)),
+        ];
+        for r in ranges {
+            let got: Vec<JobKey> = b.range(r).map(|(k, _)| k).collect();
+            let expect: Vec<JobKey> = keys.iter().copied().filter(|k| r.contains(k)).collect();
+            assert_eq!(got, expect, "{r:?}");
+        }
+        // Written, then held again in the same commit: a new index row from
+        // the batch's first seq on, after what the table holds.
+        b.written(&[1]);
+        b.hold(7, vec![index(1, &[7]), view(1, 3)]);
+        b.hold(8, vec![index(1, &[8, 9])]);
+        let job1: Vec<_> = b.rows_of(1).map(|(k, v)| (k, v.clone())).collect();
+        assert_eq!(job1, [view(1, 3), index(1, &[7, 8, 9])]);
+        assert_eq!(b.oldest(), Some(1));
+        b.written(&[2]);
+        assert_eq!(b.oldest(), Some(7));
+    }
 
     /// Batches of 64 commands over 200 jobs, six hours apart: creates and
     /// starts, then snapshots of a third of the jobs per batch, a retention

@@ -409,7 +409,7 @@ impl Store {
         let mut out = Vec::new();
         for r in index.range(JobRow::Event.range(job_id.as_u128()))? {
             let (key, row) = r?;
-            let seqs = rows::read_index(key.2 as u64, row.value()).map_err(|e| {
+            let seqs = rows::read_index(key.2, row.value()).map_err(|e| {
                 corrupt(format!(
                     "job {job_id}'s event index row for seq {}: {e}",
                     key.2

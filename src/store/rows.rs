@@ -249,12 +249,14 @@ pub struct JobState<'a> {
 }
 
 /// The one layout of a job's rows in [`JOB_ROWS`](super::tables::JOB_ROWS),
-/// used by the write path, import and verify: the rows that turn job `id`'s
+/// used by the write path, import and catch-up (and by verify, which
+/// compares the event index seq by seq): the rows that turn job `id`'s
 /// stored rows from `before` into `after`, and the event index rows of
-/// `new_seqs` (its events since `before`), in key order. Only what changed
-/// is written: the view when it changed, the class row when the classes
-/// did, each snapshot added, changed or removed. From nothing
-/// (`JobState::default()`) it is every row the job has.
+/// `new_seqs` (its events since `before`: one row per [`INDEX_ROW_MAX`]),
+/// in key order. Only what changed is written: the view when it changed,
+/// the class row when the classes did, each snapshot added, changed or
+/// removed. From nothing (`JobState::default()`) it is every row the job
+/// has.
 pub fn job_rows(
     id: Uuid,
     before: JobState<'_>,
@@ -262,7 +264,7 @@ pub fn job_rows(
     new_seqs: &[u64],
 ) -> Vec<Row<JobKey>> {
     let key = id.as_u128();
-    let mut rows = Vec::with_capacity(2 + new_seqs.len());
+    let mut rows = Vec::with_capacity(2 + new_seqs.len().div_ceil(INDEX_ROW_MAX));
     if before.job != after.job {
         rows.push((JobRow::Job.key(key, 0), after.job.map(job_row)));
     }
@@ -276,7 +278,9 @@ pub fn job_rows(
 }
 
 /// The most seqs [`job_rows`] puts in one index row (a job's events
-/// written at once: many only on import or a write-through).
+/// written at once: many only on import or a write-through). Not a bound
+/// on stored rows: a job's index row held behind grows with each batch
+/// until it is written (at most `ROWS_BEHIND_MAX` seqs).
 pub const INDEX_ROW_MAX: usize = 4096;
 
 /// An event index row ([`JobRow::Event`]) of `seqs` (strictly increasing,
@@ -287,24 +291,20 @@ pub const INDEX_ROW_MAX: usize = 4096;
 pub fn index_row(seqs: &[u64]) -> (u64, Vec<u8>) {
     let (&first, rest) = seqs.split_first().expect("an index row of no seq");
     let mut row = Vec::new();
-    index_extend(first, &mut row, rest);
+    index_extend(&mut row, first, rest);
     (first, row)
 }
 
-/// Add `seqs` (each after the last seq of the row) to the index row
-/// `row` whose first seq is `first`: what merging two rows of one job
-/// held behind costs, without decoding the gaps already there.
-pub fn index_extend(first: u64, row: &mut Vec<u8>, seqs: &[u64]) {
+/// Add `seqs` (each after `last`) to the index row `row` whose last seq
+/// is `last` (for an empty row, its first): merging two rows of one job
+/// held behind, without walking the gaps already there.
+pub fn index_extend(row: &mut Vec<u8>, mut last: u64, seqs: &[u64]) {
     if seqs.is_empty() {
         return;
     }
-    let mut last = match row.is_empty() {
-        true => {
-            row.push(COMPACT_V1);
-            first
-        }
-        false => index_last(first, row).expect("a held index row decodes"),
-    };
+    if row.is_empty() {
+        row.push(COMPACT_V1);
+    }
     for &seq in seqs {
         assert!(seq > last, "an event index grows: {seq} after {last}");
         let mut gap = seq - last;
@@ -317,18 +317,12 @@ pub fn index_extend(first: u64, row: &mut Vec<u8>, seqs: &[u64]) {
     }
 }
 
-/// The seqs of the index row with first seq `first` and value `row`.
-pub fn read_index(first: u64, row: &[u8]) -> Result<Vec<u64>, String> {
+/// The seqs of the index row with key sub `first` and value `row`.
+pub fn read_index(first: u128, row: &[u8]) -> Result<Vec<u64>, String> {
+    let first = u64::try_from(first).map_err(|_| format!("{first} is not a seq"))?;
     let mut seqs = vec![first];
     index_walk(first, row, |seq| seqs.push(seq))?;
     Ok(seqs)
-}
-
-/// The last seq of an index row.
-fn index_last(first: u64, row: &[u8]) -> Result<u64, String> {
-    let mut last = first;
-    index_walk(first, row, |seq| last = seq)?;
-    Ok(last)
 }
 
 /// Each seq of an index row after its first, in order; a row that is not
@@ -574,11 +568,11 @@ mod tests {
             let (first, row) = index_row(&seqs[..n]);
             assert_eq!(first, 5);
             assert_eq!(row.is_empty(), n == 1, "one seq: the old empty row");
-            assert_eq!(read_index(first, &row).unwrap(), seqs[..n]);
+            assert_eq!(read_index(first.into(), &row).unwrap(), seqs[..n]);
             // Grown in place, it is the row of all its seqs, byte for byte.
             for k in 1..n {
                 let (_, mut grown) = index_row(&seqs[..k]);
-                index_extend(first, &mut grown, &seqs[k..n]);
+                index_extend(&mut grown, seqs[k - 1], &seqs[k..n]);
                 assert_eq!(grown, row, "{k} then {n}");
             }
         }
@@ -600,7 +594,7 @@ mod tests {
         );
         let back: Vec<u64> = rows
             .iter()
-            .flat_map(|(k, v)| read_index(k.2 as u64, v.as_ref().unwrap()).unwrap())
+            .flat_map(|(k, v)| read_index(k.2, v.as_ref().unwrap()).unwrap())
             .collect();
         assert_eq!(back, many);
         let bad: [&[u8]; 6] = [
@@ -617,8 +611,12 @@ mod tests {
             assert!(read_index(1, row).is_err(), "{row:?}");
         }
         assert!(
-            read_index(u64::MAX - 1, &[COMPACT_V1, 2]).is_err(),
+            read_index(u128::from(u64::MAX - 1), &[COMPACT_V1, 2]).is_err(),
             "past u64"
+        );
+        assert!(
+            read_index(u128::from(u64::MAX) + 1, &[]).is_err(),
+            "a key past u64"
         );
     }
 
