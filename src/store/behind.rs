@@ -444,8 +444,8 @@ impl Store {
             let written = behind.due(*head, events.len() as u64, through);
             let mut table = txn.open_table(JOB_ROWS)?;
             let held = written.iter().flat_map(|job| behind.rows_of(*job));
-            let own = rows.iter().filter(|_| through).map(|(k, v)| (k, v));
-            for (key, row) in held.chain(own.map(|(k, v)| (*k, v))) {
+            let own = rows.iter().filter(|_| through).map(|(k, v)| (*k, v));
+            for (key, row) in held.chain(own) {
                 put(&mut table, key, row)?;
             }
             written
