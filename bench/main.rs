@@ -19,8 +19,10 @@
 //!    one durable commit) at the same batch sizes, and the bytes and the CPU
 //!    time each write transaction takes (the thread's CPU clock,
 //!    `measure::thread_cpu_us`). 1 and 4 are about the batches `bcp serve`
-//!    commits at low load (about 5 at 25 % of its max load).
-//!    `--appends-only` runs just this and prints it.
+//!    commits at low load (about 5 at 25 % of its max load). `--repeats`
+//!    rounds, A and bcp taking turns at each size; the round of median CPU
+//!    ratio is reported. `--appends-only` runs just this and prints it
+//!    (`--batch N` for one size).
 //! 2. **Baseline B**: raw JetStream publish-with-ack of the same bytes,
 //!    `--in-flight` acks outstanding, against a default nats-server (which
 //!    fsyncs every 2 minutes, not per message); **B′**: the same against a
@@ -61,8 +63,9 @@
 //! The disk's speed here drifts by ±30 % within minutes, so the figures a
 //! ratio or a target is read from are each the median of `--repeats` runs
 //! (default 3), and the runs whose rates are divided are interleaved:
-//! B, B′, C and bcp end to end take turns (phases 2 and 3; bcp's later runs
-//! find the earlier runs' events in its log), as do verify and replay (5);
+//! A and bcp's write path take turns at each batch size (1); B, B′, C and
+//! bcp end to end take turns (phases 2 and 3; bcp's later runs find the
+//! earlier runs' events in its log), as do verify and replay (5);
 //! each growth step (6) repeats its closed loop. Every run's rate is kept
 //! beside the median.
 //!
@@ -125,7 +128,7 @@ pub struct Args {
     pub in_flight: usize,
     /// Seconds per offered load (4).
     pub load_secs: f64,
-    /// Runs of each figure a ratio or target is read from (2, 3, 5, 6);
+    /// Runs of each figure a ratio or target is read from (1, 2, 3, 5, 6);
     /// the median is reported.
     pub repeats: usize,
     pub baseline_a_events: u64,
@@ -313,9 +316,18 @@ pub struct LedgerAppends {
     pub checkpoint_cpu_us: u64,
     /// Bytes written to storage by the appends (and the checkpoint).
     pub written_bytes: u64,
+    /// [`LedgerAppends::cpu_ratio`] of every round, in the order they ran
+    /// (this run is the median's).
+    pub cpu_ratios: Vec<f64>,
 }
 
 impl LedgerAppends {
+    /// CPU per write transaction, mean with the closing checkpoint, ÷ A's
+    /// mean in the same round: the figure the target is read from.
+    pub fn cpu_ratio(&self, a: &measure::Appends) -> f64 {
+        self.mean_cpu_with_checkpoint_us() / a.commit_cpu.mean_us.max(1) as f64
+    }
+
     /// CPU per write transaction, mean, with the closing checkpoint's
     /// spread over the run's transactions: what the rows cost in all (a
     /// run shorter than `ROWS_HELD` events writes them only there).
@@ -486,7 +498,7 @@ async fn run(args: Args) -> Result<Option<Results>> {
         for (a, l) in a.iter().zip(&l) {
             let (lw, aw) = (l.bytes_per_event(), a.bytes_per_event());
             println!(
-                "{}/commit: CPU per transaction p50 bcp {} µs, A {} µs = {:.2}× (means {} / {} µs; bcp's with the closing checkpoint {:.0} µs = {:.2}×); bytes/event bcp {lw:.0}, A {aw:.0} = {:.2}×",
+                "{}/commit: CPU per transaction p50 bcp {} µs, A {} µs = {:.2}× (means {} / {} µs; bcp's with the closing checkpoint {:.0} µs = {:.2}×{}); bytes/event bcp {lw:.0}, A {aw:.0} = {:.2}×",
                 l.batch,
                 l.commit_cpu.p50_us,
                 a.commit_cpu.p50_us,
@@ -494,7 +506,8 @@ async fn run(args: Args) -> Result<Option<Results>> {
                 l.commit_cpu.mean_us,
                 a.commit_cpu.mean_us,
                 l.mean_cpu_with_checkpoint_us(),
-                l.mean_cpu_with_checkpoint_us() / a.commit_cpu.mean_us.max(1) as f64,
+                l.cpu_ratio(a),
+                report::of_ratios(&l.cpu_ratios),
                 lw / aw.max(1.0),
             );
         }
@@ -657,52 +670,81 @@ fn appends_for(batch: usize, events: u64) -> u64 {
 }
 
 /// Baseline A (raw redb), and bcp's `Pipeline::execute` at the same batch
-/// sizes: the write path without NATS.
+/// sizes: the write path without NATS. `--repeats` rounds, A and bcp taking
+/// turns at each batch size; of each size, the round whose CPU ratio (bcp's
+/// mean with the closing checkpoint ÷ A's mean) is the median is kept, with
+/// every round's ratio in `cpu_ratios`.
 async fn durable_appends(
     b: &mut Bench,
     samples: &[(String, Bytes)],
 ) -> Result<(Vec<measure::Appends>, Vec<LedgerAppends>)> {
-    let mut baseline_a = Vec::new();
-    for batch in b.args.batches.clone() {
-        let path = b.dir.join(format!("baseline-a-{batch}.redb"));
-        let bytes: Vec<Bytes> = samples.iter().map(|(_, b)| b.clone()).collect();
-        let n = appends_for(batch, b.args.baseline_a_events);
-        let batch = batch as u64;
-        settle().await?;
-        let file = path.clone();
-        let a = tokio::task::spawn_blocking(move || measure::redb_appends(&path, &bytes, n, batch))
-            .await??;
-        std::fs::remove_file(file)?;
-        say(format!(
-            "baseline A, {batch}/commit: {:.0} events/s, commit p50 {} µs, p99 {} µs",
-            a.rate.per_sec, a.commit.p50_us, a.commit.p99_us
-        ));
-        baseline_a.push(a);
+    let batches = b.args.batches.clone();
+    let mut rounds: Vec<Vec<(measure::Appends, LedgerAppends)>> = vec![Vec::new(); batches.len()];
+    for round in 0..b.args.repeats {
+        for (i, &batch) in batches.iter().enumerate() {
+            let a = baseline_a(b, samples, batch, round).await?;
+            let l = ledger_appends(b, batch, round).await?;
+            rounds[i].push((a, l));
+        }
     }
+    let mut baseline_a = Vec::new();
     let mut ledger_a = Vec::new();
-    for batch in b.args.batches.clone() {
-        let db = b.dir.join(format!("ledger-{batch}.redb"));
-        settle().await?;
-        let written = procs::written_bytes(0).unwrap_or(0);
-        let n = appends_for(batch, b.args.baseline_a_events);
-        let built = build(&db, n, &mut b.lanes, batch).await?;
-        std::fs::remove_file(&db)?;
-        let l = LedgerAppends {
-            written_bytes: procs::written_bytes(0).unwrap_or(0).saturating_sub(written),
-            batch,
-            rate: Rate::new(built.appended, built.elapsed),
-            execute: measure::Latency::of(built.executes),
-            commit: measure::Latency::of(built.commits),
-            commit_cpu: measure::Latency::of(built.commit_cpus),
-            checkpoint_cpu_us: built.checkpoint_cpu,
-        };
-        say(format!(
-            "Pipeline::execute, {batch}/commit: {:.0} events/s, per batch p50 {} µs, p99 {} µs",
-            l.rate.per_sec, l.execute.p50_us, l.execute.p99_us
-        ));
+    for runs in rounds {
+        let ((a, mut l), ratios) = median_by(runs, |(a, l)| l.cpu_ratio(a));
+        l.cpu_ratios = ratios;
+        baseline_a.push(a);
         ledger_a.push(l);
     }
     Ok((baseline_a, ledger_a))
+}
+
+/// One run of baseline A at `batch` per commit, on a fresh file deleted after.
+async fn baseline_a(
+    b: &Bench,
+    samples: &[(String, Bytes)],
+    batch: usize,
+    round: usize,
+) -> Result<measure::Appends> {
+    let path = b.dir.join(format!("baseline-a-{batch}-{round}.redb"));
+    let bytes: Vec<Bytes> = samples.iter().map(|(_, b)| b.clone()).collect();
+    let n = appends_for(batch, b.args.baseline_a_events);
+    let batch = batch as u64;
+    settle().await?;
+    let file = path.clone();
+    let a = tokio::task::spawn_blocking(move || measure::redb_appends(&path, &bytes, n, batch))
+        .await??;
+    std::fs::remove_file(file)?;
+    say(format!(
+        "baseline A, {batch}/commit: {:.0} events/s, commit p50 {} µs, p99 {} µs",
+        a.rate.per_sec, a.commit.p50_us, a.commit.p99_us
+    ));
+    Ok(a)
+}
+
+/// One run of bcp's `Pipeline::execute` at `batch` per commit, on a fresh
+/// store deleted after.
+async fn ledger_appends(b: &mut Bench, batch: usize, round: usize) -> Result<LedgerAppends> {
+    let db = b.dir.join(format!("ledger-{batch}-{round}.redb"));
+    settle().await?;
+    let written = procs::written_bytes(0).unwrap_or(0);
+    let n = appends_for(batch, b.args.baseline_a_events);
+    let built = build(&db, n, &mut b.lanes, batch).await?;
+    std::fs::remove_file(&db)?;
+    let l = LedgerAppends {
+        written_bytes: procs::written_bytes(0).unwrap_or(0).saturating_sub(written),
+        batch,
+        rate: Rate::new(built.appended, built.elapsed),
+        execute: measure::Latency::of(built.executes),
+        commit: measure::Latency::of(built.commits),
+        commit_cpu: measure::Latency::of(built.commit_cpus),
+        checkpoint_cpu_us: built.checkpoint_cpu,
+        cpu_ratios: Vec::new(),
+    };
+    say(format!(
+        "Pipeline::execute, {batch}/commit: {:.0} events/s, per batch p50 {} µs, p99 {} µs",
+        l.rate.per_sec, l.execute.p50_us, l.execute.p99_us
+    ));
+    Ok(l)
 }
 
 /// The run of median rate among `runs` (of an even count, the lower of the

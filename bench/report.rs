@@ -134,6 +134,15 @@ fn written_per(u: &crate::procs::Usage, units: u64) -> String {
 
 /// "; median of 3: 8,100 / 9,000 / 8,700" (every run's rate, in the order
 /// they ran), or nothing for a single run.
+/// Every round's ratio beside a median ratio (nothing for one round).
+pub fn of_ratios(ratios: &[f64]) -> String {
+    if ratios.len() < 2 {
+        return String::new();
+    }
+    let all: Vec<String> = ratios.iter().map(|r| format!("{r:.2}×")).collect();
+    format!("; median of {}: {}", ratios.len(), all.join(" / "))
+}
+
 pub fn of_runs(rates: &[f64]) -> String {
     if rates.len() < 2 {
         return String::new();
@@ -294,7 +303,7 @@ pub fn table(r: &Results) -> String {
             [
                 "1",
                 "… the same, mean, with the checkpoint closing the run spread over it (the job rows still held behind)",
-                &format!("{} ms", ms(lm.round() as u64)),
+                &format!("{} ms{}", ms(lm.round() as u64), of_ratios(&l.cpu_ratios)),
                 &format!("A: {} ms", ms(a.commit_cpu.mean_us)),
                 &ratio(lm, am),
                 "≤ 1.5× (issue 14)",
