@@ -231,10 +231,9 @@ impl Held {
         if key.0 == index
             && let Some(row) = &row
         {
-            let seqs = rows::read_index(key.1, row).expect("an index row built here");
-            let last = *seqs.last().expect("an index row holds a seq");
+            let last = rows::index_last(key.1, row).expect("an index row built here");
             if let Some((_, Some(into))) = self.rows.last_mut().filter(|r| r.0.0 == index) {
-                rows::index_extend(into, self.indexed, &seqs);
+                rows::index_join(into, self.indexed, key.1 as u64, row);
                 self.indexed = last;
                 return;
             }

@@ -317,12 +317,31 @@ pub fn index_extend(row: &mut Vec<u8>, mut last: u64, seqs: &[u64]) {
     }
 }
 
+/// Add the index row `row` with first seq `first` (after `last`) to the
+/// index row `into` whose last seq is `last`: its gaps are copied as they
+/// are, not decoded and encoded again.
+pub fn index_join(into: &mut Vec<u8>, last: u64, first: u64, row: &[u8]) {
+    index_extend(into, last, &[first]);
+    into.extend_from_slice(row.get(1..).unwrap_or_default());
+}
+
 /// The seqs of the index row with key sub `first` and value `row`.
 pub fn read_index(first: u128, row: &[u8]) -> Result<Vec<u64>, String> {
-    let first = u64::try_from(first).map_err(|_| format!("{first} is not a seq"))?;
+    let first = seq_of(first)?;
     let mut seqs = vec![first];
     index_walk(first, row, |seq| seqs.push(seq))?;
     Ok(seqs)
+}
+
+/// The last seq of the index row with key sub `first` and value `row`.
+pub fn index_last(first: u128, row: &[u8]) -> Result<u64, String> {
+    let mut last = seq_of(first)?;
+    index_walk(last, row, |seq| last = seq)?;
+    Ok(last)
+}
+
+fn seq_of(sub: u128) -> Result<u64, String> {
+    u64::try_from(sub).map_err(|_| format!("{sub} is not a seq"))
 }
 
 /// Each seq of an index row after its first, in order; a row that is not
@@ -574,6 +593,12 @@ mod tests {
                 let (_, mut grown) = index_row(&seqs[..k]);
                 index_extend(&mut grown, seqs[k - 1], &seqs[k..n]);
                 assert_eq!(grown, row, "{k} then {n}");
+                // Joined to the row of the rest, likewise.
+                let (_, mut joined) = index_row(&seqs[..k]);
+                let (rest_first, rest) = index_row(&seqs[k..n]);
+                index_join(&mut joined, seqs[k - 1], rest_first, &rest);
+                assert_eq!(joined, row, "{k} joined to {n}");
+                assert_eq!(index_last(first.into(), &row).unwrap(), seqs[n - 1]);
             }
         }
         assert_eq!(index_row(&[5, 6, 9, 200]).1, [COMPACT_V1, 1, 3, 191, 1]);
