@@ -136,19 +136,20 @@ fn written_per(u: &crate::procs::Usage, units: u64) -> String {
 /// they ran), or nothing for a single run.
 /// Every round's ratio beside a median ratio (nothing for one round).
 pub fn of_ratios(ratios: &[f64]) -> String {
-    if ratios.len() < 2 {
-        return String::new();
-    }
-    let all: Vec<String> = ratios.iter().map(|r| format!("{r:.2}×")).collect();
-    format!("; median of {}: {}", ratios.len(), all.join(" / "))
+    of_all(ratios, |r| format!("{r:.2}×"))
 }
 
+/// Every run's rate beside a median rate (nothing for one run).
 pub fn of_runs(rates: &[f64]) -> String {
-    if rates.len() < 2 {
+    of_all(rates, int)
+}
+
+fn of_all(values: &[f64], show: impl Fn(f64) -> String) -> String {
+    if values.len() < 2 {
         return String::new();
     }
-    let all: Vec<String> = rates.iter().map(|&r| int(r)).collect();
-    format!("; median of {}: {}", rates.len(), all.join(" / "))
+    let all: Vec<String> = values.iter().map(|&v| show(v)).collect();
+    format!("; median of {}: {}", values.len(), all.join(" / "))
 }
 
 fn mib(bytes: u64) -> String {
