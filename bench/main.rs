@@ -46,6 +46,7 @@
 //!    latency is at those rates on this machine).
 //! 5. **Replay and verify**: the `bcp` CLI (`audit verify --db`, `replay --db
 //!    --format json`) on the log of 6 (`--events`, default 1 M), timed.
+//!    `--audit-only` builds a log of `--events` offline and runs just this.
 //! 6. **Cost growth**: a log built offline through `Pipeline::execute` to
 //!    `--events`/100, /10 and `--events`; after each, `bcp serve` restarts
 //!    on it (startup time; relay catch-up rate), then the closed loop of 3
@@ -68,6 +69,11 @@
 //! earlier runs' events in its log), as do verify and replay (5);
 //! each growth step (6) repeats its closed loop. Every run's rate is kept
 //! beside the median.
+//!
+//! The workload's ids (jobs, commands, snapshots) are UUIDv7 by default,
+//! time-ordered; `--ids random` sends UUIDv4, as most producers' libraries
+//! make, which lands every insert keyed by them at a random place in the
+//! store's tables (bench/RESULTS.md has both).
 //!
 //! Before each measured phase it runs `sync`, and it deletes each
 //! baseline's files after use: otherwise what one phase wrote without fsync
@@ -95,7 +101,7 @@ use procs::{Bcp, Memory, Nats};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use workload::Lanes;
+use workload::{Ids, Lanes};
 
 const STREAM: &str = "BCP_EVENTS";
 
@@ -116,8 +122,13 @@ pub struct Args {
     /// Only phase 1 (raw redb against `Pipeline::execute`), printed,
     /// nothing written: for profiling and comparing the commit.
     pub appends_only: bool,
+    /// Only replay and verify (5) of a log of `events` built offline,
+    /// printed, nothing written: for profiling and comparing them.
+    pub audit_only: bool,
     /// The batch sizes of phase 1 (commands per commit).
     pub batches: Vec<usize>,
+    /// How the workload's job, command and snapshot ids are made.
+    pub ids: Ids,
     /// The largest log of the growth steps, replay and verify.
     pub events: u64,
     /// Commands of the end-to-end run (3).
@@ -167,10 +178,18 @@ struct CommandLine {
     /// at the same batch sizes, printed, nothing written.
     #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only"])]
     appends_only: bool,
+    /// Only replay and verify (5) of a log of `--events` built offline,
+    /// printed, nothing written: for profiling and comparing them.
+    #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only", "appends_only"])]
+    audit_only: bool,
     /// With `--appends-only`: only this batch size (repeatable), e.g. to
     /// profile one of them.
     #[arg(long = "batch", requires = "appends_only", value_parser = clap::value_parser!(u64).range(1..=4096))]
     batches: Vec<u64>,
+    /// How the workload makes its job, command and snapshot ids: UUIDv7
+    /// (time-ordered) or UUIDv4 (random, as most producers send).
+    #[arg(long, value_enum, default_value_t = Ids::Ordered)]
+    ids: Ids,
     /// The largest log of the growth steps, replay and verify (at least 1000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1000..))]
     events: Option<u64>,
@@ -212,7 +231,9 @@ impl Args {
                 group_only: false,
                 publish_only: false,
                 appends_only: false,
+                audit_only: false,
                 batches: BATCHES.to_vec(),
+                ids: Ids::Ordered,
                 events: 20_000,
                 commands: 3_000,
                 growth_commands: 1_000,
@@ -233,7 +254,9 @@ impl Args {
                 group_only: false,
                 publish_only: false,
                 appends_only: false,
+                audit_only: false,
                 batches: BATCHES.to_vec(),
+                ids: Ids::Ordered,
                 events: 1_000_000,
                 commands: 100_000,
                 growth_commands: 20_000,
@@ -252,6 +275,8 @@ impl Args {
         a.group_only = cli.group_only;
         a.publish_only = cli.publish_only;
         a.appends_only = cli.appends_only;
+        a.audit_only = cli.audit_only;
+        a.ids = cli.ids;
         if !cli.batches.is_empty() {
             a.batches = cli.batches.iter().map(|&n| n as usize).collect();
         }
@@ -464,7 +489,7 @@ async fn run(args: Args) -> Result<Option<Results>> {
         nats_bin: procs::nats_server_bin()?,
         bcp_bin: procs::bcp_bin()?,
         dir: tmp.path().to_owned(),
-        lanes: Lanes::new(),
+        lanes: Lanes::new(args.ids),
         args,
     };
     if b.args.keep {
@@ -509,6 +534,24 @@ async fn run(args: Args) -> Result<Option<Results>> {
                 l.cpu_ratio(a),
                 report::of_ratios(&l.cpu_ratios),
                 lw / aw.max(1.0),
+            );
+        }
+        return Ok(None);
+    }
+    if b.args.audit_only {
+        let db = b.dir.join("growth.redb");
+        say(format!(
+            "building a log of {} events offline",
+            b.args.events
+        ));
+        build(&db, b.args.events, &mut b.lanes, b.args.build_batch).await?;
+        let (verify, replay) = audit(&b, &db).await?;
+        for (name, cli) in [("audit verify", &verify), ("replay", &replay)] {
+            println!(
+                "{name}: {:.0} events/s{}, peak RSS {:.1} MiB",
+                cli.rate.per_sec,
+                report::of_runs(&cli.rates),
+                cli.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64
             );
         }
         return Ok(None);
@@ -618,18 +661,7 @@ async fn run(args: Args) -> Result<Option<Results>> {
         baselines.context("the baselines ran beside bcp")?;
     let growth = growth(&mut b, &growth_db, &steps, first_build).await?;
 
-    // 5. Replay and verify of the growth log, bcp stopped, taking turns.
-    let replay_args = ["replay", "--format", "json", "--db"];
-    let (mut verifies, mut replays) = (Vec::new(), Vec::new());
-    for _ in 0..b.args.repeats {
-        let verify = time_cli(&b.bcp_bin, &["audit", "verify", "--db"], &growth_db, &b.dir).await?;
-        say(format!("audit verify: {:.0} events/s", verify.rate.per_sec));
-        verifies.push(verify);
-        let replay = time_cli(&b.bcp_bin, &replay_args, &growth_db, &b.dir).await?;
-        say(format!("replay: {:.0} events/s", replay.rate.per_sec));
-        replays.push(replay);
-    }
-    let (verify, replay) = (Cli::median(verifies), Cli::median(replays));
+    let (verify, replay) = audit(&b, &growth_db).await?;
     let group = group_ack(&mut b).await?;
 
     machine.loadavg_end = report::loadavg();
@@ -1207,6 +1239,22 @@ fn envelopes(db: &Path) -> Result<Vec<(String, Bytes)>> {
 
 /// Run `bcp ARGS DB` to completion (stdout discarded, stderr kept in the
 /// temp dir); its rate is the log's events over its wall time.
+/// 5. Replay and verify of `db`, bcp stopped, taking turns `repeats` times:
+/// the runs of median rate.
+async fn audit(b: &Bench, db: &Path) -> Result<(Cli, Cli)> {
+    let replay_args = ["replay", "--format", "json", "--db"];
+    let (mut verifies, mut replays) = (Vec::new(), Vec::new());
+    for _ in 0..b.args.repeats {
+        let verify = time_cli(&b.bcp_bin, &["audit", "verify", "--db"], db, &b.dir).await?;
+        say(format!("audit verify: {:.0} events/s", verify.rate.per_sec));
+        verifies.push(verify);
+        let replay = time_cli(&b.bcp_bin, &replay_args, db, &b.dir).await?;
+        say(format!("replay: {:.0} events/s", replay.rate.per_sec));
+        replays.push(replay);
+    }
+    Ok((Cli::median(verifies), Cli::median(replays)))
+}
+
 async fn time_cli(bin: &Path, args: &[&str], db: &Path, dir: &Path) -> Result<Cli> {
     let events = {
         let db = db.to_owned();

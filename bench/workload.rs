@@ -8,6 +8,11 @@
 //! after the other (a job's next command depends on its state); concurrency
 //! comes from many lanes. Every command has a fresh `command_id`.
 //!
+//! Ids (jobs, commands, snapshots) are UUIDv7 by default: time-ordered, so
+//! bcp's tables keyed by them are appended to. [`Ids::Random`] sends
+//! UUIDv4, as most producers' libraries make by default: every insert lands
+//! at a random place in those tables.
+//!
 //! The same bodies are sent over NATS (producers) and fed straight into
 //! `bcp::store::pipeline::Pipeline::execute` (to build large logs fast for the
 //! replay, growth and memory measurements), so both paths write the same
@@ -67,9 +72,29 @@ impl Cmd {
     }
 }
 
+/// How the ids a lane sends are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Ids {
+    /// UUIDv7: time-ordered.
+    Ordered,
+    /// UUIDv4: random.
+    Random,
+}
+
+impl Ids {
+    fn fresh(self) -> Uuid {
+        match self {
+            Ids::Ordered => Uuid::now_v7(),
+            Ids::Random => Uuid::new_v4(),
+        }
+    }
+}
+
 /// A producer's sequence of commands over successive jobs.
 pub struct Lane {
     id: u64,
+    ids: Ids,
     project: String,
     job: Uuid,
     step: usize,
@@ -80,11 +105,12 @@ pub struct Lane {
 }
 
 impl Lane {
-    pub fn new(id: u64, t0: DateTime<Utc>) -> Lane {
+    pub fn new(id: u64, ids: Ids, t0: DateTime<Utc>) -> Lane {
         Lane {
             id,
+            ids,
             project: format!("bench-{:02}", id as usize % PROJECTS),
-            job: Uuid::now_v7(),
+            job: ids.fresh(),
             step: 0,
             snapshots: 0,
             t0,
@@ -95,11 +121,11 @@ impl Lane {
         if self.step == SCRIPT.len() {
             self.step = 0;
             self.snapshots = 0;
-            self.job = Uuid::now_v7();
+            self.job = self.ids.fresh();
         }
         let step = SCRIPT[self.step];
         self.step += 1;
-        let command_id = Uuid::now_v7();
+        let command_id = self.ids.fresh();
         let (verb, body) = match step {
             Step::Create => (
                 "create",
@@ -127,7 +153,7 @@ impl Lane {
                         "command_id": command_id,
                         "job_id": self.job,
                         "actor": "bench-agent",
-                        "snapshot_id": Uuid::now_v7(),
+                        "snapshot_id": self.ids.fresh(),
                         "taken_at": taken_at,
                         "size_bytes": 1_073_741_824u64 + (self.id * 4096 + self.snapshots as u64),
                     }),
@@ -147,20 +173,22 @@ impl Lane {
 #[derive(Clone)]
 pub struct Lanes {
     next: u64,
+    ids: Ids,
     t0: DateTime<Utc>,
 }
 
 impl Lanes {
-    pub fn new() -> Lanes {
+    pub fn new(ids: Ids) -> Lanes {
         Lanes {
             next: 0,
+            ids,
             t0: Utc::now().trunc_subsecs(0),
         }
     }
 
     pub fn take(&mut self, n: usize) -> Vec<Lane> {
         let lanes = (self.next..self.next + n as u64)
-            .map(|id| Lane::new(id, self.t0))
+            .map(|id| Lane::new(id, self.ids, self.t0))
             .collect();
         self.next += n as u64;
         lanes
