@@ -1237,10 +1237,8 @@ fn envelopes(db: &Path) -> Result<Vec<(String, Bytes)>> {
     Ok(out)
 }
 
-/// Run `bcp ARGS DB` to completion (stdout discarded, stderr kept in the
-/// temp dir); its rate is the log's events over its wall time.
-/// 5. Replay and verify of `db`, bcp stopped, taking turns `repeats` times:
-/// the runs of median rate.
+/// Phase 5: replay and verify of `db`, bcp stopped, taking turns `repeats`
+/// times; the runs of median rate.
 async fn audit(b: &Bench, db: &Path) -> Result<(Cli, Cli)> {
     let replay_args = ["replay", "--format", "json", "--db"];
     let (mut verifies, mut replays) = (Vec::new(), Vec::new());
@@ -1255,6 +1253,8 @@ async fn audit(b: &Bench, db: &Path) -> Result<(Cli, Cli)> {
     Ok((Cli::median(verifies), Cli::median(replays)))
 }
 
+/// Run `bcp ARGS DB` to completion (stdout discarded, stderr kept in the
+/// temp dir); its rate is the log's events over its wall time.
 async fn time_cli(bin: &Path, args: &[&str], db: &Path, dir: &Path) -> Result<Cli> {
     let events = {
         let db = db.to_owned();

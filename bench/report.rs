@@ -215,8 +215,13 @@ pub fn table(r: &Results) -> String {
     );
     let _ = writeln!(
         t,
-        "Envelopes {:.0} bytes on average; {} producers / publishes in flight; 1 command = 1 event.\n",
-        r.envelope_bytes_mean, r.args.in_flight
+        "Envelopes {:.0} bytes on average; {} producers / publishes in flight; 1 command = 1 event; ids {}.\n",
+        r.envelope_bytes_mean,
+        r.args.in_flight,
+        match r.args.ids {
+            crate::Ids::Ordered => "UUIDv7 (time-ordered)",
+            crate::Ids::Random => "UUIDv4 (random, `--ids random`)",
+        }
     );
     let _ = writeln!(
         t,
