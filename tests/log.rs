@@ -293,8 +293,8 @@ where
 /// written after it are compact, next to the JSON ones; it still verifies.
 #[test]
 fn a_store_with_json_rows_reads_verifies_and_serves() {
-    use bcp::store::rows;
-    use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow};
+    use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow, RECENT};
+    use bcp::store::{records, rows};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
     let cmd = job1_command;
@@ -341,11 +341,21 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
                 t.insert(key, json.as_slice()).unwrap();
                 rewritten += 1;
             }
+            // That layout kept every record in COMMANDS (no recent ones).
             let mut c = txn.open_table(COMMANDS).unwrap();
             for (key, bytes) in every_row(&c) {
                 let json = serde_json::to_vec(&rows::read_record(&bytes).unwrap()).unwrap();
                 assert!(json.starts_with(b"{"));
                 c.insert(key, json.as_slice()).unwrap();
+                rewritten += 1;
+            }
+            let mut recent = txn.open_table(RECENT).unwrap();
+            for (ordinal, row) in every_row(&recent) {
+                let (key, bytes) = records::read_recent_row(&row).unwrap();
+                let json = serde_json::to_vec(&rows::read_record(bytes).unwrap()).unwrap();
+                assert!(json.starts_with(b"{"));
+                c.insert(key, json.as_slice()).unwrap();
+                recent.remove(ordinal).unwrap();
                 rewritten += 1;
             }
         }
@@ -1849,6 +1859,149 @@ fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_a
     assert!(retried[0].ok && retried[0].duplicate, "{retried:?}");
     assert_eq!(retried[0].events[0].seq, 2);
     assert_eq!(ledger.head_seq(), 2, "nothing appended twice");
+}
+
+/// Idempotency records go to the recent ones, and sweeps merge them into
+/// `COMMANDS` (a buffer of 8 here, so a sweep runs every few batches).
+/// Driven as `bcp serve`'s writer drives the pipeline (batch N+1 decided
+/// while N commits), with random command ids: every retry is answered from
+/// its record, before, during and after a sweep; also across a reopen mid
+/// sweep and a commit that failed mid sweep; and the log verifies.
+#[test]
+fn records_swept_into_commands_answer_every_retry_and_verify() {
+    use bcp::store::tables::{COMMANDS, RECENT};
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    // A command id from n, scattered over the key space.
+    let id = |n: u128| Uuid::from_u128(n.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835));
+    let create = |n: u128| {
+        let body = json!({"command_id": id(n), "job_id": job(n), "deployment": {"kind": "replica_set", "name": "rs"}});
+        Pending::new(decode("p1", "create", body.to_string().as_bytes(), None).unwrap())
+    };
+    let mut first: std::collections::HashMap<u128, bcp::domain::Reply> = Default::default();
+    let mut next_id = 0u128;
+    let mut created = 0u128;
+    let mut pseudo = 7u64;
+    let mut retries_answered = 0;
+    // `rounds` batches of three new commands and three retries, each
+    // decided while the one before commits; the commit of round `fail_at`
+    // fails (the store is then reopened, as bcp serve is restarted).
+    let mut run = |store: Store, rounds: u32, fail_at: Option<(u32, Faults)>| {
+        store.set_records_buffer(8);
+        let mut p: Pipeline<u128> =
+            Pipeline::new(Pipeline::open(store.clone()).unwrap().into_ledger());
+        let mut committing = None;
+        let mut check =
+            |answers: Vec<bcp::store::pipeline::Answer<u128>>,
+             first: &mut std::collections::HashMap<u128, bcp::domain::Reply>| {
+                for a in answers {
+                    assert!(a.reply.ok, "{}: {:?}", a.to, a.reply);
+                    match first.get(&a.to) {
+                        None => {
+                            assert!(!a.reply.duplicate, "{}: {:?}", a.to, a.reply);
+                            first.insert(a.to, a.reply);
+                        }
+                        Some(reply) => {
+                            assert!(
+                                a.reply.duplicate,
+                                "retry of {} applied again: {:?}",
+                                a.to, a.reply
+                            );
+                            assert_eq!(
+                                bcp::domain::Reply {
+                                    duplicate: false,
+                                    ..a.reply
+                                },
+                                *reply
+                            );
+                            retries_answered += 1;
+                        }
+                    }
+                }
+            };
+        for round in 0..=rounds {
+            // Every other round the next batch is opened while this one
+            // commits (its records stay in memory as uncommitted until a
+            // commit settles with no batch open, as in the rounds between).
+            let overlap = round % 2 == 1;
+            let mut decide_new = |p: &mut Pipeline<u128>| {
+                let mut ids = || {
+                    next_id += 1;
+                    Uuid::from_u128(1 << 100 | next_id)
+                };
+                for _ in 0..3 {
+                    created += 1;
+                    assert!(
+                        p.decide(&create(created), created, t0(), &mut ids)
+                            .is_empty()
+                    );
+                }
+            };
+            if round < rounds && overlap {
+                decide_new(&mut p);
+            }
+            if let Some(mut batch) = committing.take() {
+                if let Some((at, faults)) = &fail_at
+                    && *at == round
+                {
+                    faults.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let settled = p.settle(store.commit(&mut batch));
+                    assert!(settled.stopped, "{:?}", settled.error);
+                    // Its commands (and the open batch's) were never
+                    // answered ok: forget them, as a producer would retry.
+                    return;
+                }
+                let settled = p.settle(store.commit(&mut batch));
+                assert!(settled.error.is_none(), "{:?}", settled.error);
+                check(settled.answers, &mut first);
+            }
+            // Retries, into the open batch once the one before committed
+            // (as the writer goes on deciding while the commit runs): of
+            // recent commands, whose records a sweep may just have merged.
+            if round < rounds && !overlap {
+                decide_new(&mut p);
+            }
+            if round < rounds {
+                let mut ids = || {
+                    next_id += 1;
+                    Uuid::from_u128(1 << 100 | next_id)
+                };
+                for _ in 0..3 {
+                    pseudo = pseudo
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let n = created.saturating_sub(30) + u128::from(pseudo >> 33) % 30;
+                    if first.contains_key(&n) {
+                        assert!(p.decide(&create(n), n, t0(), &mut ids).is_empty());
+                    }
+                }
+            }
+            committing = p.to_commit();
+        }
+    };
+    run(Store::open_or_create(&path).unwrap(), 40, None);
+    // Reopened (mid sweep or not), and a commit that fails.
+    let (store, faults) = faulty_store(&path);
+    run(store, 30, Some((17, faults)));
+    run(Store::open_or_create(&path).unwrap(), 40, None);
+    assert!(
+        retries_answered > 100,
+        "{retries_answered} retries answered"
+    );
+    verify(&Store::open_existing(&path).unwrap()).unwrap();
+    let (merged, recent) = {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        (
+            txn.open_table(COMMANDS).unwrap().len().unwrap(),
+            txn.open_table(RECENT).unwrap().len().unwrap(),
+        )
+    };
+    assert!(
+        merged > 200 && recent < 40,
+        "{merged} merged, {recent} recent"
+    );
 }
 
 /// Two overlapping batches, committed: N+1 (decided while N commits) sees

@@ -1,5 +1,5 @@
-//! `audit verify`'s check of the idempotency records (the COMMANDS table)
-//! against the log: every command the log holds has a record, and each
+//! `audit verify`'s check of the idempotency records (the COMMANDS table,
+//! and the recent records not merged into it yet) against the log: every command the log holds has a record, and each
 //! record's reply is what the log says that command got. A forged or
 //! edited record would otherwise answer a retry, or a new command reusing
 //! its id, with a reply no event backs.
@@ -14,10 +14,60 @@
 use super::verify::VerifyError;
 use crate::domain::reply::EventFacts;
 use crate::domain::{Envelope, ErrorCode, Event, Reply};
-use crate::store::tables::COMMANDS;
+use crate::store::records::read_recent_row;
+use crate::store::tables::{CHECKPOINT, COMMANDS, RECENT, SWEEP_TO};
 use crate::store::{CommandRecord, Store, StoreError};
+use redb::ReadableTable;
 use std::collections::HashMap;
 use uuid::Uuid;
+
+/// A record of the recent ones ([`crate::store::records`]).
+struct Recent {
+    id: u128,
+    ordinal: u64,
+    record: Vec<u8>,
+}
+
+/// The recent records, sorted by id, and the last ordinal of the sweep
+/// under way. An id held twice, or a row that does not decode, is a
+/// difference.
+fn recent_records(txn: &redb::ReadTransaction) -> Result<(Vec<Recent>, Option<u64>), VerifyError> {
+    let sweep_to = match txn.open_table(CHECKPOINT) {
+        Ok(t) => t
+            .get(SWEEP_TO)
+            .map_err(StoreError::from)?
+            .map(|v| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(StoreError::from(e).into()),
+    };
+    let table = match txn.open_table(RECENT) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), sweep_to)),
+        Err(e) => return Err(StoreError::from(e).into()),
+    };
+    let mut recent = Vec::new();
+    for r in table.iter().map_err(StoreError::from)? {
+        let (k, v) = r.map_err(StoreError::from)?;
+        let (id, record) = read_recent_row(v.value()).map_err(|e| {
+            VerifyError::Records(format!("the recent record at ordinal {}: {e}", k.value()))
+        })?;
+        recent.push(Recent {
+            id,
+            ordinal: k.value(),
+            record: record.to_vec(),
+        });
+    }
+    recent.sort_unstable_by_key(|r| r.id);
+    if let Some(w) = recent.windows(2).find(|w| w[0].id == w[1].id) {
+        return Err(VerifyError::Records(format!(
+            "command {}: it has two recent records (ordinals {} and {})",
+            Uuid::from_u128(w[0].id),
+            w[0].ordinal,
+            w[1].ordinal
+        )));
+    }
+    Ok((recent, sweep_to))
+}
 
 /// What the check needs of one event, gathered during the fold.
 struct Logged {
@@ -90,27 +140,35 @@ impl CommandLog {
 
     /// Compare with the stored records, split into `parts` key ranges
     /// checked on threads of their own; the first disagreement (in key
-    /// order), named.
+    /// order), named. The stored records are `COMMANDS` and the recent
+    /// ones not yet merged into it ([`crate::store::records`]).
     pub fn check(mut self, store: &Store, parts: usize) -> Result<(), VerifyError> {
         // By command, then seq: the order of the table's keys.
         self.events.sort_unstable_by_key(|e| (e.command, e.seq));
         let txn = store.begin_read()?;
+        let (recent, sweep_to) = recent_records(&txn)?;
         let checks = super::scan::by_key_ranges(
             &self.events,
             |e| e.command,
             parts,
-            |events, keys| self.check_range(&txn, keys, events),
+            |events, keys| {
+                let from = recent.partition_point(|r| r.id < *keys.start());
+                let to = recent.partition_point(|r| r.id <= *keys.end());
+                self.check_range(&txn, keys, events, &recent[from..to], sweep_to)
+            },
         );
         checks.into_iter().collect()
     }
 
     /// [`CommandLog::check`] of the records with keys in `keys`, whose
-    /// logged events are `logged`.
+    /// logged events are `logged`, and whose recent records are `recent`.
     fn check_range(
         &self,
         txn: &redb::ReadTransaction,
         keys: std::ops::RangeInclusive<u128>,
         mut logged: &[Logged],
+        recent: &[Recent],
+        sweep_to: Option<u64>,
     ) -> Result<(), VerifyError> {
         let bad = |id: u128, what: String| {
             Err(VerifyError::Records(format!(
@@ -128,16 +186,63 @@ impl CommandLog {
             )
         };
         let table = txn.open_table(COMMANDS).map_err(StoreError::from)?;
-        for r in table.range(keys).map_err(StoreError::from)? {
-            let (k, v) = r.map_err(StoreError::from)?;
-            let id = k.value();
+        let mut stored = table.range(keys).map_err(StoreError::from)?;
+        let mut next_stored = || -> Result<Option<(u128, Vec<u8>)>, VerifyError> {
+            match stored.next() {
+                None => Ok(None),
+                Some(r) => {
+                    let (k, v) = r.map_err(StoreError::from)?;
+                    Ok(Some((k.value(), v.value().to_vec())))
+                }
+            }
+        };
+        let mut table_row = next_stored()?;
+        let mut recent = recent.iter().peekable();
+        loop {
+            // The next record by id, from the table or the recent ones.
+            let (id, bytes) = match (table_row.take(), recent.peek()) {
+                (None, None) => break,
+                (Some((id, bytes)), Some(r)) if r.id == id => {
+                    if sweep_to.is_none_or(|to| r.ordinal > to) {
+                        return bad(
+                            id,
+                            format!(
+                                "it has a record in the table and a recent one (ordinal {}) that no sweep merges",
+                                r.ordinal
+                            ),
+                        );
+                    }
+                    if r.record != bytes {
+                        return bad(
+                            id,
+                            "its record in the table differs from its recent one".into(),
+                        );
+                    }
+                    recent.next();
+                    table_row = next_stored()?;
+                    (id, bytes)
+                }
+                (Some((id, bytes)), Some(r)) if r.id > id => {
+                    table_row = next_stored()?;
+                    (id, bytes)
+                }
+                (Some((id, bytes)), None) => {
+                    table_row = next_stored()?;
+                    (id, bytes)
+                }
+                (row, Some(_)) => {
+                    table_row = row;
+                    let r = recent.next().expect("peeked");
+                    (r.id, r.record.clone())
+                }
+            };
             if let Some(e) = logged.first().filter(|e| e.command < id) {
                 return unrecorded(e);
             }
             let n = logged.iter().take_while(|e| e.command == id).count();
             let (events, rest) = logged.split_at(n);
             logged = rest;
-            let record: CommandRecord = match crate::store::rows::read_record(v.value()) {
+            let record: CommandRecord = match crate::store::rows::read_record(&bytes) {
                 Ok(r) => r,
                 Err(e) => return bad(id, format!("its record does not parse: {e}")),
             };
@@ -212,9 +317,11 @@ mod tests {
     use crate::domain::command::decode;
     use crate::store::ledger::Pending;
     use crate::store::pipeline::Pipeline;
-    use crate::store::tables::COMMANDS;
+    use crate::store::records::{read_recent_row, recent_row};
+    use crate::store::tables::{CHECKPOINT, COMMANDS, RECENT, SWEEP_TO};
     use crate::store::{Store, decode_envelope};
     use chrono::{TimeZone, Utc};
+    use redb::{ReadableTable, ReadableTableMetadata};
     use uuid::Uuid;
 
     fn log_of(store: &Store) -> CommandLog {
@@ -228,19 +335,72 @@ mod tests {
         log
     }
 
+    /// Where a command's record is stored: (in COMMANDS, its recent row
+    /// (ordinal, row)).
+    type Placed = (Option<Vec<u8>>, Option<(u64, Vec<u8>)>);
+
+    /// Take `key`'s record out of every table that holds it.
+    fn take_record(store: &Store, key: u128) -> Placed {
+        let txn = store.writable().unwrap().begin_write().unwrap();
+        let placed = {
+            let mut commands = txn.open_table(COMMANDS).unwrap();
+            let table = commands.remove(key).unwrap().map(|v| v.value().to_vec());
+            let mut recent = txn.open_table(RECENT).unwrap();
+            let row = recent
+                .iter()
+                .unwrap()
+                .map(|r| r.unwrap())
+                .find(|(_, v)| read_recent_row(v.value()).unwrap().0 == key)
+                .map(|(k, v)| (k.value(), v.value().to_vec()));
+            if let Some((ordinal, _)) = &row {
+                recent.remove(*ordinal).unwrap();
+            }
+            (table, row)
+        };
+        txn.commit().unwrap();
+        placed
+    }
+
+    fn put_record(store: &Store, key: u128, (table, row): Placed) {
+        let txn = store.writable().unwrap().begin_write().unwrap();
+        if let Some(v) = table {
+            txn.open_table(COMMANDS)
+                .unwrap()
+                .insert(key, v.as_slice())
+                .unwrap();
+        }
+        if let Some((ordinal, v)) = row {
+            txn.open_table(RECENT)
+                .unwrap()
+                .insert(ordinal, v.as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
     /// Records are checked in key ranges on several threads: a record
     /// planted or removed anywhere (before, between, after the ranges) is
-    /// found whatever the number of ranges.
+    /// found whatever the number of ranges; wherever it is stored: all
+    /// recent (the default buffer), or some merged into `COMMANDS` and the
+    /// rest recent (a buffer of one record sweeps at every other commit).
     #[test]
     fn every_record_is_checked_in_every_split() {
+        for buffer in [crate::store::records::BUFFER, 1] {
+            every_record_is_checked(buffer);
+        }
+    }
+
+    fn every_record_is_checked(buffer: usize) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
+        store.set_records_buffer(buffer);
         let mut ledger = Pipeline::open(store.clone()).unwrap();
         let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).unwrap();
         let mut next = 0u128;
-        // Command ids 100, 200, …, 900: jobs created, one started twice
+        // Command ids 900, 800, …, 100: jobs created, one started twice
         // (the second a recorded rejection), one assigned its own region
-        // (a no-op, recorded with no events).
+        // (a no-op, recorded with no events). Falling ids: only the first
+        // is appended to `COMMANDS` at once, the others wait as recent.
         for n in 1..=9u128 {
             let (verb, body) = match n {
                 1..=6 => (
@@ -254,7 +414,7 @@ mod tests {
                 ),
             };
             let mut body = body;
-            body["command_id"] = serde_json::json!(Uuid::from_u128(n * 100));
+            body["command_id"] = serde_json::json!(Uuid::from_u128((10 - n) * 100));
             let cmd = decode("p1", verb, body.to_string().as_bytes(), None).unwrap();
             let mut ids = || {
                 next += 1;
@@ -262,6 +422,18 @@ mod tests {
             };
             let reply = ledger.execute(&[Pending::new(cmd)], t0, &mut ids).unwrap();
             assert_eq!(reply[0].ok, n != 8, "{n}: {reply:?}");
+        }
+        let (in_table, recent) = {
+            let txn = store.begin_read().unwrap();
+            let in_table = txn.open_table(COMMANDS).unwrap().len().unwrap();
+            (in_table, super::recent_records(&txn).unwrap().0.len())
+        };
+        match buffer {
+            1 => assert!(
+                in_table > 0 && recent > 0,
+                "{in_table} merged, {recent} recent"
+            ),
+            _ => assert_eq!((in_table, recent), (1, 8)),
         }
         for parts in 1..=4 {
             log_of(&store).check(&store, parts).unwrap();
@@ -298,20 +470,9 @@ mod tests {
                 t.remove(key).unwrap();
             });
         }
-        for key in [100u128, 500, 800] {
-            let saved = {
-                let txn = store.begin_read().unwrap();
-                txn.open_table(COMMANDS)
-                    .unwrap()
-                    .get(key)
-                    .unwrap()
-                    .unwrap()
-                    .value()
-                    .to_vec()
-            };
-            edit(&|t| {
-                t.remove(key).unwrap();
-            });
+        for key in [200u128, 500, 800] {
+            let saved = take_record(&store, key);
+            assert!(saved != (None, None), "{key} is stored somewhere");
             for parts in 1..=4 {
                 let err = log_of(&store).check(&store, parts).unwrap_err();
                 assert!(
@@ -319,10 +480,71 @@ mod tests {
                     "{key}, {parts} parts: {err}"
                 );
             }
-            edit(&|t| {
-                t.insert(key, saved.as_slice()).unwrap();
-            });
+            put_record(&store, key, saved);
         }
         log_of(&store).check(&store, 2).unwrap();
+        // A recent record also in the table, which no sweep covers (or
+        // whose bytes differ): one of them is not what the writer left.
+        let key = 900u128;
+        let saved = take_record(&store, key);
+        let record = match &saved {
+            (Some(v), _) => v.clone(),
+            (None, Some((_, row))) => read_recent_row(row).unwrap().1.to_vec(),
+            (None, None) => unreachable!("900 is stored"),
+        };
+        let twice = |table: &[u8], recent: &[u8], ordinal: u64| {
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            txn.open_table(COMMANDS)
+                .unwrap()
+                .insert(key, table)
+                .unwrap();
+            txn.open_table(RECENT)
+                .unwrap()
+                .insert(ordinal, recent_row(key, recent).as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+            let checked = log_of(&store).check(&store, 2).map_err(|e| e.to_string());
+            take_record(&store, key);
+            checked
+        };
+        let sweep_to = |to: Option<u64>| {
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            let before = {
+                let mut t = txn.open_table(CHECKPOINT).unwrap();
+                let before = t.get(SWEEP_TO).unwrap().map(|v| v.value());
+                match to {
+                    Some(to) => t.insert(SWEEP_TO, to).unwrap(),
+                    None => t.remove(SWEEP_TO).unwrap(),
+                };
+                before
+            };
+            txn.commit().unwrap();
+            before
+        };
+        let running = sweep_to(None);
+        let err = twice(&record, &record, 1_000).unwrap_err();
+        assert!(err.contains("that no sweep merges"), "{err}");
+        sweep_to(Some(1_000));
+        let err = twice(&record, &noop, 1_000).unwrap_err();
+        assert!(err.contains("differs from its recent one"), "{err}");
+        twice(&record, &record, 1_000).unwrap();
+        let err = twice(&record, &record, 1_001).unwrap_err();
+        assert!(err.contains("that no sweep merges"), "{err}");
+        sweep_to(running);
+        put_record(&store, key, saved);
+        log_of(&store).check(&store, 2).unwrap();
+        // An id held twice among the recent records.
+        let txn = store.writable().unwrap().begin_write().unwrap();
+        txn.open_table(RECENT)
+            .unwrap()
+            .insert(u64::MAX - 1, recent_row(key, &record).as_slice())
+            .unwrap();
+        txn.open_table(RECENT)
+            .unwrap()
+            .insert(u64::MAX, recent_row(key, &record).as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let err = log_of(&store).check(&store, 2).unwrap_err().to_string();
+        assert!(err.contains("two recent records"), "{err}");
     }
 }

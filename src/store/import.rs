@@ -138,11 +138,15 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         txn.delete_table(EVENTS)?;
         txn.delete_table(COMMANDS)?;
+        txn.delete_table(RECENT)?;
+        txn.open_table(CHECKPOINT)?.remove(SWEEP_TO)?;
         txn.delete_table(JOB_ROWS)?;
         txn.delete_table(REGIONS)?;
         write_log(&txn, &log, &world)?;
         // The rows held behind belong to the table being replaced: readers
         // wait for the rebuilt one.
-        self.rows_rebuilt(keep, || txn.commit().map_err(StoreError::from))
+        self.rows_rebuilt(keep, || txn.commit().map_err(StoreError::from))?;
+        // Every record is in `COMMANDS` now.
+        self.load_recent()
     }
 }

@@ -167,7 +167,11 @@ impl Batch {
 #[derive(Default)]
 struct Rows {
     events: Vec<(u64, Vec<u8>)>,
+    /// The idempotency records of the batch's commands.
     commands: Vec<(u128, Vec<u8>)>,
+    /// Records rewritten: of a command decided earlier whose events went
+    /// on in this batch (a group follower's).
+    rewritten: Vec<(u128, Vec<u8>)>,
     /// The rows of the jobs the batch touched (views, catalogs, event
     /// index); `None`: remove.
     job_rows: Vec<Row<JobKey>>,
@@ -178,6 +182,7 @@ impl Rows {
     fn is_empty(&self) -> bool {
         self.events.is_empty()
             && self.commands.is_empty()
+            && self.rewritten.is_empty()
             && self.job_rows.is_empty()
             && self.regions.is_empty()
     }
@@ -219,10 +224,6 @@ impl Store {
             for (seq, bytes) in &r.events {
                 events.insert(*seq, bytes.as_slice())?;
             }
-            let mut commands = txn.open_table(COMMANDS)?;
-            for (key, bytes) in &r.commands {
-                commands.insert(*key, bytes.as_slice())?;
-            }
             if !r.regions.is_empty() {
                 let mut regions = txn.open_table(REGIONS)?;
                 for (name, bytes) in &r.regions {
@@ -230,7 +231,13 @@ impl Store {
                 }
             }
         }
-        self.commit_rows(txn, &r.events, job_rows)
+        // Appended to the recent records, with the sweep's next slice
+        // merged ([`records`](super::records)); applied once committed.
+        let plan = self.inner.recent().plan(&r.commands, &r.rewritten);
+        plan.write(&txn)?;
+        self.commit_rows(txn, &r.events, job_rows)?;
+        self.inner.recent().committed(plan);
+        Ok(())
     }
 }
 
@@ -443,6 +450,11 @@ impl Ledger {
         if let Some(rec) = self.uncommitted.get(&key) {
             return Ok(Some(rec.clone()));
         }
+        if let Some(rec) = self.store.recent_record(key) {
+            return super::rows::read_record(&rec)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("command record {command_id}: {e}")));
+        }
         match b.commands.get(key)? {
             None => Ok(None),
             Some(rec) => super::rows::read_record(rec.value())
@@ -609,6 +621,7 @@ impl Ledger {
         let first = decode_envelope(self.head_seq + 1, first)?;
         // The head's command may go on in `events`: its earlier events count.
         let mut by_command: BTreeMap<Uuid, Vec<Envelope>> = BTreeMap::new();
+        let head_command = first.command_id;
         let mut seq = self.head_seq;
         while seq > 0 {
             let env = self.store.events(seq, seq)?.pop().expect("seq <= head");
@@ -618,6 +631,8 @@ impl Ledger {
             by_command.entry(env.command_id).or_default().insert(0, env);
             seq -= 1;
         }
+        // That command's record exists: it is rewritten whole.
+        let rewrites_head = !by_command.is_empty();
         let mut b = self.begin(first.recorded_at)?;
         for bytes in events {
             let env = match self.continues(&bytes) {
@@ -635,9 +650,11 @@ impl Ledger {
                 fingerprint: super::import::ANY_BODY.to_owned(),
                 reply: Reply::from_events(&evs.iter().collect::<Vec<_>>()),
             };
-            b.rows
-                .commands
-                .push((id.as_u128(), super::rows::record_row(&rec)));
+            let row = (id.as_u128(), super::rows::record_row(&rec));
+            match id == head_command && rewrites_head {
+                true => b.rows.rewritten.push(row),
+                false => b.rows.commands.push(row),
+            }
         }
         Ok(b)
     }

@@ -7,6 +7,7 @@ pub mod disk;
 pub mod import;
 pub mod ledger;
 pub mod pipeline;
+pub mod records;
 pub mod rows;
 pub mod tables;
 
@@ -124,6 +125,8 @@ struct Inner {
     behind: std::sync::RwLock<behind::Behind>,
     /// Held by each write transaction: commits, checkpoints, rebuilds.
     committing: std::sync::Mutex<()>,
+    /// Idempotency records not yet merged into `COMMANDS` ([`records`]).
+    recent: std::sync::Mutex<records::Recent>,
     /// A commit was started and its job rows are not held yet (it failed,
     /// or is running): no checkpoint then ([`behind`]).
     in_doubt: std::sync::atomic::AtomicBool,
@@ -135,8 +138,17 @@ impl Inner {
             db,
             behind: Default::default(),
             committing: Default::default(),
+            recent: std::sync::Mutex::new(records::Recent::empty(records::BUFFER)),
             in_doubt: Default::default(),
         })
+    }
+
+    /// The records not yet merged. A commit thread that panicked holding
+    /// the lock changed nothing (they change only after a commit).
+    fn recent(&self) -> std::sync::MutexGuard<'_, records::Recent> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The rows held behind, to read. A commit thread that panicked
@@ -254,6 +266,7 @@ impl Store {
             fsync_seconds,
         };
         store.create_tables()?;
+        store.load_recent()?;
         store.caught_up()
     }
 
@@ -265,6 +278,7 @@ impl Store {
             fsync_seconds: disk::fsync_histogram(),
         };
         store.create_tables()?;
+        store.load_recent()?;
         store.caught_up()
     }
 
@@ -321,6 +335,27 @@ impl Store {
             Db::ReadWrite(db) => Ok(db),
             Db::ReadOnly(_) => Err(corrupt("the store is open read-only")),
         }
+    }
+
+    /// Read the records not yet merged into `COMMANDS` ([`records`]).
+    fn load_recent(&self) -> Result<()> {
+        let buffer = self.inner.recent().buffer();
+        let loaded = records::Recent::load(&self.begin_read()?, buffer)?;
+        *self.inner.recent() = loaded;
+        Ok(())
+    }
+
+    /// The idempotency record of `id` if it is among the recent ones
+    /// ([`records`]): committed, not yet in `COMMANDS`.
+    pub(crate) fn recent_record(&self, id: u128) -> Option<Vec<u8>> {
+        self.inner.recent().get(id).map(<[u8]>::to_vec)
+    }
+
+    /// How many records wait before a sweep merges them into `COMMANDS`
+    /// ([`records::BUFFER`]); tests set it small to sweep often.
+    #[doc(hidden)]
+    pub fn set_records_buffer(&self, records: usize) {
+        self.inner.recent().set_buffer(records.max(1));
     }
 
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {

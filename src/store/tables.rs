@@ -18,8 +18,14 @@ use redb::TableDefinition;
 /// seq → envelope JSON (with `hash`). Gapless from 1.
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// command_id → idempotency record (fingerprint + original reply; compact,
-/// `rows::record_row`). Kept forever.
+/// `rows::record_row`). Kept forever; a recent command's record is in
+/// [`RECENT`] until a sweep merges it here.
 pub const COMMANDS: TableDefinition<u128, &[u8]> = TableDefinition::new("commands");
+/// ordinal → command_id (16 bytes, big-endian) ‖ idempotency record: the
+/// records of recent commands in commit order, merged into [`COMMANDS`]
+/// later in key order ([`records`](super::records)). A store without it
+/// (written before it) has none.
+pub const RECENT: TableDefinition<u64, &[u8]> = TableDefinition::new("recent_commands");
 /// (job_id, kind, sub) → row: everything bcp keeps per job, see [`JobRow`].
 pub const JOB_ROWS: TableDefinition<(u128, u8, u128), &[u8]> = TableDefinition::new("job_rows");
 /// region name → region JSON: the region projection.
@@ -30,8 +36,11 @@ pub const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions"
 /// from its log (`behind.rs`). Stores from before rows were written behind
 /// lack the table: their rows are always current.
 pub const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
-/// The one key of [`CHECKPOINT`].
+/// The key of [`CHECKPOINT`] for the job rows.
 pub const ROWS_AT: &str = "rows_at";
+/// The key of [`CHECKPOINT`] for the records: the last ordinal of
+/// [`RECENT`] the sweep under way merges (absent: none runs).
+pub const SWEEP_TO: &str = "records_sweep_to";
 // Stores written before the relay cursor was removed also hold a table
 // "cursor" (the last seq JetStream acknowledged); nothing reads it: the
 // relay always resumes from the stream's own last sequence.
