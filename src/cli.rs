@@ -155,6 +155,10 @@ pub enum Cmd {
         /// Seconds between retention sweeps (expiring due snapshots).
         #[arg(long, env = "BCP_SWEEP_INTERVAL", default_value_t = bcp::domain::limits::SWEEP_INTERVAL_SECS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
         sweep_interval: u64,
+        /// Idempotency records waiting before a sweep merges them into place (tests set
+        /// it small, to sweep often).
+        #[arg(long, hide = true, env = "BCP_RECORDS_BUFFER", default_value_t = bcp::store::records::BUFFER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        records_buffer: usize,
         /// Queries answered at once; beyond it a query is answered `unavailable` at once.
         #[arg(long, env = "BCP_QUERIES_IN_FLIGHT", default_value_t = bcp::domain::limits::QUERIES_IN_FLIGHT_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..=4096))]
         queries_in_flight: u64,
@@ -458,6 +462,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             trust_request_info,
             sweep_interval,
             queries_in_flight,
+            records_buffer,
             stream_replicas,
             stream_check_interval,
             lease_ttl,
@@ -484,6 +489,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             group,
             node,
             http,
+            records_buffer,
         }),
         Cmd::Status {
             nats, wait, format, ..

@@ -1140,7 +1140,9 @@ async fn kill_9_under_load() {
     let started = Instant::now();
     let mut rng = Rng::new(seed);
     let mut run = Run {
-        h: Harness::start().await,
+        // Sweeps of the idempotency records every few batches, so kills
+        // land before, during and after them.
+        h: Harness::start_with(&["--records-buffer", "16"]).await,
         seed,
     };
     let (port, store) = (run.h.nats.port, run.h.nats.store.clone());

@@ -65,6 +65,9 @@ pub struct ServeConfig {
     pub node: Option<String>,
     /// Serve /healthz, /readyz and /metrics here (`--http`).
     pub http: Option<std::net::SocketAddr>,
+    /// Idempotency records waiting before a sweep merges them
+    /// ([`crate::store::records`]); small only in tests, to sweep often.
+    pub records_buffer: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +139,7 @@ impl Node {
 /// writer for its whole life; with it, see [`group`].
 pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), ServeError> {
     let store = Store::open_or_create(&config.db)?;
+    store.set_records_buffer(config.records_buffer);
     // Single mode refuses a store whose projections are not at its log's
     // head before connecting; a group node opens it after reconciling.
     let ledger = match config.group {
