@@ -2004,6 +2004,68 @@ fn records_swept_into_commands_answer_every_retry_and_verify() {
     );
 }
 
+/// Group mode: node A, leading, answers command X as a no-op (its record
+/// is A's alone: no event). A is deposed; the new leader B, whose state
+/// moved on, applies X with events, and A follows them. A's record of X is
+/// rewritten where it is, not given a second row: A reopens, answers a
+/// retry of X with B's reply, and verifies. X's id below the first
+/// command's makes its record a recent one; above, one in `COMMANDS`.
+#[test]
+fn a_follower_rewrites_its_own_no_op_record_of_a_command_the_new_leader_applied() {
+    for x_id in [5, u128::MAX - 1] {
+        follower_rewrites_no_op_record(x_id);
+    }
+}
+
+fn follower_rewrites_no_op_record(x_id: u128) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_path, b_path) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+    let cmd = |id: u128, verb: &str, body: serde_json::Value| {
+        let mut body = body;
+        body["command_id"] = json!(Uuid::from_u128(id));
+        body["job_id"] = json!(job(1));
+        Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
+    };
+    let create = cmd(
+        1 << 120,
+        "create",
+        json!({"deployment": {"kind": "replica_set", "name": "rs"}, "region": "eu"}),
+    );
+    let x = cmd(x_id, "assign-region", json!({"region": "eu"}));
+    let y = cmd(6, "assign-region", json!({"region": "us"}));
+    let mut ids = Uuid::now_v7;
+    let mut b = Pipeline::open(Store::open_or_create(&b_path).unwrap()).unwrap();
+    let mut a = Pipeline::open(Store::open_or_create(&a_path).unwrap()).unwrap();
+    assert!(b.execute(&[create], t0(), &mut ids).unwrap()[0].ok);
+    let b_log = |b: &Pipeline<()>, from: u64| -> Vec<Vec<u8>> {
+        let events = b.store().raw_events(from, b.head_seq()).unwrap();
+        events.into_iter().map(|(_, bytes)| bytes).collect()
+    };
+    a.follow(b_log(&b, 1)).unwrap();
+    // A leads for a moment: X is a no-op (the job is in eu already).
+    let noop = a.execute(std::slice::from_ref(&x), t0(), &mut ids).unwrap();
+    assert!(noop[0].ok && noop[0].events.is_empty(), "{noop:?}");
+    // B leads: Y moves the job to us, then X (a retry) moves it back.
+    let head = b.head_seq();
+    let applied = b.execute(&[y, x.clone()], t0(), &mut ids).unwrap();
+    assert!(
+        applied[1].ok && !applied[1].events.is_empty(),
+        "{applied:?}"
+    );
+    a.follow(b_log(&b, head + 1)).unwrap();
+    drop(a);
+    let store = Store::open_or_create(&a_path).unwrap();
+    let mut a = Pipeline::open(store).unwrap();
+    let retried = a.execute(&[x], t0(), &mut ids).unwrap();
+    assert!(retried[0].duplicate, "{retried:?}");
+    assert_eq!(
+        retried[0].events, applied[1].events,
+        "B's reply, from the log"
+    );
+    drop(a);
+    verify(&Store::open_existing(&a_path).unwrap()).unwrap();
+}
+
 /// Two overlapping batches, committed: N+1 (decided while N commits) sees
 /// N's effects (stop after N's start) and answers a retry of N's start from
 /// N's record not yet committed; the log verifies, the stored projection is

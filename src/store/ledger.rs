@@ -651,7 +651,17 @@ impl Ledger {
                 reply: Reply::from_events(&evs.iter().collect::<Vec<_>>()),
             };
             let row = (id.as_u128(), super::rows::record_row(&rec));
-            match id == head_command && rewrites_head {
+            // A record that exists is rewritten where it is: the head's
+            // command, or one this node recorded as leader (a no-op, which
+            // the log does not hold) that the new leader applied.
+            let exists = match self.record(&b, id.as_u128(), id) {
+                Ok(found) => found.is_some() || id == head_command && rewrites_head,
+                Err(e) => {
+                    self.abandon(b);
+                    return Err(e);
+                }
+            };
+            match exists {
                 true => b.rows.rewritten.push(row),
                 false => b.rows.commands.push(row),
             }

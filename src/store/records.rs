@@ -1,32 +1,43 @@
-//! The idempotency records of recent commands: appended, then merged into
-//! [`COMMANDS`] in key order.
+//! The idempotency records of commands whose ids are not time-ordered:
+//! appended first, then merged into [`COMMANDS`] in id order.
 //!
-//! A record is kept forever under its `command_id`. Producers that send
-//! random ids (UUIDv4) would land each record on its own page of
-//! `COMMANDS`, a table that grows with the log: at 64 commands per commit
-//! that was 6.5× the bytes of the events themselves (bench/RESULTS.md).
-//! So each commit appends its records to [`RECENT`] under an ordinal
-//! (neighbouring pages), and this module keeps them in memory ([`Recent`])
-//! until they are in `COMMANDS`:
+//! A record is kept forever under its `command_id`. A record whose id is
+//! above every id in `COMMANDS` (UUIDv7 producers' mostly are) is appended
+//! to its end at once. Any other (UUIDv4 producers') would land on its own
+//! page of a table that grows with the log: at 64 commands per commit that
+//! was 6.5× the bytes of the events themselves (bench/RESULTS.md). So it is
+//! appended to [`RECENT`] under an ordinal (neighbouring pages), and kept
+//! in memory ([`Recent`]) until it is in `COMMANDS`:
 //!
-//! - Once [`Recent::buffer`] records wait, the next commit *freezes* them:
-//!   a sweep of those records (ordinals up to `to`), sorted by id.
-//! - Each commit then merges the sweep's next slice into `COMMANDS` (at
+//! - The commit that brings the records waiting to [`Recent::buffer`]
+//!   *freezes* them, its own included: a sweep of those records (ordinals
+//!   up to `to`), sorted by id.
+//! - Each later commit merges the sweep's next slice into `COMMANDS` (at
 //!   least as many records as it appends), so neighbouring ids share the
 //!   pages they dirty. The sweep's `to` is in [`CHECKPOINT`] ([`SWEEP_TO`]),
 //!   written with the freeze; how far it got is not stored (that would
 //!   dirty a page per commit): a reopened store merges it from the start
-//!   again, writing the same rows.
+//!   again, writing rows `COMMANDS` may hold already, equal to them.
 //! - The commit that merges the last slice deletes the sweep's ordinals
 //!   from `RECENT` (one range). Its ids leave memory only after the *next*
 //!   successful commit: a batch is sealed only while no commit runs, so
 //!   every batch decided after that commit reads `COMMANDS` as of a
 //!   snapshot that holds them. Before it, the writer finds them here.
 //!
-//! Everything here changes only after its commit succeeded; a commit that
-//! fails part way poisons the store, which is reopened ([`Recent::load`]).
-//! A record rewritten in place (a group follower rebuilding a command
-//! whose events arrived in two fetches) keeps its ordinal.
+//! A record rewritten (a group follower rebuilding a command whose events
+//! arrived in two fetches, or a command it had answered as a no-op while
+//! leading) goes where the record is: in place under its ordinal, and into
+//! `COMMANDS` too while a sweep covers it, so the two never differ.
+//!
+//! Nothing here changes before its commit succeeded: an error before the
+//! commit leaves memory equal to the disk; one in it poisons the store,
+//! which is reopened ([`Recent::load`]).
+//!
+//! Known limits: the fast path keys on the largest id in `COMMANDS`, so
+//! one producer sending ids above everyone's (UUIDv4, or a clock ahead)
+//! sends UUIDv7 producers' records through `RECENT` too (correct, written
+//! twice). Freezing a sweep and letting its ids go take a few milliseconds
+//! under the lock the writer's lookups take, once per sweep.
 
 use super::tables::{CHECKPOINT, COMMANDS, RECENT, SWEEP_TO};
 use super::{Result, StoreError};
@@ -89,14 +100,16 @@ pub struct Recent {
 pub struct Plan {
     /// (ordinal, id, record) appended to `RECENT`, or rewritten in place.
     appends: Vec<(u64, u128, Vec<u8>)>,
-    /// Records merged into `COMMANDS`: the sweep's next slice, and any
-    /// rewritten record the sweep merged already.
+    /// Records written to `COMMANDS`: appended at its end, the sweep's
+    /// next slice, rewrites of records there or covered by the sweep.
     merge: Vec<(u128, Vec<u8>)>,
     next: u64,
-    sweep: Option<Sweep>,
-    /// The sweep this commit finishes (its ordinals are deleted).
-    finishes: Option<Sweep>,
-    frozen_to: u64,
+    /// How many of the sweep's ids are merged after this commit.
+    merged: Option<usize>,
+    /// The sweep this commit finishes: its ordinals up to here are deleted.
+    finish_to: Option<u64>,
+    /// The sweep this commit freezes.
+    freeze: Option<Sweep>,
     waiting: usize,
     table_max: Option<u128>,
 }
@@ -130,6 +143,10 @@ impl Recent {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(e.into()),
         }
+        // Never an ordinal a sweep covers (a sweep's rows may all be gone
+        // from a store restored by hand: new rows there would be deleted
+        // with them).
+        next = next.max(sweep_to.map_or(0, |to| to + 1));
         let sweep = sweep_to.map(|to| {
             let mut ids: Vec<u128> = held
                 .iter()
@@ -196,36 +213,39 @@ impl Recent {
     /// A new record whose id is above every id in `COMMANDS` goes there at
     /// once: it is appended to the table's end (time-ordered ids, UUIDv7,
     /// mostly are), which is what this module's detour saves the others.
+    /// A record rewritten goes where its record is: in place if it is held
+    /// (and into `COMMANDS` too if a sweep covers it, so both stay equal),
+    /// else to `COMMANDS`. A "new" record whose id is held is a rewrite.
     pub fn plan(&self, records: &[(u128, Vec<u8>)], rewrites: &[(u128, Vec<u8>)]) -> Plan {
         let mut next = self.next;
         let mut merge = Vec::new();
         let mut rewritten: HashMap<u128, &[u8]> = HashMap::new();
         let mut appends = Vec::with_capacity(records.len());
-        for (id, record) in rewrites {
+        let swept_to = self.sweep.as_ref().map_or(0, |s| s.to);
+        let mut new: Vec<&(u128, Vec<u8>)> = Vec::with_capacity(records.len());
+        let held = records.iter().filter(|(id, _)| self.held.contains_key(id));
+        for (id, record) in rewrites.iter().chain(held) {
             match self.held.get(id) {
                 // Its sweep is done and its row deleted, or never recent:
                 // in `COMMANDS`.
                 _ if self.leaving.binary_search(id).is_ok() => merge.push((*id, record.clone())),
                 None => merge.push((*id, record.clone())),
-                // Recent: in place, and in `COMMANDS` too if the sweep
-                // merged it already.
                 Some((ord, _)) => {
                     rewritten.insert(*id, record);
-                    if (self.sweep.as_ref())
-                        .is_some_and(|s| s.ids[..s.merged].binary_search(id).is_ok())
-                    {
+                    if *ord <= swept_to {
                         merge.push((*id, record.clone()));
                     }
                     appends.push((*ord, *id, record.clone()));
                 }
             }
         }
-        let mut table_max = self.table_max;
-        let mut new: Vec<&(u128, Vec<u8>)> = records.iter().collect();
+        new.extend(records.iter().filter(|(id, _)| !self.held.contains_key(id)));
         new.sort_unstable_by_key(|(id, _)| *id);
+        let mut table_max = self.table_max;
         for (id, record) in new {
-            debug_assert!(!self.held.contains_key(id), "a new command's record");
-            if table_max.is_none_or(|max| *id > max) {
+            if self.leaving.binary_search(id).is_ok() {
+                merge.push((*id, record.clone()));
+            } else if table_max.is_none_or(|max| *id > max) {
                 merge.push((*id, record.clone()));
                 table_max = Some(*id);
             } else {
@@ -234,9 +254,9 @@ impl Recent {
             }
         }
         let added = (next - self.next) as usize;
-        let mut sweep = self.sweep.clone();
-        let mut finishes = None;
-        if let Some(s) = &mut sweep {
+        // The sweep's next slice (the records as rewritten, if they were).
+        let (mut merged, mut finish_to) = (None, None);
+        if let Some(s) = &self.sweep {
             let end = (s.merged + added.max(SLICE_MIN)).min(s.ids.len());
             for id in &s.ids[s.merged..end] {
                 let record = match rewritten.get(id) {
@@ -245,23 +265,22 @@ impl Recent {
                 };
                 merge.push((*id, record));
             }
-            s.merged = end;
-            if s.merged == s.ids.len() {
-                finishes = sweep.take();
+            merged = Some(end);
+            if end == s.ids.len() {
+                finish_to = Some(s.to);
             }
         }
-        let mut frozen_to = self.frozen_to;
         let mut waiting = self.waiting + added;
-        if sweep.is_none() && finishes.is_none() && waiting >= self.buffer {
+        let mut freeze = None;
+        if self.sweep.is_none() && waiting >= self.buffer {
             let mut ids: Vec<u128> = (self.held.iter())
                 .filter(|(_, (ord, _))| *ord > self.frozen_to)
                 .map(|(id, _)| *id)
                 .chain(appends.iter().filter(|a| a.0 >= self.next).map(|a| a.1))
                 .collect();
             ids.sort_unstable();
-            frozen_to = next - 1;
-            sweep = Some(Sweep {
-                to: frozen_to,
+            freeze = Some(Sweep {
+                to: next - 1,
                 ids,
                 merged: 0,
             });
@@ -275,9 +294,9 @@ impl Recent {
             appends,
             merge,
             next,
-            sweep,
-            finishes,
-            frozen_to,
+            merged,
+            finish_to,
+            freeze,
             waiting,
             table_max,
         }
@@ -292,12 +311,17 @@ impl Recent {
             self.held.insert(id, (ord, record));
         }
         self.next = plan.next;
-        self.sweep = plan.sweep;
-        self.frozen_to = plan.frozen_to;
         self.waiting = plan.waiting;
         self.table_max = plan.table_max;
-        if let Some(done) = plan.finishes {
-            self.leaving = done.ids;
+        if let (Some(s), Some(merged)) = (&mut self.sweep, plan.merged) {
+            s.merged = merged;
+        }
+        if plan.finish_to.is_some() {
+            self.leaving = self.sweep.take().expect("a sweep finished").ids;
+        }
+        if let Some(s) = plan.freeze {
+            self.frozen_to = s.to;
+            self.sweep = Some(s);
         }
     }
 }
@@ -317,14 +341,12 @@ impl Plan {
                 commands.insert(*id, record.as_slice())?;
             }
         }
-        if let Some(s) = self.sweep.as_ref().filter(|s| s.merged == 0) {
-            // Frozen in this commit.
-            txn.open_table(CHECKPOINT)?.insert(SWEEP_TO, s.to)?;
-        }
-        if let Some(done) = &self.finishes {
-            txn.open_table(RECENT)?
-                .retain_in(..=done.to, |_, _| false)?;
+        if let Some(to) = self.finish_to {
+            txn.open_table(RECENT)?.retain_in(..=to, |_, _| false)?;
             txn.open_table(CHECKPOINT)?.remove(SWEEP_TO)?;
+        }
+        if let Some(s) = &self.freeze {
+            txn.open_table(CHECKPOINT)?.insert(SWEEP_TO, s.to)?;
         }
         Ok(())
     }
@@ -432,5 +454,54 @@ mod tests {
         let merged: Vec<u128> = commands(&db).into_iter().map(|(id, _)| id).collect();
         assert_eq!(merged, [5, 10, 20, 30, 1000, 2000]);
         assert_eq!(recent_ids(&db), Vec::<u128>::new());
+    }
+
+    /// A sweep longer than a slice merges over several commits; reopened
+    /// part way, it merges from its start again. A record rewritten while
+    /// its sweep covers it is written to both tables (merged yet or not,
+    /// as far as this process knows), so they never differ; a "new"
+    /// record whose id is held is a rewrite, not a second row.
+    #[test]
+    fn a_long_sweep_merges_over_commits_and_rewrites_keep_both_tables_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("r.redb")).unwrap();
+        let mut recent = Recent::empty(100);
+        commit(&db, &mut recent, &[(u128::MAX, b"top")], &[]);
+        let records: Vec<(u128, Vec<u8>)> = (1..=100u128).map(|i| (i * 10, vec![1])).collect();
+        let refs: Vec<(u128, &[u8])> = records.iter().map(|(i, r)| (*i, r.as_slice())).collect();
+        commit(&db, &mut recent, &refs, &[]);
+        assert_eq!(
+            recent.sweep().map(|s| (s.ids.len(), s.merged)),
+            Some((100, 0))
+        );
+        commit(&db, &mut recent, &[(5, b"n")], &[]);
+        assert_eq!(recent.sweep().map(|s| s.merged), Some(SLICE_MIN));
+        assert_eq!(commands(&db).len(), 1 + SLICE_MIN);
+        // Reopened: the sweep starts again from its first id.
+        let mut recent = Recent::load(&db.begin_read().unwrap(), 100).unwrap();
+        assert_eq!(
+            recent.sweep().map(|s| (s.ids.len(), s.merged)),
+            Some((100, 0))
+        );
+        // 100 (merged before the reopen) and 900 (not yet) rewritten, and
+        // 300 sent again as "new": each lands in both tables.
+        commit(
+            &db,
+            &mut recent,
+            &[(300, b"c3")],
+            &[(100, b"c1"), (900, b"c9")],
+        );
+        let table: HashMap<u128, Vec<u8>> = commands(&db).into_iter().collect();
+        for (id, want) in [(100, b"c1"), (300, b"c3"), (900, b"c9")] {
+            assert_eq!(table[&id], want, "{id} in COMMANDS");
+            assert_eq!(recent.get(id), Some(&want[..]), "{id} held");
+        }
+        assert_eq!(recent_ids(&db).iter().filter(|id| **id == 300).count(), 1);
+        commit(&db, &mut recent, &[], &[]);
+        assert!(recent.sweep().is_none(), "merged in two commits");
+        let table: HashMap<u128, Vec<u8>> = commands(&db).into_iter().collect();
+        assert_eq!(table.len(), 1 + 100);
+        assert_eq!((&table[&900], &table[&1000]), (&b"c9".to_vec(), &vec![1]));
+        assert_eq!(recent_ids(&db), [5]);
     }
 }
