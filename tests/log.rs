@@ -1864,9 +1864,12 @@ fn a_failed_commit_is_answered_outcome_unknown_and_the_retry_after_the_restart_a
 /// Idempotency records go to the recent ones, and sweeps merge them into
 /// `COMMANDS` (a buffer of 8 here, so a sweep runs every few batches).
 /// Driven as `bcp serve`'s writer drives the pipeline (batch N+1 decided
-/// while N commits), with random command ids: every retry is answered from
-/// its record, before, during and after a sweep; also across a reopen mid
-/// sweep and a commit that failed mid sweep; and the log verifies.
+/// while N commits), with scattered command ids: every retry is answered
+/// from its record, before, during and after a sweep (a retry decided just
+/// after the commit that finished a sweep included); also across a reopen
+/// and a failed commit (wherever the sweeps then stand: a sweep here lasts
+/// one commit); and the log verifies. Longer sweeps, and a reopen part way
+/// through one: `store::records`' tests.
 #[test]
 fn records_swept_into_commands_answer_every_retry_and_verify() {
     use bcp::store::tables::{COMMANDS, RECENT};
