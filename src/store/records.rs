@@ -46,7 +46,7 @@ use std::collections::HashMap;
 
 /// Records waiting before a sweep starts. The rows are held in memory
 /// (about 170 bytes each with the map), so at most about twice this many.
-pub const BUFFER: usize = 32_768;
+pub const BUFFER: usize = crate::domain::limits::RECORDS_WAITING_MAX;
 
 /// The fewest records a commit merges while a sweep runs.
 const SLICE_MIN: usize = 64;
