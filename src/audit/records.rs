@@ -14,10 +14,9 @@
 use super::verify::VerifyError;
 use crate::domain::reply::EventFacts;
 use crate::domain::{Envelope, ErrorCode, Event, Reply};
-use crate::store::records::read_recent_row;
-use crate::store::tables::{CHECKPOINT, COMMANDS, RECENT, SWEEP_TO};
+use crate::store::records::read_recent;
+use crate::store::tables::COMMANDS;
 use crate::store::{CommandRecord, Store, StoreError};
-use redb::ReadableTable;
 use std::collections::HashMap;
 use uuid::Uuid;
 
@@ -29,34 +28,17 @@ struct Recent {
 }
 
 /// The recent records, sorted by id, and the last ordinal of the sweep
-/// under way. An id held twice, or a row that does not decode, is a
-/// difference.
+/// under way ([`read_recent`]). An id held twice is a difference.
 fn recent_records(txn: &redb::ReadTransaction) -> Result<(Vec<Recent>, Option<u64>), VerifyError> {
-    let sweep_to = match txn.open_table(CHECKPOINT) {
-        Ok(t) => t
-            .get(SWEEP_TO)
-            .map_err(StoreError::from)?
-            .map(|v| v.value()),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(StoreError::from(e).into()),
-    };
-    let table = match txn.open_table(RECENT) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), sweep_to)),
-        Err(e) => return Err(StoreError::from(e).into()),
-    };
-    let mut recent = Vec::new();
-    for r in table.iter().map_err(StoreError::from)? {
-        let (k, v) = r.map_err(StoreError::from)?;
-        let (id, record) = read_recent_row(v.value()).map_err(|e| {
-            VerifyError::Records(format!("the recent record at ordinal {}: {e}", k.value()))
-        })?;
-        recent.push(Recent {
+    let (rows, sweep_to) = read_recent(txn)?;
+    let mut recent: Vec<Recent> = rows
+        .into_iter()
+        .map(|(ordinal, id, record)| Recent {
             id,
-            ordinal: k.value(),
-            record: record.to_vec(),
-        });
-    }
+            ordinal,
+            record,
+        })
+        .collect();
     recent.sort_unstable_by_key(|r| r.id);
     if let Some(w) = recent.windows(2).find(|w| w[0].id == w[1].id) {
         return Err(VerifyError::Records(format!(

@@ -67,6 +67,42 @@ pub fn read_recent_row(row: &[u8]) -> Result<(u128, &[u8]), String> {
     }
 }
 
+/// `table` of `txn`, or `None` if the store has none (written before it).
+fn optional<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: redb::TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+    match txn.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A row of `RECENT`: (ordinal, id, record).
+pub type RecentRow = (u64, u128, Vec<u8>);
+
+/// Every row of `RECENT`, in ordinal order, and the last ordinal of the
+/// sweep under way: what [`Recent::load`] and `audit verify` read.
+pub fn read_recent(txn: &redb::ReadTransaction) -> Result<(Vec<RecentRow>, Option<u64>)> {
+    let sweep_to = match optional(txn, CHECKPOINT)? {
+        Some(t) => t.get(SWEEP_TO)?.map(|v| v.value()),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    if let Some(t) = optional(txn, RECENT)? {
+        rows.reserve(t.len()? as usize);
+        for r in t.iter()? {
+            let (k, v) = r?;
+            let (id, record) = read_recent_row(v.value()).map_err(|e| {
+                StoreError::Corrupt(format!("the recent record at ordinal {}: {e}", k.value()))
+            })?;
+            rows.push((k.value(), id, record.to_vec()));
+        }
+    }
+    Ok((rows, sweep_to))
+}
+
 /// A sweep under way: the ids it merges, sorted, and how many are merged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sweep {
@@ -118,35 +154,21 @@ impl Recent {
     /// Read `RECENT` and the sweep's state (a store without the table has
     /// no recent records).
     pub fn load(txn: &redb::ReadTransaction, buffer: usize) -> Result<Recent> {
-        let mut held = HashMap::new();
-        let mut next = 1;
-        let mut sweep_to = None;
-        if let Ok(t) = txn.open_table(CHECKPOINT) {
-            sweep_to = t.get(SWEEP_TO)?.map(|v| v.value());
-        }
-        match txn.open_table(RECENT) {
-            Ok(t) => {
-                held.reserve(t.len()? as usize);
-                for r in t.iter()? {
-                    let (k, v) = r?;
-                    let (id, record) = read_recent_row(v.value()).map_err(StoreError::Corrupt)?;
-                    if let Some((other, _)) = held.insert(id, (k.value(), record.to_vec())) {
-                        return Err(StoreError::Corrupt(format!(
-                            "command {} has two recent records ({other} and {})",
-                            uuid::Uuid::from_u128(id),
-                            k.value()
-                        )));
-                    }
-                    next = k.value() + 1;
-                }
+        let (rows, sweep_to) = read_recent(txn)?;
+        let next = rows.last().map_or(1, |(ord, ..)| ord + 1);
+        let mut held = HashMap::with_capacity(rows.len());
+        for (ord, id, record) in rows {
+            if let Some((other, _)) = held.insert(id, (ord, record)) {
+                return Err(StoreError::Corrupt(format!(
+                    "command {} has two recent records ({other} and {ord})",
+                    uuid::Uuid::from_u128(id)
+                )));
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
         }
         // Never an ordinal a sweep covers (a sweep's rows may all be gone
         // from a store restored by hand: new rows there would be deleted
         // with them).
-        next = next.max(sweep_to.map_or(0, |to| to + 1));
+        let next = next.max(sweep_to.map_or(0, |to| to + 1));
         let sweep = sweep_to.map(|to| {
             let mut ids: Vec<u128> = held
                 .iter()
@@ -158,10 +180,9 @@ impl Recent {
         });
         let frozen_to = sweep.as_ref().map_or(0, |s| s.to);
         let waiting = held.values().filter(|(ord, _)| *ord > frozen_to).count();
-        let table_max = match txn.open_table(COMMANDS) {
-            Ok(t) => t.last()?.map(|(k, _)| k.value()),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
+        let table_max = match optional(txn, COMMANDS)? {
+            Some(t) => t.last()?.map(|(k, _)| k.value()),
+            None => None,
         };
         Ok(Recent {
             held,
