@@ -205,8 +205,9 @@ impl Store {
     /// Write a prepared batch in ONE `Durability::Immediate` transaction:
     /// its events, idempotency records and region rows, and the job rows
     /// [`behind`](super::behind) says are due; the batch's own job rows are
-    /// held behind once it committed (they are taken out of `p`, which
-    /// keeps its events for the relay). On `Err`, nothing of it was
+    /// held behind once it committed, and its records held among the
+    /// recent ones ([`records`](super::records)) if they wait (both are
+    /// taken out of `p`, which keeps its events for the relay). On `Err`, nothing of it was
     /// written (but see [`StoreError::CommitFailed`]).
     pub fn commit(&self, p: &mut Prepared) -> Result<()> {
         if p.rows.is_empty() {
@@ -218,6 +219,8 @@ impl Store {
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let job_rows = std::mem::take(&mut p.rows.job_rows);
+        let records = std::mem::take(&mut p.rows.commands);
+        let rewritten = std::mem::take(&mut p.rows.rewritten);
         let r = &p.rows;
         {
             let mut events = txn.open_table(EVENTS)?;
@@ -233,7 +236,7 @@ impl Store {
         }
         // Appended to the recent records, with the sweep's next slice
         // merged ([`records`](super::records)); applied once committed.
-        let plan = self.inner.recent().plan(&r.commands, &r.rewritten);
+        let plan = self.inner.recent().plan(records, rewritten);
         plan.write(&txn)?;
         self.commit_rows(txn, &r.events, job_rows)?;
         self.inner.recent().committed(plan);

@@ -237,40 +237,40 @@ impl Recent {
     /// A record rewritten goes where its record is: in place if it is held
     /// (and into `COMMANDS` too if a sweep covers it, so both stay equal),
     /// else to `COMMANDS`. A "new" record whose id is held is a rewrite.
-    pub fn plan(&self, records: &[(u128, Vec<u8>)], rewrites: &[(u128, Vec<u8>)]) -> Plan {
+    pub fn plan(&self, records: Vec<(u128, Vec<u8>)>, rewrites: Vec<(u128, Vec<u8>)>) -> Plan {
         let mut next = self.next;
         let mut merge = Vec::new();
-        let mut rewritten: HashMap<u128, &[u8]> = HashMap::new();
         let mut appends = Vec::with_capacity(records.len());
+        // Ids rewritten in place, and where in `appends`.
+        let mut rewritten: HashMap<u128, usize> = HashMap::new();
         let swept_to = self.sweep.as_ref().map_or(0, |s| s.to);
-        let mut new: Vec<&(u128, Vec<u8>)> = Vec::with_capacity(records.len());
-        let held = records.iter().filter(|(id, _)| self.held.contains_key(id));
-        for (id, record) in rewrites.iter().chain(held) {
-            match self.held.get(id) {
+        let (held, mut new): (Vec<_>, Vec<_>) =
+            (records.into_iter()).partition(|(id, _)| self.held.contains_key(id));
+        for (id, record) in rewrites.into_iter().chain(held) {
+            match self.held.get(&id) {
                 // Its sweep is done and its row deleted, or never recent:
                 // in `COMMANDS`.
-                _ if self.leaving.binary_search(id).is_ok() => merge.push((*id, record.clone())),
-                None => merge.push((*id, record.clone())),
+                _ if self.leaving.binary_search(&id).is_ok() => merge.push((id, record)),
+                None => merge.push((id, record)),
                 Some((ord, _)) => {
-                    rewritten.insert(*id, record);
                     if *ord <= swept_to {
-                        merge.push((*id, record.clone()));
+                        merge.push((id, record.clone()));
                     }
-                    appends.push((*ord, *id, record.clone()));
+                    rewritten.insert(id, appends.len());
+                    appends.push((*ord, id, record));
                 }
             }
         }
-        new.extend(records.iter().filter(|(id, _)| !self.held.contains_key(id)));
         new.sort_unstable_by_key(|(id, _)| *id);
         let mut table_max = self.table_max;
         for (id, record) in new {
-            if self.leaving.binary_search(id).is_ok() {
-                merge.push((*id, record.clone()));
-            } else if table_max.is_none_or(|max| *id > max) {
-                merge.push((*id, record.clone()));
-                table_max = Some(*id);
+            if self.leaving.binary_search(&id).is_ok() {
+                merge.push((id, record));
+            } else if table_max.is_none_or(|max| id > max) {
+                merge.push((id, record));
+                table_max = Some(id);
             } else {
-                appends.push((next, *id, record.clone()));
+                appends.push((next, id, record));
                 next += 1;
             }
         }
@@ -281,7 +281,7 @@ impl Recent {
             let end = (s.merged + added.max(SLICE_MIN)).min(s.ids.len());
             for id in &s.ids[s.merged..end] {
                 let record = match rewritten.get(id) {
-                    Some(r) => r.to_vec(),
+                    Some(&i) => appends[i].2.clone(),
                     None => self.held[id].1.clone(),
                 };
                 merge.push((*id, record));
@@ -388,7 +388,7 @@ mod tests {
         let owned = |rs: &[(u128, &[u8])]| -> Vec<(u128, Vec<u8>)> {
             rs.iter().map(|(i, r)| (*i, r.to_vec())).collect()
         };
-        let plan = recent.plan(&owned(new), &owned(rewrites));
+        let plan = recent.plan(owned(new), owned(rewrites));
         let txn = db.begin_write().unwrap();
         plan.write(&txn).unwrap();
         txn.commit().unwrap();
