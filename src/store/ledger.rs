@@ -453,16 +453,17 @@ impl Ledger {
         if let Some(rec) = self.uncommitted.get(&key) {
             return Ok(Some(rec.clone()));
         }
-        if let Some(rec) = self.store.recent_record(key) {
-            return super::rows::read_record(&rec)
+        let read = |bytes: &[u8]| {
+            super::rows::read_record(bytes)
                 .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("command record {command_id}: {e}")));
+                .map_err(|e| StoreError::Corrupt(format!("command record {command_id}: {e}")))
+        };
+        if let Some(rec) = self.store.recent_record(key) {
+            return read(&rec);
         }
         match b.commands.get(key)? {
             None => Ok(None),
-            Some(rec) => super::rows::read_record(rec.value())
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("command record {command_id}: {e}"))),
+            Some(rec) => read(rec.value()),
         }
     }
 
