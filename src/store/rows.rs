@@ -106,6 +106,36 @@ pub fn read_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
     read(bytes)
 }
 
+/// The first byte of an idempotency record in its second compact layout:
+/// [`COMPACT_V1`]'s fields, with the fingerprint as its 32 bytes and each
+/// event's type as its place in [`EVENT_TYPES`], so a record of one event
+/// is about 60 bytes instead of 110. Records are kept forever, one per
+/// command, and those of random ids are merged into `COMMANDS` in sweeps
+/// that rewrite its pages (`records.rs`): the table's size is what a
+/// command of a random id costs. Records of either layout read alike.
+const RECORD_V2: u8 = 2;
+
+/// Event types as a record stores them: by place in this list. Append
+/// only: a place, once written, names its type forever. A type not listed
+/// is stored by its name.
+const EVENT_TYPES: [&str; 15] = [
+    "JobCreated",
+    "JobStarted",
+    "JobStopped",
+    "JobTerminated",
+    "SnapshotsPurged",
+    "RegionAssigned",
+    "JobMisconfigured",
+    "JobReconfigured",
+    "ScheduleChanged",
+    "SnapshotRecorded",
+    "SnapshotDeleted",
+    "SnapshotExpiryChanged",
+    "SnapshotExpired",
+    "RegionConfigured",
+    "CommandRejected",
+];
+
 /// A command's idempotency record (table `COMMANDS`), field by field: the
 /// reply's JSON form leaves fields out, which a compact row cannot.
 #[derive(Deserialize)]
@@ -119,37 +149,115 @@ struct StoredRecord {
     rejection_seq: Option<u64>,
 }
 
-/// [`StoredRecord`] borrowed from a record, to write it without copies:
-/// the same fields in the same order, so the same bytes.
+/// A record in the layout of [`RECORD_V2`], borrowed to write it.
 #[derive(Serialize)]
-struct StoredRecordRef<'a> {
-    fingerprint: &'a str,
+struct RecordV2Ref<'a> {
+    fingerprint: Text<'a, [u8; 32]>,
     ok: bool,
     job_id: Option<Uuid>,
     version: Option<u64>,
-    events: &'a [EventRef],
+    events: Vec<(u64, Text<'a, u8>)>,
     error: Option<(ErrorCode, &'a str, Option<u64>)>,
     rejection_seq: Option<u64>,
 }
 
+/// A record in the layout of [`RECORD_V2`], read.
+#[derive(Deserialize)]
+struct RecordV2 {
+    fingerprint: Owned<[u8; 32]>,
+    ok: bool,
+    job_id: Option<Uuid>,
+    version: Option<u64>,
+    events: Vec<(u64, Owned<u8>)>,
+    error: Option<(ErrorCode, String, Option<u64>)>,
+    rejection_seq: Option<u64>,
+}
+
+/// A text stored as its code `C` where it has one, else as it is.
+#[derive(Serialize)]
+enum Text<'a, C> {
+    Code(C),
+    Other(&'a str),
+}
+
+/// [`Text`] read back (the same variants in the same order).
+#[derive(Deserialize)]
+enum Owned<C> {
+    Code(C),
+    Other(String),
+}
+
+/// A fingerprint as its 32 bytes when it is one (64 lowercase hex
+/// digits, as `CommandEnvelope::fingerprint` writes it), else as it is
+/// (the `*` of a record rebuilt from the log).
+fn fingerprint_code(f: &str) -> Text<'_, [u8; 32]> {
+    let lower_hex = f.len() == 64 && f.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    match blake3::Hash::from_hex(f) {
+        Ok(h) if lower_hex => Text::Code(*h.as_bytes()),
+        _ => Text::Other(f),
+    }
+}
+
+fn event_type_code(name: &str) -> Text<'_, u8> {
+    match EVENT_TYPES.iter().position(|t| *t == name) {
+        Some(i) => Text::Code(i as u8),
+        None => Text::Other(name),
+    }
+}
+
 pub fn record_row(r: &CommandRecord) -> Vec<u8> {
     let reply = &r.reply;
-    compact(&StoredRecordRef {
-        fingerprint: &r.fingerprint,
+    let record = RecordV2Ref {
+        fingerprint: fingerprint_code(&r.fingerprint),
         ok: reply.ok,
         job_id: reply.job_id,
         version: reply.version,
-        events: &reply.events,
+        events: (reply.events.iter())
+            .map(|e| (e.seq, event_type_code(&e.event_type)))
+            .collect(),
         error: (reply.error.as_ref()).map(|e| (e.code, e.message.as_str(), e.current_version)),
         rejection_seq: reply.rejection_seq,
-    })
+    };
+    postcard::to_extend(&record, vec![RECORD_V2]).expect("a record serializes")
 }
 
 pub fn read_record(bytes: &[u8]) -> Result<CommandRecord, String> {
-    if bytes.first() != Some(&COMPACT_V1) {
-        return read(bytes);
-    }
-    let r: StoredRecord = read(bytes)?;
+    let r = match bytes.split_first() {
+        Some((&RECORD_V2, rest)) => {
+            let r: RecordV2 = match postcard::take_from_bytes(rest) {
+                Ok((r, [])) => r,
+                Ok((_, extra)) => {
+                    return Err(format!("{} bytes after the record", extra.len()));
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let events = (r.events.into_iter())
+                .map(|(seq, t)| {
+                    let event_type = match t {
+                        Owned::Code(i) => (EVENT_TYPES.get(i as usize))
+                            .ok_or_else(|| format!("event type {i} is not one bcp knows"))?
+                            .to_string(),
+                        Owned::Other(name) => name,
+                    };
+                    Ok(EventRef { seq, event_type })
+                })
+                .collect::<Result<_, String>>()?;
+            StoredRecord {
+                fingerprint: match r.fingerprint {
+                    Owned::Code(bytes) => blake3::Hash::from_bytes(bytes).to_hex().to_string(),
+                    Owned::Other(f) => f,
+                },
+                ok: r.ok,
+                job_id: r.job_id,
+                version: r.version,
+                events,
+                error: r.error,
+                rejection_seq: r.rejection_seq,
+            }
+        }
+        Some((&COMPACT_V1, _)) => read(bytes)?,
+        _ => return read(bytes),
+    };
     Ok(CommandRecord {
         fingerprint: r.fingerprint,
         reply: Reply {
@@ -563,21 +671,110 @@ mod tests {
                 r
             },
         ];
-        for reply in replies {
+        let digest = blake3::hash(b"a command").to_hex().to_string();
+        let fingerprints = [
+            digest.clone(),
+            digest.to_uppercase(),
+            "*".into(),
+            "f".repeat(63),
+        ];
+        for (reply, fingerprint) in replies
+            .iter()
+            .flat_map(|r| fingerprints.iter().map(move |f| (r, f)))
+        {
             let rec = CommandRecord {
-                fingerprint: "f".repeat(64),
-                reply,
+                fingerprint: fingerprint.clone(),
+                reply: reply.clone(),
             };
             let row = record_row(&rec);
+            assert_eq!(row[0], RECORD_V2);
             let back = read_record(&row).unwrap();
             assert_eq!(
                 (back.fingerprint, back.reply),
                 (rec.fingerprint.clone(), rec.reply.clone())
             );
+            // The layouts before it read alike.
             let json = serde_json::to_vec(&rec).unwrap();
             assert_eq!(read_record(&json).unwrap().reply, rec.reply);
-            assert!(row.len() < json.len());
+            let v1 = record_row_v1(&rec);
+            let back = read_record(&v1).unwrap();
+            assert_eq!(
+                (&back.fingerprint, &back.reply),
+                (&rec.fingerprint, &rec.reply)
+            );
+            assert!(v1.len() < json.len());
+            // Other fingerprints cost the byte that says so.
+            assert!(row.len() <= v1.len() + 1);
         }
+        // A digest takes its 32 bytes, and a known event type one byte: the
+        // record of one event is about half its first compact layout.
+        let rec = CommandRecord {
+            fingerprint: digest,
+            reply: replies[0].clone(),
+        };
+        assert_eq!(record_row(&rec).len(), 61);
+        assert_eq!(record_row_v1(&rec).len(), 102);
+
+        // Trailing bytes, an event type past the list, a cut record: refused.
+        let row = record_row(&rec);
+        assert!(read_record(&[row.as_slice(), &[0]].concat()).is_err());
+        assert!(read_record(&row[..row.len() - 1]).is_err());
+        let mut unknown = row.clone();
+        let at = unknown.len() - 3; // JobStarted's code, no error, no rejection
+        assert_eq!(unknown[at - 2..], [9, 0, 1, 0, 0]);
+        unknown[at] = EVENT_TYPES.len() as u8;
+        let err = read_record(&unknown).map(|_| ()).unwrap_err();
+        assert!(err.contains("event type 15"), "{err}");
+        // A type bcp does not list is kept by its name.
+        let mut odd = rec.clone();
+        odd.reply.events[0].event_type = "SomethingNew".into();
+        assert_eq!(read_record(&record_row(&odd)).unwrap().reply, odd.reply);
+    }
+
+    /// A record as the first compact layout wrote it.
+    fn record_row_v1(r: &CommandRecord) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct StoredRecordRef<'a> {
+            fingerprint: &'a str,
+            ok: bool,
+            job_id: Option<Uuid>,
+            version: Option<u64>,
+            events: &'a [EventRef],
+            error: Option<(ErrorCode, &'a str, Option<u64>)>,
+            rejection_seq: Option<u64>,
+        }
+        let reply = &r.reply;
+        compact(&StoredRecordRef {
+            fingerprint: &r.fingerprint,
+            ok: reply.ok,
+            job_id: reply.job_id,
+            version: reply.version,
+            events: &reply.events,
+            error: (reply.error.as_ref()).map(|e| (e.code, e.message.as_str(), e.current_version)),
+            rejection_seq: reply.rejection_seq,
+        })
+    }
+
+    #[test]
+    fn records_list_every_event_type_once() {
+        let schema = serde_json::to_value(schemars::schema_for!(crate::domain::Event)).unwrap();
+        let mut types: Vec<String> = schema["oneOf"]
+            .as_array()
+            .expect("one schema per event type")
+            .iter()
+            .map(|v| {
+                let t = &v["properties"]["type"];
+                t["const"]
+                    .as_str()
+                    .or(t["enum"][0].as_str())
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        types.sort();
+        let mut listed: Vec<String> = EVENT_TYPES.iter().map(|t| t.to_string()).collect();
+        listed.sort();
+        assert_eq!(listed, types);
     }
 
     #[test]
