@@ -187,7 +187,8 @@ struct CommandLine {
     #[arg(long = "batch", requires = "appends_only", value_parser = clap::value_parser!(u64).range(1..=4096))]
     batches: Vec<u64>,
     /// How the workload makes its job, command and snapshot ids: UUIDv7
-    /// (time-ordered) or UUIDv4 (random, as most producers send).
+    /// (time-ordered), UUIDv4 (random, as most producers send), or both
+    /// (one producer in eight UUIDv4).
     #[arg(long, value_enum, default_value_t = Ids::Ordered)]
     ids: Ids,
     /// The largest log of the growth steps, replay and verify (at least 1000).

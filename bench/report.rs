@@ -221,6 +221,7 @@ pub fn table(r: &Results) -> String {
         match r.args.ids {
             crate::Ids::Ordered => "UUIDv7 (time-ordered)",
             crate::Ids::Random => "UUIDv4 (random, `--ids random`)",
+            crate::Ids::Mixed => "UUIDv7, one producer in eight UUIDv4 (`--ids mixed`)",
         }
     );
     let _ = writeln!(

@@ -11,7 +11,8 @@
 //! Ids (jobs, commands, snapshots) are UUIDv7 by default: time-ordered, so
 //! bcp's tables keyed by them are appended to. [`Ids::Random`] sends
 //! UUIDv4, as most producers' libraries make by default: every insert lands
-//! at a random place in those tables.
+//! at a random place in those tables. [`Ids::Mixed`]: one lane in eight
+//! sends UUIDv4, the others UUIDv7 (producers of both kinds on one bcp).
 //!
 //! The same bodies are sent over NATS (producers) and fed straight into
 //! `bcp::store::pipeline::Pipeline::execute` (to build large logs fast for the
@@ -80,12 +81,14 @@ pub enum Ids {
     Ordered,
     /// UUIDv4: random.
     Random,
+    /// UUIDv7, but one lane in eight sends UUIDv4.
+    Mixed,
 }
 
 impl Ids {
     fn fresh(self) -> Uuid {
         match self {
-            Ids::Ordered => Uuid::now_v7(),
+            Ids::Ordered | Ids::Mixed => Uuid::now_v7(),
             Ids::Random => Uuid::new_v4(),
         }
     }
@@ -106,6 +109,10 @@ pub struct Lane {
 
 impl Lane {
     pub fn new(id: u64, ids: Ids, t0: DateTime<Utc>) -> Lane {
+        let ids = match ids {
+            Ids::Mixed if id % 8 == 7 => Ids::Random,
+            other => other,
+        };
         Lane {
             id,
             ids,

@@ -1876,8 +1876,13 @@ fn records_swept_into_commands_answer_every_retry_and_verify() {
     use redb::{ReadableDatabase, ReadableTableMetadata};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
-    // A command id from n, scattered over the key space.
-    let id = |n: u128| Uuid::from_u128(n.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835));
+    // A command id from n: scattered over the key space, but every third
+    // a UUIDv7 (time-ordered, below most scattered ids, so its record is
+    // appended at once among theirs).
+    let id = |n: u128| match n % 3 {
+        0 => Uuid::from_u128(n << 80 | 0x7 << 76 | 0b10 << 62 | n),
+        _ => Uuid::from_u128(n.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)),
+    };
     let create = |n: u128| {
         let body = json!({"command_id": id(n), "job_id": job(n), "deployment": {"kind": "replica_set", "name": "rs"}});
         Pending::new(decode("p1", "create", body.to_string().as_bytes(), None).unwrap())
@@ -1984,6 +1989,17 @@ fn records_swept_into_commands_answer_every_retry_and_verify() {
         }
     };
     run(Store::open_or_create(&path).unwrap(), 40, None);
+    // The UUIDv7 records went to `COMMANDS` at once: none waits (a
+    // reopened store learns where they end from a sweep, see
+    // `store::records`).
+    let waiting = || {
+        let db = redb::Database::open(&path).unwrap();
+        let (rows, _) = bcp::store::records::read_recent(&db.begin_read().unwrap()).unwrap();
+        let v7 = (rows.iter()).filter(|(_, id, _)| bcp::store::records::is_v7(*id));
+        (v7.count(), rows.len())
+    };
+    let (v7, all) = waiting();
+    assert!(v7 == 0 && all > 0, "{v7} UUIDv7 records of {all} wait");
     // Reopened (mid sweep or not), and a commit that fails.
     let (store, faults) = faulty_store(&path);
     run(store, 30, Some((17, faults)));

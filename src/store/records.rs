@@ -33,11 +33,23 @@
 //! commit leaves memory equal to the disk; one in it poisons the store,
 //! which is reopened ([`Recent::load`]).
 //!
-//! Known limits: the fast path keys on the largest id in `COMMANDS`, so
-//! one producer sending ids above everyone's (UUIDv4, or a clock ahead)
-//! sends UUIDv7 producers' records through `RECENT` too (correct, written
-//! twice). Freezing a sweep and letting its ids go take a few milliseconds
-//! under the lock the writer's lookups take, once per sweep.
+//! Where a new record goes decides only what it costs, never whether it is
+//! found: lookups read both. The fast path is for records that land where
+//! the last ones did: above every id in `COMMANDS`, or a UUIDv7 above
+//! every UUIDv7 there ([`Recent::v7_max`]). UUIDv4 ids sort above
+//! UUIDv7's (their first bits are random, a v7's are the time), so one
+//! UUIDv4 producer would otherwise send every UUIDv7 producer's records
+//! through `RECENT` too; UUIDv7 ids of one moment sort together however
+//! many UUIDv4 ids the table holds, and the first of them after the last
+//! lands on the page that one did.
+//!
+//! Known limits: a store reopened learns where its UUIDv7 records end from
+//! the last keys of `COMMANDS` (see [`Recent::load`]); if those are all
+//! UUIDv4, UUIDv7 records take the long way until the next sweep merges
+//! some. A UUIDv7 producer whose clock runs behind the others' sends its
+//! records through `RECENT`. Freezing a sweep and letting its ids go take
+//! a few milliseconds under the lock the writer's lookups take, once per
+//! sweep.
 
 use super::tables::{CHECKPOINT, COMMANDS, RECENT, SWEEP_TO};
 use super::{Result, StoreError};
@@ -50,6 +62,16 @@ pub const BUFFER: usize = crate::domain::limits::RECORDS_WAITING_MAX;
 
 /// The fewest records a commit merges while a sweep runs.
 const SLICE_MIN: usize = 64;
+
+/// How many of the last keys of `COMMANDS` [`Recent::load`] reads for the
+/// largest UUIDv7 id.
+const V7_LOOKBACK: usize = 256;
+
+/// Whether `id` is a UUIDv7 (version 7, RFC 9562 variant): time first.
+pub fn is_v7(id: u128) -> bool {
+    uuid::Uuid::from_u128(id).get_version_num() == 7
+        && uuid::Uuid::from_u128(id).get_variant() == uuid::Variant::RFC4122
+}
 
 /// A record of `RECENT`: the command id, then the record row.
 pub fn recent_row(id: u128, record: &[u8]) -> Vec<u8> {
@@ -125,6 +147,9 @@ pub struct Recent {
     waiting: usize,
     /// The largest id in `COMMANDS`.
     table_max: Option<u128>,
+    /// The largest UUIDv7 id in `COMMANDS`, where known: a new UUIDv7
+    /// above it lands on the page the last one did.
+    v7_max: Option<u128>,
     /// Ids of the sweep the last commit finished: they leave `held` after
     /// the next commit.
     leaving: Vec<u128>,
@@ -148,6 +173,7 @@ pub struct Plan {
     freeze: Option<Sweep>,
     waiting: usize,
     table_max: Option<u128>,
+    v7_max: Option<u128>,
 }
 
 impl Recent {
@@ -180,9 +206,19 @@ impl Recent {
         });
         let frozen_to = sweep.as_ref().map_or(0, |s| s.to);
         let waiting = held.values().filter(|(ord, _)| *ord > frozen_to).count();
-        let table_max = match optional(txn, COMMANDS)? {
-            Some(t) => t.last()?.map(|(k, _)| k.value()),
-            None => None,
+        let (table_max, v7_max) = match optional(txn, COMMANDS)? {
+            Some(t) => {
+                let mut v7_max = None;
+                for row in t.iter()?.rev().take(V7_LOOKBACK) {
+                    let id = row?.0.value();
+                    if is_v7(id) {
+                        v7_max = Some(id);
+                        break;
+                    }
+                }
+                (t.last()?.map(|(k, _)| k.value()), v7_max)
+            }
+            None => (None, None),
         };
         Ok(Recent {
             held,
@@ -190,6 +226,7 @@ impl Recent {
             frozen_to,
             waiting,
             table_max,
+            v7_max,
             sweep,
             leaving: Vec::new(),
             buffer,
@@ -205,6 +242,7 @@ impl Recent {
             frozen_to: 0,
             waiting: 0,
             table_max: None,
+            v7_max: None,
             leaving: Vec::new(),
             buffer,
         }
@@ -231,9 +269,10 @@ impl Recent {
     /// Plan a commit that writes the records of new commands `records`
     /// and rewrites the records `rewrites` (id, record).
     ///
-    /// A new record whose id is above every id in `COMMANDS` goes there at
-    /// once: it is appended to the table's end (time-ordered ids, UUIDv7,
-    /// mostly are), which is what this module's detour saves the others.
+    /// A new record whose id is above every id in `COMMANDS`, or a UUIDv7
+    /// above every UUIDv7 there, goes there at once: it lands where the
+    /// last ones did (time-ordered ids, UUIDv7, mostly do), which is what
+    /// this module's detour saves the others.
     /// A record rewritten goes where its record is: in place if it is held
     /// (and into `COMMANDS` too if a sweep covers it, so both stay equal),
     /// else to `COMMANDS`. A "new" record whose id is held is a rewrite.
@@ -263,12 +302,19 @@ impl Recent {
         }
         new.sort_unstable_by_key(|(id, _)| *id);
         let mut table_max = self.table_max;
+        let mut v7_max = self.v7_max;
         for (id, record) in new {
+            let v7 = is_v7(id);
             if self.leaving.binary_search(&id).is_ok() {
                 merge.push((id, record));
-            } else if table_max.is_none_or(|max| id > max) {
+            } else if table_max.is_none_or(|max| id > max)
+                || v7 && v7_max.is_some_and(|max| id > max)
+            {
                 merge.push((id, record));
-                table_max = Some(id);
+                table_max = table_max.max(Some(id));
+                if v7 {
+                    v7_max = Some(id);
+                }
             } else {
                 appends.push((next, id, record));
                 next += 1;
@@ -309,6 +355,9 @@ impl Recent {
         }
         for (id, _) in &merge {
             table_max = table_max.max(Some(*id));
+            if is_v7(*id) {
+                v7_max = v7_max.max(Some(*id));
+            }
         }
         merge.sort_unstable_by_key(|(id, _)| *id);
         Plan {
@@ -320,6 +369,7 @@ impl Recent {
             freeze,
             waiting,
             table_max,
+            v7_max,
         }
     }
 
@@ -334,6 +384,7 @@ impl Recent {
         self.next = plan.next;
         self.waiting = plan.waiting;
         self.table_max = plan.table_max;
+        self.v7_max = plan.v7_max;
         if let (Some(s), Some(merged)) = (&mut self.sweep, plan.merged) {
             s.merged = merged;
         }
@@ -414,6 +465,75 @@ mod tests {
             .unwrap()
             .map(|r| read_recent_row(r.unwrap().1.value()).unwrap().0)
             .collect()
+    }
+
+    /// A UUIDv7 id made at millisecond `ms` (the `n`th of it).
+    fn v7(ms: u64, n: u64) -> u128 {
+        u128::from(ms) << 80 | 0x7 << 76 | 0b10 << 62 | u128::from(n)
+    }
+
+    /// A UUIDv4 id whose random bits start with `top`.
+    fn v4(top: u16, n: u64) -> u128 {
+        u128::from(top) << 112 | 0x4 << 76 | 0b10 << 62 | u128::from(n)
+    }
+
+    /// One UUIDv4 producer among UUIDv7 ones: its ids sort above theirs,
+    /// yet a UUIDv7 above every UUIDv7 in `COMMANDS` still goes there at
+    /// once (it lands where the last did). A reopened store finds the
+    /// largest UUIDv7 among the table's last keys; when those are all
+    /// UUIDv4 it learns it again from the next sweep that merges one.
+    #[test]
+    fn uuidv7_records_append_beside_uuidv4_ones() {
+        assert!(is_v7(v7(1, 0)) && !is_v7(v4(0xf000, 0)));
+        assert!(is_v7(uuid::Uuid::now_v7().as_u128()));
+        assert!(!is_v7(
+            uuid::Uuid::from_u128(v7(1, 0) & !(0b11 << 62)).as_u128()
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("r.redb")).unwrap();
+        let mut recent = Recent::empty(4);
+        let (big, r) = (v4(0xf000, 1), &b"r"[..]);
+        commit(&db, &mut recent, &[(v7(100, 0), r), (big, r)], &[]);
+        assert_eq!(commands(&db).len(), 2, "both above everything: appended");
+        // Later UUIDv7s are below the UUIDv4 but above every UUIDv7.
+        commit(&db, &mut recent, &[(v7(101, 0), r), (v7(101, 1), r)], &[]);
+        commit(
+            &db,
+            &mut recent,
+            &[(v7(102, 0), r), (v4(0x8000, 2), r)],
+            &[],
+        );
+        let ids =
+            |db: &Database| -> Vec<u128> { commands(db).into_iter().map(|(id, _)| id).collect() };
+        assert_eq!(
+            ids(&db),
+            [v7(100, 0), v7(101, 0), v7(101, 1), v7(102, 0), big]
+        );
+        assert_eq!(recent_ids(&db), [v4(0x8000, 2)], "the UUIDv4 below waits");
+        // A UUIDv7 from a clock behind the others' waits too.
+        commit(&db, &mut recent, &[(v7(50, 0), r)], &[]);
+        assert_eq!(recent_ids(&db), [v4(0x8000, 2), v7(50, 0)]);
+        let loaded = Recent::load(&db.begin_read().unwrap(), 4).unwrap();
+        assert_eq!(loaded.v7_max, Some(v7(102, 0)), "found behind the UUIDv4");
+
+        // A table whose last keys are all UUIDv4: unknown until a sweep.
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("r.redb")).unwrap();
+        let mut recent = Recent::empty(usize::MAX);
+        let many: Vec<(u128, &[u8])> = (0..V7_LOOKBACK as u64)
+            .map(|n| (v4(0xf000, n), r))
+            .collect();
+        commit(&db, &mut recent, &[(v7(100, 0), r)], &[]);
+        commit(&db, &mut recent, &many, &[]);
+        assert_eq!(recent.v7_max, Some(v7(100, 0)));
+        let mut recent = Recent::load(&db.begin_read().unwrap(), 2).unwrap();
+        assert_eq!(recent.v7_max, None);
+        commit(&db, &mut recent, &[(v7(101, 0), r), (v7(101, 1), r)], &[]);
+        assert_eq!(recent_ids(&db), [v7(101, 0), v7(101, 1)], "waiting: frozen");
+        commit(&db, &mut recent, &[], &[]);
+        assert_eq!(recent.v7_max, Some(v7(101, 1)), "learnt from the merge");
+        commit(&db, &mut recent, &[(v7(102, 0), r)], &[]);
+        assert!(ids(&db).contains(&v7(102, 0)), "appended at once again");
     }
 
     /// A new record above every id in `COMMANDS` goes there at once;
