@@ -1876,12 +1876,15 @@ fn records_swept_into_commands_answer_every_retry_and_verify() {
     use redb::{ReadableDatabase, ReadableTableMetadata};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
-    // A command id from n: scattered over the key space, but every third
-    // a UUIDv7 (time-ordered, below most scattered ids, so its record is
+    // A command id from n: a UUIDv4 scattered over the key space, but every
+    // third a UUIDv7 (time-ordered, below most UUIDv4 ids, so its record is
     // appended at once among theirs).
     let id = |n: u128| match n % 3 {
         0 => Uuid::from_u128(n << 80 | 0x7 << 76 | 0b10 << 62 | n),
-        _ => Uuid::from_u128(n.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)),
+        _ => {
+            let scattered = n.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
+            Uuid::from_u128(scattered & !(0xf << 76) | 0x4 << 76)
+        }
     };
     let create = |n: u128| {
         let body = json!({"command_id": id(n), "job_id": job(n), "deployment": {"kind": "replica_set", "name": "rs"}});

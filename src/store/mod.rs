@@ -340,7 +340,19 @@ impl Store {
     /// Read the records not yet merged into `COMMANDS` ([`records`]).
     fn load_recent(&self) -> Result<()> {
         let buffer = self.inner.recent().buffer();
-        let loaded = records::Recent::load(&self.begin_read()?, buffer)?;
+        let txn = self.begin_read()?;
+        // UUIDv7 ids made up to an hour after the last event (bcp's clock:
+        // producers' may differ a little), where the records look for the
+        // largest stored. A last event that does not decode is for the
+        // startup check and verify to name, not for this.
+        let v7_bound = match txn.open_table(EVENTS)?.last()? {
+            Some((_, v)) => Envelope::from_json(v.value()).ok().map(|e| {
+                let ms = e.recorded_at.timestamp_millis().max(0) as u64 + 3_600_000;
+                records::v7_bound(ms)
+            }),
+            None => None,
+        };
+        let loaded = records::Recent::load(&txn, buffer, v7_bound)?;
         *self.inner.recent() = loaded;
         Ok(())
     }

@@ -43,13 +43,13 @@
 //! many UUIDv4 ids the table holds, and the first of them after the last
 //! lands on the page that one did.
 //!
-//! Known limits: a store reopened learns where its UUIDv7 records end from
-//! the last keys of `COMMANDS` (see [`Recent::load`]); if those are all
-//! UUIDv4, UUIDv7 records take the long way until the next sweep merges
-//! some. A UUIDv7 producer whose clock runs behind the others' sends its
-//! records through `RECENT`. Freezing a sweep and letting its ids go take
-//! a few milliseconds under the lock the writer's lookups take, once per
-//! sweep.
+//! Known limits: a UUIDv7 producer whose clock runs behind the others'
+//! sends its records through `RECENT`; one whose clock runs ahead (or any
+//! id that only looks like a UUIDv7) sends everyone else's there until
+//! their clocks pass it, or bcp restarts: a reopened store looks for the
+//! largest UUIDv7 below the time of its last event and an hour
+//! ([`Recent::load`]). Freezing a sweep and letting its ids go take a few
+//! milliseconds under the lock the writer's lookups take, once per sweep.
 
 use super::tables::{CHECKPOINT, COMMANDS, RECENT, SWEEP_TO};
 use super::{Result, StoreError};
@@ -63,9 +63,14 @@ pub const BUFFER: usize = crate::domain::limits::RECORDS_WAITING_MAX;
 /// The fewest records a commit merges while a sweep runs.
 const SLICE_MIN: usize = 64;
 
-/// How many of the last keys of `COMMANDS` [`Recent::load`] reads for the
-/// largest UUIDv7 id.
+/// How many keys of `COMMANDS` [`Recent::load`] reads, down from its
+/// bound, for the largest UUIDv7 id.
 const V7_LOOKBACK: usize = 256;
+
+/// The largest UUIDv7 id of millisecond `ms` (since the Unix epoch).
+pub fn v7_bound(ms: u64) -> u128 {
+    u128::from(ms.min((1 << 48) - 1)) << 80 | ((1 << 80) - 1)
+}
 
 /// Whether `id` is a UUIDv7 (version 7, RFC 9562 variant): time first.
 pub fn is_v7(id: u128) -> bool {
@@ -178,8 +183,14 @@ pub struct Plan {
 
 impl Recent {
     /// Read `RECENT` and the sweep's state (a store without the table has
-    /// no recent records).
-    pub fn load(txn: &redb::ReadTransaction, buffer: usize) -> Result<Recent> {
+    /// no recent records). The largest UUIDv7 id in `COMMANDS` is looked
+    /// for below `v7_bound` (UUIDv7 ids made up to some time: UUIDv4 ids
+    /// mostly sort above them), or among its last keys without one.
+    pub fn load(
+        txn: &redb::ReadTransaction,
+        buffer: usize,
+        v7_bound: Option<u128>,
+    ) -> Result<Recent> {
         let (rows, sweep_to) = read_recent(txn)?;
         let next = rows.last().map_or(1, |(ord, ..)| ord + 1);
         let mut held = HashMap::with_capacity(rows.len());
@@ -209,7 +220,11 @@ impl Recent {
         let (table_max, v7_max) = match optional(txn, COMMANDS)? {
             Some(t) => {
                 let mut v7_max = None;
-                for row in t.iter()?.rev().take(V7_LOOKBACK) {
+                let below = match v7_bound {
+                    Some(bound) => t.range(..=bound)?,
+                    None => t.iter()?,
+                };
+                for row in below.rev().take(V7_LOOKBACK) {
                     let id = row?.0.value();
                     if is_v7(id) {
                         v7_max = Some(id);
@@ -513,10 +528,12 @@ mod tests {
         // A UUIDv7 from a clock behind the others' waits too.
         commit(&db, &mut recent, &[(v7(50, 0), r)], &[]);
         assert_eq!(recent_ids(&db), [v4(0x8000, 2), v7(50, 0)]);
-        let loaded = Recent::load(&db.begin_read().unwrap(), 4).unwrap();
+        let loaded = Recent::load(&db.begin_read().unwrap(), 4, None).unwrap();
         assert_eq!(loaded.v7_max, Some(v7(102, 0)), "found behind the UUIDv4");
 
-        // A table whose last keys are all UUIDv4: unknown until a sweep.
+        // A table whose last keys are all UUIDv4: found below the bound (and
+        // a UUIDv7 of a clock ahead of it ignored); without one, unknown
+        // until a sweep merges one.
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("r.redb")).unwrap();
         let mut recent = Recent::empty(usize::MAX);
@@ -525,8 +542,16 @@ mod tests {
             .collect();
         commit(&db, &mut recent, &[(v7(100, 0), r)], &[]);
         commit(&db, &mut recent, &many, &[]);
-        assert_eq!(recent.v7_max, Some(v7(100, 0)));
-        let mut recent = Recent::load(&db.begin_read().unwrap(), 2).unwrap();
+        commit(&db, &mut recent, &[(v7(900, 0), r)], &[]);
+        assert_eq!(recent.v7_max, Some(v7(900, 0)));
+        let txn = db.begin_read().unwrap();
+        let loaded = Recent::load(&txn, 2, Some(v7_bound(200))).unwrap();
+        assert_eq!(loaded.v7_max, Some(v7(100, 0)));
+        assert_eq!(
+            Recent::load(&txn, 2, Some(v7_bound(900))).unwrap().v7_max,
+            Some(v7(900, 0))
+        );
+        let mut recent = Recent::load(&txn, 2, Some(v7_bound(99))).unwrap();
         assert_eq!(recent.v7_max, None);
         commit(&db, &mut recent, &[(v7(101, 0), r), (v7(101, 1), r)], &[]);
         assert_eq!(recent_ids(&db), [v7(101, 0), v7(101, 1)], "waiting: frozen");
@@ -578,7 +603,7 @@ mod tests {
         commit(&db, &mut recent, &[], &[(30, b"c2")]);
         assert_eq!(recent_ids(&db), [30]);
         assert_eq!(recent.get(30), Some(&b"c2"[..]));
-        let loaded = Recent::load(&db.begin_read().unwrap(), 2).unwrap();
+        let loaded = Recent::load(&db.begin_read().unwrap(), 2, None).unwrap();
         assert_eq!(loaded.held, recent.held);
         assert_eq!(
             (loaded.next, loaded.sweep, loaded.waiting, loaded.table_max),
@@ -588,7 +613,7 @@ mod tests {
         commit(&db, &mut recent, &[(5, b"e")], &[]);
         let sweep = recent.sweep().cloned().expect("frozen");
         assert_eq!(sweep.ids, [5, 30]);
-        let loaded = Recent::load(&db.begin_read().unwrap(), 2).unwrap();
+        let loaded = Recent::load(&db.begin_read().unwrap(), 2, None).unwrap();
         assert_eq!(loaded.sweep, Some(sweep));
         // Merged with a record appended at once in the same commit.
         commit(&db, &mut recent, &[(2000, b"y")], &[]);
@@ -619,7 +644,7 @@ mod tests {
         assert_eq!(recent.sweep().map(|s| s.merged), Some(SLICE_MIN));
         assert_eq!(commands(&db).len(), 1 + SLICE_MIN);
         // Reopened: the sweep starts again from its first id.
-        let mut recent = Recent::load(&db.begin_read().unwrap(), 100).unwrap();
+        let mut recent = Recent::load(&db.begin_read().unwrap(), 100, None).unwrap();
         assert_eq!(
             recent.sweep().map(|s| (s.ids.len(), s.merged)),
             Some((100, 0))
