@@ -74,8 +74,8 @@ pub fn v7_bound(ms: u64) -> u128 {
 
 /// Whether `id` is a UUIDv7 (version 7, RFC 9562 variant): time first.
 pub fn is_v7(id: u128) -> bool {
-    uuid::Uuid::from_u128(id).get_version_num() == 7
-        && uuid::Uuid::from_u128(id).get_variant() == uuid::Variant::RFC4122
+    let id = uuid::Uuid::from_u128(id);
+    id.get_version_num() == 7 && id.get_variant() == uuid::Variant::RFC4122
 }
 
 /// A record of `RECENT`: the command id, then the record row.
@@ -495,8 +495,9 @@ mod tests {
     /// One UUIDv4 producer among UUIDv7 ones: its ids sort above theirs,
     /// yet a UUIDv7 above every UUIDv7 in `COMMANDS` still goes there at
     /// once (it lands where the last did). A reopened store finds the
-    /// largest UUIDv7 among the table's last keys; when those are all
-    /// UUIDv4 it learns it again from the next sweep that merges one.
+    /// largest UUIDv7 below its bound (without one, among the table's last
+    /// keys); failing that, it learns it from the next sweep that merges
+    /// one.
     #[test]
     fn uuidv7_records_append_beside_uuidv4_ones() {
         assert!(is_v7(v7(1, 0)) && !is_v7(v4(0xf000, 0)));

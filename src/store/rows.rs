@@ -156,9 +156,19 @@ struct RecordV2Ref<'a> {
     ok: bool,
     job_id: Option<Uuid>,
     version: Option<u64>,
-    events: Vec<(u64, Text<'a, u8>)>,
+    events: EventCodes<'a>,
     error: Option<(ErrorCode, &'a str, Option<u64>)>,
     rejection_seq: Option<u64>,
+}
+
+/// A reply's events as [`RecordV2Ref`] writes them, `(seq, type's code)`,
+/// without collecting them first.
+struct EventCodes<'a>(&'a [EventRef]);
+
+impl Serialize for EventCodes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq((self.0.iter()).map(|e| (e.seq, event_type_code(&e.event_type))))
+    }
 }
 
 /// A record in the layout of [`RECORD_V2`], read.
@@ -212,9 +222,7 @@ pub fn record_row(r: &CommandRecord) -> Vec<u8> {
         ok: reply.ok,
         job_id: reply.job_id,
         version: reply.version,
-        events: (reply.events.iter())
-            .map(|e| (e.seq, event_type_code(&e.event_type)))
-            .collect(),
+        events: EventCodes(&reply.events),
         error: (reply.error.as_ref()).map(|e| (e.code, e.message.as_str(), e.current_version)),
         rejection_seq: reply.rejection_seq,
     };
