@@ -176,6 +176,8 @@ struct Rows {
     /// index); `None`: remove.
     job_rows: Vec<Row<JobKey>>,
     regions: Vec<(String, Vec<u8>)>,
+    /// The batch's time: the records' UUIDv7 bound (`records::v7_bound_at`).
+    now: Option<DateTime<Utc>>,
 }
 
 impl Rows {
@@ -236,7 +238,8 @@ impl Store {
         }
         // Appended to the recent records, with the sweep's next slice
         // merged ([`records`](super::records)); applied once committed.
-        let plan = self.inner.recent().plan(records, rewritten);
+        let v7_bound = r.now.map(super::records::v7_bound_at);
+        let plan = self.inner.recent().plan(records, rewritten, v7_bound);
         plan.write(&txn)?;
         self.commit_rows(txn, &r.events, job_rows)?;
         self.inner.recent().committed(plan);
@@ -307,7 +310,10 @@ impl Ledger {
         Ok(Batch {
             now,
             commands,
-            rows: Rows::default(),
+            rows: Rows {
+                now: Some(now),
+                ..Rows::default()
+            },
             seqs: BTreeMap::new(),
             decided: Decided {
                 replies: Vec::new(),

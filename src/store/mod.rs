@@ -346,10 +346,9 @@ impl Store {
         // largest stored. A last event that does not decode is for the
         // startup check and verify to name, not for this.
         let v7_bound = match txn.open_table(EVENTS)?.last()? {
-            Some((_, v)) => Envelope::from_json(v.value()).ok().map(|e| {
-                let ms = e.recorded_at.timestamp_millis().max(0) as u64 + 3_600_000;
-                records::v7_bound(ms)
-            }),
+            Some((_, v)) => {
+                (Envelope::from_json(v.value()).ok()).map(|e| records::v7_bound_at(e.recorded_at))
+            }
             None => None,
         };
         let loaded = records::Recent::load(&txn, buffer, v7_bound)?;

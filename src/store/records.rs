@@ -43,13 +43,17 @@
 //! many UUIDv4 ids the table holds, and the first of them after the last
 //! lands on the page that one did.
 //!
+//! Only a UUIDv7 of at most an hour after its batch's time (bcp's clock,
+//! [`v7_bound_at`]) counts: one from a producer whose clock runs ahead, or
+//! an id that only looks like a UUIDv7, would otherwise send every other
+//! UUIDv7 producer's records through `RECENT` until their clocks passed
+//! it. A reopened store looks for the largest UUIDv7 below the time of
+//! its last event and an hour ([`Recent::load`]).
+//!
 //! Known limits: a UUIDv7 producer whose clock runs behind the others'
-//! sends its records through `RECENT`; one whose clock runs ahead (or any
-//! id that only looks like a UUIDv7) sends everyone else's there until
-//! their clocks pass it, or bcp restarts: a reopened store looks for the
-//! largest UUIDv7 below the time of its last event and an hour
-//! ([`Recent::load`]). Freezing a sweep and letting its ids go take a few
-//! milliseconds under the lock the writer's lookups take, once per sweep.
+//! sends its records through `RECENT`. Freezing a sweep and letting its
+//! ids go take a few milliseconds under the lock the writer's lookups
+//! take, once per sweep.
 
 use super::tables::{CHECKPOINT, COMMANDS, RECENT, SWEEP_TO};
 use super::{Result, StoreError};
@@ -70,6 +74,15 @@ const V7_LOOKBACK: usize = 256;
 /// The largest UUIDv7 id of millisecond `ms` (since the Unix epoch).
 pub fn v7_bound(ms: u64) -> u128 {
     u128::from(ms.min((1 << 48) - 1)) << 80 | ((1 << 80) - 1)
+}
+
+/// How far ahead of bcp's clock a producer's UUIDv7 may be and still count
+/// as where UUIDv7 records end.
+const V7_AHEAD_MS: u64 = 3_600_000;
+
+/// The largest UUIDv7 id that counts at time `t` (bcp's clock).
+pub fn v7_bound_at(t: chrono::DateTime<chrono::Utc>) -> u128 {
+    v7_bound((t.timestamp_millis().max(0) as u64).saturating_add(V7_AHEAD_MS))
 }
 
 /// Whether `id` is a UUIDv7 (version 7, RFC 9562 variant): time first.
@@ -282,7 +295,8 @@ impl Recent {
     }
 
     /// Plan a commit that writes the records of new commands `records`
-    /// and rewrites the records `rewrites` (id, record).
+    /// and rewrites the records `rewrites` (id, record); UUIDv7 ids above
+    /// `v7_bound` do not count as UUIDv7 ([`v7_bound_at`]).
     ///
     /// A new record whose id is above every id in `COMMANDS`, or a UUIDv7
     /// above every UUIDv7 there, goes there at once: it lands where the
@@ -291,7 +305,13 @@ impl Recent {
     /// A record rewritten goes where its record is: in place if it is held
     /// (and into `COMMANDS` too if a sweep covers it, so both stay equal),
     /// else to `COMMANDS`. A "new" record whose id is held is a rewrite.
-    pub fn plan(&self, records: Vec<(u128, Vec<u8>)>, rewrites: Vec<(u128, Vec<u8>)>) -> Plan {
+    pub fn plan(
+        &self,
+        records: Vec<(u128, Vec<u8>)>,
+        rewrites: Vec<(u128, Vec<u8>)>,
+        v7_bound: Option<u128>,
+    ) -> Plan {
+        let v7 = |id: u128| is_v7(id) && v7_bound.is_none_or(|bound| id <= bound);
         let mut next = self.next;
         let mut merge = Vec::new();
         let mut appends = Vec::with_capacity(records.len());
@@ -319,7 +339,7 @@ impl Recent {
         let mut table_max = self.table_max;
         let mut v7_max = self.v7_max;
         for (id, record) in new {
-            let v7 = is_v7(id);
+            let v7 = v7(id);
             if self.leaving.binary_search(&id).is_ok() {
                 merge.push((id, record));
             } else if table_max.is_none_or(|max| id > max)
@@ -370,7 +390,7 @@ impl Recent {
         }
         for (id, _) in &merge {
             table_max = table_max.max(Some(*id));
-            if is_v7(*id) {
+            if v7(*id) {
                 v7_max = v7_max.max(Some(*id));
             }
         }
@@ -454,7 +474,7 @@ mod tests {
         let owned = |rs: &[(u128, &[u8])]| -> Vec<(u128, Vec<u8>)> {
             rs.iter().map(|(i, r)| (*i, r.to_vec())).collect()
         };
-        let plan = recent.plan(owned(new), owned(rewrites));
+        let plan = recent.plan(owned(new), owned(rewrites), Some(v7_bound(1000)));
         let txn = db.begin_write().unwrap();
         plan.write(&txn).unwrap();
         txn.commit().unwrap();
@@ -529,8 +549,15 @@ mod tests {
         // A UUIDv7 from a clock behind the others' waits too.
         commit(&db, &mut recent, &[(v7(50, 0), r)], &[]);
         assert_eq!(recent_ids(&db), [v4(0x8000, 2), v7(50, 0)]);
-        let loaded = Recent::load(&db.begin_read().unwrap(), 4, None).unwrap();
-        assert_eq!(loaded.v7_max, Some(v7(102, 0)), "found behind the UUIDv4");
+        // One of a clock ahead of the batch's bound waits, and does not
+        // count: the next in time still goes at once.
+        commit(&db, &mut recent, &[(v7(5000, 0), r)], &[]);
+        assert_eq!(recent_ids(&db), [v4(0x8000, 2), v7(50, 0), v7(5000, 0)]);
+        assert_eq!(recent.v7_max, Some(v7(102, 0)));
+        commit(&db, &mut recent, &[(v7(103, 0), r)], &[]);
+        assert!(ids(&db).contains(&v7(103, 0)));
+        let loaded = Recent::load(&db.begin_read().unwrap(), 8, None).unwrap();
+        assert_eq!(loaded.v7_max, Some(v7(103, 0)), "found behind the UUIDv4");
 
         // A table whose last keys are all UUIDv4: found below the bound (and
         // a UUIDv7 of a clock ahead of it ignored); without one, unknown
