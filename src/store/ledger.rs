@@ -655,6 +655,9 @@ impl Ledger {
             self.push(&mut b, &env, bytes);
             by_command.entry(env.command_id).or_default().push(env);
         }
+        // The records' UUIDv7 bound: the time of the last event followed
+        // (a catch-up batch may span more than the bound's hour).
+        b.rows.now = self.head_time.or(b.rows.now);
         for (id, evs) in by_command {
             let rec = CommandRecord {
                 fingerprint: super::import::ANY_BODY.to_owned(),

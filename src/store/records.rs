@@ -43,15 +43,17 @@
 //! many UUIDv4 ids the table holds, and the first of them after the last
 //! lands on the page that one did.
 //!
-//! Only a UUIDv7 of at most an hour after its batch's time (bcp's clock,
-//! [`v7_bound_at`]) counts: one from a producer whose clock runs ahead, or
-//! an id that only looks like a UUIDv7, would otherwise send every other
-//! UUIDv7 producer's records through `RECENT` until their clocks passed
-//! it. A reopened store looks for the largest UUIDv7 below the time of
-//! its last event and an hour ([`Recent::load`]).
+//! Only a UUIDv7 of at most an hour after the time of the batch that
+//! writes it (bcp's clock, [`v7_bound_at`]) counts: one from a producer
+//! whose clock runs further ahead, or an id that only looks like a UUIDv7,
+//! would otherwise send every other UUIDv7 producer's records through
+//! `RECENT` until their clocks passed it. A reopened store looks for the
+//! largest UUIDv7 below the time of its last event and an hour
+//! ([`Recent::load`]).
 //!
 //! Known limits: a UUIDv7 producer whose clock runs behind the others'
-//! sends its records through `RECENT`. Freezing a sweep and letting its
+//! sends its records through `RECENT`, and one less than an hour ahead
+//! sends theirs there until their clocks pass it. Freezing a sweep and letting its
 //! ids go take a few milliseconds under the lock the writer's lookups
 //! take, once per sweep.
 
@@ -556,8 +558,17 @@ mod tests {
         assert_eq!(recent.v7_max, Some(v7(102, 0)));
         commit(&db, &mut recent, &[(v7(103, 0), r)], &[]);
         assert!(ids(&db).contains(&v7(103, 0)));
-        let loaded = Recent::load(&db.begin_read().unwrap(), 8, None).unwrap();
+        // Nor does it when a sweep merges it.
+        commit(&db, &mut recent, &[(v4(0x8000, 3), r)], &[]);
+        assert!(recent.sweep().is_some(), "four wait: frozen");
+        commit(&db, &mut recent, &[], &[]);
+        assert!(ids(&db).contains(&v7(5000, 0)), "merged");
+        assert_eq!(recent.v7_max, Some(v7(103, 0)));
+        let txn = db.begin_read().unwrap();
+        let loaded = Recent::load(&txn, 8, Some(v7_bound(1000))).unwrap();
         assert_eq!(loaded.v7_max, Some(v7(103, 0)), "found behind the UUIDv4");
+        let unbounded = Recent::load(&txn, 8, None).unwrap();
+        assert_eq!(unbounded.v7_max, Some(v7(5000, 0)), "without a bound");
 
         // A table whose last keys are all UUIDv4: found below the bound (and
         // a UUIDv7 of a clock ahead of it ignored); without one, unknown
