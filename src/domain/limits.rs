@@ -15,10 +15,11 @@ pub const ACTOR_BYTES_MAX: usize = 256;
 pub const INTAKE_QUEUE_MAX: usize = 8192;
 /// Commands decided and committed together in one write transaction.
 pub const BATCH_COMMANDS_MAX: usize = 512;
-/// Idempotency records of ids that do not append (not above every id
-/// stored) waiting before a sweep merges them into place, in id order
+/// Idempotency records of ids that do not land where the last ones did
+/// (neither above every id stored nor a UUIDv7 above every UUIDv7 stored)
+/// waiting before a sweep merges them into place, in id order
 /// (`store::records`); held in memory meanwhile, so at most about twice
-/// this many (about 13 MB).
+/// this many (about 8 MB).
 pub const RECORDS_WAITING_MAX: usize = 32_768;
 /// Events the relay publishes to JetStream before awaiting the oldest ack.
 pub const RELAY_WINDOW_MAX: usize = 256;

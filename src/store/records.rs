@@ -63,7 +63,7 @@ use redb::{ReadableTable, ReadableTableMetadata};
 use std::collections::HashMap;
 
 /// Records waiting before a sweep starts. The rows are held in memory
-/// (about 170 bytes each with the map), so at most about twice this many.
+/// (about 120 bytes each with the map), so at most about twice this many.
 pub const BUFFER: usize = crate::domain::limits::RECORDS_WAITING_MAX;
 
 /// The fewest records a commit merges while a sweep runs.
