@@ -14,6 +14,7 @@
 use super::verify::VerifyError;
 use crate::domain::reply::EventFacts;
 use crate::domain::{Envelope, ErrorCode, Event, Reply};
+use crate::store::behind::RowRef;
 use crate::store::records::read_recent;
 use crate::store::tables::COMMANDS;
 use crate::store::{CommandRecord, Store, StoreError};
@@ -169,12 +170,14 @@ impl CommandLog {
         };
         let table = txn.open_table(COMMANDS).map_err(StoreError::from)?;
         let mut stored = table.range(keys).map_err(StoreError::from)?;
-        let mut next_stored = || -> Result<Option<(u128, Vec<u8>)>, VerifyError> {
+        // Rows are read where they are, not copied (verify reads them all).
+        type Row = (u128, redb::AccessGuard<'static, &'static [u8]>);
+        let mut next_stored = || -> Result<Option<Row>, VerifyError> {
             match stored.next() {
                 None => Ok(None),
                 Some(r) => {
                     let (k, v) = r.map_err(StoreError::from)?;
-                    Ok(Some((k.value(), v.value().to_vec())))
+                    Ok(Some((k.value(), v)))
                 }
             }
         };
@@ -184,7 +187,7 @@ impl CommandLog {
             // The next record by id, from the table or the recent ones.
             let (id, bytes) = match (table_row.take(), recent.peek()) {
                 (None, None) => break,
-                (Some((id, bytes)), Some(r)) if r.id == id => {
+                (Some((id, row)), Some(r)) if r.id == id => {
                     if sweep_to.is_none_or(|to| r.ordinal > to) {
                         return bad(
                             id,
@@ -194,7 +197,7 @@ impl CommandLog {
                             ),
                         );
                     }
-                    if r.record != bytes {
+                    if r.record != row.value() {
                         return bad(
                             id,
                             "its record in the table differs from its recent one".into(),
@@ -202,20 +205,20 @@ impl CommandLog {
                     }
                     recent.next();
                     table_row = next_stored()?;
-                    (id, bytes)
+                    (id, RowRef::Table(row))
                 }
-                (Some((id, bytes)), Some(r)) if r.id > id => {
+                (Some((id, row)), Some(r)) if r.id > id => {
                     table_row = next_stored()?;
-                    (id, bytes)
+                    (id, RowRef::Table(row))
                 }
-                (Some((id, bytes)), None) => {
+                (Some((id, row)), None) => {
                     table_row = next_stored()?;
-                    (id, bytes)
+                    (id, RowRef::Table(row))
                 }
                 (row, Some(_)) => {
                     table_row = row;
                     let r = recent.next().expect("peeked");
-                    (r.id, r.record.clone())
+                    (r.id, RowRef::Behind(&r.record))
                 }
             };
             if let Some(e) = logged.first().filter(|e| e.command < id) {
@@ -224,7 +227,7 @@ impl CommandLog {
             let n = logged.iter().take_while(|e| e.command == id).count();
             let (events, rest) = logged.split_at(n);
             logged = rest;
-            let record: CommandRecord = match crate::store::rows::read_record(&bytes) {
+            let record: CommandRecord = match crate::store::rows::read_record(bytes.value()) {
                 Ok(r) => r,
                 Err(e) => return bad(id, format!("its record does not parse: {e}")),
             };

@@ -246,7 +246,8 @@ impl Held {
     }
 }
 
-/// One committed job row: in the table, or held behind it.
+/// One committed row: read from its table, or held behind it in memory (a
+/// job row here; a recent idempotency record for `audit verify`).
 pub enum RowRef<'v> {
     Table(AccessGuard<'static, &'static [u8]>),
     Behind(&'v [u8]),
