@@ -177,7 +177,7 @@ struct Rows {
     job_rows: Vec<Row<JobKey>>,
     regions: Vec<(String, Vec<u8>)>,
     /// The batch's time: the records' UUIDv7 bound (`records::v7_bound_at`).
-    now: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
 }
 
 impl Rows {
@@ -238,8 +238,8 @@ impl Store {
         }
         // Appended to the recent records, with the sweep's next slice
         // merged ([`records`](super::records)); applied once committed.
-        let v7_bound = r.now.map(super::records::v7_bound_at);
-        let plan = self.inner.recent().plan(records, rewritten, v7_bound);
+        let v7_bound = super::records::v7_bound_at(r.now);
+        let plan = self.inner.recent().plan(records, rewritten, Some(v7_bound));
         plan.write(&txn)?;
         self.commit_rows(txn, &r.events, job_rows)?;
         self.inner.recent().committed(plan);
@@ -311,7 +311,7 @@ impl Ledger {
             now,
             commands,
             rows: Rows {
-                now: Some(now),
+                now,
                 ..Rows::default()
             },
             seqs: BTreeMap::new(),
@@ -657,7 +657,7 @@ impl Ledger {
         }
         // The records' UUIDv7 bound: the time of the last event followed
         // (a catch-up batch may span more than the bound's hour).
-        b.rows.now = self.head_time.or(b.rows.now);
+        b.rows.now = self.head_time.unwrap_or(b.rows.now);
         for (id, evs) in by_command {
             let rec = CommandRecord {
                 fingerprint: super::import::ANY_BODY.to_owned(),
