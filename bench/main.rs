@@ -125,6 +125,8 @@ pub struct Args {
     /// Only replay and verify (5) of a log of `events` built offline,
     /// printed, nothing written: for profiling and comparing them.
     pub audit_only: bool,
+    /// Only the cost growth (6), printed, nothing written.
+    pub growth_only: bool,
     /// The batch sizes of phase 1 (commands per commit).
     pub batches: Vec<usize>,
     /// How the workload's job, command and snapshot ids are made.
@@ -182,6 +184,11 @@ struct CommandLine {
     /// printed, nothing written: for profiling and comparing them.
     #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only", "appends_only"])]
     audit_only: bool,
+    /// Only the cost growth (6): the closed loop on logs of `--events`/100,
+    /// /10 and `--events`, each step's CPU per command printed, nothing
+    /// written: for finding what grows with the log.
+    #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only", "appends_only", "audit_only"])]
+    growth_only: bool,
     /// With `--appends-only`: only this batch size (repeatable), e.g. to
     /// profile one of them.
     #[arg(long = "batch", requires = "appends_only", value_parser = clap::value_parser!(u64).range(1..=4096))]
@@ -233,6 +240,7 @@ impl Args {
                 publish_only: false,
                 appends_only: false,
                 audit_only: false,
+                growth_only: false,
                 batches: BATCHES.to_vec(),
                 ids: Ids::Ordered,
                 events: 20_000,
@@ -256,6 +264,7 @@ impl Args {
                 publish_only: false,
                 appends_only: false,
                 audit_only: false,
+                growth_only: false,
                 batches: BATCHES.to_vec(),
                 ids: Ids::Ordered,
                 events: 1_000_000,
@@ -277,6 +286,7 @@ impl Args {
         a.publish_only = cli.publish_only;
         a.appends_only = cli.appends_only;
         a.audit_only = cli.audit_only;
+        a.growth_only = cli.growth_only;
         a.ids = cli.ids;
         if !cli.batches.is_empty() {
             a.batches = cli.batches.iter().map(|&n| n as usize).collect();
@@ -557,6 +567,26 @@ async fn run(args: Args) -> Result<Option<Results>> {
         }
         return Ok(None);
     }
+    if b.args.growth_only {
+        let steps = [b.args.events / 100, b.args.events / 10, b.args.events];
+        let db = b.dir.join("growth.redb");
+        say(format!("building a log of {} events offline", steps[0]));
+        let first_build = build(&db, steps[0], &mut b.lanes, b.args.build_batch).await?;
+        let growth = growth(&mut b, &db, &steps, first_build).await?;
+        let base = growth.first().map_or(0.0, |s| s.run.acked.per_sec);
+        for s in &growth {
+            println!(
+                "log at {} events: {:.0} commands/s{} = {:.2}× the first step, p99 {} µs, {}",
+                s.log_events,
+                s.run.acked.per_sec,
+                report::of_runs(&s.rates),
+                s.run.acked.per_sec / base.max(1.0),
+                s.run.latency.p99_us,
+                cpu_per_command(&s.run, "bcp serve"),
+            );
+        }
+        return Ok(None);
+    }
     if b.args.e2e_only {
         let EndToEnd {
             e2e: (e2e, rates),
@@ -566,31 +596,6 @@ async fn run(args: Args) -> Result<Option<Results>> {
             ..
         } = fresh_bcp(&mut b, None).await?;
         let cores = |r: &Run| r.cpu.as_ref().map_or(0.0, |c| c.others_cores);
-        // CPU time of `bcp serve` and nats-server per command: steadier than
-        // the rate when two builds are compared, since the disk's fsync time
-        // moves the rate by ±30 % from run to run here.
-        let used = |r: &Run, name: &str| {
-            r.cpu
-                .as_ref()
-                .and_then(|c| c.procs.iter().find(|p| p.name == name).cloned())
-                .unwrap_or_default()
-        };
-        let us_per_command = |r: &Run, name: &str| used(r, name).cores * 1e6 / r.acked.per_sec;
-        // Context switches per command: the thread hops a command costs,
-        // which the CPU per command at low load is mostly made of here.
-        let switches_per_command = |r: &Run, name: &str| {
-            let secs = r.cpu.as_ref().map_or(0.0, |c| c.secs);
-            used(r, name).switches as f64 / (r.acked.per_sec * secs).max(1.0)
-        };
-        let cpu_per_command = |r: &Run, server: &str| {
-            format!(
-                "CPU/command: {server} {:.0} µs, nats-server {:.0} µs; switches/command: {server} {:.1}, nats-server {:.1}",
-                us_per_command(r, server),
-                us_per_command(r, "nats-server"),
-                switches_per_command(r, server),
-                switches_per_command(r, "nats-server"),
-            )
-        };
         println!(
             "end to end: {:.0} commands/s{}, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
             e2e.acked.per_sec,
@@ -689,6 +694,32 @@ async fn run(args: Args) -> Result<Option<Results>> {
         group,
         elapsed_secs: started.elapsed().as_secs_f64(),
     }))
+}
+
+/// A process's CPU time per command in `r` (µs), and context switches per
+/// command, beside nats-server's: steadier than the rate when two builds
+/// are compared, since the disk's fsync time moves the rate by ±30 % from
+/// run to run here; the switches are the thread hops a command costs,
+/// which the CPU per command at low load is mostly made of.
+fn cpu_per_command(r: &Run, server: &str) -> String {
+    let used = |name: &str| {
+        r.cpu
+            .as_ref()
+            .and_then(|c| c.procs.iter().find(|p| p.name == name).cloned())
+            .unwrap_or_default()
+    };
+    let us_per_command = |name: &str| used(name).cores * 1e6 / r.acked.per_sec;
+    let switches_per_command = |name: &str| {
+        let secs = r.cpu.as_ref().map_or(0.0, |c| c.secs);
+        used(name).switches as f64 / (r.acked.per_sec * secs).max(1.0)
+    };
+    format!(
+        "CPU/command: {server} {:.0} µs, nats-server {:.0} µs; switches/command: {server} {:.1}, nats-server {:.1}",
+        us_per_command(server),
+        us_per_command("nats-server"),
+        switches_per_command(server),
+        switches_per_command("nats-server"),
+    )
 }
 
 /// Commands per commit in phase 1: 1 and 4 are what `bcp serve` commits at
