@@ -60,8 +60,19 @@ fn subject_of(
     format!("bcp.evt.{project}.{key}.{event_type}")
 }
 
+/// Where the relay publishes an event: its subject, and its id (the
+/// message id JetStream deduplicates by). Made where the event is
+/// ([`Envelope::route`]) or, for an event read back from the store, from
+/// its bytes ([`Routing`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub event_id: Uuid,
+    pub subject: String,
+}
+
 /// What publishing an event needs, read from its stored bytes without
-/// building the whole envelope (the relay's hot path).
+/// building the whole envelope (the relay's path for events it no longer
+/// holds in memory).
 #[derive(Deserialize)]
 pub struct Routing {
     pub event_id: Uuid,
@@ -92,6 +103,13 @@ impl Routing {
             .as_deref()
             .filter(|_| self.event_type == "RegionConfigured");
         subject_of(&self.project_id, self.job_id, &self.event_type, region)
+    }
+
+    pub fn route(&self) -> Route {
+        Route {
+            event_id: self.event_id,
+            subject: self.subject(),
+        }
     }
 }
 
@@ -241,6 +259,15 @@ impl Envelope {
         )
     }
 
+    /// Where the relay publishes this event: the same [`Route`] as
+    /// [`Routing::route`] of its stored bytes.
+    pub fn route(&self) -> Route {
+        Route {
+            event_id: self.event_id,
+            subject: self.subject(),
+        }
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("envelope serializes")
     }
@@ -320,7 +347,7 @@ mod routing_tests {
     }
 
     #[test]
-    fn routing_gives_the_envelopes_subject() {
+    fn routing_gives_the_envelopes_route() {
         let eu = Name::parse("eu").unwrap();
         let cases = [
             sealed(
@@ -350,6 +377,9 @@ mod routing_tests {
         for (env, bytes) in cases {
             let r = Routing::parse(&bytes).unwrap();
             assert_eq!((r.event_id, r.subject()), (env.event_id, env.subject()));
+            // What the writer hands the relay equals what the relay reads
+            // back from the store.
+            assert_eq!(r.route(), env.route());
         }
     }
 }

@@ -24,7 +24,7 @@
 //! it publishes nothing, and checks again until the cause is gone.
 
 use super::guard::{self, Alarms, Inspection, Verdict};
-use crate::domain::envelope::Routing;
+use crate::domain::envelope::{Route, Routing};
 use crate::domain::limits::{RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX, RELAY_WINDOW_MAX};
 use crate::store::Store;
 use async_nats::HeaderMap;
@@ -76,14 +76,16 @@ pub struct Target {
 #[derive(Clone, Default)]
 pub struct Outbox(Arc<Mutex<VecDeque<Event>>>);
 
-/// A committed event: its seq and its stored bytes.
-type Event = (u64, Vec<u8>);
+/// A committed event: its seq, its stored bytes, and where it is
+/// published (made by the writer with the event; read back from the bytes
+/// for an event read from redb).
+type Event = (u64, Vec<u8>, Route);
 
 impl Outbox {
     /// Add a durable batch's events (seq order, following the last pushed).
     pub fn push(&self, events: Vec<Event>) {
         let mut held = self.0.lock().expect("outbox lock");
-        if let (Some((last, _)), Some((first, _))) = (held.back(), events.first())
+        if let (Some((last, ..)), Some((first, ..))) = (held.back(), events.first())
             && *first != last + 1
         {
             // Not the batch after the last (cannot happen: one commit
@@ -105,19 +107,19 @@ impl Outbox {
     /// older than `from` (published).
     pub fn take(&self, from: u64, to: u64) -> Option<Vec<Event>> {
         let mut held = self.0.lock().expect("outbox lock");
-        let published = held.iter().take_while(|(seq, _)| *seq < from).count();
+        let published = held.iter().take_while(|(seq, ..)| *seq < from).count();
         held.drain(..published);
         if held.front()?.0 != from {
             return None;
         }
-        let n = held.iter().take_while(|(seq, _)| *seq <= to).count();
+        let n = held.iter().take_while(|(seq, ..)| *seq <= to).count();
         Some(held.drain(..n).collect())
     }
 
     /// The seqs held (tests).
     pub fn seqs(&self) -> Vec<u64> {
         let held = self.0.lock().expect("outbox lock");
-        held.iter().map(|(seq, _)| *seq).collect()
+        held.iter().map(|(seq, ..)| *seq).collect()
     }
 }
 
@@ -209,9 +211,16 @@ impl Source {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         match events.first() {
-            Some((seq, _)) if *seq == from => Ok(events),
-            _ => Err(format!("the store holds no event at seq {from}")),
+            Some((seq, _)) if *seq == from => {}
+            _ => return Err(format!("the store holds no event at seq {from}")),
         }
+        let routed = events.into_iter().map(|(seq, bytes)| {
+            let route = Routing::parse(&bytes)
+                .map_err(|e| format!("event at seq {seq} does not parse: {e}"))?
+                .route();
+            Ok((seq, bytes, route))
+        });
+        routed.collect()
     }
 }
 
@@ -324,18 +333,16 @@ async fn publish_chunk(
     fence: &Option<CancellationToken>,
 ) -> Result<Option<u64>, Publish> {
     let mut sent = None;
-    for (seq, bytes) in chunk {
+    for (seq, bytes, route) in chunk {
         if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
             return Err(Publish::Fenced("this node stepped down".into()));
         }
         if alarms.any() {
             return Err(Publish::Halted);
         }
-        let env = Routing::parse(&bytes)
-            .map_err(|e| Publish::Failed(format!("event at seq {seq} does not parse: {e}")))?;
         let mut headers = HeaderMap::new();
         headers.insert(SEQ_HEADER, seq.to_string().as_str());
-        let event_id = env.event_id.to_string();
+        let event_id = route.event_id.to_string();
         let mut msg = PublishMessage::build()
             .payload(bytes.into())
             .headers(headers)
@@ -349,7 +356,7 @@ async fn publish_chunk(
             settle(seq, ack.await, published)?;
         }
         let ack = js
-            .send_publish(env.subject(), msg)
+            .send_publish(route.subject, msg)
             .await
             .map_err(|e| Publish::Failed(format!("publish seq {seq}: {e}")))?;
         in_flight.push_back((seq, ack.into_future()));
@@ -422,12 +429,17 @@ fn fenced(fence: &Option<CancellationToken>) -> Interrupted {
 mod tests {
     use super::*;
 
-    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
-        seqs.map(|s| (s, s.to_string().into_bytes())).collect()
+    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<Event> {
+        let route = |s: u64| Route {
+            event_id: uuid::Uuid::from_u128(s.into()),
+            subject: format!("bcp.evt.p1.job{s}.JobStarted"),
+        };
+        seqs.map(|s| (s, s.to_string().into_bytes(), route(s)))
+            .collect()
     }
 
-    fn seqs(events: &[(u64, Vec<u8>)]) -> Vec<u64> {
-        events.iter().map(|(s, _)| *s).collect()
+    fn seqs(events: &[Event]) -> Vec<u64> {
+        events.iter().map(|(s, ..)| *s).collect()
     }
 
     #[test]
@@ -437,7 +449,11 @@ mod tests {
         outbox.push(batch(4..=5));
         // Up to the head the relay was woken for, not past it.
         assert_eq!(seqs(&outbox.take(1, 4).unwrap()), [1, 2, 3, 4]);
-        assert_eq!(outbox.take(5, 9).unwrap(), batch(5..=5), "the bytes too");
+        assert_eq!(
+            outbox.take(5, 9).unwrap(),
+            batch(5..=5),
+            "the bytes and routes too"
+        );
         assert_eq!(outbox.seqs(), Vec::<u64>::new(), "taken out");
         // Asked for what it no longer holds (a reconnection resumes from
         // the stream's last sequence): redb's turn.

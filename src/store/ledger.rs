@@ -14,7 +14,7 @@
 use super::rows::{JobKey, JobState, Row};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
-use crate::domain::envelope::GENESIS_HASH;
+use crate::domain::envelope::{GENESIS_HASH, Route};
 use crate::domain::event::SCHEMA_VERSION;
 use crate::domain::rejection::Rejection;
 use crate::domain::reply::EventFacts;
@@ -167,6 +167,8 @@ impl Batch {
 #[derive(Default)]
 struct Rows {
     events: Vec<(u64, Vec<u8>)>,
+    /// Where each event is published, in the order of `events`.
+    routes: Vec<Route>,
     /// The idempotency records of the batch's commands.
     commands: Vec<(u128, Vec<u8>)>,
     /// Records rewritten: of a command decided earlier whose events went
@@ -196,10 +198,14 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The batch's events, `(seq, stored bytes)` in seq order: once
-    /// committed, what the relay publishes.
-    pub fn into_events(self) -> Vec<(u64, Vec<u8>)> {
-        self.rows.events
+    /// The batch's events, `(seq, stored bytes, route)` in seq order:
+    /// once committed, what the relay publishes, where.
+    pub fn into_events(self) -> Vec<(u64, Vec<u8>, Route)> {
+        let Rows { events, routes, .. } = self.rows;
+        debug_assert_eq!(events.len(), routes.len());
+        (events.into_iter().zip(routes))
+            .map(|((seq, bytes), route)| (seq, bytes, route))
+            .collect()
     }
 }
 
@@ -607,6 +613,7 @@ impl Ledger {
                 .or_insert_with(|| self.world.regions.get(region).cloned());
         }
         b.rows.events.push((env.seq, bytes));
+        b.rows.routes.push(env.route());
         if let Some(id) = env.job_id {
             b.seqs.entry(id).or_default().push(env.seq);
         }
