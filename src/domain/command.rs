@@ -130,7 +130,7 @@ fn check_times(command: &Command) -> Result<(), DecodeError> {
         Command::ExpireSnapshots { now } => ("now", now),
         _ => return Ok(()),
     };
-    let (min, max) = (time_bound(TIME_MIN), time_bound(TIME_MAX));
+    let (min, max) = *TIME_BOUNDS;
     if *t < min || *t >= max || chrono::Timelike::nanosecond(t) >= 1_000_000_000 {
         return Err(bad(format!(
             "{field} must be from {TIME_MIN} up to (not including) {TIME_MAX}, and not a leap second"
@@ -138,6 +138,10 @@ fn check_times(command: &Command) -> Result<(), DecodeError> {
     }
     Ok(())
 }
+
+/// [`TIME_MIN`] and [`TIME_MAX`], parsed once (not for every command).
+static TIME_BOUNDS: std::sync::LazyLock<(DateTime<Utc>, DateTime<Utc>)> =
+    std::sync::LazyLock::new(|| (time_bound(TIME_MIN), time_bound(TIME_MAX)));
 
 fn time_bound(s: &str) -> DateTime<Utc> {
     s.parse().expect("a valid bound")
@@ -279,20 +283,34 @@ pub struct ExpireSnapshotsBody {
     now: DateTime<Utc>,
 }
 
+/// A body, parsed strictly. A body that does not parse is parsed again,
+/// tracking where it failed, for the message: the path costs every body
+/// that parses about as much as the parse itself.
 fn parse<'a, T: Deserialize<'a>>(verb: Verb, body: &'a [u8]) -> Result<T, DecodeError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            bad(format!("invalid {verb} body: {inner}"))
-        } else {
-            bad(format!("invalid {verb} body: field {path}: {inner}"))
+    match T::deserialize(&mut de) {
+        Ok(value) => {
+            de.end()
+                .map_err(|e| bad(format!("invalid {verb} body: {e}")))?;
+            Ok(value)
         }
-    })?;
-    de.end()
-        .map_err(|e| bad(format!("invalid {verb} body: {e}")))?;
-    Ok(value)
+        Err(e) => Err(parse_error::<T>(verb, body)
+            .unwrap_or_else(|| bad(format!("invalid {verb} body: {e}")))),
+    }
+}
+
+/// Why `body` does not parse as a `T`, naming the field (`None`: it
+/// parses, which a body that failed once does not).
+fn parse_error<'a, T: Deserialize<'a>>(verb: Verb, body: &'a [u8]) -> Option<DecodeError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let e = serde_path_to_error::deserialize::<_, T>(&mut de).err()?;
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    Some(if path == "." {
+        bad(format!("invalid {verb} body: {inner}"))
+    } else {
+        bad(format!("invalid {verb} body: field {path}: {inner}"))
+    })
 }
 
 /// Decode a command from its subject parts and body. `header_actor` is the
@@ -521,6 +539,35 @@ mod tests {
         };
         assert_eq!(schedule.snapshot_interval_hours, 6);
         assert_eq!(schedule.weekly_retention_weeks, 2);
+    }
+
+    #[test]
+    fn a_body_that_does_not_parse_is_named_by_the_field_that_failed() {
+        // The whole message, path included (found by a second parse).
+        let create = |deployment: &str| {
+            err(
+                "p1",
+                "create",
+                &format!(r#"{{"command_id":"{CID}","job_id":"{JID}","deployment":{deployment}}}"#),
+            )
+        };
+        assert_eq!(
+            create(r#"{"kind":"replica_set","name":7}"#),
+            "invalid create body: field deployment.name: invalid type: integer `7`, expected a string at line 1 column 144"
+        );
+        assert_eq!(
+            create(r#"{"kind":"replica_set","name":"rs","x":1}"#),
+            "invalid create body: field deployment.x: unknown field `x`, expected one of `kind`, `name`, `cluster` at line 1 column 151"
+        );
+        // Parsed, then trailing bytes: no path to name.
+        assert_eq!(
+            err(
+                "p1",
+                "start",
+                &format!(r#"{{"command_id":"{CID}","job_id":"{JID}"}} x"#)
+            ),
+            "invalid start body: trailing characters at line 1 column 103"
+        );
     }
 
     #[test]
