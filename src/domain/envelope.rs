@@ -52,12 +52,14 @@ fn subject_of(
     event_type: &str,
     region: Option<&str>,
 ) -> String {
+    // Built in place: the writer makes one for every event it decides.
+    let mut job = Uuid::encode_buffer();
     let key = match (region, job_id) {
-        (Some(region), _) => region.to_owned(),
-        (None, Some(job)) => job.to_string(),
-        (None, None) => "_".to_owned(),
+        (Some(region), _) => region,
+        (None, Some(id)) => &*id.hyphenated().encode_lower(&mut job),
+        (None, None) => "_",
     };
-    format!("bcp.evt.{project}.{key}.{event_type}")
+    ["bcp.evt.", project, ".", key, ".", event_type].concat()
 }
 
 /// Where the relay publishes an event: its subject, and its id (the
