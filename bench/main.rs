@@ -50,7 +50,8 @@
 //! 6. **Cost growth**: a log built offline through `Pipeline::execute` to
 //!    `--events`/100, /10 and `--events`; after each, `bcp serve` restarts
 //!    on it (startup time; relay catch-up rate), then the closed loop of 3
-//!    runs again.
+//!    runs again. `--growth-only` runs just this and prints each step's
+//!    rate and CPU per command.
 //! 7. **Memory**: VmRSS/VmHWM of `bcp serve` at each step of 6 (10 events
 //!    per job, so 1 M events = 100 k jobs), and the heap the projections
 //!    (`World`) take, counted by this binary's allocator (`heap.rs`).

@@ -12,7 +12,9 @@
 //! as each batch becomes durable, and from redb only when the outbox no
 //! longer holds them (after a restart, or when the relay fell behind):
 //! a read of redb waits for the fsync of any commit running, which the
-//! relay would otherwise pay once per batch. Acks stay outstanding across
+//! relay would otherwise pay once per batch. Each event in the outbox comes
+//! with its route (subject and id), made by the writer with the event; only
+//! an event read from redb is parsed for it. Acks stay outstanding across
 //! batches: the relay publishes a new batch without waiting for the acks
 //! of the one before (in a group, each reply waits for its batch's ack).
 //!
