@@ -2600,3 +2600,77 @@ fn jobs_query_pages_and_the_cli_follows_the_pages() {
     let jobs: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(jobs.as_array().unwrap().len(), 400);
 }
+
+/// What the commit thread hands the relay: every event of the batch, in
+/// seq order, each with the route the relay would read from its stored
+/// bytes (region events, job events, a rejection), so publishing from
+/// memory and from redb go to the same subjects with the same ids.
+#[test]
+fn a_committed_batch_hands_the_relay_each_event_with_its_route() {
+    use bcp::domain::envelope::Routing;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
+    let mut p: Pipeline<()> = Pipeline::new(Pipeline::open(store.clone()).unwrap().into_ledger());
+    let mut next = 100u128;
+    let mut ids = || {
+        next += 1;
+        Uuid::from_u128(next)
+    };
+    let cmd = |project: &str, verb: &str, body: serde_json::Value| {
+        Pending::new(decode(project, verb, body.to_string().as_bytes(), None).unwrap())
+    };
+    let batch = [
+        cmd(
+            "_admin",
+            "configure-region",
+            json!({"command_id": Uuid::from_u128(1), "region": "eu", "snapshot_store": "s3-eu", "oplog_store": "ol-eu", "sync_store": "sync-eu"}),
+        ),
+        cmd(
+            "p1",
+            "create",
+            json!({"command_id": Uuid::from_u128(2), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs"}, "region": "eu"}),
+        ),
+        cmd(
+            "p1",
+            "stop",
+            json!({"command_id": Uuid::from_u128(3), "job_id": job(1)}),
+        ),
+        cmd(
+            "p1",
+            "start",
+            json!({"command_id": Uuid::from_u128(4), "job_id": job(1)}),
+        ),
+    ];
+    for c in &batch {
+        assert!(p.decide(c, (), t0(), &mut ids).is_empty());
+    }
+    let mut prepared = p.to_commit().expect("a batch was decided");
+    let result = store.commit(&mut prepared);
+    assert!(p.settle(result).error.is_none());
+    let events = prepared.into_events();
+    let seqs: Vec<u64> = events.iter().map(|(seq, ..)| *seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=p.head_seq()).collect::<Vec<_>>(),
+        "every event, in order"
+    );
+    let mut subjects = Vec::new();
+    for (seq, bytes, route) in &events {
+        assert_eq!(&Routing::parse(bytes).unwrap().route(), route, "seq {seq}");
+        assert_eq!(
+            store.raw_events(*seq, *seq).unwrap(),
+            [(*seq, bytes.clone())]
+        );
+        subjects.push(route.subject.clone());
+    }
+    let job = job(1);
+    assert_eq!(
+        subjects,
+        [
+            "bcp.evt._admin.eu.RegionConfigured".to_owned(),
+            format!("bcp.evt.p1.{job}.JobCreated"),
+            format!("bcp.evt.p1.{job}.CommandRejected"),
+            format!("bcp.evt.p1.{job}.JobStarted"),
+        ]
+    );
+}

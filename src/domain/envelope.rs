@@ -73,8 +73,8 @@ pub struct Route {
 }
 
 /// What publishing an event needs, read from its stored bytes without
-/// building the whole envelope (the relay's path for events it no longer
-/// holds in memory).
+/// building the whole envelope: the relay's path for events read from
+/// redb, and the guard's comparison of the stream with the log.
 #[derive(Deserialize)]
 pub struct Routing {
     pub event_id: Uuid,
@@ -384,6 +384,23 @@ mod routing_tests {
             assert_eq!(r.route(), env.route());
         }
     }
+
+    #[test]
+    fn every_event_type_routes_alike_from_its_envelope_and_its_bytes() {
+        let events = super::equivalence_tests::events();
+        assert!(events.len() >= 15, "every event type");
+        for event in events {
+            for (project, job) in [("p1", Some(Uuid::from_u128(7))), ("_admin", None)] {
+                let (env, bytes) = sealed(project, job, event.clone());
+                let route = env.route();
+                assert_eq!(Routing::parse(&bytes).unwrap().route(), route);
+                assert_eq!(
+                    (route.event_id, &route.subject),
+                    (env.event_id, &env.subject())
+                );
+            }
+        }
+    }
 }
 
 /// The hand `Deserialize` and the fast `check_stored` against what they
@@ -401,7 +418,8 @@ mod equivalence_tests {
     use crate::domain::verb::Verb;
     use chrono::TimeZone;
 
-    fn events() -> Vec<Event> {
+    /// One event of every type.
+    pub(super) fn events() -> Vec<Event> {
         let t = Utc.with_ymd_and_hms(2026, 3, 4, 5, 6, 7).unwrap();
         let eu = Name::parse("eu").unwrap();
         vec![

@@ -216,13 +216,20 @@ impl Source {
             Some((seq, _)) if *seq == from => {}
             _ => return Err(format!("the store holds no event at seq {from}")),
         }
-        let routed = events.into_iter().map(|(seq, bytes)| {
-            let route = Routing::parse(&bytes)
-                .map_err(|e| format!("event at seq {seq} does not parse: {e}"))?
-                .route();
-            Ok((seq, bytes, route))
-        });
-        routed.collect()
+        // Each event's route from its bytes. An event that does not parse
+        // ends the chunk: those before it are published, and the next
+        // chunk, starting at it, fails.
+        let mut routed = Vec::with_capacity(events.len());
+        for (seq, bytes) in events {
+            match Routing::parse(&bytes) {
+                Ok(r) => routed.push((seq, bytes, r.route())),
+                Err(e) if routed.is_empty() => {
+                    return Err(format!("event at seq {seq} does not parse: {e}"));
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(routed)
     }
 }
 

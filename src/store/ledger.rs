@@ -202,7 +202,7 @@ impl Prepared {
     /// once committed, what the relay publishes, where.
     pub fn into_events(self) -> Vec<(u64, Vec<u8>, Route)> {
         let Rows { events, routes, .. } = self.rows;
-        debug_assert_eq!(events.len(), routes.len());
+        assert_eq!(events.len(), routes.len(), "one route per event");
         (events.into_iter().zip(routes))
             .map(|((seq, bytes), route)| (seq, bytes, route))
             .collect()
