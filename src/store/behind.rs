@@ -50,7 +50,7 @@ use super::{Result, Store, StoreError};
 use crate::domain::{Catalog, Job, World};
 use redb::{AccessGuard, ReadOnlyTable, ReadableTable};
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::RangeBounds;
+use std::ops::{RangeBounds, RangeInclusive};
 use uuid::Uuid;
 
 /// How long (in events of the log) a job's rows are held before they may
@@ -421,27 +421,30 @@ impl Store {
     }
 
     /// Commit `txn` (a batch's events, records and regions, written), with
-    /// the held job rows due ([`Behind::due`]). The batch's own job rows
+    /// the held job rows due ([`Behind::due`]). `seqs` are the batch's
+    /// events (gapless; `None`: it has none). The batch's own job rows
     /// `rows` are held once it committed; a batch of more than
     /// [`WRITE_THROUGH`] events writes them, and every row held, through.
     pub(super) fn commit_rows(
         &self,
         txn: redb::WriteTransaction,
-        events: &[(u64, Vec<u8>)],
+        seqs: Option<RangeInclusive<u64>>,
         rows: Vec<Row<JobKey>>,
     ) -> Result<()> {
-        let (Some((first, _)), Some((head, _))) = (events.first(), events.last()) else {
+        let Some(seqs) = seqs else {
             assert!(rows.is_empty(), "job rows change only with events");
             return txn.commit().map_err(StoreError::CommitFailed);
         };
-        let through = events.len() > WRITE_THROUGH;
+        let (first, head) = (seqs.start(), seqs.end());
+        let events = head - first + 1;
+        let through = events > WRITE_THROUGH as u64;
         let written = {
             let behind = self.inner.held();
             if behind.marked {
                 // From now on a crash leaves rows behind: say so on disk.
                 txn.open_table(CHECKPOINT)?.remove(ROWS_AT)?;
             }
-            let written = behind.due(*head, events.len() as u64, through);
+            let written = behind.due(*head, events, through);
             let mut table = txn.open_table(JOB_ROWS)?;
             let held = written.iter().flat_map(|job| behind.rows_of(*job));
             let own = rows.iter().filter(|_| through).map(|(k, v)| (*k, v));

@@ -166,9 +166,8 @@ impl Batch {
 /// Everything one batch writes, in one durable transaction.
 #[derive(Default)]
 struct Rows {
-    events: Vec<(u64, Vec<u8>)>,
-    /// Where each event is published, in the order of `events`.
-    routes: Vec<Route>,
+    /// `(seq, stored bytes, where it is published)`, in seq order.
+    events: Vec<(u64, Vec<u8>, Route)>,
     /// The idempotency records of the batch's commands.
     commands: Vec<(u128, Vec<u8>)>,
     /// Records rewritten: of a command decided earlier whose events went
@@ -201,11 +200,7 @@ impl Prepared {
     /// The batch's events, `(seq, stored bytes, route)` in seq order:
     /// once committed, what the relay publishes, where.
     pub fn into_events(self) -> Vec<(u64, Vec<u8>, Route)> {
-        let Rows { events, routes, .. } = self.rows;
-        assert_eq!(events.len(), routes.len(), "one route per event");
-        (events.into_iter().zip(routes))
-            .map(|((seq, bytes), route)| (seq, bytes, route))
-            .collect()
+        self.rows.events
     }
 }
 
@@ -232,7 +227,7 @@ impl Store {
         let r = &p.rows;
         {
             let mut events = txn.open_table(EVENTS)?;
-            for (seq, bytes) in &r.events {
+            for (seq, bytes, _) in &r.events {
                 events.insert(*seq, bytes.as_slice())?;
             }
             if !r.regions.is_empty() {
@@ -247,7 +242,8 @@ impl Store {
         let v7_bound = super::records::v7_bound_at(r.now);
         let plan = self.inner.recent().plan(records, rewritten, Some(v7_bound));
         plan.write(&txn)?;
-        self.commit_rows(txn, &r.events, job_rows)?;
+        let seqs = (r.events.first()).zip(r.events.last());
+        self.commit_rows(txn, seqs.map(|(first, last)| first.0..=last.0), job_rows)?;
         self.inner.recent().committed(plan);
         Ok(())
     }
@@ -612,8 +608,7 @@ impl Ledger {
                 .entry(region.clone())
                 .or_insert_with(|| self.world.regions.get(region).cloned());
         }
-        b.rows.events.push((env.seq, bytes));
-        b.rows.routes.push(env.route());
+        b.rows.events.push((env.seq, bytes, env.route()));
         if let Some(id) = env.job_id {
             b.seqs.entry(id).or_default().push(env.seq);
         }
