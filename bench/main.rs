@@ -174,7 +174,8 @@ struct CommandLine {
     #[arg(long)]
     group_only: bool,
     /// Only the relay's publish modes: one ack per message (as the relay
-    /// publishes) against JetStream atomic batches, printed, nothing written.
+    /// publishes) against JetStream atomic and fast batches, printed,
+    /// nothing written.
     #[arg(long, conflicts_with_all = ["e2e_only", "group_only"])]
     publish_only: bool,
     /// Only phase 1: raw redb appends (A) against bcp's write transaction
@@ -841,9 +842,14 @@ async fn jetstream_baselines(
     settle().await?;
     let dir = b.dir.join(format!("nats-b-{run}"));
     let nats = Nats::start(&b.nats_bin, &dir, false)?;
-    let default_sync =
-        measure::jetstream_publish(&nats, samples, b.args.baseline_b_msgs, b.args.in_flight)
-            .await?;
+    let default_sync = measure::jetstream_publish(
+        &nats,
+        samples,
+        b.args.baseline_b_msgs,
+        b.args.in_flight,
+        false,
+    )
+    .await?;
     drop(nats);
     // Its unsynced writes would otherwise be written back during the next
     // measurement, stalling every fsync on the disk meanwhile.
@@ -856,7 +862,8 @@ async fn jetstream_baselines(
     let dir = b.dir.join(format!("nats-b-sync-{run}"));
     let nats = Nats::start(&b.nats_bin, &dir, true)?;
     let n = b.args.baseline_b_sync_msgs;
-    let sync_always = measure::jetstream_publish(&nats, samples, n, b.args.in_flight).await?;
+    let sync_always =
+        measure::jetstream_publish(&nats, samples, n, b.args.in_flight, false).await?;
     drop(nats);
     std::fs::remove_dir_all(dir)?;
     say(format!(
@@ -930,28 +937,58 @@ impl PeerC {
 }
 
 /// `--publish-only`: the relay's way to publish (one ack per message, 256
-/// in flight) against JetStream atomic batches of 64 and 256 messages (one
-/// ack per batch, 4 batches in flight), each on a fresh default
+/// in flight, with and without the relay's `Nats-Expected-Last-Sequence`)
+/// against JetStream atomic batches of 64 and 256 messages (one ack per
+/// batch, 4 batches in flight) and fast batches (one flow-control ack per
+/// 64 or 256 stored messages, 4 such in flight), each on a fresh default
 /// nats-server, taking turns `--repeats` times; printed.
 async fn publish_modes(b: &mut Bench) -> Result<()> {
     let db = b.dir.join("samples.redb");
     build(&db, 10_000, &mut b.lanes, b.args.build_batch).await?;
     let samples = envelopes(&db)?;
     let msgs = b.args.baseline_b_msgs;
-    let modes: [(&str, Option<u64>); 3] = [
-        ("one ack per message, 256 in flight (the relay)", None),
-        ("atomic batches of 64, 4 in flight", Some(64)),
-        ("atomic batches of 256, 4 in flight", Some(256)),
+    enum Mode {
+        PerMessage { fence: bool },
+        Atomic(u64),
+        Fast(u16),
+    }
+    let modes = [
+        (
+            "one ack per message, 256 in flight",
+            Mode::PerMessage { fence: false },
+        ),
+        (
+            "one ack per message, 256 in flight, fenced (the relay)",
+            Mode::PerMessage { fence: true },
+        ),
+        ("atomic batches of 64, 4 in flight", Mode::Atomic(64)),
+        ("atomic batches of 256, 4 in flight", Mode::Atomic(256)),
+        (
+            "fast batch, ack per 64, 256 in flight, fenced",
+            Mode::Fast(64),
+        ),
+        (
+            "fast batch, ack per 256, 1024 in flight, fenced",
+            Mode::Fast(256),
+        ),
     ];
-    let mut runs: Vec<Vec<measure::Publish>> = vec![Vec::new(); modes.len()];
+    let mut runs: Vec<Vec<measure::Publish>> = (0..modes.len()).map(|_| Vec::new()).collect();
     for i in 0..b.args.repeats {
-        for (m, (name, batch)) in modes.iter().enumerate() {
+        for (m, (name, mode)) in modes.iter().enumerate() {
             settle().await?;
             let dir = b.dir.join(format!("nats-publish-{i}-{m}"));
             let nats = Nats::start(&b.nats_bin, &dir, false)?;
-            let p = match batch {
-                None => measure::jetstream_publish(&nats, &samples, msgs, 256).await?,
-                Some(n) => measure::jetstream_atomic_batches(&nats, &samples, msgs, *n, 4).await?,
+            let p = match mode {
+                Mode::PerMessage { fence } => {
+                    measure::jetstream_publish(&nats, &samples, msgs, 256, *fence).await?
+                }
+                Mode::Atomic(n) => {
+                    measure::jetstream_atomic_batches(&nats, &samples, msgs, *n, 4).await?
+                }
+                Mode::Fast(flow) => {
+                    let window = 4 * u64::from(*flow);
+                    measure::jetstream_fast_batch(&nats, &samples, msgs, *flow, window).await?
+                }
             };
             drop(nats);
             std::fs::remove_dir_all(dir)?;

@@ -175,13 +175,16 @@ pub struct Publish {
 
 /// Baseline B: publish `msgs` of the sample envelopes (subject as bcp's
 /// relay would use) to a fresh file-storage stream, `window` acks in flight,
-/// awaited in order. No headers: the cheapest durable-ish publish a user
-/// could do by hand.
+/// awaited in order. With `fence` off, no headers: the cheapest durable-ish
+/// publish a user could do by hand. With it, each message carries
+/// `Nats-Expected-Last-Sequence` as the relay's do, for a like-for-like
+/// comparison with [`jetstream_fast_batch`].
 pub async fn jetstream_publish(
     nats: &crate::procs::Nats,
     samples: &[(String, Bytes)],
     msgs: u64,
     window: usize,
+    fence: bool,
 ) -> Result<Publish> {
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client);
@@ -208,10 +211,15 @@ pub async fn jetstream_publish(
         }
         let (subject, payload) = &samples[i as usize % samples.len()];
         let sent = Instant::now();
-        let ack = js
-            .publish(subject.clone(), payload.clone())
-            .await
-            .context("publish")?;
+        let ack = if fence {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Expected-Last-Sequence", i.to_string().as_str());
+            js.publish_with_headers(subject.clone(), headers, payload.clone())
+                .await
+        } else {
+            js.publish(subject.clone(), payload.clone()).await
+        }
+        .context("publish")?;
         in_flight.push_back((sent, ack));
     }
     while let Some((sent, ack)) = in_flight.pop_front() {
@@ -309,6 +317,117 @@ pub async fn jetstream_atomic_batches(
         .state
         .last_sequence;
     anyhow::ensure!(last == msgs, "the stream holds {last} of {msgs} messages");
+    Ok(Publish {
+        rate,
+        latency: Latency::of(lat),
+        cpu: cpu.stop(),
+    })
+}
+
+/// The relay's other alternative (issue 14): JetStream's fast batch
+/// publishing (nats-server 2.14+, stream `allow_batched`). The messages go
+/// as one long batch, each with a reply subject that names the batch, its
+/// sequence in the batch and the operation
+/// (`<inbox>.<id>.<flow>.fail.<seq>.<op>.$FI`: "fail" ends the batch at the
+/// first gap), and each carries `Nats-Expected-Last-Sequence`, as the relay
+/// would need to keep stream seq == log seq with other publishers about.
+/// nats-server answers with one flow-control ack per `flow` persisted
+/// messages ("all up to seq N are stored"), and the last message commits the
+/// batch. At most `window` messages go unacknowledged. Latency is per
+/// message, publish to the flow ack that covers it. No Rust client has this
+/// API yet (async-nats 0.51 has the stream flag only); the protocol here is
+/// nats-server's (`server/stream.go`, `getFastBatch`).
+pub async fn jetstream_fast_batch(
+    nats: &crate::procs::Nats,
+    samples: &[(String, Bytes)],
+    msgs: u64,
+    flow: u16,
+    window: u64,
+) -> Result<Publish> {
+    use futures::StreamExt;
+    anyhow::ensure!(
+        msgs >= 2,
+        "a fast batch here has a first and a last message"
+    );
+    anyhow::ensure!(
+        window >= u64::from(flow),
+        "a window under the flow never gets an ack"
+    );
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+    js.create_stream(stream::Config {
+        name: "BASELINE_FAST".to_owned(),
+        subjects: vec!["bcp.evt.>".to_owned()],
+        storage: stream::StorageType::File,
+        deny_delete: true,
+        deny_purge: true,
+        allow_batch_publish: true,
+        ..Default::default()
+    })
+    .await
+    .context("create the fast-batch baseline stream")?;
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(format!("{inbox}.>")).await?;
+    let id = "relay";
+    let mut sent_at: VecDeque<Instant> = VecDeque::with_capacity(window as usize);
+    let mut lat = Vec::with_capacity(msgs as usize);
+    let mut acked = 0u64;
+    let cpu = crate::procs::Meter::start(&[("nats-server", nats.pid()), ("publisher (bench)", 0)]);
+    let started = Instant::now();
+    let mut seq = 0u64;
+    let mut committed = None;
+    while committed.is_none() {
+        while seq < msgs && seq - acked < window {
+            seq += 1;
+            let op = match seq {
+                1 => 0,              // start
+                s if s == msgs => 2, // commit, storing this message
+                _ => 1,              // append
+            };
+            let (subject, payload) = &samples[(seq - 1) as usize % samples.len()];
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                "Nats-Expected-Last-Sequence",
+                (seq - 1).to_string().as_str(),
+            );
+            sent_at.push_back(Instant::now());
+            client
+                .publish_with_reply_and_headers(
+                    subject.clone(),
+                    format!("{inbox}.{id}.{flow}.fail.{seq}.{op}.$FI"),
+                    headers,
+                    payload.clone(),
+                )
+                .await
+                .context("publish in a fast batch")?;
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
+            .await
+            .context("no flow-control ack within 10 s")?
+            .context("the answers' subscription ended")?;
+        let v: Value = serde_json::from_slice(&answer.payload).context("a fast-batch answer")?;
+        let through = match v.get("type").and_then(Value::as_str) {
+            Some("ack") => v["seq"].as_u64().context("an ack without seq")?,
+            Some(other) => bail!("fast batch: {other}: {v}"),
+            // The PubAck of the commit: every message is stored.
+            None if v.get("error").is_none() => {
+                anyhow::ensure!(v["count"].as_u64() == Some(msgs), "commit ack {v}");
+                committed = Some(v["seq"].as_u64().context("a commit ack without seq")?);
+                msgs
+            }
+            None => bail!("fast batch refused: {v}"),
+        };
+        while acked < through {
+            let sent = sent_at.pop_front().context("an ack beyond what was sent")?;
+            lat.push(micros(sent.elapsed()));
+            acked += 1;
+        }
+    }
+    let rate = Rate::new(msgs, started.elapsed());
+    anyhow::ensure!(
+        committed == Some(msgs),
+        "the stream's last seq is {committed:?}, not {msgs}"
+    );
     Ok(Publish {
         rate,
         latency: Latency::of(lat),
