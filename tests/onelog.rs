@@ -761,28 +761,9 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
 /// expected too, nothing of bcp's follows the stray.
 #[tokio::test]
 async fn a_stray_publish_amid_pipelined_publishes_is_the_streams_last() {
-    use bcp::store::{ledger::Pending, pipeline::Pipeline};
     let mut h = Harness::start().await;
     assert_eq!(h.stop_bcp().await.code(), Some(0));
-    {
-        let store = bcp::store::Store::open_existing(&h.db()).unwrap();
-        let mut ledger = Pipeline::open(store).unwrap();
-        for _ in 0..40 {
-            let batch: Vec<Pending> = (0..500)
-                .map(|_| {
-                    let body = create(id()).to_string();
-                    Pending::new(
-                        bcp::domain::command::decode("p1", "create", body.as_bytes(), None)
-                            .unwrap(),
-                    )
-                })
-                .collect();
-            ledger
-                .execute(&batch, chrono::Utc::now(), &mut Uuid::now_v7)
-                .unwrap();
-        }
-        assert_eq!(ledger.head_seq(), 20_000);
-    }
+    assert_eq!(write_offline(&h, 40, 500), 20_000);
     h.spawn_bcp();
     let deadline = Deadline::new("the relay to start publishing", Duration::from_secs(60));
     while h.stream_info().await.map_or(0, |i| i.state.last_sequence) < 200 {
@@ -813,6 +794,73 @@ async fn a_stray_publish_amid_pipelined_publishes_is_the_streams_last() {
         before.push(stream.get_raw_message(seq).await.unwrap());
     }
     support::check_stream(&before, stray_seq - 1);
+    assert!(
+        h.bcp_log_text().contains("batched=true"),
+        "the relay published in fast batches"
+    );
+}
+
+/// Commit `batches` batches of `per` creates to the stopped harness's
+/// store, as `bcp serve` would; returns the log's head.
+fn write_offline(h: &Harness, batches: usize, per: usize) -> u64 {
+    use bcp::store::{ledger::Pending, pipeline::Pipeline};
+    let store = bcp::store::Store::open_existing(&h.db()).unwrap();
+    let mut ledger = Pipeline::open(store).unwrap();
+    for _ in 0..batches {
+        let batch: Vec<Pending> = (0..per)
+            .map(|_| {
+                let body = create(id()).to_string();
+                Pending::new(
+                    bcp::domain::command::decode("p1", "create", body.as_bytes(), None).unwrap(),
+                )
+            })
+            .collect();
+        ledger
+            .execute(&batch, chrono::Utc::now(), &mut Uuid::now_v7)
+            .unwrap();
+    }
+    ledger.head_seq()
+}
+
+/// The relay publishes in fast batches only on a stream that allows them
+/// (bcp creates its stream so): one made before keeps one ack per
+/// message. Either way each event lands at its own seq with the relay's
+/// headers, and a backlog longer than a batch's window and several
+/// answers goes through whole.
+#[tokio::test]
+async fn the_relay_batches_only_on_a_stream_that_allows_it() {
+    let mut h = Harness::start().await;
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    assert_eq!(write_offline(&h, 3, 700), 2_100);
+    h.spawn_bcp();
+    h.wait_stream_last_seq(2_100).await;
+    let log = h.bcp_log_text();
+    assert!(
+        log.contains("batched=true") && !log.contains("batched=false"),
+        "{log}"
+    );
+    let mut config = h.stream_info().await.unwrap().config;
+    assert!(
+        config.allow_batch_publish,
+        "bcp's stream allows fast batches"
+    );
+
+    // The stream as an older bcp made it.
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    config.allow_batch_publish = false;
+    h.js.update_stream(config)
+        .await
+        .expect("disallow fast batches");
+    assert_eq!(write_offline(&h, 2, 700), 3_500);
+    h.spawn_bcp();
+    h.wait_stream_last_seq(3_500).await;
+    assert!(h.bcp_log_text().contains("batched=false"));
+    assert!(
+        !h.stream_info().await.unwrap().config.allow_batch_publish,
+        "bcp does not change a stream's settings"
+    );
+    support::check_stream(&h.stream_messages_ordered().await, 3_500);
+    h.stop_and_verify(3_500).await;
 }
 
 /// Under load, the stream check on its timer (every second here) finds the

@@ -152,6 +152,8 @@ pub fn stream_config(name: &str, replicas: usize) -> stream::Config {
         deny_delete: true,
         deny_purge: true,
         duplicate_window: STREAM_DUPLICATE_WINDOW,
+        // The relay's fast batches (nats-server 2.14+; super::batch).
+        allow_batch_publish: true,
         ..Default::default()
     }
 }

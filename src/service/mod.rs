@@ -13,6 +13,7 @@
 //! that stop publishing and commands.
 
 pub mod api;
+pub mod batch;
 pub mod connect;
 pub mod group;
 pub mod guard;

@@ -18,6 +18,13 @@
 //! batches: the relay publishes a new batch without waiting for the acks
 //! of the one before (in a group, each reply waits for its batch's ack).
 //!
+//! In single mode, on a stream that allows them (`allow_batched`, as bcp
+//! creates it; nats-server 2.14+), the events go in JetStream fast batches
+//! ([`super::batch`]): the same headers, one answer per 64 stored events
+//! instead of an ack each, each batch committed with the last event
+//! committed when it is sent. In group mode, or on a stream made before,
+//! each event has its own ack.
+//!
 //! On every (re)connection it checks the stream against the log
 //! ([`super::guard::inspect`]) and resumes after the stream's last sequence,
 //! so a crash, a NATS outage or a lost NATS store delays publishing but never
@@ -25,14 +32,17 @@
 //! this log, its settings drifted, another process holds the writer lease)
 //! it publishes nothing, and checks again until the cause is gone.
 
+use super::batch::{self, Batcher};
 use super::guard::{self, Alarms, Inspection, Verdict};
 use crate::domain::envelope::{Route, Routing};
-use crate::domain::limits::{RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX, RELAY_WINDOW_MAX};
+use crate::domain::limits::{
+    RELAY_ACK_TIMEOUT, RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX, RELAY_WINDOW_MAX,
+};
 use crate::store::Store;
-use async_nats::HeaderMap;
 use async_nats::jetstream::{
     self, context::PublishError, message::PublishMessage, publish::PublishAck,
 };
+use async_nats::{HeaderMap, header};
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -248,9 +258,14 @@ async fn publish_until_drained(
         alarms,
         fence,
     } = target;
-    js.get_or_create_stream(guard::stream_config(stream_name, *replicas))
+    let stream = js
+        .get_or_create_stream(guard::stream_config(stream_name, *replicas))
         .await
         .map_err(|e| format!("stream {stream_name}: {e}"))?;
+    // Fast batches in single mode, on a stream that allows them (one made
+    // by an older bcp does not: its events keep one ack each). In group
+    // mode each reply waits for its own events' acks.
+    let batched = fence.is_none() && stream.cached_info().config.allow_batch_publish;
     let committed = *head.borrow();
     let inspection = guard::inspect(&source.store, js, stream_name, || committed, alarms).await?;
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
@@ -270,9 +285,20 @@ async fn publish_until_drained(
     tracing::info!(
         stream_seq = last,
         head_seq = committed,
+        batched,
         nats_server_version = %js.client().server_info().version,
         "relay connected: the stream is this log; publishing from its last sequence"
     );
+    if batched {
+        let ends = Ends {
+            source,
+            head,
+            published,
+            drain,
+            alarms,
+        };
+        return publish_batched(js, ends, last).await;
+    }
     let interrupted = |e| match e {
         Publish::Fenced(_) if fence.is_some() => fenced(fence),
         Publish::Halted => Interrupted::Halted,
@@ -312,21 +338,156 @@ async fn publish_until_drained(
             }
             continue;
         }
-        if drain.is_cancelled() {
+        if wait_for_more(head, drain, &mut writer_gone).await {
             return Ok(());
         }
-        if writer_gone {
-            // The head read above is final and is published. Wait for the
-            // drain (not `changed()` again: it would return at once,
-            // forever, and spin a core).
-            drain.cancelled().await;
+    }
+}
+
+/// Everything committed is published: wait for more, unless draining.
+/// Returns whether the relay is done.
+async fn wait_for_more(
+    head: &mut watch::Receiver<u64>,
+    drain: &CancellationToken,
+    writer_gone: &mut bool,
+) -> bool {
+    if drain.is_cancelled() {
+        return true;
+    }
+    if *writer_gone {
+        // The head read last is final and is published. Wait for the
+        // drain (not `changed()` again: it would return at once, forever,
+        // and spin a core).
+        drain.cancelled().await;
+        return false;
+    }
+    tokio::select! {
+        changed = head.changed() => *writer_gone = changed.is_err(),
+        _ = drain.cancelled() => {}
+    }
+    false
+}
+
+/// What the batched relay reads and answers to.
+struct Ends<'a> {
+    source: &'a Source,
+    head: &'a mut watch::Receiver<u64>,
+    published: &'a watch::Sender<u64>,
+    drain: &'a CancellationToken,
+    alarms: &'a Alarms,
+}
+
+/// Single mode on a stream that allows fast batches ([`super::batch`]):
+/// publish from the stream's last sequence `last`, each batch committed
+/// with the last event committed when it is sent, and `published` moved
+/// on by nats-server's answers, at most [`RELAY_WINDOW_MAX`] events
+/// unanswered.
+async fn publish_batched(
+    js: &jetstream::Context,
+    ends: Ends<'_>,
+    last: u64,
+) -> Result<(), Interrupted> {
+    let Ends {
+        source,
+        head,
+        published,
+        drain,
+        alarms,
+    } = ends;
+    let mut batcher = Batcher::new(js.client()).await?;
+    let interrupted = |e: Publish| match e {
+        Publish::Halted => Interrupted::Halted,
+        e => Interrupted::Nats(e.to_string()),
+    };
+    let mut sent = last;
+    // The first publish is checked by the sequence alone (as in
+    // `publish_until_drained`).
+    let mut prev_id: Option<String> = None;
+    let mut writer_gone = false;
+    loop {
+        let target = *head.borrow_and_update();
+        if sent < target && batcher.can_send() {
+            if alarms.refusal().is_some() {
+                return Err(Interrupted::Halted);
+            }
+            for (seq, bytes, route) in source.events(sent + 1, target).await? {
+                if alarms.any() {
+                    return Err(Interrupted::Halted);
+                }
+                while seq - 1 - *published.borrow() >= RELAY_WINDOW_MAX as u64 {
+                    settle_batch(batcher.next(RELAY_ACK_TIMEOUT).await, published)
+                        .map_err(interrupted)?;
+                }
+                let event_id = route.event_id.to_string();
+                let headers = fenced_headers(seq, &event_id, prev_id.replace(event_id.clone()));
+                // The last event committed ends the batch: nats-server
+                // answers a batch's tail only at its commit.
+                let commit = seq == target;
+                batcher
+                    .send(seq, route.subject, headers, bytes.into(), commit)
+                    .await?;
+                sent = seq;
+                if commit {
+                    break;
+                }
+            }
             continue;
         }
-        tokio::select! {
-            changed = head.changed() => writer_gone = changed.is_err(),
-            _ = drain.cancelled() => {}
+        if batcher.is_open() {
+            // Answers outstanding: take the next, unless more events are
+            // committed first and the batch takes them.
+            let more = !writer_gone && batcher.can_send();
+            tokio::select! {
+                biased;
+                answer = batcher.next(RELAY_ACK_TIMEOUT) => {
+                    settle_batch(answer, published).map_err(interrupted)?;
+                }
+                changed = head.changed(), if more => writer_gone = changed.is_err(),
+            }
+            continue;
+        }
+        if wait_for_more(head, drain, &mut writer_gone).await {
+            return Ok(());
         }
     }
+}
+
+/// nats-server's answer about a batch: the stream holds the log through
+/// the seq it names.
+fn settle_batch(
+    answer: Result<batch::Answer, batch::Batch>,
+    published: &watch::Sender<u64>,
+) -> Result<(), Publish> {
+    match answer {
+        Ok(batch::Answer::Stored(seq) | batch::Answer::Committed(seq)) => {
+            published.send_if_modified(|p| {
+                let moved = seq > *p;
+                *p = (*p).max(seq);
+                moved
+            });
+            Ok(())
+        }
+        Err(batch::Batch::Refused(batch::Refused::WrongLastSequence(e))) => Err(Publish::Fenced(e)),
+        Err(batch::Batch::Refused(batch::Refused::Other(e)) | batch::Batch::Failed(e)) => {
+            Err(Publish::Failed(e))
+        }
+    }
+}
+
+/// The relay's headers on the event at `seq` with id `event_id`, fenced
+/// by the stream's last sequence and, when known, the last message's id.
+fn fenced_headers(seq: u64, event_id: &str, prev_id: Option<String>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(SEQ_HEADER, seq.to_string().as_str());
+    headers.insert(header::NATS_MESSAGE_ID, event_id);
+    headers.insert(
+        header::NATS_EXPECTED_LAST_SEQUENCE,
+        (seq - 1).to_string().as_str(),
+    );
+    if let Some(prev) = prev_id {
+        headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, prev.as_str());
+    }
+    headers
 }
 
 /// Publish a chunk, its acks joining the window of those outstanding
@@ -349,17 +510,11 @@ async fn publish_chunk(
         if alarms.any() {
             return Err(Publish::Halted);
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(SEQ_HEADER, seq.to_string().as_str());
         let event_id = route.event_id.to_string();
-        let mut msg = PublishMessage::build()
+        let headers = fenced_headers(seq, &event_id, prev_id.replace(event_id.clone()));
+        let msg = PublishMessage::build()
             .payload(bytes.into())
-            .headers(headers)
-            .message_id(&event_id)
-            .expected_last_sequence(seq - 1);
-        if let Some(prev) = prev_id.replace(event_id) {
-            msg = msg.expected_last_message_id(prev);
-        }
+            .headers(headers);
         if in_flight.len() >= RELAY_WINDOW_MAX {
             let (seq, ack) = in_flight.pop_front().expect("window not empty");
             settle(seq, ack.await, published)?;

@@ -62,12 +62,20 @@ pub fn serve_command(bin: &Path, db: &Path, nats_url: &str) -> std::process::Com
     cmd
 }
 
-/// A free loopback TCP port (bound, read, released).
+/// A free loopback TCP port (bound, released), below the kernel's
+/// ephemeral range (32768 and up here and by default): a port `bind(0)`
+/// handed out there could, once released, become the local port of any
+/// outgoing connection before the server meant to listen on it binds it
+/// (a nats-server of a cluster then exits and the test fails waiting for
+/// it). Picked at random in 20000..32000, so parallel tests rarely try the
+/// same one, and checked free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a loopback port")
-        .port()
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// `GET path` from the HTTP server on loopback `port` (`bcp serve

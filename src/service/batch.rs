@@ -1,0 +1,286 @@
+//! JetStream fast batch publishing (nats-server 2.14+, a stream with
+//! `allow_batched`), as the relay uses it in single mode: the events go
+//! as one batch, each message naming the batch, its place in it and the
+//! operation in its reply subject (`<inbox>.<id>.<flow>.fail.<n>.<op>.$FI`,
+//! nats-server's `getFastBatch`). nats-server answers once per [`FLOW`]
+//! stored messages ("every message through n is stored"), and once when
+//! the batch commits. With "fail", a gap or a refused message (a fence
+//! that does not hold) ends the batch there. Each message keeps the
+//! relay's headers, so the fence works as with one ack per message; what
+//! goes away is an answer, and an ack future, per message. No Rust client
+//! has this API (async-nats 0.51 has the stream flag only).
+//!
+//! A batch is committed with the last event the relay has to send (the
+//! tail of a burst would otherwise wait for [`FLOW`] more), and the next
+//! begins only once that commit is answered: with two batches open,
+//! nats-server answers every message of each (`fastBatchInit`).
+
+use async_nats::{Client, HeaderMap, Subscriber};
+use futures::StreamExt;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Stored messages per answer asked of nats-server (it may answer more
+/// often, never less).
+pub const FLOW: u16 = 64;
+
+/// `err_code` of a refused `Nats-Expected-Last-Sequence`.
+const WRONG_LAST_SEQUENCE: u64 = 10071;
+
+/// What nats-server said of the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The log is stored in the stream through this seq; the batch goes on.
+    Stored(u64),
+    /// The batch is committed, the log stored through this seq.
+    Committed(u64),
+}
+
+/// Why the batch ended without its commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A message's `Nats-Expected-Last-Sequence` did not hold: something
+    /// else wrote the stream.
+    WrongLastSequence(String),
+    Other(String),
+}
+
+/// One open batch at a time, on one connection.
+pub struct Batcher {
+    client: Client,
+    inbox: String,
+    answers: Subscriber,
+    open: Option<Open>,
+}
+
+struct Open {
+    id: String,
+    /// The log seq before the batch's first message.
+    base: u64,
+    /// Messages sent in it.
+    sent: u64,
+    /// Its commit is sent: nothing more goes in it.
+    committing: bool,
+}
+
+impl Batcher {
+    pub async fn new(client: Client) -> Result<Batcher, String> {
+        let inbox = client.new_inbox();
+        let answers = client
+            .subscribe(format!("{inbox}.>"))
+            .await
+            .map_err(|e| format!("subscribe to the batch answers: {e}"))?;
+        Ok(Batcher {
+            client,
+            inbox,
+            answers,
+            open: None,
+        })
+    }
+
+    /// Whether a message may be sent now: no batch, or one not committing.
+    pub fn can_send(&self) -> bool {
+        self.open.as_ref().is_none_or(|b| !b.committing)
+    }
+
+    /// Whether a batch is open (answers are still to come).
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Send the event at log seq `seq` (the one after the last sent, or
+    /// the first of a new batch); `commit` ends the batch with it.
+    pub async fn send(
+        &mut self,
+        seq: u64,
+        subject: String,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+        commit: bool,
+    ) -> Result<(), String> {
+        assert!(self.can_send(), "a message sent after its batch's commit");
+        let b = self.open.get_or_insert_with(|| Open {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            base: seq - 1,
+            sent: 0,
+            committing: false,
+        });
+        assert_eq!(
+            seq,
+            b.base + b.sent + 1,
+            "a batch's messages follow the log"
+        );
+        b.sent += 1;
+        b.committing = commit;
+        let n = b.sent;
+        let op = match (n, commit) {
+            (_, true) => 2, // commit, storing this message
+            (1, false) => 0,
+            (_, false) => 1,
+        };
+        let reply = format!("{}.{}.{FLOW}.fail.{n}.{op}.$FI", self.inbox, b.id);
+        self.client
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
+            .await
+            .map_err(|e| format!("publish seq {seq}: {e}"))
+    }
+
+    /// The next answer about the open batch, waiting at most `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Answer, Batch> {
+        loop {
+            let b = self
+                .open
+                .as_ref()
+                .expect("answers are awaited for an open batch");
+            let msg = tokio::time::timeout(timeout, self.answers.next())
+                .await
+                .map_err(|_| Batch::Failed(format!("no answer within {timeout:?}")))?
+                .ok_or_else(|| Batch::Failed("the answers' subscription ended".into()))?;
+            // An answer of a batch before this one (ended by a refusal).
+            let of_this = msg
+                .subject
+                .as_str()
+                .strip_prefix(&self.inbox)
+                .and_then(|s| {
+                    s.strip_prefix('.')
+                        .and_then(|s| s.split('.').next())
+                        .map(|id| id == b.id)
+                });
+            if of_this != Some(true) {
+                continue;
+            }
+            let answer = parse(&msg.payload, b.base, b.sent).map_err(Batch::Refused)?;
+            if let Answer::Committed(_) = answer {
+                self.open = None;
+            }
+            return Ok(answer);
+        }
+    }
+}
+
+/// Why waiting for an answer failed.
+#[derive(Debug)]
+pub enum Batch {
+    Refused(Refused),
+    Failed(String),
+}
+
+/// An answer's payload, of the batch whose first message is log seq
+/// `base + 1` and of which `sent` messages were sent.
+pub fn parse(payload: &[u8], base: u64, sent: u64) -> Result<Answer, Refused> {
+    #[derive(Deserialize)]
+    struct Wire {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        seq: Option<u64>,
+        count: Option<u64>,
+        duplicate: Option<bool>,
+        error: Option<WireError>,
+    }
+    #[derive(Deserialize)]
+    struct WireError {
+        err_code: Option<u64>,
+        description: Option<String>,
+    }
+    let text = || String::from_utf8_lossy(payload).into_owned();
+    let w: Wire = serde_json::from_slice(payload)
+        .map_err(|e| Refused::Other(format!("an answer that does not parse ({e}): {}", text())))?;
+    let refused = |e: &WireError| {
+        let what = format!(
+            "refused: {}",
+            e.description.as_deref().unwrap_or("no reason")
+        );
+        match e.err_code {
+            Some(WRONG_LAST_SEQUENCE) => Refused::WrongLastSequence(what),
+            _ => Refused::Other(what),
+        }
+    };
+    let within = |n: u64| {
+        if n > sent {
+            Err(Refused::Other(format!(
+                "{n} stored of {sent} sent: {}",
+                text()
+            )))
+        } else {
+            Ok(base + n)
+        }
+    };
+    match (w.kind.as_deref(), &w.error) {
+        (Some("ack"), None) => within(w.seq.unwrap_or(0)).map(Answer::Stored),
+        (Some("err"), Some(e)) | (None, Some(e)) => Err(refused(e)),
+        (None, None) if w.duplicate != Some(true) => {
+            let count = w.count.unwrap_or(0);
+            let at = within(count)?;
+            if count != sent || w.seq != Some(at) {
+                return Err(Refused::Other(format!(
+                    "a commit of {count} messages stored through stream seq {:?}, \
+                     for {sent} sent after seq {base}",
+                    w.seq
+                )));
+            }
+            Ok(Answer::Committed(at))
+        }
+        _ => Err(Refused::Other(format!("an unexpected answer: {}", text()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answers_of_a_batch_say_how_far_the_log_is_stored() {
+        let p = |s: &str, sent| parse(s.as_bytes(), 100, sent);
+        // The first message's answer: nothing stored yet, the flow asked.
+        assert_eq!(
+            p(r#"{"type":"ack","seq":0,"msgs":64}"#, 1),
+            Ok(Answer::Stored(100))
+        );
+        assert_eq!(
+            p(r#"{"type":"ack","seq":64,"msgs":64}"#, 90),
+            Ok(Answer::Stored(164))
+        );
+        assert_eq!(
+            p(r#"{"stream":"S","seq":190,"batch":"b","count":90}"#, 90),
+            Ok(Answer::Committed(190))
+        );
+    }
+
+    #[test]
+    fn a_refusal_or_an_answer_out_of_step_ends_the_batch() {
+        let p = |s: &str, sent| parse(s.as_bytes(), 100, sent);
+        let fence = r#"{"type":"err","seq":3,"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 7"}}"#;
+        assert_eq!(
+            p(fence, 5),
+            Err(Refused::WrongLastSequence(
+                "refused: wrong last sequence: 7".into()
+            ))
+        );
+        // The first message refused: the answer of a plain publish.
+        let first = r#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 7"},"stream":"S","seq":0}"#;
+        assert!(matches!(p(first, 1), Err(Refused::WrongLastSequence(_))));
+        let disabled =
+            r#"{"error":{"code":400,"err_code":10205,"description":"batch publish is disabled"}}"#;
+        assert!(matches!(p(disabled, 1), Err(Refused::Other(_))));
+        // More stored than sent, a commit short of what was sent or stored
+        // elsewhere in the stream, a duplicate, a gap: none is the log.
+        assert!(p(r#"{"type":"ack","seq":6,"msgs":64}"#, 5).is_err());
+        assert!(p(r#"{"stream":"S","seq":104,"batch":"b","count":4}"#, 5).is_err());
+        assert!(p(r#"{"stream":"S","seq":106,"batch":"b","count":5}"#, 5).is_err());
+        assert!(
+            p(
+                r#"{"stream":"S","seq":105,"duplicate": true,"batch":"b","count":5}"#,
+                5
+            )
+            .is_err()
+        );
+        assert!(p(r#"{"type":"gap","last_seq":3,"seq":5}"#, 5).is_err());
+        assert!(
+            p(
+                b"not json".as_slice().escape_ascii().to_string().as_str(),
+                5
+            )
+            .is_err()
+        );
+    }
+}
