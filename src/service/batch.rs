@@ -2,18 +2,22 @@
 //! `allow_batched`), as the relay uses it in single mode: the events go
 //! as one batch, each message naming the batch, its place in it and the
 //! operation in its reply subject (`<inbox>.<id>.<flow>.fail.<n>.<op>.$FI`,
-//! nats-server's `getFastBatch`). nats-server answers once per [`FLOW`]
-//! stored messages ("every message through n is stored"), and once when
-//! the batch commits. With "fail", a gap or a refused message (a fence
-//! that does not hold) ends the batch there. Each message keeps the
-//! relay's headers, so the fence works as with one ack per message; what
-//! goes away is an answer, and an ack future, per message. No Rust client
-//! has this API (async-nats 0.51 has the stream flag only).
+//! nats-server's `getFastBatch`). nats-server answers the first message
+//! (with the flow it grants), then once per at most [`FLOW`] stored
+//! messages ("every message through n is stored"), and once when the batch
+//! commits. With "fail", a gap or a message refused before it is stored
+//! (its `Nats-Expected-Last-Sequence` does not hold) ends the batch there:
+//! nothing after it is stored. A message refused later (its last message
+//! id, a store error) does not end it, but the next message's sequence
+//! fence then fails. Each message keeps the relay's headers, so the fence
+//! works as with one ack per message; what goes away is an answer, and an
+//! ack future, per message. No Rust client has this API (async-nats 0.51
+//! has the stream flag only).
 //!
 //! A batch is committed with the last event the relay has to send (the
 //! tail of a burst would otherwise wait for [`FLOW`] more), and the next
-//! begins only once that commit is answered: with two batches open,
-//! nats-server answers every message of each (`fastBatchInit`).
+//! begins only once that commit is answered: a batch opened while another
+//! is open starts at one answer per message (`fastBatchInit`).
 
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt;
@@ -23,6 +27,21 @@ use std::time::Duration;
 /// Stored messages per answer asked of nats-server (it may answer more
 /// often, never less).
 pub const FLOW: u16 = 64;
+
+/// Whether nats-server `version` ("2.15.1", "v2.14.0-beta.1") has fast
+/// batches (2.14 and later). An older one ignores the stream's
+/// `allow_batched`, or (2.12, parsing the API strictly) refuses a stream
+/// configuration that names it.
+pub fn supported(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().ok());
+    matches!(
+        (parts.next().flatten(), parts.next().flatten()),
+        (Some(major), Some(minor)) if (major, minor) >= (2, 14)
+    )
+}
 
 /// `err_code` of a refused `Nats-Expected-Last-Sequence`.
 const WRONG_LAST_SEQUENCE: u64 = 10071;
@@ -136,7 +155,9 @@ impl Batcher {
                 .await
                 .map_err(|_| Batch::Failed(format!("no answer within {timeout:?}")))?
                 .ok_or_else(|| Batch::Failed("the answers' subscription ended".into()))?;
-            // An answer of a batch before this one (ended by a refusal).
+            // Not this batch's: a batcher's earlier batches are answered
+            // through their commit before the next opens, so only a stray
+            // message on the inbox (nothing of nats-server's) lands here.
             let of_this = msg
                 .subject
                 .as_str()
@@ -174,7 +195,6 @@ pub fn parse(payload: &[u8], base: u64, sent: u64) -> Result<Answer, Refused> {
         kind: Option<String>,
         seq: Option<u64>,
         count: Option<u64>,
-        duplicate: Option<bool>,
         error: Option<WireError>,
     }
     #[derive(Deserialize)]
@@ -208,7 +228,9 @@ pub fn parse(payload: &[u8], base: u64, sent: u64) -> Result<Answer, Refused> {
     match (w.kind.as_deref(), &w.error) {
         (Some("ack"), None) => within(w.seq.unwrap_or(0)).map(Answer::Stored),
         (Some("err"), Some(e)) | (None, Some(e)) => Err(refused(e)),
-        (None, None) if w.duplicate != Some(true) => {
+        // A commit, or (`duplicate`) a batch of events already stored, each
+        // at its seq: publishes of the session before whose acks were late.
+        (None, None) => {
             let count = w.count.unwrap_or(0);
             let at = within(count)?;
             if count != sent || w.seq != Some(at) {
@@ -227,6 +249,23 @@ pub fn parse(payload: &[u8], base: u64, sent: u64) -> Result<Answer, Refused> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_batches_are_asked_of_nats_server_2_14_and_later() {
+        for (v, yes) in [
+            ("2.15.1", true),
+            ("v2.14.0-beta.1", true),
+            ("2.14.0", true),
+            ("3.0.0", true),
+            ("2.13.9", false),
+            ("2.12.1", false),
+            ("2.9", false),
+            ("", false),
+            ("nightly", false),
+        ] {
+            assert_eq!(supported(v), yes, "{v}");
+        }
+    }
 
     #[test]
     fn the_answers_of_a_batch_say_how_far_the_log_is_stored() {
@@ -263,24 +302,34 @@ mod tests {
             r#"{"error":{"code":400,"err_code":10205,"description":"batch publish is disabled"}}"#;
         assert!(matches!(p(disabled, 1), Err(Refused::Other(_))));
         // More stored than sent, a commit short of what was sent or stored
-        // elsewhere in the stream, a duplicate, a gap: none is the log.
+        // elsewhere in the stream, a gap: none is the log.
         assert!(p(r#"{"type":"ack","seq":6,"msgs":64}"#, 5).is_err());
         assert!(p(r#"{"stream":"S","seq":104,"batch":"b","count":4}"#, 5).is_err());
         assert!(p(r#"{"stream":"S","seq":106,"batch":"b","count":5}"#, 5).is_err());
+        // Events stored already, through their own seqs, are stored; a
+        // duplicate answered elsewhere (or at seq 0) is not this log.
+        assert_eq!(
+            p(
+                r#"{"stream":"S","seq":101,"duplicate": true,"batch":"b","count":1}"#,
+                1
+            ),
+            Ok(Answer::Committed(101))
+        );
         assert!(
             p(
-                r#"{"stream":"S","seq":105,"duplicate": true,"batch":"b","count":5}"#,
+                r#"{"stream":"S","seq":0,"duplicate": true,"batch":"b","count":5}"#,
                 5
+            )
+            .is_err()
+        );
+        assert!(
+            p(
+                r#"{"stream":"S","seq":99,"duplicate": true,"batch":"b","count":1}"#,
+                1
             )
             .is_err()
         );
         assert!(p(r#"{"type":"gap","last_seq":3,"seq":5}"#, 5).is_err());
-        assert!(
-            p(
-                b"not json".as_slice().escape_ascii().to_string().as_str(),
-                5
-            )
-            .is_err()
-        );
+        assert!(p("not json", 5).is_err());
     }
 }

@@ -96,7 +96,11 @@ async fn follow(
     stop: &CancellationToken,
 ) -> Result<Option<(Ledger, Lease)>, ServeError> {
     let config = &node.config;
-    let stream_config = guard::stream_config(&config.stream, config.stream_replicas);
+    let stream_config = guard::stream_config(
+        &config.stream,
+        config.stream_replicas,
+        super::batch::supported(&node.js.client().server_info().version),
+    );
     let Some(stream) = until_nats(stop, "the stream", || {
         node.js.get_or_create_stream(stream_config.clone())
     })

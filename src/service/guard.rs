@@ -143,7 +143,11 @@ impl Alarms {
 /// is append-only. Its duplicate window is short
 /// ([`STREAM_DUPLICATE_WINDOW`]); the stream check does not compare it, so
 /// a stream created before keeps its own.
-pub fn stream_config(name: &str, replicas: usize) -> stream::Config {
+///
+/// `batched` allows the relay's fast batches ([`super::batch`]); only for a
+/// nats-server that has them ([`super::batch::supported`]): 2.12 refuses a
+/// configuration naming them.
+pub fn stream_config(name: &str, replicas: usize, batched: bool) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
         subjects: vec!["bcp.evt.>".to_owned()],
@@ -152,8 +156,7 @@ pub fn stream_config(name: &str, replicas: usize) -> stream::Config {
         deny_delete: true,
         deny_purge: true,
         duplicate_window: STREAM_DUPLICATE_WINDOW,
-        // The relay's fast batches (nats-server 2.14+; super::batch).
-        allow_batch_publish: true,
+        allow_batch_publish: batched,
         ..Default::default()
     }
 }
@@ -711,8 +714,8 @@ mod tests {
 
     #[test]
     fn drift_names_every_setting_changed() {
-        assert!(drift(&stream_config("S", 1)).is_empty());
-        let mut c = stream_config("S", 3);
+        assert!(drift(&stream_config("S", 1, true)).is_empty());
+        let mut c = stream_config("S", 3, false);
         assert!(drift(&c).is_empty(), "replicas are not drift");
         c.max_messages = 10;
         c.sealed = true;

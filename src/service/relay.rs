@@ -19,11 +19,13 @@
 //! of the one before (in a group, each reply waits for its batch's ack).
 //!
 //! In single mode, on a stream that allows them (`allow_batched`, as bcp
-//! creates it; nats-server 2.14+), the events go in JetStream fast batches
-//! ([`super::batch`]): the same headers, one answer per 64 stored events
-//! instead of an ack each, each batch committed with the last event
-//! committed when it is sent. In group mode, or on a stream made before,
-//! each event has its own ack.
+//! creates it on nats-server 2.14+), the events go in JetStream fast
+//! batches ([`super::batch`]): the same headers (but for the last message
+//! id on a batch's first message, whose fence is the sequence alone: the
+//! batch before it was committed at that sequence), one answer per 64
+//! stored events instead of an ack each, each batch committed with the
+//! last event committed when it is sent. In group mode, or on a stream
+//! made before, each event has its own ack.
 //!
 //! On every (re)connection it checks the stream against the log
 //! ([`super::guard::inspect`]) and resumes after the stream's last sequence,
@@ -259,7 +261,11 @@ async fn publish_until_drained(
         fence,
     } = target;
     let stream = js
-        .get_or_create_stream(guard::stream_config(stream_name, *replicas))
+        .get_or_create_stream(guard::stream_config(
+            stream_name,
+            *replicas,
+            batch::supported(&js.client().server_info().version),
+        ))
         .await
         .map_err(|e| format!("stream {stream_name}: {e}"))?;
     // Fast batches in single mode, on a stream that allows them (one made
@@ -419,7 +425,17 @@ async fn publish_batched(
                         .map_err(interrupted)?;
                 }
                 let event_id = route.event_id.to_string();
-                let headers = fenced_headers(seq, &event_id, prev_id.replace(event_id.clone()));
+                let prev = prev_id.replace(event_id.clone());
+                // A batch's first message is fenced by the sequence alone,
+                // enough there: the batch before it was committed, its
+                // answer naming the stream's last sequence. nats-server
+                // checks the last message id only once a message is in a
+                // batch, and (as its source reads) a batch refused there
+                // stays open, counted against its limit of batches in
+                // flight, until nats-server restarts; a sequence refusal
+                // ends the batch.
+                let prev = prev.filter(|_| batcher.is_open());
+                let headers = fenced_headers(seq, &event_id, prev);
                 // The last event committed ends the batch: nats-server
                 // answers a batch's tail only at its commit.
                 let commit = seq == target;
