@@ -173,6 +173,19 @@ pub struct Publish {
     pub cpu: crate::procs::Usage,
 }
 
+/// A fresh stream of the shape of bcp's own (src/service/guard.rs): file
+/// storage, `bcp.evt.>`, no deletes or purges.
+fn baseline_stream(name: &str) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        subjects: vec!["bcp.evt.>".to_owned()],
+        storage: stream::StorageType::File,
+        deny_delete: true,
+        deny_purge: true,
+        ..Default::default()
+    }
+}
+
 /// Baseline B: publish `msgs` of the sample envelopes (subject as bcp's
 /// relay would use) to a fresh file-storage stream, `window` acks in flight,
 /// awaited in order. With `fence` off, no headers: the cheapest durable-ish
@@ -188,17 +201,9 @@ pub async fn jetstream_publish(
 ) -> Result<Publish> {
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client);
-    // Same shape as bcp's own stream (src/service/relay.rs).
-    js.create_stream(stream::Config {
-        name: "BASELINE".to_owned(),
-        subjects: vec!["bcp.evt.>".to_owned()],
-        storage: stream::StorageType::File,
-        deny_delete: true,
-        deny_purge: true,
-        ..Default::default()
-    })
-    .await
-    .context("create baseline stream")?;
+    js.create_stream(baseline_stream("BASELINE"))
+        .await
+        .context("create baseline stream")?;
     let mut in_flight: VecDeque<(Instant, PublishAckFuture)> = VecDeque::with_capacity(window);
     let mut lat = Vec::with_capacity(msgs as usize);
     let cpu = crate::procs::Meter::start(&[("nats-server", nats.pid()), ("publisher (bench)", 0)]);
@@ -251,13 +256,8 @@ pub async fn jetstream_atomic_batches(
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client.clone());
     js.create_stream(stream::Config {
-        name: "BASELINE_BATCHED".to_owned(),
-        subjects: vec!["bcp.evt.>".to_owned()],
-        storage: stream::StorageType::File,
-        deny_delete: true,
-        deny_purge: true,
         allow_atomic_publish: true,
-        ..Default::default()
+        ..baseline_stream("BASELINE_BATCHED")
     })
     .await
     .context("create the batched baseline stream")?;
@@ -356,13 +356,8 @@ pub async fn jetstream_fast_batch(
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client.clone());
     js.create_stream(stream::Config {
-        name: "BASELINE_FAST".to_owned(),
-        subjects: vec!["bcp.evt.>".to_owned()],
-        storage: stream::StorageType::File,
-        deny_delete: true,
-        deny_purge: true,
         allow_batch_publish: true,
-        ..Default::default()
+        ..baseline_stream("BASELINE_FAST")
     })
     .await
     .context("create the fast-batch baseline stream")?;

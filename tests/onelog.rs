@@ -757,8 +757,10 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
 /// A stray message lands while the relay has many publishes in flight (a
 /// long log published at start): the sequence check alone would refuse
 /// bcp's event at the stray's seq but store the next ones after it, since
-/// each finds "last sequence = seq - 1". With the previous event's id
-/// expected too, nothing of bcp's follows the stray.
+/// each finds "last sequence = seq - 1". Here the relay publishes in a
+/// fast batch, which nats-server ends at the refused message; with one
+/// ack per message, the previous event's id expected by each publish
+/// does it. Either way nothing of bcp's follows the stray.
 #[tokio::test]
 async fn a_stray_publish_amid_pipelined_publishes_is_the_streams_last() {
     let mut h = Harness::start().await;
