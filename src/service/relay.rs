@@ -425,7 +425,6 @@ async fn publish_batched(
                         .map_err(interrupted)?;
                 }
                 let event_id = route.event_id.to_string();
-                let prev = prev_id.replace(event_id.clone());
                 // A batch's first message is fenced by the sequence alone,
                 // enough there: the batch before it was committed, its
                 // answer naming the stream's last sequence. nats-server
@@ -434,8 +433,9 @@ async fn publish_batched(
                 // stays open, counted against its limit of batches in
                 // flight, until nats-server restarts; a sequence refusal
                 // ends the batch.
-                let prev = prev.filter(|_| batcher.is_open());
+                let prev = prev_id.take().filter(|_| batcher.is_open());
                 let headers = fenced_headers(seq, &event_id, prev);
+                prev_id = Some(event_id);
                 // The last event committed ends the batch: nats-server
                 // answers a batch's tail only at its commit.
                 let commit = seq == target;
@@ -527,7 +527,8 @@ async fn publish_chunk(
             return Err(Publish::Halted);
         }
         let event_id = route.event_id.to_string();
-        let headers = fenced_headers(seq, &event_id, prev_id.replace(event_id.clone()));
+        let headers = fenced_headers(seq, &event_id, prev_id.take());
+        *prev_id = Some(event_id);
         let msg = PublishMessage::build()
             .payload(bytes.into())
             .headers(headers);
