@@ -825,10 +825,10 @@ fn write_offline(h: &Harness, batches: usize, per: usize) -> u64 {
 }
 
 /// The relay publishes in fast batches only on a stream that allows them
-/// (bcp creates its stream so): one made before keeps one ack per
-/// message. Either way each event lands at its own seq with the relay's
-/// headers, and a backlog longer than a batch's window and several
-/// answers goes through whole.
+/// (bcp creates its stream so): on one where they are turned off, while
+/// it runs or before it starts, it keeps one ack per message. Either way
+/// each event lands at its own seq with the relay's headers, and a backlog
+/// longer than a batch's window and several answers goes through whole.
 #[tokio::test]
 async fn the_relay_batches_only_on_a_stream_that_allows_it() {
     let mut h = Harness::start().await;
@@ -847,22 +847,37 @@ async fn the_relay_batches_only_on_a_stream_that_allows_it() {
         "bcp's stream allows fast batches"
     );
 
-    // The stream as an older bcp made it.
-    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    // Fast batches turned off while bcp runs: nats-server refuses the next
+    // batch, and the relay reconciles and goes on one ack per message.
     config.allow_batch_publish = false;
     h.js.update_stream(config)
         .await
         .expect("disallow fast batches");
-    assert_eq!(write_offline(&h, 2, 700), 3_500);
+    assert_eq!(seqs(&h.cmd("p1", "create", &create(id())).await), [2_101]);
+    h.wait_stream_last_seq(2_101).await;
+    let log = h.bcp_log_text();
+    assert!(
+        log.contains("batch publish is disabled") && log.contains("batched=false"),
+        "{log}"
+    );
+
+    // The stream as an older bcp made it, at a start.
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    assert_eq!(write_offline(&h, 2, 700), 3_501);
     h.spawn_bcp();
-    h.wait_stream_last_seq(3_500).await;
-    assert!(h.bcp_log_text().contains("batched=false"));
+    h.wait_stream_last_seq(3_501).await;
+    let log = h.bcp_log_text();
+    let connected = log.lines().rfind(|l| l.contains("relay connected"));
+    assert!(
+        connected.is_some_and(|l| l.contains("stream_seq=2101") && l.contains("batched=false")),
+        "{log}"
+    );
     assert!(
         !h.stream_info().await.unwrap().config.allow_batch_publish,
         "bcp does not change a stream's settings"
     );
-    support::check_stream(&h.stream_messages_ordered().await, 3_500);
-    h.stop_and_verify(3_500).await;
+    support::check_stream(&h.stream_messages_ordered().await, 3_501);
+    h.stop_and_verify(3_501).await;
 }
 
 /// Under load, the stream check on its timer (every second here) finds the
