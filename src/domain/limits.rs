@@ -41,6 +41,12 @@ pub const RELAY_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// timeout and the reconciliation's API request several times over.
 pub const STREAM_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 const _: () = assert!(STREAM_DUPLICATE_WINDOW.as_secs() >= 4 * RELAY_ACK_TIMEOUT.as_secs());
+/// Stored events per answer the relay asks of nats-server in a fast batch
+/// (`service::batch`; nats-server may answer more often, never less). At
+/// most [`RELAY_WINDOW_MAX`] events go unanswered, so the window holds
+/// several answers' worth.
+pub const RELAY_BATCH_FLOW: u16 = 64;
+const _: () = assert!(RELAY_WINDOW_MAX >= 2 * RELAY_BATCH_FLOW as usize);
 /// Events the relay reads from redb per read transaction.
 pub const RELAY_CHUNK_MAX: usize = 1024;
 /// Committed events held in memory for the relay (about 0.6 KB each):

@@ -3,9 +3,9 @@
 //! as one batch, each message naming the batch, its place in it and the
 //! operation in its reply subject (`<inbox>.<id>.<flow>.fail.<n>.<op>.$FI`,
 //! nats-server's `getFastBatch`). nats-server answers the first message
-//! (with the flow it grants), then once per at most [`FLOW`] stored
-//! messages ("every message through n is stored"), and once when the batch
-//! commits. With "fail", a gap or a message refused before it is stored
+//! (with the flow it grants), then once per at most [`RELAY_BATCH_FLOW`]
+//! stored messages ("every message through n is stored"), and once when
+//! the batch commits. With "fail", a gap or a message refused before it is stored
 //! (its `Nats-Expected-Last-Sequence` does not hold) ends the batch there:
 //! nothing after it is stored. A message refused later (its last message
 //! id, a store error) does not end it, but the next message's sequence
@@ -15,18 +15,16 @@
 //! has the stream flag only).
 //!
 //! A batch is committed with the last event the relay has to send (the
-//! tail of a burst would otherwise wait for [`FLOW`] more), and the next
-//! begins only once that commit is answered: a batch opened while another
-//! is open starts at one answer per message (`fastBatchInit`).
+//! tail of a burst would otherwise wait for [`RELAY_BATCH_FLOW`] more),
+//! and the next begins only once that commit is answered: a batch opened
+//! while another is open starts at one answer per message
+//! (`fastBatchInit`).
 
+use crate::domain::limits::RELAY_BATCH_FLOW;
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt;
 use serde::Deserialize;
 use std::time::Duration;
-
-/// Stored messages per answer asked of nats-server (it may answer more
-/// often, never less).
-pub const FLOW: u16 = 64;
 
 /// Whether nats-server `version` ("2.15.1", "v2.14.0-beta.1") has fast
 /// batches (2.14 and later). An older one ignores the stream's
@@ -137,7 +135,10 @@ impl Batcher {
             (1, false) => 0,
             (_, false) => 1,
         };
-        let reply = format!("{}.{}.{FLOW}.fail.{n}.{op}.$FI", self.inbox, b.id);
+        let reply = format!(
+            "{}.{}.{RELAY_BATCH_FLOW}.fail.{n}.{op}.$FI",
+            self.inbox, b.id
+        );
         self.client
             .publish_with_reply_and_headers(subject, reply, headers, payload)
             .await
