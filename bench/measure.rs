@@ -325,18 +325,13 @@ pub async fn jetstream_atomic_batches(
 }
 
 /// The relay's other alternative (issue 14): JetStream's fast batch
-/// publishing (nats-server 2.14+, stream `allow_batched`). The messages go
-/// as one long batch, each with a reply subject that names the batch, its
-/// sequence in the batch and the operation
-/// (`<inbox>.<id>.<flow>.fail.<seq>.<op>.$FI`: "fail" ends the batch at the
-/// first gap), and each carries `Nats-Expected-Last-Sequence`, as the relay
-/// would need to keep stream seq == log seq with other publishers about.
-/// nats-server answers with one flow-control ack per `flow` persisted
-/// messages ("all up to seq N are stored"), and the last message commits the
-/// batch. At most `window` messages go unacknowledged. Latency is per
-/// message, publish to the flow ack that covers it. No Rust client has this
-/// API yet (async-nats 0.51 has the stream flag only); the protocol here is
-/// nats-server's (`server/stream.go`, `getFastBatch`).
+/// publishing (nats-server 2.14+, stream `allow_batched`), through the
+/// relay's own [`Batcher`](bcp::service::batch::Batcher): the messages go
+/// as one long batch, each carrying `Nats-Expected-Last-Sequence` as the
+/// relay's do, nats-server answers once per `flow` stored messages ("all
+/// through seq N are stored"), and the last message commits the batch. At
+/// most `window` messages go unanswered. Latency is per message, publish
+/// to the answer that covers it.
 pub async fn jetstream_fast_batch(
     nats: &crate::procs::Nats,
     samples: &[(String, Bytes)],
@@ -344,14 +339,10 @@ pub async fn jetstream_fast_batch(
     flow: u16,
     window: u64,
 ) -> Result<Publish> {
-    use futures::StreamExt;
-    anyhow::ensure!(
-        msgs >= 2,
-        "a fast batch here has a first and a last message"
-    );
+    use bcp::service::batch::{Answer, Batcher};
     anyhow::ensure!(
         window >= u64::from(flow),
-        "a window under the flow never gets an ack"
+        "a window under the flow never gets an answer"
     );
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client.clone());
@@ -361,24 +352,19 @@ pub async fn jetstream_fast_batch(
     })
     .await
     .context("create the fast-batch baseline stream")?;
-    let inbox = client.new_inbox();
-    let mut answers = client.subscribe(format!("{inbox}.>")).await?;
-    let id = "relay";
+    let mut batcher = Batcher::new(client, flow)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut sent_at: VecDeque<Instant> = VecDeque::with_capacity(window as usize);
     let mut lat = Vec::with_capacity(msgs as usize);
     let mut acked = 0u64;
     let cpu = crate::procs::Meter::start(&[("nats-server", nats.pid()), ("publisher (bench)", 0)]);
     let started = Instant::now();
     let mut seq = 0u64;
-    let mut committed = None;
-    while committed.is_none() {
+    let mut committed = false;
+    while !committed {
         while seq < msgs && seq - acked < window {
             seq += 1;
-            let op = match seq {
-                1 => 0,              // start
-                s if s == msgs => 2, // commit, storing this message
-                _ => 1,              // append
-            };
             let (subject, payload) = &samples[(seq - 1) as usize % samples.len()];
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
@@ -386,31 +372,18 @@ pub async fn jetstream_fast_batch(
                 (seq - 1).to_string().as_str(),
             );
             sent_at.push_back(Instant::now());
-            client
-                .publish_with_reply_and_headers(
-                    subject.clone(),
-                    format!("{inbox}.{id}.{flow}.fail.{seq}.{op}.$FI"),
-                    headers,
-                    payload.clone(),
-                )
+            batcher
+                .send(seq, subject.clone(), headers, payload.clone(), seq == msgs)
                 .await
-                .context("publish in a fast batch")?;
+                .map_err(anyhow::Error::msg)?;
         }
-        let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
-            .await
-            .context("no flow-control ack within 10 s")?
-            .context("the answers' subscription ended")?;
-        let v: Value = serde_json::from_slice(&answer.payload).context("a fast-batch answer")?;
-        let through = match v.get("type").and_then(Value::as_str) {
-            Some("ack") => v["seq"].as_u64().context("an ack without seq")?,
-            Some(other) => bail!("fast batch: {other}: {v}"),
-            // The PubAck of the commit: every message is stored.
-            None if v.get("error").is_none() => {
-                anyhow::ensure!(v["count"].as_u64() == Some(msgs), "commit ack {v}");
-                committed = Some(v["seq"].as_u64().context("a commit ack without seq")?);
-                msgs
+        let through = match batcher.next(Duration::from_secs(10)).await {
+            Ok(Answer::Stored(through)) => through,
+            Ok(Answer::Committed(through)) => {
+                committed = true;
+                through
             }
-            None => bail!("fast batch refused: {v}"),
+            Err(e) => bail!("fast batch: {e:?}"),
         };
         while acked < through {
             let sent = sent_at.pop_front().context("an ack beyond what was sent")?;
@@ -419,10 +392,7 @@ pub async fn jetstream_fast_batch(
         }
     }
     let rate = Rate::new(msgs, started.elapsed());
-    anyhow::ensure!(
-        committed == Some(msgs),
-        "the stream's last seq is {committed:?}, not {msgs}"
-    );
+    anyhow::ensure!(acked == msgs, "committed through seq {acked}, not {msgs}");
     Ok(Publish {
         rate,
         latency: Latency::of(lat),

@@ -3,7 +3,7 @@
 //! as one batch, each message naming the batch, its place in it and the
 //! operation in its reply subject (`<inbox>.<id>.<flow>.fail.<n>.<op>.$FI`,
 //! nats-server's `getFastBatch`). nats-server answers the first message
-//! (with the flow it grants), then once per at most [`RELAY_BATCH_FLOW`]
+//! (with the flow it grants), then once per at most [`RELAY_BATCH_FLOW`](crate::domain::limits::RELAY_BATCH_FLOW)
 //! stored messages ("every message through n is stored"), and once when
 //! the batch commits. With "fail", a gap or a message refused before it is stored
 //! (its `Nats-Expected-Last-Sequence` does not hold) ends the batch there:
@@ -15,12 +15,11 @@
 //! has the stream flag only).
 //!
 //! A batch is committed with the last event the relay has to send (the
-//! tail of a burst would otherwise wait for [`RELAY_BATCH_FLOW`] more),
+//! tail of a burst would otherwise wait for [`RELAY_BATCH_FLOW`](crate::domain::limits::RELAY_BATCH_FLOW) more),
 //! and the next begins only once that commit is answered: a batch opened
 //! while another is open starts at one answer per message
 //! (`fastBatchInit`).
 
-use crate::domain::limits::RELAY_BATCH_FLOW;
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -53,7 +52,8 @@ pub enum Answer {
     Committed(u64),
 }
 
-/// Why the batch ended without its commit.
+/// Why the batch ended without its commit: nats-server refused it, or
+/// said nothing in time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refused {
     /// A message's `Nats-Expected-Last-Sequence` did not hold: something
@@ -66,12 +66,17 @@ pub enum Refused {
 pub struct Batcher {
     client: Client,
     inbox: String,
+    /// Stored messages per answer asked of nats-server (the relay's is
+    /// [`RELAY_BATCH_FLOW`](crate::domain::limits::RELAY_BATCH_FLOW)).
+    flow: u16,
     answers: Subscriber,
     open: Option<Open>,
 }
 
 struct Open {
-    id: String,
+    /// Every reply subject of the batch starts so:
+    /// `<inbox>.<id>.<flow>.fail.`.
+    prefix: String,
     /// The log seq before the batch's first message.
     base: u64,
     /// Messages sent in it.
@@ -81,7 +86,7 @@ struct Open {
 }
 
 impl Batcher {
-    pub async fn new(client: Client) -> Result<Batcher, String> {
+    pub async fn new(client: Client, flow: u16) -> Result<Batcher, String> {
         let inbox = client.new_inbox();
         let answers = client
             .subscribe(format!("{inbox}.>"))
@@ -90,6 +95,7 @@ impl Batcher {
         Ok(Batcher {
             client,
             inbox,
+            flow,
             answers,
             open: None,
         })
@@ -116,8 +122,9 @@ impl Batcher {
         commit: bool,
     ) -> Result<(), String> {
         assert!(self.can_send(), "a message sent after its batch's commit");
+        let (inbox, flow) = (&self.inbox, self.flow);
         let b = self.open.get_or_insert_with(|| Open {
-            id: uuid::Uuid::now_v7().simple().to_string(),
+            prefix: format!("{inbox}.{}.{flow}.fail.", uuid::Uuid::now_v7().simple()),
             base: seq - 1,
             sent: 0,
             committing: false,
@@ -135,10 +142,7 @@ impl Batcher {
             (1, false) => 0,
             (_, false) => 1,
         };
-        let reply = format!(
-            "{}.{}.{RELAY_BATCH_FLOW}.fail.{n}.{op}.$FI",
-            self.inbox, b.id
-        );
+        let reply = format!("{}{n}.{op}.$FI", b.prefix);
         self.client
             .publish_with_reply_and_headers(subject, reply, headers, payload)
             .await
@@ -146,45 +150,29 @@ impl Batcher {
     }
 
     /// The next answer about the open batch, waiting at most `timeout`.
-    pub async fn next(&mut self, timeout: Duration) -> Result<Answer, Batch> {
-        loop {
-            let b = self
-                .open
-                .as_ref()
-                .expect("answers are awaited for an open batch");
+    pub async fn next(&mut self, timeout: Duration) -> Result<Answer, Refused> {
+        let b = self
+            .open
+            .as_ref()
+            .expect("answers are awaited for an open batch");
+        let msg = loop {
             let msg = tokio::time::timeout(timeout, self.answers.next())
                 .await
-                .map_err(|_| Batch::Failed(format!("no answer within {timeout:?}")))?
-                .ok_or_else(|| Batch::Failed("the answers' subscription ended".into()))?;
-            // Not this batch's: a batcher's earlier batches are answered
-            // through their commit before the next opens, so only a stray
-            // message on the inbox (nothing of nats-server's) lands here.
-            let of_this = msg
-                .subject
-                .as_str()
-                .strip_prefix(&self.inbox)
-                .and_then(|s| {
-                    s.strip_prefix('.')
-                        .and_then(|s| s.split('.').next())
-                        .map(|id| id == b.id)
-                });
-            if of_this != Some(true) {
-                continue;
+                .map_err(|_| Refused::Other(format!("no answer within {timeout:?}")))?
+                .ok_or_else(|| Refused::Other("the answers' subscription ended".into()))?;
+            // A batcher's earlier batches are answered through their
+            // commit before the next opens: anything else on the inbox is
+            // not nats-server's answer.
+            if msg.subject.as_str().starts_with(&b.prefix) {
+                break msg;
             }
-            let answer = parse(&msg.payload, b.base, b.sent).map_err(Batch::Refused)?;
-            if let Answer::Committed(_) = answer {
-                self.open = None;
-            }
-            return Ok(answer);
+        };
+        let answer = parse(&msg.payload, b.base, b.sent)?;
+        if let Answer::Committed(_) = answer {
+            self.open = None;
         }
+        Ok(answer)
     }
-}
-
-/// Why waiting for an answer failed.
-#[derive(Debug)]
-pub enum Batch {
-    Refused(Refused),
-    Failed(String),
 }
 
 /// An answer's payload, of the batch whose first message is log seq

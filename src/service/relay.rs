@@ -38,7 +38,7 @@ use super::batch::{self, Batcher};
 use super::guard::{self, Alarms, Inspection, Verdict};
 use crate::domain::envelope::{Route, Routing};
 use crate::domain::limits::{
-    RELAY_ACK_TIMEOUT, RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX, RELAY_WINDOW_MAX,
+    RELAY_ACK_TIMEOUT, RELAY_BATCH_FLOW, RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX, RELAY_WINDOW_MAX,
 };
 use crate::store::Store;
 use async_nats::jetstream::{
@@ -296,14 +296,7 @@ async fn publish_until_drained(
         "relay connected: the stream is this log; publishing from its last sequence"
     );
     if batched {
-        let ends = Ends {
-            source,
-            head,
-            published,
-            drain,
-            alarms,
-        };
-        return publish_batched(js, ends, last).await;
+        return publish_batched(js, source, head, published, drain, alarms, last).await;
     }
     let interrupted = |e| match e {
         Publish::Fenced(_) if fence.is_some() => fenced(fence),
@@ -374,15 +367,6 @@ async fn wait_for_more(
     false
 }
 
-/// What the batched relay reads and answers to.
-struct Ends<'a> {
-    source: &'a Source,
-    head: &'a mut watch::Receiver<u64>,
-    published: &'a watch::Sender<u64>,
-    drain: &'a CancellationToken,
-    alarms: &'a Alarms,
-}
-
 /// Single mode on a stream that allows fast batches ([`super::batch`]):
 /// publish from the stream's last sequence `last`, each batch committed
 /// with the last event committed when it is sent, and `published` moved
@@ -390,17 +374,14 @@ struct Ends<'a> {
 /// unanswered.
 async fn publish_batched(
     js: &jetstream::Context,
-    ends: Ends<'_>,
+    source: &Source,
+    head: &mut watch::Receiver<u64>,
+    published: &watch::Sender<u64>,
+    drain: &CancellationToken,
+    alarms: &Alarms,
     last: u64,
 ) -> Result<(), Interrupted> {
-    let Ends {
-        source,
-        head,
-        published,
-        drain,
-        alarms,
-    } = ends;
-    let mut batcher = Batcher::new(js.client()).await?;
+    let mut batcher = Batcher::new(js.client(), RELAY_BATCH_FLOW).await?;
     let interrupted = |e: Publish| match e {
         Publish::Halted => Interrupted::Halted,
         e => Interrupted::Nats(e.to_string()),
@@ -471,7 +452,7 @@ async fn publish_batched(
 /// nats-server's answer about a batch: the stream holds the log through
 /// the seq it names.
 fn settle_batch(
-    answer: Result<batch::Answer, batch::Batch>,
+    answer: Result<batch::Answer, batch::Refused>,
     published: &watch::Sender<u64>,
 ) -> Result<(), Publish> {
     match answer {
@@ -483,10 +464,8 @@ fn settle_batch(
             });
             Ok(())
         }
-        Err(batch::Batch::Refused(batch::Refused::WrongLastSequence(e))) => Err(Publish::Fenced(e)),
-        Err(batch::Batch::Refused(batch::Refused::Other(e)) | batch::Batch::Failed(e)) => {
-            Err(Publish::Failed(e))
-        }
+        Err(batch::Refused::WrongLastSequence(e)) => Err(Publish::Fenced(e)),
+        Err(batch::Refused::Other(e)) => Err(Publish::Failed(e)),
     }
 }
 
