@@ -186,6 +186,20 @@ fn baseline_stream(name: &str) -> stream::Config {
     }
 }
 
+/// A connection to `nats` and its JetStream, `config`'s stream created.
+async fn connect_with_stream(
+    nats: &crate::procs::Nats,
+    config: stream::Config,
+) -> Result<(async_nats::Client, jetstream::Context)> {
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+    let name = config.name.clone();
+    js.create_stream(config)
+        .await
+        .with_context(|| format!("create the stream {name}"))?;
+    Ok((client, js))
+}
+
 /// Baseline B: publish `msgs` of the sample envelopes (subject as bcp's
 /// relay would use) to a fresh file-storage stream, `window` acks in flight,
 /// awaited in order. With `fence` off, no headers: the cheapest durable-ish
@@ -199,11 +213,7 @@ pub async fn jetstream_publish(
     window: usize,
     fence: bool,
 ) -> Result<Publish> {
-    let client = async_nats::connect(nats.url()).await?;
-    let js = jetstream::new(client);
-    js.create_stream(baseline_stream("BASELINE"))
-        .await
-        .context("create baseline stream")?;
+    let (_, js) = connect_with_stream(nats, baseline_stream("BASELINE")).await?;
     let mut in_flight: VecDeque<(Instant, PublishAckFuture)> = VecDeque::with_capacity(window);
     let mut lat = Vec::with_capacity(msgs as usize);
     let cpu = crate::procs::Meter::start(&[("nats-server", nats.pid()), ("publisher (bench)", 0)]);
@@ -253,14 +263,14 @@ pub async fn jetstream_atomic_batches(
     batch: u64,
     window: usize,
 ) -> Result<Publish> {
-    let client = async_nats::connect(nats.url()).await?;
-    let js = jetstream::new(client.clone());
-    js.create_stream(stream::Config {
-        allow_atomic_publish: true,
-        ..baseline_stream("BASELINE_BATCHED")
-    })
-    .await
-    .context("create the batched baseline stream")?;
+    let (client, js) = connect_with_stream(
+        nats,
+        stream::Config {
+            allow_atomic_publish: true,
+            ..baseline_stream("BASELINE_BATCHED")
+        },
+    )
+    .await?;
     let mut in_flight: VecDeque<(Instant, PublishAckFuture)> = VecDeque::with_capacity(window);
     let mut lat = Vec::new();
     let cpu = crate::procs::Meter::start(&[("nats-server", nats.pid()), ("publisher (bench)", 0)]);
@@ -344,14 +354,14 @@ pub async fn jetstream_fast_batch(
         window >= u64::from(flow),
         "a window under the flow never gets an answer"
     );
-    let client = async_nats::connect(nats.url()).await?;
-    let js = jetstream::new(client.clone());
-    js.create_stream(stream::Config {
-        allow_batch_publish: true,
-        ..baseline_stream("BASELINE_FAST")
-    })
-    .await
-    .context("create the fast-batch baseline stream")?;
+    let (client, _) = connect_with_stream(
+        nats,
+        stream::Config {
+            allow_batch_publish: true,
+            ..baseline_stream("BASELINE_FAST")
+        },
+    )
+    .await?;
     let mut batcher = Batcher::new(client, flow)
         .await
         .map_err(anyhow::Error::msg)?;
