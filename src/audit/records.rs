@@ -15,8 +15,8 @@ use super::verify::VerifyError;
 use crate::domain::reply::EventFacts;
 use crate::domain::{Envelope, ErrorCode, Event, Reply};
 use crate::store::behind::RowRef;
+use crate::store::commands::Records;
 use crate::store::records::read_recent;
-use crate::store::tables::COMMANDS;
 use crate::store::{CommandRecord, Store, StoreError};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -168,18 +168,13 @@ impl CommandLog {
                 ),
             )
         };
-        let table = txn.open_table(COMMANDS).map_err(StoreError::from)?;
-        let mut stored = table.range(keys).map_err(StoreError::from)?;
         // Rows are read where they are, not copied (verify reads them all).
-        type Row = (u128, redb::AccessGuard<'static, &'static [u8]>);
-        let mut next_stored = || -> Result<Option<Row>, VerifyError> {
-            match stored.next() {
-                None => Ok(None),
-                Some(r) => {
-                    let (k, v) = r.map_err(StoreError::from)?;
-                    Ok(Some((k.value(), v)))
-                }
-            }
+        let mut stored = Records::new(txn, keys)?;
+        let mut next_stored = || {
+            stored.next().transpose().map_err(|e| match e {
+                StoreError::Corrupt(what) => VerifyError::Records(what),
+                e => VerifyError::from(e),
+            })
         };
         let mut table_row = next_stored()?;
         let mut recent = recent.iter().peekable();
@@ -205,15 +200,15 @@ impl CommandLog {
                     }
                     recent.next();
                     table_row = next_stored()?;
-                    (id, RowRef::Table(row))
+                    (id, row)
                 }
                 (Some((id, row)), Some(r)) if r.id > id => {
                     table_row = next_stored()?;
-                    (id, RowRef::Table(row))
+                    (id, row)
                 }
                 (Some((id, row)), None) => {
                     table_row = next_stored()?;
-                    (id, RowRef::Table(row))
+                    (id, row)
                 }
                 (row, Some(_)) => {
                     table_row = row;
@@ -531,5 +526,106 @@ mod tests {
         txn.commit().unwrap();
         let err = log_of(&store).check(&store, 2).unwrap_err().to_string();
         assert!(err.contains("two recent records"), "{err}");
+    }
+
+    /// The UUIDv7 records of a batch are packed into one row
+    /// ([`crate::store::commands`]): each is checked as a record alone
+    /// would be, whatever the split, and a row planted inside a pack's
+    /// span (which lookups would miss) is named.
+    #[test]
+    fn packed_records_are_checked_like_any_other() {
+        use crate::store::commands::{Records, pack_row};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
+        let mut ledger = Pipeline::open(store.clone()).unwrap();
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 8, 0, 0).unwrap();
+        let ms = t0.timestamp_millis() as u128;
+        let v7 = |n: u128| ms << 80 | 0x7 << 76 | 0b10 << 62 | n;
+        let batch: Vec<Pending> = (1..=6u128)
+            .map(|n| {
+                let body = serde_json::json!({"command_id": Uuid::from_u128(v7(n)), "job_id": Uuid::from_u128(n), "deployment": {"kind": "replica_set", "name": "rs"}});
+                Pending::new(decode("p1", "create", body.to_string().as_bytes(), None).unwrap())
+            })
+            .collect();
+        let mut next = 0u128;
+        let mut ids = || {
+            next += 1;
+            Uuid::from_u128(1000 + next)
+        };
+        let replies = ledger.execute(&batch, t0, &mut ids).unwrap();
+        assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+        let rows = || -> Vec<(u128, Vec<u8>)> {
+            let txn = store.begin_read().unwrap();
+            let t = txn.open_table(COMMANDS).unwrap();
+            (t.iter().unwrap().map(|r| r.unwrap()))
+                .map(|(k, v)| (k.value(), v.value().to_vec()))
+                .collect()
+        };
+        assert_eq!(rows().len(), 1, "six records, one pack");
+        assert_eq!(rows()[0].0, v7(6), "under its largest id");
+        let records: Vec<(u128, Vec<u8>)> = {
+            let txn = store.begin_read().unwrap();
+            (Records::new(&txn, 0..=u128::MAX).unwrap())
+                .map(|r| r.unwrap())
+                .map(|(id, r)| (id, r.value().to_vec()))
+                .collect()
+        };
+        assert_eq!(
+            records.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (1..=6).map(v7).collect::<Vec<_>>()
+        );
+        for parts in 1..=4 {
+            log_of(&store).check(&store, parts).unwrap();
+        }
+        let set = |rows: &[(u128, Vec<u8>)]| {
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            {
+                let mut t = txn.open_table(COMMANDS).unwrap();
+                t.retain(|_, _| false).unwrap();
+                for (k, v) in rows {
+                    t.insert(k, v.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        };
+        let check_all = |want: &str, id: u128| {
+            for parts in 1..=4 {
+                let err = log_of(&store).check(&store, parts).unwrap_err().to_string();
+                assert!(err.contains(want), "{parts} parts: {err}");
+                assert!(
+                    err.contains(&Uuid::from_u128(id).to_string()),
+                    "{parts} parts: {err}"
+                );
+            }
+        };
+        // The third command's record answering with the second's event.
+        let mut edited = records.clone();
+        edited[2].1 = records[1].1.clone();
+        set(&[(v7(6), pack_row(&edited))]);
+        check_all("its recorded reply", v7(3));
+        // The fourth's record taken out of the pack.
+        let mut fewer = records.clone();
+        fewer.remove(3);
+        set(&[(v7(6), pack_row(&fewer))]);
+        check_all("no idempotency record", v7(4));
+        // A row inside the pack's span: a lookup of the ids below it finds
+        // that row, not the pack. Read whole, the table is out of order
+        // there; a range that ends inside the span reads no record of
+        // those ids, as a lookup would not.
+        set(&[(v7(6), pack_row(&fewer)), (v7(4), records[3].1.clone())]);
+        for parts in 1..=4 {
+            let err = log_of(&store).check(&store, parts).unwrap_err().to_string();
+            let (first, planted) = (Uuid::from_u128(v7(1)), Uuid::from_u128(v7(4)));
+            let whole = format!("{first}: read after {planted}: a pack's span holds another row");
+            let split = format!(
+                "command {first}: the log holds its event at seq 1, but it has no idempotency record"
+            );
+            assert!(
+                err.contains(&whole) || parts > 1 && err.contains(&split),
+                "{parts} parts: {err}"
+            );
+        }
+        set(&[(v7(6), pack_row(&records))]);
+        log_of(&store).check(&store, 2).unwrap();
     }
 }

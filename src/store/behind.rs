@@ -250,6 +250,12 @@ impl Held {
 /// job row here; a recent idempotency record for `audit verify`).
 pub enum RowRef<'v> {
     Table(AccessGuard<'static, &'static [u8]>),
+    /// A part of a row: an idempotency record in a pack
+    /// ([`commands`](super::commands)), the row shared by its records.
+    Packed(
+        std::rc::Rc<AccessGuard<'static, &'static [u8]>>,
+        std::ops::Range<usize>,
+    ),
     Behind(&'v [u8]),
 }
 
@@ -257,6 +263,7 @@ impl RowRef<'_> {
     pub fn value(&self) -> &[u8] {
         match self {
             RowRef::Table(g) => g.value(),
+            RowRef::Packed(g, part) => &g.value()[part.clone()],
             RowRef::Behind(b) => b,
         }
     }

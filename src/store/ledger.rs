@@ -469,9 +469,9 @@ impl Ledger {
         if let Some(rec) = self.store.recent_record(key) {
             return read(&rec);
         }
-        match b.commands.get(key)? {
+        match super::commands::lookup(&b.commands, key)? {
             None => Ok(None),
-            Some(rec) => read(rec.value()),
+            Some(rec) => read(&rec),
         }
     }
 

@@ -3,6 +3,7 @@
 //! use `spawn_blocking`. Nothing here awaits.
 
 pub mod behind;
+pub mod commands;
 pub mod disk;
 pub mod import;
 pub mod ledger;

@@ -1,7 +1,8 @@
 //! The idempotency records of commands whose ids are not time-ordered:
 //! appended first, then merged into [`COMMANDS`] in id order.
 //!
-//! A record is kept forever under its `command_id`. A record whose id is
+//! A record is kept forever under its `command_id` (or in a pack of a
+//! commit's records, [`commands`](super::commands)). A record whose id is
 //! above every id in `COMMANDS` (UUIDv7 producers' mostly are) is appended
 //! to its end at once. Any other (UUIDv4 producers') would land on its own
 //! page of a table that grows with the log: at 64 commands per commit that
@@ -194,6 +195,8 @@ pub struct Plan {
     waiting: usize,
     table_max: Option<u128>,
     v7_max: Option<u128>,
+    /// UUIDv7 ids above it do not count as UUIDv7: not packed either.
+    v7_bound: Option<u128>,
 }
 
 impl Recent {
@@ -396,7 +399,13 @@ impl Recent {
                 v7_max = v7_max.max(Some(*id));
             }
         }
-        merge.sort_unstable_by_key(|(id, _)| *id);
+        // An id both rewritten and in the sweep's slice is there twice,
+        // with the same record.
+        merge.sort_by_key(|(id, _)| *id);
+        merge.dedup_by(|a, b| {
+            debug_assert!(a.0 != b.0 || a.1 == b.1, "one record per id");
+            a.0 == b.0
+        });
         Plan {
             appends,
             merge,
@@ -407,6 +416,7 @@ impl Recent {
             waiting,
             table_max,
             v7_max,
+            v7_bound,
         }
     }
 
@@ -445,10 +455,8 @@ impl Plan {
             }
         }
         if !self.merge.is_empty() {
-            let mut commands = txn.open_table(COMMANDS)?;
-            for (id, record) in &self.merge {
-                commands.insert(*id, record.as_slice())?;
-            }
+            let v7 = |id| is_v7(id) && self.v7_bound.is_none_or(|bound| id <= bound);
+            super::commands::insert(&mut txn.open_table(COMMANDS)?, &self.merge, v7)?;
         }
         if let Some(to) = self.finish_to {
             txn.open_table(RECENT)?.retain_in(..=to, |_, _| false)?;
@@ -483,15 +491,14 @@ mod tests {
         recent.committed(plan);
     }
 
+    /// Every record in `COMMANDS`, packs opened.
     fn commands(db: &Database) -> Vec<(u128, Vec<u8>)> {
         let txn = db.begin_read().unwrap();
-        let Ok(t) = txn.open_table(COMMANDS) else {
+        let Ok(all) = super::super::commands::Records::new(&txn, 0..=u128::MAX) else {
             return Vec::new();
         };
-        t.iter()
-            .unwrap()
-            .map(|r| r.unwrap())
-            .map(|(k, v)| (k.value(), v.value().to_vec()))
+        (all.map(Result::unwrap))
+            .map(|(id, r)| (id, r.value().to_vec()))
             .collect()
     }
 

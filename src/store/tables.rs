@@ -18,8 +18,9 @@ use redb::TableDefinition;
 /// seq → envelope JSON (with `hash`). Gapless from 1.
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// command_id → idempotency record (fingerprint + original reply; compact,
-/// `rows::record_row`). Kept forever; a recent command's record is in
-/// [`RECENT`] until a sweep merges it here.
+/// `rows::record_row`), or largest command_id → a pack of records
+/// ([`commands`](super::commands)). Kept forever; a recent command's
+/// record is in [`RECENT`] until a sweep merges it here.
 pub const COMMANDS: TableDefinition<u128, &[u8]> = TableDefinition::new("commands");
 /// ordinal → command_id (16 bytes, big-endian) ‖ idempotency record: the
 /// records of recent commands in commit order, merged into [`COMMANDS`]
