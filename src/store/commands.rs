@@ -17,8 +17,9 @@
 //! insert dirtied anyway; a larger one is split, each part keyed by its
 //! own largest id. Only UUIDv7 ids of at most the batch's time (and its
 //! hour ahead, [`super::records::v7_bound_at`]) are packed: ids of one
-//! moment, so a pack's span is milliseconds wide and later records seldom
-//! fall in it.
+//! moment, so a pack's span is usually milliseconds wide and later records
+//! seldom fall in it (one from a clock ahead widens it: what falls in is
+//! merged, correct but a rewrite).
 //!
 //! The record bytes are [`super::rows::record_row`]'s, alone or packed:
 //! packing changes where a record is kept, never what it says.
@@ -61,7 +62,10 @@ pub fn pack_row<R: AsRef<[u8]>>(records: &[(u128, R)]) -> Vec<u8> {
     }
     let mut end = 0u32;
     for (_, r) in records {
-        end += u32::try_from(r.as_ref().len()).expect("a record under 4 GiB");
+        end = u32::try_from(r.as_ref().len())
+            .ok()
+            .and_then(|len| end.checked_add(len))
+            .expect("a pack under 4 GiB");
         row.extend_from_slice(&end.to_le_bytes());
     }
     for (_, r) in records {
@@ -85,8 +89,26 @@ struct Pack<'a> {
 }
 
 impl<'a> Row<'a> {
-    /// Split a row's bytes; a pack whose parts do not add up is refused.
-    fn parse(bytes: &'a [u8]) -> std::result::Result<Row<'a>, String> {
+    /// Read the row under `key`: a pack whose parts do not add up, whose
+    /// ids do not increase or whose largest id is not `key` is refused (a
+    /// lookup in it could miss a record).
+    fn parse(key: u128, bytes: &'a [u8]) -> std::result::Result<Row<'a>, String> {
+        let row = Row::split(bytes)?;
+        if let Row::Pack(pack) = &row {
+            let n = pack.len();
+            if pack.end(n - 1) != pack.records.len()
+                || (1..n).any(|i| pack.end(i - 1) > pack.end(i))
+            {
+                return Err("a pack's records do not fill it".into());
+            }
+            pack.check(key)?;
+        }
+        Ok(row)
+    }
+
+    /// A row's bytes split into their parts, unchecked but for the sizes
+    /// (in O(1): for a row [`Row::parse`] read before).
+    fn split(bytes: &'a [u8]) -> std::result::Result<Row<'a>, String> {
         let Some((&PACK, rest)) = bytes.split_first() else {
             return Ok(Row::One(bytes));
         };
@@ -100,11 +122,7 @@ impl<'a> Row<'a> {
         }
         let (ids, rest) = rest.split_at(n * 16);
         let (ends, records) = rest.split_at(n * 4);
-        let pack = Pack { ids, ends, records };
-        if pack.end(n - 1) != records.len() || (1..n).any(|i| pack.end(i - 1) > pack.end(i)) {
-            return Err("a pack's records do not fill it".into());
-        }
-        Ok(Row::Pack(pack))
+        Ok(Row::Pack(Pack { ids, ends, records }))
     }
 }
 
@@ -180,7 +198,7 @@ pub fn lookup(
     let (key, value) = row?;
     let key = key.value();
     Ok(
-        match Row::parse(value.value()).map_err(|e| corrupt(key, e))? {
+        match Row::parse(key, value.value()).map_err(|e| corrupt(key, e))? {
             Row::One(record) => (key == id).then(|| record.to_vec()),
             Row::Pack(pack) => pack.get(id).map(<[u8]>::to_vec),
         },
@@ -208,7 +226,7 @@ pub fn insert(
                 let (key, value) = row?;
                 let key = key.value();
                 Some(
-                    match Row::parse(value.value()).map_err(|e| corrupt(key, e))? {
+                    match Row::parse(key, value.value()).map_err(|e| corrupt(key, e))? {
                         Row::One(_) => (key, key, false),
                         Row::Pack(p) => (key, p.id(0), true),
                     },
@@ -221,7 +239,7 @@ pub fn insert(
                 // its key: merged into it, one rewrite.
                 let n = records[i..].partition_point(|(r, _)| *r <= key);
                 let bytes = table.get(key)?.expect("read above").value().to_vec();
-                let Ok(Row::Pack(pack)) = Row::parse(&bytes) else {
+                let Ok(Row::Pack(pack)) = Row::split(&bytes) else {
                     unreachable!("parsed above")
                 };
                 let old = (0..pack.len()).map(|j| (pack.id(j), pack.record(j)));
@@ -325,7 +343,7 @@ impl Records {
     fn advance(&mut self) -> Result<Option<(u128, RowRef<'static>)>> {
         loop {
             if let Some((guard, i)) = &mut self.pack {
-                let Ok(Row::Pack(pack)) = Row::parse(guard.value()) else {
+                let Ok(Row::Pack(pack)) = Row::split(guard.value()) else {
                     unreachable!("checked when read")
                 };
                 if *i < pack.len() {
@@ -349,16 +367,13 @@ impl Records {
             let (key, value) = row?;
             let key = key.value();
             self.done = key > *self.keys.end();
-            match Row::parse(value.value()).map_err(|e| corrupt(key, e))? {
+            match Row::parse(key, value.value()).map_err(|e| corrupt(key, e))? {
                 Row::One(_) => {
                     if let Some(found) = self.take(key, RowRef::Table(value))? {
                         return Ok(Some(found));
                     }
                 }
-                Row::Pack(pack) => {
-                    pack.check(key).map_err(|e| corrupt(key, e))?;
-                    self.pack = Some((Rc::new(value), 0));
-                }
+                Row::Pack(_) => self.pack = Some((Rc::new(value), 0)),
             }
         }
     }
@@ -426,7 +441,7 @@ mod tests {
         let t = txn.open_table(COMMANDS).unwrap();
         let rows = (t.iter().unwrap())
             .map(|r| r.unwrap())
-            .map(|(k, v)| match Row::parse(v.value()).unwrap() {
+            .map(|(k, v)| match Row::parse(k.value(), v.value()).unwrap() {
                 Row::One(_) => (k.value(), 0),
                 Row::Pack(p) => (k.value(), p.len()),
             })
@@ -443,7 +458,7 @@ mod tests {
     fn a_pack_reads_back_each_record_and_refuses_bad_bytes() {
         let records: Vec<_> = [5u128, 9, 1 << 100].iter().map(|&i| rec(i, 7)).collect();
         let row = pack_row(&records);
-        let Ok(Row::Pack(p)) = Row::parse(&row) else {
+        let Ok(Row::Pack(p)) = Row::parse(1 << 100, &row) else {
             panic!("a pack")
         };
         assert_eq!(p.len(), 3);
@@ -456,11 +471,28 @@ mod tests {
         assert!(p.check(1 << 100).is_ok());
         assert!(p.check(9).is_err());
         // A record row is not a pack; a cut or padded pack is refused.
-        assert!(matches!(Row::parse(&[2, 1, 2]), Ok(Row::One(_))));
-        assert!(Row::parse(&row[..row.len() - 1]).is_err());
-        assert!(Row::parse(&[row.as_slice(), &[0]].concat()).is_err());
-        assert!(Row::parse(&row[..3]).is_err());
-        assert!(Row::parse(&[PACK, 0, 0, 0, 0]).is_err());
+        let parse = |bytes: &[u8]| Row::parse(1 << 100, bytes).map(|_| ());
+        assert!(matches!(Row::parse(7, &[2, 1, 2]), Ok(Row::One(_))));
+        assert!(parse(&row[..row.len() - 1]).is_err());
+        assert!(parse(&[row.as_slice(), &[0]].concat()).is_err());
+        assert!(parse(&row[..3]).is_err());
+        assert!(parse(&[PACK, 0, 0, 0, 0]).is_err());
+        // Under another key than its largest id, or its ids out of order:
+        // a lookup in it could miss a record, so it is refused there too.
+        assert!(Row::parse(9, &row).is_err());
+        let mut swapped = row.clone();
+        swapped[HEAD..HEAD + 32].rotate_left(16);
+        assert_eq!(parse(&swapped), Err("a pack's ids are out of order".into()));
+        let (_d, db) = db();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(COMMANDS)
+            .unwrap()
+            .insert(1 << 100, swapped.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        let err = lookup(&txn.open_table(COMMANDS).unwrap(), 5).unwrap_err();
+        assert!(err.to_string().contains("out of order"), "{err}");
     }
 
     #[test]

@@ -114,6 +114,8 @@ pub fn read_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
 /// that rewrite its pages (`records.rs`): the table's size is what a
 /// command of a random id costs. Records of either layout read alike.
 const RECORD_V2: u8 = 2;
+// A record's first byte is 1, 2 or `{`: 3 is taken by the packs of
+// records (`commands.rs`), so a later record layout takes 4 or above.
 
 /// Event types as a record stores them: by place in this list. Append
 /// only: a place, once written, names its type forever. A type not listed
