@@ -44,9 +44,9 @@ pub const PACK_MAX: usize = 96;
 /// The bytes before a pack's ids: [`PACK`], then the count (u32 LE).
 const HEAD: usize = 5;
 
-/// `records` (ids strictly increasing) as one pack: [`PACK`], the count,
-/// the ids (16 bytes each, big-endian), the end of each record (u32 LE,
-/// from the start of the records), then the records.
+/// `records` (ids strictly increasing) as one pack: the byte `PACK` (3),
+/// the count, the ids (16 bytes each, big-endian), the end of each record
+/// (u32 LE, from the start of the records), then the records.
 pub fn pack_row<R: AsRef<[u8]>>(records: &[(u128, R)]) -> Vec<u8> {
     assert!(!records.is_empty() && records.len() <= PACK_MAX);
     assert!(
