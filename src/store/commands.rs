@@ -219,7 +219,8 @@ pub fn insert(
     while i < records.len() {
         let id = records[i].0;
         // The first row at or after `id`: its key, the smallest id it
-        // holds, and whether it is a pack.
+        // holds, and, if it is a pack whose span holds `id`, its bytes
+        // (read once, to merge into).
         let next = match table.range(id..)?.next() {
             None => None,
             Some(row) => {
@@ -227,18 +228,20 @@ pub fn insert(
                 let key = key.value();
                 Some(
                     match Row::parse(key, value.value()).map_err(|e| corrupt(key, e))? {
-                        Row::One(_) => (key, key, false),
-                        Row::Pack(p) => (key, p.id(0), true),
+                        Row::One(_) => (key, key, None),
+                        Row::Pack(p) => {
+                            let min = p.id(0);
+                            (key, min, (min <= id).then(|| value.value().to_vec()))
+                        }
                     },
                 )
             }
         };
         match next {
-            Some((key, min, true)) if min <= id => {
+            Some((key, _, Some(bytes))) => {
                 // In that pack's span, as are the records after it up to
                 // its key: merged into it, one rewrite.
                 let n = records[i..].partition_point(|(r, _)| *r <= key);
-                let bytes = table.get(key)?.expect("read above").value().to_vec();
                 let Ok(Row::Pack(pack)) = Row::split(&bytes) else {
                     unreachable!("parsed above")
                 };
@@ -247,7 +250,7 @@ pub fn insert(
                 write_packs(table, &merge(old, new))?;
                 i += n;
             }
-            Some((key, _, false)) if key == id => {
+            Some((key, _, None)) if key == id => {
                 table.insert(id, records[i].1.as_slice())?;
                 i += 1;
             }
