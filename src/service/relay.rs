@@ -472,15 +472,13 @@ fn settle_batch(
 /// The relay's headers on the event at `seq` with id `event_id`, fenced
 /// by the stream's last sequence and, when known, the last message's id.
 fn fenced_headers(seq: u64, event_id: &str, prev_id: Option<String>) -> HeaderMap {
+    // Values given as owned strings are moved in, not copied.
     let mut headers = HeaderMap::new();
-    headers.insert(SEQ_HEADER, seq.to_string().as_str());
+    headers.insert(SEQ_HEADER, seq.to_string());
     headers.insert(header::NATS_MESSAGE_ID, event_id);
-    headers.insert(
-        header::NATS_EXPECTED_LAST_SEQUENCE,
-        (seq - 1).to_string().as_str(),
-    );
+    headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, (seq - 1).to_string());
     if let Some(prev) = prev_id {
-        headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, prev.as_str());
+        headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, prev);
     }
     headers
 }
