@@ -186,6 +186,30 @@ fn corrupt(key: u128, e: String) -> StoreError {
     ))
 }
 
+/// `COMMANDS` as one read transaction saw it, to look records up in (a
+/// batch's, as of its start). Its last key is read once: an id above it
+/// is in no row (a pack is keyed by its largest id), so a new UUIDv7
+/// command, above every record stored, costs no search of the B-tree.
+pub struct Committed {
+    table: redb::ReadOnlyTable<u128, &'static [u8]>,
+    last: Option<u128>,
+}
+
+impl Committed {
+    pub fn new(table: redb::ReadOnlyTable<u128, &'static [u8]>) -> Result<Committed> {
+        let last = table.last()?.map(|(key, _)| key.value());
+        Ok(Committed { table, last })
+    }
+
+    /// [`lookup`] in the table.
+    pub fn lookup(&self, id: u128) -> Result<Option<Vec<u8>>> {
+        match self.last {
+            Some(last) if id <= last => lookup(&self.table, id),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The stored record of command `id`, if any: in the first row at or
 /// after `id`, alone under it or in that row's pack.
 pub fn lookup(
@@ -452,9 +476,11 @@ mod tests {
         (records, rows)
     }
 
+    /// A lookup as the write path makes it ([`Committed`]).
     fn look(db: &Database, id: u128) -> Option<Vec<u8>> {
         let txn = db.begin_read().unwrap();
-        lookup(&txn.open_table(COMMANDS).unwrap(), id).unwrap()
+        let committed = Committed::new(txn.open_table(COMMANDS).unwrap()).unwrap();
+        committed.lookup(id).unwrap()
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::domain::{
     Catalog, CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
 };
 use chrono::{DateTime, Utc};
-use redb::{ReadOnlyTable, ReadableTable};
+use redb::ReadableTable;
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -114,7 +114,7 @@ pub struct Ledger {
     /// commit whose records have left `uncommitted` (dropped when they
     /// leave without a batch open: the next `begin` reads afresh, and no
     /// commit runs before it).
-    ahead: Option<ReadOnlyTable<u128, &'static [u8]>>,
+    ahead: Option<super::commands::Committed>,
 }
 
 /// Prior values of everything a batch touched, to undo a failed commit.
@@ -150,7 +150,7 @@ impl Decided {
 pub(super) struct Batch {
     now: DateTime<Utc>,
     /// Committed idempotency records, as of the batch's start.
-    commands: ReadOnlyTable<u128, &'static [u8]>,
+    commands: super::commands::Committed,
     rows: Rows,
     /// The seqs of the batch's events about each job (its event index).
     seqs: BTreeMap<Uuid, Vec<u64>>,
@@ -329,8 +329,8 @@ impl Ledger {
         })
     }
 
-    fn committed_records(&self) -> Result<ReadOnlyTable<u128, &'static [u8]>> {
-        Ok(self.store.begin_read()?.open_table(COMMANDS)?)
+    fn committed_records(&self) -> Result<super::commands::Committed> {
+        super::commands::Committed::new(self.store.begin_read()?.open_table(COMMANDS)?)
     }
 
     /// Open the committed records for the next batch now; only while no
@@ -469,7 +469,7 @@ impl Ledger {
         if let Some(rec) = self.store.recent_record(key) {
             return read(&rec);
         }
-        match super::commands::lookup(&b.commands, key)? {
+        match b.commands.lookup(key)? {
             None => Ok(None),
             Some(rec) => read(&rec),
         }
