@@ -681,6 +681,69 @@ mod tests {
         assert_eq!(sync_store, None);
     }
 
+    /// Stored idempotency records hold fingerprints: a retry after an
+    /// upgrade must find the same one, so the bytes hashed never change
+    /// (times as chrono writes them, to the nanosecond as needed).
+    #[test]
+    fn fingerprints_stay_what_records_hold() {
+        let sid = "0192f0c4-0000-7000-8000-0000000000bb";
+        let cases = [
+            (
+                "record-snapshot",
+                format!(
+                    r#"{{"command_id":"{CID}","job_id":"{JID}","snapshot_id":"{sid}","taken_at":"2026-11-27T06:00:00Z","size_bytes":1}}"#
+                ),
+            ),
+            (
+                "record-snapshot",
+                format!(
+                    r#"{{"command_id":"{CID}","job_id":"{JID}","snapshot_id":"{sid}","taken_at":"2026-11-27T06:00:00.123456+01:00","size_bytes":1}}"#
+                ),
+            ),
+            (
+                "set-snapshot-expiry",
+                format!(
+                    r#"{{"command_id":"{CID}","job_id":"{JID}","snapshot_id":"{sid}","expires_at":"2027-01-01T00:00:00.5Z"}}"#
+                ),
+            ),
+            (
+                "set-snapshot-expiry",
+                format!(
+                    r#"{{"command_id":"{CID}","job_id":"{JID}","snapshot_id":"{sid}","do_not_delete":true}}"#
+                ),
+            ),
+            (
+                "expire-snapshots",
+                format!(r#"{{"command_id":"{CID}","now":"2026-12-31T23:59:59.999999999Z"}}"#),
+            ),
+            (
+                "create",
+                format!(
+                    r#"{{"command_id":"{CID}","job_id":"{JID}","deployment":{{"kind":"replica_set","name":"rs0"}}}}"#
+                ),
+            ),
+        ];
+        let got: Vec<String> = cases
+            .iter()
+            .map(|(verb, body)| {
+                decode("p1", verb, body.as_bytes(), None)
+                    .unwrap()
+                    .fingerprint()
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "61a008fafa2c780b1b96d0542df1977027b8d384010c171a7e81867acd6c95fb",
+                "bd8b64c25eb1a720629fee5754b84020e7b9263728e99bd17d694a8c254496c3",
+                "84704da21e2b45d6db44632a000ebc8dfede8922850c84458da784cfd7faa75f",
+                "1616ad3d15b61a3dc195720912566ffd026add891b94bc50531e380738db3223",
+                "cbaf9653d5ad69b15a067adcdace764638159d6d47bcc84a6590c78d079b3ea6",
+                "9cac50e94bd6d0a30eacd414f0a645b50e440928d581c55142d1773601a6f29a",
+            ]
+        );
+    }
+
     #[test]
     fn fingerprint_ignores_actor_but_not_the_body() {
         let a = format!(r#"{{"command_id":"{CID}","job_id":"{JID}","actor":"a"}}"#);
