@@ -10,6 +10,7 @@ use super::ids::{Name, ProjectId};
 use super::job::Deployment;
 use super::limits::{ACTOR_BYTES_MAX, PAYLOAD_BYTES_MAX, TIME_MAX, TIME_MIN};
 use super::schedule::{Schedule, SchedulePatch};
+use super::timestamp;
 use super::verb::Verb;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -59,6 +60,7 @@ pub enum Command {
     },
     RecordSnapshot {
         snapshot_id: Uuid,
+        #[serde(serialize_with = "timestamp::serialize")]
         taken_at: DateTime<Utc>,
         size_bytes: u64,
     },
@@ -72,6 +74,7 @@ pub enum Command {
     /// Expire what is due at `now`: one job (`job_id`), every job of the
     /// project, or (the sweeper, project `_admin`) every job.
     ExpireSnapshots {
+        #[serde(serialize_with = "timestamp::serialize")]
         now: DateTime<Utc>,
     },
 }
@@ -80,7 +83,7 @@ pub enum Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Expiry {
-    At(DateTime<Utc>),
+    At(#[serde(serialize_with = "timestamp::serialize")] DateTime<Utc>),
     DoNotDelete,
 }
 
@@ -105,9 +108,19 @@ pub struct CommandEnvelope {
 impl CommandEnvelope {
     /// A digest of what the command asks (everything but the actor), so a
     /// retry with the same `command_id` and another body is detected.
+    /// The bytes hashed are the command's JSON (times as chrono writes
+    /// them, through [`timestamp::serialize`]), the same in every version:
+    /// stored records hold these fingerprints.
     pub fn fingerprint(&self) -> String {
-        let bytes = serde_json::to_vec(self).expect("command serializes");
-        blake3::hash(&bytes).to_hex().to_string()
+        thread_local! {
+            /// Serialized into, and hashed, for each command on the thread.
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            serde_json::to_writer(&mut *buf, self).expect("command serializes");
+            blake3::hash(buf).to_hex().to_string()
+        })
     }
 }
 
