@@ -63,8 +63,8 @@ pub struct ErrorBody {
 }
 
 /// `{"ok":true,…,"events":[…]}` or `{"ok":false,"error":{…}}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(into = "WireReply")]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[schemars(into = "WireReply<'static>")]
 pub struct Reply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,19 +82,21 @@ pub struct Reply {
 }
 
 /// How a [`Reply`] goes on the wire: `events` always on an accepted reply
-/// (empty when nothing changed), never on an error.
+/// (empty when nothing changed), never on an error. Borrowed from the
+/// reply it writes: a reply is serialized once per command sent, without
+/// a copy of it.
 #[derive(Serialize, schemars::JsonSchema)]
-struct WireReply {
+struct WireReply<'a> {
     ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    job_id: Option<Uuid>,
+    job_id: Option<&'a Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     version: Option<u64>,
     /// The events the command appended, in seq order (present when ok).
     #[serde(skip_serializing_if = "Option::is_none")]
-    events: Option<Vec<EventRef>>,
+    events: Option<&'a [EventRef]>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<ErrorBody>,
+    error: Option<&'a ErrorBody>,
     /// Seq of the `CommandRejected` audit record, for a recorded rejection.
     #[serde(skip_serializing_if = "Option::is_none")]
     rejection_seq: Option<u64>,
@@ -102,17 +104,18 @@ struct WireReply {
     duplicate: bool,
 }
 
-impl From<Reply> for WireReply {
-    fn from(r: Reply) -> WireReply {
+impl Serialize for Reply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         WireReply {
-            ok: r.ok,
-            job_id: r.job_id,
-            version: r.version,
-            events: r.ok.then_some(r.events),
-            error: r.error,
-            rejection_seq: r.rejection_seq,
-            duplicate: r.duplicate,
+            ok: self.ok,
+            job_id: self.job_id.as_ref(),
+            version: self.version,
+            events: self.ok.then_some(self.events.as_slice()),
+            error: self.error.as_ref(),
+            rejection_seq: self.rejection_seq,
+            duplicate: self.duplicate,
         }
+        .serialize(s)
     }
 }
 
