@@ -143,7 +143,8 @@ fn with_hash(bytes: &mut Vec<u8>, hash: &str) {
 }
 
 thread_local! {
-    /// [`Envelope::check_stored`]'s serialization buffer, reused.
+    /// The serialization buffer of [`Envelope::seal_to_json`] and
+    /// [`Envelope::check_stored`], reused.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -182,10 +183,18 @@ impl Envelope {
     pub fn seal_to_json(&mut self, prev_hash: &str) -> Vec<u8> {
         self.prev_hash = prev_hash.to_owned();
         self.hash.clear();
-        let mut bytes = serde_json::to_vec(self).expect("envelope serializes");
-        self.hash = hash_of(prev_hash, &bytes);
-        with_hash(&mut bytes, &self.hash);
-        bytes
+        // Serialized into the reused buffer, then copied out once at its
+        // final size (a Vec grown from empty reallocated about eight times).
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            serde_json::to_writer(&mut *buf, &*self).expect("envelope serializes");
+            self.hash = hash_of(prev_hash, buf);
+            let mut bytes = Vec::with_capacity(buf.len() + HASH_FIELD.len() + self.hash.len() + 1);
+            bytes.extend_from_slice(buf);
+            with_hash(&mut bytes, &self.hash);
+            debug_assert_eq!(bytes.len(), bytes.capacity());
+            bytes
+        })
     }
 
     /// Check a parsed envelope against the bytes it was parsed from: its hash

@@ -68,7 +68,25 @@ pub fn classes_row(c: &Catalog) -> Vec<u8> {
 const COMPACT_V1: u8 = 1;
 
 fn compact<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_extend(value, vec![COMPACT_V1]).expect("a row serializes")
+    postcard_row(COMPACT_V1, value)
+}
+
+/// The byte `first`, then `value` in postcard. Serialized into a reused
+/// buffer and copied out at its size: a row grown from one byte took
+/// several reallocations, and rows are held in memory until written
+/// (`behind.rs`), where spare capacity would stay.
+fn postcard_row<T: Serialize>(first: u8, value: &T) -> Vec<u8> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.push(first);
+        let out = postcard::to_extend(value, std::mem::take(buf)).expect("a row serializes");
+        let row = out.as_slice().to_vec();
+        *buf = out;
+        row
+    })
 }
 
 /// A row in either encoding. A compact row must be exactly one value:
@@ -228,7 +246,7 @@ pub fn record_row(r: &CommandRecord) -> Vec<u8> {
         error: (reply.error.as_ref()).map(|e| (e.code, e.message.as_str(), e.current_version)),
         rejection_seq: reply.rejection_seq,
     };
-    postcard::to_extend(&record, vec![RECORD_V2]).expect("a record serializes")
+    postcard_row(RECORD_V2, &record)
 }
 
 pub fn read_record(bytes: &[u8]) -> Result<CommandRecord, String> {
