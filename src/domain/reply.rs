@@ -64,6 +64,9 @@ pub struct ErrorBody {
 
 /// `{"ok":true,…,"events":[…]}` or `{"ok":false,"error":{…}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+// What is written is `WireReply` (`Serialize` below; schemars' serialize
+// contract follows it). The checked-in schemas are the deserialize
+// contract, from these fields and their attributes, as before.
 #[schemars(into = "WireReply<'static>")]
 pub struct Reply {
     pub ok: bool,
