@@ -10,7 +10,7 @@
 //! The invariant every lookup relies on: **no row's key lies inside a
 //! pack's span** (its smallest id to its key) but the pack's own, so the
 //! first row at or after an id is the only one that can hold it
-//! ([`lookup`]). [`insert`] keeps it: a record whose id falls in a pack's
+//! ([`Committed::lookup`]). [`insert`] keeps it: a record whose id falls in a pack's
 //! span is merged into that pack (one rewrite per pack per commit), and a
 //! new pack only spans a gap between existing rows. A pack holds at most
 //! [`PACK_MAX`] records, so a rewrite stays about the size of the page an
@@ -201,7 +201,8 @@ impl Committed {
         Ok(Committed { table, last })
     }
 
-    /// [`lookup`] in the table.
+    /// The stored record of command `id`, if any (above the table's last
+    /// key: none, without a search).
     pub fn lookup(&self, id: u128) -> Result<Option<Vec<u8>>> {
         match self.last {
             Some(last) if id <= last => lookup(&self.table, id),
@@ -212,10 +213,7 @@ impl Committed {
 
 /// The stored record of command `id`, if any: in the first row at or
 /// after `id`, alone under it or in that row's pack.
-pub fn lookup(
-    table: &impl ReadableTable<u128, &'static [u8]>,
-    id: u128,
-) -> Result<Option<Vec<u8>>> {
+fn lookup(table: &impl ReadableTable<u128, &'static [u8]>, id: u128) -> Result<Option<Vec<u8>>> {
     let Some(row) = table.range(id..)?.next() else {
         return Ok(None);
     };
