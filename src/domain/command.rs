@@ -1,5 +1,6 @@
-//! Commands: their bodies, and decoding a NATS request (subject verb + JSON
-//! body) into a typed [`CommandEnvelope`]. The verbs themselves are
+//! Commands: their bodies, decoding a NATS request (subject verb + JSON
+//! body) into a typed [`CommandEnvelope`], and the [`Fingerprint`] an
+//! idempotency record keeps of a command. The verbs themselves are
 //! [`super::verb`].
 //!
 //! Decoding is strict: unknown fields, wrong types, malformed ids, values
@@ -111,7 +112,7 @@ impl CommandEnvelope {
     /// The bytes hashed are the command's JSON (times as chrono writes
     /// them, through [`timestamp::serialize`]), the same in every version:
     /// stored records hold these fingerprints.
-    pub fn fingerprint(&self) -> String {
+    pub fn fingerprint(&self) -> Fingerprint {
         thread_local! {
             /// Serialized into, and hashed, for each command on the thread.
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -119,8 +120,84 @@ impl CommandEnvelope {
         SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
             serde_json::to_writer(&mut *buf, self).expect("command serializes");
-            blake3::hash(buf).to_hex().to_string()
+            Fingerprint(Print::Digest(*blake3::hash(buf).as_bytes()))
         })
+    }
+}
+
+/// What an idempotency record holds of the command it answered, to tell
+/// a retry from another command under the same `command_id`: the digest
+/// of [`CommandEnvelope::fingerprint`], kept as its 32 bytes from the hash
+/// to the stored row, or a text (`*`, [`Fingerprint::ANY_BODY`], or what
+/// a record of an older layout held). Its text form, the one older
+/// layouts stored and records compared, is the digest's 64 lowercase hex
+/// digits: a text that reads as one is that digest, so two fingerprints
+/// are equal exactly when their texts are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub struct Fingerprint(Print);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Print {
+    Digest([u8; 32]),
+    Text(Box<str>),
+}
+
+impl Fingerprint {
+    /// The text of a record rebuilt from the log, where the command's body
+    /// is not known: a retry with its `command_id` gets the original reply
+    /// whatever its body.
+    pub const ANY_BODY: &str = "*";
+
+    /// [`Fingerprint::ANY_BODY`]'s fingerprint.
+    pub fn any_body() -> Fingerprint {
+        Fingerprint::from(Fingerprint::ANY_BODY.to_owned())
+    }
+
+    /// Whether a retry with fingerprint `retry` asks what this record
+    /// answered: the same command, or any command for a record rebuilt
+    /// from the log.
+    pub fn admits(&self, retry: &Fingerprint) -> bool {
+        self == retry || matches!(&self.0, Print::Text(t) if &**t == Fingerprint::ANY_BODY)
+    }
+
+    /// The digest's 32 bytes, or the text of a fingerprint that is not one.
+    pub fn digest_or_text(&self) -> Result<&[u8; 32], &str> {
+        match &self.0 {
+            Print::Digest(bytes) => Ok(bytes),
+            Print::Text(text) => Err(text),
+        }
+    }
+
+    /// From a digest's 32 bytes.
+    pub fn from_digest(bytes: [u8; 32]) -> Fingerprint {
+        Fingerprint(Print::Digest(bytes))
+    }
+}
+
+impl From<String> for Fingerprint {
+    fn from(text: String) -> Fingerprint {
+        let lower_hex =
+            text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match blake3::Hash::from_hex(&text) {
+            Ok(hash) if lower_hex => Fingerprint::from_digest(*hash.as_bytes()),
+            _ => Fingerprint(Print::Text(text.into_boxed_str())),
+        }
+    }
+}
+
+impl From<Fingerprint> for String {
+    fn from(f: Fingerprint) -> String {
+        f.to_string()
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Print::Digest(bytes) => f.write_str(&blake3::Hash::from_bytes(*bytes).to_hex()),
+            Print::Text(text) => f.write_str(text),
+        }
     }
 }
 
@@ -742,6 +819,7 @@ mod tests {
                 decode("p1", verb, body.as_bytes(), None)
                     .unwrap()
                     .fingerprint()
+                    .to_string()
             })
             .collect();
         assert_eq!(
@@ -755,6 +833,44 @@ mod tests {
                 "9cac50e94bd6d0a30eacd414f0a645b50e440928d581c55142d1773601a6f29a",
             ]
         );
+    }
+
+    /// Two fingerprints are equal exactly when their texts are: a text
+    /// that reads as a digest is that digest, any other stays a text.
+    #[test]
+    fn fingerprints_equal_as_their_texts_do() {
+        let body = format!(r#"{{"command_id":"{CID}","job_id":"{JID}"}}"#);
+        let digest = decode("p1", "start", body.as_bytes(), None)
+            .unwrap()
+            .fingerprint();
+        let hex = digest.to_string();
+        let texts = [
+            hex.clone(),
+            hex.to_uppercase(),
+            hex[..63].to_owned(),
+            Fingerprint::ANY_BODY.to_owned(),
+            String::new(),
+        ];
+        assert_eq!(Fingerprint::from(hex.clone()), digest);
+        assert!(digest.digest_or_text().is_ok());
+        for a in &texts {
+            let fa = Fingerprint::from(a.clone());
+            assert_eq!(fa.to_string(), *a, "the text survives");
+            assert_eq!(fa.digest_or_text().is_ok(), *a == hex);
+            for b in &texts {
+                assert_eq!(
+                    fa == Fingerprint::from(b.clone()),
+                    a == b,
+                    "{a} against {b}"
+                );
+            }
+        }
+        // A record rebuilt from the log admits any retry; any other, its own.
+        let other = Fingerprint::from(hex.to_uppercase());
+        assert!(Fingerprint::any_body().admits(&digest));
+        assert!(digest.admits(&digest));
+        assert!(!digest.admits(&other));
+        assert!(!digest.admits(&Fingerprint::any_body()));
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub mod verb;
 pub mod world;
 
 pub use catalog::{Catalog, Snapshot, SnapshotClass};
-pub use command::{Command, CommandEnvelope};
+pub use command::{Command, CommandEnvelope, Fingerprint};
 pub use decide::{Decision, decide};
 pub use envelope::Envelope;
 pub use event::Event;

@@ -8,16 +8,12 @@
 use super::rows::{JobState, job_rows as job_rows_of};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError};
+use crate::domain::command::Fingerprint;
 use crate::domain::{Envelope, Reply, World};
 use redb::ReadableTableMetadata;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use uuid::Uuid;
-
-/// Fingerprint of an idempotency record rebuilt from the log, where the
-/// original body is not known: a retry with this `command_id` gets the
-/// original reply whatever its body.
-pub const ANY_BODY: &str = "*";
 
 /// Write `log` (already verified, in seq order, with each event's stored
 /// bytes) and its fold `world` as a new store at `path`. Refuses a path that
@@ -55,7 +51,7 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
 /// Write `log` (verified, in seq order from 1, with each event's stored
 /// bytes) and its fold `world` into `txn`'s empty tables: the events, each
 /// job's event index, the projections and the idempotency records rebuilt
-/// from the log (fingerprint [`ANY_BODY`]).
+/// from the log (fingerprint [`Fingerprint::ANY_BODY`]).
 fn write_log(
     txn: &redb::WriteTransaction,
     log: &[(Envelope, Vec<u8>)],
@@ -74,7 +70,7 @@ fn write_log(
     let mut commands = txn.open_table(COMMANDS)?;
     for (id, evs) in by_command {
         let rec = CommandRecord {
-            fingerprint: ANY_BODY.to_owned(),
+            fingerprint: Fingerprint::any_body(),
             reply: Reply::from_events(&evs),
         };
         commands.insert(id.as_u128(), super::rows::record_row(&rec).as_slice())?;

@@ -14,6 +14,7 @@
 use super::rows::{JobKey, JobState, Row};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
+use crate::domain::command::Fingerprint;
 use crate::domain::envelope::{GENESIS_HASH, Route};
 use crate::domain::event::SCHEMA_VERSION;
 use crate::domain::rejection::Rejection;
@@ -74,7 +75,7 @@ fn check_tail(store: &Store, world: &World, head_seq: u64, n: u64) -> Result<()>
 #[derive(Clone, Debug)]
 pub struct Pending {
     pub cmd: CommandEnvelope,
-    pub fingerprint: String,
+    pub fingerprint: Fingerprint,
     /// bcp's own command (the retention sweeper): when it decides nothing,
     /// no idempotency record is kept, so an idle sweep writes nothing.
     pub internal: bool,
@@ -479,7 +480,7 @@ impl Ledger {
         let cmd = &p.cmd;
         let key = cmd.command_id.as_u128();
         if let Some(rec) = self.record(b, key, cmd.command_id)? {
-            if rec.fingerprint != p.fingerprint && rec.fingerprint != super::import::ANY_BODY {
+            if !rec.fingerprint.admits(&p.fingerprint) {
                 return Ok(Reply::error(
                     ErrorCode::CommandIdConflict,
                     format!(
@@ -662,7 +663,7 @@ impl Ledger {
         b.rows.now = self.head_time.unwrap_or(b.rows.now);
         for (id, evs) in by_command {
             let rec = CommandRecord {
-                fingerprint: super::import::ANY_BODY.to_owned(),
+                fingerprint: Fingerprint::any_body(),
                 reply: Reply::from_events(&evs.iter().collect::<Vec<_>>()),
             };
             let row = (id.as_u128(), super::rows::record_row(&rec));

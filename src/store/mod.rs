@@ -102,7 +102,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// What is stored per `command_id`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CommandRecord {
-    pub fingerprint: String,
+    pub fingerprint: crate::domain::command::Fingerprint,
     pub reply: crate::domain::Reply,
 }
 

@@ -12,6 +12,7 @@
 
 use super::CommandRecord;
 use super::tables::JobRow;
+use crate::domain::command::Fingerprint;
 use crate::domain::periods::{Month, Runs, Week};
 use crate::domain::reply::{ErrorBody, EventRef};
 use crate::domain::{Catalog, ErrorCode, Job, Reply, Snapshot};
@@ -160,7 +161,7 @@ const EVENT_TYPES: [&str; 15] = [
 /// reply's JSON form leaves fields out, which a compact row cannot.
 #[derive(Deserialize)]
 struct StoredRecord {
-    fingerprint: String,
+    fingerprint: Fingerprint,
     ok: bool,
     job_id: Option<Uuid>,
     version: Option<u64>,
@@ -217,14 +218,12 @@ enum Owned<C> {
     Other(String),
 }
 
-/// A fingerprint as its 32 bytes when it is one (64 lowercase hex
-/// digits, as `CommandEnvelope::fingerprint` writes it), else as it is
+/// A fingerprint as its 32 bytes when it is a digest, else as its text
 /// (the `*` of a record rebuilt from the log).
-fn fingerprint_code(f: &str) -> Text<'_, [u8; 32]> {
-    let lower_hex = f.len() == 64 && f.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    match blake3::Hash::from_hex(f) {
-        Ok(h) if lower_hex => Text::Code(*h.as_bytes()),
-        _ => Text::Other(f),
+fn fingerprint_code(f: &Fingerprint) -> Text<'_, [u8; 32]> {
+    match f.digest_or_text() {
+        Ok(bytes) => Text::Code(*bytes),
+        Err(text) => Text::Other(text),
     }
 }
 
@@ -272,8 +271,8 @@ pub fn read_record(bytes: &[u8]) -> Result<CommandRecord, String> {
                 .collect::<Result<_, String>>()?;
             StoredRecord {
                 fingerprint: match r.fingerprint {
-                    Owned::Code(bytes) => blake3::Hash::from_bytes(bytes).to_hex().to_string(),
-                    Owned::Other(f) => f,
+                    Owned::Code(bytes) => Fingerprint::from_digest(bytes),
+                    Owned::Other(f) => Fingerprint::from(f),
                 },
                 ok: r.ok,
                 job_id: r.job_id,
@@ -711,12 +710,14 @@ mod tests {
             .flat_map(|r| fingerprints.iter().map(move |f| (r, f)))
         {
             let rec = CommandRecord {
-                fingerprint: fingerprint.clone(),
+                fingerprint: fingerprint.clone().into(),
                 reply: reply.clone(),
             };
             let row = record_row(&rec);
             assert_eq!(row[0], RECORD_V2);
             let back = read_record(&row).unwrap();
+            // Read back as the text it was made from, whichever form it took.
+            assert_eq!(back.fingerprint.to_string(), *fingerprint);
             assert_eq!(
                 (back.fingerprint, back.reply),
                 (rec.fingerprint.clone(), rec.reply.clone())
@@ -741,7 +742,7 @@ mod tests {
         // A digest takes its 32 bytes, and a known event type one byte: the
         // record of one event is about half its first compact layout.
         let rec = CommandRecord {
-            fingerprint: digest,
+            fingerprint: digest.into(),
             reply: replies[0].clone(),
         };
         assert_eq!(record_row(&rec).len(), 61);
@@ -777,7 +778,7 @@ mod tests {
         }
         let reply = &r.reply;
         compact(&StoredRecordRef {
-            fingerprint: &r.fingerprint,
+            fingerprint: &r.fingerprint.to_string(),
             ok: reply.ok,
             job_id: reply.job_id,
             version: reply.version,
