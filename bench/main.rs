@@ -62,6 +62,11 @@
 //!    against a fresh single-node bcp, taking turns. `--group-only` runs
 //!    just this and prints it.
 //!
+//! Apart from the phases, `--catalog-only` prints the writer's and the
+//! commit's CPU per command against one job with 6 to 3,000 retained
+//! snapshots (no NATS): the workload's jobs keep six, a long-lived job
+//! with daily, weekly and monthly retention hundreds.
+//!
 //! The disk's speed here drifts by ±30 % within minutes, so the figures a
 //! ratio or a target is read from are each the median of `--repeats` runs
 //! (default 3), and the runs whose rates are divided are interleaved:
@@ -128,6 +133,9 @@ pub struct Args {
     pub audit_only: bool,
     /// Only the cost growth (6), printed, nothing written.
     pub growth_only: bool,
+    /// Only the cost of a command against one job by the size of its
+    /// catalog, printed, nothing written.
+    pub catalog_only: bool,
     /// The batch sizes of phase 1 (commands per commit).
     pub batches: Vec<usize>,
     /// How the workload's job, command and snapshot ids are made.
@@ -191,6 +199,12 @@ struct CommandLine {
     /// written: for finding what grows with the log.
     #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only", "appends_only", "audit_only"])]
     growth_only: bool,
+    /// Only the writer's and the commit's CPU per command against one job
+    /// with 6 to 3,000 retained snapshots (no NATS), printed, nothing
+    /// written: a command must not cost more for a job with a long
+    /// catalog than the rows it changes.
+    #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only", "appends_only", "audit_only", "growth_only"])]
+    catalog_only: bool,
     /// With `--appends-only`: only this batch size (repeatable), e.g. to
     /// profile one of them.
     #[arg(long = "batch", requires = "appends_only", value_parser = clap::value_parser!(u64).range(1..=4096))]
@@ -243,6 +257,7 @@ impl Args {
                 appends_only: false,
                 audit_only: false,
                 growth_only: false,
+                catalog_only: false,
                 batches: BATCHES.to_vec(),
                 ids: Ids::Ordered,
                 events: 20_000,
@@ -267,6 +282,7 @@ impl Args {
                 appends_only: false,
                 audit_only: false,
                 growth_only: false,
+                catalog_only: false,
                 batches: BATCHES.to_vec(),
                 ids: Ids::Ordered,
                 events: 1_000_000,
@@ -289,6 +305,7 @@ impl Args {
         a.appends_only = cli.appends_only;
         a.audit_only = cli.audit_only;
         a.growth_only = cli.growth_only;
+        a.catalog_only = cli.catalog_only;
         a.ids = cli.ids;
         if !cli.batches.is_empty() {
             a.batches = cli.batches.iter().map(|&n| n as usize).collect();
@@ -547,6 +564,22 @@ async fn run(args: Args) -> Result<Option<Results>> {
                 l.cpu_ratio(a),
                 report::of_ratios(&l.cpu_ratios),
                 lw / aw.max(1.0),
+            );
+        }
+        return Ok(None);
+    }
+    if b.args.catalog_only {
+        for n in [6, 100, 400, 1000, 3000] {
+            let dir = b.dir.join(format!("catalog-{n}"));
+            std::fs::create_dir_all(&dir)?;
+            let c = tokio::task::spawn_blocking(move || workload::catalog_cost(&dir, n)).await??;
+            println!(
+                "{n:>5} snapshots: start/stop writer {} µs, commit {} µs; record-snapshot writer {} µs, commit {} µs (CPU per command, medians of {})",
+                c.switch.0,
+                c.switch.1,
+                c.record.0,
+                c.record.1,
+                workload::CATALOG_COMMANDS
             );
         }
         return Ok(None);

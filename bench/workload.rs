@@ -291,6 +291,100 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
     })
 }
 
+/// Commands of each kind [`catalog_cost`] measures.
+pub const CATALOG_COMMANDS: usize = 200;
+
+/// What one command against a job with a long catalog costs: (writer,
+/// commit) CPU in µs, medians.
+pub struct CatalogCost {
+    /// `stop` and `start` taking turns: the catalog stays as it is.
+    pub switch: (u64, u64),
+    /// `record-snapshot`: one snapshot added to it.
+    pub record: (u64, u64),
+}
+
+/// The CPU of `Pipeline::execute`'s steps, one command per batch, against
+/// one job whose catalog holds `snapshots` (recorded in batches of 500 on
+/// a fresh store in `dir`, none due for expiry): the writer's (decide and
+/// seal) and the commit's, on this thread.
+pub fn catalog_cost(dir: &Path, snapshots: usize) -> Result<CatalogCost> {
+    let store = Store::open_or_create(&dir.join("catalog.redb"))?;
+    let mut p = Pipeline::open(store)?;
+    let job = Uuid::now_v7();
+    let t0 = Utc::now().trunc_subsecs(0) - Span::days(1);
+    let id = |c: serde_json::Value| {
+        let mut c = c;
+        c["command_id"] = json!(Uuid::now_v7());
+        c["job_id"] = json!(job);
+        c
+    };
+    let snapshot = |i: usize| {
+        id(
+            json!({"snapshot_id": Uuid::now_v7(), "taken_at": t0 + Span::seconds(i as i64), "size_bytes": 1}),
+        )
+    };
+    let deployment = json!({"deployment": {"kind": "replica_set", "name": "rs0"}});
+    run_batch(
+        &mut p,
+        vec![("create", id(deployment)), ("start", id(json!({})))],
+    )?;
+    for first in (0..snapshots).step_by(500) {
+        let batch = (first..snapshots.min(first + 500))
+            .map(|i| ("record-snapshot", snapshot(i)))
+            .collect();
+        run_batch(&mut p, batch)?;
+    }
+    let median = |mut v: Vec<(u64, u64)>| {
+        let mid = v.len() / 2;
+        let w = *v.select_nth_unstable_by_key(mid, |c| c.0).1;
+        let c = *v.select_nth_unstable_by_key(mid, |c| c.1).1;
+        (w.0, c.1)
+    };
+    let switch = (0..CATALOG_COMMANDS)
+        .map(|i| run_batch(&mut p, vec![(["stop", "start"][i % 2], id(json!({})))]))
+        .collect::<Result<Vec<_>>>()?;
+    let record = (0..CATALOG_COMMANDS)
+        .map(|i| run_batch(&mut p, vec![("record-snapshot", snapshot(snapshots + i))]))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(CatalogCost {
+        switch: median(switch),
+        record: median(record),
+    })
+}
+
+/// One batch of `commands` through the pipeline's steps: (writer, commit)
+/// CPU in µs. Every command must be accepted.
+fn run_batch(
+    p: &mut Pipeline<()>,
+    commands: Vec<(&'static str, serde_json::Value)>,
+) -> Result<(u64, u64)> {
+    let now = Utc::now().trunc_subsecs(6);
+    let cpu = crate::measure::thread_cpu_us();
+    for (verb, body) in &commands {
+        let cmd = decode("p1", verb, &serde_json::to_vec(body)?, None)
+            .map_err(|e| anyhow::anyhow!("{verb} does not decode: {e}"))?;
+        if let Some(a) = p
+            .decide(&Pending::new(cmd), (), now, &mut Uuid::now_v7)
+            .pop()
+        {
+            bail!("{verb} not decided: {:?}", a.reply.error);
+        }
+    }
+    let mut prepared = p.to_commit().context("a batch was decided")?;
+    let writer = crate::measure::thread_cpu_us() - cpu;
+    let cpu = crate::measure::thread_cpu_us();
+    let result = p.store().commit(&mut prepared);
+    let commit = crate::measure::thread_cpu_us() - cpu;
+    let settled = p.settle(result);
+    if let Some(e) = settled.error {
+        return Err(e).context("Store::commit");
+    }
+    if let Some(a) = settled.answers.iter().find(|a| !a.reply.ok) {
+        bail!("rejected: {:?}", a.reply.error);
+    }
+    Ok((writer, commit))
+}
+
 /// How long one retention sweep (what `bcp serve` queues every
 /// `--sweep-interval`, through the same writer as every command) takes on
 /// the log at `db`: an idle sweep still visits every job's catalog while the
