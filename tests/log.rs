@@ -1650,10 +1650,27 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
         Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
     };
     let create = json!({"command_id": Uuid::from_u128(1), "job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs"}});
-    ledger
-        .execute(&[cmd("create", create)], t0(), &mut ids)
-        .unwrap();
+    // The job has a catalog already: N changes the job and not its catalog,
+    // N+1 changes both (each undone from what it kept of them).
+    let setup = [
+        cmd("create", create),
+        cmd(
+            "start",
+            json!({"command_id": Uuid::from_u128(4), "job_id": job(1)}),
+        ),
+        cmd(
+            "record-snapshot",
+            json!({"command_id": Uuid::from_u128(5), "job_id": job(1), "snapshot_id": Uuid::from_u128(8), "taken_at": t0(), "size_bytes": 1}),
+        ),
+        cmd(
+            "stop",
+            json!({"command_id": Uuid::from_u128(6), "job_id": job(1)}),
+        ),
+    ];
+    let replies = ledger.execute(&setup, t0(), &mut ids).unwrap();
+    assert!(replies.iter().all(|r| r.ok), "{replies:?}");
     let on_disk = (ledger.world().clone(), ledger.head_seq());
+    assert_eq!(on_disk.0.catalogs[&job(1)].snapshots.len(), 1);
 
     let start = cmd(
         "start",
@@ -1670,7 +1687,8 @@ fn a_batch_decided_while_the_one_before_commits_sees_it_and_is_undone_with_it() 
     assert!(p.decide(&snapshot, "snapshot", t0(), &mut ids).is_empty());
     assert!(p.decide(&start, "start again", t0(), &mut ids).is_empty());
     assert!(p.to_commit().is_none(), "one batch commits at a time");
-    assert_eq!(p.head_seq(), 3, "N+1 is decided on N");
+    assert_eq!(p.head_seq(), 6, "N+1 is decided on N");
+    assert_eq!(p.world().catalogs[&job(1)].snapshots.len(), 2);
 
     // N's commit fails: N+1 is undone with it, every command answered
     // unavailable, newest batch first; memory equals the disk again.

@@ -136,9 +136,14 @@ impl World {
                         job
                     }
                 };
-                if let Some(catalog) =
-                    Self::evolve_catalog(&mut self.catalogs, &mut self.expiring, job, env)
-                {
+                let changed =
+                    Self::evolve_catalog(&mut self.catalogs, &mut self.expiring, job, env);
+                assert_eq!(
+                    changed.is_some(),
+                    Self::changes_catalog(&env.event),
+                    "changes_catalog names the events evolve_catalog applies"
+                );
+                if let Some(catalog) = changed {
                     job.snapshot_count = catalog.snapshots.len() as u64;
                     job.latest_snapshot_at = catalog.snapshots.iter().map(|s| s.taken_at).max();
                 }
@@ -146,8 +151,21 @@ impl World {
         }
     }
 
+    /// Whether `event` (of a job that exists) changes the job's catalog:
+    /// what the write path keeps a copy of the catalog for, to undo it.
+    pub fn changes_catalog(event: &Event) -> bool {
+        matches!(
+            event,
+            Event::SnapshotRecorded { .. }
+                | Event::SnapshotDeleted { .. }
+                | Event::SnapshotExpired { .. }
+                | Event::SnapshotExpiryChanged { .. }
+                | Event::SnapshotsPurged { .. }
+        )
+    }
+
     /// Apply a snapshot event to the job's catalog; returns the catalog when
-    /// it changed.
+    /// it changed (exactly for the events [`World::changes_catalog`] names).
     fn evolve_catalog<'c>(
         catalogs: &'c mut BTreeMap<Uuid, Catalog>,
         expiring: &mut BTreeSet<(DateTime<Utc>, Uuid, Uuid)>,

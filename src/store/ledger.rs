@@ -121,9 +121,19 @@ pub struct Ledger {
 /// Prior values of everything a batch touched, to undo a failed commit.
 #[derive(Default)]
 struct Undo {
-    jobs: BTreeMap<Uuid, (Option<Job>, Option<Catalog>)>,
+    jobs: BTreeMap<Uuid, JobUndo>,
     regions: BTreeMap<Name, Option<Region>>,
     head: (u64, String, Option<DateTime<Utc>>),
+}
+
+/// A job as it was before a batch changed it.
+struct JobUndo {
+    job: Option<Job>,
+    /// Its catalog, if the batch changed it (`None`: unchanged). Taken at
+    /// the batch's first snapshot event of the job only, so a command that
+    /// leaves the catalog as it is (start, stop, a schedule) copies none
+    /// of a catalog that may hold hundreds of snapshots.
+    catalog: Option<Option<Catalog>>,
 }
 
 /// What a batch decided, held in memory until its commit settles: the
@@ -383,10 +393,11 @@ impl Ledger {
                 job: self.world.jobs.get(&id),
                 catalog: self.world.catalogs.get(&id),
             };
+            // A catalog the batch did not change is `after`'s own: no rows.
             let before = match decided.undo.jobs.get(&id) {
-                Some((job, catalog)) => JobState {
-                    job: job.as_ref(),
-                    catalog: catalog.as_ref(),
+                Some(u) => JobState {
+                    job: u.job.as_ref(),
+                    catalog: u.catalog.as_ref().map_or(after.catalog, Option::as_ref),
                 },
                 None => after,
             };
@@ -435,12 +446,14 @@ impl Ledger {
             self.uncommitted.remove(id);
         }
         let undo = d.undo;
-        for (id, (job, catalog)) in undo.jobs {
-            match job {
+        for (id, u) in undo.jobs {
+            match u.job {
                 Some(j) => self.world.jobs.insert(id, j),
                 None => self.world.jobs.remove(&id),
             };
-            self.world.set_catalog(id, catalog);
+            if let Some(catalog) = u.catalog {
+                self.world.set_catalog(id, catalog);
+            }
         }
         for (name, region) in undo.regions {
             match region {
@@ -596,11 +609,13 @@ impl Ledger {
                 Some(before.map_or(0, |j| j.version) + 1),
                 "a job's versions count its changes from 1"
             );
-            b.decided
-                .undo
-                .jobs
-                .entry(id)
-                .or_insert_with(|| (before.cloned(), self.world.catalogs.get(&id).cloned()));
+            let undo = (b.decided.undo.jobs.entry(id)).or_insert_with(|| JobUndo {
+                job: before.cloned(),
+                catalog: None,
+            });
+            if World::changes_catalog(&env.event) && undo.catalog.is_none() {
+                undo.catalog = Some(self.world.catalogs.get(&id).cloned());
+            }
         }
         if let Event::RegionConfigured { region, .. } = &env.event {
             b.decided
