@@ -50,6 +50,15 @@ pub struct Snapshot {
     pub do_not_delete: bool,
 }
 
+impl Snapshot {
+    /// Its place in its catalog, which keeps its snapshots in this order
+    /// (time, then id: one place per snapshot). `taken_at` never changes,
+    /// so a snapshot keeps its place while it is retained.
+    pub fn place(&self) -> (DateTime<Utc>, Uuid) {
+        (self.taken_at, self.snapshot_id)
+    }
+}
+
 /// One job's catalog: the retained snapshots in time order, and which days,
 /// ISO weeks and months already had their daily/weekly/monthly (every
 /// snapshot ever recorded counts, also deleted, expired or purged ones), as
@@ -102,9 +111,7 @@ impl Catalog {
         if snap.classes.contains(&SnapshotClass::Monthly) {
             self.monthly_months.insert(Month::of(schedule_day));
         }
-        let at = self
-            .snapshots
-            .partition_point(|s| (s.taken_at, s.snapshot_id) < (snap.taken_at, snap.snapshot_id));
+        let at = self.snapshots.partition_point(|s| s.place() < snap.place());
         self.snapshots.insert(at, snap);
     }
 

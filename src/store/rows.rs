@@ -368,7 +368,7 @@ pub fn read_catalog(
     let (daily_days, weekly_weeks, monthly_months) =
         read_classes(classes).map_err(|e| e.to_string())?;
     let mut snapshots = snapshots.into_iter().collect::<Result<Vec<_>, _>>()?;
-    snapshots.sort_by_key(|s| (s.taken_at, s.snapshot_id));
+    snapshots.sort_by_key(Snapshot::place);
     Ok(Catalog {
         snapshots,
         daily_days,
@@ -537,7 +537,7 @@ fn catalog_rows(
     let (was, is) = (before.unwrap_or(&empty), after.unwrap_or(&empty));
     for c in [was, is] {
         assert!(
-            c.snapshots.is_sorted_by_key(place),
+            c.snapshots.is_sorted_by_key(Snapshot::place),
             "a catalog keeps its snapshots in time order"
         );
     }
@@ -551,8 +551,8 @@ fn catalog_rows(
         None if before.is_some() => rows.push((classes_key, None)),
         _ => {}
     }
-    // One walk over both, in the catalog's order (taken_at, then id), where
-    // a snapshot keeps its place: a catalog of hundreds of snapshots costs
+    // One walk over both in the catalogs' order, where a snapshot keeps its
+    // place (`Snapshot::place`): a catalog of hundreds of snapshots costs
     // as many steps, not their square.
     let (mut old, mut new) = (
         was.snapshots.iter().peekable(),
@@ -563,7 +563,7 @@ fn catalog_rows(
             (None, None) => break,
             (Some(_), None) => Ordering::Less,
             (None, Some(_)) => Ordering::Greater,
-            (Some(o), Some(n)) => place(o).cmp(&place(n)),
+            (Some(o), Some(n)) => o.place().cmp(&n.place()),
         };
         let (o, n) = match order {
             Ordering::Less => (old.next(), None),
@@ -579,13 +579,6 @@ fn catalog_rows(
         }
     }
     rows
-}
-
-/// A snapshot's place in its catalog, which keeps them in this order
-/// (`Catalog::record`, and [`read_catalog`] for stored ones); its
-/// `taken_at` never changes.
-fn place(s: &Snapshot) -> (chrono::DateTime<chrono::Utc>, Uuid) {
-    (s.taken_at, s.snapshot_id)
 }
 
 #[cfg(test)]
@@ -687,7 +680,7 @@ mod tests {
                 s
             };
             let sorted = |mut v: Vec<Snapshot>| {
-                v.sort_by_key(place);
+                v.sort_by_key(Snapshot::place);
                 v
             };
             let was: Vec<Snapshot> = (before.iter())
