@@ -553,7 +553,10 @@ fn catalog_rows(
     }
     // One walk over both in the catalogs' order, where a snapshot keeps its
     // place (`Snapshot::place`): a catalog of hundreds of snapshots costs
-    // as many steps, not their square.
+    // as many steps, not their square. An id deleted and recorded again at
+    // another time is in both at two places: written once, not removed.
+    let mut removed = Vec::new();
+    let mut added = std::collections::HashSet::new();
     let (mut old, mut new) = (
         was.snapshots.iter().peekable(),
         is.snapshots.iter().peekable(),
@@ -571,12 +574,18 @@ fn catalog_rows(
             Ordering::Equal => (old.next(), new.next()),
         };
         match (o, n) {
-            (Some(o), None) => rows.push((snapshot_key(job_id, o.snapshot_id), None)),
+            (Some(o), None) => removed.push(o.snapshot_id),
             (o, Some(n)) if o != Some(n) => {
+                if o.is_none() {
+                    added.insert(n.snapshot_id);
+                }
                 rows.push((snapshot_key(job_id, n.snapshot_id), Some(snapshot_row(n))))
             }
             _ => {}
         }
+    }
+    for id in removed.into_iter().filter(|id| !added.contains(id)) {
+        rows.push((snapshot_key(job_id, id), None));
     }
     rows
 }
@@ -666,12 +675,14 @@ mod tests {
     proptest::proptest! {
         /// The walk over both catalogs writes what comparing every
         /// snapshot of one with every snapshot of the other would: each
-        /// added or changed snapshot, each removed one, nothing else.
+        /// added or changed snapshot, each removed one, nothing else, one
+        /// row per snapshot (also one recorded again at another time).
         #[test]
         fn catalog_rows_are_each_snapshot_added_changed_or_removed(
             before in proptest::collection::btree_map(0u128..64, (1u32..29, 0u32..24), 0..40),
             removed in proptest::collection::btree_set(0u128..64, 0..20),
             changed in proptest::collection::btree_set(0u128..64, 0..20),
+            moved in proptest::collection::btree_set(0u128..64, 0..10),
             added in proptest::collection::btree_map(64u128..96, (1u32..29, 0u32..24), 0..20),
         ) {
             let at = |(day, hour): (u32, u32)| {
@@ -691,6 +702,11 @@ mod tests {
                 .map(|s| match changed.contains(&s.snapshot_id.as_u128()) {
                     true => Snapshot { do_not_delete: !s.do_not_delete, ..s.clone() },
                     false => s.clone(),
+                })
+                // Deleted and recorded again, at another time.
+                .map(|s| match moved.contains(&s.snapshot_id.as_u128()) {
+                    true => Snapshot { taken_at: s.taken_at + chrono::Duration::minutes(30), ..s },
+                    false => s,
                 })
                 .chain((added.iter()).map(|(&id, &t)| Snapshot { snapshot_id: Uuid::from_u128(id), ..at(t) }))
                 .collect();
