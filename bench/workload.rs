@@ -252,28 +252,12 @@ pub fn extend_log(db: &Path, target: u64, lanes: &mut Lanes, batch: usize) -> Re
                     Ok(Pending::new(cmd))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let now = Utc::now().trunc_subsecs(6);
-            // `Pipeline::execute`, step by step, to time the commit apart.
             let t = Instant::now();
-            for p in &pendings {
-                if let Some(a) = ledger.decide(p, (), now, &mut Uuid::now_v7).pop() {
-                    bail!("not decided offline: {:?}", a.reply.error);
-                }
-            }
-            let mut prepared = ledger.to_commit().expect("a batch was decided");
-            let (committing, cpu) = (Instant::now(), crate::measure::thread_cpu_us());
-            let result = ledger.store().commit(&mut prepared);
-            commits.push(committing.elapsed().as_micros() as u64);
-            commit_cpus.push(crate::measure::thread_cpu_us() - cpu);
-            let settled = ledger.settle(result);
-            if let Some(e) = settled.error {
-                return Err(e).context("Store::commit");
-            }
+            let timed = execute(&mut ledger, &pendings)?;
             in_execute += t.elapsed();
             executes.push(t.elapsed().as_micros() as u64);
-            if let Some(a) = settled.answers.iter().find(|a| !a.reply.ok) {
-                bail!("the workload was rejected offline: {:?}", a.reply.error);
-            }
+            commits.push(timed.commit_us);
+            commit_cpus.push(timed.commit_cpu_us);
         }
     }
     let cpu = crate::measure::thread_cpu_us();
@@ -352,37 +336,61 @@ pub fn catalog_cost(dir: &Path, snapshots: usize) -> Result<CatalogCost> {
     })
 }
 
-/// One batch of `commands` through the pipeline's steps: (writer, commit)
-/// CPU in µs. Every command must be accepted.
-fn run_batch(
-    p: &mut Pipeline<()>,
-    commands: Vec<(&'static str, serde_json::Value)>,
-) -> Result<(u64, u64)> {
+/// What [`execute`] timed of one batch.
+struct Timed {
+    /// The writer's CPU (decide, seal), µs.
+    writer_cpu_us: u64,
+    /// `Store::commit`, wall and CPU, µs.
+    commit_us: u64,
+    commit_cpu_us: u64,
+}
+
+/// `Pipeline::execute`, step by step, on this thread, to time the commit
+/// apart from the writer's work: `pendings` as one batch, decided now.
+/// Every command must be accepted.
+fn execute(p: &mut Pipeline<()>, pendings: &[Pending]) -> Result<Timed> {
     let now = Utc::now().trunc_subsecs(6);
     let cpu = crate::measure::thread_cpu_us();
-    for (verb, body) in &commands {
-        let cmd = decode("p1", verb, &serde_json::to_vec(body)?, None)
-            .map_err(|e| anyhow::anyhow!("{verb} does not decode: {e}"))?;
-        if let Some(a) = p
-            .decide(&Pending::new(cmd), (), now, &mut Uuid::now_v7)
-            .pop()
-        {
-            bail!("{verb} not decided: {:?}", a.reply.error);
+    for pending in pendings {
+        if let Some(a) = p.decide(pending, (), now, &mut Uuid::now_v7).pop() {
+            bail!("not decided offline: {:?}", a.reply.error);
         }
     }
     let mut prepared = p.to_commit().context("a batch was decided")?;
-    let writer = crate::measure::thread_cpu_us() - cpu;
-    let cpu = crate::measure::thread_cpu_us();
+    let writer_cpu_us = crate::measure::thread_cpu_us() - cpu;
+    let (committing, cpu) = (Instant::now(), crate::measure::thread_cpu_us());
     let result = p.store().commit(&mut prepared);
-    let commit = crate::measure::thread_cpu_us() - cpu;
+    let commit_us = committing.elapsed().as_micros() as u64;
+    let commit_cpu_us = crate::measure::thread_cpu_us() - cpu;
     let settled = p.settle(result);
     if let Some(e) = settled.error {
         return Err(e).context("Store::commit");
     }
     if let Some(a) = settled.answers.iter().find(|a| !a.reply.ok) {
-        bail!("rejected: {:?}", a.reply.error);
+        bail!("rejected offline: {:?}", a.reply.error);
     }
-    Ok((writer, commit))
+    Ok(Timed {
+        writer_cpu_us,
+        commit_us,
+        commit_cpu_us,
+    })
+}
+
+/// One batch of `commands` (verb, body) through [`execute`]: (writer,
+/// commit) CPU in µs.
+fn run_batch(
+    p: &mut Pipeline<()>,
+    commands: Vec<(&'static str, serde_json::Value)>,
+) -> Result<(u64, u64)> {
+    let pendings = (commands.iter())
+        .map(|(verb, body)| {
+            let cmd = decode("p1", verb, &serde_json::to_vec(body)?, None)
+                .map_err(|e| anyhow::anyhow!("{verb} does not decode: {e}"))?;
+            Ok(Pending::new(cmd))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let timed = execute(p, &pendings)?;
+    Ok((timed.writer_cpu_us, timed.commit_cpu_us))
 }
 
 /// How long one retention sweep (what `bcp serve` queues every
