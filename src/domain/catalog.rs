@@ -10,10 +10,12 @@
 //! `expires_at = taken_at + the longest retention among its classes whose
 //! retention is not 0` (day 24 h, week 7 days, month 28 days).
 
+use super::event::Event;
 use super::periods::{Month, Runs, Week};
 use super::schedule::Schedule;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 #[derive(
@@ -71,6 +73,124 @@ pub struct Catalog {
     pub monthly_months: Runs<Month>,
 }
 
+/// What a batch's events changed of one job's catalog, as it stood before
+/// them: its classes, and each snapshot an event touched (its place, and
+/// its value then: `None`, not there). Enough to put the catalog back and
+/// to lay out only the rows that changed, without a copy of the snapshots
+/// no event touched: a command costs what it changes of a catalog of
+/// hundreds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CatalogBefore {
+    /// There was no catalog: the batch's first snapshot made it.
+    pub absent: bool,
+    pub daily_days: Runs<NaiveDate>,
+    pub weekly_weeks: Runs<Week>,
+    pub monthly_months: Runs<Month>,
+    /// Snapshot id → its place in the catalog as the events left it (where
+    /// it is, if it is there), and its value before the first event that
+    /// touched it.
+    pub snapshots: BTreeMap<Uuid, Touched>,
+}
+
+/// A snapshot's place now ([`Snapshot::place`]) and its value before
+/// (`None`: not in the catalog).
+pub type Touched = ((DateTime<Utc>, Uuid), Option<Snapshot>);
+
+impl CatalogBefore {
+    /// Before the first event of a batch that changes `catalog`.
+    pub fn of(catalog: Option<&Catalog>) -> CatalogBefore {
+        match catalog {
+            None => CatalogBefore {
+                absent: true,
+                ..CatalogBefore::default()
+            },
+            Some(c) => CatalogBefore {
+                absent: false,
+                daily_days: c.daily_days.clone(),
+                weekly_weeks: c.weekly_weeks.clone(),
+                monthly_months: c.monthly_months.clone(),
+                snapshots: BTreeMap::new(),
+            },
+        }
+    }
+
+    /// Keep what `event` will change of `catalog` (the catalog before it
+    /// is applied). A snapshot id is recorded once: `decide` refuses
+    /// another.
+    pub fn note(&mut self, catalog: Option<&Catalog>, event: &Event) {
+        let found = |id: &Uuid| catalog.and_then(|c| c.get(*id));
+        match event {
+            Event::SnapshotRecorded {
+                snapshot_id,
+                taken_at,
+                ..
+            } => {
+                // Its place from now on (one deleted earlier in the batch
+                // may come back elsewhere); its value before stays.
+                let place = (*taken_at, *snapshot_id);
+                (self.snapshots.entry(*snapshot_id))
+                    .and_modify(|touched| touched.0 = place)
+                    .or_insert((place, None));
+            }
+            Event::SnapshotDeleted { snapshot_id }
+            | Event::SnapshotExpired { snapshot_id, .. }
+            | Event::SnapshotExpiryChanged { snapshot_id, .. } => {
+                if let Some(s) = found(snapshot_id) {
+                    self.keep(s);
+                }
+            }
+            Event::SnapshotsPurged { .. } => {
+                for s in catalog.iter().flat_map(|c| &c.snapshots) {
+                    self.keep(s);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn keep(&mut self, s: &Snapshot) {
+        (self.snapshots.entry(s.snapshot_id)).or_insert_with(|| (s.place(), Some(s.clone())));
+    }
+
+    /// Whether the classes `now` has are not the ones kept.
+    pub fn classes_changed(&self, now: &Catalog) -> bool {
+        self.daily_days != now.daily_days
+            || self.weekly_weeks != now.weekly_weeks
+            || self.monthly_months != now.monthly_months
+    }
+
+    /// Each snapshot touched: its id, its value before and in `now`.
+    pub fn changes<'a>(
+        &'a self,
+        now: Option<&'a Catalog>,
+    ) -> impl Iterator<Item = (Uuid, Option<&'a Snapshot>, Option<&'a Snapshot>)> {
+        (self.snapshots.iter())
+            .map(move |(id, (place, was))| (*id, was.as_ref(), now.and_then(|c| c.at(*place))))
+    }
+
+    /// The catalog as it was, from `now`, the same catalog after the events
+    /// noted.
+    pub fn put_back(self, now: Option<Catalog>) -> Option<Catalog> {
+        if self.absent {
+            return None;
+        }
+        let mut c = now.unwrap_or_default();
+        c.daily_days = self.daily_days;
+        c.weekly_weeks = self.weekly_weeks;
+        c.monthly_months = self.monthly_months;
+        for (place, was) in self.snapshots.into_values() {
+            if let Ok(i) = c.snapshots.binary_search_by_key(&place, Snapshot::place) {
+                c.snapshots.remove(i);
+            }
+            if let Some(s) = was {
+                let i = c.snapshots.partition_point(|x| x.place() < s.place());
+                c.snapshots.insert(i, s);
+            }
+        }
+        Some(c)
+    }
+}
+
 /// The "day" a snapshot falls in: its date once shifted back by the
 /// reference hour and minute.
 pub fn day_of(taken_at: DateTime<Utc>, schedule: &Schedule) -> NaiveDate {
@@ -94,6 +214,13 @@ impl Catalog {
             }
         }
         classes
+    }
+
+    /// The snapshot at `place` ([`Snapshot::place`]), found by its order.
+    pub fn at(&self, place: (DateTime<Utc>, Uuid)) -> Option<&Snapshot> {
+        (self.snapshots.binary_search_by_key(&place, Snapshot::place))
+            .ok()
+            .map(|i| &self.snapshots[i])
     }
 
     pub fn get(&self, id: Uuid) -> Option<&Snapshot> {

@@ -11,16 +11,17 @@
 //! caller of the steps. `push` holds the invariants every appended event
 //! meets (gapless seq, chained hash, per-job version), as assertions.
 
-use super::rows::{JobKey, JobState, Row};
+use super::rows::{CatalogWas, JobKey, JobState, Row, Was};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError, decode_envelope};
+use crate::domain::catalog::CatalogBefore;
 use crate::domain::command::Fingerprint;
 use crate::domain::envelope::{GENESIS_HASH, Route};
 use crate::domain::event::SCHEMA_VERSION;
 use crate::domain::rejection::Rejection;
 use crate::domain::reply::EventFacts;
 use crate::domain::{
-    Catalog, CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
+    CommandEnvelope, Envelope, ErrorCode, Event, Job, Name, Region, Reply, World, decide,
 };
 use chrono::{DateTime, Utc};
 use redb::ReadableTable;
@@ -129,11 +130,11 @@ struct Undo {
 /// A job as it was before a batch changed it.
 struct JobUndo {
     job: Option<Job>,
-    /// Its catalog, if the batch changed it (`None`: unchanged). Taken at
-    /// the batch's first snapshot event of the job only, so a command that
-    /// leaves the catalog as it is (start, stop, a schedule) copies none
-    /// of a catalog that may hold hundreds of snapshots.
-    catalog: Option<Option<Catalog>>,
+    /// What the batch changed of its catalog (`None`: nothing): its
+    /// classes and the snapshots its events touched, as they were. No
+    /// copy of the rest: a command costs what it changes of a catalog
+    /// that may hold hundreds of snapshots.
+    catalog: Option<CatalogBefore>,
 }
 
 /// What a batch decided, held in memory until its commit settles: the
@@ -393,13 +394,18 @@ impl Ledger {
                 job: self.world.jobs.get(&id),
                 catalog: self.world.catalogs.get(&id),
             };
-            // A catalog the batch did not change is `after`'s own: no rows.
             let before = match decided.undo.jobs.get(&id) {
-                Some(u) => JobState {
+                Some(u) => Was {
                     job: u.job.as_ref(),
-                    catalog: u.catalog.as_ref().map_or(after.catalog, Option::as_ref),
+                    catalog: u
+                        .catalog
+                        .as_ref()
+                        .map_or(CatalogWas::Unchanged, CatalogWas::Changed),
                 },
-                None => after,
+                None => Was {
+                    job: after.job,
+                    catalog: CatalogWas::Unchanged,
+                },
             };
             let new_seqs = seqs.get(&id).map_or(&[][..], Vec::as_slice);
             rows.job_rows
@@ -451,8 +457,9 @@ impl Ledger {
                 Some(j) => self.world.jobs.insert(id, j),
                 None => self.world.jobs.remove(&id),
             };
-            if let Some(catalog) = u.catalog {
-                self.world.set_catalog(id, catalog);
+            if let Some(before) = u.catalog {
+                let now = self.world.catalogs.get(&id).cloned();
+                self.world.set_catalog(id, before.put_back(now));
             }
         }
         for (name, region) in undo.regions {
@@ -613,8 +620,9 @@ impl Ledger {
                 job: before.cloned(),
                 catalog: None,
             });
-            if World::changes_catalog(&env.event) && undo.catalog.is_none() {
-                undo.catalog = Some(self.world.catalogs.get(&id).cloned());
+            if World::changes_catalog(&env.event) {
+                let now = self.world.catalogs.get(&id);
+                (undo.catalog.get_or_insert_with(|| CatalogBefore::of(now))).note(now, &env.event);
             }
         }
         if let Event::RegionConfigured { region, .. } = &env.event {

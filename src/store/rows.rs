@@ -12,6 +12,7 @@
 
 use super::CommandRecord;
 use super::tables::JobRow;
+use crate::domain::catalog::CatalogBefore;
 use crate::domain::command::Fingerprint;
 use crate::domain::periods::{Month, Runs, Week};
 use crate::domain::reply::{ErrorBody, EventRef};
@@ -392,15 +393,15 @@ pub struct JobState<'a> {
 /// in key order. Only what changed is written: the view when it changed,
 /// the class row when the classes did, each snapshot added, changed or
 /// removed. From nothing (`JobState::default()`) it is every row the job
-/// has. The same catalog (one reference) on both sides is an unchanged
-/// one, and is not compared: the write path passes it so for a batch
-/// that changed the job but not its catalog.
-pub fn job_rows(
+/// has. The write path says instead what a batch changed of the catalog
+/// ([`CatalogWas`]), so that only that is compared.
+pub fn job_rows<'a>(
     id: Uuid,
-    before: JobState<'_>,
+    before: impl Into<Was<'a>>,
     after: JobState<'_>,
     new_seqs: &[u64],
 ) -> Vec<Row<JobKey>> {
+    let before = before.into();
     let key = id.as_u128();
     let mut rows = Vec::with_capacity(2 + new_seqs.len().div_ceil(INDEX_ROW_MAX));
     if before.job != after.job {
@@ -413,6 +414,33 @@ pub fn job_rows(
     }));
     rows.sort_unstable_by_key(|(k, _)| *k);
     rows
+}
+
+/// A job as it stood before the rows [`job_rows`] lays out.
+#[derive(Clone, Copy)]
+pub struct Was<'a> {
+    pub job: Option<&'a Job>,
+    pub catalog: CatalogWas<'a>,
+}
+
+/// A job's catalog as it stood before the rows [`job_rows`] lays out.
+#[derive(Clone, Copy)]
+pub enum CatalogWas<'a> {
+    /// This catalog (`None`: none): every snapshot compared.
+    Whole(Option<&'a Catalog>),
+    /// What a batch changed of it: only the snapshots it touched compared.
+    Changed(&'a CatalogBefore),
+    /// As it is: no rows.
+    Unchanged,
+}
+
+impl<'a> From<JobState<'a>> for Was<'a> {
+    fn from(s: JobState<'a>) -> Was<'a> {
+        Was {
+            job: s.job,
+            catalog: CatalogWas::Whole(s.catalog),
+        }
+    }
 }
 
 /// The most seqs [`job_rows`] puts in one index row (a job's events
@@ -520,20 +548,29 @@ fn index_walk(first: u64, row: &[u8], mut each: impl FnMut(u64)) -> Result<(), S
 }
 
 /// The rows that turn a job's stored catalog `before` into `after`.
-fn catalog_rows(
-    job_id: Uuid,
-    before: Option<&Catalog>,
-    after: Option<&Catalog>,
-) -> Vec<Row<JobKey>> {
+fn catalog_rows(job_id: Uuid, before: CatalogWas<'_>, after: Option<&Catalog>) -> Vec<Row<JobKey>> {
     let mut rows = Vec::new();
     let classes_key = JobRow::Classes.key(job_id.as_u128(), 0);
+    let before = match before {
+        CatalogWas::Unchanged => return rows,
+        CatalogWas::Changed(was) => {
+            match after {
+                Some(c) if was.absent || was.classes_changed(c) => {
+                    rows.push((classes_key, Some(classes_row(c))));
+                }
+                None if !was.absent => rows.push((classes_key, None)),
+                _ => {}
+            }
+            for (id, old, new) in was.changes(after) {
+                if old != new {
+                    rows.push((snapshot_key(job_id, id), new.map(snapshot_row)));
+                }
+            }
+            return rows;
+        }
+        CatalogWas::Whole(before) => before,
+    };
     let empty = Catalog::default();
-    if let (Some(was), Some(is)) = (before, after)
-        && std::ptr::eq(was, is)
-    {
-        // The catalog itself on both sides: the batch did not change it.
-        return rows;
-    }
     let (was, is) = (before.unwrap_or(&empty), after.unwrap_or(&empty));
     for c in [was, is] {
         assert!(
@@ -634,7 +671,7 @@ mod tests {
         // One recorded on a day that already had its daily: one row.
         let mut after = before.clone();
         after.snapshots.push(snap(3, 2));
-        let rows = catalog_rows(job, Some(&before), Some(&after));
+        let rows = catalog_rows(job, CatalogWas::Whole(Some(&before)), Some(&after));
         assert_eq!(summary(&rows), vec![(snapshot, 3, true)]);
         assert!(rows.iter().all(|(k, _)| k.0 == job.as_u128()));
         // Expired one, changed another, recorded a daily: two rows and the classes.
@@ -645,7 +682,7 @@ mod tests {
         later
             .daily_days
             .insert(NaiveDate::from_ymd_opt(2026, 11, 3).unwrap());
-        let rows = catalog_rows(job, Some(&after), Some(&later));
+        let rows = catalog_rows(job, CatalogWas::Whole(Some(&after)), Some(&later));
         assert_eq!(
             summary(&rows),
             vec![
@@ -656,7 +693,7 @@ mod tests {
             ]
         );
         // A new catalog writes its classes; the rows read back, in time order.
-        let rows = catalog_rows(job, None, Some(&later));
+        let rows = catalog_rows(job, CatalogWas::Whole(None), Some(&later));
         let classes_bytes = rows
             .iter()
             .find(|(k, _)| k.1 == classes)
@@ -668,8 +705,8 @@ mod tests {
             .filter(|(k, _)| k.1 == snapshot)
             .map(|(_, v)| read_snapshot(v.as_ref().unwrap()));
         assert_eq!(read_catalog(&classes_bytes, snapshots).unwrap(), later);
-        assert!(catalog_rows(job, Some(&later), Some(&later)).is_empty());
-        assert!(catalog_rows(job, Some(&later.clone()), Some(&later)).is_empty());
+        assert!(catalog_rows(job, CatalogWas::Whole(Some(&later)), Some(&later)).is_empty());
+        assert!(catalog_rows(job, CatalogWas::Unchanged, Some(&later)).is_empty());
     }
 
     proptest::proptest! {
@@ -723,10 +760,143 @@ mod tests {
                     want.push((snapshot_key(job, s.snapshot_id), None));
                 }
             }
-            let mut got = catalog_rows(job, Some(&was), Some(&is));
+            let mut got = catalog_rows(job, CatalogWas::Whole(Some(&was)), Some(&is));
             got.sort();
             want.sort();
             proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    /// One of the catalog's events, in the proptest below.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Record snapshot `id` at hour `h` (daily: with a daily class).
+        Record(u128, i64, bool),
+        Delete(u128),
+        Expire(u128),
+        Keep(u128, bool),
+        Purge,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u128..24, 0i64..96, any::<bool>()).prop_map(|(i, h, d)| Op::Record(i, h, d)),
+            (0u128..24).prop_map(Op::Delete),
+            (0u128..24).prop_map(Op::Expire),
+            (0u128..24, any::<bool>()).prop_map(|(i, k)| Op::Keep(i, k)),
+            Just(Op::Purge),
+        ]
+    }
+
+    proptest::proptest! {
+        /// What a batch keeps of a catalog it changes (`CatalogBefore`)
+        /// lays out the rows that comparing the whole catalog before with
+        /// it after would, and puts the catalog back as it was: for any
+        /// events after any catalog, a snapshot deleted and recorded again
+        /// elsewhere, expired, kept, purged, or touched twice.
+        #[test]
+        fn catalog_changes_lay_out_the_rows_of_the_whole_and_put_it_back(
+            given in proptest::collection::vec(op(), 0..12),
+            batch in proptest::collection::vec(op(), 1..10),
+        ) {
+            use crate::domain::job::{Deployment, DeploymentKind, JobState as State};
+            use crate::domain::{Envelope, Event, ProjectId, Schedule, World};
+            use crate::domain::catalog::CatalogBefore;
+            let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+            let id = Uuid::from_u128(7);
+            let mut world = World::default();
+            world.jobs.insert(id, Job {
+                job_id: id,
+                project_id: ProjectId::try_from("p1".to_owned()).unwrap(),
+                deployment: Deployment { kind: DeploymentKind::ReplicaSet, name: "rs".into(), cluster: None },
+                schedule: Schedule::default(),
+                region: None,
+                state: State::Active,
+                phase: None,
+                version: 1,
+                snapshot_count: 0,
+                latest_snapshot_at: None,
+                created_at: t0,
+                last_transition_at: t0,
+                stopped_at: None,
+                initial_sync_done: true,
+            });
+            // The event `op` stands for now (`None`: one `decide` would refuse).
+            let event = |world: &World, op: &Op| {
+                let sid = |i: u128| Uuid::from_u128(100 + i);
+                let catalog = world.catalogs.get(&id);
+                let has = |i: u128| catalog.and_then(|c| c.get(sid(i))).cloned();
+                match *op {
+                    Op::Record(i, h, daily) => has(i).is_none().then(|| {
+                        let taken_at = t0 + chrono::Duration::hours(h);
+                        let mut classes = vec![SnapshotClass::Base];
+                        if daily {
+                            classes.push(SnapshotClass::Daily);
+                        }
+                        Event::SnapshotRecorded {
+                            snapshot_id: sid(i),
+                            taken_at,
+                            size_bytes: 1,
+                            classes,
+                            expires_at: taken_at + chrono::Duration::days(2),
+                        }
+                    }),
+                    Op::Delete(i) => has(i).map(|_| Event::SnapshotDeleted { snapshot_id: sid(i) }),
+                    Op::Expire(i) => has(i).map(|s| Event::SnapshotExpired { snapshot_id: sid(i), expires_at: s.expires_at }),
+                    Op::Keep(i, keep) => has(i).map(|s| Event::SnapshotExpiryChanged {
+                        snapshot_id: sid(i),
+                        expires_at: s.expires_at + chrono::Duration::hours(1),
+                        do_not_delete: keep,
+                    }),
+                    Op::Purge => Some(Event::SnapshotsPurged {
+                        snapshot_ids: catalog.map_or(vec![], |c| c.snapshots.iter().map(|s| s.snapshot_id).collect()),
+                    }),
+                }
+            };
+            let apply = |world: &mut World, event: Event| {
+                world.evolve(&Envelope {
+                    seq: 1,
+                    event_id: Uuid::from_u128(1),
+                    schema_version: 1,
+                    project_id: ProjectId::try_from("p1".to_owned()).unwrap(),
+                    job_id: Some(id),
+                    job_version: Some(2),
+                    command_id: Uuid::from_u128(2),
+                    actor: None,
+                    actor_verified: false,
+                    recorded_at: t0,
+                    prev_hash: String::new(),
+                    event,
+                    hash: String::new(),
+                });
+            };
+            for op in &given {
+                if let Some(e) = event(&world, op) {
+                    apply(&mut world, e);
+                }
+            }
+            let initial = world.catalogs.get(&id).cloned();
+            let mut before: Option<CatalogBefore> = None;
+            for op in &batch {
+                if let Some(e) = event(&world, op) {
+                    let now = world.catalogs.get(&id);
+                    before.get_or_insert_with(|| CatalogBefore::of(now)).note(now, &e);
+                    apply(&mut world, e);
+                }
+            }
+            let after = world.catalogs.get(&id);
+            let mut whole = catalog_rows(id, CatalogWas::Whole(initial.as_ref()), after);
+            let mut changed = match &before {
+                Some(b) => catalog_rows(id, CatalogWas::Changed(b), after),
+                None => catalog_rows(id, CatalogWas::Unchanged, after),
+            };
+            whole.sort();
+            changed.sort();
+            proptest::prop_assert_eq!(changed, whole);
+            if let Some(b) = before {
+                proptest::prop_assert_eq!(b.put_back(after.cloned()), initial);
+            }
         }
     }
 
