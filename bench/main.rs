@@ -64,8 +64,9 @@
 //!
 //! Apart from the phases, `--catalog-only` prints the writer's and the
 //! commit's CPU per command against one job with 6 to 3,000 retained
-//! snapshots (no NATS): the workload's jobs keep six, a long-lived job
-//! with daily, weekly and monthly retention hundreds.
+//! snapshots (no NATS), and the heap its `World` takes per snapshot: the
+//! workload's jobs keep six, a long-lived job with daily, weekly and
+//! monthly retention hundreds.
 //!
 //! The disk's speed here drifts by ±30 % within minutes, so the figures a
 //! ratio or a target is read from are each the median of `--repeats` runs
@@ -200,9 +201,10 @@ struct CommandLine {
     #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only", "appends_only", "audit_only"])]
     growth_only: bool,
     /// Only the writer's and the commit's CPU per command against one job
-    /// with 6 to 3,000 retained snapshots (no NATS), printed, nothing
-    /// written: a command must not cost more for a job with a long
-    /// catalog than the rows it changes.
+    /// with 6 to 3,000 retained snapshots (no NATS), and the heap its
+    /// World takes per snapshot, printed, nothing written: a command must
+    /// not cost more for a job with a long catalog than the rows it
+    /// changes.
     #[arg(long, conflicts_with_all = ["e2e_only", "group_only", "publish_only", "appends_only", "audit_only", "growth_only"])]
     catalog_only: bool,
     /// With `--appends-only`: only this batch size (repeatable), e.g. to
@@ -572,14 +574,21 @@ async fn run(args: Args) -> Result<Option<Results>> {
         for n in [6, 100, 400, 1000, 3000] {
             let dir = b.dir.join(format!("catalog-{n}"));
             std::fs::create_dir_all(&dir)?;
-            let c = tokio::task::spawn_blocking(move || workload::catalog_cost(&dir, n)).await??;
+            let db = dir.join("catalog.redb");
+            let path = db.clone();
+            let c = tokio::task::spawn_blocking(move || workload::catalog_cost(&path, n)).await??;
+            // The job's catalog holds `n` and the snapshots recorded since.
+            let held = n + workload::CATALOG_COMMANDS;
+            let heap = heap::world_bytes(&db)?;
             println!(
-                "{n:>5} snapshots: start/stop writer {} µs, commit {} µs; record-snapshot writer {} µs, commit {} µs (CPU per command, medians of {})",
+                "{n:>5} snapshots: start/stop writer {} µs, commit {} µs; record-snapshot writer {} µs, commit {} µs (CPU per command, medians of {}); World {} B for {held} snapshots, {} B each",
                 c.switch.0,
                 c.switch.1,
                 c.record.0,
                 c.record.1,
-                workload::CATALOG_COMMANDS
+                workload::CATALOG_COMMANDS,
+                heap.world_bytes,
+                heap.world_bytes / held as u64
             );
         }
         return Ok(None);

@@ -289,10 +289,10 @@ pub struct CatalogCost {
 
 /// The CPU of `Pipeline::execute`'s steps, one command per batch, against
 /// one job whose catalog holds `snapshots` (recorded in batches of 500 on
-/// a fresh store in `dir`, none due for expiry): the writer's (decide and
-/// seal) and the commit's, on this thread.
-pub fn catalog_cost(dir: &Path, snapshots: usize) -> Result<CatalogCost> {
-    let store = Store::open_or_create(&dir.join("catalog.redb"))?;
+/// a fresh store at `db`, none due for expiry): the writer's (decide and
+/// seal) and the commit's, on this thread. The store is closed after.
+pub fn catalog_cost(db: &Path, snapshots: usize) -> Result<CatalogCost> {
+    let store = Store::open_or_create(db)?;
     let mut p = Pipeline::open(store)?;
     let job = Uuid::now_v7();
     let t0 = Utc::now().trunc_subsecs(0) - Span::days(1);
