@@ -548,19 +548,29 @@ fn index_walk(first: u64, row: &[u8], mut each: impl FnMut(u64)) -> Result<(), S
 }
 
 /// The rows that turn a job's stored catalog `before` into `after`.
+/// The class row at `key` if it changed: written for a catalog that was
+/// `absent` or whose classes `changed`, removed with the catalog.
+fn classes_change(
+    key: JobKey,
+    absent: bool,
+    changed: bool,
+    after: Option<&Catalog>,
+) -> Option<Row<JobKey>> {
+    match after {
+        Some(c) if absent || changed => Some((key, Some(classes_row(c)))),
+        None if !absent => Some((key, None)),
+        _ => None,
+    }
+}
+
 fn catalog_rows(job_id: Uuid, before: CatalogWas<'_>, after: Option<&Catalog>) -> Vec<Row<JobKey>> {
     let mut rows = Vec::new();
     let classes_key = JobRow::Classes.key(job_id.as_u128(), 0);
     let before = match before {
         CatalogWas::Unchanged => return rows,
         CatalogWas::Changed(was) => {
-            match after {
-                Some(c) if was.absent || was.classes_changed(c) => {
-                    rows.push((classes_key, Some(classes_row(c))));
-                }
-                None if !was.absent => rows.push((classes_key, None)),
-                _ => {}
-            }
+            let changed = after.is_some_and(|c| was.classes_changed(c));
+            rows.extend(classes_change(classes_key, was.absent, changed, after));
             for (id, old, new) in was.changes(after) {
                 if old != new {
                     rows.push((snapshot_key(job_id, id), new.map(snapshot_row)));
@@ -578,16 +588,15 @@ fn catalog_rows(job_id: Uuid, before: CatalogWas<'_>, after: Option<&Catalog>) -
             "a catalog keeps its snapshots in time order"
         );
     }
-    let classes_changed = was.daily_days != is.daily_days
+    let changed = was.daily_days != is.daily_days
         || was.weekly_weeks != is.weekly_weeks
         || was.monthly_months != is.monthly_months;
-    match after {
-        Some(c) if before.is_none() || classes_changed => {
-            rows.push((classes_key, Some(classes_row(c))));
-        }
-        None if before.is_some() => rows.push((classes_key, None)),
-        _ => {}
-    }
+    rows.extend(classes_change(
+        classes_key,
+        before.is_none(),
+        changed,
+        after,
+    ));
     // One walk over both in the catalogs' order, where a snapshot keeps its
     // place (`Snapshot::place`): a catalog of hundreds of snapshots costs
     // as many steps, not their square. An id deleted and recorded again at
