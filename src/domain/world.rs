@@ -145,7 +145,8 @@ impl World {
                 );
                 if let Some(catalog) = changed {
                     job.snapshot_count = catalog.snapshots.len() as u64;
-                    job.latest_snapshot_at = catalog.snapshots.iter().map(|s| s.taken_at).max();
+                    // The catalog is in time order: its last is its latest.
+                    job.latest_snapshot_at = catalog.snapshots.last().map(|s| s.taken_at);
                 }
             }
         }
