@@ -144,7 +144,12 @@ impl CatalogBefore {
                     self.keep(s);
                 }
             }
-            _ => {}
+            // What evolve applies to a catalog is listed above, and in
+            // `World::changes_catalog`, which the write path asks first.
+            other => assert!(
+                !super::world::World::changes_catalog(other),
+                "CatalogBefore::note keeps what every catalog event changes"
+            ),
         }
     }
 
@@ -154,9 +159,7 @@ impl CatalogBefore {
 
     /// Whether the classes `now` has are not the ones kept.
     pub fn classes_changed(&self, now: &Catalog) -> bool {
-        self.daily_days != now.daily_days
-            || self.weekly_weeks != now.weekly_weeks
-            || self.monthly_months != now.monthly_months
+        (&self.daily_days, &self.weekly_weeks, &self.monthly_months) != now.classes()
     }
 
     /// Each snapshot touched: its id, its value before and in `now`.
@@ -214,6 +217,11 @@ impl Catalog {
             }
         }
         classes
+    }
+
+    /// Which days, weeks and months had their daily, weekly, monthly.
+    pub fn classes(&self) -> (&Runs<NaiveDate>, &Runs<Week>, &Runs<Month>) {
+        (&self.daily_days, &self.weekly_weeks, &self.monthly_months)
     }
 
     /// The snapshot at `place` ([`Snapshot::place`]), found by its order.

@@ -356,9 +356,8 @@ fn read_classes(classes: &[u8]) -> Result<ClassRuns, serde_json::Error> {
 
 /// Whether a stored class row, in either layout, holds `c`'s classes.
 pub fn classes_match(stored: &[u8], c: &Catalog) -> bool {
-    read_classes(stored).is_ok_and(|(daily, weekly, monthly)| {
-        daily == c.daily_days && weekly == c.weekly_weeks && monthly == c.monthly_months
-    })
+    read_classes(stored)
+        .is_ok_and(|(daily, weekly, monthly)| (&daily, &weekly, &monthly) == c.classes())
 }
 
 /// A catalog from its class row and its snapshot rows (in any order).
@@ -588,9 +587,7 @@ fn catalog_rows(job_id: Uuid, before: CatalogWas<'_>, after: Option<&Catalog>) -
             "a catalog keeps its snapshots in time order"
         );
     }
-    let changed = was.daily_days != is.daily_days
-        || was.weekly_weeks != is.weekly_weeks
-        || was.monthly_months != is.monthly_months;
+    let changed = was.classes() != is.classes();
     rows.extend(classes_change(
         classes_key,
         before.is_none(),
