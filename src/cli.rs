@@ -629,7 +629,7 @@ fn serve(config: bcp::service::ServeConfig) -> Result<u8> {
     if let Some(dir) = config.db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = serve_runtime()?;
     rt.block_on(async {
         let stop = bcp::service::shutdown::on_signal();
         // On the runtime's workers, not on this thread: the intake then
@@ -640,6 +640,29 @@ fn serve(config: bcp::service::ServeConfig) -> Result<u8> {
             .context("bcp serve panicked")
     })??;
     Ok(EXIT_OK)
+}
+
+/// The runtime of `bcp serve`: one worker per core beyond the two that
+/// its own threads keep busy under load (the writer and the commit
+/// thread), at least one. Its work on the runtime is a few long-lived
+/// tasks (the intake, the replies, the relay, the NATS connection); a
+/// worker more than the cores left for them only adds wake-ups across
+/// threads. On two cores, one worker took about a tenth less CPU per
+/// command than two (`bench/RESULTS.md`). Tokio's own
+/// `TOKIO_WORKER_THREADS`, when set, decides instead.
+fn serve_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        builder.worker_threads(serve_workers(cores));
+    }
+    builder.build()
+}
+
+/// Runtime workers for `bcp serve` on `cores` cores ([`serve_runtime`]).
+fn serve_workers(cores: usize) -> usize {
+    cores.saturating_sub(2).max(1)
 }
 
 /// Every bcp process's status: one request on `bcp.status`, every reply
@@ -1022,6 +1045,14 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
 mod tests {
     use super::Cli;
     use clap::CommandFactory;
+
+    /// `bcp serve` keeps a core for each of its writer and commit threads,
+    /// and never asks tokio for no worker (which panics).
+    #[test]
+    fn serve_leaves_its_own_threads_a_core_each_and_has_a_worker() {
+        let workers: Vec<usize> = (0..=8).map(super::serve_workers).collect();
+        assert_eq!(workers, [1, 1, 1, 1, 2, 3, 4, 5, 6]);
+    }
 
     /// Every option and argument of every command says what it is for
     /// (issue 15): `--help`, the man page and the completions show it.
