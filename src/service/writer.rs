@@ -250,18 +250,19 @@ impl Writer {
         Some(Committing { started, done })
     }
 
-    /// A commit settled: publish the new head, stop if the store needs
-    /// reopening (before any answer can be seen), and answer. The commit
-    /// ran from `started` to `finished` (`None`: the commit thread is gone).
+    /// A commit settled: stop if the store needs reopening (before any
+    /// answer can be seen), answer, then publish the new head. The replies
+    /// go first: the head wakes the relay, which publishes the batch's
+    /// events on the same tokio workers, and a reply waiting behind that
+    /// is a command's latency, while the relay's is only the stream's lag.
+    /// The commit ran from `started` to `finished` (`None`: the commit
+    /// thread is gone).
     async fn deliver(
         &mut self,
         settled: Settled<Target>,
         started: Instant,
         finished: Option<Instant>,
     ) {
-        if let Some(head_seq) = settled.head {
-            self.head.send_replace(head_seq);
-        }
         let commit = settled.head.zip(finished).map(|(head_seq, finished)| {
             let commit = finished.saturating_duration_since(started);
             if tracing::enabled!(tracing::Level::TRACE) {
@@ -284,6 +285,9 @@ impl Writer {
             self.poisoned = settled.error;
         }
         self.send(committed(settled.answers, commit)).await;
+        if let Some(head_seq) = settled.head {
+            self.head.send_replace(head_seq);
+        }
     }
 
     async fn send(&self, committed: Vec<Committed>) {
