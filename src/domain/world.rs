@@ -153,7 +153,9 @@ impl World {
     }
 
     /// Whether `event` (of a job that exists) changes the job's catalog:
-    /// what the write path keeps a copy of the catalog for, to undo it.
+    /// what the write path keeps the catalog's touched parts for
+    /// ([`super::catalog::CatalogBefore`]), to undo the batch and lay out
+    /// only the rows it changed.
     pub fn changes_catalog(event: &Event) -> bool {
         matches!(
             event,

@@ -546,7 +546,6 @@ fn index_walk(first: u64, row: &[u8], mut each: impl FnMut(u64)) -> Result<(), S
     }
 }
 
-/// The rows that turn a job's stored catalog `before` into `after`.
 /// The class row at `key` if it changed: written for a catalog that was
 /// `absent` or whose classes `changed`, removed with the catalog.
 fn classes_change(
@@ -562,6 +561,9 @@ fn classes_change(
     }
 }
 
+/// The rows that turn a job's stored catalog `before` into `after`: from
+/// what a batch changed of it, only the snapshots it touched; from a whole
+/// catalog, one walk over both.
 fn catalog_rows(job_id: Uuid, before: CatalogWas<'_>, after: Option<&Catalog>) -> Vec<Row<JobKey>> {
     let mut rows = Vec::new();
     let classes_key = JobRow::Classes.key(job_id.as_u128(), 0);
