@@ -117,10 +117,11 @@ cluster: nats-server
 test: nats-server py-deps
     cargo test
 
-# Format, lint, test: what must pass before a commit.
+# Format, lint, docs, test: what must pass before a commit.
 check: nats-server py-deps
     cargo fmt --all -- --check
     cargo clippy --all-targets -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
     cargo test
 
 # Regenerate the JSON Schemas in schemas/ from the Rust types (a test fails when they drift).

@@ -205,7 +205,7 @@ impl Replayer {
     }
 }
 
-/// Replay a store: events are parsed on every core ([`scan`]) and folded in
+/// Replay a store: events are parsed on every core ([`scan`](fn@scan)) and folded in
 /// seq order here.
 pub fn replay(store: &Store, cut: Cut, select: &Select) -> Result<ReplayView> {
     let mut r = Replayer::default();

@@ -57,7 +57,7 @@ impl VerifyError {
 /// prefix it names. `progress` sees the count of events checked.
 ///
 /// Parsing and the canonical-bytes and hash check of each event run on
-/// every core ([`scan`]); the seq, link and version checks and the fold run
+/// every core ([`scan`](fn@scan)); the seq, link and version checks and the fold run
 /// in seq order here, and the first bad seq is the one reported.
 pub fn verify(
     store: &Store,

@@ -1,6 +1,6 @@
 //! `decide`: a command against the current [`World`] → the events it causes,
 //! or a [`Rejection`]. The transition table of DOMAIN.md reads straight off
-//! the `match` in [`decide_job`].
+//! the `match` in `decide_job`.
 //!
 //! Pure: `now` is an argument; event ids and seqs are assigned by the store.
 

@@ -4,7 +4,7 @@
 //! log every node agrees on, and a lease in NATS KV names the one leader.
 //!
 //! A node starts as a follower: it drops any tail of its own log that the
-//! stream never acknowledged ([`reconcile`]), then applies the stream to its
+//! stream never acknowledged (`reconcile`), then applies the stream to its
 //! store with the same checks and the same row layout as the write path
 //! (`Pipeline::follow`), answers queries from its store, and tries for the
 //! lease. Once it holds the lease and has applied the stream to its last
@@ -18,7 +18,7 @@
 //! Why dropping a tail never drops an acknowledged command: a leader
 //! replies to a command only once JetStream acknowledged the log through
 //! that command's last event, at that very seq (the relay checks the ack's
-//! sequence). The tail [`reconcile`] drops is what this store holds beyond
+//! sequence). The tail `reconcile` drops is what this store holds beyond
 //! the longest prefix it shares with the stream, so JetStream never
 //! acknowledged any of it, and no reply covered it.
 

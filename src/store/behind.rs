@@ -5,17 +5,17 @@
 //! Every batch's events and idempotency records are durable before its
 //! replies leave, as always. The rows of the jobs it touched (views,
 //! catalogs, event index: [`JOB_ROWS`]) are committed state too, but are
-//! held in memory ([`Behind`]) and written by a later commit: a job's rows
+//! held in memory (`Behind`) and written by a later commit: a job's rows
 //! are held at least [`ROWS_HELD`] events, so a job touched by many
 //! batches in that window is written once, and then written, oldest
-//! first, in chunks of [`ROWS_CHUNK`] jobs or a share per commit, so rows
+//! first, in chunks of `ROWS_CHUNK` jobs or a share per commit, so rows
 //! that became due together are written over many commits rather than in
 //! one.
 //!
 //! What this keeps true:
 //! - **Readers see every committed batch.** Queries read `JOB_ROWS` through
 //!   [`JobRows`], the table under the rows held behind it; a batch's rows
-//!   join [`Behind`] right after its commit, before its replies go out.
+//!   join `Behind` right after its commit, before its replies go out.
 //! - **Each job's stored rows are one state of it.** A commit writes all
 //!   of a job's rows held behind, as they stood before the commit (never
 //!   the committing batch's own): a reader that opened the table before or
@@ -36,7 +36,7 @@
 //!   not folded into the rows.
 //! - **A crash costs a fold of the last [`ROWS_BEHIND_MAX`] events.** A
 //!   store opened without the record was being written when it stopped:
-//!   [`Store::catch_up`] folds each job's events of the log's last
+//!   `Store::catch_up` folds each job's events of the log's last
 //!   `ROWS_BEHIND_MAX` that are newer than its stored version onto its
 //!   stored state, and gives its event index their seqs. A writable store
 //!   writes the result and a checkpoint at once; a read-only one (the audit

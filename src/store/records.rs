@@ -37,7 +37,7 @@
 //! Where a new record goes decides only what it costs, never whether it is
 //! found: lookups read both. The fast path is for records that land where
 //! the last ones did: above every id in `COMMANDS`, or a UUIDv7 above
-//! every UUIDv7 there ([`Recent::v7_max`]). UUIDv4 ids sort above
+//! every UUIDv7 there (`Recent::v7_max`). UUIDv4 ids sort above
 //! UUIDv7's (their first bits are random, a v7's are the time), so one
 //! UUIDv4 producer would otherwise send every UUIDv7 producer's records
 //! through `RECENT` too; UUIDv7 ids of one moment sort together however

@@ -451,7 +451,7 @@ pub const INDEX_ROW_MAX: usize = 4096;
 /// An event index row ([`JobRow::Event`]) of `seqs` (strictly increasing,
 /// at least one): its key's sub, the first seq, and its value. One seq:
 /// an empty value, the layout from before index rows held many (read
-/// alike). More: [`COMPACT_V1`], then the gap from each seq to the next as
+/// alike). More: `COMPACT_V1`, then the gap from each seq to the next as
 /// a LEB128 varint; canonical, so a stored row is equal byte for byte.
 pub fn index_row(seqs: &[u64]) -> (u64, Vec<u8>) {
     let (&first, rest) = seqs.split_first().expect("an index row of no seq");
