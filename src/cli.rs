@@ -381,7 +381,8 @@ pub struct SendArgs {
     /// The job's project: the command goes to bcp.cmd.<project>.<verb>.
     #[arg(long, env = "BCP_PROJECT")]
     project: String,
-    /// The job (create: generated when omitted).
+    /// The job (create: when omitted, the new job's id is the command's id,
+    /// so a retry with the same --command-id creates the same job).
     #[arg(long)]
     job: Option<Uuid>,
     /// Generated when omitted and printed on stderr: reuse it to retry safely.
@@ -809,7 +810,10 @@ fn send_body(a: &SendArgs, verb: Verb) -> Result<(Value, Uuid)> {
     body.insert("command_id".into(), json!(command_id));
     let job = match (a.job, verb) {
         (Some(j), _) => Some(j),
-        (None, Verb::Create) => Some(Uuid::now_v7()),
+        // The new job's id is the command's: a retry with the same
+        // --command-id (and no --job) is then the same command, and gets
+        // the first reply instead of command_id_conflict.
+        (None, Verb::Create) => Some(command_id),
         (None, Verb::ConfigureRegion | Verb::ExpireSnapshots) => None,
         (None, _) => return Err(Usage(format!("{verb} needs --job")).into()),
     };
