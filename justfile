@@ -29,6 +29,11 @@ py-deps:
     echo "installing nats-py and blake3 into .tools/pylib" >&2
     python3 -m pip install --quiet --disable-pip-version-check --target .tools/pylib nats-py blake3
 
+# Start only the nats-server of `just run` (data/nats), e.g. for `bcp audit verify --against-nats` while bcp is stopped. Ctrl-C stops it.
+nats: nats-server
+    mkdir -p data
+    nats-server -js -a 127.0.0.1 -p {{nats_port}} -sd data/nats
+
 # Start a local nats-server with JetStream (data/nats) and bcp serve (data/bcp.redb). Ctrl-C stops both.
 run: nats-server
     #!/usr/bin/env bash

@@ -13,7 +13,7 @@ step() { printf '\n$ %s\n' "$*"; "$@"; }
 JOB=0192f0c4-0000-7000-8000-000000000001
 step bcp send create --project demo --job $JOB --kind replica_set --name rs0 --actor alice
 step bcp send start --project demo --job $JOB
-step bcp send stop --project demo --job $JOB --expected-version 2
+step bcp send stop --project demo --job $JOB --expected-version 2 --actor carol
 step bcp send start --project demo --job $JOB --body '{"actor":"bob"}'
 step bcp jobs
 step bcp job $JOB --project demo

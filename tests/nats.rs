@@ -1090,13 +1090,43 @@ async fn send_cli_exit_codes() {
         as_duplicate(&reply)
     );
 
+    // create with no --job: bcp send makes the job id up (the command's
+    // own id), so retrying with the command_id it printed, as README says,
+    // is the same command: the first reply, not command_id_conflict.
+    let unnamed = [
+        "create",
+        "--project",
+        "p1",
+        "--kind",
+        "replica_set",
+        "--name",
+        "rs9",
+    ];
+    let (code, out, err) = send(&[&unnamed[..], &["--nats", &url]].concat()).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let first: Value = serde_json::from_str(out.trim()).unwrap();
+    let printed = err
+        .lines()
+        .find_map(|l| l.strip_prefix("command_id: "))
+        .unwrap_or_else(|| panic!("no command_id on stderr: {err}"))
+        .trim()
+        .to_owned();
+    assert_eq!(first["job_id"], json!(printed), "{first}");
+    let retry = [&unnamed[..], &["--command-id", &printed, "--nats", &url]].concat();
+    let (code, out, err) = send(&retry).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(out.trim()).unwrap(),
+        as_duplicate(&first)
+    );
+
     let start = ["start", "--project", "p1", "--job", &job, "--nats", &url];
     let (code, out, err) = send(&start).await;
     assert_eq!(code, Some(0), "{out}{err}");
     let (code, out, _) = send(&start).await;
     assert_eq!(code, Some(1), "{out}");
     let reply: Value = serde_json::from_str(out.trim()).unwrap();
-    rejected(&reply, "invalid_transition", Some(3));
+    rejected(&reply, "invalid_transition", Some(4));
     let (code, out, _) = send(&[
         "stop",
         "--project",
@@ -1156,8 +1186,8 @@ async fn send_cli_exit_codes() {
     assert!(err.contains("no reply"), "{err}");
     drop(lonely);
 
-    h.caught_up_stream(4).await;
-    h.stop_and_verify(4).await;
+    h.caught_up_stream(5).await;
+    h.stop_and_verify(5).await;
 }
 
 /// `bcp audit verify` after a mixed workload (regions, schedules, region
@@ -1797,6 +1827,13 @@ async fn rebuild_and_audit_from_nats() {
     let out = support::bcp_cli_ok(&["audit", "verify", "--db", &db, "--against-nats", &url]).await;
     assert!(
         out.starts_with(&format!("ok: {head} events verified, head seq {head} ")),
+        "{out}"
+    );
+    // It says that the stream was compared, not only the store verified.
+    assert!(
+        out.trim_end().ends_with(&format!(
+            "; stream BCP_EVENTS at {url} holds the same bytes"
+        )),
         "{out}"
     );
 
@@ -3242,7 +3279,7 @@ async fn the_readme_walkthrough_runs_in_order() {
         assert!(commands.contains(&l), "the tour lacks the README's `{l}`");
     }
 
-    let h = Harness::start().await;
+    let mut h = Harness::start().await;
     let out = tokio::process::Command::new("bash")
         .arg(root.join("examples/tour.sh"))
         .current_dir(root)
@@ -3262,12 +3299,45 @@ async fn the_readme_walkthrough_runs_in_order() {
         .job("0192f0c4-0000-7000-8000-000000000002".parse().unwrap())
         .await;
     assert_eq!(job2["state"], json!("Active"), "{job2}");
-    let after_start = stdout.split("bcp job $JOB2").nth(1).unwrap_or_default();
+    // `step` prints each command with its variables expanded.
+    let shown = stdout
+        .split("$ bcp job 0192f0c4-0000-7000-8000-000000000002")
+        .nth(1)
+        .and_then(|rest| rest.split("\n$ ").next())
+        .unwrap_or_default();
     assert!(
-        stdout.contains("Misconfigured"),
-        "the Regions part shows a Misconfigured job:\n{stdout}"
+        shown.contains("Misconfigured"),
+        "the Regions part shows the new job Misconfigured:\n{stdout}"
     );
-    let _ = after_start;
+
+    // The Audit section's answer to "who stopped the job?" is what
+    // `bcp audit history` prints for this walk-through (but the time).
+    let sample = readme
+        .lines()
+        .find_map(|l| l.strip_prefix("#     3 "))
+        .expect("README's audit history sample line");
+    assert_eq!(h.stop_bcp().await.code(), Some(0));
+    let db = h.db();
+    let job = "0192f0c4-0000-7000-8000-000000000001";
+    let (code, out, err) = support::bcp_cli_text(&[
+        "audit",
+        "history",
+        "--db",
+        db.to_str().unwrap(),
+        "--job",
+        job,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let line = (out.lines())
+        .find_map(|l| l.strip_prefix("    3 "))
+        .unwrap_or_else(|| panic!("no seq 3 in:\n{out}"));
+    let but_time = |l: &str| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+    assert_eq!(
+        but_time(line),
+        but_time(sample),
+        "README says:\n{sample}\nbcp says:\n{line}"
+    );
 }
 
 /// The audit tools' messages and exit codes (issue 15): each says what to

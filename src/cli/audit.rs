@@ -287,10 +287,12 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
                 Err(e) => return failed(e),
             };
             bar.finish_and_clear();
-            if let Some(url) = against_nats
-                && let Err(e) = compare_with_stream(&store, &url, &stream)
-            {
-                return failed(e);
+            let mut compared = String::new();
+            if let Some(url) = against_nats {
+                if let Err(e) = compare_with_stream(&store, &url, &stream) {
+                    return failed(e);
+                }
+                compared = format!("; stream {stream} at {url} holds the same bytes");
             }
             let anchored = digest.map_or(String::new(), |d| format!(", contains digest {d}"));
             let nats = if store.event_count()? > 0 {
@@ -299,7 +301,7 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
                 " (empty log)"
             };
             println!(
-                "ok: {} events verified, head seq {} hash {}{anchored}, in {:.3}s{nats}",
+                "ok: {} events verified, head seq {} hash {}{anchored}, in {:.3}s{nats}{compared}",
                 report.events,
                 report.head_seq,
                 report.head_hash,
