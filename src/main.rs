@@ -27,6 +27,16 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("BCP_NATS_URL", url) };
     }
     let cli = cli::Cli::parse();
+    if !matches!(cli.command, cli::Cmd::Serve { .. }) {
+        // A CLI command whose stdout's reader left (`bcp jobs | head`)
+        // ends quietly, killed by SIGPIPE as other Unix tools are, instead
+        // of panicking in println! ("failed printing to stdout") or saying
+        // "bcp: Broken pipe". Rust ignores SIGPIPE by default; bcp serve
+        // keeps that (it writes only to sockets, whose errors it handles),
+        // and sockets are written with MSG_NOSIGNAL either way.
+        // SAFETY: at the start of main, before any other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let default_level = if matches!(cli.command, cli::Cmd::Serve { .. }) {
         "info"
     } else {

@@ -1106,6 +1106,43 @@ fn few_hundred_events(path: &Path) -> u64 {
     s.ledger.head_seq()
 }
 
+/// `bcp jobs | head` and the like: stdout's reader has gone before bcp
+/// writes. A CLI command ends as other Unix tools do, killed by SIGPIPE
+/// and saying nothing (it panicked in println!, or said "bcp: Broken
+/// pipe" and exited 1).
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bcp.redb");
+    few_hundred_events(&db);
+    let db = db.to_str().unwrap();
+    for args in [
+        &["man"][..],
+        &["audit", "digest", "--db", db],
+        &["jobs", "--db", db],
+        &["export", "--db", db],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_bcp"))
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(
+            (
+                out.status.signal(),
+                String::from_utf8_lossy(&out.stderr).as_ref()
+            ),
+            (Some(libc::SIGPIPE), ""),
+            "bcp {args:?}: {:?}",
+            out.status
+        );
+    }
+}
+
 fn bcp(args: &[&str], stdin: Option<&[u8]>) -> (i32, String) {
     use std::io::Write;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bcp"));
