@@ -1016,10 +1016,15 @@ pub fn snapshots_table(snapshots: &[bcp::domain::Snapshot]) -> String {
 }
 
 /// One line per event (seq, time, actor, command, event, from -> to), the
-/// reason and command id indented below; fits 80 columns.
+/// reason and command id indented below; the command column as wide as
+/// the longest verb.
 pub fn history_table(entries: &[HistoryEntry]) -> String {
+    let w = (Verb::ALL.iter())
+        .map(|v| v.as_str().len())
+        .max()
+        .unwrap_or(0);
     let mut out = format!(
-        "{:>5} {:<20} {:<10} {:<16} {}\n",
+        "{:>5} {:<20} {:<10} {:<w$} {}\n",
         "SEQ", "TIME", "ACTOR", "COMMAND", "EVENT: FROM -> TO"
     );
     for e in entries {
@@ -1030,7 +1035,7 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
         };
         let actor: String = or_dash(e.actor.as_ref()).chars().take(10).collect();
         out += &format!(
-            "{:>5} {:<20} {:<10} {:<16} {}\n",
+            "{:>5} {:<20} {:<10} {:<w$} {}\n",
             e.seq,
             e.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
             actor,
