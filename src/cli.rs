@@ -1,6 +1,22 @@
 //! The `bcp` command line: argument definitions (clap) and each
 //! subcommand's work. `anyhow` lives here and in `main`, not in the library.
 
+/// `print!` to stdout, returning its error instead of panicking: a reader
+/// that left (`bcp jobs | head`) ends the command quietly in main.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        std::io::Write::write_fmt(&mut std::io::stdout(), format_args!($($arg)*))?
+    };
+}
+
+/// `println!` to stdout, as [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        out!($($arg)*);
+        out!("\n");
+    }};
+}
+
 mod audit;
 
 use anyhow::{Context, Result, bail};
@@ -502,8 +518,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             };
             let job: Job = serde_json::from_value(v["job"].clone())?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&job)?),
-                Format::Table => print!("{}", jobs_table(std::slice::from_ref(&job))),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&job)?),
+                Format::Table => out!("{}", jobs_table(std::slice::from_ref(&job))),
             }
             Ok(EXIT_OK)
         }
@@ -514,8 +530,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             };
             let entries: Vec<HistoryEntry> = serde_json::from_value(v["history"].clone())?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
-                Format::Table => print!("{}", history_table(&entries)),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&entries)?),
+                Format::Table => out!("{}", history_table(&entries)),
             }
             Ok(EXIT_OK)
         }
@@ -540,8 +556,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             let snapshots: Vec<bcp::domain::Snapshot> =
                 serde_json::from_value(v["snapshots"].clone())?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&snapshots)?),
-                Format::Table => print!("{}", snapshots_table(&snapshots)),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&snapshots)?),
+                Format::Table => out!("{}", snapshots_table(&snapshots)),
             }
             Ok(EXIT_OK)
         }
@@ -595,8 +611,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                 filter.insert("after".into(), next);
             }
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&jobs)?),
-                Format::Table => print!("{}", jobs_table(&jobs)),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&jobs)?),
+                Format::Table => out!("{}", jobs_table(&jobs)),
             }
             Ok(EXIT_OK)
         }
@@ -620,7 +636,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 std::fs::create_dir_all(p.parent().expect("schema paths have a parent"))?;
                 std::fs::write(&p, text).with_context(|| format!("write {}", p.display()))?;
             }
-            println!("schemas written to {}", out.display());
+            outln!("schemas written to {}", out.display());
             Ok(EXIT_OK)
         }
     }
@@ -696,8 +712,8 @@ fn status(url: &str, wait: Duration, format: Format) -> Result<u8> {
         .into());
     }
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&replies)?),
-        Format::Table => print!("{}", status_table(&replies)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&replies)?),
+        Format::Table => out!("{}", status_table(&replies)),
     }
     let alarmed = replies
         .iter()
@@ -884,7 +900,7 @@ fn send(a: SendArgs) -> Result<u8> {
     eprintln!("command_id: {command_id}");
     let subject = format!("bcp.cmd.{}.{}", a.project, verb);
     let value = request(&a.nats, &subject, &body, a.timeout)?;
-    println!("{}", serde_json::to_string(&value)?);
+    outln!("{}", serde_json::to_string(&value)?);
     let reply: Reply = serde_json::from_value(value).context("reply is not a bcp reply")?;
     Ok(match reply.code() {
         None => EXIT_OK,

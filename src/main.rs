@@ -27,16 +27,6 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("BCP_NATS_URL", url) };
     }
     let cli = cli::Cli::parse();
-    if !matches!(cli.command, cli::Cmd::Serve { .. }) {
-        // A CLI command whose stdout's reader left (`bcp jobs | head`)
-        // ends quietly, killed by SIGPIPE as other Unix tools are, instead
-        // of panicking in println! ("failed printing to stdout") or saying
-        // "bcp: Broken pipe". Rust ignores SIGPIPE by default; bcp serve
-        // keeps that (it writes only to sockets, whose errors it handles),
-        // and sockets are written with MSG_NOSIGNAL either way.
-        // SAFETY: at the start of main, before any other thread exists.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
     let default_level = if matches!(cli.command, cli::Cmd::Serve { .. }) {
         "info"
     } else {
@@ -60,6 +50,8 @@ fn main() -> ExitCode {
     }
     match cli::run(cli) {
         Ok(code) => ExitCode::from(code),
+        // stdout's reader left (`bcp jobs | head`): it had what it wanted.
+        Err(e) if stdout_gone(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bcp: {}", message(&e));
             let code = if e.is::<cli::Usage>() {
@@ -72,6 +64,26 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// Whether `e` is a write to a pipe whose reader left, and that pipe is
+/// stdout (not a socket: NATS errors keep their exit code). The CLI writes
+/// its output with `out!`/`outln!` (src/cli.rs), which return the error
+/// that `println!` would panic with. SIGPIPE stays ignored (Rust's
+/// default): a NATS socket that breaks must end in exit 3, not a signal.
+fn stdout_gone(e: &anyhow::Error) -> bool {
+    let broken_pipe = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    let mut stdout = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd and no timeout: poll only reports on it.
+    let polled = unsafe { libc::poll(&mut stdout, 1, 0) };
+    broken_pipe && polled == 1 && stdout.revents & libc::POLLERR != 0
 }
 
 /// An error and its causes, each said once: many errors already include

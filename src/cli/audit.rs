@@ -169,7 +169,7 @@ fn failed(e: VerifyError) -> Result<u8> {
         VerifyError::Store(e) => Err(e.into()),
         VerifyError::Unreachable(why) => Err(super::Unavailable(why).into()),
         e => {
-            println!("FAILED: {e}");
+            outln!("FAILED: {e}");
             Ok(EXIT_REJECTED)
         }
     }
@@ -244,11 +244,11 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
             std::mem::forget(view);
         }
         Format::Table => {
-            println!("as of seq {}", view.as_of_seq);
-            print!("{}", jobs_table(&view.jobs));
+            outln!("as of seq {}", view.as_of_seq);
+            out!("{}", jobs_table(&view.jobs));
             for (job, snaps) in view.snapshots.iter().filter(|(_, s)| !s.is_empty()) {
-                println!("\nsnapshots of {job}:");
-                print!("{}", super::snapshots_table(snaps));
+                outln!("\nsnapshots of {job}:");
+                out!("{}", super::snapshots_table(snaps));
             }
         }
     }
@@ -265,11 +265,11 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
             }
             let entries = history(&events);
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
                     serde_json::to_string_pretty(&json!({"job_id": job, "history": entries}))?
                 ),
-                Format::Table => print!("{}", history_table(&entries)),
+                Format::Table => out!("{}", history_table(&entries)),
             }
             Ok(EXIT_OK)
         }
@@ -287,21 +287,21 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
                 Err(e) => return failed(e),
             };
             bar.finish_and_clear();
-            let mut compared = String::new();
-            if let Some(url) = against_nats {
-                if let Err(e) = compare_with_stream(&store, &url, &stream) {
-                    return failed(e);
-                }
-                compared = format!("; stream {stream} at {url} holds the same bytes");
-            }
+            let compared = match against_nats {
+                None => String::new(),
+                Some(url) => match compare_with_stream(&store, &url, &stream) {
+                    Ok(()) => format!("; stream {stream} at {url} holds the same bytes"),
+                    Err(e) => return failed(e),
+                },
+            };
             let anchored = digest.map_or(String::new(), |d| format!(", contains digest {d}"));
-            let nats = if store.event_count()? > 0 {
+            let empty = if store.event_count()? > 0 {
                 ""
             } else {
                 " (empty log)"
             };
-            println!(
-                "ok: {} events verified, head seq {} hash {}{anchored}, in {:.3}s{nats}{compared}",
+            outln!(
+                "ok: {} events verified, head seq {} hash {}{anchored}, in {:.3}s{empty}{compared}",
                 report.events,
                 report.head_seq,
                 report.head_hash,
@@ -316,7 +316,7 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
                 bail!("the log at {} is empty", db.display());
             }
             let env = store.events(head, head)?.pop().context("head event")?;
-            println!(
+            outln!(
                 "{}",
                 Digest {
                     seq: head,
@@ -460,18 +460,18 @@ pub fn import(a: ImportArgs) -> Result<u8> {
     let verified = match verified {
         Ok(v) => v,
         Err(e) => {
-            println!("FAILED: {e}; nothing written");
+            outln!("FAILED: {e}; nothing written");
             return Ok(EXIT_REJECTED);
         }
     };
     if let Some(d) = &a.digest
         && let Err(e) = verified.check_digest(d)
     {
-        println!("FAILED: {e}; nothing written");
+        outln!("FAILED: {e}; nothing written");
         return Ok(EXIT_REJECTED);
     }
     write_new_store(&a.db, &verified.log, &verified.world)?;
-    println!(
+    outln!(
         "ok: imported {} events into {}, head seq {} hash {}",
         verified.head_seq(),
         a.db.display(),
