@@ -76,6 +76,9 @@ fn stdout_gone(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     });
+    if !broken_pipe {
+        return false;
+    }
     let mut stdout = libc::pollfd {
         fd: libc::STDOUT_FILENO,
         events: 0,
@@ -83,7 +86,7 @@ fn stdout_gone(e: &anyhow::Error) -> bool {
     };
     // SAFETY: one valid pollfd and no timeout: poll only reports on it.
     let polled = unsafe { libc::poll(&mut stdout, 1, 0) };
-    broken_pipe && polled == 1 && stdout.revents & libc::POLLERR != 0
+    polled == 1 && stdout.revents & libc::POLLERR != 0
 }
 
 /// An error and its causes, each said once: many errors already include
