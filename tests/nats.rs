@@ -3470,3 +3470,102 @@ async fn operators_http_endpoints() {
     assert_eq!(v["ready"], json!(false));
     assert_eq!(v["alarms"][0]["kind"], json!("stream_config"), "{v}");
 }
+
+/// One raw NATS request with this header block (`HPUB`, as a client that
+/// writes headers byte by byte would send it); the reply's JSON, read off
+/// the socket.
+async fn raw_request_with_headers(url: &str, subject: &str, header: &[u8], body: &[u8]) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("nats://");
+    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut out =
+        b"CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nSUB _INBOX.raw 1\r\n"
+            .to_vec();
+    out.extend_from_slice(
+        format!(
+            "HPUB {subject} _INBOX.raw {} {}\r\n",
+            header.len(),
+            header.len() + body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(header);
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\r\n");
+    sock.write_all(&out).await.expect("write");
+    let mut got = Vec::new();
+    let read = async {
+        loop {
+            let mut buf = [0u8; 4096];
+            let n = sock.read(&mut buf).await.expect("read");
+            assert!(n > 0, "nats-server closed the raw connection");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if text.contains("PING\r\n") {
+                sock.write_all(b"PONG\r\n").await.expect("pong");
+                got = String::from_utf8_lossy(&got)
+                    .replace("PING\r\n", "")
+                    .into_bytes();
+            }
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let Some(at) = text.find("MSG _INBOX.raw 1 ") else {
+                continue;
+            };
+            let line_end = at + text[at..].find("\r\n").expect("MSG line") + 2;
+            let len: usize = text[at + 17..line_end - 2].trim().parse().expect("length");
+            if got.len() >= line_end + len {
+                return serde_json::from_slice::<Value>(&got[line_end..line_end + len])
+                    .expect("JSON reply");
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), read)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no reply to a request with header {:?}",
+                String::from_utf8_lossy(header)
+            )
+        })
+}
+
+#[tokio::test]
+async fn a_malformed_nats_header_is_refused_and_keeps_the_connection() {
+    let h = Harness::start().await;
+    let job = id();
+    h.cmd("p1", "create", &create_body(id(), job, "rs0")).await;
+    let start = serde_json::to_vec(&job_body(id(), job)).unwrap();
+    let cases: [(&str, &[u8]); 3] = [
+        (
+            "a value that is not UTF-8",
+            b"NATS/1.0\r\nBcp-Actor: \xff\r\n\r\n",
+        ),
+        ("a line with no colon", b"NATS/1.0\r\nBcp-Actor\r\n\r\n"),
+        ("no version line", b"HTTP/1.1\r\nBcp-Actor: mallory\r\n\r\n"),
+    ];
+    for (what, header) in cases {
+        for subject in ["bcp.cmd.p1.start", "bcp.query.p1.job"] {
+            let body = if subject.contains("query") {
+                serde_json::to_vec(&json!({ "job_id": job })).unwrap()
+            } else {
+                start.clone()
+            };
+            let reply = raw_request_with_headers(&h.nats.url(), subject, header, &body).await;
+            let message = rejected(&reply, "bad_request", None);
+            assert!(
+                message.starts_with("malformed header block"),
+                "{what} on {subject}: {message}"
+            );
+        }
+    }
+    // Nothing was decided, and bcp's own connection never dropped: a
+    // well-formed command right after is answered, and nothing reconnected.
+    assert_eq!(h.job(job).await["state"], "Inactive");
+    let r = h.cmd("p1", "start", &job_body(id(), job)).await;
+    assert_eq!(r, accepted(Some(job), Some(2), &[(2, "JobStarted")]));
+    let log = h.bcp_log_text();
+    assert!(
+        !log.contains("reconnecting"),
+        "bcp's NATS connection dropped: {log}"
+    );
+}

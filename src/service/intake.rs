@@ -5,7 +5,8 @@
 //! `bad_request` at once and never reaches the writer; a full queue is
 //! answered `unavailable` at once, never an unbounded wait. Subjects no
 //! endpoint serves (an unknown verb or query, a malformed subject) are
-//! answered `bad_request` by a catch-all subscription.
+//! answered `bad_request` by a catch-all subscription, as is a request
+//! whose NATS header block does not parse ([`malformed_headers`]).
 
 use super::ServeError;
 use super::api::{Kind, Metrics};
@@ -27,6 +28,17 @@ pub const ACTOR_HEADER: &str = "Bcp-Actor";
 /// Set by nats-server on requests crossing a service import with
 /// `share: true`: who sent it, as NATS authenticated them.
 pub const REQUEST_INFO_HEADER: &str = "Nats-Request-Info";
+
+/// Why `msg`'s NATS header block did not parse, if it did not. The NATS
+/// client (patched, vendor/async-nats) delivers such a message with no
+/// headers and the parse error as its description, instead of dropping
+/// its connection; its headers (an actor, say) are unknown, so it is
+/// refused, not decided without them.
+pub fn malformed_headers(msg: &Message) -> Option<&str> {
+    msg.description.as_deref().filter(|d| {
+        msg.status.is_none() && d.starts_with(async_nats::connection::MALFORMED_HEADERS)
+    })
+}
 
 /// `user@account` from a Nats-Request-Info header.
 pub fn requestor(info: &str) -> Option<String> {
@@ -114,6 +126,12 @@ async fn command(
     options: &Options,
 ) {
     let msg = &request.message;
+    if let Some(why) = malformed_headers(msg) {
+        metrics.rejected(verb.as_str(), "bad_request");
+        let reply = Reply::error(ErrorCode::BadRequest, why);
+        refuse(client, ReplyTo::of_request(request), reply).await;
+        return;
+    }
     let project = msg.subject.split('.').nth(2).unwrap_or("");
     let header_actor = msg
         .headers
@@ -200,6 +218,11 @@ async fn query(
     store: Store,
     queries: &Arc<Semaphore>,
 ) {
+    if let Some(why) = malformed_headers(&request.message) {
+        let reply = Reply::error(ErrorCode::BadRequest, why);
+        refuse(client, ReplyTo::of_request(request), reply).await;
+        return;
+    }
     let Ok(permit) = queries.clone().try_acquire_owned() else {
         tracing::debug!(query = kind, "unavailable: too many queries in flight");
         let message = "too many queries in flight; retry shortly";
