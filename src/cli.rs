@@ -351,7 +351,11 @@ pub struct Scope {
 impl Scope {
     /// One query about `job`: its reply, or exit 1 with the error's message.
     fn ask(&self, kind: &str, job: Uuid) -> Result<std::result::Result<Value, String>> {
-        let body = json!({ "job_id": job });
+        self.ask_with(kind, json!({ "job_id": job }))
+    }
+
+    /// [`Scope::ask`] with a body of its own (a page after the first).
+    fn ask_with(&self, kind: &str, body: Value) -> Result<std::result::Result<Value, String>> {
         let v = match &self.source.db {
             Some(db) => bcp::service::queries::answer(
                 &Store::open_read_only(db, CACHE_BYTES)?,
@@ -524,11 +528,22 @@ pub fn run(cli: Cli) -> Result<u8> {
             Ok(EXIT_OK)
         }
         Cmd::History(JobArgs { job, scope, format }) => {
-            let v = match scope.ask("history", job)? {
-                Ok(v) => v,
-                Err(message) => return rejected(&message),
-            };
-            let entries: Vec<HistoryEntry> = serde_json::from_value(v["history"].clone())?;
+            // Every page: the reply says where the next one starts.
+            let mut entries: Vec<HistoryEntry> = Vec::new();
+            let mut body = json!({ "job_id": job });
+            loop {
+                let v = match scope.ask_with("history", body.clone())? {
+                    Ok(v) => v,
+                    Err(message) => return rejected(&message),
+                };
+                entries.extend(serde_json::from_value::<Vec<HistoryEntry>>(
+                    v["history"].clone(),
+                )?);
+                match v["next_after_seq"].as_u64() {
+                    Some(after) => body["after_seq"] = json!(after),
+                    None => break,
+                }
+            }
             match format {
                 Format::Json => outln!("{}", serde_json::to_string_pretty(&entries)?),
                 Format::Table => out!("{}", history_table(&entries)),

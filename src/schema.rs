@@ -14,7 +14,9 @@ use crate::domain::command::{
 use crate::domain::filter::JobFilter;
 use crate::domain::history::HistoryEntry;
 use crate::domain::{Envelope, Job, Reply, Snapshot};
-use crate::service::queries::{HistoryReply, JobQuery, JobReply, JobsReply, SnapshotsReply};
+use crate::service::queries::{
+    HistoryQuery, HistoryReply, JobQuery, JobReply, JobsReply, SnapshotsReply,
+};
 use schemars::{JsonSchema, Schema};
 use serde_json::{Value, json};
 
@@ -116,10 +118,10 @@ pub fn all() -> Vec<SchemaFile> {
             "bcp.query.<project>.snapshots",
             "a job's snapshot catalog",
         ),
-        file::<JobQuery>(
+        file::<HistoryQuery>(
             "queries/history.json",
             "bcp.query.<project>.history",
-            "a job's transitions and rejections",
+            "a job's transitions and rejections, a page at a time",
         ),
         file::<JobReply>(
             "replies/job.json",

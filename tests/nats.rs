@@ -3569,3 +3569,82 @@ async fn a_malformed_nats_header_is_refused_and_keeps_the_connection() {
         "bcp's NATS connection dropped: {log}"
     );
 }
+
+/// A job's history is paged (it grows for as long as the job lives), the
+/// CLI follows the pages, and refused commands of another project that
+/// named the job stay out of its project's view (`_admin` sees them).
+#[tokio::test]
+async fn a_long_history_is_paged_and_other_projects_attempts_stay_out_of_it() {
+    let h = Harness::start().await;
+    let job = id();
+    h.cmd("p1", "create", &create_body(id(), job, "rs0")).await;
+    h.cmd("p1", "start", &job_body(id(), job)).await;
+    // Another project names the job: refused as not found, and recorded.
+    for _ in 0..3 {
+        let r = h.cmd("p2", "stop", &job_body(id(), job)).await;
+        rejected(&r, "not_found", r["rejection_seq"].as_u64());
+    }
+    // The job's own project: 520 refused starts of a running job.
+    let bodies: Vec<Value> = (0..520).map(|_| job_body(id(), job)).collect();
+    let refused = join_all(bodies.iter().map(|b| h.cmd("p1", "start", b))).await;
+    for r in &refused {
+        rejected(r, "invalid_transition", r["rejection_seq"].as_u64());
+    }
+    let h = &h;
+    let page = |project: &'static str, after: Option<u64>| {
+        let mut body = json!({ "job_id": job });
+        if let Some(after) = after {
+            body["after_seq"] = json!(after);
+        }
+        async move {
+            h.request(&format!("bcp.query.{project}.history"), &body)
+                .await
+        }
+    };
+    let first = page("p1", None).await;
+    let entries = first["history"].as_array().unwrap();
+    assert_eq!(entries.len(), 500, "a page holds at most 500 entries");
+    assert_eq!(entries[0]["type"], "JobCreated");
+    let last = entries[499]["seq"].as_u64().unwrap();
+    assert_eq!(first["next_after_seq"], json!(last));
+    let second = page("p1", Some(last)).await;
+    let rest = second["history"].as_array().unwrap();
+    assert_eq!(rest.len(), 2 + 520 - 500);
+    assert!(rest[0]["seq"].as_u64().unwrap() > last);
+    assert!(second.get("next_after_seq").is_none(), "{second}");
+    let everything = [entries.as_slice(), rest.as_slice()].concat();
+    assert!(
+        everything
+            .iter()
+            .all(|e| !e["reason"].to_string().contains("p2")),
+        "another project's attempts are not in p1's view"
+    );
+    // `_admin` sees every event recorded under the job id.
+    let mut admin = Vec::new();
+    let mut after = None;
+    loop {
+        let p = page("_admin", after).await;
+        admin.extend(p["history"].as_array().unwrap().clone());
+        match p["next_after_seq"].as_u64() {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(admin.len(), everything.len() + 3);
+    // The other project still learns nothing of the job.
+    let r = page("p2", None).await;
+    rejected(&r, "not_found", None);
+    // The CLI follows the pages.
+    let cli = support::bcp_cli_json(&[
+        "history",
+        &job.to_string(),
+        "--nats",
+        &h.nats.url(),
+        "--project",
+        "p1",
+        "--format",
+        "json",
+    ])
+    .await;
+    assert_eq!(cli.as_array().unwrap(), &everything);
+}

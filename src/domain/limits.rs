@@ -62,6 +62,13 @@ pub const QUERY_JOBS_MAX: usize = 500;
 /// default 1 MiB max payload; a reply that would hold more is a page with
 /// `next_after`.
 pub const QUERY_JOBS_BYTES_MAX: usize = 512 * 1024;
+/// History entries returned by one `bcp.query.history` reply.
+pub const QUERY_HISTORY_MAX: usize = 500;
+/// Bytes of history entries in one `bcp.query.history` reply (as
+/// [`QUERY_JOBS_BYTES_MAX`]); a reply that would hold more is a page with
+/// `next_after_seq`. A job's history grows without bound (a few snapshot
+/// events a day), so it is paged, never one reply over the max payload.
+pub const QUERY_HISTORY_BYTES_MAX: usize = 512 * 1024;
 /// `SnapshotExpired` events one `expire-snapshots` command (or one sweep)
 /// appends; what is left is due at the next sweep.
 pub const EXPIRE_EVENTS_MAX: usize = 10_000;

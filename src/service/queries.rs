@@ -7,7 +7,10 @@
 
 use crate::domain::filter::JobFilter;
 use crate::domain::history::{HistoryEntry, history};
-use crate::domain::limits::{PAYLOAD_BYTES_MAX, QUERY_JOBS_BYTES_MAX, QUERY_JOBS_MAX};
+use crate::domain::limits::{
+    PAYLOAD_BYTES_MAX, QUERY_HISTORY_BYTES_MAX, QUERY_HISTORY_MAX, QUERY_JOBS_BYTES_MAX,
+    QUERY_JOBS_MAX,
+};
 use crate::domain::{ErrorCode, Reply};
 use crate::domain::{Job, ProjectId, Snapshot};
 use crate::store::Store;
@@ -15,11 +18,21 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Body of `bcp.query.job`, `bcp.query.snapshots` and `bcp.query.history`.
+/// Body of `bcp.query.job` and `bcp.query.snapshots`.
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobQuery {
     pub job_id: Uuid,
+}
+
+/// Body of `bcp.query.history`: a job, and where its page starts.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    pub job_id: Uuid,
+    /// Only entries after this seq: the `next_after_seq` of the page before.
+    #[serde(default)]
+    pub after_seq: Option<u64>,
 }
 
 /// Reply of `bcp.query.job`.
@@ -65,7 +78,36 @@ pub struct HistoryReply {
     /// follower may trail the leader).
     pub as_of_seq: u64,
     pub job_id: Uuid,
+    /// One page: at most 500 entries and about 512 KiB of them.
     pub history: Vec<HistoryEntry>,
+    /// Present when more entries follow: ask again with `after_seq` set to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after_seq: Option<u64>,
+}
+
+/// The entries after `after_seq`, at most [`QUERY_HISTORY_MAX`] and about
+/// [`QUERY_HISTORY_BYTES_MAX`] of JSON (always at least one), and the seq
+/// to ask after for the rest, if any is left.
+fn history_page(
+    entries: Vec<HistoryEntry>,
+    after_seq: Option<u64>,
+) -> (Vec<HistoryEntry>, Option<u64>) {
+    let mut rest = entries
+        .into_iter()
+        .skip_while(|e| after_seq.is_some_and(|after| e.seq <= after))
+        .peekable();
+    let (mut page, mut bytes) = (Vec::new(), 0);
+    while let Some(entry) = rest.next_if(|e| {
+        let size = serde_json::to_vec(e).map_or(0, |b| b.len() + 1);
+        let fits = page.len() < QUERY_HISTORY_MAX
+            && (page.is_empty() || bytes + size <= QUERY_HISTORY_BYTES_MAX);
+        bytes += size;
+        fits
+    }) {
+        page.push(entry);
+    }
+    let next = rest.peek().and(page.last().map(|e| e.seq));
+    (page, next)
 }
 
 fn to_value(v: impl Serialize) -> Value {
@@ -143,29 +185,32 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
                 (Err(e), _) | (_, Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
             })
         }
-        "history" => parse::<JobQuery>(body).map(|q| match store.job_events(q.job_id) {
-            // A rejected command about a job id records it in that id's
-            // history (for a job of another project too): the events say
-            // which project each belongs to.
-            Ok(events) if events.is_empty() => not_found(q.job_id),
-            Ok(events)
-                if !project.is_admin()
-                    && !match store.job(q.job_id) {
-                        Ok(Some(job)) => job.project_id == project,
-                        // Only rejections (a job that never existed): the
-                        // project's own attempts.
-                        Ok(None) => events.iter().all(|e| e.project_id == project),
-                        Err(_) => false,
-                    } =>
-            {
-                not_found(q.job_id)
+        "history" => parse::<HistoryQuery>(body).map(|q| match store.job_events(q.job_id) {
+            Ok(mut events) => {
+                // A command of another project that named this job id was
+                // refused and recorded under the id (the events say whose it
+                // was); only `_admin` sees those. A project sees its own
+                // job's history, or, for an id that was never a job, its
+                // own refused attempts.
+                if !project.is_admin() {
+                    match store.job(q.job_id) {
+                        Ok(Some(job)) if job.project_id != project => return not_found(q.job_id),
+                        Ok(_) => events.retain(|e| e.project_id == project),
+                        Err(e) => return error(ErrorCode::Unavailable, e.to_string()),
+                    }
+                }
+                if events.is_empty() {
+                    return not_found(q.job_id);
+                }
+                let (history, next_after_seq) = history_page(history(&events), q.after_seq);
+                to_value(HistoryReply {
+                    ok: true,
+                    as_of_seq,
+                    job_id: q.job_id,
+                    history,
+                    next_after_seq,
+                })
             }
-            Ok(events) => to_value(HistoryReply {
-                ok: true,
-                as_of_seq,
-                job_id: q.job_id,
-                history: history(&events),
-            }),
             Err(e) => error(ErrorCode::Unavailable, e.to_string()),
         }),
         other => Err(format!(
