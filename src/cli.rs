@@ -216,7 +216,7 @@ pub enum Cmd {
         #[command(flatten)]
         source: Source,
         /// Only this project's jobs.
-        #[arg(long)]
+        #[arg(long, value_parser = project_arg)]
         project: Option<String>,
         /// Inactive, Active, Stopped or Misconfigured.
         #[arg(long)]
@@ -240,7 +240,7 @@ pub enum Cmd {
         job: Uuid,
         /// The job's project: reads are scoped by project (bcp.query.<project>.snapshots);
         /// _admin (the default) reads every project, where NATS permits it.
-        #[arg(long, env = "BCP_PROJECT", default_value = "_admin")]
+        #[arg(long, env = "BCP_PROJECT", default_value = "_admin", value_parser = project_arg)]
         project: String,
         #[command(flatten)]
         source: Source,
@@ -266,7 +266,7 @@ pub enum Cmd {
         #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
         nats: String,
         /// Only this project's events (default: every project).
-        #[arg(long)]
+        #[arg(long, value_parser = project_arg)]
         project: Option<String>,
         /// Only this job's events.
         #[arg(long)]
@@ -342,7 +342,7 @@ pub struct JobArgs {
 pub struct Scope {
     /// The job's project: reads are scoped by project (bcp.query.<project>.<kind>);
     /// _admin (the default) reads every project, where NATS permits it.
-    #[arg(long, env = "BCP_PROJECT", default_value = "_admin")]
+    #[arg(long, env = "BCP_PROJECT", default_value = "_admin", value_parser = project_arg)]
     project: String,
     #[command(flatten)]
     source: Source,
@@ -380,6 +380,12 @@ impl Scope {
     }
 }
 
+/// A `--project` value: a project id (or `_admin`), else a usage error
+/// (exit 2) before anything is sent or read.
+pub fn project_arg(s: &str) -> std::result::Result<String, String> {
+    bcp::domain::ProjectId::parse(s).map(|_| s.to_owned())
+}
+
 #[derive(Args)]
 pub struct Source {
     /// Read through a running server.
@@ -399,7 +405,7 @@ pub struct SendArgs {
     #[command(flatten)]
     auth: AuthArgs,
     /// The job's project: the command goes to bcp.cmd.<project>.<verb>.
-    #[arg(long, env = "BCP_PROJECT")]
+    #[arg(long, env = "BCP_PROJECT", value_parser = project_arg)]
     project: String,
     /// The job (create: when omitted, the new job's id is the command's id,
     /// so a retry with the same --command-id creates the same job).

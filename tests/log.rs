@@ -1227,10 +1227,23 @@ fn export_import_round_trip_keeps_the_head_hash() {
     assert!(reply.duplicate && reply.ok, "{reply:?}");
     assert_eq!(reply.events[0].seq, 1);
     drop(ledger);
-    // Importing again into a store that holds a log is refused.
+    // Importing again into a store that holds a log is refused, and so is
+    // exporting over the store being read: both leave it byte for byte.
+    let before = std::fs::read(restored).unwrap();
     let (code, out) = bcp(&["import", "--db", restored, file.to_str().unwrap()], None);
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("already holds a log"), "{out}");
+    assert!(
+        std::fs::read(restored).unwrap() == before,
+        "a refused import wrote"
+    );
+    let (code, out) = bcp(&["export", "--db", restored, "--out", restored], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is the store being exported"), "{out}");
+    assert!(
+        std::fs::read(restored).unwrap() == before,
+        "export truncated its store"
+    );
 }
 
 #[test]
@@ -2728,4 +2741,44 @@ fn a_committed_batch_hands_the_relay_each_event_with_its_route() {
             format!("bcp.evt.p1.{job}.JobStarted"),
         ]
     );
+}
+
+/// Usage errors exit 2 before anything is sent or read: a `--project` that
+/// is no project id, `--db` beside `--from-nats`. `BCP_DB` in the
+/// environment (the `--db` tools' default) does not stand in the way of
+/// `--from-nats`: that replay goes to NATS (here: none, exit 3).
+#[test]
+fn bad_projects_and_two_log_sources_are_usage_errors() {
+    let job = "0192f0c4-0000-7000-8000-0000000000aa";
+    for args in [
+        &["send", "start", "--project", "", "--job", job][..],
+        &["send", "start", "--project", "de mo", "--job", job][..],
+        &["jobs", "--project", "a b", "--db", "/nonexistent"][..],
+        &["replay", "--project", "_x", "--db", "/nonexistent"][..],
+        &["history", job, "--project", "a.b"][..],
+    ] {
+        let (code, out) = bcp(args, None);
+        assert_eq!(code, 2, "bcp {args:?}: {out}");
+        assert!(out.contains("--project"), "bcp {args:?}: {out}");
+    }
+    let (code, out) = bcp(
+        &[
+            "replay",
+            "--db",
+            "/nonexistent",
+            "--from-nats",
+            "nats://127.0.0.1:1",
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not both"), "{out}");
+    let out = Command::new(env!("CARGO_BIN_EXE_bcp"))
+        .args(["replay", "--from-nats", "nats://127.0.0.1:1"])
+        .env("BCP_DB", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("cannot connect to NATS"), "{err}");
 }

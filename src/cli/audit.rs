@@ -23,7 +23,7 @@ use uuid::Uuid;
 #[derive(Args)]
 pub struct LogSource {
     /// A store no running server holds open (or --from-nats URL: the published stream).
-    #[arg(long, env = "BCP_DB", conflicts_with = "from_nats")]
+    #[arg(long, env = "BCP_DB")]
     pub db: Option<PathBuf>,
     /// Read the published log from this NATS server's stream instead (works while bcp serve runs).
     #[arg(long)]
@@ -33,6 +33,22 @@ pub struct LogSource {
     pub stream: String,
     #[command(flatten)]
     pub auth: super::AuthArgs,
+}
+
+impl LogSource {
+    /// The store to read, unless the stream is: `--from-nats` wins over a
+    /// `BCP_DB` from the environment (an operator's default for the `--db`
+    /// tools), but not over `--db` given beside it.
+    fn db(&self) -> Result<Option<&PathBuf>> {
+        let from_env = |db: &PathBuf| std::env::var_os("BCP_DB").is_some_and(|e| *db == e);
+        match (&self.db, &self.from_nats) {
+            (Some(db), Some(_)) if from_env(db) => Ok(None),
+            (Some(_), Some(_)) => bail!(super::Usage(
+                "give --db PATH or --from-nats URL, not both".into()
+            )),
+            (db, _) => Ok(db.as_ref()),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -53,7 +69,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub job: Option<Uuid>,
     /// Only this project's jobs.
-    #[arg(long)]
+    #[arg(long, value_parser = super::project_arg)]
     pub project: Option<String>,
     /// Output: a table for people, or JSON for programs.
     #[arg(long, value_enum, default_value = "table")]
@@ -211,7 +227,7 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
         job: a.job,
         project,
     };
-    let view = match (&a.source.db, &a.source.from_nats) {
+    let view = match (a.source.db()?, &a.source.from_nats) {
         (Some(db), _) => {
             replay::replay(&Store::open_read_only(db, SCAN_CACHE_BYTES)?, cut, &select)?
         }
@@ -390,8 +406,27 @@ fn compare_with_stream(
     Ok(())
 }
 
+/// Whether `a` and `b` name one file (one inode of one device, e.g. through
+/// a link or another spelling of the path). False when either is missing.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 pub fn export(a: ExportArgs) -> Result<u8> {
     let store = Store::open_read_only(&a.db, SCAN_CACHE_BYTES)?;
+    // Creating `--out` truncates it: never the store being read.
+    if let Some(out) = &a.out
+        && same_file(out, &a.db)
+    {
+        bail!(
+            "--out {} is the store being exported; write the log elsewhere",
+            out.display()
+        );
+    }
     let mut out: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?,

@@ -20,7 +20,9 @@ use uuid::Uuid;
 /// holds a non-empty store.
 pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) -> Result<()> {
     if path.exists() {
-        let existing = Store::open_existing(path)?;
+        // Read-only: a store this refuses is left exactly as it was (an
+        // open for writing would run redb's recovery or grow the file).
+        let existing = Store::open_read_only(path, 1 << 20)?;
         if existing.event_count()? > 0 {
             return Err(StoreError::Exists {
                 path: path.display().to_string(),
