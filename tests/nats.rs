@@ -454,6 +454,34 @@ async fn bad_input_and_rejections() {
             obj(json!({"command_id": cid(), "job_id": j})),
             "missing field `region`",
         ),
+        // serde would read these as the fields in declaration order.
+        (
+            "a body as an array of its fields",
+            "bcp.cmd.p1.start".into(),
+            obj(json!([cid(), j])),
+            "a JSON array; a body is a JSON object",
+        ),
+        (
+            "a deployment as an array",
+            "bcp.cmd.p1.create".into(),
+            obj(json!({
+                "command_id": cid(), "job_id": cid(),
+                "deployment": ["replica_set", "rs-arr"],
+            })),
+            "field deployment: an array",
+        ),
+        (
+            "a schedule as an array",
+            "bcp.cmd.p1.change-schedule".into(),
+            obj(json!({"command_id": cid(), "job_id": j, "schedule": [6, 5]})),
+            "field schedule: an array",
+        ),
+        (
+            "a query as an array",
+            "bcp.query.p1.jobs".into(),
+            obj(json!([null, "Active"])),
+            "a JSON array",
+        ),
     ];
     for (what, subject, body, needle) in cases {
         let reply = h.request_bytes(&subject, body).await;

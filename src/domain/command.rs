@@ -382,11 +382,59 @@ fn parse<'a, T: Deserialize<'a>>(verb: Verb, body: &'a [u8]) -> Result<T, Decode
         Ok(value) => {
             de.end()
                 .map_err(|e| bad(format!("invalid {verb} body: {e}")))?;
-            Ok(value)
+            // Read, but perhaps from an array by position.
+            match array_in(body) {
+                Some(at) => Err(bad(format!("invalid {verb} body: {at}"))),
+                None => Ok(value),
+            }
         }
+        Err(_) if is_array(body) => Err(bad(format!("invalid {verb} body: {TOP_ARRAY}"))),
         Err(e) => Err(parse_error::<T>(verb, body)
             .unwrap_or_else(|| bad(format!("invalid {verb} body: {e}")))),
     }
+}
+
+const TOP_ARRAY: &str = "a JSON array; a body is a JSON object";
+
+/// Whether `body`'s JSON value is (or starts as) an array.
+pub fn is_array(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+}
+
+/// Where `body` holds a JSON array, said for a reply (None: nowhere, or
+/// not JSON at all). Checked once a body has parsed: an unknown field
+/// whose value is an array is refused as unknown first. No command or query
+/// body has an array anywhere: each is an object of values and objects.
+/// But serde reads an array as a struct's fields in declaration order, so
+/// `["<command_id>","<job_id>"]` would pass for a `start`, and the order
+/// of fields in bcp's types would become part of the wire format.
+pub fn array_in(body: &[u8]) -> Option<String> {
+    // Nearly every body has no `[` byte at all: no parse for those.
+    if !body.contains(&b'[') {
+        return None;
+    }
+    fn walk(v: &serde_json::Value, path: &mut Vec<String>) -> bool {
+        match v {
+            serde_json::Value::Array(_) => true,
+            serde_json::Value::Object(fields) => fields.iter().any(|(name, v)| {
+                path.push(name.clone());
+                walk(v, path) || {
+                    path.pop();
+                    false
+                }
+            }),
+            _ => false,
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut path = Vec::new();
+    walk(&value, &mut path).then(|| match path.is_empty() {
+        true => TOP_ARRAY.to_owned(),
+        false => format!(
+            "field {}: an array, where the contract has an object or a value",
+            path.join(".")
+        ),
+    })
 }
 
 /// Why `body` does not parse as a `T`, naming the field (`None`: it

@@ -232,5 +232,11 @@ fn not_found(job_id: Uuid) -> Value {
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| format!("invalid query body: {e}"))
+    use crate::domain::command::{array_in, is_array};
+    let parsed = serde_json::from_slice(body);
+    // As for commands: fields by name only, never by position.
+    match array_in(body).filter(|_| parsed.is_ok() || is_array(body)) {
+        Some(at) => Err(format!("invalid query body: {at}")),
+        None => parsed.map_err(|e| format!("invalid query body: {e}")),
+    }
 }
