@@ -36,6 +36,9 @@ pub enum VerifyError {
     Projection(String),
     #[error("idempotency records differ from the log: {0}")]
     Records(String),
+    /// redb's own check of the file's pages failed ([`crate::store::disk::check_pages`]).
+    #[error("the store's file is damaged: {0}")]
+    Pages(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The stream to compare with could not be reached: nothing is known

@@ -296,6 +296,11 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
             stream,
             auth: _,
         } => {
+            // First the pages under the tables: what follows reads through
+            // them and trusts them (a damaged page can crash a reader).
+            if let Err(e) = bcp::store::disk::check_pages(&db)? {
+                return failed(VerifyError::Pages(e));
+            }
             let store = Store::open_read_only(&db, SCAN_CACHE_BYTES)?;
             let bar = progress(Some(store.event_count()?), "verifying");
             let report = match verify::verify(&store, digest.as_ref(), |n| bar.set_position(n)) {

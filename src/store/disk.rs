@@ -88,3 +88,131 @@ impl StorageBackend for TimedFile {
         self.file.query_lock_range(start, end)
     }
 }
+
+/// A store's file as it is, with what redb writes to it kept in memory:
+/// redb's integrity check, which commits what it repairs, runs over it and
+/// leaves the file exactly as it was ([`check_pages`]). The file's locks
+/// are redb's own, through a [`FileBackend`] of the same file: a running
+/// server refuses the check, and none starts during it.
+#[derive(Debug)]
+struct Overlay {
+    file: std::fs::File,
+    file_len: u64,
+    locks: FileBackend,
+    state: std::sync::Mutex<Written>,
+}
+
+/// The length redb set, and its writes in order, each at its offset (few:
+/// a check writes only what it rebuilds and its commit's header).
+type Written = (u64, Vec<(u64, Vec<u8>)>);
+
+impl StorageBackend for Overlay {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.state.lock().expect("overlay lock").0)
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        use std::os::unix::fs::FileExt;
+        let in_file = self.file_len.saturating_sub(offset).min(out.len() as u64) as usize;
+        self.file.read_exact_at(&mut out[..in_file], offset)?;
+        out[in_file..].fill(0);
+        let end = offset + out.len() as u64;
+        for (at, data) in &self.state.lock().expect("overlay lock").1 {
+            let (from, to) = ((*at).max(offset), (at + data.len() as u64).min(end));
+            if from < to {
+                out[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+            }
+        }
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.state.lock().expect("overlay lock").0 = len;
+        Ok(())
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut state = self.state.lock().expect("overlay lock");
+        state.1.push((offset, data.to_vec()));
+        Ok(())
+    }
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.locks.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.locks.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.locks.query_lock_range(start, end)
+    }
+}
+
+/// Whether every page of the store at `path` passes redb's checksums:
+/// redb's own integrity check, run on an in-memory overlay of the file,
+/// which is never written. A reader of a B-tree trusts its pages; this
+/// finds a flipped byte in a page that no scan in key order notices (a
+/// branch's key: lookups then miss a row that is there) or that would
+/// crash the reader. Run it before opening the store to read it.
+///
+/// `Ok(Err(why))`: the file is damaged. `Err`: it could not be checked
+/// (missing, in use by a running server, not readable).
+pub fn check_pages(path: &std::path::Path) -> super::Result<Result<(), String>> {
+    super::must_exist(path)?;
+    let io = |e: std::io::Error| super::StoreError::Redb(redb::StorageError::Io(e).into());
+    let file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let overlay = Overlay {
+        // Opened for writing only because an exclusive lock needs it: no
+        // byte is written through it.
+        locks: FileBackend::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io)?,
+        )
+        .map_err(|e| super::open_error(path, e))?,
+        file,
+        file_len,
+        state: std::sync::Mutex::new((file_len, Vec::new())),
+    };
+    // An integrity check on open verifies every page of the committed trees
+    // and rebuilds the allocator state from them (a repair session, always).
+    // A primary commit slot whose trees fail their checksums is an error,
+    // or, for a commit without two-phase commit, a fall back to the commit
+    // before it: the session then reports progress 0.3, which counts as
+    // damage too.
+    let fell_back = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let saw = fell_back.clone();
+    let opened = redb::Builder::new()
+        .set_cache_size(16 << 20)
+        .set_check_integrity_on_open(true)
+        .set_repair_callback(move |s| {
+            if (s.progress() - 0.3).abs() < 1e-9 {
+                saw.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .create_with_backend(overlay);
+    Ok(match opened {
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why))) => Err(why),
+        Err(e) => return Err(super::open_error(path, e)),
+        Ok(_) if fell_back.load(std::sync::atomic::Ordering::Relaxed) => {
+            Err("the last commit's pages do not match their checksums".into())
+        }
+        Ok(_) => Ok(()),
+    })
+}
