@@ -2996,6 +2996,17 @@ async fn spoofing_text_and_out_of_range_times_are_refused() {
     let mut body = job_body(id(), job);
     body["actor"] = json!("alice\u{200B}");
     refused(h.cmd("p1", "stop", &body).await, "actor");
+    // Every default-ignorable code point: a tag character, Hangul fillers,
+    // the combining grapheme joiner, a variation selector.
+    for c in ['\u{E0020}', '\u{3164}', '\u{115F}', '\u{034F}', '\u{FE0F}'] {
+        body["actor"] = json!(format!("alice{c}"));
+        let m = refused(h.cmd("p1", "stop", &body).await, "actor");
+        assert!(m.contains(&format!("U+{:04X}", c as u32)), "{m}");
+    }
+    refused(
+        h.cmd("p1", "create", &create_body(id(), id(), "   ")).await,
+        "deployment.name",
+    );
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Bcp-Actor", "root\u{202E}");
     let r = h

@@ -8,22 +8,33 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Whether `c` may stand in text an operator or auditor reads: not a
-/// control character, and none of the invisible characters that change how
-/// text around them is shown (bidirectional overrides and isolates such as
-/// U+202E, zero-width characters, the byte-order mark, line and paragraph
-/// separators, the soft hyphen), which would let a name display as another.
+/// control character, and none of the invisible ones that would let a name
+/// display as another: every Default_Ignorable_Code_Point of Unicode
+/// (DerivedCoreProperties.txt: the soft hyphen, bidirectional marks,
+/// overrides and isolates such as U+202E, zero-width characters, Hangul
+/// fillers, variation selectors, the byte-order mark, tag characters), and
+/// line and paragraph separators and interlinear annotation marks.
 pub fn is_displayable(c: char) -> bool {
     !(c.is_control()
         || matches!(
             c,
             '\u{00AD}'
+                | '\u{034F}'
                 | '\u{061C}'
-                | '\u{180E}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{17B4}'..='\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
                 | '\u{200B}'..='\u{200F}'
                 | '\u{2028}'..='\u{202E}'
                 | '\u{2060}'..='\u{206F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
                 | '\u{FEFF}'
-                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFFB}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
         ))
 }
 

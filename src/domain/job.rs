@@ -60,6 +60,11 @@ fn check_label(what: &str, s: &str) -> Result<(), String> {
             c as u32
         ));
     }
+    if s.trim().is_empty() {
+        return Err(format!(
+            "{what} must hold a visible character, not only spaces"
+        ));
+    }
     Ok(())
 }
 
