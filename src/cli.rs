@@ -380,6 +380,19 @@ impl Scope {
     }
 }
 
+/// After a tool's panic message, what to do about it. The `--db` tools
+/// trust the pages redb reads (as `bcp serve` does), and redb may panic on
+/// a damaged one; `audit verify` checks every page first.
+fn hint_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!(
+            "bcp: this is a bug, or the store it read is damaged: check a store with `bcp audit verify --db PATH`"
+        );
+    }));
+}
+
 /// A `--project` value: a project id (or `_admin`), else a usage error
 /// (exit 2) before anything is sent or read.
 pub fn project_arg(s: &str) -> std::result::Result<String, String> {
@@ -480,6 +493,9 @@ pub struct Unavailable(pub String);
 pub fn run(cli: Cli) -> Result<u8> {
     if let Some(auth) = auth_of(&cli.command) {
         let _ = AUTH.set(auth.auth());
+    }
+    if !matches!(cli.command, Cmd::Serve { .. }) {
+        hint_on_panic();
     }
     match cli.command {
         Cmd::Serve {

@@ -2885,4 +2885,28 @@ fn verify_finds_damaged_pages_and_passes_only_what_reads_back() {
         .unwrap();
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("FAILED: the store's file is damaged"), "{out}");
+    // The other tools trust the pages they read, and may crash on damage;
+    // then they say to run verify.
+    let panicked = used
+        .iter()
+        .step_by(97)
+        .filter(|&&at| {
+            bytes.clone_from(&original);
+            bytes[at] ^= 0x41;
+            std::fs::write(&copy, &bytes).unwrap();
+            let (code, out) = bcp(&["jobs", "--db", copy.to_str().unwrap()], None);
+            assert!([0, 1, 101].contains(&code), "{code}: {out}");
+            code == 101 && {
+                assert!(
+                    out.contains("check a store with `bcp audit verify --db PATH`"),
+                    "{out}"
+                );
+                true
+            }
+        })
+        .count();
+    assert!(
+        panicked > 0,
+        "no flip crashed bcp jobs: the hint went untested"
+    );
 }
