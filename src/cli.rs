@@ -388,7 +388,7 @@ fn hint_on_panic() {
     std::panic::set_hook(Box::new(move |info| {
         report(info);
         eprintln!(
-            "bcp: this is a bug, or the store it read is damaged: check a store with `bcp audit verify --db PATH`"
+            "bcp: this is a bug, or a store read with --db is damaged: check a store with `bcp audit verify --db PATH`"
         );
     }));
 }
@@ -550,19 +550,40 @@ pub fn run(cli: Cli) -> Result<u8> {
             Ok(EXIT_OK)
         }
         Cmd::History(JobArgs { job, scope, format }) => {
-            // Every page: the reply says where the next one starts.
+            // Every page: the reply says where the next one starts. In a
+            // group, pages may come from different nodes; one that has
+            // applied less of the log than the page before's (a follower
+            // trailing the leader) may not hold the rest yet: ask again.
             let mut entries: Vec<HistoryEntry> = Vec::new();
             let mut body = json!({ "job_id": job });
+            let (mut as_of, mut behind) = (0, 0);
             loop {
                 let v = match scope.ask_with("history", body.clone())? {
                     Ok(v) => v,
                     Err(message) => return rejected(&message),
                 };
+                let at = v["as_of_seq"].as_u64().unwrap_or(0);
+                if at < as_of {
+                    behind += 1;
+                    if behind > 50 {
+                        bail!("the servers answering stay behind seq {as_of}; ask again later");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                as_of = at;
                 entries.extend(serde_json::from_value::<Vec<HistoryEntry>>(
                     v["history"].clone(),
                 )?);
                 match v["next_after_seq"].as_u64() {
-                    Some(after) => body["after_seq"] = json!(after),
+                    Some(after)
+                        if body["after_seq"]
+                            .as_u64()
+                            .is_none_or(|before| after > before) =>
+                    {
+                        body["after_seq"] = json!(after)
+                    }
+                    Some(after) => bail!("the history's pages do not advance (after seq {after})"),
                     None => break,
                 }
             }

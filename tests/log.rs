@@ -1186,7 +1186,9 @@ fn export_import_round_trip_keeps_the_head_hash() {
     let lines = std::fs::read_to_string(&file).unwrap();
     assert_eq!(lines.lines().count() as u64, events);
 
+    // Into an empty file that is already there (e.g. from mktemp).
     let restored = dir.path().join("restored.redb");
+    std::fs::write(&restored, b"").unwrap();
     let restored = restored.to_str().unwrap();
     let (code, out) = bcp(
         &[
@@ -1238,7 +1240,7 @@ fn export_import_round_trip_keeps_the_head_hash() {
         "a refused import wrote"
     );
     let (code, out) = bcp(&["export", "--db", restored, "--out", restored], None);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 2, "{out}");
     assert!(out.contains("is the store being exported"), "{out}");
     assert!(
         std::fs::read(restored).unwrap() == before,
@@ -2833,6 +2835,12 @@ fn verify_finds_damaged_pages_and_passes_only_what_reads_back() {
     }
     let original = std::fs::read(&db).unwrap();
     let want = everything_read(&db, &jobs).unwrap();
+    {
+        // The check reads as any reader does, beside others.
+        let _reader = Store::open_read_only(&db, 0).unwrap();
+        let (code, out) = bcp(&["audit", "verify", "--db", db.to_str().unwrap()], None);
+        assert_eq!(code, 0, "verify beside another reader: {out}");
+    }
     let copy = dir.path().join("flipped.redb");
     let (mut caught, mut passed) = (0, 0);
     // The bytes the store uses: not zero (most of a small store's file is

@@ -427,10 +427,10 @@ pub fn export(a: ExportArgs) -> Result<u8> {
     if let Some(out) = &a.out
         && same_file(out, &a.db)
     {
-        bail!(
+        bail!(super::Usage(format!(
             "--out {} is the store being exported; write the log elsewhere",
             out.display()
-        );
+        )));
     }
     let mut out: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(

@@ -240,3 +240,59 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
         None => parsed.map_err(|e| format!("invalid query body: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, reason_bytes: usize) -> HistoryEntry {
+        HistoryEntry {
+            seq,
+            recorded_at: chrono::DateTime::UNIX_EPOCH,
+            actor: None,
+            actor_verified: false,
+            command_id: Uuid::nil(),
+            event_type: "CommandRejected".into(),
+            version: None,
+            from: None,
+            to: None,
+            verb: "start".into(),
+            rejected: true,
+            code: Some("invalid_transition".into()),
+            reason: Some("r".repeat(reason_bytes)),
+        }
+    }
+
+    /// Pages end at 500 entries or about 512 KiB, never hold nothing while
+    /// entries are left, and together hold every entry once, in order.
+    #[test]
+    fn history_pages_hold_every_entry_once_within_their_bounds() {
+        for (count, reason_bytes) in [(1_200, 10), (40, 100_000), (3, 600_000), (0, 0)] {
+            let all: Vec<HistoryEntry> = (1..=count).map(|s| entry(s * 2, reason_bytes)).collect();
+            let (mut got, mut after) = (Vec::new(), None);
+            loop {
+                let (page, next) = history_page(all.clone(), after);
+                let bytes: usize = page
+                    .iter()
+                    .map(|e| serde_json::to_vec(e).unwrap().len())
+                    .sum();
+                assert!(page.len() <= QUERY_HISTORY_MAX);
+                assert!(
+                    page.len() == 1 || bytes <= QUERY_HISTORY_BYTES_MAX,
+                    "{bytes}"
+                );
+                assert!(!page.is_empty() || got.len() == all.len());
+                got.extend(page.iter().map(|e| e.seq));
+                match next {
+                    Some(n) => {
+                        assert_eq!(Some(&n), got.last());
+                        after = Some(n);
+                    }
+                    None => break,
+                }
+            }
+            let want: Vec<u64> = all.iter().map(|e| e.seq).collect();
+            assert_eq!(got, want, "{count} entries of {reason_bytes} bytes");
+        }
+    }
+}

@@ -25,43 +25,6 @@ pub fn fsync_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
 }
 
-/// The lock methods of a [`StorageBackend`], passed to the
-/// [`FileBackend`] in field `$file`: redb's own locking of the store's file.
-macro_rules! file_locks {
-    ($file:ident) => {
-        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-            self.$file.try_lock_range(start, end)
-        }
-        fn try_lock_shared_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<bool, BackendError> {
-            self.$file.try_lock_shared_range(start, end)
-        }
-        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-            self.$file.lock_range(start, end)
-        }
-        fn lock_shared_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<(), BackendError> {
-            self.$file.lock_shared_range(start, end)
-        }
-        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-            self.$file.unlock_range(start, end)
-        }
-        fn query_lock_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<bool, BackendError> {
-            self.$file.query_lock_range(start, end)
-        }
-    };
-}
-
 /// redb's [`FileBackend`], everything passed through; `sync_data` timed.
 #[derive(Debug)]
 pub struct TimedFile {
@@ -102,14 +65,34 @@ impl StorageBackend for TimedFile {
         self.file.close()
     }
     // The file locks, so a second process is still refused (`InUse`).
-    file_locks!(file);
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.query_lock_range(start, end)
+    }
 }
 
 /// A store's file as it is, with what redb writes to it kept in memory:
 /// redb's integrity check, which commits what it repairs, runs over it and
 /// leaves the file exactly as it was ([`check_pages`]). The file's locks
-/// are redb's own, through a [`FileBackend`] of the same file: a running
-/// server refuses the check, and none starts during it.
+/// are redb's own, through a [`FileBackend`] of the same file, all shared.
 #[derive(Debug)]
 struct Overlay {
     file: std::fs::File,
@@ -153,7 +136,30 @@ impl StorageBackend for Overlay {
         state.1.push((offset, data.to_vec()));
         Ok(())
     }
-    file_locks!(locks);
+    // redb's locks, taken shared: the check only reads, so it keeps a
+    // server out as any reader does, beside other readers.
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.locks.try_lock_shared_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.locks.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.lock_shared_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.locks.query_lock_range(start, end)
+    }
 }
 
 /// Whether every page of the store at `path` passes redb's checksums:
@@ -171,16 +177,8 @@ pub fn check_pages(path: &std::path::Path) -> super::Result<Result<(), String>> 
     let file = std::fs::File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let overlay = Overlay {
-        // Opened for writing only because an exclusive lock needs it: no
-        // byte is written through it.
-        locks: FileBackend::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(io)?,
-        )
-        .map_err(|e| super::open_error(path, e))?,
+        locks: FileBackend::new(std::fs::File::open(path).map_err(io)?)
+            .map_err(|e| super::open_error(path, e))?,
         file,
         file_len,
         state: std::sync::Mutex::new((file_len, Vec::new())),
@@ -188,9 +186,9 @@ pub fn check_pages(path: &std::path::Path) -> super::Result<Result<(), String>> 
     // An integrity check on open verifies every page of the committed trees
     // and rebuilds the allocator state from them (a repair session, always).
     // A primary commit slot whose trees fail their checksums is an error,
-    // or, for a commit without two-phase commit, a fall back to the commit
-    // before it: the session then reports progress 0.3, which counts as
-    // damage too.
+    // or, for a commit without two-phase commit (bcp's), a fall back to the
+    // commit before it: the session then reports progress 0.3 (redb's
+    // `do_repair`), which in a file closed cleanly counts as damage too.
     let fell_back = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let saw = fell_back.clone();
     let opened = redb::Builder::new()
@@ -202,12 +200,22 @@ pub fn check_pages(path: &std::path::Path) -> super::Result<Result<(), String>> 
             }
         })
         .create_with_backend(overlay);
-    Ok(match opened {
-        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why))) => Err(why),
-        Err(e) => return Err(super::open_error(path, e)),
-        Ok(_) if fell_back.load(std::sync::atomic::Ordering::Relaxed) => {
-            Err("the last commit's pages do not match their checksums".into())
+    match opened {
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(why))) => Ok(Err(why)),
+        Err(e) => Err(super::open_error(path, e)),
+        Ok(db) if fell_back.load(std::sync::atomic::Ordering::Relaxed) => {
+            drop(db);
+            // Power lost during a commit leaves that too, in a file redb's
+            // own read-only open refuses as needing recovery: that is no
+            // damage. (redb may panic reading a damaged file: damage too.)
+            let plain = std::panic::catch_unwind(|| redb::Builder::new().open_read_only(path));
+            match plain {
+                Ok(Err(e @ redb::DatabaseError::RepairAborted)) => Err(super::open_error(path, e)),
+                _ => Ok(Err(
+                    "the last commit's pages do not match their checksums".into()
+                )),
+            }
         }
-        Ok(_) => Ok(()),
-    })
+        Ok(_) => Ok(Ok(())),
+    }
 }

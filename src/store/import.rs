@@ -19,7 +19,8 @@ use uuid::Uuid;
 /// bytes) and its fold `world` as a new store at `path`. Refuses a path that
 /// holds a non-empty store.
 pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) -> Result<()> {
-    if path.exists() {
+    // An empty file (e.g. from mktemp) is no store yet: it is replaced.
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
         // Read-only: a store this refuses is left exactly as it was (an
         // open for writing would run redb's recovery or grow the file).
         let existing = Store::open_read_only(path, 1 << 20)?;

@@ -33,7 +33,7 @@ use {
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{self, AsyncRead, AsyncReadExt, AsyncWrite};
-use tracing::{trace, warn};
+use tracing::{debug, trace};
 
 use crate::header::{HeaderMap, HeaderName, IntoHeaderValue};
 use crate::status::StatusCode;
@@ -339,7 +339,7 @@ impl Connection {
             let (headers, status, description) = match parse_headers(&header) {
                 Ok((headers, status, description)) => (Some(headers), status, description),
                 Err(err) => {
-                    warn!(subject = %subject, error = %err, "malformed header block in a message");
+                    debug!(subject = %subject, error = %err, "malformed header block in a message");
                     (None, None, Some(format!("{MALFORMED_HEADERS}: {err}")))
                 }
             };
@@ -867,7 +867,7 @@ fn parse_headers(
         }
 
         let (name, value) = line.split_once(':').ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "no header version line found")
+            io::Error::new(io::ErrorKind::InvalidInput, "a header line has no colon")
         })?;
 
         let name = HeaderName::from_str(name)
