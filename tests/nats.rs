@@ -454,6 +454,14 @@ async fn bad_input_and_rejections() {
             obj(json!({"command_id": cid(), "job_id": j})),
             "missing field `region`",
         ),
+        (
+            "a schedule value no job may have, for an unknown job",
+            "bcp.cmd.p1.change-schedule".into(),
+            obj(
+                json!({"command_id": cid(), "job_id": cid(), "schedule": {"snapshot_interval_hours": 7}}),
+            ),
+            "6, 8, 12, 24",
+        ),
         // serde would read these as the fields in declaration order.
         (
             "a body as an array of its fields",

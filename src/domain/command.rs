@@ -535,6 +535,16 @@ pub fn decode_as(
         }
         Verb::ChangeSchedule => {
             let b: ChangeScheduleBody = parse(verb, body)?;
+            // A value no job's schedule could take is bad input whatever
+            // the job: refused here, before the job is looked up (an
+            // unknown job would be a recorded not_found). The default
+            // schedule is the widest base: its interval (24) allows every
+            // base retention (2-30), and its retention (2) every interval,
+            // so only a patch invalid on every schedule fails on it. What
+            // depends on the job's own schedule is checked in `decide`.
+            Schedule::default()
+                .apply(&b.schedule)
+                .map_err(|e| bad(e.to_string()))?;
             let command = Command::ChangeSchedule {
                 schedule: b.schedule,
             };

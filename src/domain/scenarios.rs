@@ -893,7 +893,9 @@ fn expire_and_terminate() {
 
 /// Schedule values outside DOMAIN.md's table: refused `bad_request` naming
 /// the field (and the allowed values), never recorded, so the producer can
-/// fix the body and retry with the same command_id.
+/// fix the body and retry with the same command_id. A value no schedule
+/// may have is refused by the decoder, whatever the job (an unknown one
+/// too); one that only the job's own schedule rules out, by `decide`.
 #[test]
 fn schedule_values_outside_the_table() {
     let rows: [(Value, &[&str]); 11] = [
@@ -944,34 +946,52 @@ fn schedule_values_outside_the_table() {
     ];
     for (schedule, words) in rows {
         let name = schedule.to_string();
-        let when = step(
+        let body = json!({"command_id": CID, "job_id": A, "schedule": schedule});
+        let e = decode(
             "p1",
             "change-schedule",
-            json!({"command_id": CID, "job_id": A, "schedule": schedule}),
-        );
-        let r = Log::given(&a_recorded(1)).decide(&when).unwrap_err();
-        assert!(
-            !r.code.is_audited(),
-            "{name}: a bad_request is not recorded"
-        );
-        check(Row {
-            name: &name,
-            given: a_recorded(1),
-            when,
-            then: refused(BadRequest, Active, words),
-            catalogs: vec![(A, vec![e0()])],
-            jobs: vec![(
-                A,
-                (
-                    Active,
-                    Some(Incremental),
-                    3,
-                    1,
-                    Some("2027-02-28T00:00:00Z"),
-                ),
-            )],
-        });
+            &serde_json::to_vec(&body).unwrap(),
+            None,
+        )
+        .expect_err(&name);
+        for w in words {
+            assert!(e.0.contains(w), "{name}: {e} lacks {w}");
+        }
     }
+    // Base retention 30 days needs the 24-hour interval the job has.
+    let given = then(
+        a_recorded(1),
+        [step(
+            "p1",
+            "change-schedule",
+            json!({"command_id": "00000000-0000-0000-0000-000000000c2d", "job_id": A,
+                   "schedule": {"snapshot_retention_days": 30}}),
+        )],
+    );
+    let when = step(
+        "p1",
+        "change-schedule",
+        json!({"command_id": CID, "job_id": A, "schedule": {"snapshot_interval_hours": 6}}),
+    );
+    let r = Log::given(&given).decide(&when).unwrap_err();
+    assert!(!r.code.is_audited(), "a bad_request is not recorded");
+    check(Row {
+        name: "interval 6 beside base retention 30",
+        given,
+        when,
+        then: refused(BadRequest, Active, &["snapshot_retention_days", "2-5"]),
+        catalogs: vec![(A, vec![e0()])],
+        jobs: vec![(
+            A,
+            (
+                Active,
+                Some(Incremental),
+                4,
+                1,
+                Some("2027-02-28T00:00:00Z"),
+            ),
+        )],
+    });
 }
 
 /// Every malformed body of the snapshot verbs (and change-schedule) is a
