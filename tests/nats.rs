@@ -3015,6 +3015,10 @@ async fn spoofing_text_and_out_of_range_times_are_refused() {
         h.cmd("p1", "create", &create_body(id(), id(), "   ")).await,
         "deployment.name",
     );
+    for blank in ["", "  "] {
+        body["actor"] = json!(blank);
+        refused(h.cmd("p1", "stop", &body).await, "actor");
+    }
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Bcp-Actor", "root\u{202E}");
     let r = h

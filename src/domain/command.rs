@@ -650,6 +650,12 @@ pub fn decode_as(
                 c as u32
             )));
         }
+        if a.trim().is_empty() {
+            return Err(bad(
+                "actor, when given, must hold a visible character, not be empty or only spaces"
+                    .to_owned(),
+            ));
+        }
     }
     check_times(&command)?;
     Ok(CommandEnvelope {
