@@ -69,8 +69,8 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub job: Option<Uuid>,
     /// Only this project's jobs.
-    #[arg(long, value_parser = super::project_arg)]
-    pub project: Option<String>,
+    #[arg(long, value_parser = ProjectId::parse)]
+    pub project: Option<ProjectId>,
     /// Output: a table for people, or JSON for programs.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
@@ -217,15 +217,9 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
         until_seq: a.until_seq,
         until: a.until,
     };
-    let project = a
-        .project
-        .as_deref()
-        .map(ProjectId::parse)
-        .transpose()
-        .map_err(super::Usage)?;
     let select = Select {
         job: a.job,
-        project,
+        project: a.project,
     };
     let view = match (a.source.db()?, &a.source.from_nats) {
         (Some(db), _) => {

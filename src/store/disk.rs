@@ -101,13 +101,18 @@ struct Overlay {
     state: std::sync::Mutex<Written>,
 }
 
-/// The length redb set, and its writes in order, each at its offset (few:
-/// a check writes only what it rebuilds and its commit's header).
-type Written = (u64, Vec<(u64, Vec<u8>)>);
+/// What redb did to the overlay: the length it set, and its writes in
+/// order, each at its offset (few: a check writes only what it rebuilds
+/// and its commit's header).
+#[derive(Debug)]
+struct Written {
+    len: u64,
+    writes: Vec<(u64, Vec<u8>)>,
+}
 
 impl StorageBackend for Overlay {
     fn len(&self) -> Result<u64, std::io::Error> {
-        Ok(self.state.lock().expect("overlay lock").0)
+        Ok(self.state.lock().expect("overlay lock").len)
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
         use std::os::unix::fs::FileExt;
@@ -115,7 +120,7 @@ impl StorageBackend for Overlay {
         self.file.read_exact_at(&mut out[..in_file], offset)?;
         out[in_file..].fill(0);
         let end = offset + out.len() as u64;
-        for (at, data) in &self.state.lock().expect("overlay lock").1 {
+        for (at, data) in &self.state.lock().expect("overlay lock").writes {
             let (from, to) = ((*at).max(offset), (at + data.len() as u64).min(end));
             if from < to {
                 out[(from - offset) as usize..(to - offset) as usize]
@@ -125,7 +130,7 @@ impl StorageBackend for Overlay {
         Ok(())
     }
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.state.lock().expect("overlay lock").0 = len;
+        self.state.lock().expect("overlay lock").len = len;
         Ok(())
     }
     fn sync_data(&self) -> Result<(), std::io::Error> {
@@ -133,7 +138,7 @@ impl StorageBackend for Overlay {
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         let mut state = self.state.lock().expect("overlay lock");
-        state.1.push((offset, data.to_vec()));
+        state.writes.push((offset, data.to_vec()));
         Ok(())
     }
     // redb's locks, taken shared: the check only reads, so it keeps a
@@ -181,7 +186,10 @@ pub fn check_pages(path: &std::path::Path) -> super::Result<Result<(), String>> 
             .map_err(|e| super::open_error(path, e))?,
         file,
         file_len,
-        state: std::sync::Mutex::new((file_len, Vec::new())),
+        state: std::sync::Mutex::new(Written {
+            len: file_len,
+            writes: Vec::new(),
+        }),
     };
     // An integrity check on open verifies every page of the committed trees
     // and rebuilds the allocator state from them (a repair session, always).
