@@ -30,7 +30,7 @@ pub const ACTOR_HEADER: &str = "Bcp-Actor";
 pub const REQUEST_INFO_HEADER: &str = "Nats-Request-Info";
 
 /// Why `msg`'s NATS header block did not parse, if it did not. The NATS
-/// client (patched, vendor/async-nats) delivers such a message with no
+/// client (patched, .vendor/async-nats) delivers such a message with no
 /// headers and the parse error as its description, instead of dropping
 /// its connection; its headers (an actor, say) are unknown, so it is
 /// refused, not decided without them.
