@@ -577,9 +577,22 @@ async fn failover_keeps_every_acknowledged_command_exactly_once() {
         producers.push(tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let job = id();
-                let verbs = std::iter::once("create").chain(["start", "stop"].into_iter().cycle());
+                // `terminate` appends two events (its job has a snapshot).
+                let verbs = std::iter::once("create").chain(
+                    ["start", "record-snapshot", "stop", "terminate"]
+                        .into_iter()
+                        .cycle(),
+                );
                 for (i, verb) in verbs.enumerate() {
-                    let body = if i == 0 { create(job) } else { on(job) };
+                    let mut body = if i == 0 { create(job) } else { on(job) };
+                    if verb == "record-snapshot" {
+                        body["snapshot_id"] = json!(id());
+                        // Recent, so that no sweep expires it during the test.
+                        let taken = chrono::Utc::now() - chrono::Duration::minutes(30 - i as i64);
+                        body["taken_at"] =
+                            json!(taken.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                        body["size_bytes"] = json!(1);
+                    }
                     let reply = cmd_definitive(&client, verb, &body).await;
                     assert_eq!(reply["ok"], json!(true), "{verb}: {reply}");
                     acked.lock().unwrap().push((body, reply));
@@ -635,6 +648,19 @@ async fn failover_keeps_every_acknowledged_command_exactly_once() {
         msgs.push(stream.get_raw_message(seq).await.expect("stream message"));
     }
     let envelopes = support::check_stream(&msgs, last);
+    // Every command whole, acknowledged or not (a leader killed mid-command
+    // leaves none of it).
+    for (i, e) in envelopes.iter().enumerate() {
+        if e["type"] == json!("JobTerminated") {
+            let next = envelopes.get(i + 1);
+            assert_eq!(
+                next.map(|n| (&n["type"], &n["command_id"])),
+                Some((&json!("SnapshotsPurged"), &e["command_id"])),
+                "the terminate at seq {} is cut in two",
+                e["seq"]
+            );
+        }
+    }
     let mut by_command: std::collections::HashMap<String, Vec<u64>> = Default::default();
     for e in &envelopes {
         by_command
@@ -647,6 +673,10 @@ async fn failover_keeps_every_acknowledged_command_exactly_once() {
         acked.len() > 20,
         "the producers got {} commands acknowledged",
         acked.len()
+    );
+    assert!(
+        acked.iter().any(|(_, reply)| seqs(reply).len() == 2),
+        "no terminate (two events) was acknowledged"
     );
     for (body, reply) in &acked {
         let id = body["command_id"].as_str().unwrap();
@@ -752,6 +782,116 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
         seqs(&cmd_definitive(&c.client, "create", &unacknowledged).await),
         [4]
     );
+}
+
+/// Every client without credentials (the bcp nodes, the test's own) may
+/// publish anything but a `SnapshotsPurged` event.
+const NO_PURGES: &str = r#"
+authorization { users = [ { user: "app", password: "app", permissions: { publish: { deny: ["bcp.evt.*.*.SnapshotsPurged"] } } } ] }
+no_auth_user: "app"
+"#;
+
+/// A command of two events (`terminate`: `JobTerminated`, then
+/// `SnapshotsPurged`) whose second event cannot be published (a NATS
+/// permission denies it) never reaches the stream in part: the leader
+/// publishes a command's events as one atomic batch. The leader dies with
+/// the command decided but unacknowledged; the next one decides the
+/// producer's retry afresh, and the stream holds both events once,
+/// committed together.
+#[tokio::test]
+async fn a_commands_events_reach_the_stream_whole_or_not_at_all() {
+    let mut c = support::cluster::Cluster::start_with(2, NO_PURGES).await;
+    let leader = c.leader(2).await;
+    let job = id();
+    cmd_definitive(&c.client, "create", &create(job)).await;
+    cmd_definitive(&c.client, "start", &on(job)).await;
+    let mut snapshot = on(job);
+    snapshot["snapshot_id"] = json!(id());
+    let taken = chrono::Utc::now() - chrono::Duration::minutes(1);
+    snapshot["taken_at"] = json!(taken.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    snapshot["size_bytes"] = json!(1024);
+    cmd_definitive(&c.client, "record-snapshot", &snapshot).await;
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "stop", &on(job)).await),
+        [4]
+    );
+    c.all_at(2, 4).await;
+
+    let terminate = on(job);
+    assert_eq!(try_cmd(&c.client, "terminate", &terminate).await, None);
+    // Decided and in the leader's store, but no part of it in the stream,
+    // through the relay's retries.
+    let deadline = Deadline::new(
+        "the leader to decide the terminate",
+        Duration::from_secs(10),
+    );
+    while !c
+        .statuses()
+        .await
+        .iter()
+        .any(|s| s["role"] == json!("leader") && s["head_seq"] == json!(6))
+    {
+        deadline.tick().await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stream = c.js.get_stream(STREAM).await.expect("stream");
+    let last = || async {
+        stream
+            .get_info()
+            .await
+            .expect("stream info")
+            .state
+            .last_sequence
+    };
+    assert_eq!(last().await, 4, "the stream holds part of the terminate");
+    for s in c.statuses().await {
+        assert_eq!(s["published_seq"], json!(4), "{s}");
+    }
+
+    c.kill_node(leader);
+    c.reconfigure("");
+    let next = c.leader(1).await;
+    assert_ne!(next, leader);
+    let reply = cmd_definitive(&c.client, "terminate", &terminate).await;
+    assert_eq!(seqs(&reply), [5, 6], "{reply}");
+    assert_eq!(reply["duplicate"], json!(false), "{reply}");
+    assert_eq!(last().await, 6);
+    let (fifth, sixth) = (
+        stream.get_raw_message(5).await.expect("seq 5"),
+        stream.get_raw_message(6).await.expect("seq 6"),
+    );
+    assert!(
+        fifth.subject.ends_with(".JobTerminated"),
+        "{}",
+        fifth.subject
+    );
+    assert!(
+        sixth.subject.ends_with(".SnapshotsPurged"),
+        "{}",
+        sixth.subject
+    );
+    let batch = |m: &async_nats::jetstream::message::StreamMessage, h: &str| {
+        m.headers.get(h).map(|v| v.as_str().to_owned())
+    };
+    assert!(batch(&fifth, "Nats-Batch-Id").is_some());
+    assert_eq!(
+        batch(&fifth, "Nats-Batch-Id"),
+        batch(&sixth, "Nats-Batch-Id")
+    );
+    assert_eq!(batch(&sixth, "Nats-Batch-Commit").as_deref(), Some("1"));
+
+    // The old leader drops the terminate it decided alone, and follows.
+    c.spawn_node(leader);
+    c.all_at(2, 6).await;
+    assert!(
+        c.node_log_text(leader).contains("dropping seqs 5..=6"),
+        "{}",
+        c.node_log_text(leader)
+    );
+    assert_eq!(c.stop_node(leader).await, Some(0));
+    let db = c.db(leader);
+    let (code, out, err) = bcp_cli_text(&["audit", "verify", "--db", db.to_str().unwrap()]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
 }
 
 /// A stray message lands while the relay has many publishes in flight (a

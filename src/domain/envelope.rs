@@ -62,14 +62,16 @@ fn subject_of(
     ["bcp.evt.", project, ".", key, ".", event_type].concat()
 }
 
-/// Where the relay publishes an event: its subject, and its id (the
-/// message id JetStream deduplicates by). Made where the event is
-/// ([`Envelope::route`]) or, for an event read back from the store, from
-/// its bytes ([`Routing`]).
+/// Where the relay publishes an event: its subject, its id (the
+/// message id JetStream deduplicates by), and its command's id (in a
+/// group, a command's events are published together). Made where the
+/// event is ([`Envelope::route`]) or, for an event read back from the
+/// store, from its bytes ([`Routing`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub event_id: Uuid,
     pub subject: String,
+    pub command_id: Uuid,
 }
 
 /// What publishing an event needs, read from its stored bytes without
@@ -78,6 +80,7 @@ pub struct Route {
 #[derive(Deserialize)]
 pub struct Routing {
     pub event_id: Uuid,
+    command_id: Uuid,
     project_id: String,
     job_id: Option<Uuid>,
     #[serde(rename = "type")]
@@ -111,6 +114,7 @@ impl Routing {
         Route {
             event_id: self.event_id,
             subject: self.subject(),
+            command_id: self.command_id,
         }
     }
 }
@@ -276,6 +280,7 @@ impl Envelope {
         Route {
             event_id: self.event_id,
             subject: self.subject(),
+            command_id: self.command_id,
         }
     }
 

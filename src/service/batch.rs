@@ -25,20 +25,28 @@ use futures::StreamExt;
 use serde::Deserialize;
 use std::time::Duration;
 
-/// Whether nats-server `version` ("2.15.1", "v2.14.0-beta.1") has fast
-/// batches (2.14 and later). An older one ignores the stream's
-/// `allow_batched`, or (2.12, parsing the API strictly) refuses a stream
-/// configuration that names it.
-pub fn supported(version: &str) -> bool {
+/// Whether nats-server `version` ("2.15.1", "v2.14.0-beta.1") is
+/// `at_least` (major, minor): [`FAST`] or [`ATOMIC`] batches.
+pub fn server_has(version: &str, at_least: (u32, u32)) -> bool {
     let mut parts = version
         .trim_start_matches('v')
         .split(['.', '-'])
         .map(|p| p.parse::<u32>().ok());
     matches!(
         (parts.next().flatten(), parts.next().flatten()),
-        (Some(major), Some(minor)) if (major, minor) >= (2, 14)
+        (Some(major), Some(minor)) if (major, minor) >= at_least
     )
 }
+
+/// Fast batches (this module), stream flag `allow_batched`: nats-server
+/// 2.14 and later. An older one ignores the flag, or (2.12, parsing the
+/// API strictly) refuses a stream configuration that names it.
+pub const FAST: (u32, u32) = (2, 14);
+
+/// Atomic batches (the relay's way of publishing a command's events
+/// whole in a group), stream flag `allow_atomic`: nats-server 2.12 and
+/// later.
+pub const ATOMIC: (u32, u32) = (2, 12);
 
 /// `err_code` of a refused `Nats-Expected-Last-Sequence`.
 const WRONG_LAST_SEQUENCE: u64 = 10071;
@@ -240,7 +248,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fast_batches_are_asked_of_nats_server_2_14_and_later() {
+    fn batches_are_asked_of_the_nats_servers_that_have_them() {
         for (v, yes) in [
             ("2.15.1", true),
             ("v2.14.0-beta.1", true),
@@ -252,7 +260,10 @@ mod tests {
             ("", false),
             ("nightly", false),
         ] {
-            assert_eq!(supported(v), yes, "{v}");
+            assert_eq!(server_has(v, FAST), yes, "{v}");
+        }
+        for (v, yes) in [("2.12.0", true), ("v2.12.0-RC.1", true), ("2.11.9", false)] {
+            assert_eq!(server_has(v, ATOMIC), yes, "{v}");
         }
     }
 

@@ -96,13 +96,20 @@ async fn follow(
     stop: &CancellationToken,
 ) -> Result<Option<(Ledger, Lease)>, ServeError> {
     let config = &node.config;
-    let stream_config = guard::stream_config(
-        &config.stream,
-        config.stream_replicas,
-        super::batch::supported(&node.js.client().server_info().version),
-    );
-    let Some(stream) = until_nats(stop, "the stream", || {
-        node.js.get_or_create_stream(stream_config.clone())
+    let Some(stream) = until_nats(stop, "the stream", || async {
+        // The stream's batch flags follow the server's version, known only
+        // once connected (the first connection may still be under way).
+        let client = node.js.client();
+        client.flush().await.map_err(|e| e.to_string())?;
+        let version = client.server_info().version;
+        node.js
+            .get_or_create_stream(guard::stream_config(
+                &config.stream,
+                config.stream_replicas,
+                &version,
+            ))
+            .await
+            .map_err(|e| e.to_string())
     })
     .await
     else {

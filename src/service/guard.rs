@@ -19,6 +19,7 @@
 //! chains from it, so two logs that share a first event share nothing else
 //! by accident, and the stream's first message names the log it carries.
 
+use super::batch;
 use crate::domain::envelope::{GENESIS_HASH, Routing};
 use crate::domain::limits::STREAM_DUPLICATE_WINDOW;
 use crate::store::Store;
@@ -144,10 +145,11 @@ impl Alarms {
 /// ([`STREAM_DUPLICATE_WINDOW`]); the stream check does not compare it, so
 /// a stream created before keeps its own.
 ///
-/// `batched` allows the relay's fast batches ([`super::batch`]); only for a
-/// nats-server that has them ([`super::batch::supported`]): 2.12 refuses a
-/// configuration naming them.
-pub fn stream_config(name: &str, replicas: usize, batched: bool) -> stream::Config {
+/// It allows the relay's fast batches ([`super::batch`], single mode) and
+/// atomic batches (a command's events in a group) when the nats-server of
+/// `server_version` has them ([`super::batch::server_has`]): an older one
+/// refuses a configuration naming them.
+pub fn stream_config(name: &str, replicas: usize, server_version: &str) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
         subjects: vec!["bcp.evt.>".to_owned()],
@@ -156,7 +158,8 @@ pub fn stream_config(name: &str, replicas: usize, batched: bool) -> stream::Conf
         deny_delete: true,
         deny_purge: true,
         duplicate_window: STREAM_DUPLICATE_WINDOW,
-        allow_batch_publish: batched,
+        allow_batch_publish: batch::server_has(server_version, batch::FAST),
+        allow_atomic_publish: batch::server_has(server_version, batch::ATOMIC),
         ..Default::default()
     }
 }
@@ -714,8 +717,8 @@ mod tests {
 
     #[test]
     fn drift_names_every_setting_changed() {
-        assert!(drift(&stream_config("S", 1, true)).is_empty());
-        let mut c = stream_config("S", 3, false);
+        assert!(drift(&stream_config("S", 1, "2.15.1")).is_empty());
+        let mut c = stream_config("S", 3, "2.11.0");
         assert!(drift(&c).is_empty(), "replicas are not drift");
         c.max_messages = 10;
         c.sealed = true;

@@ -27,6 +27,16 @@
 //! last event committed when it is sent. In group mode, or on a stream
 //! made before, each event has its own ack.
 //!
+//! In group mode a command's events are published whole or not at all:
+//! one that has several (`terminate` with its purge, a region change and
+//! the jobs it moves) goes as one JetStream atomic batch (a stream with
+//! `allow_atomic`, nats-server 2.12+), after every publish before it is
+//! acknowledged. A leader that dies mid-command then leaves the stream
+//! without any of it, never with a part the next leader would build on
+//! (only a command of more than [`RELAY_ATOMIC_BATCH_MAX`] events goes in
+//! several batches). On a stream made without `allow_atomic`, each event
+//! goes alone, and the relay says so when it connects.
+//!
 //! On every (re)connection it checks the stream against the log
 //! ([`super::guard::inspect`]) and resumes after the stream's last sequence,
 //! so a crash, a NATS outage or a lost NATS store delays publishing but never
@@ -38,7 +48,8 @@ use super::batch::{self, Batcher};
 use super::guard::{self, Alarms, Inspection, Verdict};
 use crate::domain::envelope::{Route, Routing};
 use crate::domain::limits::{
-    RELAY_ACK_TIMEOUT, RELAY_BATCH_FLOW, RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX, RELAY_WINDOW_MAX,
+    RELAY_ACK_TIMEOUT, RELAY_ATOMIC_BATCH_MAX, RELAY_BATCH_FLOW, RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX,
+    RELAY_WINDOW_MAX,
 };
 use crate::store::Store;
 use async_nats::jetstream::{
@@ -219,8 +230,8 @@ impl Source {
             return Ok(events);
         }
         let s = self.store.clone();
-        let to = to.min(from + RELAY_CHUNK_MAX as u64 - 1);
-        let events = tokio::task::spawn_blocking(move || s.raw_events(from, to))
+        let until = to.min(from + RELAY_CHUNK_MAX as u64 - 1);
+        let events = tokio::task::spawn_blocking(move || s.raw_events(from, until))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -239,6 +250,20 @@ impl Source {
                     return Err(format!("event at seq {seq} does not parse: {e}"));
                 }
                 Err(_) => break,
+            }
+        }
+        if routed.last().is_some_and(|(seq, ..)| *seq < to) {
+            // The chunk may end inside a command: leave that command's
+            // events to the next chunk, so that a group publishes it
+            // whole (unless they are all the chunk holds).
+            let last = routed.last().map(|(.., r)| r.command_id);
+            let its = routed
+                .iter()
+                .rev()
+                .take_while(|(.., r)| Some(r.command_id) == last)
+                .count();
+            if its < routed.len() {
+                routed.truncate(routed.len() - its);
             }
         }
         Ok(routed)
@@ -264,7 +289,7 @@ async fn publish_until_drained(
         .get_or_create_stream(guard::stream_config(
             stream_name,
             *replicas,
-            batch::supported(&js.client().server_info().version),
+            &js.client().server_info().version,
         ))
         .await
         .map_err(|e| format!("stream {stream_name}: {e}"))?;
@@ -272,6 +297,8 @@ async fn publish_until_drained(
     // by an older bcp does not: its events keep one ack each). In group
     // mode each reply waits for its own events' acks.
     let batched = fence.is_none() && stream.cached_info().config.allow_batch_publish;
+    // In a group, a command's events whole, on a stream that allows it.
+    let atomic = fence.is_some() && stream.cached_info().config.allow_atomic_publish;
     let committed = *head.borrow();
     let inspection = guard::inspect(&source.store, js, stream_name, || committed, alarms).await?;
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
@@ -292,9 +319,16 @@ async fn publish_until_drained(
         stream_seq = last,
         head_seq = committed,
         batched,
+        atomic,
         nats_server_version = %js.client().server_info().version,
         "relay connected: the stream is this log; publishing from its last sequence"
     );
+    if fence.is_some() && !atomic {
+        tracing::warn!(
+            stream = %stream_name,
+            "the stream does not allow atomic batches (made before bcp asked for them, or by a nats-server older than 2.12): a command's events are published one by one, and a leader that dies between them leaves the command cut in two"
+        );
+    }
     if batched {
         return publish_batched(js, source, head, published, drain, alarms, last).await;
     }
@@ -313,11 +347,14 @@ async fn publish_until_drained(
             sent = publish_chunk(
                 js,
                 chunk,
-                &mut in_flight,
-                published,
-                &mut prev_id,
+                Window {
+                    in_flight: &mut in_flight,
+                    published,
+                    prev_id: &mut prev_id,
+                },
                 alarms,
                 fence,
+                atomic,
             )
             .await
             .map_err(interrupted)?
@@ -472,10 +509,7 @@ fn settle_batch(
 /// The relay's headers on the event at `seq` with id `event_id`, fenced
 /// by the stream's last sequence and, when known, the last message's id.
 fn fenced_headers(seq: u64, event_id: &str, prev_id: Option<String>) -> HeaderMap {
-    // Values given as owned strings are moved in, not copied.
-    let mut headers = HeaderMap::new();
-    headers.insert(SEQ_HEADER, seq.to_string());
-    headers.insert(header::NATS_MESSAGE_ID, event_id);
+    let mut headers = event_headers(seq, event_id);
     headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, (seq - 1).to_string());
     if let Some(prev) = prev_id {
         headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, prev);
@@ -483,44 +517,145 @@ fn fenced_headers(seq: u64, event_id: &str, prev_id: Option<String>) -> HeaderMa
     headers
 }
 
+/// The publishes outstanding, and what the next publish is fenced by.
+struct Window<'a> {
+    in_flight: &'a mut VecDeque<(u64, Ack)>,
+    published: &'a watch::Sender<u64>,
+    /// The id of the event published last (the next publish expects it).
+    prev_id: &'a mut Option<String>,
+}
+
+impl Window<'_> {
+    /// Await every ack outstanding, oldest first.
+    async fn settle_all(&mut self) -> Result<(), Publish> {
+        while let Some((seq, ack)) = self.in_flight.pop_front() {
+            settle(seq, ack.await, self.published)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every publish's headers: the event's seq and id (JetStream's message
+/// id).
+fn event_headers(seq: u64, event_id: &str) -> HeaderMap {
+    // Values given as owned strings are moved in, not copied.
+    let mut headers = HeaderMap::new();
+    headers.insert(SEQ_HEADER, seq.to_string());
+    headers.insert(header::NATS_MESSAGE_ID, event_id);
+    headers
+}
+
 /// Publish a chunk, its acks joining the window of those outstanding
 /// (when it is full, the oldest is awaited first); returns the last seq
-/// sent (`None`: the chunk was empty).
+/// sent (`None`: the chunk was empty). With `atomic` (group mode), a
+/// command of several events goes as atomic batches ([`publish_atomic`]).
 async fn publish_chunk(
     js: &jetstream::Context,
     chunk: Vec<Event>,
-    in_flight: &mut VecDeque<(u64, Ack)>,
-    published: &watch::Sender<u64>,
-    prev_id: &mut Option<String>,
+    mut window: Window<'_>,
     alarms: &Alarms,
     fence: &Option<CancellationToken>,
+    atomic: bool,
 ) -> Result<Option<u64>, Publish> {
     let mut sent = None;
-    for (seq, bytes, route) in chunk {
+    let mut events = chunk.into_iter().peekable();
+    while let Some(event) = events.next() {
         if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
             return Err(Publish::Fenced("this node stepped down".into()));
         }
         if alarms.any() {
             return Err(Publish::Halted);
         }
+        let command_id = event.2.command_id;
+        if atomic && events.peek().is_some_and(|e| e.2.command_id == command_id) {
+            let mut command = vec![event];
+            command.extend(std::iter::from_fn(|| {
+                events.next_if(|e| e.2.command_id == command_id)
+            }));
+            // Every publish before it acknowledged: the stream's last
+            // message is then this log's, and the batch's sequence fence
+            // (nats-server refuses `Nats-Expected-Last-Msg-Id` in a
+            // batch) is enough.
+            window.settle_all().await?;
+            while !command.is_empty() {
+                let rest = command.split_off(command.len().min(RELAY_ATOMIC_BATCH_MAX));
+                let part = std::mem::replace(&mut command, rest);
+                let (seq, event_id) = publish_atomic(js, part, window.published).await?;
+                *window.prev_id = Some(event_id);
+                sent = Some(seq);
+            }
+            continue;
+        }
+        let (seq, bytes, route) = event;
         let event_id = route.event_id.to_string();
-        let headers = fenced_headers(seq, &event_id, prev_id.take());
-        *prev_id = Some(event_id);
+        let headers = fenced_headers(seq, &event_id, window.prev_id.take());
+        *window.prev_id = Some(event_id);
         let msg = PublishMessage::build()
             .payload(bytes.into())
             .headers(headers);
-        if in_flight.len() >= RELAY_WINDOW_MAX {
-            let (seq, ack) = in_flight.pop_front().expect("window not empty");
-            settle(seq, ack.await, published)?;
+        if window.in_flight.len() >= RELAY_WINDOW_MAX {
+            let (seq, ack) = window.in_flight.pop_front().expect("window not empty");
+            settle(seq, ack.await, window.published)?;
         }
         let ack = js
             .send_publish(route.subject, msg)
             .await
             .map_err(|e| Publish::Failed(format!("publish seq {seq}: {e}")))?;
-        in_flight.push_back((seq, ack.into_future()));
+        window.in_flight.push_back((seq, ack.into_future()));
         sent = Some(seq);
     }
     Ok(sent)
+}
+
+/// Group mode: `events` (one command's, at most [`RELAY_ATOMIC_BATCH_MAX`])
+/// as one JetStream atomic batch: nats-server stages the messages and
+/// stores all of them at the commit (the last message), or none. Each
+/// has its seq and id; the first is fenced by the stream's last sequence
+/// (nats-server refuses a last message id in a batch, and the sequence on
+/// any message but the first). All but the commit go without a reply
+/// subject, and the commit's ack is awaited. Returns the last seq and its
+/// event id.
+async fn publish_atomic(
+    js: &jetstream::Context,
+    events: Vec<Event>,
+    published: &watch::Sender<u64>,
+) -> Result<(u64, String), Publish> {
+    // Unique per attempt: a batch whose commit never arrived stays staged
+    // in nats-server until its timeout, under its id.
+    let batch_id = uuid::Uuid::now_v7().simple().to_string();
+    let n = events.len();
+    let mut commit = None;
+    for (i, (seq, bytes, route)) in events.into_iter().enumerate() {
+        let event_id = route.event_id.to_string();
+        // nats-server takes the sequence fence on a batch's first message
+        // only (it holds for the batch, stored together).
+        let mut headers = if i == 0 {
+            fenced_headers(seq, &event_id, None)
+        } else {
+            event_headers(seq, &event_id)
+        };
+        headers.insert(header::NATS_BATCH_ID, batch_id.as_str());
+        headers.insert(header::NATS_BATCH_SEQUENCE, (i + 1).to_string());
+        if i + 1 < n {
+            js.client()
+                .publish_with_headers(route.subject, headers, bytes.into())
+                .await
+                .map_err(|e| Publish::Failed(format!("publish seq {seq} in a batch: {e}")))?;
+            continue;
+        }
+        headers.insert(header::NATS_BATCH_COMMIT, header::NATS_BATCH_COMMIT_FINAL);
+        let msg = PublishMessage::build()
+            .payload(bytes.into())
+            .headers(headers);
+        let ack = js
+            .send_publish(route.subject, msg)
+            .await
+            .map_err(|e| Publish::Failed(format!("publish seq {seq}, a batch's commit: {e}")))?;
+        commit = Some((seq, event_id, ack));
+    }
+    let (seq, event_id, ack) = commit.expect("a batch has a last event");
+    settle(seq, ack.await, published)?;
+    Ok((seq, event_id))
 }
 
 /// The ack of the publish of `seq`: it was stored at stream sequence
@@ -591,6 +726,7 @@ mod tests {
         let route = |s: u64| Route {
             event_id: uuid::Uuid::from_u128(s.into()),
             subject: format!("bcp.evt.p1.job{s}.JobStarted"),
+            command_id: uuid::Uuid::from_u128(s.into()),
         };
         seqs.map(|s| (s, s.to_string().into_bytes(), route(s)))
             .collect()

@@ -17,6 +17,8 @@ struct Server {
     child: Option<Child>,
     port: u16,
     conf: PathBuf,
+    /// The configuration but for the test's extra text.
+    base: String,
     log: PathBuf,
 }
 
@@ -33,6 +35,12 @@ impl Cluster {
     /// Three nats-servers forming one JetStream cluster (ready: the
     /// JetStream API answers), and `bcp` nodes `b1..=bN` of group [`GROUP`].
     pub async fn start(nodes: usize) -> Cluster {
+        Cluster::start_with(nodes, "").await
+    }
+
+    /// As [`start`](Cluster::start), each server's configuration ending
+    /// with `extra` (an `authorization` block, say).
+    pub async fn start_with(nodes: usize, extra: &str) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("bcp-cluster-test")
             .tempdir()
@@ -41,23 +49,19 @@ impl Cluster {
         let mut servers = Vec::new();
         for i in 0..route_ports.len() {
             let (name, port) = (format!("n{}", i + 1), free_port());
-            let conf = dir.path().join(format!("{name}.conf"));
             let store = dir.path().join(format!("js-{name}"));
-            std::fs::write(
-                &conf,
-                format!(
+            let mut s = Server {
+                child: None,
+                port,
+                conf: dir.path().join(format!("{name}.conf")),
+                base: format!(
                     "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{}",
                     store.display(),
                     super::procs::cluster_block(&name, "bcp-test", i, &route_ports)
                 ),
-            )
-            .expect("write nats config");
-            let mut s = Server {
-                child: None,
-                port,
-                conf,
                 log: dir.path().join(format!("{name}.log")),
             };
+            s.configure(extra);
             s.spawn();
             servers.push(s);
         }
@@ -174,6 +178,21 @@ impl Cluster {
         self.servers[i].spawn();
     }
 
+    /// Every server's configuration ending with `extra` instead, reloaded
+    /// live (`nats-server --signal reload`).
+    pub fn reconfigure(&mut self, extra: &str) {
+        for s in &mut self.servers {
+            s.configure(extra);
+            let pid = s.child.as_ref().expect("server running").id();
+            let status = Command::new(super::nats_server_bin())
+                .arg("--signal")
+                .arg(format!("reload={pid}"))
+                .status()
+                .expect("nats-server --signal reload");
+            assert!(status.success(), "reload of {}: {status}", s.conf.display());
+        }
+    }
+
     /// Every node's `bcp.status` reply that comes within half a second.
     pub async fn statuses(&self) -> Vec<Value> {
         use futures::StreamExt;
@@ -232,6 +251,10 @@ impl Cluster {
 }
 
 impl Server {
+    fn configure(&self, extra: &str) {
+        std::fs::write(&self.conf, format!("{}\n{extra}\n", self.base)).expect("write nats config");
+    }
+
     fn spawn(&mut self) {
         let out = append_log(&self.log);
         let bin = super::nats_server_bin();
