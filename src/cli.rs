@@ -218,8 +218,8 @@ pub enum Cmd {
         /// Only this project's jobs.
         #[arg(long, value_parser = project_arg)]
         project: Option<String>,
-        /// Inactive, Active, Stopped or Misconfigured.
-        #[arg(long)]
+        /// Only jobs in this state.
+        #[arg(long, value_parser = ["Inactive", "Active", "Stopped", "Misconfigured"])]
         state: Option<String>,
         /// Only jobs in this region.
         #[arg(long)]

@@ -8,8 +8,8 @@
 
 use crate::audit::replay::ReplayView;
 use crate::domain::command::{
-    AssignRegionBody, ChangeScheduleBody, ConfigureRegionBody, CreateBody, ExpireSnapshotsBody,
-    JobBody, RecordSnapshotBody, SnapshotBody,
+    AssignRegionBody, ChangeScheduleBody, ConfigureRegionBody, CreateBody, DeleteSnapshotBody,
+    ExpireSnapshotsBody, JobBody, RecordSnapshotBody, SetSnapshotExpiryBody,
 };
 use crate::domain::filter::JobFilter;
 use crate::domain::history::HistoryEntry;
@@ -82,12 +82,12 @@ pub fn all() -> Vec<SchemaFile> {
             "bcp.cmd.<project>.record-snapshot",
             "a backup agent reports a snapshot",
         ),
-        file::<SnapshotBody>(
+        file::<DeleteSnapshotBody>(
             "commands/delete-snapshot.json",
             "bcp.cmd.<project>.delete-snapshot",
             "delete a snapshot (snapshot_id only)",
         ),
-        file::<SnapshotBody>(
+        file::<SetSnapshotExpiryBody>(
             "commands/set-snapshot-expiry.json",
             "bcp.cmd.<project>.set-snapshot-expiry",
             "set expires_at, or do_not_delete: true (exactly one)",
@@ -126,7 +126,7 @@ pub fn all() -> Vec<SchemaFile> {
         file::<JobReply>(
             "replies/job.json",
             "reply to bcp.query.<project>.job",
-            "a job view (errors: reply.json)",
+            "a job view (errors: replies/error.json)",
         ),
         file::<JobsReply>(
             "replies/jobs.json",
@@ -142,6 +142,11 @@ pub fn all() -> Vec<SchemaFile> {
             "replies/history.json",
             "reply to bcp.query.<project>.history",
             "history in seq order",
+        ),
+        file::<crate::service::queries::QueryError>(
+            "replies/error.json",
+            "reply to bcp.query.<project>.<kind>",
+            "a query's error, with how far the answering store had applied the log",
         ),
         file::<crate::service::api::Status>(
             "replies/status.json",

@@ -150,7 +150,12 @@ fn scripted_scenario_projection_replay_and_history() {
     insta::assert_yaml_snapshot!("regions", world.regions.values().collect::<Vec<_>>());
 
     let events = store.job_events(job(1)).unwrap();
-    insta::assert_yaml_snapshot!("history_job1", bcp::domain::history::history(&events));
+    let command_start =
+        |e: &bcp::domain::Envelope| store.command_start(e.seq, e.command_id).unwrap();
+    insta::assert_yaml_snapshot!(
+        "history_job1",
+        bcp::domain::history::history(&events, command_start)
+    );
 
     let report = verify(&store).unwrap();
     assert_eq!(report.events, 13);
@@ -1052,7 +1057,10 @@ fn catalog_region_misconfigured_then_repaired() {
     assert!(s.send_at(t + Duration::days(1), "p1", "record-snapshot", json!({"job_id": j, "snapshot_id": snap(2), "taken_at": t + Duration::days(1), "size_bytes": 7})).ok);
     let job = &s.ledger.world().jobs[&j];
     insta::assert_yaml_snapshot!("catalog_repaired", (job.state, job.phase, s.catalog(j)));
-    let history = bcp::domain::history::history(&s.ledger.store().job_events(j).unwrap());
+    let store = s.ledger.store();
+    let history = bcp::domain::history::history(&store.job_events(j).unwrap(), |e| {
+        store.command_start(e.seq, e.command_id).unwrap()
+    });
     let transitions: Vec<String> = history
         .iter()
         .map(|h| {
@@ -1066,6 +1074,70 @@ fn catalog_region_misconfigured_then_repaired() {
         })
         .collect();
     insta::assert_yaml_snapshot!("region_history", transitions);
+}
+
+/// A job moved between Active and Misconfigured by another job's command
+/// (a sibling's region assignment, a sibling created with a region) or by a
+/// region's configuration: its history names that command's verb, and
+/// `bcp audit history` says the same.
+#[test]
+fn history_names_the_command_that_moved_a_sibling() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let mut s = Script::new(&path);
+    let shard =
+        |name: &str, cluster: &str| json!({"kind": "shard", "name": name, "cluster": cluster});
+    let full =
+        json!({"region": "eu", "snapshot_store": "s3", "oplog_store": "ol", "sync_store": "sy"});
+    assert!(s.send("_admin", "configure-region", full).ok);
+    for (n, name, cluster) in [(1, "a", "k1"), (2, "b", "k1"), (3, "c", "k2")] {
+        let body = json!({"job_id": job(n), "deployment": shard(name, cluster)});
+        assert!(s.send("p1", "create", body).ok);
+        assert!(s.send("p1", "start", json!({"job_id": job(n)})).ok);
+    }
+    // Job 2 is moved by job 1's region assignment, job 3 by job 4's creation.
+    let r = s.send(
+        "p1",
+        "assign-region",
+        json!({"job_id": job(1), "region": "eu"}),
+    );
+    assert_eq!(r.events.len(), 2, "{r:?}");
+    let body = json!({"job_id": job(4), "deployment": shard("d", "k2"), "region": "eu"});
+    let r = s.send("p1", "create", body);
+    assert_eq!(r.events.len(), 2, "{r:?}");
+    // Job 1 (Active in the region) is moved by the region's configuration.
+    let r = s.send(
+        "_admin",
+        "configure-region",
+        json!({"region": "eu", "oplog_store": null}),
+    );
+    assert_eq!(r.events.len(), 2, "{r:?}");
+    let store = s.ledger.store();
+    let last = |n: u128| {
+        let events = store.job_events(job(n)).unwrap();
+        let history = bcp::domain::history::history(&events, |e| {
+            store.command_start(e.seq, e.command_id).unwrap()
+        });
+        let h = history.last().unwrap().clone();
+        (h.event_type, h.verb)
+    };
+    let moved = |verb: &str| ("JobMisconfigured".to_owned(), verb.to_owned());
+    assert_eq!(last(2), moved("assign-region"));
+    assert_eq!(last(3), moved("create"));
+    assert_eq!(last(1), moved("configure-region"));
+
+    drop(s);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
+        .args(["audit", "history", "--format", "json", "--job"])
+        .arg(job(3).to_string())
+        .arg("--db")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = v["history"].as_array().unwrap();
+    assert_eq!(entries.last().unwrap()["verb"], json!("create"), "{v}");
 }
 
 fn verify(store: &Store) -> Result<bcp::audit::verify::Report, bcp::audit::verify::VerifyError> {
@@ -1519,7 +1591,9 @@ fn real_payloads_validate_against_the_checked_in_schemas() {
     );
     let not_found = q("job", json!({"job_id": job(99)}));
     assert_eq!(not_found["error"]["code"], "not_found");
-    assert_valid(&schema("reply.json"), "error reply", &not_found);
+    assert_valid(&schema("replies/error.json"), "query error", &not_found);
+    assert_eq!(not_found["as_of_seq"], json!(store.head_seq().unwrap()));
+    assert!(not_found.get("duplicate").is_none(), "{not_found}");
     assert_valid(
         &schema("views/replay.json"),
         "replay",
@@ -1609,6 +1683,69 @@ fn real_payloads_validate_against_the_checked_in_schemas() {
     assert!(!schema("commands/start.json").is_valid(&bad));
     let bad = json!({"command_id": Uuid::now_v7(), "job_id": job(1), "deployment": {"kind": "cluster", "name": "x"}});
     assert!(!schema("commands/create.json").is_valid(&bad));
+    // Values the server refuses whatever the job: the schemas say so too.
+    let (rs, t) = (
+        json!({"kind": "replica_set", "name": "x"}),
+        "2026-05-01T00:00:00Z",
+    );
+    for (verb, body) in [
+        (
+            "create",
+            json!({"deployment": rs, "schedule": {"snapshot_interval_hours": 7}}),
+        ),
+        (
+            "create",
+            json!({"deployment": rs, "schedule": {"daily_retention_days": 366}}),
+        ),
+        (
+            "create",
+            json!({"deployment": {"kind": "shard", "name": "x"}}),
+        ),
+        (
+            "create",
+            json!({"deployment": {"kind": "replica_set", "name": "x", "cluster": "c"}}),
+        ),
+        ("change-schedule", json!({"point_in_time_window_hours": 0})),
+        ("set-snapshot-expiry", json!({"snapshot_id": snap(1)})),
+        (
+            "set-snapshot-expiry",
+            json!({"snapshot_id": snap(1), "do_not_delete": false}),
+        ),
+        (
+            "set-snapshot-expiry",
+            json!({"snapshot_id": snap(1), "expires_at": t, "do_not_delete": true}),
+        ),
+        (
+            "delete-snapshot",
+            json!({"snapshot_id": snap(1), "expires_at": t}),
+        ),
+    ] {
+        let mut body = body;
+        body["command_id"] = json!(Uuid::now_v7());
+        body["job_id"] = json!(job(1));
+        let refused = decode("p1", verb, body.to_string().as_bytes(), None);
+        assert!(refused.is_err(), "the server takes {verb} {body}");
+        assert!(
+            !schema(&format!("commands/{verb}.json")).is_valid(&body),
+            "the schema of {verb} takes {body}"
+        );
+    }
+    // And what both take.
+    let body = json!({"command_id": Uuid::now_v7(), "job_id": job(1), "snapshot_id": snap(1), "expires_at": t, "do_not_delete": false});
+    assert!(
+        decode(
+            "p1",
+            "set-snapshot-expiry",
+            body.to_string().as_bytes(),
+            None
+        )
+        .is_ok()
+    );
+    assert_valid(
+        &schema("commands/set-snapshot-expiry.json"),
+        "expiry",
+        &body,
+    );
 }
 
 // ---- storage faults -----------------------------------------------------------------------
@@ -2656,6 +2793,8 @@ fn jobs_query_pages_and_the_cli_follows_the_pages() {
             .iter()
             .all(|j| j["project_id"] == json!("p2"))
     );
+    let r = page(json!({"project_id": "p2", "limit": 0}));
+    assert_eq!(r["error"]["code"], json!("bad_request"), "{r}");
     drop(store);
     // The CLI follows next_after to the end.
     let (code, out) = bcp(
@@ -2767,6 +2906,9 @@ fn bad_projects_and_two_log_sources_are_usage_errors() {
         assert_eq!(code, 2, "bcp {args:?}: {out}");
         assert!(out.contains("--project"), "bcp {args:?}: {out}");
     }
+    let (code, out) = bcp(&["jobs", "--state", "bogus", "--db", "/nonexistent"], None);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--state"), "{out}");
     let (code, out) = bcp(
         &[
             "replay",

@@ -268,12 +268,15 @@ pub fn replay(a: ReplayArgs) -> Result<u8> {
 pub fn audit(cmd: AuditCmd) -> Result<u8> {
     match cmd {
         AuditCmd::History { db, job, format } => {
-            let events = Store::open_read_only(&db, CACHE_BYTES)?.job_events(job)?;
+            let store = Store::open_read_only(&db, CACHE_BYTES)?;
+            let events = store.job_events(job)?;
             if events.is_empty() {
                 eprintln!("bcp: no job {job} in {}", db.display());
                 return Ok(EXIT_REJECTED);
             }
-            let entries = history(&events);
+            let entries = history(&events, |e| {
+                store.command_start(e.seq, e.command_id).ok().flatten()
+            });
             match format {
                 Format::Json => outln!(
                     "{}",

@@ -346,7 +346,26 @@ pub struct RecordSnapshotBody {
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct SnapshotBody {
+pub struct DeleteSnapshotBody {
+    command_id: Uuid,
+    job_id: Uuid,
+    #[serde(default)]
+    expected_version: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+    snapshot_id: Uuid,
+}
+
+/// Exactly one of the two: `expires_at`, or `do_not_delete: true`.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [
+    {"required": ["expires_at"], "properties": {
+        "expires_at": {"type": "string"}, "do_not_delete": {"const": false}}},
+    {"required": ["do_not_delete"], "properties": {
+        "do_not_delete": {"const": true}, "expires_at": {"type": "null"}}},
+]))]
+pub struct SetSnapshotExpiryBody {
     command_id: Uuid,
     job_id: Uuid,
     #[serde(default)]
@@ -582,10 +601,7 @@ pub fn decode_as(
             )
         }
         Verb::DeleteSnapshot => {
-            let b: SnapshotBody = parse(verb, body)?;
-            if b.expires_at.is_some() || b.do_not_delete.is_some() {
-                return Err(bad("delete-snapshot takes no expires_at or do_not_delete"));
-            }
+            let b: DeleteSnapshotBody = parse(verb, body)?;
             let command = Command::DeleteSnapshot {
                 snapshot_id: b.snapshot_id,
             };
@@ -598,7 +614,7 @@ pub fn decode_as(
             )
         }
         Verb::SetSnapshotExpiry => {
-            let b: SnapshotBody = parse(verb, body)?;
+            let b: SetSnapshotExpiryBody = parse(verb, body)?;
             let expiry = match (b.expires_at, b.do_not_delete) {
                 (Some(at), None | Some(false)) => Expiry::At(at),
                 (None, Some(true)) => Expiry::DoNotDelete,

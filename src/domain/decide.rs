@@ -63,8 +63,11 @@ pub fn decide(world: &World, cmd: &CommandEnvelope, now: DateTime<Utc>) -> Decis
     let current = job.map_or(0, |j| j.version);
     if let Some(expected) = cmd.expected_version {
         // A job of another project is reported as not found below, not as a
-        // version conflict that would leak its version.
-        if expected != current && (job.is_some() || !world.jobs.contains_key(&job_id)) {
+        // version conflict that would leak its version; so is a missing
+        // job, alike, but to `create` (version 0: the id is free).
+        let creates = matches!(cmd.command, Command::Create { .. });
+        if expected != current && (job.is_some() || (creates && !world.jobs.contains_key(&job_id)))
+        {
             return Err(Rejection {
                 code: RejectCode::VersionConflict,
                 message: format!("expected version {expected}, job is at version {current}"),
@@ -657,8 +660,14 @@ mod tests {
     #[test]
     fn create_then_missing_and_foreign_jobs_are_not_found() {
         let w = World::default();
-        let c = cmd(Command::Start, Verb::Start);
+        let mut c = cmd(Command::Start, Verb::Start);
         assert_eq!(types(&decide(&w, &c, t(0))), Err(RejectCode::NotFound));
+        c.expected_version = Some(1);
+        assert_eq!(
+            types(&decide(&w, &c, t(0))),
+            Err(RejectCode::NotFound),
+            "a missing job, as another project's"
+        );
         let w = in_state(JobState::Inactive);
         let mut other = cmd(Command::Start, Verb::Start);
         other.project_id = ProjectId::parse("p2").unwrap();

@@ -20,9 +20,10 @@ pub struct JobFilter {
     /// Paging: only jobs whose id sorts after this one (a reply's `next_after`).
     #[serde(default)]
     pub after: Option<uuid::Uuid>,
-    /// At most this many jobs (and never more than bcp's page limit).
+    /// At most this many jobs, at least one (and never more than bcp's
+    /// page limit).
     #[serde(default)]
-    pub limit: Option<usize>,
+    pub limit: Option<std::num::NonZeroUsize>,
 }
 
 impl JobFilter {

@@ -35,12 +35,21 @@ pub struct HistoryEntry {
 }
 
 /// Fold one job's events (its transitions and rejections, in seq order).
-pub fn history<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Vec<HistoryEntry> {
+///
+/// `command_start` gives the type of the first event of an event's
+/// command in the whole log (`Store::command_start`). It is asked only of
+/// a job moved between Active and Misconfigured by another job's command
+/// or a region's, whose own events do not say which command that was.
+pub fn history<'a>(
+    events: impl IntoIterator<Item = &'a Envelope>,
+    mut command_start: impl FnMut(&Envelope) -> Option<String>,
+) -> Vec<HistoryEntry> {
     let mut job: Option<Job> = None;
     let mut out: Vec<HistoryEntry> = Vec::new();
     let mut prev: Option<&Envelope> = None;
     for env in events {
-        let verb = verb_of(env, prev.filter(|p| p.command_id == env.command_id));
+        let before = prev.filter(|p| p.command_id == env.command_id);
+        let verb = verb_of(env, before, &mut command_start);
         prev = Some(env);
         let from = job.as_ref().map(|j| j.state);
         Job::evolve(&mut job, env);
@@ -76,9 +85,16 @@ pub fn history<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Vec<Histor
 
 /// The verb of the command behind an event. The envelope names the command
 /// by id only; the event type says which verb, except for a job moved
-/// between Active and Misconfigured, which follows its `RegionAssigned` in
-/// the same command (assign-region) or else comes from configure-region.
-fn verb_of(env: &Envelope, same_command_before: Option<&Envelope>) -> &'static str {
+/// between Active and Misconfigured. That follows its own `RegionAssigned`
+/// in the same command (assign-region), or else another event that names
+/// the command (its `command_start`): a sibling's `RegionAssigned`
+/// (assign-region) or `JobCreated` (create, with a region), or a
+/// `RegionConfigured` (configure-region).
+fn verb_of(
+    env: &Envelope,
+    same_command_before: Option<&Envelope>,
+    command_start: &mut impl FnMut(&Envelope) -> Option<String>,
+) -> &'static str {
     use super::verb::Verb;
     let verb = match &env.event {
         Event::JobCreated { .. } => Verb::Create,
@@ -89,7 +105,11 @@ fn verb_of(env: &Envelope, same_command_before: Option<&Envelope>) -> &'static s
         Event::JobMisconfigured { .. } | Event::JobReconfigured { .. } => {
             match same_command_before.map(|e| &e.event) {
                 Some(Event::RegionAssigned { .. }) => Verb::AssignRegion,
-                _ => Verb::ConfigureRegion,
+                _ => match command_start(env).as_deref() {
+                    Some("RegionAssigned") => Verb::AssignRegion,
+                    Some("JobCreated") => Verb::Create,
+                    _ => Verb::ConfigureRegion,
+                },
             }
         }
         Event::ScheduleChanged { .. } => Verb::ChangeSchedule,

@@ -18,10 +18,16 @@ pub enum DeploymentKind {
     ConfigServer,
 }
 
-/// What the job backs up: a replica set, or one shard or the config server of
-/// a sharded cluster.
+/// What the job backs up: a replica set (no `cluster`), or one shard or the
+/// config server of a sharded cluster (its `cluster` named).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("allOf" = [
+    {"if": {"properties": {"kind": {"const": "replica_set"}}},
+     "then": {"properties": {"cluster": {"type": "null"}}}},
+    {"if": {"properties": {"kind": {"enum": ["shard", "config_server"]}}},
+     "then": {"required": ["cluster"], "properties": {"cluster": {"type": "string"}}}},
+]))]
 pub struct Deployment {
     pub kind: DeploymentKind,
     pub name: String,

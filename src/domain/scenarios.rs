@@ -1146,13 +1146,13 @@ fn malformed_bodies_are_refused_by_the_decoder() {
             "delete with do_not_delete",
             "delete-snapshot",
             json!({"command_id": cid, "job_id": j, "snapshot_id": s, "do_not_delete": true}),
-            "takes no expires_at or do_not_delete",
+            "unknown field `do_not_delete`",
         ),
         (
             "delete with expires_at",
             "delete-snapshot",
             json!({"command_id": cid, "job_id": j, "snapshot_id": s, "expires_at": t}),
-            "takes no expires_at or do_not_delete",
+            "unknown field `expires_at`",
         ),
         (
             "delete without snapshot_id",

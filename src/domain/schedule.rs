@@ -9,13 +9,25 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
+    #[schemars(extend("enum" = [6, 8, 12, 24]))]
     pub snapshot_interval_hours: u32,
+    /// 2-30 when `snapshot_interval_hours` is 24, else 2-5.
+    #[schemars(range(min = 2, max = 30))]
     pub snapshot_retention_days: u32,
+    /// 0 (off) or 1-365.
+    #[schemars(range(max = 365))]
     pub daily_retention_days: u32,
+    /// 0 (off) or 1-52.
+    #[schemars(range(max = 52))]
     pub weekly_retention_weeks: u32,
+    /// 0 (off) or 1-36.
+    #[schemars(range(max = 36))]
     pub monthly_retention_months: u32,
+    #[schemars(range(min = 1, max = 168))]
     pub point_in_time_window_hours: u32,
+    #[schemars(range(max = 23))]
     pub reference_hour_of_day: u32,
+    #[schemars(range(max = 59))]
     pub reference_minute_of_hour: u32,
 }
 
@@ -40,21 +52,34 @@ impl Default for Schedule {
 )]
 #[serde(deny_unknown_fields)]
 pub struct SchedulePatch {
+    /// 6, 8, 12 or 24.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = [6, 8, 12, 24, null]))]
     pub snapshot_interval_hours: Option<u32>,
+    /// 2-30 when the schedule's `snapshot_interval_hours` is 24, else 2-5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 30))]
     pub snapshot_retention_days: Option<u32>,
+    /// 0 (off) or 1-365.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 365))]
     pub daily_retention_days: Option<u32>,
+    /// 0 (off) or 1-52.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 52))]
     pub weekly_retention_weeks: Option<u32>,
+    /// 0 (off) or 1-36.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 36))]
     pub monthly_retention_months: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 168))]
     pub point_in_time_window_hours: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 23))]
     pub reference_hour_of_day: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 59))]
     pub reference_minute_of_hour: Option<u32>,
 }
 

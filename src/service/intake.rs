@@ -10,6 +10,7 @@
 
 use super::ServeError;
 use super::api::{Kind, Metrics};
+use super::queries::QueryError;
 use super::reply::ReplyTo;
 use super::writer::WriteRequest;
 use crate::domain::command::{DecodeError, decode_as};
@@ -208,6 +209,17 @@ fn refuse(client: &Client, to: ReplyTo, reply: Reply) -> futures::future::BoxFut
     Box::pin(async move { to.send(client, &reply).await })
 }
 
+/// A query refused before its store was read (boxed, as [`refuse`]).
+fn refuse_query(request: Request, error: QueryError) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        if request.message.reply.is_some()
+            && let Err(e) = request.respond(Ok(error.to_json().into())).await
+        {
+            tracing::warn!(error = %e, "query reply not sent");
+        }
+    })
+}
+
 /// Answer a query on a blocking thread, or `unavailable` at once when
 /// `queries` has no permit left (a flood of queries must not queue without
 /// bound, nor take every blocking thread from the writer's neighbours).
@@ -219,15 +231,18 @@ async fn query(
     queries: &Arc<Semaphore>,
 ) {
     if let Some(why) = malformed_headers(&request.message) {
-        let reply = Reply::error(ErrorCode::BadRequest, why);
-        refuse(client, ReplyTo::of_request(request), reply).await;
+        let error = QueryError::new(ErrorCode::BadRequest, why, None);
+        refuse_query(request, error).await;
         return;
     }
     let Ok(permit) = queries.clone().try_acquire_owned() else {
         tracing::debug!(query = kind, "unavailable: too many queries in flight");
         let message = "too many queries in flight; retry shortly";
-        let reply = Reply::error(ErrorCode::Unavailable, message);
-        refuse(client, ReplyTo::of_request(request), reply).await;
+        refuse_query(
+            request,
+            QueryError::new(ErrorCode::Unavailable, message, None),
+        )
+        .await;
         return;
     };
     let max_payload = client.server_info().max_payload;
@@ -246,7 +261,8 @@ async fn query(
         })
         .await
         .unwrap_or_else(|e| {
-            serde_json::to_value(Reply::error(ErrorCode::Internal, e.to_string())).expect("reply")
+            serde_json::to_value(QueryError::new(ErrorCode::Internal, e.to_string(), None))
+                .expect("reply")
         });
         let mut bytes = serde_json::to_vec(&value).expect("json serializes");
         if max_payload > 0 && bytes.len() > max_payload {
@@ -256,7 +272,7 @@ async fn query(
                 bytes.len()
             );
             tracing::warn!(query = kind, %message);
-            bytes = Reply::error(ErrorCode::Internal, message).to_json();
+            bytes = QueryError::new(ErrorCode::Internal, message, None).to_json();
         }
         if request.message.reply.is_some()
             && let Err(e) = request.respond(Ok(bytes.into())).await

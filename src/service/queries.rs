@@ -5,13 +5,14 @@
 //! `not_found`, a listing holds only the project's jobs. Project `_admin`
 //! (operators) sees every project.
 
+use crate::domain::ErrorCode;
 use crate::domain::filter::JobFilter;
 use crate::domain::history::{HistoryEntry, history};
 use crate::domain::limits::{
     PAYLOAD_BYTES_MAX, QUERY_HISTORY_BYTES_MAX, QUERY_HISTORY_MAX, QUERY_JOBS_BYTES_MAX,
     QUERY_JOBS_MAX,
 };
-use crate::domain::{ErrorCode, Reply};
+use crate::domain::reply::ErrorBody;
 use crate::domain::{Job, ProjectId, Snapshot};
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
@@ -114,19 +115,60 @@ fn to_value(v: impl Serialize) -> Value {
     serde_json::to_value(v).expect("reply serializes")
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> Value {
-    serde_json::to_value(Reply::error(code, message)).expect("reply serializes")
+/// A query's error reply: the error of a command's reply (without its
+/// `duplicate`), and how far the answering store had applied the log
+/// (absent when the query was refused before the store was read).
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct QueryError {
+    /// Always false.
+    pub ok: bool,
+    pub error: ErrorBody,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub as_of_seq: Option<u64>,
+}
+
+impl QueryError {
+    pub fn new(code: ErrorCode, message: impl Into<String>, as_of_seq: Option<u64>) -> QueryError {
+        QueryError {
+            ok: false,
+            error: ErrorBody {
+                code,
+                message: message.into(),
+                current_version: None,
+            },
+            as_of_seq,
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("reply serializes")
+    }
+}
+
+fn error(as_of_seq: u64, code: ErrorCode, message: impl Into<String>) -> Value {
+    to_value(QueryError::new(code, message, Some(as_of_seq)))
 }
 
 /// Answer one query on `bcp.query.<project>.<kind>`; pure apart from
 /// reading `store`.
 pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
+    // Read before the rows: what follows is at least this state (the log's
+    // own head may be a batch ahead of the rows readers see). Errors say it
+    // too: a follower behind may not know a job yet.
+    let as_of_seq = store.applied_seq();
     let project = match ProjectId::parse(project) {
         Ok(p) => p,
-        Err(e) => return error(ErrorCode::BadRequest, format!("subject project: {e}")),
+        Err(e) => {
+            return error(
+                as_of_seq,
+                ErrorCode::BadRequest,
+                format!("subject project: {e}"),
+            );
+        }
     };
     if body.len() > PAYLOAD_BYTES_MAX {
         return error(
+            as_of_seq,
             ErrorCode::BadRequest,
             format!("body is larger than {PAYLOAD_BYTES_MAX} bytes"),
         );
@@ -136,19 +178,16 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
     } else {
         body
     };
-    // Read before the rows: what follows is at least this state (the log's
-    // own head may be a batch ahead of the rows readers see).
-    let as_of_seq = store.applied_seq();
     let result = match kind {
         "job" => parse::<JobQuery>(body).map(|q| match store.job(q.job_id) {
-            Ok(Some(job)) if !visible(&project, &job) => not_found(q.job_id),
+            Ok(Some(job)) if !visible(&project, &job) => not_found(as_of_seq, q.job_id),
             Ok(Some(job)) => to_value(JobReply {
                 ok: true,
                 as_of_seq,
                 job,
             }),
-            Ok(None) => not_found(q.job_id),
-            Err(e) => error(ErrorCode::Unavailable, e.to_string()),
+            Ok(None) => not_found(as_of_seq, q.job_id),
+            Err(e) => error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
         }),
         "jobs" => parse::<JobFilter>(body).and_then(|mut f| {
             if !project.is_admin() {
@@ -166,13 +205,13 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
                     jobs,
                     next_after,
                 }),
-                Err(e) => error(ErrorCode::Unavailable, e.to_string()),
+                Err(e) => error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
             })
         }),
         "snapshots" => {
             parse::<JobQuery>(body).map(|q| match (store.job(q.job_id), store.catalog(q.job_id)) {
-                (Ok(None), _) => not_found(q.job_id),
-                (Ok(Some(job)), _) if !visible(&project, &job) => not_found(q.job_id),
+                (Ok(None), _) => not_found(as_of_seq, q.job_id),
+                (Ok(Some(job)), _) if !visible(&project, &job) => not_found(as_of_seq, q.job_id),
                 (Ok(Some(_)), Ok(catalog)) => {
                     let snapshots = catalog.map(|c| c.snapshots).unwrap_or_default();
                     to_value(SnapshotsReply {
@@ -182,7 +221,7 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
                         snapshots,
                     })
                 }
-                (Err(e), _) | (_, Err(e)) => error(ErrorCode::Unavailable, e.to_string()),
+                (Err(e), _) | (_, Err(e)) => error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
             })
         }
         "history" => parse::<HistoryQuery>(body).map(|q| match store.job_events(q.job_id) {
@@ -194,15 +233,18 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
                 // own refused attempts.
                 if !project.is_admin() {
                     match store.job(q.job_id) {
-                        Ok(Some(job)) if job.project_id != project => return not_found(q.job_id),
+                        Ok(Some(job)) if job.project_id != project => return not_found(as_of_seq, q.job_id),
                         Ok(_) => events.retain(|e| e.project_id == project),
-                        Err(e) => return error(ErrorCode::Unavailable, e.to_string()),
+                        Err(e) => return error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
                     }
                 }
                 if events.is_empty() {
-                    return not_found(q.job_id);
+                    return not_found(as_of_seq, q.job_id);
                 }
-                let (history, next_after_seq) = history_page(history(&events), q.after_seq);
+                let entries = history(&events, |e| {
+                    store.command_start(e.seq, e.command_id).ok().flatten()
+                });
+                let (history, next_after_seq) = history_page(entries, q.after_seq);
                 to_value(HistoryReply {
                     ok: true,
                     as_of_seq,
@@ -211,13 +253,13 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
                     next_after_seq,
                 })
             }
-            Err(e) => error(ErrorCode::Unavailable, e.to_string()),
+            Err(e) => error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
         }),
         other => Err(format!(
             "unknown query {other:?}; queries: job, jobs, snapshots, history"
         )),
     };
-    result.unwrap_or_else(|e| error(ErrorCode::BadRequest, e))
+    result.unwrap_or_else(|e| error(as_of_seq, ErrorCode::BadRequest, e))
 }
 
 /// Whether a reader scoped to `project` may see `job`.
@@ -227,8 +269,8 @@ fn visible(project: &ProjectId, job: &Job) -> bool {
 
 /// The same answer for a job that does not exist and one of another
 /// project: a reader learns nothing of other projects.
-fn not_found(job_id: Uuid) -> Value {
-    error(ErrorCode::NotFound, format!("no job {job_id}"))
+fn not_found(as_of_seq: u64, job_id: Uuid) -> Value {
+    error(as_of_seq, ErrorCode::NotFound, format!("no job {job_id}"))
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {

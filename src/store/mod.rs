@@ -472,6 +472,40 @@ impl Store {
         Ok(out)
     }
 
+    /// The type of the first event of the command that appended the event
+    /// at `seq` (whose command is `command_id`), for a job's history: a
+    /// command's events are consecutive, and the jobs a command moves
+    /// between Active and Misconfigured (`JobMisconfigured`,
+    /// `JobReconfigured`) follow the event that names it.
+    pub fn command_start(&self, seq: u64, command_id: Uuid) -> Result<Option<String>> {
+        #[derive(Deserialize)]
+        struct Head {
+            command_id: Uuid,
+            #[serde(rename = "type")]
+            event_type: String,
+        }
+        let txn = self.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let mut first = None;
+        for r in events.range(..seq)?.rev() {
+            let (key, bytes) = r?;
+            let head: Head = serde_json::from_slice(bytes.value())
+                .map_err(|e| corrupt(format!("event at seq {}: {e}", key.value())))?;
+            if head.command_id != command_id {
+                break;
+            }
+            let moved = matches!(
+                head.event_type.as_str(),
+                "JobMisconfigured" | "JobReconfigured"
+            );
+            first = Some(head.event_type);
+            if !moved {
+                break;
+            }
+        }
+        Ok(first)
+    }
+
     pub fn job(&self, job_id: Uuid) -> Result<Option<Job>> {
         let view = self.job_rows(JobRow::Job.range(job_id.as_u128()))?;
         behind::job_of(&view.rows()?, job_id)
@@ -494,7 +528,10 @@ impl Store {
         max_jobs: usize,
         max_bytes: usize,
     ) -> Result<(Vec<Job>, Option<Uuid>)> {
-        let limit = filter.limit.unwrap_or(max_jobs).clamp(1, max_jobs);
+        let limit = filter
+            .limit
+            .map_or(max_jobs, std::num::NonZeroUsize::get)
+            .clamp(1, max_jobs);
         let mut next = filter.after.map_or(Some(0), |a| a.as_u128().checked_add(1));
         // Only views are read here: the rows held behind are copied for
         // those alone.
