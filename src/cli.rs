@@ -278,7 +278,8 @@ pub enum Cmd {
         auth: AuthArgs,
     },
     /// Every running bcp process: role, head, published seq, and any alarm.
-    /// Exit 0 all take commands, 1 an alarm is raised, 3 none answered.
+    /// Exit 0 each stream has one process taking commands and no alarm is
+    /// raised, 1 otherwise (an alarm, a group with no leader), 3 none answered.
     #[command(after_help = "Example:\n  bcp status --nats nats://127.0.0.1:4222")]
     Status {
         /// The NATS server(s), comma-separated for a cluster.
@@ -741,8 +742,9 @@ fn serve_workers(cores: usize) -> usize {
 }
 
 /// Every bcp process's status: one request on `bcp.status`, every reply
-/// that comes within `wait`. Exit 0 when all take commands, 1 when any
-/// reports an alarm, 3 when none answered.
+/// that comes within `wait`. Exit 0 when each stream has one process
+/// taking its commands and none reports an alarm, 1 otherwise (an alarm;
+/// a group with no leader), 3 when none answered.
 fn status(url: &str, wait: Duration, format: Format) -> Result<u8> {
     let replies: Vec<Value> = block_on(async {
         let client = connect(url).await?;
@@ -776,7 +778,27 @@ fn status(url: &str, wait: Duration, format: Format) -> Result<u8> {
     let alarmed = replies
         .iter()
         .any(|r| r["alarms"].as_array().is_some_and(|a| !a.is_empty()));
-    Ok(if alarmed { EXIT_REJECTED } else { EXIT_OK })
+    // Each stream should have one process taking its commands: none (a
+    // group without a leader) or two is a fault as an alarm is.
+    let mut writers: std::collections::BTreeMap<&str, usize> = Default::default();
+    for r in &replies {
+        let taking = r["taking_commands"] == Value::Bool(true);
+        *writers
+            .entry(r["stream"].as_str().unwrap_or("?"))
+            .or_default() += usize::from(taking);
+    }
+    let mut unserved = false;
+    for (stream, n) in writers.into_iter().filter(|(_, n)| *n != 1) {
+        unserved = true;
+        eprintln!(
+            "bcp: {n} of the processes that answered take the commands of stream {stream} (one should)"
+        );
+    }
+    Ok(if alarmed || unserved {
+        EXIT_REJECTED
+    } else {
+        EXIT_OK
+    })
 }
 
 pub fn status_table(replies: &[Value]) -> String {

@@ -784,6 +784,216 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
     );
 }
 
+/// A second process given a running node's `--node` (on its own store, a
+/// copy-paste slip) is another holder of the writer lease: it follows and
+/// waits, and the group keeps one leader. Once the first stops, it leads.
+#[tokio::test]
+async fn a_second_process_with_a_nodes_name_never_leads_beside_it() {
+    let mut c = support::cluster::Cluster::start(1).await;
+    assert_eq!(c.leader(1).await, 0);
+    let job = id();
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "create", &create(job)).await),
+        [1]
+    );
+    let twin = c.add_node("b1", "b1-twin");
+    c.spawn_node(twin);
+    c.all_at(2, 1).await;
+    // Longer than the lease's renewal (a third of 3 s) several times over.
+    for _ in 0..12 {
+        let statuses = c.statuses().await;
+        let leaders: Vec<_> = statuses
+            .iter()
+            .filter(|s| s["role"] == json!("leader"))
+            .map(|s| (s["pid"].clone(), s["db"].clone()))
+            .collect();
+        assert_eq!(leaders.len(), 1, "{statuses:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(c.leader(2).await, 0, "the first keeps the lease");
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "start", &on(job)).await),
+        [2]
+    );
+    assert_eq!(c.stop_node(0).await, Some(0));
+    assert_eq!(c.leader(1).await, twin);
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "stop", &on(job)).await),
+        [3]
+    );
+}
+
+/// A group node whose store cannot join the stream is refused: it exits
+/// non-zero saying why, and changes nothing. Here a store of another log,
+/// and a store with events after the stream was deleted (lost): no node
+/// creates it again.
+#[tokio::test]
+async fn a_group_node_refuses_a_store_it_cannot_join() {
+    let mut c = support::cluster::Cluster::start(1).await;
+    c.leader(1).await;
+    cmd_definitive(&c.client, "create", &create(id())).await;
+
+    let other = c.add_node("b9", "other");
+    {
+        use bcp::store::{ledger::Pending, pipeline::Pipeline};
+        let store = bcp::store::Store::open_or_create(&c.db(other)).unwrap();
+        let mut ledger = Pipeline::open(store).unwrap();
+        let body = create(id()).to_string();
+        let cmd = bcp::domain::command::decode("p1", "create", body.as_bytes(), None).unwrap();
+        ledger
+            .execute(&[Pending::new(cmd)], chrono::Utc::now(), &mut Uuid::now_v7)
+            .unwrap();
+    }
+    let log_of = |db: &std::path::Path| {
+        let store = bcp::store::Store::open_existing(db).unwrap();
+        store.raw_events(1, u64::MAX).unwrap()
+    };
+    let before = log_of(&c.db(other));
+    assert_eq!(before.len(), 1);
+    c.spawn_node(other);
+    assert_ne!(c.exited(other).await, Some(0));
+    let log = c.node_log_text(other);
+    assert!(log.contains("holds another log than the stream"), "{log}");
+    assert!(log_of(&c.db(other)) == before, "the store's log changed");
+
+    assert_eq!(c.stop_node(0).await, Some(0));
+    c.js.delete_stream(STREAM).await.expect("delete the stream");
+    c.spawn_node(0);
+    assert_ne!(c.exited(0).await, Some(0));
+    let log = c.node_log_text(0);
+    assert!(
+        log.contains("is missing or empty but this store holds 1 events"),
+        "{log}"
+    );
+    assert!(
+        c.js.get_stream(STREAM).await.is_err(),
+        "the stream was created again"
+    );
+}
+
+/// While no process takes a stream's commands (here the writer lease is
+/// held by a process that does not answer: the node waits as a
+/// follower), `bcp status` says so and exits 1, as for an alarm.
+#[tokio::test]
+async fn status_fails_while_no_process_takes_commands() {
+    let mut c = support::cluster::Cluster::start(0).await;
+    let kv =
+        c.js.create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "BCP_WRITERS".into(),
+            max_age: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .expect("lease bucket");
+    let holder = json!({"store": "g1/b7 elsewhere:/var/lib/bcp.redb", "pid": 1, "since": "2026-01-01T00:00:00Z", "group": "g1"});
+    kv.put(STREAM, serde_json::to_vec(&holder).unwrap().into())
+        .await
+        .expect("a lease held elsewhere");
+    let node = c.add_node("b1", "b1");
+    c.spawn_node(node);
+    let deadline = Deadline::new("the node to follow", Duration::from_secs(30));
+    while c.statuses().await.len() != 1 {
+        deadline.tick().await;
+    }
+    let (code, out, err) = bcp_cli_text(&["status", "--nats", &c.urls()]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("follower"), "{out}");
+    assert!(!out.contains("ALARM"), "{out}");
+    assert!(
+        err.contains("0 of the processes that answered take the commands of stream BCP_EVENTS"),
+        "{err}"
+    );
+}
+
+/// A single-mode bcp serve acknowledges a command once its own store has
+/// it, before the stream does; a group node that took over from it, once
+/// its lease lapsed (a paused or dead process), would lose those commands.
+/// So a group node that finds a single-mode writer never leads: it raises
+/// an alarm, and keeps it after the writer dies.
+#[tokio::test]
+async fn a_group_never_takes_over_from_a_single_mode_writer() {
+    let mut c = support::cluster::Cluster::start(0).await;
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_bcp"));
+    let log = std::fs::File::create(c.path("single.log")).unwrap();
+    let mut single = support::procs::serve_command(bin, &c.path("single.redb"), &c.urls())
+        .args(["--lease-ttl", "2"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("bcp serve (single mode)");
+    let job = id();
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "create", &create(job)).await),
+        [1]
+    );
+    let node = c.add_node("b1", "b1");
+    c.spawn_node(node);
+    c.all_at(2, 1).await;
+    let kill = |child: &mut std::process::Child| {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    };
+    kill(&mut single);
+    // Well past the single writer's lease (2 s).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let statuses = c.statuses().await;
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    let s = &statuses[0];
+    assert_eq!(s["role"], json!("follower"), "{s}");
+    let alarms = s["alarms"].as_array().unwrap();
+    assert!(
+        alarms.iter().any(|a| a["kind"] == json!("writer")
+            && a["message"]
+                .as_str()
+                .unwrap()
+                .contains("a single-mode bcp serve writes the stream")),
+        "{s}"
+    );
+    assert_eq!(try_cmd(&c.client, "start", &on(job)).await, None);
+}
+
+/// A stray message forks the stream under a group: the node stops taking
+/// commands (a fork alarm, no leader). Once the stream is deleted, a node
+/// with events ends, saying the stream was lost and how to republish it,
+/// rather than keep an alarm about a stream that is gone.
+#[tokio::test]
+async fn a_group_node_ends_when_its_forked_stream_is_deleted() {
+    let mut c = support::cluster::Cluster::start(1).await;
+    c.leader(1).await;
+    let job = id();
+    cmd_definitive(&c.client, "create", &create(job)).await;
+    c.all_at(1, 1).await;
+    c.js.publish(format!("bcp.evt.p1.{job}.JobStarted"), "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let deadline = Deadline::new("the fork alarm", Duration::from_secs(30));
+    loop {
+        let s = c.statuses().await;
+        if s.len() == 1
+            && s[0]["role"] == json!("follower")
+            && s[0]["alarms"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["kind"] == json!("fork"))
+        {
+            break;
+        }
+        deadline.tick().await;
+    }
+    let (code, out, err) = bcp_cli_text(&["status", "--nats", &c.urls()]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    c.js.delete_stream(STREAM).await.expect("delete the stream");
+    assert_ne!(c.exited(0).await, Some(0));
+    let log = c.node_log_text(0);
+    assert!(
+        log.contains("is missing or empty but this store holds 1 events"),
+        "{log}"
+    );
+}
+
 /// Every client without credentials (the bcp nodes, the test's own) may
 /// publish anything but a `SnapshotsPurged` event.
 const NO_PURGES: &str = r#"

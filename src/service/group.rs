@@ -28,8 +28,10 @@ use super::lease::{self, Lease};
 use super::{Node, ServeError, TermEnd, intake, until_nats};
 use crate::store::ledger::Ledger;
 use crate::store::pipeline::Pipeline;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::Stream;
 use futures::{FutureExt, StreamExt};
 use std::time::Duration;
@@ -85,6 +87,10 @@ pub(crate) async fn run(node: &Node, stop: &CancellationToken) -> Result<(), Ser
             Err(e) => break Err(e),
         }
     };
+    if result.is_err() {
+        // The process ends with this error: the queries' intake too.
+        stop.cancel();
+    }
     let _ = queries.await;
     result
 }
@@ -96,11 +102,21 @@ async fn follow(
     stop: &CancellationToken,
 ) -> Result<Option<(Ledger, Lease)>, ServeError> {
     let config = &node.config;
+    // A store with events never creates the stream: a missing one was lost
+    // (reconcile refuses an empty one the same way).
+    let has_events = node.store.head_seq()? > 0;
     let Some(stream) = until_nats(stop, "the stream", || async {
         // The stream's batch flags follow the server's version, known only
         // once connected (the first connection may still be under way).
         let client = node.js.client();
         client.flush().await.map_err(|e| e.to_string())?;
+        if has_events {
+            return match existing_stream(node).await {
+                Ok(Some(stream)) => Ok(Ok(stream)),
+                Ok(None) => Ok(Err(lost_stream(node))),
+                Err(e) => Err(e),
+            };
+        }
         let version = client.server_info().version;
         node.js
             .get_or_create_stream(guard::stream_config(
@@ -109,12 +125,14 @@ async fn follow(
                 &version,
             ))
             .await
+            .map(Ok)
             .map_err(|e| e.to_string())
     })
     .await
     else {
         return Ok(None);
     };
+    let stream = stream?;
     // NATS failing meanwhile (a step-down often comes with NATS trouble) is
     // waited out; a store that cannot join is refused.
     let reconciled = until_nats(stop, "reconciling with the stream", || async {
@@ -142,6 +160,8 @@ async fn follow(
 
     let mut lease: Option<Lease> = None;
     let mut bucket: Option<lease::Bucket> = None;
+    // A single-mode bcp serve seen holding the lease.
+    let mut single_writer: Option<String> = None;
     let mut messages = None;
     // How many messages the stream holds past what was applied, as the
     // last one delivered said (unknown until then): a node tries for the
@@ -166,7 +186,14 @@ async fn follow(
             match stop.run_until_cancelled(ordered_from(&stream, from)).await {
                 None => return Ok(None),
                 Some(Ok(m)) => messages = Some(m),
-                Some(Err(e)) => tracing::debug!(error = %e, "follower: no consumer yet"),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "follower: no consumer yet");
+                    // A stream deleted under a store with events was lost
+                    // (a fork alarm would otherwise stand for good).
+                    if ledger.head_seq() > 0 && matches!(existing_stream(node).await, Ok(None)) {
+                        return Err(lost_stream(node));
+                    }
+                }
             }
         }
         tokio::select! {
@@ -199,13 +226,20 @@ async fn follow(
                             None
                         }
                         Some(mut l) => l.renew().await.is_ok().then_some(l),
-                        None if forked || !near => None,
+                        None if forked || !near || single_writer.is_some() => None,
                         None => {
                             if bucket.is_none() {
                                 bucket = lease::Bucket::open(&node.js, config.lease_ttl, config.stream_replicas).await.ok();
                             }
                             match &bucket {
-                                Some(b) => b.try_acquire(&config.stream, &node.holder).await.ok().and_then(Result::ok),
+                                Some(b) => match b.try_acquire(&config.stream, &node.holder).await {
+                                    Ok(Ok(lease)) => Some(lease),
+                                    Ok(Err(held)) if held.single_mode => {
+                                        single_writer = Some(held.holder);
+                                        None
+                                    }
+                                    _ => None,
+                                },
                                 None => None,
                             }
                         }
@@ -215,6 +249,15 @@ async fn follow(
                     return Ok(None);
                 };
                 lease = taken;
+                if let Some(holder) = &single_writer {
+                    // For good (until this node restarts): its lease
+                    // lapsing would not say its acknowledged events are in
+                    // the stream.
+                    node.alarms.raise(AlarmKind::Writer, format!(
+                        "a single-mode bcp serve writes the stream {}: {holder}. A group never takes over from it (it acknowledges commands before the stream has their events): stop it (it publishes what it acknowledged as it drains), then restart this group's nodes",
+                        config.stream
+                    ));
+                }
                 let Some(held) = lease.take() else { continue };
                 let last = match stop.run_until_cancelled(stream.get_info()).await {
                     None => {
@@ -308,6 +351,29 @@ async fn next_batch(messages: &mut Option<Messages>) -> Option<(Vec<Vec<u8>>, u6
     Some((batch, pending))
 }
 
+/// The stream, `None` when JetStream says it does not exist.
+async fn existing_stream(node: &Node) -> Result<Option<Stream>, String> {
+    match node.js.get_stream(&node.config.stream).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e)
+            if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A store with events against a missing or empty stream (a lost stream).
+fn lost_stream(node: &Node) -> ServeError {
+    let name = &node.config.stream;
+    let head = node.store.head_seq().unwrap_or_default();
+    ServeError::Refused(format!(
+        "the stream {name} is missing or empty but this store holds {head} events (the stream was lost?); nothing was changed: start one node without --group on this store to republish the log, stop it, then start the group again"
+    ))
+}
+
 /// Drop the tail of this store's log that the stream does not hold: the
 /// events after the longest prefix the two share (see the module doc for
 /// why that tail was never acknowledged). Refuses, changing nothing, a
@@ -326,9 +392,7 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         return Ok(());
     }
     if last == 0 {
-        return Err(ServeError::Refused(format!(
-            "the stream {name} is empty but this store holds {head} events (the stream was lost?): start one node without --group on this store to republish the log, stop it, then start the group again"
-        )));
+        return Err(lost_stream(node));
     }
     // Whether the stream's message at `seq` is this store's event there.
     let same = async |seq: u64| -> Result<bool, ServeError> {
@@ -374,7 +438,7 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         tracing::warn!(
             kept = keep,
             dropped = head - keep,
-            "dropping seqs {}..={head}: the stream never acknowledged them, so no reply covered them",
+            "dropping seqs {}..={head}: the stream does not hold them (a group node replies only to what the stream acknowledged)",
             keep + 1
         );
         let store = node.store.clone();

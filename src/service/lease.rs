@@ -6,8 +6,9 @@
 //! ages out of the bucket (`max_age`) when its holder dies, so another
 //! process can take it then and not before. A holder is a store: a host and
 //! the canonical path of a redb file (redb lets one process open a file, so
-//! a restart on the same store takes its own lease back at once). bcp serve
-//! on another store finds the lease held and refuses to start.
+//! a restart on the same store takes its own lease back at once), and in a
+//! group the node's name. bcp serve on another store finds the lease held
+//! and refuses to start (single mode) or waits as a follower (a group).
 //!
 //! The lease keeps a second process from taking commands; it is not what
 //! keeps the log whole. That is the relay's `Nats-Expected-Last-Sequence`
@@ -38,32 +39,42 @@ pub struct Holder {
     pub pid: u32,
     /// When this holder took the lease (RFC 3339 UTC).
     pub since: String,
+    /// The group of a group node; none for a single-mode bcp serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// Who holds a lease another process asked for.
+pub struct HeldBy {
+    /// The holder, for messages.
+    pub holder: String,
+    /// A single-mode bcp serve: it acknowledges a command before the
+    /// stream has its events, so no group node may take over from it.
+    pub single_mode: bool,
 }
 
 impl Holder {
-    /// Node `node` of group `group`: the node's name is its identity (a
-    /// restarted node takes its own lease back).
-    pub fn node(group: &str, node: &str) -> Holder {
+    /// Node `node` of group `group`, writing the store at `db`. Its store
+    /// is its identity, as in single mode: a node restarted on its store
+    /// takes its own lease back at once, but a second process given the
+    /// same `--node` on another store is another holder (it waits, as any
+    /// follower), never a second leader.
+    pub fn node(group: &str, node: &str, db: &Path) -> Holder {
         Holder {
-            store: format!("{group}/{node}"),
+            store: format!("{group}/{node} {}", store_of(db)),
             pid: std::process::id(),
             since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            group: Some(group.to_owned()),
         }
     }
 
     /// This process, writing the store at `db`.
     pub fn me(db: &Path) -> Holder {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .ok()
-            .filter(|h| !h.is_empty())
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| "localhost".to_owned());
-        let path = db.canonicalize().unwrap_or_else(|_| db.to_owned());
         Holder {
-            store: format!("{host}:{}", path.display()),
+            store: store_of(db),
             pid: std::process::id(),
             since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            group: None,
         }
     }
 
@@ -150,7 +161,7 @@ impl Bucket {
         &self,
         stream: &str,
         me: &Holder,
-    ) -> Result<Result<Lease, String>, LeaseError> {
+    ) -> Result<Result<Lease, HeldBy>, LeaseError> {
         let kv = &self.kv;
         let bytes: bytes::Bytes = serde_json::to_vec(me).expect("holder serializes").into();
         let lease = |revision| Lease {
@@ -180,12 +191,26 @@ impl Bucket {
                     Err(e) => return Err(LeaseError::Nats(e.to_string())),
                 }
             }
-            return Ok(Err(holder.map_or_else(
-                || "an unreadable lease entry".to_owned(),
-                |h| h.describe(),
-            )));
+            return Ok(Err(HeldBy {
+                single_mode: holder.as_ref().is_some_and(|h| h.group.is_none()),
+                holder: holder
+                    .map_or_else(|| "an unreadable lease entry".to_owned(), |h| h.describe()),
+            }));
         }
     }
+}
+
+/// `host:/canonical/path/of/the.redb`: one process at a time opens a
+/// store (redb locks its file), so no two live processes share this.
+fn store_of(db: &Path) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    let path = db.canonicalize().unwrap_or_else(|_| db.to_owned());
+    format!("{host}:{}", path.display())
 }
 
 fn holder_of(entry: &kv::Entry) -> Option<Holder> {
@@ -208,7 +233,7 @@ pub async fn acquire(
     loop {
         let holder = match bucket.try_acquire(stream, &me).await? {
             Ok(lease) => return Ok(lease),
-            Err(holder) => holder,
+            Err(held) => held.holder,
         };
         if tokio::time::Instant::now() >= give_up {
             return Err(LeaseError::Held {

@@ -155,7 +155,11 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
     let js = relay::context(client.clone());
     let alarms = Arc::new(guard::Alarms::default());
     let (holder, lease, role) = match (&config.group, &config.node) {
-        (Some(g), Some(n)) => (lease::Holder::node(g, n), None, api::Role::Follower),
+        (Some(g), Some(n)) => (
+            lease::Holder::node(g, n, &config.db),
+            None,
+            api::Role::Follower,
+        ),
         _ => {
             // Before any endpoint exists: this process is the stream's one
             // writer, and its store is not behind the stream.
@@ -243,6 +247,10 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         (Some(ledger), Some(lease)) => term(&node, ledger, lease, &stop).await.map(|_| ()),
         _ => group::run(&node, &stop).await,
     };
+    // An error (a store a group refuses, say) ends the process as a signal
+    // would: whatever runs until the stop (the queries' intake, the status
+    // reply) stops, and the error is the exit's reason.
+    stop.cancel();
     let deadline = node.drain_deadline();
     let _ = status.await;
     if let Some(http) = http {

@@ -26,6 +26,9 @@ pub struct Cluster {
     servers: Vec<Server>,
     /// `bcp serve` per node name, while running.
     pub nodes: Vec<(String, Option<Child>)>,
+    /// Each node's files: `<stem>.redb`, `<stem>.log` (the node's name,
+    /// but for a node added under a name already taken).
+    stems: Vec<String>,
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
     dir: TempDir,
@@ -70,6 +73,7 @@ impl Cluster {
         let mut c = Cluster {
             servers,
             nodes: (1..=nodes).map(|i| (format!("b{i}"), None)).collect(),
+            stems: (1..=nodes).map(|i| format!("b{i}")).collect(),
             client,
             js,
             dir,
@@ -95,11 +99,11 @@ impl Cluster {
     }
 
     pub fn db(&self, node: usize) -> PathBuf {
-        self.path(&format!("{}.redb", self.nodes[node].0))
+        self.path(&format!("{}.redb", self.stems[node]))
     }
 
     fn node_log(&self, node: usize) -> PathBuf {
-        self.path(&format!("{}.log", self.nodes[node].0))
+        self.path(&format!("{}.log", self.stems[node]))
     }
 
     pub fn node_log_text(&self, node: usize) -> String {
@@ -123,6 +127,14 @@ impl Cluster {
             }
             deadline.tick().await;
         }
+    }
+
+    /// Add a node named `name` (not started) whose files are `<stem>.*`;
+    /// its index.
+    pub fn add_node(&mut self, name: &str, stem: &str) -> usize {
+        self.nodes.push((name.to_owned(), None));
+        self.stems.push(stem.to_owned());
+        self.nodes.len() - 1
     }
 
     /// Start node `i` (`bcp serve --group`), not waiting for it.
@@ -160,6 +172,19 @@ impl Cluster {
             .connect(urls)
             .await
             .expect("connect a producer")
+    }
+
+    /// Wait for node `i` to exit by itself (a refusal); its exit code.
+    pub async fn exited(&mut self, i: usize) -> Option<i32> {
+        let deadline = Deadline::new(format!("node {i} to exit"), Duration::from_secs(30));
+        loop {
+            let child = self.nodes[i].1.as_mut().expect("node started");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.nodes[i].1 = None;
+                return status.code();
+            }
+            deadline.tick().await;
+        }
     }
 
     /// SIGTERM node `i` and wait for it to drain; its exit code.
@@ -227,10 +252,9 @@ impl Cluster {
             let leaders: Vec<&Value> = s.iter().filter(|v| v["role"] == json!("leader")).collect();
             if s.len() == running && leaders.len() == 1 {
                 let name = leaders[0]["node"].as_str().expect("node");
-                return self
-                    .nodes
-                    .iter()
-                    .position(|(n, _)| n == name)
+                let db = leaders[0]["db"].as_str().expect("db");
+                return (0..self.nodes.len())
+                    .find(|&i| self.nodes[i].0 == name && self.db(i).to_str() == Some(db))
                     .expect("a known node");
             }
             deadline.tick().await;
