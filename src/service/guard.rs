@@ -102,7 +102,8 @@ impl Alarms {
         let mut raised = self.raised.lock().expect("alarms lock");
         if let Some((alarm, _)) = raised.remove(&kind) {
             self.count.store(raised.len(), Ordering::Relaxed);
-            tracing::info!(alarm = ?kind, since = %alarm.since, "alarm cleared: taking commands again");
+            // Not "taking commands": a group follower clears its alarms too.
+            tracing::info!(alarm = ?kind, since = %alarm.since, "alarm cleared");
         }
     }
 

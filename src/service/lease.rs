@@ -163,6 +163,11 @@ impl Bucket {
         me: &Holder,
     ) -> Result<Result<Lease, HeldBy>, LeaseError> {
         let kv = &self.kv;
+        // `since` says when the lease was taken, not when the process began.
+        let me = &Holder {
+            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ..me.clone()
+        };
         let bytes: bytes::Bytes = serde_json::to_vec(me).expect("holder serializes").into();
         let lease = |revision| Lease {
             kv: kv.clone(),
