@@ -219,7 +219,7 @@ pub enum Cmd {
         #[arg(long, value_parser = project_arg)]
         project: Option<String>,
         /// Only jobs in this state.
-        #[arg(long, value_parser = ["Inactive", "Active", "Stopped", "Misconfigured"])]
+        #[arg(long, ignore_case = true, value_parser = ["Inactive", "Active", "Stopped", "Misconfigured"])]
         state: Option<String>,
         /// Only jobs in this region.
         #[arg(long)]

@@ -56,20 +56,14 @@ fn as_duplicate(reply: &Value) -> Value {
     r
 }
 
-/// Asserts a rejection: `ok:false`, the code, a message, the recorded
-/// `rejection_seq` (or none), not a duplicate (a command's) or how far the
-/// store had applied the log (a query's, unless refused before reading
-/// it), and no other fields than the contract's. Returns the message.
+/// Asserts a command's rejection: `ok:false`, the code, a message, the
+/// recorded `rejection_seq` (or none), not a duplicate, and no other
+/// fields than the contract's. Returns the message.
 fn rejected(reply: &Value, code: &str, rejection_seq: Option<u64>) -> String {
     assert_eq!(reply["ok"], json!(false), "{reply}");
     assert_eq!(reply["error"]["code"], json!(code), "{reply}");
-    match reply.get("duplicate") {
-        Some(duplicate) => {
-            assert_eq!(duplicate, &json!(false), "{reply}");
-            assert!(reply.get("as_of_seq").is_none(), "{reply}");
-        }
-        None => assert!(reply.get("as_of_seq").is_none_or(Value::is_u64), "{reply}"),
-    }
+    assert_eq!(reply["duplicate"], json!(false), "{reply}");
+    assert!(reply.get("as_of_seq").is_none(), "{reply}");
     assert_eq!(
         reply.get("rejection_seq").cloned(),
         rejection_seq.map(|s| json!(s)),
@@ -77,6 +71,31 @@ fn rejected(reply: &Value, code: &str, rejection_seq: Option<u64>) -> String {
     );
     assert!(reply.get("events").is_none(), "{reply}");
     assert!(reply.get("version").is_none(), "{reply}");
+    let message = reply["error"]["message"].as_str().expect("message");
+    assert!(!message.is_empty(), "{reply}");
+    message.to_owned()
+}
+
+/// Asserts a query's error: `ok:false`, the code, a message, how far the
+/// store had applied the log (when `read`: the store was read), and no
+/// other fields. Returns the message.
+fn query_refused(reply: &Value, code: &str, read: bool) -> String {
+    assert_eq!(reply["ok"], json!(false), "{reply}");
+    assert_eq!(reply["error"]["code"], json!(code), "{reply}");
+    let mut keys: Vec<&str> = reply
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    let contract: &[&str] = if read {
+        &["as_of_seq", "error", "ok"]
+    } else {
+        &["error", "ok"]
+    };
+    assert_eq!(keys, contract, "{reply}");
+    assert_eq!(reply["as_of_seq"].is_u64(), read, "{reply}");
     let message = reply["error"]["message"].as_str().expect("message");
     assert!(!message.is_empty(), "{reply}");
     message.to_owned()
@@ -216,7 +235,7 @@ async fn lifecycle_over_nats() {
         ]
     );
     let unknown = h.query("history", &json!({"job_id": id()})).await;
-    rejected(&unknown, "not_found", None);
+    query_refused(&unknown, "not_found", true);
 
     h.caught_up_stream(seq).await;
     h.stop_and_verify(seq).await;
@@ -500,26 +519,26 @@ async fn bad_input_and_rejections() {
     ];
     for (what, subject, body, needle) in cases {
         let reply = h.request_bytes(&subject, body).await;
-        let message = rejected(&reply, "bad_request", None);
+        let message = if subject.starts_with("bcp.query.") {
+            query_refused(&reply, "bad_request", true)
+        } else {
+            let message = rejected(&reply, "bad_request", None);
+            let mut keys: Vec<_> = reply.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            assert_eq!(keys, ["duplicate", "error", "ok"], "{what}: {reply}");
+            message
+        };
         assert!(
             message.contains(needle),
             "{what}: message {message:?} lacks {needle:?}"
         );
-        let mut keys: Vec<_> = reply.as_object().unwrap().keys().cloned().collect();
-        keys.sort();
-        let query = subject.starts_with("bcp.query.");
-        let contract = if query {
-            ["as_of_seq", "error", "ok"]
-        } else {
-            ["duplicate", "error", "ok"]
-        };
-        assert_eq!(keys, contract, "{what}: {reply}");
     }
-    // A query body that cannot be decoded is a bad_request too.
+    // A query body that cannot be decoded is a bad_request too; a kind no
+    // endpoint serves is refused before any store is read.
     let r = h.query("job", &json!({"job": j})).await;
-    rejected(&r, "bad_request", None);
+    query_refused(&r, "bad_request", true);
     let r = h.query("nope", &json!({})).await;
-    rejected(&r, "bad_request", None);
+    query_refused(&r, "bad_request", false);
 
     // Nothing was appended: the job is unchanged, and the next recorded
     // rejection takes seq head + 1.
@@ -1463,7 +1482,7 @@ async fn snapshot_verbs_over_nats() {
         catalog_reply(11, b, &[])
     );
     let r = project_snapshots(&h, "p1", c).await;
-    rejected(&r, "not_found", None);
+    query_refused(&r, "not_found", true);
     let ec = catalog_entry(
         c1,
         "2027-03-01T00:00:00Z",
@@ -3615,7 +3634,11 @@ async fn a_malformed_nats_header_is_refused_and_keeps_the_connection() {
                 start.clone()
             };
             let reply = raw_request_with_headers(&h.nats.url(), subject, header, &body).await;
-            let message = rejected(&reply, "bad_request", None);
+            let message = if subject.contains("query") {
+                query_refused(&reply, "bad_request", false)
+            } else {
+                rejected(&reply, "bad_request", None)
+            };
             assert!(
                 message.starts_with("malformed header block"),
                 "{what} on {subject}: {message}"
@@ -3697,7 +3720,7 @@ async fn a_long_history_is_paged_and_other_projects_attempts_stay_out_of_it() {
     assert_eq!(admin.len(), everything.len() + 3);
     // The other project still learns nothing of the job.
     let r = page("p2", None).await;
-    rejected(&r, "not_found", None);
+    query_refused(&r, "not_found", true);
     // The CLI follows the pages.
     let cli = support::bcp_cli_json(&[
         "history",

@@ -784,6 +784,55 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
     );
 }
 
+/// A nats-server that takes smaller atomic batches than the relay's (its
+/// `jetstream.limits.batch.max_msgs`, here 2) refuses a command's batch:
+/// the leader sends the same events again in halves, and the command is
+/// answered, not retried forever.
+#[tokio::test]
+async fn a_smaller_batch_limit_of_nats_server_is_met_in_halves() {
+    let c = support::cluster::Cluster::start_configured(1, "limits { batch { max_msgs: 2 } }", "")
+        .await;
+    c.leader(1).await;
+    let admin = async |body: Value| {
+        let body = serde_json::to_vec(&body).unwrap();
+        let subject = "bcp.cmd._admin.configure-region";
+        let r = c.client.request(subject, body.into()).await.unwrap();
+        serde_json::from_slice::<Value>(&r.payload).unwrap()
+    };
+    let full = json!({"command_id": id(), "region": "eu", "snapshot_store": "s", "oplog_store": "o", "sync_store": "y"});
+    assert_eq!(admin(full).await["ok"], json!(true));
+    for _ in 0..3 {
+        let job = id();
+        let mut body = create(job);
+        body["region"] = json!("eu");
+        cmd_definitive(&c.client, "create", &body).await;
+        cmd_definitive(&c.client, "start", &on(job)).await;
+    }
+    // The region loses a store: its event and one per running job, 4.
+    let reply = admin(json!({"command_id": id(), "region": "eu", "oplog_store": null})).await;
+    assert_eq!(seqs(&reply), [8, 9, 10, 11], "{reply}");
+    let stream = c.js.get_stream(STREAM).await.expect("stream");
+    let mut batches = Vec::new();
+    for seq in 8..=11 {
+        let m = stream.get_raw_message(seq).await.expect("message");
+        batches.push(
+            m.headers
+                .get("Nats-Batch-Id")
+                .map(|v| v.as_str().to_owned()),
+        );
+    }
+    assert!(batches.iter().all(Option::is_some), "{batches:?}");
+    assert_eq!(batches[0], batches[1]);
+    assert_eq!(batches[2], batches[3]);
+    assert_ne!(batches[1], batches[2]);
+    assert!(
+        c.node_log_text(0)
+            .contains("nats-server takes smaller atomic batches"),
+        "{}",
+        c.node_log_text(0)
+    );
+}
+
 /// A second process given a running node's `--node` (on its own store, a
 /// copy-paste slip) is another holder of the writer lease: it follows and
 /// waits, and the group keeps one leader. Once the first stops, it leads.
@@ -955,7 +1004,8 @@ async fn a_group_never_takes_over_from_a_single_mode_writer() {
 /// A stray message forks the stream under a group: the node stops taking
 /// commands (a fork alarm, no leader). Once the stream is deleted, a node
 /// with events ends, saying the stream was lost and how to republish it,
-/// rather than keep an alarm about a stream that is gone.
+/// rather than keep an alarm about a stream that is gone; a leader too,
+/// rather than make the stream again.
 #[tokio::test]
 async fn a_group_node_ends_when_its_forked_stream_is_deleted() {
     let mut c = support::cluster::Cluster::start(1).await;
@@ -991,6 +1041,24 @@ async fn a_group_node_ends_when_its_forked_stream_is_deleted() {
     assert!(
         log.contains("is missing or empty but this store holds 1 events"),
         "{log}"
+    );
+
+    // The same for a leader: it does not make the stream again (and
+    // republish), it steps down and ends.
+    let mut c = support::cluster::Cluster::start(1).await;
+    c.leader(1).await;
+    cmd_definitive(&c.client, "create", &create(id())).await;
+    c.js.delete_stream(STREAM).await.expect("delete the stream");
+    assert_eq!(try_cmd(&c.client, "create", &create(id())).await, None);
+    assert_ne!(c.exited(0).await, Some(0));
+    let log = c.node_log_text(0);
+    assert!(
+        log.contains("is missing or empty but this store holds"),
+        "{log}"
+    );
+    assert!(
+        c.js.get_stream(STREAM).await.is_err(),
+        "the stream was made again"
     );
 }
 

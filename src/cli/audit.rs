@@ -9,7 +9,6 @@ use bcp::audit::logfile::{Verified, verify_json_lines, verify_stream};
 use bcp::audit::replay::{self, Cut, Replayer, Select};
 use bcp::audit::verify::{self, VerifyError};
 use bcp::domain::ProjectId;
-use bcp::domain::history::history;
 use bcp::store::{CACHE_BYTES, Store, import::write_new_store};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
@@ -274,9 +273,7 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
                 eprintln!("bcp: no job {job} in {}", db.display());
                 return Ok(EXIT_REJECTED);
             }
-            let entries = history(&events, |e| {
-                store.command_start(e.seq, e.command_id).ok().flatten()
-            });
+            let entries = store.history(&events)?;
             match format {
                 Format::Json => outln!(
                     "{}",

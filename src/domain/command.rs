@@ -361,7 +361,7 @@ pub struct DeleteSnapshotBody {
 #[serde(deny_unknown_fields)]
 #[schemars(extend("oneOf" = [
     {"required": ["expires_at"], "properties": {
-        "expires_at": {"type": "string"}, "do_not_delete": {"const": false}}},
+        "expires_at": {"type": "string"}, "do_not_delete": {"enum": [false, null]}}},
     {"required": ["do_not_delete"], "properties": {
         "do_not_delete": {"const": true}, "expires_at": {"type": "null"}}},
 ]))]

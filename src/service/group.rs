@@ -191,6 +191,7 @@ async fn follow(
                     // A stream deleted under a store with events was lost
                     // (a fork alarm would otherwise stand for good).
                     if ledger.head_seq() > 0 && matches!(existing_stream(node).await, Ok(None)) {
+                        give_up(lease).await;
                         return Err(lost_stream(node));
                     }
                 }
@@ -198,9 +199,7 @@ async fn follow(
         }
         tokio::select! {
             _ = stop.cancelled() => {
-                if let Some(l) = lease {
-                    let _ = tokio::time::timeout(LEASE_POLL, l.release()).await;
-                }
+                give_up(lease).await;
                 return Ok(None);
             }
             _ = poll.tick() => {
@@ -261,7 +260,7 @@ async fn follow(
                 let Some(held) = lease.take() else { continue };
                 let last = match stop.run_until_cancelled(stream.get_info()).await {
                     None => {
-                        let _ = tokio::time::timeout(LEASE_POLL, held.release()).await;
+                        give_up(Some(held)).await;
                         return Ok(None);
                     }
                     Some(Ok(info)) => info.state.last_sequence,
@@ -309,10 +308,21 @@ async fn follow(
                         node.alarms.raise(AlarmKind::Fork, format!("the stream {} is not this log: {what}", config.stream));
                         messages = None;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        give_up(lease).await;
+                        return Err(e.into());
+                    }
                 }
             }
         }
+    }
+}
+
+/// Release a lease held while following (it would otherwise keep the
+/// other nodes waiting its TTL out), bounded by [`LEASE_POLL`].
+async fn give_up(lease: Option<Lease>) {
+    if let Some(l) = lease {
+        let _ = tokio::time::timeout(LEASE_POLL, l.release()).await;
     }
 }
 

@@ -272,7 +272,9 @@ async fn query(
                 bytes.len()
             );
             tracing::warn!(query = kind, %message);
-            bytes = QueryError::new(ErrorCode::Internal, message, None).to_json();
+            // The store was read: say as of when, as every answer does.
+            let as_of_seq = value["as_of_seq"].as_u64();
+            bytes = QueryError::new(ErrorCode::Internal, message, as_of_seq).to_json();
         }
         if request.message.reply.is_some()
             && let Err(e) = request.respond(Ok(bytes.into())).await
@@ -316,7 +318,14 @@ async fn not_served(client: &Client, msg: Message) {
         )),
     };
     tracing::debug!(subject = %msg.subject, error = %message, "bad_request");
-    if let Some(to) = msg.reply {
+    let Some(to) = msg.reply else { return };
+    if tokens.get(1) == Some(&"query") {
+        // A query's error shape, as every query's.
+        let bytes = QueryError::new(ErrorCode::BadRequest, message.0, None).to_json();
+        if let Err(e) = client.publish(to, bytes.into()).await {
+            tracing::warn!(error = %e, "reply not sent");
+        }
+    } else {
         let reply = Reply::error(ErrorCode::BadRequest, message.0);
         refuse(client, ReplyTo::Subject(to), reply).await;
     }

@@ -34,7 +34,8 @@ pub const GROUP_TTL_DEFAULT: Duration = Duration::from_secs(3);
 /// Who holds a lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
-    /// `host:/canonical/path/of/the.redb`: the store that writes the stream.
+    /// `host:/canonical/path/of/the.redb`, the store that writes the
+    /// stream; a group node's is `group/node host:/path`.
     pub store: String,
     pub pid: u32,
     /// When this holder took the lease (RFC 3339 UTC).
@@ -76,6 +77,13 @@ impl Holder {
             since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             group: None,
         }
+    }
+
+    /// A single-mode bcp serve's: no group, and a store `host:/path`. (A
+    /// group node of an older bcp wrote no group either, but its store
+    /// was `group/node`.)
+    pub fn is_single_mode(&self) -> bool {
+        self.group.is_none() && self.store.contains(":/")
     }
 
     fn describe(&self) -> String {
@@ -197,7 +205,7 @@ impl Bucket {
                 }
             }
             return Ok(Err(HeldBy {
-                single_mode: holder.as_ref().is_some_and(|h| h.group.is_none()),
+                single_mode: holder.as_ref().is_some_and(Holder::is_single_mode),
                 holder: holder
                     .map_or_else(|| "an unreadable lease entry".to_owned(), |h| h.describe()),
             }));
@@ -376,5 +384,24 @@ pub async fn hold(mut lease: Lease, on_loss: OnLoss, stop: CancellationToken) ->
                 return lease;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_single_mode_holder_reads_as_one() {
+        let held = |json: &str| serde_json::from_str::<Holder>(json).unwrap();
+        let single =
+            held(r#"{"store":"h1:/var/lib/bcp.redb","pid":7,"since":"2026-12-01T00:00:00Z"}"#);
+        assert!(single.is_single_mode());
+        // A group node of this bcp, and of an older one (no `group`).
+        let node = Holder::node("g", "b1", Path::new("/var/lib/b1.redb"));
+        assert!(!node.is_single_mode());
+        let older = held(r#"{"store":"g/b1","pid":7,"since":"2026-12-01T00:00:00Z"}"#);
+        assert!(!older.is_single_mode());
+        assert!(Holder::me(Path::new("/x.redb")).is_single_mode());
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::domain::ErrorCode;
 use crate::domain::filter::JobFilter;
-use crate::domain::history::{HistoryEntry, history};
+use crate::domain::history::HistoryEntry;
 use crate::domain::limits::{
     PAYLOAD_BYTES_MAX, QUERY_HISTORY_BYTES_MAX, QUERY_HISTORY_MAX, QUERY_JOBS_BYTES_MAX,
     QUERY_JOBS_MAX,
@@ -117,7 +117,8 @@ fn to_value(v: impl Serialize) -> Value {
 
 /// A query's error reply: the error of a command's reply (without its
 /// `duplicate`), and how far the answering store had applied the log
-/// (absent when the query was refused before the store was read).
+/// (absent when the query was refused before the store was read, or its
+/// answer failed).
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct QueryError {
     /// Always false.
@@ -241,9 +242,10 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
                 if events.is_empty() {
                     return not_found(as_of_seq, q.job_id);
                 }
-                let entries = history(&events, |e| {
-                    store.command_start(e.seq, e.command_id).ok().flatten()
-                });
+                let entries = match store.history(&events) {
+                    Ok(entries) => entries,
+                    Err(e) => return error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
+                };
                 let (history, next_after_seq) = history_page(entries, q.after_seq);
                 to_value(HistoryReply {
                     ok: true,

@@ -2,7 +2,8 @@
 //! pipelined (up to `RELAY_WINDOW_MAX` acks outstanding, awaited in order),
 //! with `Nats-Msg-Id = event_id` and `Nats-Expected-Last-Sequence = seq - 1`,
 //! so the stream sequence of every event equals its bcp seq. Every publish
-//! but the first after a check also carries `Nats-Expected-Last-Msg-Id` =
+//! but the first after a check (and those inside a group's atomic batch,
+//! below) also carries `Nats-Expected-Last-Msg-Id` =
 //! the previous event's id: the sequence alone checks a position, not what
 //! stands there, so once a foreign message took seq K, the pipelined
 //! publishes of K+1… would each find "last sequence K" and be stored after
@@ -53,7 +54,10 @@ use crate::domain::limits::{
 };
 use crate::store::Store;
 use async_nats::jetstream::{
-    self, context::PublishError, message::PublishMessage, publish::PublishAck,
+    self,
+    context::{GetStreamErrorKind, PublishError},
+    message::PublishMessage,
+    publish::PublishAck,
 };
 use async_nats::{HeaderMap, header};
 use std::collections::VecDeque;
@@ -285,14 +289,30 @@ async fn publish_until_drained(
         alarms,
         fence,
     } = target;
-    let stream = js
-        .get_or_create_stream(guard::stream_config(
+    // In a group the follower phase made the stream; a leader finding it
+    // gone steps down, and its follower phase says the stream was lost
+    // (a store with events never creates it again).
+    let stream = if fence.is_some() {
+        match js.get_stream(stream_name).await {
+            Ok(stream) => stream,
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                tracing::warn!(stream = %stream_name, "the stream is gone: stepping down");
+                return Err(fenced(fence));
+            }
+            Err(e) => return Err(format!("stream {stream_name}: {e}").into()),
+        }
+    } else {
+        js.get_or_create_stream(guard::stream_config(
             stream_name,
             *replicas,
             &js.client().server_info().version,
         ))
         .await
-        .map_err(|e| format!("stream {stream_name}: {e}"))?;
+        .map_err(|e| format!("stream {stream_name}: {e}"))?
+    };
     // Fast batches in single mode, on a stream that allows them (one made
     // by an older bcp does not: its events keep one ack each). In group
     // mode each reply waits for its own events' acks.
@@ -309,6 +329,7 @@ async fn publish_until_drained(
     }
     let mut sent = last;
     let mut in_flight: VecDeque<(u64, Ack)> = VecDeque::with_capacity(RELAY_WINDOW_MAX);
+    let mut atomic_max = RELAY_ATOMIC_BATCH_MAX;
     let mut writer_gone = false;
     *backoff = Duration::from_millis(100);
     // The first publish is checked by the sequence alone: the check above
@@ -351,6 +372,7 @@ async fn publish_until_drained(
                     in_flight: &mut in_flight,
                     published,
                     prev_id: &mut prev_id,
+                    atomic_max: &mut atomic_max,
                 },
                 alarms,
                 fence,
@@ -523,6 +545,9 @@ struct Window<'a> {
     published: &'a watch::Sender<u64>,
     /// The id of the event published last (the next publish expects it).
     prev_id: &'a mut Option<String>,
+    /// Events per atomic batch: [`RELAY_ATOMIC_BATCH_MAX`], or less once
+    /// nats-server refused that many.
+    atomic_max: &'a mut usize,
 }
 
 impl Window<'_> {
@@ -577,12 +602,23 @@ async fn publish_chunk(
             // (nats-server refuses `Nats-Expected-Last-Msg-Id` in a
             // batch) is enough.
             window.settle_all().await?;
-            while !command.is_empty() {
-                let rest = command.split_off(command.len().min(RELAY_ATOMIC_BATCH_MAX));
-                let part = std::mem::replace(&mut command, rest);
-                let (seq, event_id) = publish_atomic(js, part, window.published).await?;
-                *window.prev_id = Some(event_id);
-                sent = Some(seq);
+            let mut rest = command.as_slice();
+            while !rest.is_empty() {
+                let (part, after) = rest.split_at(rest.len().min(*window.atomic_max));
+                match publish_atomic(js, part, window.published).await {
+                    Ok((seq, event_id)) => {
+                        *window.prev_id = Some(event_id);
+                        sent = Some(seq);
+                        rest = after;
+                    }
+                    // Nothing of it was stored: the same events again, in
+                    // halves, as the server's own limit is lower.
+                    Err(Publish::TooLarge(e)) if part.len() > 1 => {
+                        *window.atomic_max = part.len() / 2;
+                        tracing::warn!(error = %e, events = *window.atomic_max, "nats-server takes smaller atomic batches; a command of more events goes in several");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             continue;
         }
@@ -614,10 +650,10 @@ async fn publish_chunk(
 /// (nats-server refuses a last message id in a batch, and the sequence on
 /// any message but the first). All but the commit go without a reply
 /// subject, and the commit's ack is awaited. Returns the last seq and its
-/// event id.
+/// event id; [`Publish::TooLarge`] when the server takes smaller batches.
 async fn publish_atomic(
     js: &jetstream::Context,
-    events: Vec<Event>,
+    events: &[Event],
     published: &watch::Sender<u64>,
 ) -> Result<(u64, String), Publish> {
     // Unique per attempt: a batch whose commit never arrived stays staged
@@ -625,7 +661,8 @@ async fn publish_atomic(
     let batch_id = uuid::Uuid::now_v7().simple().to_string();
     let n = events.len();
     let mut commit = None;
-    for (i, (seq, bytes, route)) in events.into_iter().enumerate() {
+    for (i, (seq, bytes, route)) in events.iter().enumerate() {
+        let (seq, payload) = (*seq, bytes::Bytes::copy_from_slice(bytes));
         let event_id = route.event_id.to_string();
         // nats-server takes the sequence fence on a batch's first message
         // only (it holds for the batch, stored together).
@@ -638,24 +675,39 @@ async fn publish_atomic(
         headers.insert(header::NATS_BATCH_SEQUENCE, (i + 1).to_string());
         if i + 1 < n {
             js.client()
-                .publish_with_headers(route.subject, headers, bytes.into())
+                .publish_with_headers(route.subject.clone(), headers, payload)
                 .await
                 .map_err(|e| Publish::Failed(format!("publish seq {seq} in a batch: {e}")))?;
             continue;
         }
         headers.insert(header::NATS_BATCH_COMMIT, header::NATS_BATCH_COMMIT_FINAL);
-        let msg = PublishMessage::build()
-            .payload(bytes.into())
-            .headers(headers);
+        let msg = PublishMessage::build().payload(payload).headers(headers);
         let ack = js
-            .send_publish(route.subject, msg)
+            .send_publish(route.subject.clone(), msg)
             .await
             .map_err(|e| Publish::Failed(format!("publish seq {seq}, a batch's commit: {e}")))?;
         commit = Some((seq, event_id, ack));
     }
     let (seq, event_id, ack) = commit.expect("a batch has a last event");
-    settle(seq, ack.await, published)?;
+    let ack = ack.await;
+    if let Err(e) = &ack
+        && jetstream_code(e) == Some(ATOMIC_BATCH_TOO_LARGE)
+    {
+        return Err(Publish::TooLarge(e.to_string()));
+    }
+    settle(seq, ack, published)?;
     Ok((seq, event_id))
+}
+
+/// nats-server's `err_code` of a refused atomic batch that holds more
+/// messages than its `jetstream.limits.batch` allows.
+const ATOMIC_BATCH_TOO_LARGE: u64 = 10199;
+
+/// The JetStream `err_code` behind a refused publish, if it was one.
+fn jetstream_code(e: &PublishError) -> Option<u64> {
+    std::error::Error::source(e)?
+        .downcast_ref::<jetstream::Error>()
+        .map(|j| j.error_code().0)
 }
 
 /// The ack of the publish of `seq`: it was stored at stream sequence
@@ -694,12 +746,14 @@ enum Publish {
     Failed(String),
     /// An alarm was raised: stop before the next publish.
     Halted,
+    /// An atomic batch held more messages than nats-server allows.
+    TooLarge(String),
 }
 
 impl std::fmt::Display for Publish {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Publish::Fenced(e) | Publish::Failed(e) => f.write_str(e),
+            Publish::Fenced(e) | Publish::Failed(e) | Publish::TooLarge(e) => f.write_str(e),
             Publish::Halted => f.write_str("an alarm was raised"),
         }
     }

@@ -12,6 +12,7 @@ pub mod records;
 pub mod rows;
 pub mod tables;
 
+use crate::domain::history::HistoryEntry;
 use crate::domain::{Catalog, Envelope, Job, Region, World};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle};
 use serde::{Deserialize, Serialize};
@@ -504,6 +505,24 @@ impl Store {
             }
         }
         Ok(first)
+    }
+
+    /// A job's history from its `events` ([`history`](crate::domain::history::history)),
+    /// each move by another job's command named by that command's first
+    /// event ([`Store::command_start`]); one that cannot be read is an
+    /// error, not a guess at its verb.
+    pub fn history(&self, events: &[Envelope]) -> Result<Vec<HistoryEntry>> {
+        let mut unread = None;
+        let entries = crate::domain::history::history(events, |e| {
+            match self.command_start(e.seq, e.command_id) {
+                Ok(start) => start,
+                Err(err) => {
+                    unread.get_or_insert(err);
+                    None
+                }
+            }
+        });
+        unread.map_or(Ok(entries), Err)
     }
 
     pub fn job(&self, job_id: Uuid) -> Result<Option<Job>> {

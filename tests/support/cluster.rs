@@ -44,6 +44,12 @@ impl Cluster {
     /// As [`start`](Cluster::start), each server's configuration ending
     /// with `extra` (an `authorization` block, say).
     pub async fn start_with(nodes: usize, extra: &str) -> Cluster {
+        Cluster::start_configured(nodes, "", extra).await
+    }
+
+    /// As [`start_with`](Cluster::start_with), with `jetstream` (say a
+    /// `limits` block) inside each server's `jetstream` block.
+    pub async fn start_configured(nodes: usize, jetstream: &str, extra: &str) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("bcp-cluster-test")
             .tempdir()
@@ -58,7 +64,7 @@ impl Cluster {
                 port,
                 conf: dir.path().join(format!("{name}.conf")),
                 base: format!(
-                    "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{}",
+                    "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\"\n{jetstream} }}\n{}",
                     store.display(),
                     super::procs::cluster_block(&name, "bcp-test", i, &route_ports)
                 ),
