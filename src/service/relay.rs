@@ -155,6 +155,10 @@ impl Outbox {
 /// The ack of a publish not yet acknowledged.
 type Ack = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
+/// A publish not yet acknowledged: the seq it ends at, how many events
+/// it holds (more than one: a group's atomic batch), and its ack.
+type InFlight = (u64, usize, Ack);
+
 /// Why publishing stopped.
 enum Interrupted {
     /// NATS failed (an outage, a timeout): reconcile and resume.
@@ -181,6 +185,9 @@ pub async fn run(
     drain: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    // Kept across reconnections: a smaller limit of nats-server's is met
+    // by the next attempt.
+    let mut atomic_max = RELAY_ATOMIC_BATCH_MAX;
     let source = Source { store, outbox };
     loop {
         match publish_until_drained(
@@ -190,6 +197,7 @@ pub async fn run(
             &published,
             &drain,
             &mut backoff,
+            &mut atomic_max,
         )
         .await
         {
@@ -281,6 +289,7 @@ async fn publish_until_drained(
     published: &watch::Sender<u64>,
     drain: &CancellationToken,
     backoff: &mut Duration,
+    atomic_max: &mut usize,
 ) -> Result<(), Interrupted> {
     let Target {
         js,
@@ -328,8 +337,7 @@ async fn publish_until_drained(
         return Err(Interrupted::Halted);
     }
     let mut sent = last;
-    let mut in_flight: VecDeque<(u64, Ack)> = VecDeque::with_capacity(RELAY_WINDOW_MAX);
-    let mut atomic_max = RELAY_ATOMIC_BATCH_MAX;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(RELAY_WINDOW_MAX);
     let mut writer_gone = false;
     *backoff = Duration::from_millis(100);
     // The first publish is checked by the sequence alone: the check above
@@ -372,7 +380,7 @@ async fn publish_until_drained(
                     in_flight: &mut in_flight,
                     published,
                     prev_id: &mut prev_id,
-                    atomic_max: &mut atomic_max,
+                    atomic_max: &mut *atomic_max,
                 },
                 alarms,
                 fence,
@@ -382,15 +390,15 @@ async fn publish_until_drained(
             .map_err(interrupted)?
             .unwrap_or(sent);
         }
-        if let Some((seq, ack)) = in_flight.front_mut() {
+        if let Some((seq, events, ack)) = in_flight.front_mut() {
             // Acks outstanding: settle the oldest, unless more events are
             // committed first (then publish those too, without waiting).
-            let seq = *seq;
+            let (seq, events) = (*seq, *events);
             tokio::select! {
                 biased;
                 result = ack => {
                     in_flight.pop_front();
-                    settle(seq, result, published).map_err(interrupted)?;
+                    settle_publish(seq, events, result, published, atomic_max).map_err(interrupted)?;
                 }
                 changed = head.changed(), if !writer_gone => writer_gone = changed.is_err(),
             }
@@ -541,7 +549,7 @@ fn fenced_headers(seq: u64, event_id: &str, prev_id: Option<String>) -> HeaderMa
 
 /// The publishes outstanding, and what the next publish is fenced by.
 struct Window<'a> {
-    in_flight: &'a mut VecDeque<(u64, Ack)>,
+    in_flight: &'a mut VecDeque<InFlight>,
     published: &'a watch::Sender<u64>,
     /// The id of the event published last (the next publish expects it).
     prev_id: &'a mut Option<String>,
@@ -553,10 +561,20 @@ struct Window<'a> {
 impl Window<'_> {
     /// Await every ack outstanding, oldest first.
     async fn settle_all(&mut self) -> Result<(), Publish> {
-        while let Some((seq, ack)) = self.in_flight.pop_front() {
-            settle(seq, ack.await, self.published)?;
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await?;
         }
         Ok(())
+    }
+
+    async fn settle_oldest(&mut self) -> Result<(), Publish> {
+        let (seq, events, ack) = self.in_flight.pop_front().expect("a publish in flight");
+        settle_publish(seq, events, ack.await, self.published, self.atomic_max)
+    }
+
+    /// Add a publish of `events` events through `seq`.
+    fn push(&mut self, seq: u64, events: usize, ack: Ack) {
+        self.in_flight.push_back((seq, events, ack));
     }
 }
 
@@ -597,28 +615,17 @@ async fn publish_chunk(
             command.extend(std::iter::from_fn(|| {
                 events.next_if(|e| e.2.command_id == command_id)
             }));
-            // Every publish before it acknowledged: the stream's last
-            // message is then this log's, and the batch's sequence fence
-            // (nats-server refuses `Nats-Expected-Last-Msg-Id` in a
-            // batch) is enough.
-            window.settle_all().await?;
-            let mut rest = command.as_slice();
-            while !rest.is_empty() {
-                let (part, after) = rest.split_at(rest.len().min(*window.atomic_max));
-                match publish_atomic(js, part, window.published).await {
-                    Ok((seq, event_id)) => {
-                        *window.prev_id = Some(event_id);
-                        sent = Some(seq);
-                        rest = after;
-                    }
-                    // Nothing of it was stored: the same events again, in
-                    // halves, as the server's own limit is lower.
-                    Err(Publish::TooLarge(e)) if part.len() > 1 => {
-                        *window.atomic_max = part.len() / 2;
-                        tracing::warn!(error = %e, events = *window.atomic_max, "nats-server takes smaller atomic batches; a command of more events goes in several");
-                    }
-                    Err(e) => return Err(e),
-                }
+            for part in command.chunks(*window.atomic_max) {
+                // Every publish before it acknowledged: the stream's last
+                // message is then this log's, and the batch's sequence
+                // fence (nats-server refuses `Nats-Expected-Last-Msg-Id`
+                // in a batch) is enough. Its own ack is awaited in turn,
+                // as any: the publishes after it expect its last id.
+                window.settle_all().await?;
+                let (seq, event_id, ack) = publish_atomic(js, part).await?;
+                *window.prev_id = Some(event_id);
+                window.push(seq, part.len(), ack);
+                sent = Some(seq);
             }
             continue;
         }
@@ -630,14 +637,13 @@ async fn publish_chunk(
             .payload(bytes.into())
             .headers(headers);
         if window.in_flight.len() >= RELAY_WINDOW_MAX {
-            let (seq, ack) = window.in_flight.pop_front().expect("window not empty");
-            settle(seq, ack.await, window.published)?;
+            window.settle_oldest().await?;
         }
         let ack = js
             .send_publish(route.subject, msg)
             .await
             .map_err(|e| Publish::Failed(format!("publish seq {seq}: {e}")))?;
-        window.in_flight.push_back((seq, ack.into_future()));
+        window.push(seq, 1, ack.into_future());
         sent = Some(seq);
     }
     Ok(sent)
@@ -649,13 +655,11 @@ async fn publish_chunk(
 /// has its seq and id; the first is fenced by the stream's last sequence
 /// (nats-server refuses a last message id in a batch, and the sequence on
 /// any message but the first). All but the commit go without a reply
-/// subject, and the commit's ack is awaited. Returns the last seq and its
-/// event id; [`Publish::TooLarge`] when the server takes smaller batches.
+/// subject. Returns the last seq, its event id, and the commit's ack.
 async fn publish_atomic(
     js: &jetstream::Context,
     events: &[Event],
-    published: &watch::Sender<u64>,
-) -> Result<(u64, String), Publish> {
+) -> Result<(u64, String, Ack), Publish> {
     // Unique per attempt: a batch whose commit never arrived stays staged
     // in nats-server until its timeout, under its id.
     let batch_id = uuid::Uuid::now_v7().simple().to_string();
@@ -689,14 +693,24 @@ async fn publish_atomic(
         commit = Some((seq, event_id, ack));
     }
     let (seq, event_id, ack) = commit.expect("a batch has a last event");
-    let ack = ack.await;
-    if let Err(e) = &ack
-        && jetstream_code(e) == Some(ATOMIC_BATCH_TOO_LARGE)
-    {
-        return Err(Publish::TooLarge(e.to_string()));
+    Ok((seq, event_id, ack.into_future()))
+}
+
+/// [`settle`] a publish of `events` events; an atomic batch refused as too
+/// large leaves `atomic_max` at half its size, for the next attempt.
+fn settle_publish(
+    seq: u64,
+    events: usize,
+    ack: Result<PublishAck, PublishError>,
+    published: &watch::Sender<u64>,
+    atomic_max: &mut usize,
+) -> Result<(), Publish> {
+    let settled = settle(seq, ack, published);
+    if let Err(Publish::TooLarge(e)) = &settled {
+        *atomic_max = (events / 2).max(1);
+        tracing::warn!(error = %e, events = *atomic_max, "nats-server takes smaller atomic batches; a command of more events goes in several");
     }
-    settle(seq, ack, published)?;
-    Ok((seq, event_id))
+    settled
 }
 
 /// nats-server's `err_code` of a refused atomic batch that holds more
@@ -725,6 +739,8 @@ fn settle(
         // reconnection's check tells a foreign message apart.
         if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
             Publish::Fenced(what)
+        } else if jetstream_code(&e) == Some(ATOMIC_BATCH_TOO_LARGE) {
+            Publish::TooLarge(what)
         } else {
             Publish::Failed(what)
         }
