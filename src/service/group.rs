@@ -28,10 +28,8 @@ use super::lease::{self, Lease};
 use super::{Node, ServeError, TermEnd, intake, until_nats};
 use crate::store::ledger::Ledger;
 use crate::store::pipeline::Pipeline;
-use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
-use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::Stream;
 use futures::{FutureExt, StreamExt};
 use std::time::Duration;
@@ -365,12 +363,7 @@ async fn next_batch(messages: &mut Option<Messages>) -> Option<(Vec<Vec<u8>>, u6
 async fn existing_stream(node: &Node) -> Result<Option<Stream>, String> {
     match node.js.get_stream(&node.config.stream).await {
         Ok(stream) => Ok(Some(stream)),
-        Err(e)
-            if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
-                if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            Ok(None)
-        }
+        Err(e) if guard::no_such_stream(&e) => Ok(None),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -440,6 +440,13 @@ pub enum Inspection {
 /// publishes what is committed, so the stream's last sequence read before
 /// can never be past it (read before, a busy relay's publishes in between
 /// would look like another writer's).
+/// Whether a stream lookup failed because JetStream has no such stream
+/// (not because NATS or JetStream could not answer).
+pub fn no_such_stream(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
 pub async fn inspect(
     store: &Store,
     js: &jetstream::Context,
@@ -450,9 +457,7 @@ pub async fn inspect(
     let mut stream = match js.get_stream(stream_name).await {
         Ok(s) => s,
         Err(e) => {
-            if let jetstream::context::GetStreamErrorKind::JetStream(j) = e.kind()
-                && j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            {
+            if no_such_stream(&e) {
                 alarms.clear(AlarmKind::Fork);
                 alarms.clear(AlarmKind::StreamConfig);
                 return Ok(Inspection::NoStream);

@@ -210,14 +210,12 @@ fn refuse(client: &Client, to: ReplyTo, reply: Reply) -> futures::future::BoxFut
 }
 
 /// A query refused before its store was read (boxed, as [`refuse`]).
-fn refuse_query(request: Request, error: QueryError) -> futures::future::BoxFuture<'static, ()> {
-    Box::pin(async move {
-        if request.message.reply.is_some()
-            && let Err(e) = request.respond(Ok(error.to_json().into())).await
-        {
-            tracing::warn!(error = %e, "query reply not sent");
-        }
-    })
+fn refuse_query(
+    client: &Client,
+    to: ReplyTo,
+    error: QueryError,
+) -> futures::future::BoxFuture<'_, ()> {
+    Box::pin(async move { to.send_bytes(client, error.to_json().into()).await })
 }
 
 /// Answer a query on a blocking thread, or `unavailable` at once when
@@ -232,17 +230,14 @@ async fn query(
 ) {
     if let Some(why) = malformed_headers(&request.message) {
         let error = QueryError::new(ErrorCode::BadRequest, why, None);
-        refuse_query(request, error).await;
+        refuse_query(client, ReplyTo::of_request(request), error).await;
         return;
     }
     let Ok(permit) = queries.clone().try_acquire_owned() else {
         tracing::debug!(query = kind, "unavailable: too many queries in flight");
         let message = "too many queries in flight; retry shortly";
-        refuse_query(
-            request,
-            QueryError::new(ErrorCode::Unavailable, message, None),
-        )
-        .await;
+        let error = QueryError::new(ErrorCode::Unavailable, message, None);
+        refuse_query(client, ReplyTo::of_request(request), error).await;
         return;
     };
     let max_payload = client.server_info().max_payload;
@@ -321,10 +316,8 @@ async fn not_served(client: &Client, msg: Message) {
     let Some(to) = msg.reply else { return };
     if tokens.get(1) == Some(&"query") {
         // A query's error shape, as every query's.
-        let bytes = QueryError::new(ErrorCode::BadRequest, message.0, None).to_json();
-        if let Err(e) = client.publish(to, bytes.into()).await {
-            tracing::warn!(error = %e, "reply not sent");
-        }
+        let error = QueryError::new(ErrorCode::BadRequest, message.0, None);
+        refuse_query(client, ReplyTo::Subject(to), error).await;
     } else {
         let reply = Reply::error(ErrorCode::BadRequest, message.0);
         refuse(client, ReplyTo::Subject(to), reply).await;

@@ -54,10 +54,7 @@ use crate::domain::limits::{
 };
 use crate::store::Store;
 use async_nats::jetstream::{
-    self,
-    context::{GetStreamErrorKind, PublishError},
-    message::PublishMessage,
-    publish::PublishAck,
+    self, context::PublishError, message::PublishMessage, publish::PublishAck,
 };
 use async_nats::{HeaderMap, header};
 use std::collections::VecDeque;
@@ -304,10 +301,7 @@ async fn publish_until_drained(
     let stream = if fence.is_some() {
         match js.get_stream(stream_name).await {
             Ok(stream) => stream,
-            Err(e)
-                if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-            {
+            Err(e) if guard::no_such_stream(&e) => {
                 tracing::warn!(stream = %stream_name, "the stream is gone: stepping down");
                 return Err(fenced(fence));
             }

@@ -36,7 +36,11 @@ impl ReplyTo {
     }
 
     pub async fn send(self, client: &Client, reply: &Reply) {
-        let bytes = reply.to_json().into();
+        self.send_bytes(client, reply.to_json().into()).await
+    }
+
+    /// Send a reply already serialized (a query's, say).
+    pub async fn send_bytes(self, client: &Client, bytes: bytes::Bytes) {
         let sent = match self {
             ReplyTo::Request(r) => r.respond(Ok(bytes)).await,
             ReplyTo::Subject(s) => client.publish(s, bytes).await,
