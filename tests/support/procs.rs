@@ -69,10 +69,19 @@ pub fn serve_command(bin: &Path, db: &Path, nats_url: &str) -> std::process::Com
 /// (a nats-server of a cluster then exits and the test fails waiting for
 /// it). Picked at random in 20000..32000, so parallel tests rarely try the
 /// same one, and checked free.
+///
+/// Never the same port twice in one process: a port is free only until
+/// its server binds it, and a cluster's route ports are picked before
+/// any of its servers starts, a stopped server's port is free until it
+/// restarts. Another test picking it in between made a server exit with
+/// "address already in use" (seen in CI).
 pub fn free_port() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
             return port;
         }
     }
