@@ -3,7 +3,7 @@
 
 use super::scan::{self, scan};
 use crate::domain::{Envelope, Job, ProjectId, Snapshot, World};
-use crate::store::{Result, Store, StoreError, decode_envelope};
+use crate::store::{Result, Store, StoreError, decode_state};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -104,9 +104,13 @@ fn pretty_list<T: Sync>(
                 let (tx, rx) = sync_channel::<serde_json::Result<Vec<u8>>>(2);
                 let chunk = &chunk;
                 s.spawn(move || {
+                    // Each piece sized by the last: grown from empty, its
+                    // copies while growing were 3 % of replay's CPU.
+                    let mut last = 0;
                     for n in (w..count).step_by(workers) {
-                        let mut buf = Vec::new();
+                        let mut buf = Vec::with_capacity(last + last / 8);
                         let done = chunk(n, &mut buf).map(|()| buf);
+                        last = done.as_ref().map_or(0, Vec::len);
                         let failed = done.is_err();
                         if tx.send(done).is_err() || failed {
                             break;
@@ -171,7 +175,7 @@ impl Replayer {
             self.done = true;
             return false;
         }
-        self.world.evolve(env);
+        self.world.evolve_unindexed(env);
         self.as_of_seq = env.seq;
         true
     }
@@ -206,18 +210,14 @@ impl Replayer {
 }
 
 /// Replay a store: events are parsed on every core ([`scan`](fn@scan)) and folded in
-/// seq order here.
+/// seq order here. Only the state is read of each event
+/// ([`decode_state`]); `bcp audit verify` checks the rest.
 pub fn replay(store: &Store, cut: Cut, select: &Select) -> Result<ReplayView> {
     let mut r = Replayer::default();
-    scan::<_, StoreError>(
-        store,
-        scan::workers(),
-        decode_envelope,
-        |_, env| match env {
-            Ok(env) => Ok(r.feed(env, &cut)),
-            Err(e) => Err(std::mem::replace(e, StoreError::Corrupt(String::new()))),
-        },
-    )?;
+    scan::<_, StoreError>(store, scan::workers(), decode_state, |_, env| match env {
+        Ok(env) => Ok(r.feed(env, &cut)),
+        Err(e) => Err(std::mem::replace(e, StoreError::Corrupt(String::new()))),
+    })?;
     Ok(r.view(select))
 }
 

@@ -85,7 +85,7 @@ pub fn verify(
             seq += 1;
             check_key(seq, key)?;
             let env = check_parsed(seq, parsed, &prev_hash, &world)?;
-            world.evolve(env);
+            world.evolve_unindexed(env);
             commands.add(env);
             if digest.is_some_and(|d| d.seq == seq) {
                 digest_hash = Some(env.hash.clone());

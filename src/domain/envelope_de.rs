@@ -151,7 +151,13 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
-struct EnvelopeVisitor;
+/// Reads an envelope; with `state_only`, the fields no fold reads
+/// (`event_id`, `command_id`, `actor`, `prev_hash`, `hash`) are checked to
+/// be JSON, the required ones present, and left blank: nil ids, no actor,
+/// empty hashes ([`Envelope::from_json_state`]).
+pub(crate) struct EnvelopeVisitor {
+    pub(crate) state_only: bool,
+}
 
 fn set<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
     slot: &mut Option<T>,
@@ -193,7 +199,29 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
         // `data` seen before `type`: kept until the type is known.
         let mut early_data: Option<serde_json::Value> = None;
         let mut hash: Option<String> = None;
+        // What a state-only read skips: seen or not, no value kept.
+        let [
+            mut event_id_seen,
+            mut command_id_seen,
+            mut actor_seen,
+            mut prev_hash_seen,
+            mut hash_seen,
+        ] = [None; 5];
         while let Some(key) = map.next_key::<Field>()? {
+            if self.state_only {
+                let skipped = match key {
+                    Field::EventId => Some((&mut event_id_seen, "event_id")),
+                    Field::CommandId => Some((&mut command_id_seen, "command_id")),
+                    Field::Actor => Some((&mut actor_seen, "actor")),
+                    Field::PrevHash => Some((&mut prev_hash_seen, "prev_hash")),
+                    Field::Hash => Some((&mut hash_seen, "hash")),
+                    _ => None,
+                };
+                if let Some((seen, name)) = skipped {
+                    set::<IgnoredAny, _>(seen, &mut map, name)?;
+                    continue;
+                }
+            }
             match key {
                 Field::Seq => set(&mut seq, &mut map, "seq")?,
                 Field::EventId => set(&mut event_id, &mut map, "event_id")?,
@@ -237,6 +265,14 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
                     .into_deserializer(),
             )?,
         };
+        if self.state_only {
+            required(event_id_seen, "event_id")?;
+            required(command_id_seen, "command_id")?;
+            required(prev_hash_seen, "prev_hash")?;
+            event_id = Some(Uuid::nil());
+            command_id = Some(Uuid::nil());
+            prev_hash = Some(String::new());
+        }
         Ok(Envelope {
             seq: required(seq, "seq")?,
             event_id: required(event_id, "event_id")?,
@@ -257,7 +293,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
 
 impl<'de> Deserialize<'de> for Envelope {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(EnvelopeVisitor)
+        d.deserialize_map(EnvelopeVisitor { state_only: false })
     }
 }
 

@@ -225,8 +225,17 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 }
 
 pub fn decode_envelope(seq: u64, bytes: &[u8]) -> Result<Envelope> {
-    Envelope::from_json(bytes)
-        .map_err(|e| corrupt(format!("event at seq {seq} does not parse: {e}")))
+    Envelope::from_json(bytes).map_err(|e| unparsable(seq, e))
+}
+
+/// [`decode_envelope`] for a fold of the state only
+/// ([`Envelope::from_json_state`]: ids, actor and hashes left blank).
+pub fn decode_state(seq: u64, bytes: &[u8]) -> Result<Envelope> {
+    Envelope::from_json_state(bytes).map_err(|e| unparsable(seq, e))
+}
+
+fn unparsable(seq: u64, e: serde_json::Error) -> StoreError {
+    corrupt(format!("event at seq {seq} does not parse: {e}"))
 }
 
 /// How many bytes `value`'s JSON takes, without building it.
