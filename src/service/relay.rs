@@ -30,13 +30,14 @@
 //!
 //! In group mode a command's events are published whole or not at all:
 //! one that has several (`terminate` with its purge, a region change and
-//! the jobs it moves) goes as one JetStream atomic batch (a stream with
+//! the jobs it moves) goes in a JetStream atomic batch (a stream with
 //! `allow_atomic`, nats-server 2.12+), after every publish before it is
-//! acknowledged. A leader that dies mid-command then leaves the stream
-//! without any of it, never with a part the next leader would build on
-//! (only a command of more than [`RELAY_ATOMIC_BATCH_MAX`] events goes in
-//! several batches). On a stream made without `allow_atomic`, each event
-//! goes alone, and the relay says so when it connects.
+//! acknowledged, together with the whole commands that follow it in the
+//! chunk, as many as fit. A leader that dies mid-command then leaves the
+//! stream without any of it, never with a part the next leader would
+//! build on (only a command of more than [`RELAY_ATOMIC_BATCH_MAX`] events
+//! goes in several batches). On a stream made without `allow_atomic`, each
+//! event goes alone, and the relay says so when it connects.
 //!
 //! On every (re)connection it checks the stream against the log
 //! ([`super::guard::inspect`]) and resumes after the stream's last sequence,
@@ -584,63 +585,100 @@ fn event_headers(seq: u64, event_id: &str) -> HeaderMap {
 
 /// Publish a chunk, its acks joining the window of those outstanding
 /// (when it is full, the oldest is awaited first); returns the last seq
-/// sent (`None`: the chunk was empty). With `atomic` (group mode), a
-/// command of several events goes as atomic batches ([`publish_atomic`]).
+/// sent (`None`: the chunk was empty). With `atomic` (group mode), from
+/// the first command of several events on, whole commands go together in
+/// atomic batches ([`atomic_batches`], [`publish_atomic`]).
 async fn publish_chunk(
     js: &jetstream::Context,
-    chunk: Vec<Event>,
+    mut chunk: Vec<Event>,
     mut window: Window<'_>,
     alarms: &Alarms,
     fence: &Option<CancellationToken>,
     atomic: bool,
 ) -> Result<Option<u64>, Publish> {
     let mut sent = None;
-    let mut events = chunk.into_iter().peekable();
-    while let Some(event) = events.next() {
+    let mut at = 0;
+    while at < chunk.len() {
         if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
             return Err(Publish::Fenced("this node stepped down".into()));
         }
         if alarms.any() {
             return Err(Publish::Halted);
         }
-        let command_id = event.2.command_id;
-        if atomic && events.peek().is_some_and(|e| e.2.command_id == command_id) {
-            let mut command = vec![event];
-            command.extend(std::iter::from_fn(|| {
-                events.next_if(|e| e.2.command_id == command_id)
-            }));
-            for part in command.chunks(*window.atomic_max) {
+        if atomic && command_end(&chunk, at) - at > 1 {
+            for batch in atomic_batches(&chunk[at..], *window.atomic_max) {
                 // Every publish before it acknowledged: the stream's last
                 // message is then this log's, and the batch's sequence
                 // fence (nats-server refuses `Nats-Expected-Last-Msg-Id`
                 // in a batch) is enough. Its own ack is awaited in turn,
                 // as any: the publishes after it expect its last id.
                 window.settle_all().await?;
-                let (seq, event_id, ack) = publish_atomic(js, part).await?;
+                let (seq, event_id, ack) = publish_atomic(js, batch).await?;
                 *window.prev_id = Some(event_id);
-                window.push(seq, part.len(), ack);
+                window.push(seq, batch.len(), ack);
                 sent = Some(seq);
             }
-            continue;
+            break;
         }
-        let (seq, bytes, route) = event;
+        let (seq, bytes, route) = &mut chunk[at];
+        let seq = *seq;
+        at += 1;
         let event_id = route.event_id.to_string();
         let headers = fenced_headers(seq, &event_id, window.prev_id.take());
         *window.prev_id = Some(event_id);
         let msg = PublishMessage::build()
-            .payload(bytes.into())
+            .payload(std::mem::take(bytes).into())
             .headers(headers);
         if window.in_flight.len() >= RELAY_WINDOW_MAX {
             window.settle_oldest().await?;
         }
         let ack = js
-            .send_publish(route.subject, msg)
+            .send_publish(std::mem::take(&mut route.subject), msg)
             .await
             .map_err(|e| Publish::Failed(format!("publish seq {seq}: {e}")))?;
         window.push(seq, 1, ack.into_future());
         sent = Some(seq);
     }
     Ok(sent)
+}
+
+/// The end (exclusive) of the command whose events start at `events[at]`.
+fn command_end(events: &[Event], at: usize) -> usize {
+    let command_id = events[at].2.command_id;
+    at + events[at..]
+        .iter()
+        .take_while(|e| e.2.command_id == command_id)
+        .count()
+}
+
+/// `events` (whole commands: a chunk never ends inside one) cut into
+/// atomic batches of at most `max` events, in order: each batch as many
+/// whole commands as fit, and a command of more than `max` events alone in
+/// batches of `max` (the one case where a command is not all or nothing).
+/// One batch for many commands: the publishes before each batch are
+/// awaited first, so under load a batch per command drained the pipeline
+/// once per command of several events.
+fn atomic_batches(events: &[Event], max: usize) -> Vec<&[Event]> {
+    let mut batches = Vec::new();
+    let (mut start, mut end) = (0, 0);
+    while end < events.len() {
+        let next = command_end(events, end);
+        if next - start <= max {
+            end = next;
+            continue;
+        }
+        if end > start {
+            batches.push(&events[start..end]);
+            start = end;
+            continue;
+        }
+        batches.extend(events[start..next].chunks(max));
+        (start, end) = (next, next);
+    }
+    if end > start {
+        batches.push(&events[start..end]);
+    }
+    batches
 }
 
 /// Group mode: `events` (one command's, at most [`RELAY_ATOMIC_BATCH_MAX`])
@@ -823,6 +861,43 @@ mod tests {
         assert_eq!(outbox.seqs(), [8]);
         assert_eq!(outbox.take(9, 9), None);
         assert_eq!(outbox.seqs(), Vec::<u64>::new());
+    }
+
+    /// Events of commands of the given sizes, in order.
+    fn commands(sizes: &[usize]) -> Vec<Event> {
+        let mut events = batch(1..=sizes.iter().sum::<usize>() as u64);
+        let mut e = events.iter_mut();
+        for (n, &size) in sizes.iter().enumerate() {
+            e.by_ref()
+                .take(size)
+                .for_each(|ev| ev.2.command_id = uuid::Uuid::from_u128(n as u128));
+        }
+        events
+    }
+
+    #[test]
+    fn atomic_batches_hold_whole_commands_as_many_as_fit() {
+        let cut = |sizes: &[usize], max: usize| -> Vec<Vec<u64>> {
+            let events = commands(sizes);
+            let batches = atomic_batches(&events, max);
+            let all: Vec<u64> = batches.iter().flat_map(|b| seqs(b)).collect();
+            assert_eq!(all, seqs(&events), "every event once, in order");
+            batches.iter().map(|b| seqs(b)).collect()
+        };
+        // Commands of 2, 1, 1, 2, 1 events: all in one batch of 7.
+        assert_eq!(cut(&[2, 1, 1, 2, 1], 7), [vec![1, 2, 3, 4, 5, 6, 7]]);
+        // A command that does not fit starts the next batch, never split.
+        assert_eq!(cut(&[2, 1, 2, 2], 4), [vec![1, 2, 3], vec![4, 5, 6, 7]]);
+        // A command larger than a batch goes alone, in batches of `max`;
+        // the commands after it batch again.
+        assert_eq!(
+            cut(&[1, 5, 1, 1], 2),
+            [vec![1], vec![2, 3], vec![4, 5], vec![6], vec![7, 8]]
+        );
+        assert_eq!(cut(&[3], 1), [vec![1], vec![2], vec![3]]);
+        assert_eq!(cut(&[], 4), Vec::<Vec<u64>>::new());
+        assert_eq!(command_end(&commands(&[2, 1]), 0), 2);
+        assert_eq!(command_end(&commands(&[2, 1]), 2), 3);
     }
 
     #[test]
