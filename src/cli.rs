@@ -680,8 +680,13 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Export(a) => audit::export(a),
         Cmd::Import(a) => audit::import(a),
         Cmd::Completions { shell } => {
+            // Into memory first: clap_complete panics on a failed write (a
+            // closed pipe, `| head`); a write error here is an error (and a
+            // closed pipe, as for every command, a quiet exit).
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "bcp", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "bcp", &mut script);
+            std::io::stdout().write_all(&script)?;
             Ok(EXIT_OK)
         }
         Cmd::Man => {
@@ -996,6 +1001,25 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         .block_on(f)
 }
 
+/// The first error nats-server sent this process's connection (a
+/// permissions violation, say): it comes on its own, not as the answer to
+/// the request it spoiled, which then only times out. One command per
+/// process, so one slot.
+static REFUSED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// What to add to "no reply": nothing, or what NATS refused and what to do.
+fn refused_note() -> String {
+    let refused = REFUSED.lock().unwrap_or_else(|e| e.into_inner());
+    refused.as_ref().map_or_else(String::new, |e| {
+        format!(
+            "; NATS refused this connection: {e} (a user needs permission to publish on the \
+             command's subject and to receive on its inbox prefix, --inbox-prefix; if only the \
+             reply was refused the command may have been applied, and resending it with the \
+             same --command-id is safe)"
+        )
+    })
+}
+
 /// Connect for a CLI command; failures are [`Unavailable`].
 async fn connect(url: &str) -> Result<async_nats::Client> {
     let options = AUTH
@@ -1004,7 +1028,13 @@ async fn connect(url: &str) -> Result<async_nats::Client> {
         .unwrap_or_default()
         .options()
         .await
-        .context("NATS credentials")?;
+        .context("NATS credentials")?
+        .event_callback(|event| async move {
+            if let async_nats::Event::ServerError(e) = event {
+                let mut refused = REFUSED.lock().unwrap_or_else(|e| e.into_inner());
+                refused.get_or_insert_with(|| e.to_string());
+            }
+        });
     let servers: Vec<&str> = url.split(',').map(str::trim).collect();
     let client = tokio::time::timeout(Duration::from_secs(5), options.connect(servers))
         .await
@@ -1021,13 +1051,18 @@ fn request(url: &str, subject: &str, body: &Value, timeout_secs: u64) -> Result<
         let payload = serde_json::to_vec(body)?;
         let msg = tokio::time::timeout(timeout, client.request(subject.to_owned(), payload.into()))
             .await
-            .map_err(|_| Unavailable(format!("no reply on {subject} within {timeout_secs}s")))?
+            .map_err(|_| {
+                Unavailable(format!(
+                    "no reply on {subject} within {timeout_secs}s{}",
+                    refused_note()
+                ))
+            })?
             .map_err(|e| {
                 Unavailable(match e.kind() {
                     async_nats::RequestErrorKind::NoResponders => format!(
                         "no reply on {subject}: nothing answers there (is bcp serve running? in a group, a failover takes a few seconds)"
                     ),
-                    _ => format!("no reply on {subject}: {e}"),
+                    _ => format!("no reply on {subject}: {e}{}", refused_note()),
                 })
             })?;
         let v: Value = serde_json::from_slice(&msg.payload).context("reply is not JSON")?;
@@ -1119,8 +1154,13 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
         .map(|v| v.as_str().len())
         .max()
         .unwrap_or(0);
+    // As wide as the longest actor: two verified identities may share
+    // any prefix, and the table answers who did what.
+    let a = (entries.iter())
+        .map(|e| or_dash(e.actor.as_ref()).chars().count())
+        .fold(10, usize::max);
     let mut out = format!(
-        "{:>5} {:<20} {:<10} {:<w$} {}\n",
+        "{:>5} {:<20} {:<a$} {:<w$} {}\n",
         "SEQ", "TIME", "ACTOR", "COMMAND", "EVENT: FROM -> TO"
     );
     for e in entries {
@@ -1129,12 +1169,11 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
         } else {
             format!("{}: {} -> {}", e.event_type, or_dash(e.from), or_dash(e.to))
         };
-        let actor: String = or_dash(e.actor.as_ref()).chars().take(10).collect();
         out += &format!(
-            "{:>5} {:<20} {:<10} {:<w$} {}\n",
+            "{:>5} {:<20} {:<a$} {:<w$} {}\n",
             e.seq,
             e.recorded_at.format("%Y-%m-%dT%H:%M:%SZ"),
-            actor,
+            or_dash(e.actor.as_ref()),
             e.verb,
             change
         );
@@ -1148,7 +1187,7 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
+    use super::{Cli, HistoryEntry, history_table};
     use clap::CommandFactory;
 
     /// `bcp serve` keeps a core for each of its writer and commit threads,
@@ -1183,6 +1222,32 @@ mod tests {
             "no description:\n{}",
             missing.join("\n")
         );
+    }
+
+    /// Two verified identities that share a long prefix stay two in the
+    /// history table: the actor column is as wide as the longest.
+    #[test]
+    fn the_history_table_shows_whole_actors() {
+        let entry = |seq: u64, actor: &str| HistoryEntry {
+            seq,
+            recorded_at: chrono::DateTime::UNIX_EPOCH,
+            actor: Some(actor.to_owned()),
+            actor_verified: true,
+            command_id: uuid::Uuid::nil(),
+            event_type: "JobStopped".into(),
+            version: Some(seq),
+            from: None,
+            to: None,
+            verb: "stop".into(),
+            rejected: false,
+            code: None,
+            reason: None,
+        };
+        let table = history_table(&[entry(1, "alice@PRODUCERS"), entry(2, "alice@PRODUCERS-EU")]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].contains(" alice@PRODUCERS    stop "), "{table}");
+        assert!(lines[3].contains(" alice@PRODUCERS-EU stop "), "{table}");
+        assert!(lines[0].contains(" ACTOR              COMMAND"), "{table}");
     }
 
     #[test]

@@ -1191,6 +1191,7 @@ fn a_closed_stdout_ends_a_command_quietly() {
     let job = job(1).to_string();
     for args in [
         &["man"][..],
+        &["completions", "bash"],
         &["audit", "digest", "--db", db],
         &["audit", "history", "--db", db, "--job", &job],
         &["jobs", "--db", db],

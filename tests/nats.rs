@@ -2417,6 +2417,7 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
         "{denied:?}"
     );
     // bob can, through the CLI with credentials as flags.
+    let jb_text = jb.to_string();
     let out = bcp_cli(&[
         "send",
         "create",
@@ -2444,6 +2445,47 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // bob's replies without his inbox prefix, and his command to alice's
+    // project: nats-server refuses them, which the request alone would
+    // only see as a timeout. Exit 3, saying what NATS refused.
+    for (project, inbox) in [("p2", None), ("p1", Some("_INBOX_bob"))] {
+        let mut args = vec![
+            "send",
+            "start",
+            "--nats",
+            &url,
+            "--nats-user",
+            "bob",
+            "--nats-password",
+            "bob-secret",
+            "--project",
+            project,
+            "--job",
+            &jb_text,
+            "--timeout",
+            "1",
+        ];
+        args.extend(inbox.map(|i| ["--inbox-prefix", i]).into_iter().flatten());
+        let out = bcp_cli(&args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        let what = if inbox.is_none() {
+            "Subscription"
+        } else {
+            "Publish"
+        };
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains(&format!("Permissions Violation for {what}"))
+                && err.contains("--inbox-prefix"),
+            "{project}: {err}"
+        );
+    }
+    // The first was applied all the same (only its reply was refused),
+    // as the message says it may have been.
+    let r = ask(&bob, "bcp.query.p2.job".into(), json!({"job_id": jb}))
+        .await
+        .unwrap();
+    assert_eq!(r["job"]["state"], json!("Active"), "{r}");
     // Without credentials the CLI cannot reach bcp at all: exit 3.
     let out = bcp_cli(&[
         "send",
@@ -2631,7 +2673,8 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
     .await;
     assert_eq!(history["history"][0]["actor"], json!("alice@PRODUCERS"));
     let verified = support::bcp_cli_ok(&["audit", "verify", "--db", db]).await;
-    assert!(verified.starts_with("ok: 2 events verified"), "{verified}");
+    // alice's and bob's creates, and bob's start whose reply was refused.
+    assert!(verified.starts_with("ok: 3 events verified"), "{verified}");
 }
 
 /// Group commit decides a batch in order: many concurrent commands for one
