@@ -1285,6 +1285,34 @@ fn export_import_round_trip_keeps_the_head_hash() {
         bcp(&["audit", "digest", "--db", restored], None).1.trim(),
         digest
     );
+    // The log read from a file named as a store's work file once was
+    // (`<db>.importing`): it is neither removed nor overwritten, and no
+    // work file is left beside the new store.
+    let beside = dir.path().join("beside");
+    std::fs::create_dir(&beside).unwrap();
+    let input = beside.join("copy.importing");
+    std::fs::copy(&file, &input).unwrap();
+    let copy = beside.join("copy.redb");
+    let (code, out) = bcp(
+        &[
+            "import",
+            "--db",
+            copy.to_str().unwrap(),
+            input.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        std::fs::read(&input).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&beside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["copy.importing", "copy.redb"]);
     // The restored projections are the original's, and retries still dedupe.
     let original = Store::open_existing(Path::new(db))
         .unwrap()
@@ -1439,6 +1467,25 @@ fn tampered_stores_are_caught_by_verify() {
         .1
         .trim()
         .to_owned();
+    // A digest of seq 0 names no event: a usage error, not a truncated log.
+    let hash = digest.split_once(':').unwrap().1;
+    let zero = format!("0:{hash}");
+    let (code, out) = bcp(
+        &[
+            "audit",
+            "verify",
+            "--db",
+            path.to_str().unwrap(),
+            "--digest",
+            &zero,
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("1 or more") && !out.contains("truncated"),
+        "{out}"
+    );
     let copy = |name: &str| {
         let p = dir.path().join(name);
         std::fs::copy(&path, &p).unwrap();
@@ -1465,6 +1512,16 @@ fn tampered_stores_are_caught_by_verify() {
         );
     };
 
+    // Replay checks each event's place in the log (not its hash): a gap
+    // or a reorder ends it, naming the seq, never a state missing events.
+    let replay_refuses = |p: &Path, what: &str, name: &str| {
+        let (code, out) = bcp(
+            &["replay", "--db", p.to_str().unwrap(), "--format", "json"],
+            None,
+        );
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(out.contains(what), "{name}: {out}");
+    };
     let p = copy("edit.redb");
     edit(&p, &|t| {
         let b = String::from_utf8(bytes(t, 100))
@@ -1474,11 +1531,43 @@ fn tampered_stores_are_caught_by_verify() {
     });
     check(&p, false, 100, "edit one field");
 
+    let p = copy("version.redb");
+    edit(&p, &|t| {
+        let mut env: Envelope = serde_json::from_slice(&bytes(t, 100)).unwrap();
+        env.job_version = Some(env.job_version.expect("a job's event") + 10);
+        t.insert(100, env.to_json().as_slice()).unwrap();
+    });
+    check(&p, false, 100, "a version jump");
+    replay_refuses(&p, "seq 100: job", "a version jump");
+
     let p = copy("delete.redb");
     edit(&p, &|t| {
         t.remove(150).unwrap();
     });
     check(&p, false, 150, "delete one");
+    replay_refuses(
+        &p,
+        "seq 150: missing; the next stored seq is 151",
+        "delete one",
+    );
+    // Export neither skips it nor leaves a file that looks whole.
+    let out = dir.path().join("gap.jsonl");
+    let (code, text) = bcp(
+        &[
+            "export",
+            "--db",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("seq 150 is missing") && text.contains("149 events written"),
+        "{text}"
+    );
+    assert!(!out.exists(), "a partial export was left");
 
     let p = copy("swap.redb");
     edit(&p, &|t| {
@@ -1487,6 +1576,7 @@ fn tampered_stores_are_caught_by_verify() {
         t.insert(201, a.as_slice()).unwrap();
     });
     check(&p, false, 200, "swap two");
+    replay_refuses(&p, "seq 200: envelope says seq 201", "swap two");
 
     let p = copy("truncate.redb");
     edit(&p, &|t| {
@@ -1496,18 +1586,45 @@ fn tampered_stores_are_caught_by_verify() {
     });
     check(&p, true, events, "truncate tail");
 
-    let p = copy("forged.redb");
-    edit(&p, &|t| {
-        let mut env: Envelope = serde_json::from_slice(&bytes(t, events)).unwrap();
-        env.seq += 1;
-        env.job_version = env.job_version.map(|v| v + 1);
-        let prev = env.hash.clone();
-        env.seal(&prev); // a well-linked forgery: the projections do not match it
-        t.insert(events + 1, env.to_json().as_slice()).unwrap();
-    });
-    let (code, out) = bcp(&["audit", "verify", "--db", p.to_str().unwrap()], None);
-    assert_eq!(code, 1, "append forged: {out}");
-    assert!(out.contains("projection differs"), "append forged: {out}");
+    // Well-linked forgeries appended: the last event again (a snapshot
+    // recorded twice, which the state machine never decides), and the
+    // same with a new snapshot id (a decision it could have made, which
+    // the stored projections do not hold).
+    for (name, fresh_id, caught) in [
+        (
+            "append a repeat",
+            false,
+            format!(
+                "seq {}: SnapshotRecorded is not a decision the log before it allows",
+                events + 1
+            ),
+        ),
+        (
+            "append a new snapshot",
+            true,
+            "projection differs".to_owned(),
+        ),
+    ] {
+        let p = copy("forged.redb");
+        edit(&p, &|t| {
+            let mut env: Envelope = serde_json::from_slice(&bytes(t, events)).unwrap();
+            env.seq += 1;
+            env.job_version = env.job_version.map(|v| v + 1);
+            match &mut env.event {
+                bcp::domain::Event::SnapshotRecorded { snapshot_id, .. } if fresh_id => {
+                    *snapshot_id = Uuid::from_u128(0xf02_9ed);
+                }
+                bcp::domain::Event::SnapshotRecorded { .. } => {}
+                other => panic!("the log ends on {other:?}"),
+            }
+            let prev = env.hash.clone();
+            env.seal(&prev);
+            t.insert(events + 1, env.to_json().as_slice()).unwrap();
+        });
+        let (code, out) = bcp(&["audit", "verify", "--db", p.to_str().unwrap()], None);
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(out.contains(&caught), "{name}: {out}");
+    }
 }
 
 // ---- payloads against the checked-in JSON Schemas -----------------------------------------

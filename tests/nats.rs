@@ -1904,6 +1904,24 @@ async fn rebuild_and_audit_from_nats() {
         )),
         "{out}"
     );
+    // A stream that is not there is a failure of the comparison, not of
+    // an event: no seq named (it said "seq 0").
+    let (code, failed, err) = support::bcp_cli_text(&[
+        "audit",
+        "verify",
+        "--db",
+        &db,
+        "--against-nats",
+        &url,
+        "--stream",
+        "NO_SUCH",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{failed}{err}");
+    assert!(
+        failed.starts_with("FAILED: cannot read the stream: ") && !failed.contains("seq 0"),
+        "{failed}{err}"
+    );
 
     // Replay from the stream equals replay of the store: whole, at a cut,
     // for one job.

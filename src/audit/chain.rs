@@ -5,7 +5,8 @@
 //! An event is checked in order against the one before it: it is at the
 //! expected seq (no gap, no reorder), its `prev_hash` is the previous
 //! event's hash, its bytes are its canonical form with the right hash, and
-//! its job version follows the job's. A [`Digest`] (`SEQ:HASH`) names a
+//! its job version follows the job's, and the state machine allows it
+//! where it stands ([`World::admits`]). A [`Digest`] (`SEQ:HASH`) names a
 //! prefix the log must still hold.
 
 use super::verify::VerifyError;
@@ -26,6 +27,10 @@ impl std::str::FromStr for Digest {
         let seq = seq
             .parse()
             .map_err(|_| format!("digest seq {seq:?} is not a number"))?;
+        if seq == 0 {
+            // Seq 0 is the empty log: there is no event to compare.
+            return Err("a digest's seq is an event's, 1 or more".into());
+        }
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("digest hash must be 64 hex digits".into());
         }
@@ -53,7 +58,7 @@ pub fn check_digest(
         seq: digest.seq,
         what,
     };
-    if digest.seq == 0 || digest.seq > head_seq {
+    if digest.seq > head_seq {
         return Err(bad(format!(
             "the log ends at seq {head_seq}, before the digest's seq (truncated)"
         )));
@@ -140,5 +145,11 @@ pub fn check_parsed<'p>(
             )));
         }
     }
+    world.admits(env).map_err(|why| {
+        bad(format!(
+            "{} is not a decision the log before it allows: {why}",
+            env.event.type_name()
+        ))
+    })?;
     Ok(env)
 }

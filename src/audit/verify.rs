@@ -41,6 +41,10 @@ pub enum VerifyError {
     Pages(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The stream to compare with was reached but could not be read
+    /// whole (missing, trimmed, a message gone): no seq to name.
+    #[error("cannot read the stream: {0}")]
+    Stream(String),
     /// The stream to compare with could not be reached: nothing is known
     /// of the log.
     #[error("{0}")]

@@ -358,10 +358,7 @@ fn compare_with_stream(
     .map_err(|e| match e.downcast::<super::Unavailable>() {
         // Not reaching NATS says nothing of the log: exit 3, not 1.
         Ok(u) => VerifyError::Unreachable(u.0),
-        Err(e) => VerifyError::BadEvent {
-            seq: 0,
-            what: format!("cannot read the stream: {e:#}"),
-        },
+        Err(e) => VerifyError::Stream(format!("{e:#}")),
     })?;
     let head = store.head_seq()?;
     let mut mismatch = None;
@@ -434,15 +431,35 @@ pub fn export(a: ExportArgs) -> Result<u8> {
     };
     let bar = progress(Some(store.event_count()?), "exporting");
     let mut io_error = None;
+    // A log with a gap is not a log: stop at it, naming it, rather than
+    // write a file import would refuse (verify says the rest).
+    let mut exported = 0u64;
+    let mut gap = None;
     store.for_each_event(|seq, bytes| {
+        if seq != exported + 1 {
+            gap = Some((exported + 1, seq));
+            return Ok(false);
+        }
         if let Err(e) = out.write_all(bytes).and_then(|_| out.write_all(b"\n")) {
             io_error = Some(e);
             return Ok(false);
         }
+        exported = seq;
         bar.set_position(seq);
         Ok(true)
     })?;
     bar.finish_and_clear();
+    if let Some((missing, next)) = gap {
+        drop(out);
+        if let Some(p) = &a.out {
+            // Not a file that looks like a whole log.
+            let _ = std::fs::remove_file(p);
+        }
+        bail!(
+            "seq {missing} is missing from the store (the next stored is {next}); {exported} events written before it; bcp audit verify --db {} says more",
+            a.db.display()
+        );
+    }
     match io_error {
         // A closed pipe (`| head`) is a normal end.
         Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(EXIT_OK),
@@ -463,7 +480,7 @@ pub fn export(a: ExportArgs) -> Result<u8> {
         .out
         .as_ref()
         .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
-    eprintln!("ok: exported {head} events to {to}, head seq {head} hash {hash}");
+    eprintln!("ok: exported {exported} events to {to}, head seq {head} hash {hash}");
     Ok(EXIT_OK)
 }
 

@@ -648,12 +648,118 @@ mod tests {
             assert_eq!(w.jobs[&job_id()].state, state);
             let got = decide(&w, &c, t(20));
             assert_eq!(types(&got), expected, "{} in {state}", c.verb);
+            // The audit (World::admits) agrees: what was decided passes,
+            // each event after the ones before it; the command's own event
+            // from a state the table refuses it does not.
+            let mut after = w.clone();
+            match &got {
+                Ok(decided) => {
+                    for d in decided {
+                        let env = audited(&after, d.job_id, d.event.clone());
+                        assert_eq!(after.admits(&env), Ok(()), "{} in {state}", c.verb);
+                        after.evolve(&env);
+                    }
+                }
+                Err(r) if r.code == RejectCode::InvalidTransition => {
+                    let own = match c.command {
+                        Command::Start => started(JobState::Active),
+                        Command::Stop => Event::JobStopped {},
+                        Command::Terminate => Event::JobTerminated {},
+                        _ => unreachable!("{} is refused only by state", c.verb),
+                    };
+                    let env = audited(&w, Some(job_id()), own);
+                    assert!(w.admits(&env).is_err(), "{} in {state}", c.verb);
+                }
+                Err(_) => {}
+            }
             if let Err(r) = got
                 && r.code == RejectCode::InvalidTransition
             {
                 assert!(r.message.contains(state.as_str()), "{}", r.message);
                 assert_eq!(r.state, Some(state));
             }
+        }
+    }
+
+    /// `event` of job `job` (project P) as the next event after `w`.
+    fn audited(w: &World, job: Option<Uuid>, event: Event) -> Envelope {
+        let version = job.map(|j| w.jobs.get(&j).map_or(0, |j| j.version) + 1);
+        Envelope {
+            seq: 100,
+            event_id: Uuid::from_u128(100),
+            schema_version: 1,
+            project_id: ProjectId::parse(P).unwrap(),
+            job_id: job,
+            job_version: version.filter(|_| event.is_job_change()),
+            command_id: Uuid::from_u128(101),
+            actor: None,
+            actor_verified: false,
+            recorded_at: t(21),
+            prev_hash: String::new(),
+            event,
+            hash: String::new(),
+        }
+    }
+
+    /// What an audit refuses beyond the transition table: events of jobs
+    /// that do not exist or are another project's, a job created twice,
+    /// and snapshot events the catalog contradicts (the laundering a
+    /// reviewer showed: a do_not_delete snapshot expired).
+    #[test]
+    fn the_audit_refuses_events_the_catalog_or_the_jobs_contradict() {
+        let snap = Uuid::from_u128(0x5);
+        let recorded = Event::SnapshotRecorded {
+            snapshot_id: snap,
+            taken_at: t(10),
+            size_bytes: 1,
+            classes: vec![],
+            expires_at: t(23),
+        };
+        let mut w = in_state(JobState::Active);
+        w.evolve(&audited(&w, Some(job_id()), recorded.clone()));
+        let admits = |w: &World, job: Uuid, event: Event| w.admits(&audited(w, Some(job), event));
+        let expired = |at| Event::SnapshotExpired {
+            snapshot_id: snap,
+            expires_at: at,
+        };
+        let keep = Event::SnapshotExpiryChanged {
+            snapshot_id: snap,
+            expires_at: t(23),
+            do_not_delete: true,
+        };
+        let deleted = |id| Event::SnapshotDeleted { snapshot_id: id };
+        // Allowed now: expiry at its time, a delete, keeping it.
+        assert_eq!(admits(&w, job_id(), expired(t(23))), Ok(()));
+        assert_eq!(admits(&w, job_id(), deleted(snap)), Ok(()));
+        assert_eq!(admits(&w, job_id(), keep.clone()), Ok(()));
+        // Contradicted: recorded twice, an expiry time it does not have,
+        // an unknown snapshot.
+        assert!(admits(&w, job_id(), recorded).is_err());
+        let wrong = admits(&w, job_id(), expired(t(22))).unwrap_err();
+        assert!(wrong.contains("expires at"), "{wrong}");
+        assert!(admits(&w, job_id(), deleted(Uuid::from_u128(0x6))).is_err());
+        // Marked do_not_delete: neither expired nor deleted.
+        let mut kept = w.clone();
+        kept.evolve(&audited(&kept, Some(job_id()), keep));
+        for event in [expired(t(23)), deleted(snap)] {
+            let why = admits(&kept, job_id(), event).unwrap_err();
+            assert!(why.contains("do_not_delete"), "{why}");
+        }
+        // Jobs: created twice, missing, another project's; a purge that
+        // does not list what the catalog holds.
+        assert!(admits(&w, job_id(), created(None)).is_err());
+        assert_eq!(admits(&w, Uuid::from_u128(0xbb), created(None)), Ok(()));
+        let missing = admits(&w, Uuid::from_u128(0xbb), Event::JobStopped {});
+        assert!(missing.unwrap_err().contains("no job"));
+        let mut foreign = audited(&w, Some(job_id()), Event::JobStopped {});
+        foreign.project_id = ProjectId::parse("p2").unwrap();
+        assert!(w.admits(&foreign).unwrap_err().contains("of project p1"));
+        let mut stopped = w.clone();
+        stopped.evolve(&audited(&stopped, Some(job_id()), Event::JobStopped {}));
+        stopped.evolve(&audited(&stopped, Some(job_id()), Event::JobTerminated {}));
+        for (ids, ok) in [(vec![snap], true), (vec![], false)] {
+            let purge = Event::SnapshotsPurged { snapshot_ids: ids };
+            assert_eq!(admits(&stopped, job_id(), purge).is_ok(), ok);
         }
     }
 

@@ -6,7 +6,7 @@ use super::catalog::{Catalog, Snapshot, day_of};
 use super::envelope::Envelope;
 use super::event::Event;
 use super::ids::Name;
-use super::job::Job;
+use super::job::{Job, JobState};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::btree_map::Entry;
@@ -162,6 +162,128 @@ impl World {
                     job.latest_snapshot_at = catalog.snapshots.last().map(|s| s.taken_at);
                 }
             }
+        }
+    }
+
+    /// Why `env` could not have been decided against this world (the log
+    /// before it), or `Ok`: what an audit asks of every event beyond its
+    /// hash. A hash chain shows the log was not edited after the fact; this
+    /// shows each event is one the state machine allows where it stands: a
+    /// job's events only for a job of that project that exists, a transition
+    /// only from a state that has it, a snapshot's events only for a
+    /// snapshot its catalog holds (none expired or deleted while marked
+    /// do_not_delete). It names the rules of the transition table, not
+    /// what a decision computes (reasons, phases, classes, expiry times),
+    /// which a later release may compute otherwise for the same log.
+    pub fn admits(&self, env: &Envelope) -> Result<(), String> {
+        use JobState::*;
+        let Some(id) = env.job_id else {
+            return match &env.event {
+                Event::RegionConfigured { .. } | Event::CommandRejected { .. } => Ok(()),
+                other => Err(format!("a {} names no job", other.type_name())),
+            };
+        };
+        let job = self.jobs.get(&id);
+        if let Event::JobCreated { .. } = env.event {
+            return match job {
+                Some(_) => Err(format!("job {id} already exists")),
+                None => Ok(()),
+            };
+        }
+        let job = match (job, &env.event) {
+            // A refusal may name a job that does not exist, or another
+            // project's (not_found), in any state.
+            (_, Event::CommandRejected { .. }) => return Ok(()),
+            (None, _) => return Err(format!("no job {id}")),
+            (Some(job), _) if job.project_id != env.project_id => {
+                return Err(format!("job {id} is of project {}", job.project_id));
+            }
+            (Some(job), _) => job,
+        };
+        let state = job.state;
+        let snapshot = |snapshot_id: &Uuid| {
+            let found = self.catalogs.get(&id).and_then(|c| c.get(*snapshot_id));
+            found.ok_or_else(|| format!("job {id}'s catalog holds no snapshot {snapshot_id}"))
+        };
+        let from = |allowed: &[JobState]| {
+            if allowed.contains(&state) {
+                Ok(())
+            } else {
+                Err(format!("job {id} is {state}"))
+            }
+        };
+        match &env.event {
+            Event::JobCreated { .. }
+            | Event::RegionConfigured { .. }
+            | Event::CommandRejected { .. } => unreachable!("handled above"),
+            Event::ScheduleChanged { .. } => Ok(()),
+            Event::JobStarted { state: to, .. } => {
+                from(&[Inactive, Stopped])?;
+                match to {
+                    Active | Misconfigured => Ok(()),
+                    other => Err(format!("a start cannot leave a job {other}")),
+                }
+            }
+            Event::JobStopped {} => from(&[Active, Misconfigured]),
+            Event::JobTerminated {} => from(&[Stopped]),
+            Event::SnapshotsPurged { snapshot_ids } => {
+                from(&[Inactive])?;
+                let held: BTreeSet<Uuid> = self
+                    .catalogs
+                    .get(&id)
+                    .map(|c| c.snapshots.iter().map(|s| s.snapshot_id).collect())
+                    .unwrap_or_default();
+                let listed: BTreeSet<Uuid> = snapshot_ids.iter().copied().collect();
+                if held == listed {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "it lists {} snapshots, job {id}'s catalog holds {}",
+                        listed.len(),
+                        held.len()
+                    ))
+                }
+            }
+            Event::RegionAssigned { region } => {
+                if *region == job.region {
+                    return Err(format!("job {id} is in that region already"));
+                }
+                if state != Inactive && job.region.is_some() {
+                    return Err(format!("job {id} is {state} and has a region"));
+                }
+                Ok(())
+            }
+            Event::JobMisconfigured { .. } => from(&[Active]),
+            Event::JobReconfigured { .. } => from(&[Misconfigured]),
+            Event::SnapshotRecorded { snapshot_id, .. } => {
+                from(&[Active])?;
+                match snapshot(snapshot_id) {
+                    Ok(_) => Err(format!("job {id}'s catalog holds {snapshot_id} already")),
+                    Err(_) => Ok(()),
+                }
+            }
+            Event::SnapshotDeleted { snapshot_id } => {
+                from(&[Active, Stopped, Misconfigured])?;
+                match snapshot(snapshot_id)? {
+                    s if s.do_not_delete => Err(format!("{snapshot_id} is do_not_delete")),
+                    _ => Ok(()),
+                }
+            }
+            Event::SnapshotExpiryChanged { snapshot_id, .. } => {
+                from(&[Active, Stopped, Misconfigured])?;
+                snapshot(snapshot_id).map(|_| ())
+            }
+            Event::SnapshotExpired {
+                snapshot_id,
+                expires_at,
+            } => match snapshot(snapshot_id)? {
+                s if s.do_not_delete => Err(format!("{snapshot_id} is do_not_delete")),
+                s if s.expires_at != *expires_at => Err(format!(
+                    "{snapshot_id} expires at {}, not {expires_at}",
+                    s.expires_at
+                )),
+                _ => Ok(()),
+            },
         }
     }
 

@@ -30,9 +30,19 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
             });
         }
     }
-    let tmp = path.with_extension("importing");
-    let _ = std::fs::remove_file(&tmp);
-    let store = Store::open_or_create(&tmp)?;
+    // A file of its own in the target's directory (so the rename stays on
+    // one file system), never one that exists already (the log being
+    // imported, say); removed when dropped, on any error.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let name = path
+        .file_name()
+        .map_or("bcp".into(), |n| n.to_string_lossy());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".importing")
+        .tempfile_in(dir.unwrap_or(Path::new(".")))
+        .map_err(|e| StoreError::Corrupt(format!("a new file beside {}: {e}", path.display())))?;
+    let store = Store::open_or_create(tmp.path())?;
     {
         let mut txn = store.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
@@ -41,11 +51,13 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
         txn.commit()?;
     }
     drop(store);
-    std::fs::rename(&tmp, path).map_err(|e| {
+    let tmp_path = tmp.path().to_owned();
+    tmp.persist(path).map_err(|e| {
         StoreError::Corrupt(format!(
-            "rename {} to {}: {e}",
-            tmp.display(),
-            path.display()
+            "rename {} to {}: {}",
+            tmp_path.display(),
+            path.display(),
+            e.error
         ))
     })?;
     Ok(())
