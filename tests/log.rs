@@ -1123,6 +1123,7 @@ fn history_names_the_command_that_moved_a_sibling() {
     assert_eq!(last(3), moved("create"));
     assert_eq!(last(1), moved("configure-region"));
 
+    let store_head = store.head_seq().unwrap();
     drop(s);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
         .args(["audit", "history", "--format", "json", "--job"])
@@ -1135,6 +1136,14 @@ fn history_names_the_command_that_moved_a_sibling() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let entries = v["history"].as_array().unwrap();
     assert_eq!(entries.last().unwrap()["verb"], json!("create"), "{v}");
+    // The shape of bcp.query.history's reply, as DESIGN says.
+    let reply = schema("replies/history.json");
+    assert!(reply.is_valid(&v), "{v}");
+    assert_eq!(
+        (&v["ok"], &v["as_of_seq"]),
+        (&json!(true), &json!(store_head)),
+        "{v}"
+    );
 }
 
 fn verify(store: &Store) -> Result<bcp::audit::verify::Report, bcp::audit::verify::VerifyError> {
@@ -1313,6 +1322,11 @@ fn export_import_round_trip_keeps_the_head_hash() {
         .collect();
     names.sort();
     assert_eq!(names, ["copy.importing", "copy.redb"]);
+    // Nothing read (an empty stdin, say): refused, no store made.
+    let empty = beside.join("empty.redb");
+    let (code, out) = bcp(&["import", "--db", empty.to_str().unwrap(), "-"], Some(b""));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the log is empty") && !empty.exists(), "{out}");
     // The restored projections are the original's, and retries still dedupe.
     let original = Store::open_existing(Path::new(db))
         .unwrap()

@@ -1922,6 +1922,56 @@ async fn rebuild_and_audit_from_nats() {
         failed.starts_with("FAILED: cannot read the stream: ") && !failed.contains("seq 0"),
         "{failed}{err}"
     );
+    // A stream whose message 2 was deleted (one that allows it, holding
+    // the log's first three events): the readers name seq 2, at once,
+    // rather than wait for a message that never comes.
+    let log = h.js.get_stream(support::STREAM).await.unwrap();
+    h.js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HOLE".into(),
+        subjects: vec!["hole.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for seq in 1..=3 {
+        let m = log.get_raw_message(seq).await.unwrap();
+        h.js.publish(format!("hole.{seq}"), m.payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let hole = h.js.get_stream("HOLE").await.unwrap();
+    assert!(hole.delete_message(2).await.unwrap());
+    let started = std::time::Instant::now();
+    for (args, says) in [
+        (
+            vec!["replay", "--from-nats", &url, "--stream", "HOLE"],
+            "seq 2: stream holds sequence 3 here",
+        ),
+        (
+            vec![
+                "audit",
+                "verify",
+                "--db",
+                &db,
+                "--against-nats",
+                &url,
+                "--stream",
+                "HOLE",
+            ],
+            "seq 2: the stream holds sequence 3 here",
+        ),
+    ] {
+        let (code, out, err) = support::bcp_cli_text(&args).await;
+        assert_eq!(code, Some(1), "{args:?}: {out}{err}");
+        assert!(out.contains(says), "{args:?}: {out}{err}");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Replay from the stream equals replay of the store: whole, at a cut,
     // for one job.

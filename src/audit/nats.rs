@@ -37,7 +37,10 @@ pub async fn fetch(
         .await
         .map_err(|e| format!("consumer: {e}"))?;
     let mut out = Vec::with_capacity(last as usize);
-    while (out.len() as u64) < last {
+    // Until the last sequence, not until `last` messages: a message
+    // deleted inside the stream is then a gap [`in_order`] names, not a
+    // wait for one that never comes.
+    while out.last().is_none_or(|(seq, _)| *seq < last) {
         let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
             .map_err(|_| format!("timed out after {} of {last} messages", out.len()))?

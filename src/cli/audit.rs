@@ -13,7 +13,6 @@ use bcp::store::{CACHE_BYTES, Store, import::write_new_store};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::json;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 use uuid::Uuid;
@@ -275,9 +274,17 @@ pub fn audit(cmd: AuditCmd) -> Result<u8> {
             }
             let entries = store.history(&events)?;
             match format {
+                // The shape of `bcp.query.history`'s reply (one page of it,
+                // with every entry).
                 Format::Json => outln!(
                     "{}",
-                    serde_json::to_string_pretty(&json!({"job_id": job, "history": entries}))?
+                    serde_json::to_string_pretty(&bcp::service::queries::HistoryReply {
+                        ok: true,
+                        as_of_seq: store.head_seq()?,
+                        job_id: job,
+                        history: entries,
+                        next_after_seq: None,
+                    })?
                 ),
                 Format::Table => out!("{}", history_table(&entries)),
             }
@@ -367,6 +374,13 @@ fn compare_with_stream(
         n = seq;
         match messages.get(seq as usize - 1) {
             Some((s, payload)) if *s == seq && payload.as_slice() == bytes => Ok(true),
+            Some((s, _)) if *s != seq => {
+                mismatch = Some(VerifyError::BadEvent {
+                    seq,
+                    what: format!("the stream holds sequence {s} here (a message was removed)"),
+                });
+                Ok(false)
+            }
             Some(_) => {
                 mismatch = Some(VerifyError::BadEvent {
                     seq,
@@ -519,6 +533,12 @@ pub fn import(a: ImportArgs) -> Result<u8> {
         && let Err(e) = verified.check_digest(d)
     {
         outln!("FAILED: {e}; nothing written");
+        return Ok(EXIT_REJECTED);
+    }
+    if verified.log.is_empty() {
+        // An empty file or stdin, a stream not yet written: a store of no
+        // log is never what an import is for (bcp serve makes its own).
+        outln!("FAILED: the log is empty (no events read); nothing written");
         return Ok(EXIT_REJECTED);
     }
     write_new_store(&a.db, &verified.log, &verified.world)?;
