@@ -1001,10 +1001,10 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         .block_on(f)
 }
 
-/// The first error nats-server sent this process's connection (a
-/// permissions violation, say): it comes on its own, not as the answer to
-/// the request it spoiled, which then only times out. One command per
-/// process, so one slot.
+/// The first permissions violation nats-server sent this process's
+/// connection: it comes on its own, not as the answer to the request it
+/// spoiled, which then only times out. One command per process, so one
+/// slot.
 static REFUSED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// What to add to "no reply": nothing, or what NATS refused and what to do.
@@ -1030,9 +1030,23 @@ async fn connect(url: &str) -> Result<async_nats::Client> {
         .await
         .context("NATS credentials")?
         .event_callback(|event| async move {
-            if let async_nats::Event::ServerError(e) = event {
+            use async_nats::{Event, ServerError};
+            // Only what the advice is about: permissions (a payload too
+            // large, say, is another matter).
+            let refusal = match event {
+                Event::ServerError(ServerError::AuthorizationViolation) => {
+                    Some("authorization violation".to_owned())
+                }
+                Event::ServerError(ServerError::Other(e))
+                    if e.to_ascii_lowercase().contains("permissions violation") =>
+                {
+                    Some(e)
+                }
+                _ => None,
+            };
+            if let Some(e) = refusal {
                 let mut refused = REFUSED.lock().unwrap_or_else(|e| e.into_inner());
-                refused.get_or_insert_with(|| e.to_string());
+                refused.get_or_insert(e);
             }
         });
     let servers: Vec<&str> = url.split(',').map(str::trim).collect();

@@ -617,6 +617,10 @@ fn op() -> impl Strategy<Value = Op> {
 fn body(op: &Op, cmd: u128) -> Option<(&'static str, &'static str, serde_json::Value)> {
     let cid = Uuid::from_u128(0xc0de_0000 + cmd);
     let region = |r: u8| format!("r{r}");
+    // Two projects: a region's change moves jobs of both, and each
+    // project's commands (and the audit's check of their events) meet
+    // the other's jobs.
+    let proj = |j: u8| if j.is_multiple_of(2) { "p1" } else { "p2" };
     Some(match op {
         Op::Create(j, k) => {
             let d = match k {
@@ -625,28 +629,28 @@ fn body(op: &Op, cmd: u128) -> Option<(&'static str, &'static str, serde_json::V
                 _ => json!({"kind": "config_server", "name": "cfg", "cluster": "c"}),
             };
             (
-                "p1",
+                proj(*j),
                 "create",
                 json!({"command_id": cid, "job_id": job(*j as u128), "deployment": d}),
             )
         }
         Op::Start(j) => (
-            "p1",
+            proj(*j),
             "start",
             json!({"command_id": cid, "job_id": job(*j as u128)}),
         ),
         Op::Stop(j) => (
-            "p1",
+            proj(*j),
             "stop",
             json!({"command_id": cid, "job_id": job(*j as u128)}),
         ),
         Op::Terminate(j) => (
-            "p1",
+            proj(*j),
             "terminate",
             json!({"command_id": cid, "job_id": job(*j as u128)}),
         ),
         Op::Assign(j, r) => (
-            "p1",
+            proj(*j),
             "assign-region",
             json!({"command_id": cid, "job_id": job(*j as u128), "region": r.map(region)}),
         ),
@@ -659,7 +663,7 @@ fn body(op: &Op, cmd: u128) -> Option<(&'static str, &'static str, serde_json::V
             )
         }
         Op::Schedule(j, h) => (
-            "p1",
+            proj(*j),
             "change-schedule",
             json!({"command_id": cid, "job_id": job(*j as u128), "schedule": {"snapshot_interval_hours": h}}),
         ),
@@ -669,31 +673,36 @@ fn body(op: &Op, cmd: u128) -> Option<(&'static str, &'static str, serde_json::V
             json!({"command_id": cid, "job_id": job(*j as u128)}),
         ),
         Op::StaleVersion(j) => (
-            "p1",
+            proj(*j),
             "stop",
             json!({"command_id": cid, "job_id": job(*j as u128), "expected_version": 999}),
         ),
         Op::Record(j, snap, h) => (
-            "p1",
+            proj(*j),
             "record-snapshot",
             json!({"command_id": cid, "job_id": job(*j as u128), "snapshot_id": Uuid::from_u128(*snap as u128), "taken_at": t0() + Duration::hours(*h as i64), "size_bytes": 1000}),
         ),
         Op::Delete(j, snap) => (
-            "p1",
+            proj(*j),
             "delete-snapshot",
             json!({"command_id": cid, "job_id": job(*j as u128), "snapshot_id": Uuid::from_u128(*snap as u128)}),
         ),
         Op::Keep(j, snap) => (
-            "p1",
+            proj(*j),
             "set-snapshot-expiry",
             json!({"command_id": cid, "job_id": job(*j as u128), "snapshot_id": Uuid::from_u128(*snap as u128), "do_not_delete": true}),
         ),
         Op::Expire(j, h) => {
             let mut b = json!({"command_id": cid, "now": t0() + Duration::hours(*h as i64)});
-            if let Some(j) = j {
-                b["job_id"] = json!(job(*j as u128));
-            }
-            ("p1", "expire-snapshots", b)
+            // One job's, in its project; or every job's of a project.
+            let project = match j {
+                Some(j) => {
+                    b["job_id"] = json!(job(*j as u128));
+                    proj(*j)
+                }
+                None => proj(cmd as u8),
+            };
+            (project, "expire-snapshots", b)
         }
         Op::Retry => return None,
     })
@@ -1564,6 +1573,21 @@ fn tampered_stores_are_caught_by_verify() {
         "seq 150: missing; the next stored seq is 151",
         "delete one",
     );
+    // Before the gap, replay answers: the state as of seq 149.
+    let (code, out) = bcp(
+        &[
+            "replay",
+            "--db",
+            p.to_str().unwrap(),
+            "--until-seq",
+            "149",
+            "--format",
+            "json",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"as_of_seq\": 149"), "{out}");
     // Export neither skips it nor leaves a file that looks whole.
     let out = dir.path().join("gap.jsonl");
     let (code, text) = bcp(
@@ -2426,6 +2450,41 @@ fn follower_rewrites_no_op_record(x_id: u128) {
     );
     drop(a);
     verify(&Store::open_existing(&a_path).unwrap()).unwrap();
+}
+
+/// A follower applies only what the state machine allows where it
+/// stands: a well-linked, well-hashed event the leader's decider could not
+/// have made (a stop of a job never started) is refused, and nothing of
+/// the batch it came in is applied.
+#[test]
+fn a_follower_refuses_an_event_no_decision_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut leader =
+        Pipeline::open(Store::open_or_create(&dir.path().join("l.redb")).unwrap()).unwrap();
+    let mut follower =
+        Pipeline::open(Store::open_or_create(&dir.path().join("f.redb")).unwrap()).unwrap();
+    let create = job1_command(
+        1,
+        "create",
+        json!({"deployment": {"kind": "replica_set", "name": "rs"}}),
+    );
+    assert!(leader.execute(&[create], t0(), &mut Uuid::now_v7).unwrap()[0].ok);
+    let mut log: Vec<Vec<u8>> = (leader.store().raw_events(1, 1).unwrap().into_iter())
+        .map(|(_, bytes)| bytes)
+        .collect();
+    let mut forged: Envelope = serde_json::from_slice(&log[0]).unwrap();
+    forged.seq = 2;
+    forged.job_version = Some(2);
+    forged.event = bcp::domain::Event::JobStopped {};
+    let prev = forged.hash.clone();
+    forged.seal(&prev);
+    log.push(forged.to_json());
+    let err = follower.follow(log).unwrap_err().to_string();
+    assert!(
+        err.contains("seq 2") && err.contains("JobStopped is not a decision this log allows"),
+        "{err}"
+    );
+    assert_eq!(follower.head_seq(), 0, "nothing of the batch applied");
 }
 
 /// Two overlapping batches, committed: N+1 (decided while N commits) sees

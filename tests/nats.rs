@@ -1926,23 +1926,26 @@ async fn rebuild_and_audit_from_nats() {
     // the log's first three events): the readers name seq 2, at once,
     // rather than wait for a message that never comes.
     let log = h.js.get_stream(support::STREAM).await.unwrap();
-    h.js.create_stream(async_nats::jetstream::stream::Config {
-        name: "HOLE".into(),
-        subjects: vec!["hole.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    for seq in 1..=3 {
-        let m = log.get_raw_message(seq).await.unwrap();
-        h.js.publish(format!("hole.{seq}"), m.payload)
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+    // And one whose last message (3) was deleted: named too, not waited for.
+    for (name, deleted) in [("HOLE", 2), ("TAIL", 3)] {
+        h.js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{name}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for seq in 1..=3 {
+            let m = log.get_raw_message(seq).await.unwrap();
+            h.js.publish(format!("{name}.{seq}"), m.payload)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let stream = h.js.get_stream(name).await.unwrap();
+        assert!(stream.delete_message(deleted).await.unwrap());
     }
-    let hole = h.js.get_stream("HOLE").await.unwrap();
-    assert!(hole.delete_message(2).await.unwrap());
     let started = std::time::Instant::now();
     for (args, says) in [
         (
@@ -1961,6 +1964,10 @@ async fn rebuild_and_audit_from_nats() {
                 "HOLE",
             ],
             "seq 2: the stream holds sequence 3 here",
+        ),
+        (
+            vec!["replay", "--from-nats", &url, "--stream", "TAIL"],
+            "FAILED: cannot read the stream: stream TAIL's last sequence is 3, but its messages after 2 were removed",
         ),
     ] {
         let (code, out, err) = support::bcp_cli_text(&args).await;

@@ -20,6 +20,7 @@ pub async fn fetch(
         .map_err(|e| format!("stream {stream}: {e}"))?;
     let info = s.info().await.map_err(|e| format!("stream info: {e}"))?;
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let held = info.state.messages;
     if last == 0 {
         return Ok(Vec::new());
     }
@@ -37,10 +38,10 @@ pub async fn fetch(
         .await
         .map_err(|e| format!("consumer: {e}"))?;
     let mut out = Vec::with_capacity(last as usize);
-    // Until the last sequence, not until `last` messages: a message
-    // deleted inside the stream is then a gap [`in_order`] names, not a
-    // wait for one that never comes.
-    while out.last().is_none_or(|(seq, _)| *seq < last) {
+    // The messages the stream holds, not `last` of them: a message deleted
+    // inside the stream is then a gap [`in_order`] names, not a wait for
+    // one that never comes (and one deleted at its end is named below).
+    while (out.len() as u64) < held && out.last().is_none_or(|(seq, _)| *seq < last) {
         let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
             .map_err(|_| format!("timed out after {} of {last} messages", out.len()))?
@@ -52,6 +53,11 @@ pub async fn fetch(
             .stream_sequence;
         out.push((seq, msg.payload.to_vec()));
         progress(out.len() as u64);
+    }
+    if let Some((seq, _)) = out.last().filter(|(seq, _)| *seq < last) {
+        return Err(format!(
+            "stream {stream}'s last sequence is {last}, but its messages after {seq} were removed"
+        ));
     }
     Ok(out)
 }

@@ -186,7 +186,10 @@ impl Replayer {
     /// envelope's seq), and its job's version follows the job's. Its hash,
     /// the chain and the rows are `bcp audit verify`'s to check.
     pub fn feed_stored(&mut self, key: u64, env: &Envelope, cut: &Cut) -> Result<bool, String> {
-        if self.done {
+        // Past `--until-seq`, the log's damage is not this replay's: the
+        // state just before it is a question worth answering.
+        if self.done || cut.until_seq.is_some_and(|s| key > s) {
+            self.done = true;
             return Ok(false);
         }
         let expected = self.as_of_seq + 1;

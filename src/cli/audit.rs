@@ -195,13 +195,17 @@ fn verified_from_nats(
     stream: &str,
 ) -> Result<std::result::Result<Verified, VerifyError>> {
     let bar = progress(None, "reading the stream");
-    let messages = super::block_on(async {
+    // Not reaching NATS is an error (exit 3); a stream that cannot be
+    // read whole is a failed check of the log (exit 1), as in verify.
+    let fetched = super::block_on(async {
         let client = super::connect(url).await?;
-        bcp::audit::nats::fetch(client, stream, |n| bar.set_position(n))
-            .await
-            .map_err(anyhow::Error::msg)
+        Ok(bcp::audit::nats::fetch(client, stream, |n| bar.set_position(n)).await)
     })?;
     bar.finish_and_clear();
+    let messages = match fetched {
+        Ok(messages) => messages,
+        Err(e) => return Ok(Err(VerifyError::Stream(e))),
+    };
     let bar = progress(Some(messages.len() as u64), "verifying");
     let v = verify_stream(bcp::audit::nats::in_order(messages), |n| {
         bar.set_position(n)

@@ -655,7 +655,8 @@ mod tests {
             match &got {
                 Ok(decided) => {
                     for d in decided {
-                        let env = audited(&after, d.job_id, d.event.clone());
+                        let mut env = audited(&after, d.job_id, d.event.clone());
+                        env.project_id = d.project_id.clone();
                         assert_eq!(after.admits(&env), Ok(()), "{} in {state}", c.verb);
                         after.evolve(&env);
                     }
@@ -761,6 +762,47 @@ mod tests {
             let purge = Event::SnapshotsPurged { snapshot_ids: ids };
             assert_eq!(admits(&stopped, job_id(), purge).is_ok(), ok);
         }
+        // Terminated, not yet purged: nothing else of the job's.
+        let early = admits(&stopped, job_id(), started(JobState::Active));
+        assert!(early.unwrap_err().contains("not purged"));
+        // Job versions exactly on a job's changes; a region's event names
+        // no job (a crafted one must be refused, never panic).
+        let mut unversioned = audited(&w, Some(job_id()), Event::JobStopped {});
+        unversioned.job_version = None;
+        let mut versioned = audited(
+            &w,
+            Some(job_id()),
+            Event::CommandRejected {
+                verb: Verb::Stop,
+                code: RejectCode::InvalidTransition,
+                reason: "x".into(),
+                state: Some(JobState::Active),
+                expected_version: None,
+                current_version: None,
+            },
+        );
+        versioned.job_version = Some(3);
+        let mut region_of_a_job = audited(&w, None, region_full("eu"));
+        region_of_a_job.job_id = Some(job_id());
+        for env in [unversioned, versioned, region_of_a_job] {
+            assert!(w.admits(&env).is_err(), "{:?}", env.event);
+        }
+        // A job with a region is Active exactly while the region has every
+        // store: eu has none here.
+        let inactive_in_eu = given(vec![created(Some("eu"))]);
+        let start = |state| admits(&inactive_in_eu, job_id(), started(state));
+        assert!(
+            start(JobState::Active)
+                .unwrap_err()
+                .contains("not fully configured")
+        );
+        assert_eq!(start(JobState::Misconfigured), Ok(()));
+        let reconfigured = Event::JobReconfigured {
+            reason: "x".into(),
+            phase: Phase::InitialSync,
+        };
+        let misconfigured = in_state(JobState::Misconfigured);
+        assert!(admits(&misconfigured, job_id(), reconfigured).is_err());
     }
 
     #[test]

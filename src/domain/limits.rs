@@ -49,11 +49,11 @@ pub const RELAY_BATCH_FLOW: u16 = 64;
 const _: () = assert!(RELAY_WINDOW_MAX >= 2 * RELAY_BATCH_FLOW as usize);
 /// Events the relay reads from redb per read transaction.
 pub const RELAY_CHUNK_MAX: usize = 1024;
-/// Events of one command a group leader publishes in one JetStream atomic
-/// batch: nats-server's default batch size (`jetstream.limits.batch`; the
-/// relay halves it when the server refuses that many). Only a longer
-/// command (an `expire-snapshots` of many, a `configure-region` moving
-/// that many jobs) goes in several.
+/// Events a group leader publishes in one JetStream atomic batch (whole
+/// commands): nats-server's default batch size (`jetstream.limits.batch`;
+/// the relay halves its own limits when the server refuses that many).
+/// Only a longer command (an `expire-snapshots` of many, a
+/// `configure-region` moving that many jobs) goes in several.
 pub const RELAY_ATOMIC_BATCH_MAX: usize = 1000;
 /// Committed events held in memory for the relay (about 0.6 KB each):
 /// beyond it, the oldest are dropped and the relay reads them from redb.

@@ -169,20 +169,29 @@ impl World {
     /// before it), or `Ok`: what an audit asks of every event beyond its
     /// hash. A hash chain shows the log was not edited after the fact; this
     /// shows each event is one the state machine allows where it stands: a
-    /// job's events only for a job of that project that exists, a transition
-    /// only from a state that has it, a snapshot's events only for a
-    /// snapshot its catalog holds (none expired or deleted while marked
-    /// do_not_delete). It names the rules of the transition table, not
-    /// what a decision computes (reasons, phases, classes, expiry times),
-    /// which a later release may compute otherwise for the same log.
+    /// job's events only for a job of that project that exists (a job
+    /// version exactly on those that change it), a transition only from a
+    /// state that has it, a job with a region Active exactly while the
+    /// region has every store, a terminate's purge right after it, listing
+    /// the catalog, a snapshot's events only for a snapshot its catalog
+    /// holds (none expired or deleted while marked do_not_delete). It names
+    /// the rules of the transition table, not what a decision computes
+    /// (reasons, phases, classes, expiry times), which a later release may
+    /// compute otherwise for the same log.
     pub fn admits(&self, env: &Envelope) -> Result<(), String> {
         use JobState::*;
+        if env.job_version.is_some() != (env.job_id.is_some() && env.event.is_job_change()) {
+            return Err("job_version must be set exactly on events that change a job".into());
+        }
         let Some(id) = env.job_id else {
             return match &env.event {
                 Event::RegionConfigured { .. } | Event::CommandRejected { .. } => Ok(()),
                 other => Err(format!("a {} names no job", other.type_name())),
             };
         };
+        if let Event::RegionConfigured { .. } = env.event {
+            return Err(format!("a RegionConfigured names job {id}"));
+        }
         let job = self.jobs.get(&id);
         if let Event::JobCreated { .. } = env.event {
             return match job {
@@ -212,15 +221,37 @@ impl World {
                 Err(format!("job {id} is {state}"))
             }
         };
+        // A terminate's purge comes next, in the same command: nothing else
+        // of the job's between them.
+        let unpurged = self
+            .catalogs
+            .get(&id)
+            .is_some_and(|c| !c.snapshots.is_empty());
+        if state == Inactive && unpurged && !matches!(env.event, Event::SnapshotsPurged { .. }) {
+            return Err(format!(
+                "job {id} was terminated and its snapshots not purged"
+            ));
+        }
+        // A job with a region is Active exactly while its region has every
+        // store (the region rule; a job without one also answers to the
+        // cluster rule, which is not checked here).
+        let ready = |to_active: bool| match &job.region {
+            Some(r) if self.region_ready(Some(r)) != to_active => Err(format!(
+                "region {r} is {}fully configured",
+                if to_active { "not " } else { "" }
+            )),
+            _ => Ok(()),
+        };
         match &env.event {
             Event::JobCreated { .. }
             | Event::RegionConfigured { .. }
-            | Event::CommandRejected { .. } => unreachable!("handled above"),
+            // Answered above, before the job's state is read.
+            | Event::CommandRejected { .. } => Ok(()),
             Event::ScheduleChanged { .. } => Ok(()),
             Event::JobStarted { state: to, .. } => {
                 from(&[Inactive, Stopped])?;
                 match to {
-                    Active | Misconfigured => Ok(()),
+                    Active | Misconfigured => ready(*to == Active),
                     other => Err(format!("a start cannot leave a job {other}")),
                 }
             }
@@ -253,8 +284,8 @@ impl World {
                 }
                 Ok(())
             }
-            Event::JobMisconfigured { .. } => from(&[Active]),
-            Event::JobReconfigured { .. } => from(&[Misconfigured]),
+            Event::JobMisconfigured { .. } => from(&[Active]).and(ready(false)),
+            Event::JobReconfigured { .. } => from(&[Misconfigured]).and(ready(true)),
             Event::SnapshotRecorded { snapshot_id, .. } => {
                 from(&[Active])?;
                 match snapshot(snapshot_id) {

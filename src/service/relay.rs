@@ -153,9 +153,51 @@ impl Outbox {
 /// The ack of a publish not yet acknowledged.
 type Ack = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
-/// A publish not yet acknowledged: the seq it ends at, how many events
-/// it holds (more than one: a group's atomic batch), and its ack.
-type InFlight = (u64, usize, Ack);
+/// A publish not yet acknowledged: the seq it ends at, what it holds,
+/// and its ack.
+type InFlight = (u64, Sent, Ack);
+
+/// What one publish held: one event, or a group's atomic batch of
+/// `events` from one command (`several` false) or several whole ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sent {
+    events: usize,
+    several: bool,
+}
+
+/// Events per atomic batch, each limit halved when nats-server refuses a
+/// batch of that kind as too large (its `jetstream.limits.batch`), and kept
+/// across reconnections. Two, so that what a batch of several commands
+/// teaches never splits a command: `group` bounds a batch of several whole
+/// commands (1: each command alone), `split` the parts of a command of
+/// more events than it (the one case where a command is not all or
+/// nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AtomicLimits {
+    group: usize,
+    split: usize,
+}
+
+impl Default for AtomicLimits {
+    fn default() -> Self {
+        AtomicLimits {
+            group: RELAY_ATOMIC_BATCH_MAX,
+            split: RELAY_ATOMIC_BATCH_MAX,
+        }
+    }
+}
+
+impl AtomicLimits {
+    /// nats-server refused `sent` as too large: half of it, of its kind.
+    fn refused(&mut self, sent: Sent) {
+        let half = (sent.events / 2).max(1);
+        if sent.several {
+            self.group = self.group.min(half);
+        } else {
+            self.split = self.split.min(half);
+        }
+    }
+}
 
 /// Why publishing stopped.
 enum Interrupted {
@@ -185,7 +227,7 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     // Kept across reconnections: a smaller limit of nats-server's is met
     // by the next attempt.
-    let mut atomic_max = RELAY_ATOMIC_BATCH_MAX;
+    let mut limits = AtomicLimits::default();
     let source = Source { store, outbox };
     loop {
         match publish_until_drained(
@@ -195,7 +237,7 @@ pub async fn run(
             &published,
             &drain,
             &mut backoff,
-            &mut atomic_max,
+            &mut limits,
         )
         .await
         {
@@ -287,7 +329,7 @@ async fn publish_until_drained(
     published: &watch::Sender<u64>,
     drain: &CancellationToken,
     backoff: &mut Duration,
-    atomic_max: &mut usize,
+    limits: &mut AtomicLimits,
 ) -> Result<(), Interrupted> {
     let Target {
         js,
@@ -375,7 +417,7 @@ async fn publish_until_drained(
                     in_flight: &mut in_flight,
                     published,
                     prev_id: &mut prev_id,
-                    atomic_max: &mut *atomic_max,
+                    limits: &mut *limits,
                 },
                 alarms,
                 fence,
@@ -385,15 +427,15 @@ async fn publish_until_drained(
             .map_err(interrupted)?
             .unwrap_or(sent);
         }
-        if let Some((seq, events, ack)) = in_flight.front_mut() {
+        if let Some((seq, sent, ack)) = in_flight.front_mut() {
             // Acks outstanding: settle the oldest, unless more events are
             // committed first (then publish those too, without waiting).
-            let (seq, events) = (*seq, *events);
+            let (seq, sent) = (*seq, *sent);
             tokio::select! {
                 biased;
                 result = ack => {
                     in_flight.pop_front();
-                    settle_publish(seq, events, result, published, atomic_max).map_err(interrupted)?;
+                    settle_publish(seq, sent, result, published, limits).map_err(interrupted)?;
                 }
                 changed = head.changed(), if !writer_gone => writer_gone = changed.is_err(),
             }
@@ -548,9 +590,8 @@ struct Window<'a> {
     published: &'a watch::Sender<u64>,
     /// The id of the event published last (the next publish expects it).
     prev_id: &'a mut Option<String>,
-    /// Events per atomic batch: [`RELAY_ATOMIC_BATCH_MAX`], or less once
-    /// nats-server refused that many.
-    atomic_max: &'a mut usize,
+    /// Events per atomic batch, as nats-server takes them.
+    limits: &'a mut AtomicLimits,
 }
 
 impl Window<'_> {
@@ -563,13 +604,13 @@ impl Window<'_> {
     }
 
     async fn settle_oldest(&mut self) -> Result<(), Publish> {
-        let (seq, events, ack) = self.in_flight.pop_front().expect("a publish in flight");
-        settle_publish(seq, events, ack.await, self.published, self.atomic_max)
+        let (seq, sent, ack) = self.in_flight.pop_front().expect("a publish in flight");
+        settle_publish(seq, sent, ack.await, self.published, self.limits)
     }
 
-    /// Add a publish of `events` events through `seq`.
-    fn push(&mut self, seq: u64, events: usize, ack: Ack) {
-        self.in_flight.push_back((seq, events, ack));
+    /// Add a publish of `sent` through `seq`.
+    fn push(&mut self, seq: u64, sent: Sent, ack: Ack) {
+        self.in_flight.push_back((seq, sent, ack));
     }
 }
 
@@ -606,16 +647,33 @@ async fn publish_chunk(
             return Err(Publish::Halted);
         }
         if atomic && command_end(&chunk, at) - at > 1 {
-            for batch in atomic_batches(&chunk[at..], *window.atomic_max) {
+            for batch in atomic_batches(&chunk[at..], *window.limits) {
                 // Every publish before it acknowledged: the stream's last
                 // message is then this log's, and the batch's sequence
                 // fence (nats-server refuses `Nats-Expected-Last-Msg-Id`
                 // in a batch) is enough. Its own ack is awaited in turn,
                 // as any: the publishes after it expect its last id.
                 window.settle_all().await?;
+                // Checked again before each batch: a node that stepped
+                // down (or an alarm raised) while the last was settling
+                // publishes nothing more.
+                if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
+                    return Err(Publish::Fenced("this node stepped down".into()));
+                }
+                if alarms.any() {
+                    return Err(Publish::Halted);
+                }
                 let (seq, event_id, ack) = publish_atomic(js, batch).await?;
                 *window.prev_id = Some(event_id);
-                window.push(seq, batch.len(), ack);
+                let several = command_end(batch, 0) < batch.len();
+                window.push(
+                    seq,
+                    Sent {
+                        events: batch.len(),
+                        several,
+                    },
+                    ack,
+                );
                 sent = Some(seq);
             }
             break;
@@ -636,7 +694,14 @@ async fn publish_chunk(
             .send_publish(std::mem::take(&mut route.subject), msg)
             .await
             .map_err(|e| Publish::Failed(format!("publish seq {seq}: {e}")))?;
-        window.push(seq, 1, ack.into_future());
+        window.push(
+            seq,
+            Sent {
+                events: 1,
+                several: false,
+            },
+            ack.into_future(),
+        );
         sent = Some(seq);
     }
     Ok(sent)
@@ -652,27 +717,31 @@ fn command_end(events: &[Event], at: usize) -> usize {
 }
 
 /// `events` (whole commands: a chunk never ends inside one) cut into
-/// atomic batches of at most `max` events, in order: each batch as many
-/// whole commands as fit, and a command of more than `max` events alone in
-/// batches of `max` (the one case where a command is not all or nothing).
-/// One batch for many commands: the publishes before each batch are
-/// awaited first, so under load a batch per command drained the pipeline
-/// once per command of several events.
-fn atomic_batches(events: &[Event], max: usize) -> Vec<&[Event]> {
+/// atomic batches, in order: as many whole commands as fit in
+/// `limits.group` events together; a command of more goes alone, whole
+/// up to `limits.split` events, in parts of `limits.split` beyond (the
+/// one case where a command is not all or nothing). One batch for many
+/// commands: the publishes before each batch are awaited first, so under
+/// load a batch per command drained the pipeline once per command of
+/// several events.
+fn atomic_batches(events: &[Event], limits: AtomicLimits) -> Vec<&[Event]> {
     let mut batches = Vec::new();
     let (mut start, mut end) = (0, 0);
     while end < events.len() {
         let next = command_end(events, end);
-        if next - start <= max {
+        if next - end <= limits.split && next - start <= limits.group {
+            // Fits, with the commands before it.
             end = next;
             continue;
         }
         if end > start {
+            // Close the batch before it; then look at it again, first.
             batches.push(&events[start..end]);
             start = end;
             continue;
         }
-        batches.extend(events[start..next].chunks(max));
+        // Alone: whole if `split` takes it, else in parts.
+        batches.extend(events[start..next].chunks(limits.split));
         (start, end) = (next, next);
     }
     if end > start {
@@ -681,8 +750,8 @@ fn atomic_batches(events: &[Event], max: usize) -> Vec<&[Event]> {
     batches
 }
 
-/// Group mode: `events` (one command's, at most [`RELAY_ATOMIC_BATCH_MAX`])
-/// as one JetStream atomic batch: nats-server stages the messages and
+/// Group mode: `events` (whole commands, or a part of one larger than a
+/// batch; at most [`RELAY_ATOMIC_BATCH_MAX`]) as one JetStream atomic batch: nats-server stages the messages and
 /// stores all of them at the commit (the last message), or none. Each
 /// has its seq and id; the first is fenced by the stream's last sequence
 /// (nats-server refuses a last message id in a batch, and the sequence on
@@ -728,19 +797,26 @@ async fn publish_atomic(
     Ok((seq, event_id, ack.into_future()))
 }
 
-/// [`settle`] a publish of `events` events; an atomic batch refused as too
-/// large leaves `atomic_max` at half its size, for the next attempt.
+/// [`settle`] a publish of `sent`; an atomic batch refused as too large
+/// halves the limit of its kind, for the next attempt.
 fn settle_publish(
     seq: u64,
-    events: usize,
+    sent: Sent,
     ack: Result<PublishAck, PublishError>,
     published: &watch::Sender<u64>,
-    atomic_max: &mut usize,
+    limits: &mut AtomicLimits,
 ) -> Result<(), Publish> {
     let settled = settle(seq, ack, published);
     if let Err(Publish::TooLarge(e)) = &settled {
-        *atomic_max = (events / 2).max(1);
-        tracing::warn!(error = %e, events = *atomic_max, "nats-server takes smaller atomic batches; a command of more events goes in several");
+        limits.refused(sent);
+        match sent.several {
+            true => {
+                tracing::warn!(error = %e, events = limits.group, "nats-server takes smaller atomic batches; fewer commands go together")
+            }
+            false => {
+                tracing::warn!(error = %e, events = limits.split, "nats-server takes smaller atomic batches; a command of more events goes in several")
+            }
+        }
     }
     settled
 }
@@ -877,27 +953,71 @@ mod tests {
 
     #[test]
     fn atomic_batches_hold_whole_commands_as_many_as_fit() {
-        let cut = |sizes: &[usize], max: usize| -> Vec<Vec<u64>> {
+        let cut = |sizes: &[usize], group: usize, split: usize| -> Vec<Vec<u64>> {
             let events = commands(sizes);
-            let batches = atomic_batches(&events, max);
+            let batches = atomic_batches(&events, AtomicLimits { group, split });
             let all: Vec<u64> = batches.iter().flat_map(|b| seqs(b)).collect();
             assert_eq!(all, seqs(&events), "every event once, in order");
             batches.iter().map(|b| seqs(b)).collect()
         };
         // Commands of 2, 1, 1, 2, 1 events: all in one batch of 7.
-        assert_eq!(cut(&[2, 1, 1, 2, 1], 7), [vec![1, 2, 3, 4, 5, 6, 7]]);
+        assert_eq!(cut(&[2, 1, 1, 2, 1], 7, 7), [vec![1, 2, 3, 4, 5, 6, 7]]);
         // A command that does not fit starts the next batch, never split.
-        assert_eq!(cut(&[2, 1, 2, 2], 4), [vec![1, 2, 3], vec![4, 5, 6, 7]]);
-        // A command larger than a batch goes alone, in batches of `max`;
+        assert_eq!(cut(&[2, 1, 2, 2], 4, 4), [vec![1, 2, 3], vec![4, 5, 6, 7]]);
+        // A command larger than a batch goes alone, in parts of `split`;
         // the commands after it batch again.
         assert_eq!(
-            cut(&[1, 5, 1, 1], 2),
+            cut(&[1, 5, 1, 1], 2, 2),
             [vec![1], vec![2, 3], vec![4, 5], vec![6], vec![7, 8]]
         );
-        assert_eq!(cut(&[3], 1), [vec![1], vec![2], vec![3]]);
-        assert_eq!(cut(&[], 4), Vec::<Vec<u64>>::new());
+        assert_eq!(cut(&[3], 1, 1), [vec![1], vec![2], vec![3]]);
+        assert_eq!(cut(&[], 4, 4), Vec::<Vec<u64>>::new());
+        // Fewer commands together (`group` learned from a batch of several)
+        // never splits a command `split` still takes whole.
+        assert_eq!(cut(&[2, 3, 1], 1, 4), [vec![1, 2], vec![3, 4, 5], vec![6]]);
+        assert_eq!(cut(&[2, 1, 3], 3, 8), [vec![1, 2, 3], vec![4, 5, 6]]);
+        // A command `split` no longer takes whole is cut, however many
+        // commands may go together (a refused command of 4 left split 2).
+        assert_eq!(cut(&[4], 1000, 2), [vec![1, 2], vec![3, 4]]);
+        assert_eq!(
+            cut(&[1, 4, 1], 1000, 2),
+            [vec![1], vec![2, 3], vec![4, 5], vec![6]]
+        );
         assert_eq!(command_end(&commands(&[2, 1]), 0), 2);
         assert_eq!(command_end(&commands(&[2, 1]), 2), 3);
+    }
+
+    /// A refused batch of several commands halves only how many go
+    /// together; a refused command (or part of one), only its parts.
+    #[test]
+    fn a_refused_batch_halves_the_limit_of_its_kind() {
+        let mut limits = AtomicLimits::default();
+        limits.refused(Sent {
+            events: 1000,
+            several: true,
+        });
+        assert_eq!((limits.group, limits.split), (500, RELAY_ATOMIC_BATCH_MAX));
+        limits.refused(Sent {
+            events: 300,
+            several: true,
+        });
+        assert_eq!((limits.group, limits.split), (150, RELAY_ATOMIC_BATCH_MAX));
+        limits.refused(Sent {
+            events: 81,
+            several: false,
+        });
+        assert_eq!((limits.group, limits.split), (150, 40));
+        limits.refused(Sent {
+            events: 1,
+            several: false,
+        });
+        assert_eq!(limits.split, 1, "never below one");
+        // A later, larger refusal never raises a limit.
+        limits.refused(Sent {
+            events: 900,
+            several: true,
+        });
+        assert_eq!(limits.group, 150);
     }
 
     #[test]

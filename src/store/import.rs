@@ -40,6 +40,9 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".importing")
+        // As `bcp serve` makes a store: what the umask allows (tempfile's
+        // own 0600 would keep an auditor's account out).
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir.unwrap_or(Path::new(".")))
         .map_err(|e| StoreError::Corrupt(format!("a new file beside {}: {e}", path.display())))?;
     let store = Store::open_or_create(tmp.path())?;

@@ -609,6 +609,15 @@ impl Ledger {
     fn push(&mut self, b: &mut Batch, env: &Envelope, bytes: Vec<u8>) {
         assert_eq!(env.seq, self.head_seq + 1, "the log is gapless");
         assert_eq!(env.prev_hash, self.head_hash, "the log is chained");
+        // What `audit verify` will ask of it: every test of the write path
+        // checks the decider against the audit's rules (a lookup or two;
+        // in debug builds only).
+        debug_assert_eq!(
+            self.world.admits(env),
+            Ok(()),
+            "{} is a decision the state machine allows",
+            env.event.type_name()
+        );
         if let Some(id) = env.job_id.filter(|_| env.job_version.is_some()) {
             let before = self.world.jobs.get(&id);
             assert_eq!(
@@ -645,7 +654,8 @@ impl Ledger {
     /// Follow a log decided elsewhere (a group-mode follower applying the
     /// leader's events from the stream): `events` are the stored bytes of
     /// the events that continue this log, each checked here (its seq, its
-    /// link to the head, its hash, its job version) before it is applied.
+    /// link to the head, its hash, its job version, a decision the state
+    /// machine allows there) before it is applied.
     /// Returns the batch to seal and commit; on `Err` (an event that does
     /// not continue this log) nothing was applied. The idempotency records
     /// of their commands are rebuilt from the log, as import does (a command
@@ -709,7 +719,8 @@ impl Ledger {
     }
 
     /// The event `bytes`, if it continues this log: the next seq, linked to
-    /// the head, its own hash, the next version of its job.
+    /// the head, its own hash, the next version of its job, legal where it
+    /// stands ([`World::admits`]).
     fn continues(&self, bytes: &[u8]) -> Result<Envelope> {
         let seq = self.head_seq + 1;
         let mut env = decode_envelope(seq, bytes)?;
@@ -736,6 +747,10 @@ impl Ledger {
             return bad(
                 "recorded_at is earlier than the head's (time only moves forward in the log)",
             );
+        }
+        if let Err(why) = self.world.admits(&env) {
+            let event = env.event.type_name();
+            return bad(&format!("{event} is not a decision this log allows: {why}"));
         }
         Ok(env)
     }
