@@ -1331,6 +1331,14 @@ fn export_import_round_trip_keeps_the_head_hash() {
         .collect();
     names.sort();
     assert_eq!(names, ["copy.importing", "copy.redb"]);
+    // Readable as a store bcp serve makes is (the umask's mode, not 0600).
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+    };
+    let served = beside.join("served.redb");
+    drop(Store::open_or_create(&served).unwrap());
+    assert_eq!(mode(&copy), mode(&served));
+    std::fs::remove_file(&served).unwrap();
     // Nothing read (an empty stdin, say): refused, no store made.
     let empty = beside.join("empty.redb");
     let (code, out) = bcp(&["import", "--db", empty.to_str().unwrap(), "-"], Some(b""));
