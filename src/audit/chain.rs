@@ -82,6 +82,32 @@ pub fn check_key(expected_seq: u64, key: u64) -> Result<(), VerifyError> {
     Ok(())
 }
 
+/// The envelope expected at `expected_seq` says it is there (no gap, no
+/// reorder).
+pub fn check_seq(expected_seq: u64, env: &Envelope) -> Result<(), VerifyError> {
+    if env.seq != expected_seq {
+        return Err(VerifyError::BadEvent {
+            seq: expected_seq,
+            what: format!("envelope says seq {} (gap or reorder)", env.seq),
+        });
+    }
+    Ok(())
+}
+
+/// `env`'s job version, if it has one, follows its job's in `world`.
+pub fn check_version(env: &Envelope, world: &World) -> Result<(), VerifyError> {
+    if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
+        let current = world.jobs.get(&job).map_or(0, |j| j.version);
+        if v != current + 1 {
+            return Err(VerifyError::BadEvent {
+                seq: env.seq,
+                what: format!("job {job} version {v} follows version {current}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What [`check_event`] finds in an event's bytes alone: it parses, and
 /// what [`Envelope::check_stored`] says of them. Independent of every other
 /// event, so [`verify`](super::verify::verify) computes it on worker threads.
@@ -127,24 +153,12 @@ pub fn check_parsed<'p>(
         what,
     };
     let (env, stored) = parsed.0.as_ref().map_err(|e| bad(e.clone()))?;
-    if env.seq != expected_seq {
-        return Err(bad(format!(
-            "envelope says seq {} (gap or reorder)",
-            env.seq
-        )));
-    }
+    check_seq(expected_seq, env)?;
     if env.prev_hash != prev_hash {
         return Err(bad("prev_hash does not match the previous event's hash (an event before it was removed, reordered or edited)".into()));
     }
     stored.map_err(|what| bad(what.to_owned()))?;
-    if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
-        let current = world.jobs.get(&job).map_or(0, |j| j.version);
-        if v != current + 1 {
-            return Err(bad(format!(
-                "job {job} version {v} follows version {current}"
-            )));
-        }
-    }
+    check_version(env, world)?;
     world.admits(env).map_err(|why| {
         bad(format!(
             "{} is not a decision the log before it allows: {why}",

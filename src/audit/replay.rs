@@ -1,6 +1,7 @@
 //! Projections rebuilt from the log as of a point (a seq, a time, or both),
 //! optionally for one job or project: the same pure fold as the server.
 
+use super::chain;
 use super::scan::{self, scan};
 use crate::domain::{Envelope, Job, ProjectId, Snapshot, World};
 use crate::store::{Result, Store, StoreError, decode_state};
@@ -192,26 +193,12 @@ impl Replayer {
             self.done = true;
             return Ok(false);
         }
+        // The checks verify makes of an event's place, by the same code.
         let expected = self.as_of_seq + 1;
-        if key != expected {
-            return Err(format!(
-                "seq {expected}: missing; the next stored seq is {key}"
-            ));
-        }
-        if env.seq != key {
-            return Err(format!(
-                "seq {key}: envelope says seq {} (gap or reorder)",
-                env.seq
-            ));
-        }
-        if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
-            let current = self.world.jobs.get(&job).map_or(0, |j| j.version);
-            if v != current + 1 {
-                return Err(format!(
-                    "seq {key}: job {job} version {v} follows version {current}"
-                ));
-            }
-        }
+        (chain::check_key(expected, key))
+            .and_then(|()| chain::check_seq(expected, env))
+            .and_then(|()| chain::check_version(env, &self.world))
+            .map_err(|e| e.to_string())?;
         Ok(self.feed(env, cut))
     }
 

@@ -210,8 +210,9 @@ impl World {
             (Some(job), _) => job,
         };
         let state = job.state;
+        let catalog = self.catalogs.get(&id);
         let snapshot = |snapshot_id: &Uuid| {
-            let found = self.catalogs.get(&id).and_then(|c| c.get(*snapshot_id));
+            let found = catalog.and_then(|c| c.get(*snapshot_id));
             found.ok_or_else(|| format!("job {id}'s catalog holds no snapshot {snapshot_id}"))
         };
         let from = |allowed: &[JobState]| {
@@ -223,10 +224,7 @@ impl World {
         };
         // A terminate's purge comes next, in the same command: nothing else
         // of the job's between them.
-        let unpurged = self
-            .catalogs
-            .get(&id)
-            .is_some_and(|c| !c.snapshots.is_empty());
+        let unpurged = catalog.is_some_and(|c| !c.snapshots.is_empty());
         if state == Inactive && unpurged && !matches!(env.event, Event::SnapshotsPurged { .. }) {
             return Err(format!(
                 "job {id} was terminated and its snapshots not purged"
@@ -259,11 +257,9 @@ impl World {
             Event::JobTerminated {} => from(&[Stopped]),
             Event::SnapshotsPurged { snapshot_ids } => {
                 from(&[Inactive])?;
-                let held: BTreeSet<Uuid> = self
-                    .catalogs
-                    .get(&id)
-                    .map(|c| c.snapshots.iter().map(|s| s.snapshot_id).collect())
-                    .unwrap_or_default();
+                let held: BTreeSet<Uuid> = (catalog.into_iter())
+                    .flat_map(|c| c.snapshots.iter().map(|s| s.snapshot_id))
+                    .collect();
                 let listed: BTreeSet<Uuid> = snapshot_ids.iter().copied().collect();
                 if held == listed {
                     Ok(())

@@ -640,12 +640,7 @@ async fn publish_chunk(
     let mut sent = None;
     let mut at = 0;
     while at < chunk.len() {
-        if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
-            return Err(Publish::Fenced("this node stepped down".into()));
-        }
-        if alarms.any() {
-            return Err(Publish::Halted);
-        }
+        may_publish(fence, alarms)?;
         if atomic && command_end(&chunk, at) - at > 1 {
             for batch in atomic_batches(&chunk[at..], *window.limits) {
                 // Every publish before it acknowledged: the stream's last
@@ -654,15 +649,10 @@ async fn publish_chunk(
                 // in a batch) is enough. Its own ack is awaited in turn,
                 // as any: the publishes after it expect its last id.
                 window.settle_all().await?;
-                // Checked again before each batch: a node that stepped
-                // down (or an alarm raised) while the last was settling
-                // publishes nothing more.
-                if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
-                    return Err(Publish::Fenced("this node stepped down".into()));
-                }
-                if alarms.any() {
-                    return Err(Publish::Halted);
-                }
+                // Again before each batch: a node that stepped down (or an
+                // alarm raised) while the last was settling publishes
+                // nothing more.
+                may_publish(fence, alarms)?;
                 let (seq, event_id, ack) = publish_atomic(js, batch).await?;
                 *window.prev_id = Some(event_id);
                 let several = command_end(batch, 0) < batch.len();
@@ -705,6 +695,18 @@ async fn publish_chunk(
         sent = Some(seq);
     }
     Ok(sent)
+}
+
+/// Whether the relay may publish on: not once this node stepped down, nor
+/// while an alarm is raised.
+fn may_publish(fence: &Option<CancellationToken>, alarms: &Alarms) -> Result<(), Publish> {
+    if fence.as_ref().is_some_and(CancellationToken::is_cancelled) {
+        return Err(Publish::Fenced("this node stepped down".into()));
+    }
+    if alarms.any() {
+        return Err(Publish::Halted);
+    }
+    Ok(())
 }
 
 /// The end (exclusive) of the command whose events start at `events[at]`.

@@ -44,7 +44,10 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
         // own 0600 would keep an auditor's account out).
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir.unwrap_or(Path::new(".")))
-        .map_err(|e| StoreError::Corrupt(format!("a new file beside {}: {e}", path.display())))?;
+        .map_err(|e| {
+            let what = format!("a new file beside {}: {e}", path.display());
+            StoreError::Redb(redb::Error::Io(std::io::Error::new(e.kind(), what)))
+        })?;
     let store = Store::open_or_create(tmp.path())?;
     {
         let mut txn = store.writable()?.begin_write()?;
