@@ -908,16 +908,7 @@ async fn a_group_node_refuses_a_store_it_cannot_join() {
     assert_eq!(c.stop_node(0).await, Some(0));
     c.js.delete_stream(STREAM).await.expect("delete the stream");
     c.spawn_node(0);
-    assert_ne!(c.exited(0).await, Some(0));
-    let log = c.node_log_text(0);
-    assert!(
-        log.contains("is missing or empty but this store holds 1 events"),
-        "{log}"
-    );
-    assert!(
-        c.js.get_stream(STREAM).await.is_err(),
-        "the stream was created again"
-    );
+    ends_on_a_lost_stream(&mut c, 0, "this store holds 1 events").await;
 }
 
 /// While no process takes a stream's commands (here the writer lease is
@@ -1050,10 +1041,16 @@ async fn a_group_node_ends_when_its_forked_stream_is_deleted() {
     cmd_definitive(&c.client, "create", &create(id())).await;
     c.js.delete_stream(STREAM).await.expect("delete the stream");
     assert_eq!(try_cmd(&c.client, "create", &create(id())).await, None);
-    assert_ne!(c.exited(0).await, Some(0));
-    let log = c.node_log_text(0);
+    ends_on_a_lost_stream(&mut c, 0, "this store holds").await;
+}
+
+/// Node `node` exits non-zero, saying its stream is missing (`holds`: what
+/// it says of its store), and no node made the stream again.
+async fn ends_on_a_lost_stream(c: &mut support::cluster::Cluster, node: usize, holds: &str) {
+    assert_ne!(c.exited(node).await, Some(0));
+    let log = c.node_log_text(node);
     assert!(
-        log.contains("is missing or empty but this store holds"),
+        log.contains(&format!("is missing or empty but {holds}")),
         "{log}"
     );
     assert!(

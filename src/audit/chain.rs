@@ -96,16 +96,9 @@ pub fn check_seq(expected_seq: u64, env: &Envelope) -> Result<(), VerifyError> {
 
 /// `env`'s job version, if it has one, follows its job's in `world`.
 pub fn check_version(env: &Envelope, world: &World) -> Result<(), VerifyError> {
-    if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
-        let current = world.jobs.get(&job).map_or(0, |j| j.version);
-        if v != current + 1 {
-            return Err(VerifyError::BadEvent {
-                seq: env.seq,
-                what: format!("job {job} version {v} follows version {current}"),
-            });
-        }
-    }
-    Ok(())
+    world
+        .version_follows(env)
+        .map_err(|what| VerifyError::BadEvent { seq: env.seq, what })
 }
 
 /// What [`check_event`] finds in an event's bytes alone: it parses, and

@@ -165,6 +165,18 @@ impl World {
         }
     }
 
+    /// `env`'s job version, if it has one, follows its job's here (by one:
+    /// a job's versions count its changes from 1).
+    pub fn version_follows(&self, env: &Envelope) -> Result<(), String> {
+        if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
+            let current = self.jobs.get(&job).map_or(0, |j| j.version);
+            if v != current + 1 {
+                return Err(format!("job {job} version {v} follows version {current}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Why `env` could not have been decided against this world (the log
     /// before it), or `Ok`: what an audit asks of every event beyond its
     /// hash. A hash chain shows the log was not edited after the fact; this

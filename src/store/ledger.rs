@@ -734,20 +734,15 @@ impl Ledger {
         if let Err(what) = env.check_stored(bytes) {
             return bad(what);
         }
-        if env.job_version.is_some() != (env.job_id.is_some() && env.event.is_job_change()) {
-            return bad("job_version must be set exactly on events that change a job");
-        }
-        if let (Some(job), Some(v)) = (env.job_id, env.job_version) {
-            let current = self.world.jobs.get(&job).map_or(0, |j| j.version);
-            if v != current + 1 {
-                return bad(&format!("job {job} version {v} does not follow {current}"));
-            }
+        if let Err(what) = self.world.version_follows(&env) {
+            return bad(&what);
         }
         if self.head_time.is_some_and(|t| env.recorded_at < t) {
             return bad(
                 "recorded_at is earlier than the head's (time only moves forward in the log)",
             );
         }
+        // Also that job_version is set exactly on a job's changes.
         if let Err(why) = self.world.admits(&env) {
             let event = env.event.type_name();
             return bad(&format!("{event} is not a decision this log allows: {why}"));
