@@ -784,6 +784,73 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
     );
 }
 
+/// A group node answers no query with a state the stream has not
+/// acknowledged: here a node restarted with an event in its store that
+/// never reached the stream (its leader's term ended before the ack),
+/// while JetStream has no quorum, so the node cannot check its log
+/// against the stream. Its queries wait, then say `unavailable`; once the
+/// stream is back, the node drops the event and answers without it.
+#[tokio::test]
+async fn a_group_node_answers_no_state_the_stream_has_not_acknowledged() {
+    let mut c = support::cluster::Cluster::start(1).await;
+    c.leader(1).await;
+    let acked = id();
+    cmd_definitive(&c.client, "create", &create(acked)).await;
+    c.all_at(1, 1).await;
+    assert_eq!(c.stop_node(0).await, Some(0));
+    let unacknowledged = id();
+    {
+        use bcp::store::{ledger::Pending, pipeline::Pipeline};
+        let store = bcp::store::Store::open_existing(&c.db(0)).unwrap();
+        let mut ledger = Pipeline::open(store).unwrap();
+        let body = create(unacknowledged).to_string();
+        let cmd = bcp::domain::command::decode("p1", "create", body.as_bytes(), None).unwrap();
+        let replies = ledger
+            .execute(&[Pending::new(cmd)], chrono::Utc::now(), &mut Uuid::now_v7)
+            .unwrap();
+        assert!(replies[0].ok, "{:?}", replies[0].error);
+    }
+    // Two of three servers gone: JetStream has no quorum, core NATS works.
+    c.kill_server(1);
+    c.kill_server(2);
+    c.spawn_node(0);
+    let client = c.client.clone();
+    let job_query = async |job: Uuid| -> Value {
+        let body = serde_json::to_vec(&json!({"job_id": job})).unwrap();
+        let deadline = Deadline::new("a query answered", Duration::from_secs(30));
+        loop {
+            let asked = client.request("bcp.query.p1.job", body.clone().into());
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), asked).await
+                && let Ok(v) = serde_json::from_slice::<Value>(&r.payload)
+            {
+                return v;
+            }
+            deadline.tick().await;
+        }
+    };
+    for job in [unacknowledged, acked] {
+        let v = job_query(job).await;
+        assert_eq!(v["error"]["code"], json!("unavailable"), "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("through seq 2 is not yet acknowledged by the stream"),
+            "{message}"
+        );
+    }
+    c.restart_server(1);
+    c.restart_server(2);
+    c.leader(1).await;
+    assert_eq!(job_query(acked).await["job"]["state"], json!("Inactive"));
+    let v = job_query(unacknowledged).await;
+    assert_eq!(v["error"]["code"], json!("not_found"), "{v}");
+    assert_eq!(v["as_of_seq"], json!(1), "{v}");
+    assert!(
+        c.node_log_text(0).contains("dropping seqs 2..=2"),
+        "{}",
+        c.node_log_text(0)
+    );
+}
+
 /// A nats-server that takes smaller atomic batches than the relay's (its
 /// `jetstream.limits.batch.max_msgs`, here 2) refuses a command's batch:
 /// the leader sends the same events again in halves, and the command is

@@ -64,6 +64,7 @@ pub(crate) async fn run(node: &Node, stop: &CancellationToken) -> Result<(), Ser
             queries_in_flight: node.config.queries_in_flight,
             alarms: node.alarms.clone(),
             catch_all: true,
+            acked: Some(node.published.subscribe()),
         },
         stop.clone(),
     ));

@@ -67,7 +67,18 @@ pub struct Options {
     /// Answer subjects no endpoint serves (`bad_request`): one intake per
     /// process does.
     pub catch_all: bool,
+    /// Group mode: the last seq JetStream acknowledged (a follower: what it
+    /// applied). A query's answer leaves only once its state is
+    /// acknowledged ([`QUERY_ACK_WAIT`]): a leader's store holds events the
+    /// stream may never get, and so does a node's before it has checked its
+    /// log against the stream. `None` (single mode): a commit is final
+    /// once fsynced, and answers leave at once.
+    pub acked: Option<tokio::sync::watch::Receiver<u64>>,
 }
+
+/// How long a group node's query waits for the stream to acknowledge the
+/// state it read before answering `unavailable` instead.
+pub const QUERY_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Take requests until `stop`; dropping `queue` on return lets the writer
 /// drain and exit.
@@ -102,7 +113,7 @@ pub async fn run(
         let handled = tokio::select! {
             r = requests.next() => match r {
                 Some((Kind::Command(verb), request)) => stop.run_until_cancelled(command(&client, verb, request, &queue, &metrics, &options)).await,
-                Some((Kind::Query(kind), request)) => stop.run_until_cancelled(query(&client, kind, request, store.clone(), &queries)).await,
+                Some((Kind::Query(kind), request)) => stop.run_until_cancelled(query(&client, kind, request, store.clone(), &queries, options.acked.clone())).await,
                 None => None,
             },
             m = unserved.next() => match m {
@@ -227,6 +238,7 @@ async fn query(
     request: Request,
     store: Store,
     queries: &Arc<Semaphore>,
+    acked: Option<tokio::sync::watch::Receiver<u64>>,
 ) {
     if let Some(why) = malformed_headers(&request.message) {
         let error = QueryError::new(ErrorCode::BadRequest, why, None);
@@ -251,14 +263,22 @@ async fn query(
             .nth(2)
             .unwrap_or("")
             .to_owned();
-        let value = tokio::task::spawn_blocking(move || {
-            super::queries::answer(&store, &project, kind, &payload)
+        let answered = tokio::task::spawn_blocking(move || {
+            let value = super::queries::answer(&store, &project, kind, &payload);
+            // Read after the answer: no row it read is of a later state.
+            (value, store.applied_seq())
         })
-        .await
-        .unwrap_or_else(|e| {
-            serde_json::to_value(QueryError::new(ErrorCode::Internal, e.to_string(), None))
-                .expect("reply")
-        });
+        .await;
+        let value = match answered {
+            Ok((value, read_through)) => match acked {
+                Some(acked) => withheld_until_acked(value, read_through, acked).await,
+                None => value,
+            },
+            Err(e) => {
+                serde_json::to_value(QueryError::new(ErrorCode::Internal, e.to_string(), None))
+                    .expect("reply")
+            }
+        };
         let mut bytes = serde_json::to_vec(&value).expect("json serializes");
         if max_payload > 0 && bytes.len() > max_payload {
             // Never a silent timeout: say why, so the caller can narrow the query.
@@ -277,6 +297,31 @@ async fn query(
             tracing::warn!(error = %e, "query reply not sent");
         }
     });
+}
+
+/// `value`, read from the store's state through seq `read_through`, once
+/// JetStream has acknowledged that seq; `unavailable` if it has not within
+/// [`QUERY_ACK_WAIT`] (a leader cut off from the stream's quorum, a node
+/// not yet reconciled with the stream): an answer must not show a state
+/// that the group may yet drop.
+async fn withheld_until_acked(
+    value: serde_json::Value,
+    read_through: u64,
+    mut acked: tokio::sync::watch::Receiver<u64>,
+) -> serde_json::Value {
+    let waited = tokio::time::timeout(QUERY_ACK_WAIT, acked.wait_for(|seq| *seq >= read_through))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if waited {
+        return value;
+    }
+    let acknowledged = *acked.borrow();
+    let message = format!(
+        "this node's state through seq {read_through} is not yet acknowledged by the stream \
+         (acknowledged through seq {acknowledged}); retry shortly"
+    );
+    // No state is answered: no `as_of_seq`.
+    serde_json::to_value(QueryError::new(ErrorCode::Unavailable, message, None)).expect("reply")
 }
 
 /// A subject under bcp.cmd.> or bcp.query.> that no endpoint serves.

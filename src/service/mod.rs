@@ -403,6 +403,8 @@ pub(crate) async fn term(
             queries_in_flight: config.queries_in_flight,
             alarms: node.alarms.clone(),
             catch_all: !group,
+            // A group's queries are answered by its own intake (`group`).
+            acked: None,
         },
         end.clone(),
     )
