@@ -792,7 +792,7 @@ async fn a_node_drops_the_tail_the_stream_never_acknowledged() {
 /// stream is back, the node drops the event and answers without it.
 #[tokio::test]
 async fn a_group_node_answers_no_state_the_stream_has_not_acknowledged() {
-    let mut c = support::cluster::Cluster::start(1).await;
+    let mut c = support::cluster::Cluster::start_with(1, &clients_may("")).await;
     c.leader(1).await;
     let acked = id();
     cmd_definitive(&c.client, "create", &create(acked)).await;
@@ -810,9 +810,17 @@ async fn a_group_node_answers_no_state_the_stream_has_not_acknowledged() {
             .unwrap();
         assert!(replies[0].ok, "{:?}", replies[0].error);
     }
-    // Two of three servers gone: JetStream has no quorum, core NATS works.
-    c.kill_server(1);
-    c.kill_server(2);
+    // The JetStream API closed to clients, core NATS still open: the node
+    // cannot check its log against the stream.
+    c.reconfigure(&clients_may("publish: { deny: [\"$JS.API.>\"] }"));
+    let deadline = Deadline::new("the JetStream API to close", Duration::from_secs(30));
+    loop {
+        let info = c.client.request("$JS.API.INFO", "".into());
+        match tokio::time::timeout(Duration::from_secs(1), info).await {
+            Ok(Ok(_)) => deadline.tick().await,
+            _ => break,
+        }
+    }
     c.spawn_node(0);
     let client = c.client.clone();
     let job_query = async |job: Uuid| -> Value {
@@ -837,8 +845,7 @@ async fn a_group_node_answers_no_state_the_stream_has_not_acknowledged() {
             "{message}"
         );
     }
-    c.restart_server(1);
-    c.restart_server(2);
+    c.reconfigure(&clients_may(""));
     c.leader(1).await;
     assert_eq!(job_query(acked).await["job"]["state"], json!("Inactive"));
     let v = job_query(unacknowledged).await;
@@ -849,6 +856,15 @@ async fn a_group_node_answers_no_state_the_stream_has_not_acknowledged() {
         "{}",
         c.node_log_text(0)
     );
+}
+
+/// Every client without credentials (the bcp nodes, the test's own) has
+/// `permissions` (none: may do anything).
+fn clients_may(permissions: &str) -> String {
+    format!(
+        r#"authorization {{ users = [ {{ user: "app", password: "app", permissions: {{ {permissions} }} }} ] }}
+no_auth_user: "app""#
+    )
 }
 
 /// A nats-server that takes smaller atomic batches than the relay's (its
@@ -1126,13 +1142,6 @@ async fn ends_on_a_lost_stream(c: &mut support::cluster::Cluster, node: usize, h
     );
 }
 
-/// Every client without credentials (the bcp nodes, the test's own) may
-/// publish anything but a `SnapshotsPurged` event.
-const NO_PURGES: &str = r#"
-authorization { users = [ { user: "app", password: "app", permissions: { publish: { deny: ["bcp.evt.*.*.SnapshotsPurged"] } } } ] }
-no_auth_user: "app"
-"#;
-
 /// A command of two events (`terminate`: `JobTerminated`, then
 /// `SnapshotsPurged`) whose second event cannot be published (a NATS
 /// permission denies it) never reaches the stream in part: the leader
@@ -1142,7 +1151,9 @@ no_auth_user: "app"
 /// committed together.
 #[tokio::test]
 async fn a_commands_events_reach_the_stream_whole_or_not_at_all() {
-    let mut c = support::cluster::Cluster::start_with(2, NO_PURGES).await;
+    // Any client may publish anything but a `SnapshotsPurged` event.
+    let no_purges = clients_may(r#"publish: { deny: ["bcp.evt.*.*.SnapshotsPurged"] }"#);
+    let mut c = support::cluster::Cluster::start_with(2, &no_purges).await;
     let leader = c.leader(2).await;
     let job = id();
     cmd_definitive(&c.client, "create", &create(job)).await;
