@@ -3,14 +3,16 @@
 //! one transaction, into a fresh file that only replaces the target once
 //! complete. Nothing is written for a log that fails verification. Also
 //! [`Store::truncate_to`]: the same rebuild, in place, of a prefix of the
-//! store's own log (a group-mode node dropping a tail never acknowledged).
+//! store's own log (a group-mode node dropping a tail never acknowledged),
+//! read from the store as it is written, never held whole.
 
 use super::rows::{JobState, job_rows as job_rows_of};
 use super::tables::*;
 use super::{CommandRecord, Result, Store, StoreError};
 use crate::domain::command::Fingerprint;
 use crate::domain::{Envelope, Reply, World};
-use redb::ReadableTableMetadata;
+use redb::{ReadableTable, ReadableTableMetadata};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use uuid::Uuid;
@@ -79,27 +81,105 @@ fn write_log(
     world: &World,
 ) -> Result<()> {
     let mut events = txn.open_table(EVENTS)?;
-    let mut by_command: BTreeMap<Uuid, Vec<&Envelope>> = BTreeMap::new();
-    let mut seqs: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
+    let mut records = RecordsFromLog::new(txn)?;
+    let mut seqs = JobSeqs::default();
     for (env, bytes) in log {
         events.insert(env.seq, bytes.as_slice())?;
-        if let Some(j) = env.job_id {
-            seqs.entry(j).or_default().push(env.seq);
-        }
-        by_command.entry(env.command_id).or_default().push(env);
+        seqs.add(env);
+        records.push(Cow::Borrowed(env))?;
     }
-    let mut commands = txn.open_table(COMMANDS)?;
-    for (id, evs) in by_command {
+    records.finish()?;
+    write_rows(txn, world, &seqs, log.last().map_or(0, |(env, _)| env.seq))?;
+    debug_assert_eq!(events.len()?, log.len() as u64);
+    Ok(())
+}
+
+/// Each job's seqs in a log read in seq order (every event about it,
+/// rejections included): what its event index rows hold.
+#[derive(Default)]
+struct JobSeqs(BTreeMap<Uuid, Vec<u64>>);
+
+impl JobSeqs {
+    fn add(&mut self, env: &Envelope) {
+        if let Some(job) = env.job_id {
+            self.0.entry(job).or_default().push(env.seq);
+        }
+    }
+}
+
+/// The idempotency records of a log read in seq order, written to
+/// `COMMANDS` as it is read: a command's events are consecutive in every
+/// log bcp writes (it appends them together), so each record is written
+/// once the next command's first event is read, and only one command's
+/// events are held at a time.
+struct RecordsFromLog<'t, 'e> {
+    table: redb::Table<'t, u128, &'static [u8]>,
+    command: Vec<Cow<'e, Envelope>>,
+}
+
+impl<'t, 'e> RecordsFromLog<'t, 'e> {
+    fn new(txn: &'t redb::WriteTransaction) -> Result<Self> {
+        Ok(RecordsFromLog {
+            table: txn.open_table(COMMANDS)?,
+            command: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, env: Cow<'e, Envelope>) -> Result<()> {
+        if self
+            .command
+            .last()
+            .is_some_and(|e| e.command_id != env.command_id)
+        {
+            self.write()?;
+        }
+        self.command.push(env);
+        Ok(())
+    }
+
+    /// Write the last command's record.
+    fn finish(mut self) -> Result<()> {
+        self.write()
+    }
+
+    fn write(&mut self) -> Result<()> {
+        let events: Vec<&Envelope> = self.command.iter().map(|e| e.as_ref()).collect();
+        let Some(first) = events.first() else {
+            return Ok(());
+        };
         let rec = CommandRecord {
             fingerprint: Fingerprint::any_body(),
-            reply: Reply::from_events(&evs),
+            reply: Reply::from_events(&events),
         };
-        commands.insert(id.as_u128(), super::rows::record_row(&rec).as_slice())?;
+        let row = super::rows::record_row(&rec);
+        if self
+            .table
+            .insert(first.command_id.as_u128(), row.as_slice())?
+            .is_some()
+        {
+            return Err(StoreError::Corrupt(format!(
+                "command {}'s events are not consecutive in the log (again at seq {}): bcp never writes such a log",
+                first.command_id, first.seq
+            )));
+        }
+        self.command.clear();
+        Ok(())
     }
+}
+
+/// Write the projections of `world` (every job's rows, with its event index
+/// from `seqs`, and the regions) into `txn`'s empty `JOB_ROWS` and
+/// `REGIONS`, and record that they are current at `head`.
+fn write_rows(
+    txn: &redb::WriteTransaction,
+    world: &World,
+    seqs: &JobSeqs,
+    head: u64,
+) -> Result<()> {
     let mut job_rows = txn.open_table(JOB_ROWS)?;
     let ids: BTreeSet<Uuid> = (world.jobs.keys())
         .chain(world.catalogs.keys())
-        .chain(seqs.keys())
+        .chain(seqs.0.keys())
         .copied()
         .collect();
     for id in ids {
@@ -107,7 +187,7 @@ fn write_log(
             job: world.jobs.get(&id),
             catalog: world.catalogs.get(&id),
         };
-        let new_seqs = seqs.get(&id).map_or(&[][..], Vec::as_slice);
+        let new_seqs = seqs.0.get(&id).map_or(&[][..], Vec::as_slice);
         for (key, row) in job_rows_of(id, JobState::default(), after, new_seqs) {
             let row = row.expect("rows from nothing only add");
             job_rows.insert(key, row.as_slice())?;
@@ -121,45 +201,58 @@ fn write_log(
         )?;
     }
     // Every row written: current at the head.
-    txn.open_table(CHECKPOINT)?
-        .insert(ROWS_AT, log.last().map_or(0, |(env, _)| env.seq))?;
-    debug_assert_eq!(events.len()?, log.len() as u64);
+    txn.open_table(CHECKPOINT)?.insert(ROWS_AT, head)?;
     Ok(())
 }
 
 impl Store {
     /// Cut the log back to its first `keep` events, in place and in one
-    /// durable transaction: every later event, and every projection row and
-    /// idempotency record, is replaced by a rebuild of that prefix. Group
-    /// mode only, for a tail the stream never acknowledged (so no reply
-    /// covered it); see `service::group`.
+    /// durable transaction: every later event is removed, and every
+    /// projection row and idempotency record is replaced by a rebuild of
+    /// that prefix. Group mode only, for a tail the stream never
+    /// acknowledged (so no reply covered it); see `service::group`.
+    ///
+    /// The prefix is read once, in seq order, and never held: memory is
+    /// the fold (as a serving node holds it), each job's seqs and one
+    /// command's events, not the log.
     pub fn truncate_to(&self, keep: u64) -> Result<()> {
-        let log: Vec<(Envelope, Vec<u8>)> = self
-            .raw_events(1, keep)?
-            .into_iter()
-            .map(|(seq, bytes)| Ok((super::decode_envelope(seq, &bytes)?, bytes)))
-            .collect::<Result<_>>()?;
-        if log.len() as u64 != keep {
-            return Err(StoreError::Corrupt(format!(
-                "cannot keep {keep} events: the log holds {}",
-                log.len()
-            )));
-        }
-        let mut world = World::default();
-        for (env, _) in &log {
-            world.evolve(env);
-        }
         let _one = self.inner.one_writer();
         let mut txn = self.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        txn.delete_table(EVENTS)?;
         txn.delete_table(COMMANDS)?;
         txn.delete_table(RECENT)?;
         txn.open_table(CHECKPOINT)?.remove(SWEEP_TO)?;
         txn.delete_table(JOB_ROWS)?;
         txn.delete_table(REGIONS)?;
-        write_log(&txn, &log, &world)?;
+        let mut world = World::default();
+        let mut seqs = JobSeqs::default();
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let mut records = RecordsFromLog::new(&txn)?;
+            let mut read = 0u64;
+            for r in events.range(1..=keep)? {
+                let (k, v) = r?;
+                let env = super::decode_envelope(k.value(), v.value())?;
+                read += 1;
+                if env.seq != read {
+                    return Err(StoreError::Corrupt(format!(
+                        "cannot keep {keep} events: seq {read} is not where the log holds it"
+                    )));
+                }
+                world.evolve(&env);
+                seqs.add(&env);
+                records.push(Cow::Owned(env))?;
+            }
+            if read != keep {
+                return Err(StoreError::Corrupt(format!(
+                    "cannot keep {keep} events: the log holds {read}"
+                )));
+            }
+            records.finish()?;
+            events.retain_in(keep + 1.., |_, _| false)?;
+        }
+        write_rows(&txn, &world, &seqs, keep)?;
         // The rows held behind belong to the table being replaced: readers
         // wait for the rebuilt one.
         self.rows_rebuilt(keep, || txn.commit().map_err(StoreError::from))?;
