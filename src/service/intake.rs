@@ -263,15 +263,25 @@ async fn query(
             .nth(2)
             .unwrap_or("")
             .to_owned();
+        let read = store.clone();
         let answered = tokio::task::spawn_blocking(move || {
-            let value = super::queries::answer(&store, &project, kind, &payload);
-            // Read after the answer: no row it read is of a later state.
-            (value, store.applied_seq())
+            let cut_backs = read.cut_backs();
+            let value = super::queries::answer(&read, &project, kind, &payload);
+            // Read after the answer: no row it read is of a later state
+            // (unless the log was cut back meanwhile: `cut_backs` says).
+            let read_through = read.applied_seq();
+            (
+                value,
+                Read {
+                    through: read_through,
+                    cut_backs,
+                },
+            )
         })
         .await;
         let value = match answered {
-            Ok((value, read_through)) => match acked {
-                Some(acked) => withheld_until_acked(value, read_through, acked).await,
+            Ok((value, read)) => match acked {
+                Some(acked) => withheld_until_acked(value, read, &store, acked).await,
                 None => value,
             },
             Err(e) => {
@@ -299,27 +309,40 @@ async fn query(
     });
 }
 
-/// `value`, read from the store's state through seq `read_through`, once
-/// JetStream has acknowledged that seq; `unavailable` if it has not within
+/// Where a query's answer was read: the store's state through seq
+/// `through`, while the log had been cut back `cut_backs` times.
+struct Read {
+    through: u64,
+    cut_backs: u64,
+}
+
+/// `value`, read from `store` as `read` says, once JetStream has
+/// acknowledged that state; `unavailable` if it has not within
 /// [`QUERY_ACK_WAIT`] (a leader cut off from the stream's quorum, a node
-/// not yet reconciled with the stream): an answer must not show a state
-/// that the group may yet drop.
+/// not yet reconciled with the stream), or if the store dropped a tail
+/// meanwhile (the seqs acknowledged then name other events than those
+/// read): an answer must not show a state that the group may drop.
 async fn withheld_until_acked(
     value: serde_json::Value,
-    read_through: u64,
+    read: Read,
+    store: &Store,
     mut acked: tokio::sync::watch::Receiver<u64>,
 ) -> serde_json::Value {
-    let waited = tokio::time::timeout(QUERY_ACK_WAIT, acked.wait_for(|seq| *seq >= read_through))
+    let waited = tokio::time::timeout(QUERY_ACK_WAIT, acked.wait_for(|seq| *seq >= read.through))
         .await
         .is_ok_and(|r| r.is_ok());
-    if waited {
-        return value;
-    }
     let acknowledged = *acked.borrow();
-    let message = format!(
-        "this node's state through seq {read_through} is not yet acknowledged by the stream \
-         (acknowledged through seq {acknowledged}); retry shortly"
-    );
+    let message = if store.cut_backs() != read.cut_backs {
+        "this node dropped events the stream never acknowledged while answering; retry".to_owned()
+    } else if waited {
+        return value;
+    } else {
+        let through = read.through;
+        format!(
+            "this node's state through seq {through} is not yet acknowledged by the stream \
+             (acknowledged through seq {acknowledged}); retry shortly"
+        )
+    };
     // No state is answered: no `as_of_seq`.
     serde_json::to_value(QueryError::new(ErrorCode::Unavailable, message, None)).expect("reply")
 }
@@ -371,6 +394,72 @@ async fn not_served(client: &Client, msg: Message) {
 
 #[cfg(test)]
 mod tests {
+    use super::{Read, withheld_until_acked};
+    use crate::store::{Store, ledger::Pending, pipeline::Pipeline};
+
+    /// A group node's query read a state through seq 2; the node then cut
+    /// its log back to seq 1 (a tail the stream never acknowledged) and
+    /// the stream acknowledged seq 5 of another log. The answer is not
+    /// sent: the seqs acknowledged name other events than those it read.
+    /// Without a cut-back, an acknowledgment at or past the seq read sends
+    /// it as it is.
+    #[tokio::test]
+    async fn an_answer_read_before_a_cut_back_is_never_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(&dir.path().join("bcp.redb")).unwrap();
+        let mut ledger = Pipeline::open(store.clone()).unwrap();
+        for n in 1..=2u128 {
+            let body = serde_json::json!({"command_id": uuid::Uuid::from_u128(n), "job_id": uuid::Uuid::from_u128(n),
+                "deployment": {"kind": "replica_set", "name": "rs0"}});
+            let cmd =
+                crate::domain::command::decode("p1", "create", body.to_string().as_bytes(), None)
+                    .unwrap();
+            let replies = ledger
+                .execute(
+                    &[Pending::new(cmd)],
+                    chrono::Utc::now(),
+                    &mut uuid::Uuid::now_v7,
+                )
+                .unwrap();
+            assert!(replies[0].ok, "{:?}", replies[0].error);
+        }
+        drop(ledger);
+        let answer = serde_json::json!({"ok": true, "as_of_seq": 2});
+        let read = |through| Read {
+            through,
+            cut_backs: store.cut_backs(),
+        };
+
+        let (acked, rx) = tokio::sync::watch::channel(2);
+        let sent = withheld_until_acked(answer.clone(), read(2), &store, rx).await;
+        assert_eq!(sent, answer);
+
+        let (acked_later, rx) = tokio::sync::watch::channel(1);
+        let waiting = tokio::spawn({
+            let (answer, read, store) = (answer.clone(), read(2), store.clone());
+            async move { withheld_until_acked(answer, read, &store, rx).await }
+        });
+        let cut = store.clone();
+        tokio::task::spawn_blocking(move || cut.truncate_to(1))
+            .await
+            .unwrap()
+            .unwrap();
+        acked_later.send_replace(5);
+        let sent = waiting.await.unwrap();
+        assert_eq!(sent["ok"], serde_json::json!(false), "{sent}");
+        assert_eq!(
+            sent["error"]["code"],
+            serde_json::json!("unavailable"),
+            "{sent}"
+        );
+        let message = sent["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("dropped events the stream never acknowledged"),
+            "{message}"
+        );
+        drop(acked);
+    }
+
     #[test]
     fn requestor_is_user_at_account() {
         let info = r#"{"start":"2026-11-27T03:15:51Z","host":"127.0.0.1","id":8,"acc":"PRODUCERS","user":"alice","kind":"Client"}"#;

@@ -111,6 +111,10 @@ pub(super) struct Behind {
     /// are the state after this seq (a batch's events are in the log a
     /// moment before its rows join the held ones).
     applied: u64,
+    /// How many times the log was cut back ([`Store::truncate_to`]): the
+    /// same seq then names another event, so a reader that read under
+    /// another count read a state this store no longer holds.
+    cut_backs: u64,
 }
 
 impl Behind {
@@ -630,6 +634,14 @@ impl Store {
         self.inner.held().applied
     }
 
+    /// How many times this store's log was cut back
+    /// ([`Store::truncate_to`]). A reader that took this before reading
+    /// and finds it unchanged after may trust that every seq it read still
+    /// names the event it read.
+    pub fn cut_backs(&self) -> u64 {
+        self.inner.held().cut_backs
+    }
+
     /// Run `rebuild` (a commit that replaces `JOB_ROWS` whole, and
     /// checkpoints it) with readers held off, and forget the rows held
     /// behind once it committed.
@@ -642,6 +654,7 @@ impl Store {
         rebuild()?;
         behind.current();
         behind.applied = head;
+        behind.cut_backs += 1;
         Ok(())
     }
 }
