@@ -222,6 +222,17 @@ impl CommandLog {
             let n = logged.iter().take_while(|e| e.command == id).count();
             let (events, rest) = logged.split_at(n);
             logged = rest;
+            // A command's events are appended together, once: apart, it was
+            // decided twice (a retry applied again).
+            if let Some(w) = events.windows(2).find(|w| w[1].seq != w[0].seq + 1) {
+                return bad(
+                    id,
+                    format!(
+                        "its events are not consecutive in the log (seq {}, then again at seq {}): it was decided twice",
+                        w[0].seq, w[1].seq
+                    ),
+                );
+            }
             let record: CommandRecord = match crate::store::rows::read_record(bytes.value()) {
                 Ok(r) => r,
                 Err(e) => return bad(id, format!("its record does not parse: {e}")),
@@ -417,6 +428,18 @@ mod tests {
         }
         for parts in 1..=4 {
             log_of(&store).check(&store, parts).unwrap();
+        }
+        // A command whose events stand apart in the log (seqs 1 and 3) was
+        // decided twice, whatever its record says.
+        for parts in 1..=4 {
+            let mut apart = log_of(&store);
+            apart.events[0].command = apart.events[2].command;
+            let err = apart.check(&store, parts).unwrap_err().to_string();
+            assert!(
+                err.contains("not consecutive in the log (seq 1, then again at seq 3)")
+                    && err.contains("decided twice"),
+                "{parts} parts: {err}"
+            );
         }
         type Records<'t> = redb::Table<'t, u128, &'static [u8]>;
         let edit = |f: &dyn Fn(&mut Records)| {

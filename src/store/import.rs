@@ -158,7 +158,7 @@ impl<'t, 'e> RecordsFromLog<'t, 'e> {
             .is_some()
         {
             return Err(StoreError::Corrupt(format!(
-                "command {}'s events are not consecutive in the log (again at seq {}): bcp never writes such a log",
+                "command {}'s events are not consecutive in the log (again at seq {}): it was decided twice",
                 first.command_id, first.seq
             )));
         }
