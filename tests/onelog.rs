@@ -858,6 +858,55 @@ async fn a_group_node_answers_no_state_the_stream_has_not_acknowledged() {
     );
 }
 
+/// A NATS cluster whose messages hold at most 32 KiB: a job's history of
+/// 400 entries (about 100 KB of JSON) comes in pages that each fit, every
+/// entry once and in order, where one page of bcp's own size (up to 500
+/// entries, 512 KiB) could not be sent at all.
+#[tokio::test]
+async fn pages_fit_a_small_max_payload() {
+    let c = support::cluster::Cluster::start_with(1, "max_payload: 32768").await;
+    c.leader(1).await;
+    let job = id();
+    cmd_definitive(&c.client, "create", &create(job)).await;
+    let refused = futures::future::join_all((0..399).map(|_| {
+        let stop = on(job);
+        let client = c.client.clone();
+        async move { cmd_definitive(&client, "stop", &stop).await }
+    }))
+    .await;
+    assert!(
+        refused
+            .iter()
+            .all(|r| r["error"]["code"] == json!("invalid_transition"))
+    );
+    let (mut seen, mut after, mut pages) = (Vec::new(), Value::Null, 0);
+    loop {
+        let body = serde_json::to_vec(&json!({"job_id": job, "after_seq": after})).unwrap();
+        let r = c
+            .client
+            .request("bcp.query.p1.history", body.into())
+            .await
+            .unwrap();
+        assert!(r.payload.len() <= 32768, "{} bytes", r.payload.len());
+        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v["ok"], json!(true), "{v}");
+        seen.extend(
+            v["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap()),
+        );
+        pages += 1;
+        after = v["next_after_seq"].clone();
+        if after.is_null() {
+            break;
+        }
+    }
+    assert_eq!(seen, (1..=400).collect::<Vec<u64>>());
+    assert!(pages > 1, "{pages} pages");
+}
+
 /// Every client without credentials (the bcp nodes, the test's own) has
 /// `permissions` (none: may do anything).
 fn clients_may(permissions: &str) -> String {

@@ -266,7 +266,13 @@ async fn query(
         let read = store.clone();
         let answered = tokio::task::spawn_blocking(move || {
             let cut_backs = read.cut_backs();
-            let value = super::queries::answer(&read, &project, kind, &payload);
+            // 0: the server did not say (no limit of its own known).
+            let fits = if max_payload > 0 {
+                max_payload
+            } else {
+                usize::MAX
+            };
+            let value = super::queries::answer_within(&read, &project, kind, &payload, fits);
             // Read after the answer: no row it read is of a later state
             // (unless the log was cut back meanwhile: `cut_backs` says).
             let read_through = read.applied_seq();

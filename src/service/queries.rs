@@ -87,11 +87,12 @@ pub struct HistoryReply {
 }
 
 /// The entries after `after_seq`, at most [`QUERY_HISTORY_MAX`] and about
-/// [`QUERY_HISTORY_BYTES_MAX`] of JSON (always at least one), and the seq
-/// to ask after for the rest, if any is left.
+/// `page_bytes` of JSON (always at least one), and the seq to ask after
+/// for the rest, if any is left.
 fn history_page(
     entries: Vec<HistoryEntry>,
     after_seq: Option<u64>,
+    page_bytes: usize,
 ) -> (Vec<HistoryEntry>, Option<u64>) {
     let mut rest = entries
         .into_iter()
@@ -100,8 +101,8 @@ fn history_page(
     let (mut page, mut bytes) = (Vec::new(), 0);
     while let Some(entry) = rest.next_if(|e| {
         let size = serde_json::to_vec(e).map_or(0, |b| b.len() + 1);
-        let fits = page.len() < QUERY_HISTORY_MAX
-            && (page.is_empty() || bytes + size <= QUERY_HISTORY_BYTES_MAX);
+        let fits =
+            page.len() < QUERY_HISTORY_MAX && (page.is_empty() || bytes + size <= page_bytes);
         bytes += size;
         fits
     }) {
@@ -151,8 +152,31 @@ fn error(as_of_seq: u64, code: ErrorCode, message: impl Into<String>) -> Value {
 }
 
 /// Answer one query on `bcp.query.<project>.<kind>`; pure apart from
-/// reading `store`.
+/// reading `store`. Pages of `jobs` and `history` hold up to bcp's limits.
 pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
+    answer_within(store, project, kind, body, usize::MAX)
+}
+
+/// What a reply holds besides its page's entries (`ok`, `as_of_seq`, the
+/// job id, the next cursor), with room to spare.
+const REPLY_FRAME_BYTES: usize = 4096;
+
+/// [`answer`] for a connection whose messages hold at most `max_payload`
+/// bytes: the pages of `jobs` and `history` are kept below it too, so a
+/// NATS server configured with a small `max_payload` still gets every page
+/// (only a single entry larger than that cannot be sent).
+pub fn answer_within(
+    store: &Store,
+    project: &str,
+    kind: &str,
+    body: &[u8],
+    max_payload: usize,
+) -> Value {
+    let page_bytes = |limit: usize| {
+        limit
+            .min(max_payload.saturating_sub(REPLY_FRAME_BYTES))
+            .max(1)
+    };
     // Read before the rows: what follows is at least this state (the log's
     // own head may be a batch ahead of the rows readers see). Errors say it
     // too: a follower behind may not know a job yet.
@@ -199,7 +223,7 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
                 }
                 f.project_id = Some(project.clone());
             }
-            Ok(match store.jobs_page(&f, QUERY_JOBS_MAX, QUERY_JOBS_BYTES_MAX) {
+            Ok(match store.jobs_page(&f, QUERY_JOBS_MAX, page_bytes(QUERY_JOBS_BYTES_MAX)) {
                 Ok((jobs, next_after)) => to_value(JobsReply {
                     ok: true,
                     as_of_seq,
@@ -246,7 +270,8 @@ pub fn answer(store: &Store, project: &str, kind: &str, body: &[u8]) -> Value {
                     Ok(entries) => entries,
                     Err(e) => return error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
                 };
-                let (history, next_after_seq) = history_page(entries, q.after_seq);
+                let page_bytes = page_bytes(QUERY_HISTORY_BYTES_MAX);
+                let (history, next_after_seq) = history_page(entries, q.after_seq, page_bytes);
                 to_value(HistoryReply {
                     ok: true,
                     as_of_seq,
@@ -315,7 +340,7 @@ mod tests {
             let all: Vec<HistoryEntry> = (1..=count).map(|s| entry(s * 2, reason_bytes)).collect();
             let (mut got, mut after) = (Vec::new(), None);
             loop {
-                let (page, next) = history_page(all.clone(), after);
+                let (page, next) = history_page(all.clone(), after, QUERY_HISTORY_BYTES_MAX);
                 let bytes: usize = page
                     .iter()
                     .map(|e| serde_json::to_vec(e).unwrap().len())
