@@ -44,16 +44,42 @@ pub fn history<'a>(
     events: impl IntoIterator<Item = &'a Envelope>,
     mut command_start: impl FnMut(&Envelope) -> Option<String>,
 ) -> Vec<HistoryEntry> {
-    let mut job: Option<Job> = None;
-    let mut out: Vec<HistoryEntry> = Vec::new();
-    let mut prev: Option<&Envelope> = None;
-    for env in events {
-        let before = prev.filter(|p| p.command_id == env.command_id);
-        let verb = verb_of(env, before, &mut command_start);
-        prev = Some(env);
-        let from = job.as_ref().map(|j| j.state);
-        Job::evolve(&mut job, env);
-        let to = job.as_ref().map(|j| j.state);
+    let mut fold = HistoryFold::default();
+    events
+        .into_iter()
+        .map(|env| fold.entry(env, &mut command_start))
+        .collect()
+}
+
+/// [`history`] one event at a time, holding only the job and the last
+/// event's command: a reader can page through a long history without
+/// holding it.
+#[derive(Default)]
+pub struct HistoryFold {
+    job: Option<Job>,
+    /// The command of the event before, and whether that event was a
+    /// `RegionAssigned`.
+    prev: Option<(Uuid, bool)>,
+}
+
+impl HistoryFold {
+    /// The entry of `env`, the job's next event.
+    pub fn entry(
+        &mut self,
+        env: &Envelope,
+        command_start: &mut impl FnMut(&Envelope) -> Option<String>,
+    ) -> HistoryEntry {
+        let after_region_assigned = self
+            .prev
+            .is_some_and(|(command, assigned)| assigned && command == env.command_id);
+        let verb = verb_of(env, after_region_assigned, command_start);
+        self.prev = Some((
+            env.command_id,
+            matches!(env.event, Event::RegionAssigned { .. }),
+        ));
+        let from = self.job.as_ref().map(|j| j.state);
+        Job::evolve(&mut self.job, env);
+        let to = self.job.as_ref().map(|j| j.state);
         let (rejected, code, reason) = match &env.event {
             Event::CommandRejected { code, reason, .. } => {
                 (true, Some(code.as_str().to_owned()), Some(reason.clone()))
@@ -64,7 +90,7 @@ pub fn history<'a>(
             }
             _ => (false, None, None),
         };
-        out.push(HistoryEntry {
+        HistoryEntry {
             seq: env.seq,
             recorded_at: env.recorded_at,
             actor: env.actor.clone(),
@@ -78,9 +104,8 @@ pub fn history<'a>(
             rejected,
             code,
             reason,
-        });
+        }
     }
-    out
 }
 
 /// The verb of the command behind an event. The envelope names the command
@@ -92,7 +117,7 @@ pub fn history<'a>(
 /// `RegionConfigured` (configure-region).
 fn verb_of(
     env: &Envelope,
-    same_command_before: Option<&Envelope>,
+    after_region_assigned: bool,
     command_start: &mut impl FnMut(&Envelope) -> Option<String>,
 ) -> &'static str {
     use super::verb::Verb;
@@ -103,13 +128,14 @@ fn verb_of(
         Event::JobTerminated {} | Event::SnapshotsPurged { .. } => Verb::Terminate,
         Event::RegionAssigned { .. } => Verb::AssignRegion,
         Event::JobMisconfigured { .. } | Event::JobReconfigured { .. } => {
-            match same_command_before.map(|e| &e.event) {
-                Some(Event::RegionAssigned { .. }) => Verb::AssignRegion,
-                _ => match command_start(env).as_deref() {
+            if after_region_assigned {
+                Verb::AssignRegion
+            } else {
+                match command_start(env).as_deref() {
                     Some("RegionAssigned") => Verb::AssignRegion,
                     Some("JobCreated") => Verb::Create,
                     _ => Verb::ConfigureRegion,
-                },
+                }
             }
         }
         Event::ScheduleChanged { .. } => Verb::ChangeSchedule,

@@ -7,7 +7,7 @@
 
 use crate::domain::ErrorCode;
 use crate::domain::filter::JobFilter;
-use crate::domain::history::HistoryEntry;
+use crate::domain::history::{HistoryEntry, HistoryFold};
 use crate::domain::limits::{
     PAYLOAD_BYTES_MAX, QUERY_HISTORY_BYTES_MAX, QUERY_HISTORY_MAX, QUERY_JOBS_BYTES_MAX,
     QUERY_JOBS_MAX,
@@ -86,30 +86,61 @@ pub struct HistoryReply {
     pub next_after_seq: Option<u64>,
 }
 
-/// The entries after `after_seq`, at most [`QUERY_HISTORY_MAX`] and about
-/// `page_bytes` of JSON (always at least one), and the seq to ask after
-/// for the rest, if any is left.
+/// One page of a history being read in seq order: the entries after
+/// `after_seq`, at most [`QUERY_HISTORY_MAX`] and about `bytes_max` of
+/// JSON (always at least one), and the seq to ask after for the rest.
+struct HistoryPage {
+    after_seq: Option<u64>,
+    bytes_max: usize,
+    entries: Vec<HistoryEntry>,
+    bytes: usize,
+    next_after_seq: Option<u64>,
+}
+
+impl HistoryPage {
+    fn new(after_seq: Option<u64>, bytes_max: usize) -> HistoryPage {
+        HistoryPage {
+            after_seq,
+            bytes_max,
+            entries: Vec::new(),
+            bytes: 0,
+            next_after_seq: None,
+        }
+    }
+
+    /// Take the next entry; `false` once the page is full and another
+    /// entry follows (nothing more is needed).
+    fn offer(&mut self, entry: HistoryEntry) -> bool {
+        if self.after_seq.is_some_and(|after| entry.seq <= after) {
+            return true;
+        }
+        let size = serde_json::to_vec(&entry).map_or(0, |b| b.len() + 1);
+        let fits = self.entries.len() < QUERY_HISTORY_MAX
+            && (self.entries.is_empty() || self.bytes + size <= self.bytes_max);
+        if !fits {
+            self.next_after_seq = self.entries.last().map(|e| e.seq);
+            return false;
+        }
+        self.bytes += size;
+        self.entries.push(entry);
+        true
+    }
+}
+
+/// [`HistoryPage`] of `entries` (all of a job's, in seq order).
+#[cfg(test)]
 fn history_page(
     entries: Vec<HistoryEntry>,
     after_seq: Option<u64>,
     page_bytes: usize,
 ) -> (Vec<HistoryEntry>, Option<u64>) {
-    let mut rest = entries
-        .into_iter()
-        .skip_while(|e| after_seq.is_some_and(|after| e.seq <= after))
-        .peekable();
-    let (mut page, mut bytes) = (Vec::new(), 0);
-    while let Some(entry) = rest.next_if(|e| {
-        let size = serde_json::to_vec(e).map_or(0, |b| b.len() + 1);
-        let fits =
-            page.len() < QUERY_HISTORY_MAX && (page.is_empty() || bytes + size <= page_bytes);
-        bytes += size;
-        fits
-    }) {
-        page.push(entry);
+    let mut page = HistoryPage::new(after_seq, page_bytes);
+    for entry in entries {
+        if !page.offer(entry) {
+            break;
+        }
     }
-    let next = rest.peek().and(page.last().map(|e| e.seq));
-    (page, next)
+    (page.entries, page.next_after_seq)
 }
 
 fn to_value(v: impl Serialize) -> Value {
@@ -249,38 +280,42 @@ pub fn answer_within(
                 (Err(e), _) | (_, Err(e)) => error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
             })
         }
-        "history" => parse::<HistoryQuery>(body).map(|q| match store.job_events(q.job_id) {
-            Ok(mut events) => {
-                // A command of another project that named this job id was
-                // refused and recorded under the id (the events say whose it
-                // was); only `_admin` sees those. A project sees its own
-                // job's history, or, for an id that was never a job, its
-                // own refused attempts.
-                if !project.is_admin() {
-                    match store.job(q.job_id) {
-                        Ok(Some(job)) if job.project_id != project => return not_found(as_of_seq, q.job_id),
-                        Ok(_) => events.retain(|e| e.project_id == project),
-                        Err(e) => return error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
-                    }
-                }
-                if events.is_empty() {
-                    return not_found(as_of_seq, q.job_id);
-                }
-                let entries = match store.history(&events) {
-                    Ok(entries) => entries,
+        "history" => parse::<HistoryQuery>(body).map(|q| {
+            // A command of another project that named this job id was
+            // refused and recorded under the id (the events say whose it
+            // was); only `_admin` sees those. A project sees its own job's
+            // history, or, for an id that was never a job, its own refused
+            // attempts.
+            if !project.is_admin() {
+                match store.job(q.job_id) {
+                    Ok(Some(job)) if job.project_id != project => return not_found(as_of_seq, q.job_id),
+                    Ok(_) => {}
                     Err(e) => return error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
-                };
-                let page_bytes = page_bytes(QUERY_HISTORY_BYTES_MAX);
-                let (history, next_after_seq) = history_page(entries, q.after_seq, page_bytes);
-                to_value(HistoryReply {
+                }
+            }
+            // Read and folded in seq order, up to the page's end: only the
+            // fold and the page are held, never the whole history.
+            let mut fold = HistoryFold::default();
+            let mut page = HistoryPage::new(q.after_seq, page_bytes(QUERY_HISTORY_BYTES_MAX));
+            let mut any = false;
+            let read = store.for_each_job_event(q.job_id, |env| {
+                if !project.is_admin() && env.project_id != project {
+                    return Ok(true);
+                }
+                any = true;
+                Ok(page.offer(store.history_entry(&mut fold, &env)?))
+            });
+            match read {
+                Err(e) => error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
+                Ok(()) if !any => not_found(as_of_seq, q.job_id),
+                Ok(()) => to_value(HistoryReply {
                     ok: true,
                     as_of_seq,
                     job_id: q.job_id,
-                    history,
-                    next_after_seq,
-                })
+                    history: page.entries,
+                    next_after_seq: page.next_after_seq,
+                }),
             }
-            Err(e) => error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
         }),
         other => Err(format!(
             "unknown query {other:?}; queries: job, jobs, snapshots, history"

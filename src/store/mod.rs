@@ -12,7 +12,7 @@ pub mod records;
 pub mod rows;
 pub mod tables;
 
-use crate::domain::history::HistoryEntry;
+use crate::domain::history::{HistoryEntry, HistoryFold};
 use crate::domain::{Catalog, Envelope, Job, Region, World};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle};
 use serde::{Deserialize, Serialize};
@@ -459,11 +459,25 @@ impl Store {
 
     /// Every event and rejection of one job, in seq order.
     pub fn job_events(&self, job_id: Uuid) -> Result<Vec<Envelope>> {
+        let mut out = Vec::new();
+        self.for_each_job_event(job_id, |env| {
+            out.push(env);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Visit every event and rejection of one job, in seq order, until `f`
+    /// returns `Ok(false)`: one read of the store, one event held at a time.
+    pub fn for_each_job_event(
+        &self,
+        job_id: Uuid,
+        mut f: impl FnMut(Envelope) -> Result<bool>,
+    ) -> Result<()> {
         let view = self.job_rows(JobRow::Event.range(job_id.as_u128()))?;
         let index = view.rows()?;
         // The held rows name only committed events: all in this transaction.
         let events = view.txn().open_table(EVENTS)?;
-        let mut out = Vec::new();
         for r in index.range(JobRow::Event.range(job_id.as_u128()))? {
             let (key, row) = r?;
             let seqs = rows::read_index(key.2, row.value()).map_err(|e| {
@@ -476,10 +490,12 @@ impl Store {
                 let bytes = events.get(seq)?.ok_or_else(|| {
                     corrupt(format!("job {job_id}'s index names missing seq {seq}"))
                 })?;
-                out.push(decode_envelope(seq, bytes.value())?);
+                if !f(decode_envelope(seq, bytes.value())?)? {
+                    return Ok(());
+                }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The type of the first event of the command that appended the event
@@ -521,17 +537,25 @@ impl Store {
     /// event ([`Store::command_start`]); one that cannot be read is an
     /// error, not a guess at its verb.
     pub fn history(&self, events: &[Envelope]) -> Result<Vec<HistoryEntry>> {
+        let mut fold = HistoryFold::default();
+        events
+            .iter()
+            .map(|e| self.history_entry(&mut fold, e))
+            .collect()
+    }
+
+    /// The history entry of `env`, the next event of `fold`'s job
+    /// ([`HistoryFold::entry`], with [`Store::command_start`] read here).
+    pub fn history_entry(&self, fold: &mut HistoryFold, env: &Envelope) -> Result<HistoryEntry> {
         let mut unread = None;
-        let entries = crate::domain::history::history(events, |e| {
-            match self.command_start(e.seq, e.command_id) {
-                Ok(start) => start,
-                Err(err) => {
-                    unread.get_or_insert(err);
+        let entry = fold.entry(env, &mut |e| {
+            self.command_start(e.seq, e.command_id)
+                .unwrap_or_else(|err| {
+                    unread = Some(err);
                     None
-                }
-            }
+                })
         });
-        unread.map_or(Ok(entries), Err)
+        unread.map_or(Ok(entry), Err)
     }
 
     pub fn job(&self, job_id: Uuid) -> Result<Option<Job>> {
