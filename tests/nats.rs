@@ -537,6 +537,15 @@ async fn bad_input_and_rejections() {
     // endpoint serves is refused before any store is read.
     let r = h.query("job", &json!({"job": j})).await;
     query_refused(&r, "bad_request", true);
+    // A filter naming a cluster no deployment may have, as a region.
+    for filter in [
+        json!({"cluster": ""}),
+        json!({"cluster": "a\u{202e}b"}),
+        json!({"region": ""}),
+    ] {
+        let r = h.query("jobs", &filter).await;
+        query_refused(&r, "bad_request", true);
+    }
     let r = h.query("nope", &json!({})).await;
     query_refused(&r, "bad_request", false);
 

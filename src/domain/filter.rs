@@ -27,6 +27,15 @@ pub struct JobFilter {
 }
 
 impl JobFilter {
+    /// A `cluster` is a label as a deployment's is (a filter naming one no
+    /// deployment may have is refused, not answered with no jobs).
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.cluster {
+            Some(c) => super::job::check_label("cluster", c),
+            None => Ok(()),
+        }
+    }
+
     pub fn matches(&self, job: &Job) -> bool {
         self.project_id
             .as_ref()

@@ -53,7 +53,7 @@ impl Serialize for Deployment {
     }
 }
 
-fn check_label(what: &str, s: &str) -> Result<(), String> {
+pub(crate) fn check_label(what: &str, s: &str) -> Result<(), String> {
     let n = s.chars().count();
     if n == 0 || n > 128 {
         return Err(format!(

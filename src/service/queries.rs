@@ -246,6 +246,7 @@ pub fn answer_within(
             Err(e) => error(as_of_seq, ErrorCode::Unavailable, e.to_string()),
         }),
         "jobs" => parse::<JobFilter>(body).and_then(|mut f| {
+            f.validate()?;
             if !project.is_admin() {
                 if f.project_id.as_ref().is_some_and(|p| *p != project) {
                     return Err(format!(
