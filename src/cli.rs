@@ -175,7 +175,7 @@ pub enum Cmd {
         /// it small, to sweep often).
         #[arg(long, hide = true, env = "BCP_RECORDS_BUFFER", default_value_t = bcp::store::records::BUFFER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         records_buffer: usize,
-        /// Queries answered at once; beyond it a query is answered `unavailable` at once.
+        /// Queries answered at once (of one project's subjects at most a quarter); beyond it a query is answered `unavailable` at once.
         #[arg(long, env = "BCP_QUERIES_IN_FLIGHT", default_value_t = bcp::domain::limits::QUERIES_IN_FLIGHT_DEFAULT as u64, value_parser = clap::value_parser!(u64).range(1..=4096))]
         queries_in_flight: u64,
         /// Replicas of the stream and of the writer-lease bucket when bcp creates them

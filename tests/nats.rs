@@ -887,6 +887,56 @@ async fn sigterm_in_an_outage_under_load_ends_within_the_drain_timeout() {
     h.stop_and_verify(head).await;
 }
 
+/// One project flooding its queries takes at most a quarter of
+/// `--queries-in-flight` (here 1 of 4): the rest of its flood is answered
+/// `unavailable`, naming the project, while another project's queries,
+/// sent one at a time meanwhile, are every one answered.
+#[tokio::test]
+async fn one_projects_flood_of_queries_leaves_the_others_theirs() {
+    let h = Harness::start_with(&["--queries-in-flight", "4"]).await;
+    for project in ["p1", "p2"] {
+        for i in 0..50 {
+            let r = h
+                .cmd(
+                    project,
+                    "create",
+                    &create_body(id(), id(), &format!("rs{i}")),
+                )
+                .await;
+            assert_eq!(r["ok"], json!(true), "{r}");
+        }
+    }
+    let (h, all) = (&h, &json!({}));
+    let flood = join_all((0..400).map(|_| h.request("bcp.query.p1.jobs", all)));
+    let others = async {
+        let mut replies = Vec::new();
+        for _ in 0..40 {
+            replies.push(h.request("bcp.query.p2.jobs", all).await);
+        }
+        replies
+    };
+    let (flood, others) = futures::join!(flood, others);
+    for r in &others {
+        assert_eq!(r["ok"], json!(true), "{r}");
+        assert_eq!(r["jobs"].as_array().map(Vec::len), Some(50), "{r}");
+    }
+    let refused: Vec<&Value> = flood.iter().filter(|r| r["ok"] != json!(true)).collect();
+    assert!(
+        !refused.is_empty() && refused.len() < flood.len(),
+        "{} of {} refused",
+        refused.len(),
+        flood.len()
+    );
+    for r in refused {
+        assert_eq!(r["error"]["code"], json!("unavailable"), "{r}");
+        assert_eq!(
+            r["error"]["message"],
+            json!("too many queries of project p1 in flight (at most 1); retry shortly"),
+            "{r}"
+        );
+    }
+}
+
 /// Queries beyond `--queries-in-flight` are answered `unavailable` at once
 /// (a flood of queries must not queue without bound); every query gets an
 /// answer, and commands are unaffected.

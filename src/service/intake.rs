@@ -91,7 +91,7 @@ pub async fn run(
     options: Options,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
-    let queries = Arc::new(Semaphore::new(options.queries_in_flight));
+    let queries = Arc::new(QueryPermits::new(options.queries_in_flight));
     let sub = |s: &'static str| {
         let client = client.clone();
         async move {
@@ -229,15 +229,74 @@ fn refuse_query(
     Box::pin(async move { to.send_bytes(client, error.to_json().into()).await })
 }
 
+/// The queries answered at once: at most `total`, and of one project's
+/// subjects (`_admin`'s too) at most a quarter of them (at least one), so
+/// a project that floods its queries leaves the others theirs.
+struct QueryPermits {
+    total: Arc<Semaphore>,
+    per_project: usize,
+    held: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One query's place in [`QueryPermits`], given back when dropped.
+struct QueryPermit {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    permits: Arc<QueryPermits>,
+    project: String,
+}
+
+impl QueryPermits {
+    fn new(total: usize) -> QueryPermits {
+        QueryPermits {
+            total: Arc::new(Semaphore::new(total)),
+            per_project: (total / 4).max(1),
+            held: Default::default(),
+        }
+    }
+
+    /// A place for a query of `project`, or why there is none.
+    fn try_acquire(self: &Arc<Self>, project: &str) -> Result<QueryPermit, String> {
+        let total = (self.total.clone().try_acquire_owned())
+            .map_err(|_| "too many queries in flight; retry shortly".to_owned())?;
+        let mut held = self.held.lock().expect("query permits");
+        let n = held.entry(project.to_owned()).or_default();
+        if *n >= self.per_project {
+            return Err(format!(
+                "too many queries of project {project} in flight (at most {}); retry shortly",
+                self.per_project
+            ));
+        }
+        *n += 1;
+        Ok(QueryPermit {
+            _total: total,
+            permits: self.clone(),
+            project: project.to_owned(),
+        })
+    }
+}
+
+impl Drop for QueryPermit {
+    fn drop(&mut self) {
+        let mut held = self.permits.held.lock().expect("query permits");
+        if let Some(n) = held.get_mut(&self.project) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.project);
+            }
+        }
+    }
+}
+
 /// Answer a query on a blocking thread, or `unavailable` at once when
-/// `queries` has no permit left (a flood of queries must not queue without
-/// bound, nor take every blocking thread from the writer's neighbours).
+/// `queries` has no place for it (a flood of queries must not queue
+/// without bound, nor take every blocking thread from the writer's
+/// neighbours, nor one project's reads from the others).
 async fn query(
     client: &Client,
     kind: &'static str,
     request: Request,
     store: Store,
-    queries: &Arc<Semaphore>,
+    queries: &Arc<QueryPermits>,
     acked: Option<tokio::sync::watch::Receiver<u64>>,
 ) {
     if let Some(why) = malformed_headers(&request.message) {
@@ -245,24 +304,26 @@ async fn query(
         refuse_query(client, ReplyTo::of_request(request), error).await;
         return;
     }
-    let Ok(permit) = queries.clone().try_acquire_owned() else {
-        tracing::debug!(query = kind, "unavailable: too many queries in flight");
-        let message = "too many queries in flight; retry shortly";
-        let error = QueryError::new(ErrorCode::Unavailable, message, None);
-        refuse_query(client, ReplyTo::of_request(request), error).await;
-        return;
+    let project = request
+        .message
+        .subject
+        .split('.')
+        .nth(2)
+        .unwrap_or("")
+        .to_owned();
+    let permit = match queries.try_acquire(&project) {
+        Ok(permit) => permit,
+        Err(message) => {
+            tracing::debug!(query = kind, %message, "unavailable");
+            let error = QueryError::new(ErrorCode::Unavailable, message, None);
+            refuse_query(client, ReplyTo::of_request(request), error).await;
+            return;
+        }
     };
     let max_payload = client.server_info().max_payload;
     tokio::spawn(async move {
         let _permit = permit;
         let payload = request.message.payload.clone();
-        let project = request
-            .message
-            .subject
-            .split('.')
-            .nth(2)
-            .unwrap_or("")
-            .to_owned();
         let read = store.clone();
         let answered = tokio::task::spawn_blocking(move || {
             let cut_backs = read.cut_backs();
