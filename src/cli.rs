@@ -663,9 +663,13 @@ pub fn run(cli: Cli) -> Result<u8> {
                     None => request(&source.nats, &format!("bcp.query.{scope}.jobs"), &body, 5)?,
                 };
                 let next = v["next_after"].clone();
+                let listed = jobs.len();
                 jobs.extend(jobs_from(v)?);
                 if next.is_null() {
                     break;
+                }
+                if jobs.len() == listed {
+                    bail!("the jobs' pages do not advance (after {next})");
                 }
                 filter.insert("after".into(), next);
             }

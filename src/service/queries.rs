@@ -79,7 +79,8 @@ pub struct HistoryReply {
     /// follower may trail the leader).
     pub as_of_seq: u64,
     pub job_id: Uuid,
-    /// One page: at most 500 entries and about 512 KiB of them.
+    /// One page: at most 500 entries and about 512 KiB of them (less on a
+    /// NATS server whose `max_payload` is smaller).
     pub history: Vec<HistoryEntry>,
     /// Present when more entries follow: ask again with `after_seq` set to it.
     #[serde(skip_serializing_if = "Option::is_none")]

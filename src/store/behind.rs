@@ -913,17 +913,22 @@ mod tests {
             world,
             "table and memory: the committed state"
         );
-        // Pages of jobs merge the table's views with the held ones.
-        let (mut listed, mut filter) = (Vec::new(), crate::domain::filter::JobFilter::default());
-        loop {
-            let (page, next) = store.jobs_page(&filter, 7, usize::MAX).unwrap();
-            listed.extend(page);
-            match next {
-                Some(after) => filter.after = Some(after),
-                None => break,
+        // Pages of jobs merge the table's views with the held ones; a page
+        // smaller than one job's JSON still holds one job.
+        for (per_page, bytes, jobs_per_page) in [(7, usize::MAX, 7), (500, 1, 1)] {
+            let (mut listed, mut filter) =
+                (Vec::new(), crate::domain::filter::JobFilter::default());
+            loop {
+                let (page, next) = store.jobs_page(&filter, per_page, bytes).unwrap();
+                assert!(next.is_none() || page.len() == jobs_per_page);
+                listed.extend(page);
+                match next {
+                    Some(after) => filter.after = Some(after),
+                    None => break,
+                }
             }
+            assert_eq!(listed, world.jobs.values().cloned().collect::<Vec<_>>());
         }
-        assert_eq!(listed, world.jobs.values().cloned().collect::<Vec<_>>());
         // Every job has older rows in the table, hidden by newer held ones.
         let held = store.inner.behind.read().unwrap().jobs.len();
         assert_eq!(held, JOBS as usize);

@@ -609,12 +609,12 @@ impl Store {
             }
             // The page is sized by the JSON the reply will carry (counted,
             // not built: the reply serializes it once).
+            // A page holds at least one job, however large: a page of none
+            // with a cursor would be asked for again forever.
             let json_len = json_len(&job);
-            if jobs.len() == limit || bytes + json_len > max_bytes {
-                let last = jobs
-                    .last()
-                    .map(|j: &Job| j.job_id)
-                    .unwrap_or(Uuid::from_u128(id.saturating_sub(1)));
+            if let Some(last) = jobs.last().map(|j: &Job| j.job_id)
+                && (jobs.len() == limit || bytes + json_len > max_bytes)
+            {
                 return Ok((jobs, Some(last)));
             }
             bytes += json_len;
