@@ -34,26 +34,15 @@ pub struct HistoryEntry {
     pub reason: Option<String>,
 }
 
-/// Fold one job's events (its transitions and rejections, in seq order).
+/// The fold of one job's events (its transitions and rejections, in seq
+/// order) into its history, one event at a time, holding only the job and
+/// the last event's command: a reader can page through a long history
+/// without holding it.
 ///
 /// `command_start` gives the type of the first event of an event's
 /// command in the whole log (`Store::command_start`). It is asked only of
 /// a job moved between Active and Misconfigured by another job's command
 /// or a region's, whose own events do not say which command that was.
-pub fn history<'a>(
-    events: impl IntoIterator<Item = &'a Envelope>,
-    mut command_start: impl FnMut(&Envelope) -> Option<String>,
-) -> Vec<HistoryEntry> {
-    let mut fold = HistoryFold::default();
-    events
-        .into_iter()
-        .map(|env| fold.entry(env, &mut command_start))
-        .collect()
-}
-
-/// [`history`] one event at a time, holding only the job and the last
-/// event's command: a reader can page through a long history without
-/// holding it.
 #[derive(Default)]
 pub struct HistoryFold {
     job: Option<Job>,

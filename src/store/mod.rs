@@ -532,7 +532,7 @@ impl Store {
         Ok(first)
     }
 
-    /// A job's history from its `events` ([`history`](crate::domain::history::history)),
+    /// A job's history from its `events` ([`HistoryFold`]),
     /// each move by another job's command named by that command's first
     /// event ([`Store::command_start`]); one that cannot be read is an
     /// error, not a guess at its verb.
