@@ -320,20 +320,19 @@ async fn query(
             return;
         }
     };
-    let max_payload = client.server_info().max_payload;
+    // The most one message may hold (0: the server did not say, no limit
+    // of its own known): what a reply, and so each page, must fit.
+    let max_payload = match client.server_info().max_payload {
+        0 => usize::MAX,
+        n => n,
+    };
     tokio::spawn(async move {
         let _permit = permit;
         let payload = request.message.payload.clone();
         let read = store.clone();
         let answered = tokio::task::spawn_blocking(move || {
             let cut_backs = read.cut_backs();
-            // 0: the server did not say (no limit of its own known).
-            let fits = if max_payload > 0 {
-                max_payload
-            } else {
-                usize::MAX
-            };
-            let value = super::queries::answer_within(&read, &project, kind, &payload, fits);
+            let value = super::queries::answer_within(&read, &project, kind, &payload, max_payload);
             // Read after the answer: no row it read is of a later state
             // (unless the log was cut back meanwhile: `cut_backs` says).
             let read_through = read.applied_seq();
@@ -357,7 +356,7 @@ async fn query(
             }
         };
         let mut bytes = serde_json::to_vec(&value).expect("json serializes");
-        if max_payload > 0 && bytes.len() > max_payload {
+        if bytes.len() > max_payload {
             // Never a silent timeout: say why, so the caller can narrow the query.
             let message = format!(
                 "the reply ({} bytes) exceeds the NATS max payload ({max_payload} bytes)",
