@@ -748,6 +748,8 @@ impl Store {
 mod tests {
     use super::*;
     use crate::domain::command::decode;
+    use crate::domain::filter::JobFilter;
+    use crate::domain::ids::ProjectId;
     use crate::store::ledger::Pending;
     use crate::store::pipeline::Pipeline;
     use chrono::{Duration, TimeZone, Utc};
@@ -990,6 +992,93 @@ mod tests {
         let ledger = Pipeline::open(store.clone()).unwrap();
         assert_eq!(ledger.world(), &world);
         assert_eq!(store.applied_seq(), head);
+    }
+
+    /// A project's listing reads the jobs the ledger's index names for it,
+    /// and pages exactly as the listing over every job's view does: the
+    /// same jobs in the same pages, held behind or in the table, whatever
+    /// the filter and page size; an id the index names that was never
+    /// committed is skipped.
+    #[test]
+    fn a_projects_listing_reads_its_own_jobs_and_pages_as_reading_every_view_does() {
+        let (_dir, _path, store, mut ledger) = store_with(ROWS_BEHIND_MAX + 2000);
+        // p2's jobs sort among p1's (1..=JOBS) and after them.
+        let p2_ids = (0..40u128).map(|i| {
+            if i % 2 == 0 {
+                ((i + 1) << 64) + 7
+            } else {
+                JOBS + 100 + i
+            }
+        });
+        let batch: Vec<Pending> = (p2_ids.enumerate())
+            .map(|(n, id)| {
+                let body = json!({"command_id": Uuid::from_u128((1 << 100) + n as u128), "job_id": Uuid::from_u128(id),
+                    "deployment": {"kind": "replica_set", "name": format!("p2rs{n}")}});
+                Pending::new(decode("p2", "create", body.to_string().as_bytes(), None).unwrap())
+            })
+            .collect();
+        let t = Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap();
+        let mut next = || Uuid::new_v4();
+        let replies = ledger.execute(&batch, t, &mut next).unwrap();
+        assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+        let world = ledger.world().clone();
+        let (p1, p2) = (
+            ProjectId::parse("p1").unwrap(),
+            ProjectId::parse("p2").unwrap(),
+        );
+        store.index_jobs([(&p2, 1u128 << 90)]);
+        assert!(store.project_jobs(&p2, 0, 100).contains(&(1 << 90)));
+
+        let list = |filter: &JobFilter, per_page: usize, bytes: usize| {
+            let (mut pages, mut filter) = (Vec::new(), filter.clone());
+            loop {
+                let (page, next) = store.jobs_page(&filter, per_page, bytes).unwrap();
+                pages.push(page);
+                match next {
+                    Some(after) => filter.after = Some(after),
+                    None => return pages,
+                }
+            }
+        };
+        let filters = [
+            JobFilter {
+                project_id: Some(p2.clone()),
+                ..Default::default()
+            },
+            JobFilter {
+                project_id: Some(p1.clone()),
+                ..Default::default()
+            },
+            JobFilter {
+                project_id: Some(p1.clone()),
+                state: Some(crate::domain::JobState::Active),
+                ..Default::default()
+            },
+            JobFilter {
+                project_id: Some(p2.clone()),
+                after: Some(Uuid::from_u128(JOBS)),
+                ..Default::default()
+            },
+            JobFilter {
+                project_id: Some(ProjectId::parse("p3").unwrap()),
+                ..Default::default()
+            },
+        ];
+        for filter in &filters {
+            let want: Vec<Job> = (world.jobs.values())
+                .filter(|j| filter.matches(j) && filter.after.is_none_or(|a| j.job_id > a))
+                .cloned()
+                .collect();
+            for (per_page, bytes) in [(7, usize::MAX), (500, 1), (1000, usize::MAX)] {
+                let indexed = list(filter, per_page, bytes);
+                assert_eq!(indexed.concat(), want, "{filter:?} {per_page}");
+                let index = store.by_project_mut().take();
+                let read_all = list(filter, per_page, bytes);
+                *store.by_project_mut() = index;
+                assert_eq!(indexed, read_all, "the same pages, {filter:?} {per_page}");
+            }
+        }
+        assert_eq!(list(&filters[0], 1000, usize::MAX).concat().len(), 40);
     }
 
     /// A store that stopped without a checkpoint, whose log's tail was then

@@ -284,6 +284,7 @@ impl Ledger {
             )));
         }
         check_tail(&store, &world, head_seq, TAIL_CHECKED)?;
+        store.index_projects(&world);
         Ok(Ledger {
             store,
             world,
@@ -387,6 +388,13 @@ impl Ledger {
             .chain(seqs.keys())
             .copied()
             .collect();
+        // Jobs the batch created are listed by their project from now on
+        // (the listing skips them until they are committed).
+        self.store.index_jobs(touched.iter().filter_map(|id| {
+            let created = decided.undo.jobs.get(id).is_some_and(|u| u.job.is_none());
+            let job = self.world.jobs.get(id).filter(|_| created)?;
+            Some((&job.project_id, id.as_u128()))
+        }));
         // In job order, each job's rows in key order: one job's rows are
         // neighbours in one B-tree.
         for id in touched {

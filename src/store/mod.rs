@@ -3,6 +3,7 @@
 //! use `spawn_blocking`. Nothing here awaits.
 
 pub mod behind;
+mod by_project;
 pub mod commands;
 pub mod disk;
 pub mod import;
@@ -132,6 +133,9 @@ struct Inner {
     /// A commit was started and its job rows are not held yet (it failed,
     /// or is running): no checkpoint then ([`behind`]).
     in_doubt: std::sync::atomic::AtomicBool,
+    /// The jobs of each project, once a ledger opened the store
+    /// ([`by_project`]).
+    by_project: std::sync::RwLock<Option<by_project::ByProject>>,
 }
 
 impl Inner {
@@ -142,6 +146,7 @@ impl Inner {
             committing: Default::default(),
             recent: std::sync::Mutex::new(records::Recent::empty(records::BUFFER)),
             in_doubt: Default::default(),
+            by_project: Default::default(),
         })
     }
 
@@ -574,53 +579,107 @@ impl Store {
     /// One page of the jobs matching `filter`, in job-id order, after
     /// `filter.after`: at most `max_jobs` (or `filter.limit`) and about
     /// `max_bytes` of JSON; with the id to continue after when more may match.
+    /// A filter naming a project reads that project's jobs alone once a
+    /// ledger opened the store (`by_project.rs`); otherwise every job's view.
     pub fn jobs_page(
         &self,
         filter: &crate::domain::filter::JobFilter,
         max_jobs: usize,
         max_bytes: usize,
     ) -> Result<(Vec<Job>, Option<Uuid>)> {
-        let limit = filter
-            .limit
-            .map_or(max_jobs, std::num::NonZeroUsize::get)
-            .clamp(1, max_jobs);
+        let mut page = JobsPage {
+            jobs: Vec::new(),
+            bytes: 0,
+            limit: (filter.limit)
+                .map_or(max_jobs, std::num::NonZeroUsize::get)
+                .clamp(1, max_jobs),
+            max_bytes,
+        };
         let mut next = filter.after.map_or(Some(0), |a| a.as_u128().checked_add(1));
         // Only views are read here: the rows held behind are copied for
         // those alone.
         let from = JobRow::Job.key(next.unwrap_or(u128::MAX), 0);
         let view = self.job_rows_of(from.., Some(JobRow::Job))?;
         let t = view.rows()?;
-        let (mut jobs, mut bytes) = (Vec::new(), 0);
-        // Each job's view is its first row: seek to it, then past the job.
-        while let Some(from) = next {
-            let Some(r) = t.range(JobRow::Job.key(from, 0)..)?.next() else {
-                break;
-            };
-            let (k, v) = r?;
-            let (id, kind, _) = k;
-            next = id.checked_add(1);
-            if kind != JobRow::Job as u8 {
-                continue; // only rejections of a job id that never existed
+        let mut take = |job: Job| match filter.matches(&job) {
+            true => page.take(job),
+            false => None,
+        };
+        if let Some(project) = &filter.project_id
+            && self.indexes_projects()
+        {
+            // The project's own job ids, a chunk at a time (the lock is not
+            // held while their views are read).
+            const CHUNK: usize = 256;
+            while let Some(from) = next {
+                let ids = self.project_jobs(project, from, CHUNK);
+                next = ids.last().and_then(|id| id.checked_add(1));
+                for id in ids {
+                    // An id whose view is not there was not committed.
+                    if let Some(row) = t.get(JobRow::Job.key(id, 0))?
+                        && let Some(full) = take(read_job_row(row.value())?)
+                    {
+                        return Ok(full);
+                    }
+                }
             }
-            let job: Job =
-                rows::read_job(v.value()).map_err(|e| corrupt(format!("job row: {e}")))?;
-            if !filter.matches(&job) {
-                continue;
+        } else {
+            // Each job's view is its first row: seek to it, then past the job.
+            while let Some(from) = next {
+                let Some(r) = t.range(JobRow::Job.key(from, 0)..)?.next() else {
+                    break;
+                };
+                let (k, v) = r?;
+                let (id, kind, _) = k;
+                next = id.checked_add(1);
+                if kind != JobRow::Job as u8 {
+                    continue; // only rejections of a job id that never existed
+                }
+                if let Some(full) = take(read_job_row(v.value())?) {
+                    return Ok(full);
+                }
             }
-            // The page is sized by the JSON the reply will carry (counted,
-            // not built: the reply serializes it once).
-            // A page holds at least one job, however large: a page of none
-            // with a cursor would be asked for again forever.
-            let json_len = json_len(&job);
-            if let Some(last) = jobs.last().map(|j: &Job| j.job_id)
-                && (jobs.len() == limit || bytes + json_len > max_bytes)
-            {
-                return Ok((jobs, Some(last)));
-            }
-            bytes += json_len;
-            jobs.push(job);
         }
-        Ok((jobs, None))
+        Ok((page.jobs, None))
+    }
+
+    /// Index the jobs of each project of `world` (replacing any index).
+    pub(crate) fn index_projects(&self, world: &World) {
+        let index = by_project::ByProject::of(
+            (world.jobs.iter()).map(|(id, job)| (&job.project_id, id.as_u128())),
+        );
+        *self.by_project_mut() = Some(index);
+    }
+
+    /// Add jobs decided (not yet committed) to the index, if there is one.
+    pub(crate) fn index_jobs<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = (&'a crate::domain::ids::ProjectId, u128)>,
+    ) {
+        if let Some(index) = self.by_project_mut().as_mut() {
+            index.extend(jobs);
+        }
+    }
+
+    fn indexes_projects(&self) -> bool {
+        self.by_project().is_some()
+    }
+
+    fn project_jobs(
+        &self,
+        project: &crate::domain::ids::ProjectId,
+        from: u128,
+        n: usize,
+    ) -> Vec<u128> {
+        (self.by_project().as_ref()).map_or_else(Vec::new, |index| index.from(project, from, n))
+    }
+
+    fn by_project(&self) -> std::sync::RwLockReadGuard<'_, Option<by_project::ByProject>> {
+        (self.inner.by_project.read()).unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn by_project_mut(&self) -> std::sync::RwLockWriteGuard<'_, Option<by_project::ByProject>> {
+        (self.inner.by_project.write()).unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The stored projections (jobs, catalogs and regions) as a [`World`].
@@ -717,4 +776,34 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
         },
         e => e.into(),
     }
+}
+
+/// A jobs page being filled ([`Store::jobs_page`]).
+struct JobsPage {
+    jobs: Vec<Job>,
+    bytes: usize,
+    limit: usize,
+    max_bytes: usize,
+}
+
+impl JobsPage {
+    /// Take a matching job; once the page is full (by count or by the JSON
+    /// the reply will carry, counted, not built), the page and the id to
+    /// continue after instead. A page holds at least one job, however large:
+    /// a page of none with a cursor would be asked for again forever.
+    fn take(&mut self, job: Job) -> Option<(Vec<Job>, Option<Uuid>)> {
+        let json_len = json_len(&job);
+        if let Some(last) = self.jobs.last().map(|j| j.job_id)
+            && (self.jobs.len() == self.limit || self.bytes + json_len > self.max_bytes)
+        {
+            return Some((std::mem::take(&mut self.jobs), Some(last)));
+        }
+        self.bytes += json_len;
+        self.jobs.push(job);
+        None
+    }
+}
+
+fn read_job_row(v: &[u8]) -> Result<Job> {
+    rows::read_job(v).map_err(|e| corrupt(format!("job row: {e}")))
 }
