@@ -23,11 +23,12 @@ step bcp send configure-region --project _admin --region us --body '{"snapshot_s
 
 # --- Snapshots, schedules and retention
 SNAP=0192f0c4-0000-7000-8000-0000000000a1
+SNAP_TAKEN=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 step bcp send change-schedule --project demo --job $JOB --schedule '{"snapshot_interval_hours":6,"daily_retention_days":7}'
-step bcp send record-snapshot --project demo --job $JOB --snapshot-id $SNAP --taken-at 2026-11-27T06:00:00Z --size-bytes 1048576
+step bcp send record-snapshot --project demo --job $JOB --snapshot-id $SNAP --taken-at $SNAP_TAKEN --size-bytes 1048576
 step bcp snapshots $JOB --project demo
 step bcp send set-snapshot-expiry --project demo --job $JOB --snapshot-id $SNAP --do-not-delete
-step bcp send expire-snapshots --project demo --now 2026-12-31T00:00:00Z
+step bcp send expire-snapshots --project demo --now 2099-01-01T00:00:00Z
 step bcp send change-schedule --project demo --job $JOB --schedule '{"weekly_retention_weeks":4}'
 
 # --- Regions

@@ -470,14 +470,15 @@ pub struct SendArgs {
     /// expire-snapshots: the time to expire as of (RFC 3339).
     #[arg(long)]
     now: Option<String>,
-    /// Extra body fields as a JSON object, merged last.
+    /// Extra body fields as a JSON object, merged last (not command_id or
+    /// job_id: those come from --command-id and --job alone).
     #[arg(long)]
     body: Option<String>,
     /// The NATS server(s), comma-separated for a cluster.
     #[arg(long, env = "BCP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
-    /// Seconds to wait for the reply.
-    #[arg(long, default_value = "5")]
+    /// Seconds to wait for the reply (at least 1).
+    #[arg(long, default_value = "5", value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
 }
 
@@ -637,7 +638,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             };
             // Reads are scoped by the subject's project; _admin lists every project.
             let scope = project.clone().unwrap_or_else(|| "_admin".to_owned());
-            put("project_id", project);
+            // `_admin` is the scope of every project, not a project of jobs.
+            put("project_id", project.filter(|p| p != "_admin"));
             put(
                 "state",
                 state.map(|s| JobState::parse(&s).map_or(s, |st| st.as_str().to_owned())),
@@ -775,8 +777,9 @@ fn status(url: &str, wait: Duration, format: Format) -> Result<u8> {
     })?;
     if replies.is_empty() {
         return Err(Unavailable(format!(
-            "no bcp process answered on {} within {wait:?} (is bcp serve running?)",
-            bcp::service::api::STATUS_SUBJECT
+            "no bcp process answered on {} within {wait:?} (is bcp serve running?){}",
+            bcp::service::api::STATUS_SUBJECT,
+            refused_note(bcp::service::api::STATUS_SUBJECT)
         ))
         .into());
     }
@@ -866,9 +869,30 @@ fn watch(url: &str, project: Option<&str>, job: Option<Uuid>, json: bool) -> Res
         let client = connect(url).await?;
         let mut events = client.subscribe(subject.clone()).await?;
         client.flush().await?;
+        // NATS refuses a subscription on its own (the client reports it
+        // after the flush): a refused watch says so rather than wait
+        // forever for events that cannot come.
+        let refused = || match refused_note(&subject) {
+            note if note.is_empty() => Ok(()),
+            note => Err(Unavailable(format!("cannot watch {subject}{note}"))),
+        };
+        let mut check = tokio::time::interval(Duration::from_millis(200));
+        check.tick().await;
+        check.tick().await;
+        refused()?;
         eprintln!("watching {subject} (Ctrl-C stops)");
         let mut out = std::io::stdout().lock();
-        while let Some(msg) = events.next().await {
+        loop {
+            let msg = tokio::select! {
+                msg = events.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+                _ = check.tick() => {
+                    refused()?;
+                    continue;
+                }
+            };
             let line = if json {
                 String::from_utf8_lossy(&msg.payload).into_owned()
             } else {
@@ -931,6 +955,12 @@ fn send_body(a: &SendArgs, verb: Verb) -> Result<(Value, Uuid)> {
     if let Some(actor) = &a.actor {
         body.insert("actor".into(), json!(actor));
     }
+    if verb != Verb::Create && (a.kind.is_some() || a.name.is_some() || a.cluster.is_some()) {
+        return Err(Usage(format!(
+            "--kind, --name and --cluster are for create, not {verb}"
+        ))
+        .into());
+    }
     if verb == Verb::Create {
         let (Some(kind), Some(name)) = (&a.kind, &a.name) else {
             return Err(Usage("create needs --kind and --name".into()).into());
@@ -970,6 +1000,13 @@ fn send_body(a: &SendArgs, verb: Verb) -> Result<(Value, Uuid)> {
         let Value::Object(extra) = extra else {
             return Err(Usage("--body must be a JSON object".into()).into());
         };
+        // The ids come from their flags alone: the command_id printed is
+        // the one to retry with, and the job is the one --job names.
+        for (field, flag) in [("command_id", "--command-id"), ("job_id", "--job")] {
+            if extra.contains_key(field) {
+                return Err(Usage(format!("--body may not hold {field}; use {flag}")).into());
+            }
+        }
         body.extend(extra);
     }
     Ok((Value::Object(body), command_id))
@@ -1011,16 +1048,22 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
 /// slot.
 static REFUSED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
-/// What to add to "no reply": nothing, or what NATS refused and what to do.
-fn refused_note() -> String {
+/// What to add to "no reply" on `subject`: nothing, or what NATS refused
+/// and what to do.
+fn refused_note(subject: &str) -> String {
     let refused = REFUSED.lock().unwrap_or_else(|e| e.into_inner());
+    let advice = if subject.starts_with("bcp.cmd.") {
+        "a user needs permission to publish on the command's subject and to receive on its \
+         inbox prefix, --inbox-prefix; if only the reply was refused the command may have been \
+         applied, and resending it with the same --command-id is safe"
+    } else if subject.starts_with("bcp.evt.") {
+        "a user needs permission to subscribe to the event subjects"
+    } else {
+        "a user needs permission to publish on this subject and to receive on its inbox \
+         prefix, --inbox-prefix"
+    };
     refused.as_ref().map_or_else(String::new, |e| {
-        format!(
-            "; NATS refused this connection: {e} (a user needs permission to publish on the \
-             command's subject and to receive on its inbox prefix, --inbox-prefix; if only the \
-             reply was refused the command may have been applied, and resending it with the \
-             same --command-id is safe)"
-        )
+        format!("; NATS refused this connection: {e} ({advice})")
     })
 }
 
@@ -1072,7 +1115,7 @@ fn request(url: &str, subject: &str, body: &Value, timeout_secs: u64) -> Result<
             .map_err(|_| {
                 Unavailable(format!(
                     "no reply on {subject} within {timeout_secs}s{}",
-                    refused_note()
+                    refused_note(subject)
                 ))
             })?
             .map_err(|e| {
@@ -1080,7 +1123,7 @@ fn request(url: &str, subject: &str, body: &Value, timeout_secs: u64) -> Result<
                     async_nats::RequestErrorKind::NoResponders => format!(
                         "no reply on {subject}: nothing answers there (is bcp serve running? in a group, a failover takes a few seconds)"
                     ),
-                    _ => format!("no reply on {subject}: {e}{}", refused_note()),
+                    _ => format!("no reply on {subject}: {e}{}", refused_note(subject)),
                 })
             })?;
         let v: Value = serde_json::from_slice(&msg.payload).context("reply is not JSON")?;
@@ -1090,7 +1133,11 @@ fn request(url: &str, subject: &str, body: &Value, timeout_secs: u64) -> Result<
 
 fn jobs_from(v: Value) -> Result<Vec<Job>> {
     if v["ok"] != json!(true) {
-        bail!("query failed: {}", v["error"]);
+        let message = v["error"]["message"].as_str().unwrap_or("no message");
+        bail!(
+            "query failed ({}): {message}",
+            v["error"]["code"].as_str().unwrap_or("?")
+        );
     }
     Ok(serde_json::from_value(v["jobs"].clone())?)
 }

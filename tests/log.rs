@@ -2662,6 +2662,10 @@ fn the_audit_tools_leave_the_store_file_byte_for_byte_unchanged() {
         assert_eq!(code, 0, "{args:?}: {out}");
     }
     assert!(std::fs::read(&path).unwrap() == before, "the store changed");
+    // `_admin` is the scope of every project: its listing is the whole one.
+    let all = bcp(&["jobs", "--db", db], None);
+    assert_eq!(bcp(&["jobs", "--db", db, "--project", "_admin"], None), all);
+    assert!(all.1.lines().count() > 2, "{}", all.1);
 }
 
 #[test]

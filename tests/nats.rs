@@ -1285,6 +1285,56 @@ async fn send_cli_exit_codes() {
     );
     let (code, _, err) = send(&["start", "--project", "p1", "--nats", &url]).await;
     assert_eq!(code, Some(2), "usage: {err}");
+    // Usage errors, sent nothing: ids in --body (the command_id printed
+    // would not be the one sent, and a retry with it a new command), a
+    // create's flags on another verb, a timeout of 0 (sent, never awaited).
+    let usage = [
+        (
+            r#"{"command_id":"0192f0c4-0000-7000-8000-0000000c0010"}"#,
+            "use --command-id",
+        ),
+        (&format!(r#"{{"job_id":"{}"}}"#, id()), "use --job"),
+    ];
+    for (body, says) in usage {
+        let args = ["stop", "--project", "p1", "--job", &job, "--body", body];
+        let (code, out, err) = send(&[&args[..], &["--nats", &url]].concat()).await;
+        assert_eq!(code, Some(2), "{out}{err}");
+        assert!(err.contains(says) && out.is_empty(), "{err}");
+    }
+    let (code, _, err) = send(&[
+        "start",
+        "--project",
+        "p1",
+        "--job",
+        &job,
+        "--kind",
+        "shard",
+        "--nats",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("for create, not start"), "{err}");
+    let out = bcp_cli(&[
+        "send",
+        "stop",
+        "--project",
+        "p1",
+        "--job",
+        &job,
+        "--timeout",
+        "0",
+        "--nats",
+        &url,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let r = h.job(job.parse().unwrap()).await;
+    assert_eq!(
+        r["state"],
+        json!("Active"),
+        "no usage error stopped it: {r}"
+    );
 
     // No server at all: a closed port.
     let closed = format!("nats://127.0.0.1:{}", free_port());
@@ -2587,6 +2637,24 @@ async fn auth_limits_producers_to_their_project_and_records_verified_actors() {
             err.contains(&format!("Permissions Violation for {what}"))
                 && err.contains("--inbox-prefix"),
             "{project}: {err}"
+        );
+    }
+    // bob may neither ask for bcp.status nor watch the events: both say
+    // what NATS refused (not "is bcp serve running?", not a silent wait).
+    let inbox = ["--inbox-prefix", "_INBOX_bob"];
+    for (cmd, what) in [("status", "Publish"), ("watch", "Subscription")] {
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            bcp_cli(&[&[cmd][..], &as_bob, &inbox].concat()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("bcp {cmd} did not stop on the refusal"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{cmd}: {err}");
+        assert!(
+            err.contains(&format!("Permissions Violation for {what}"))
+                && !err.contains("command-id"),
+            "{cmd}: {err}"
         );
     }
     // The first was applied all the same (only its reply was refused),

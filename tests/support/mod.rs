@@ -588,6 +588,7 @@ pub async fn bcp_cli(args: &[&str]) -> std::process::Output {
         .env_remove("BCP_LOG_FORMAT")
         .env_remove("BCP_STREAM")
         .stdin(Stdio::null())
+        .kill_on_drop(true)
         .output()
         .await
         .expect("run bcp")
