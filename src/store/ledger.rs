@@ -390,11 +390,13 @@ impl Ledger {
             .collect();
         // Jobs the batch created are listed by their project from now on
         // (the listing skips them until they are committed).
-        self.store.index_jobs(touched.iter().filter_map(|id| {
-            let created = decided.undo.jobs.get(id).is_some_and(|u| u.job.is_none());
-            let job = self.world.jobs.get(id).filter(|_| created)?;
-            Some((&job.project_id, id.as_u128()))
-        }));
+        let created: Vec<_> = (decided.undo.jobs.iter())
+            .filter(|(_, u)| u.job.is_none())
+            .filter_map(|(id, _)| Some((&self.world.jobs.get(id)?.project_id, id.as_u128())))
+            .collect();
+        if !created.is_empty() {
+            self.store.index_jobs(created);
+        }
         // In job order, each job's rows in key order: one job's rows are
         // neighbours in one B-tree.
         for id in touched {
