@@ -9,7 +9,7 @@ use super::command::{Command, CommandEnvelope, Expiry, StoreChange};
 use super::event::Event;
 use super::ids::{Name, ProjectId};
 use super::job::{Job, JobState, Phase};
-use super::limits::EXPIRE_EVENTS_MAX;
+use super::limits::{CATALOG_SNAPSHOTS_MAX, EXPIRE_EVENTS_MAX};
 use super::rejection::{RejectCode, Rejection, reject};
 use super::world::{Region, World};
 use chrono::{DateTime, Utc};
@@ -254,6 +254,13 @@ fn decide_job(
                     job.job_id
                 );
                 return Err(reject(RejectCode::AlreadyExists, Some(state), message));
+            }
+            if catalog.snapshots.len() >= CATALOG_SNAPSHOTS_MAX {
+                let message = format!(
+                    "job {}'s catalog holds {CATALOG_SNAPSHOTS_MAX} snapshots, the most a job keeps (its catalog and its purge must each fit one NATS message); delete or expire some first",
+                    job.job_id
+                );
+                return Err(reject(RejectCode::InvalidTransition, Some(state), message));
             }
             let classes = catalog.classify(*taken_at, &job.schedule);
             let expires_at = expires_at(*taken_at, &classes, &job.schedule);
@@ -963,5 +970,66 @@ mod tests {
             d.iter().map(|d| d.event.type_name()).collect::<Vec<_>>(),
             ["RegionConfigured", "JobMisconfigured"]
         );
+    }
+
+    /// A job keeps at most CATALOG_SNAPSHOTS_MAX snapshots: one more is
+    /// refused, in any case of its classes. At that many, the terminate's
+    /// purge and the `snapshots` reply each fit one NATS message of the
+    /// default 1 MiB with room for the envelope or reply around them, even
+    /// with every snapshot at its largest.
+    #[test]
+    fn a_full_catalog_refuses_one_more_snapshot_and_fits_one_nats_message() {
+        use crate::domain::catalog::{Snapshot, SnapshotClass};
+        let far = Utc.with_ymd_and_hms(8999, 12, 31, 23, 59, 59).unwrap();
+        let snapshot = |i: usize| Snapshot {
+            snapshot_id: Uuid::from_u128(u128::MAX - i as u128),
+            taken_at: far,
+            size_bytes: u64::MAX,
+            classes: vec![
+                SnapshotClass::Base,
+                SnapshotClass::Daily,
+                SnapshotClass::Weekly,
+                SnapshotClass::Monthly,
+            ],
+            expires_at: far,
+            do_not_delete: true,
+        };
+        let record = cmd(
+            Command::RecordSnapshot {
+                snapshot_id: Uuid::from_u128(7),
+                taken_at: t(5),
+                size_bytes: 1,
+            },
+            Verb::RecordSnapshot,
+        );
+        let mut world = in_state(JobState::Active);
+        let mut catalog = Catalog {
+            snapshots: (0..CATALOG_SNAPSHOTS_MAX - 1).map(snapshot).collect(),
+            ..Catalog::default()
+        };
+        world.set_catalog(job_id(), Some(catalog.clone()));
+        assert_eq!(
+            types(&decide(&world, &record, t(6))),
+            Ok(vec!["SnapshotRecorded"])
+        );
+
+        catalog.snapshots.push(snapshot(CATALOG_SNAPSHOTS_MAX));
+        world.set_catalog(job_id(), Some(catalog.clone()));
+        let refused = decide(&world, &record, t(6)).unwrap_err();
+        assert_eq!(refused.code, RejectCode::InvalidTransition);
+        assert!(
+            refused.message.contains("holds 4000 snapshots"),
+            "{}",
+            refused.message
+        );
+
+        let nats_default_max_payload = 1 << 20;
+        let purge = Event::SnapshotsPurged {
+            snapshot_ids: catalog.snapshots.iter().map(|s| s.snapshot_id).collect(),
+        };
+        let purge = serde_json::to_vec(&purge).unwrap().len();
+        let listed = serde_json::to_vec(&catalog.snapshots).unwrap().len();
+        assert!(purge + 4096 < nats_default_max_payload, "{purge}");
+        assert!(listed + 4096 < nats_default_max_payload, "{listed}");
     }
 }

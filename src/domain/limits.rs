@@ -9,6 +9,14 @@ pub const PAYLOAD_BYTES_MAX: usize = 64 * 1024;
 /// most a few years) is still a four-digit-year RFC 3339 time.
 pub const TIME_MIN: &str = "1970-01-01T00:00:00Z";
 pub const TIME_MAX: &str = "9000-01-01T00:00:00Z";
+/// Snapshots a job's catalog holds at most: a `record-snapshot` beyond is
+/// `invalid_transition`. Retention alone keeps under 500 (every class at
+/// its longest); the rest is room for `do_not_delete` ones. Bounded so that
+/// the job's terminate, whose `SnapshotsPurged` lists them all, is one
+/// event NATS can carry (156 KB at this many; NATS's default
+/// `max_payload` is 1 MiB), and its `snapshots` reply one message (904 KB
+/// with every snapshot at its largest).
+pub const CATALOG_SNAPSHOTS_MAX: usize = 4_000;
 /// Longest `actor` string accepted, in bytes.
 pub const ACTOR_BYTES_MAX: usize = 256;
 /// Commands waiting for the writer. When full, producers get `unavailable`.
