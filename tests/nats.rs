@@ -2013,36 +2013,84 @@ async fn rebuild_and_audit_from_nats() {
         )),
         "{out}"
     );
-    // A stream whose message 2 was deleted (one that allows it, holding
-    // the log's first three events): the readers name seq 2, at once,
-    // rather than wait for a message that never comes.
+    // Copies of the log's first three events in streams of their own (one
+    // that allows deletes; its subjects carried over by a transform, since
+    // only BCP_EVENTS may listen on bcp.evt.>), each as `alter` publishes
+    // them.
     let log = h.js.get_stream(support::STREAM).await.unwrap();
-    // And one whose last message (3) was deleted: named too, not waited for.
-    for (name, deleted) in [("HOLE", 2), ("TAIL", 3)] {
-        h.js.create_stream(async_nats::jetstream::stream::Config {
-            name: name.into(),
-            subjects: vec![format!("{name}.>")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        for seq in 1..=3 {
-            let m = log.get_raw_message(seq).await.unwrap();
-            h.js.publish(format!("{name}.{seq}"), m.payload)
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+    let copy = |name: &'static str, alter: fn(u64, &mut String, &mut async_nats::HeaderMap)| {
+        let (js, log) = (h.js.clone(), log.clone());
+        async move {
+            js.create_stream(async_nats::jetstream::stream::Config {
+                name: name.into(),
+                subjects: vec![format!("{name}.>")],
+                subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+                    source: format!("{name}.>"),
+                    destination: "bcp.evt.>".into(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            for seq in 1..=3 {
+                let m = log.get_raw_message(seq).await.unwrap();
+                let mut subject = m.subject.replacen("bcp.evt", name, 1);
+                let mut headers = m.headers.clone();
+                alter(seq, &mut subject, &mut headers);
+                js.publish_with_headers(subject, headers, m.payload)
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+            js.get_stream(name).await.unwrap()
         }
-        let stream = h.js.get_stream(name).await.unwrap();
+    };
+    // Message 2 deleted, and the last message (3) deleted: each named at
+    // once, not waited for.
+    for (name, deleted) in [("HOLE", 2), ("TAIL", 3)] {
+        let stream = copy(name, |_, _, _| {}).await;
         assert!(stream.delete_message(deleted).await.unwrap());
     }
+    // The same bytes published otherwise than bcp publishes them: on
+    // another subject (a consumer filtering by project misses it), without
+    // the event's id as Nats-Msg-Id, with another Bcp-Seq.
+    copy("ELSEWHERE", |seq, subject, _| {
+        if seq == 2 {
+            *subject = "ELSEWHERE.elsewhere.x.JobCreated".into();
+        }
+    })
+    .await;
+    copy("NO_ID", |seq, _, headers| {
+        if seq == 2 {
+            headers.insert("Nats-Msg-Id", "not-the-event-id");
+        }
+    })
+    .await;
+    copy("BAD_SEQ", |seq, _, headers| {
+        if seq == 2 {
+            headers.insert("Bcp-Seq", "7");
+        }
+    })
+    .await;
     let started = std::time::Instant::now();
     // And a stream that is not there: a failure of the comparison, not of
     // an event, so no seq named (it said "seq 0").
     for (stream, says) in [
         ("NO_SUCH", "FAILED: cannot read the stream: stream NO_SUCH"),
         ("HOLE", "seq 2: the stream holds sequence 3 here"),
+        (
+            "ELSEWHERE",
+            "seq 2: published on bcp.evt.elsewhere.x.JobCreated, but its event belongs on bcp.evt.p1.",
+        ),
+        (
+            "NO_ID",
+            "seq 2: its Nats-Msg-Id header is Some(\"not-the-event-id\"), not its event id",
+        ),
+        (
+            "BAD_SEQ",
+            "seq 2: its Bcp-Seq header is Some(\"7\"), not its stream sequence 2",
+        ),
     ] {
         let args = [
             "audit",
@@ -2065,6 +2113,10 @@ async fn rebuild_and_audit_from_nats() {
         (
             vec!["replay", "--from-nats", &url, "--stream", "HOLE"],
             "seq 2: stream holds sequence 3 here",
+        ),
+        (
+            vec!["replay", "--from-nats", &url, "--stream", "ELSEWHERE"],
+            "seq 2: published on bcp.evt.elsewhere.x.JobCreated",
         ),
         (
             vec!["replay", "--from-nats", &url, "--stream", "TAIL"],

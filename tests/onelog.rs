@@ -217,6 +217,182 @@ async fn a_stray_publish_while_idle_stops_commands_until_the_stream_is_this_log(
     h.stop_and_verify(3).await;
 }
 
+/// While bcp idles, the stream loses what it published. Removed, it is
+/// published again without waiting for a command; cut back to a prefix of
+/// the log (an old copy restored), the rest is published again; emptied by
+/// its settings (a max_age, since reverted), it is a fork: bcp refuses
+/// commands, rather than wait for NATS to answer for messages that are
+/// gone and publish the next event on top of the hole.
+#[tokio::test]
+async fn a_stream_that_loses_published_events_while_bcp_idles_is_made_whole_or_refused() {
+    let h = Harness::start_with(&["--stream-check-interval", "1"]).await;
+    let job = id();
+    assert_eq!(seqs(&h.cmd("p1", "create", &create(job)).await), [1]);
+    assert_eq!(seqs(&h.cmd("p1", "start", &on(job)).await), [2]);
+    assert_eq!(seqs(&h.cmd("p1", "stop", &on(job)).await), [3]);
+    let published = h.caught_up_stream(3).await;
+
+    h.js.delete_stream(STREAM).await.expect("delete the stream");
+    assert_eq!(
+        h.caught_up_stream(3).await,
+        published,
+        "published again, unasked"
+    );
+
+    // An old copy: the stream holds seqs 1 and 2 only. (Made again should
+    // bcp's check find the new stream empty before both are in: each
+    // publish expects the one before it.)
+    let config = h.stream_info().await.unwrap().config;
+    let copy = h.stream_messages().await;
+    'restore: loop {
+        h.js.delete_stream(STREAM).await.unwrap();
+        h.js.create_stream(config.clone()).await.unwrap();
+        for (before, m) in copy[..2].iter().enumerate() {
+            let mut headers = m.headers.clone();
+            headers.insert("Nats-Expected-Last-Sequence", before.to_string().as_str());
+            let (subject, payload) = (m.subject.to_string(), m.payload.clone());
+            let ack =
+                h.js.publish_with_headers(subject, headers, payload)
+                    .await
+                    .unwrap();
+            if ack.await.is_err() {
+                continue 'restore;
+            }
+        }
+        break;
+    }
+    assert_eq!(
+        h.caught_up_stream(3).await,
+        published,
+        "the rest published again"
+    );
+    let (code, s) = status(&h).await;
+    assert_eq!((code, &s["alarms"]), (Some(0), &json!([])), "{s}");
+
+    // Every message expires; the limit is taken away again.
+    let mut trimmed = config.clone();
+    trimmed.max_age = Duration::from_secs(1);
+    trimmed.duplicate_window = Duration::from_secs(1);
+    h.js.update_stream(trimmed).await.unwrap();
+    let deadline = Deadline::new("the messages to expire", Duration::from_secs(30));
+    while h.stream_info().await.unwrap().state.messages > 0 {
+        deadline.tick().await;
+    }
+    h.js.update_stream(config).await.unwrap();
+    let what = alarm(&h, "fork").await;
+    assert!(what.contains("holds 0 messages up to seq 3"), "{what}");
+    refused(&h, "start", &on(job)).await;
+    assert_eq!(stream_last(&h).await, 3, "nothing published over the hole");
+}
+
+/// An event larger than the NATS server takes (a terminate's purge of 200
+/// snapshots, on a server of `max_payload: 8192`): the relay publishes
+/// everything before it, raises the `publish` alarm naming the seq and the
+/// fix, and bcp takes no commands, rather than acknowledge commands it can
+/// never publish while the relay retries for ever. Once the server takes
+/// it, bcp publishes it and takes commands again by itself.
+#[tokio::test]
+async fn an_event_larger_than_nats_takes_raises_an_alarm_until_it_can_be_published() {
+    let mut h = Harness::start_configured("max_payload: 8192", &[]).await;
+    let job = id();
+    h.cmd("p1", "create", &create(job)).await;
+    h.cmd("p1", "start", &on(job)).await;
+    let taken = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let recorded = futures::future::join_all((0..200).map(|_| {
+        let mut body = on(job);
+        body["snapshot_id"] = json!(id());
+        body["taken_at"] = json!(taken);
+        body["size_bytes"] = json!(1);
+        let h = &h;
+        async move { h.cmd("p1", "record-snapshot", &body).await }
+    }))
+    .await;
+    assert!(recorded.iter().all(|r| r["ok"] == json!(true)));
+    h.cmd("p1", "stop", &on(job)).await;
+    let purge = *seqs(&h.cmd("p1", "terminate", &on(job)).await)
+        .last()
+        .unwrap();
+    assert_eq!(purge, 205);
+
+    let what = alarm(&h, "publish").await;
+    assert!(
+        what.contains("the event at seq 205") && what.contains("max_payload (8192 bytes)"),
+        "{what}"
+    );
+    refused(&h, "start", &on(job)).await;
+    h.wait_stream_last_seq(204).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        stream_last(&h).await,
+        204,
+        "everything before it, nothing past"
+    );
+    let log = h.bcp_log_text();
+    let connects = log.matches("relay connected").count();
+    assert!(
+        connects < 6,
+        "the relay backs off while it cannot publish ({connects} connections):\n{log}"
+    );
+
+    // A server of NATS's default max_payload, on the same store.
+    let (port, store) = (h.nats.port, h.nats.store.clone());
+    h.restart_nats(port, &store).await;
+    h.caught_up_stream(205).await;
+    let r = h.cmd_until_ok("p1", "start", &on(job)).await;
+    assert_eq!(seqs(&r), [206]);
+    let (code, s) = status(&h).await;
+    assert_eq!((code, &s["alarms"]), (Some(0), &json!([])), "{s}");
+    h.stop_and_verify(206).await;
+}
+
+/// JetStream lost its store (the lease bucket recreated, numbered from 1
+/// again) and another process's lease entry now carries the revision this
+/// bcp's has: the renewal reads whose entry it is rather than update the
+/// revision blindly, so it leaves the other's entry alone and raises the
+/// `writer` alarm.
+#[tokio::test]
+async fn a_lease_renewal_never_overwrites_another_holders_entry_of_the_same_revision() {
+    let h = Harness::start_with(&["--lease-ttl", "60"]).await;
+    let bucket = h.js.get_key_value("BCP_WRITERS").await.unwrap();
+    // Renewed every 20 s: act between two renewals.
+    let mine = bucket.entry(STREAM).await.unwrap().expect("bcp's lease");
+    let config =
+        h.js.get_stream("KV_BCP_WRITERS")
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .clone();
+    h.js.delete_stream("KV_BCP_WRITERS").await.unwrap();
+    h.js.create_stream(config).await.unwrap();
+    let bucket = h.js.get_key_value("BCP_WRITERS").await.unwrap();
+    for _ in 1..mine.revision {
+        bucket.put("filler", "x".into()).await.unwrap();
+    }
+    let other = json!({"store": "elsewhere:/var/lib/other.redb", "pid": 7, "since": "2026-01-01T00:00:00Z"});
+    let revision = bucket
+        .put(STREAM, serde_json::to_vec(&other).unwrap().into())
+        .await
+        .unwrap();
+    assert_eq!(
+        revision, mine.revision,
+        "the other's entry has bcp's revision"
+    );
+
+    let what = alarm(&h, "writer").await;
+    assert!(what.contains("elsewhere:/var/lib/other.redb"), "{what}");
+    let entry = bucket
+        .get(STREAM)
+        .await
+        .unwrap()
+        .expect("the other's lease");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&entry).unwrap(),
+        other,
+        "left alone"
+    );
+}
+
 /// A stray message lands where the relay is about to publish: the relay's
 /// publish (Nats-Expected-Last-Sequence) fails, and bcp halts rather than
 /// take the stray for its own event and skip it. The command acknowledged

@@ -377,14 +377,23 @@ fn compare_with_stream(
     store.for_each_event(|seq, bytes| {
         n = seq;
         match messages.get(seq as usize - 1) {
-            Some((s, payload)) if *s == seq && payload.as_slice() == bytes => Ok(true),
-            Some((s, _)) if *s != seq => {
+            Some(m) if m.seq != seq => {
                 mismatch = Some(VerifyError::BadEvent {
                     seq,
-                    what: format!("the stream holds sequence {s} here (a message was removed)"),
+                    what: format!(
+                        "the stream holds sequence {} here (a message was removed)",
+                        m.seq
+                    ),
                 });
                 Ok(false)
             }
+            Some(m) if m.payload.as_slice() == bytes => match m.misrouted() {
+                None => Ok(true),
+                Some(what) => {
+                    mismatch = Some(VerifyError::BadEvent { seq, what });
+                    Ok(false)
+                }
+            },
             Some(_) => {
                 mismatch = Some(VerifyError::BadEvent {
                     seq,

@@ -44,6 +44,10 @@ pub struct Envelope {
     pub hash: String,
 }
 
+/// The header that carries an event's seq on the stream (beside
+/// `Nats-Msg-Id`, its event id).
+pub const SEQ_HEADER: &str = "Bcp-Seq";
+
 /// `bcp.evt.<project>.<job>.<type>`, or `bcp.evt._admin.<region>.<type>`
 /// for a region event (the one rule, for [`Envelope`] and [`Routing`]).
 fn subject_of(

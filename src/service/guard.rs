@@ -45,6 +45,9 @@ pub enum AlarmKind {
     StreamConfig,
     /// Another bcp serve holds the stream (see `lease`).
     Writer,
+    /// An event is larger than the NATS server takes (its `max_payload`):
+    /// the relay cannot publish it.
+    Publish,
 }
 
 /// A raised alarm, as `bcp.status` and `$SRV.STATS` show it.
@@ -197,6 +200,13 @@ pub fn drift(actual: &stream::Config) -> Vec<String> {
         format!("max_bytes {} (want no limit)", actual.max_bytes),
     );
     check(
+        actual.max_message_size <= 0,
+        format!(
+            "max_msg_size {} (want no limit: a larger event could not be published)",
+            actual.max_message_size
+        ),
+    );
+    check(
         actual.max_age.is_zero(),
         format!("max_age {:?} (want no limit)", actual.max_age),
     );
@@ -331,7 +341,9 @@ pub fn judge(o: &Observed) -> Verdict {
     let common = o.stream_last.min(o.head);
     if common > 0 {
         let Some(at) = o.at else {
-            return Verdict::Fork(format!("the stream's seq {common} cannot be read"));
+            return Verdict::Fork(format!(
+                "the stream has no message at seq {common}: it was trimmed or deleted from"
+            ));
         };
         if let Some(what) = differs(common, at, o.ours_at) {
             let what = if common == o.stream_last {
@@ -362,7 +374,9 @@ pub fn judge(o: &Observed) -> Verdict {
                 o.head
             )),
         },
-        None => Verdict::Fork(format!("the stream's seq {next_seq} cannot be read")),
+        None => Verdict::Fork(format!(
+            "the stream has no message at seq {next_seq}: it was trimmed or deleted from"
+        )),
     }
 }
 
@@ -374,26 +388,30 @@ pub async fn check(
     state: &stream::State,
     head: u64,
 ) -> Result<Verdict, String> {
+    // A message that is not there (trimmed, deleted, a stream recreated
+    // from a later first sequence) is judged, not an error: an error means
+    // NATS could not say, and would be waited out.
     let get = |seq: u64| async move {
-        stream
-            .get_raw_message(seq)
-            .await
-            .map(|m| Published {
+        match stream.get_raw_message(seq).await {
+            Ok(m) => Ok(Some(Published {
                 subject: m.subject.to_string(),
                 payload: m.payload.to_vec(),
-            })
-            .map_err(|e| format!("read stream seq {seq}: {e}"))
+            })),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(format!("read stream seq {seq}: {e}")),
+        }
     };
     let common = state.last_sequence.min(head);
-    let at = if common > 0 {
-        Some(get(common).await?)
-    } else {
-        None
+    // A stream with fewer messages than its last sequence is judged by
+    // that alone.
+    let gapless = state.messages == state.last_sequence;
+    let at = match common > 0 && gapless {
+        true => get(common).await?,
+        false => None,
     };
-    let next = if state.last_sequence > head {
-        Some(get(head + 1).await?)
-    } else {
-        None
+    let next = match state.last_sequence > head && gapless {
+        true => get(head + 1).await?,
+        false => None,
     };
     let s = store.clone();
     let ours = tokio::task::spawn_blocking(move || {
@@ -502,11 +520,19 @@ pub struct Watched {
     pub alarms: std::sync::Arc<Alarms>,
     /// Group mode: cancelled when the stream is not this log in step.
     pub fence: Option<CancellationToken>,
+    /// How far the relay published (the stream's acknowledgements).
+    pub published: tokio_watch::Receiver<u64>,
+    /// Woken when the stream lost what the relay published: it was removed,
+    /// or replaced by a shorter prefix of the log (an old copy restored). An
+    /// idle relay would otherwise not find out until the next command.
+    pub lost: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Inspect the stream every `interval` until `stop`, so a stray publish, a
-/// changed setting or a sealed stream is found while the relay is idle, and
-/// an alarm clears once its cause is gone. In group mode (`fence`), a
+/// changed setting, a sealed stream, or one removed or cut back to a
+/// prefix of the log is found while the relay is idle (the relay is woken
+/// to publish again what it lost), and an alarm clears once its cause is
+/// gone. In group mode (`fence`), a
 /// stream that is not this node's log in step ends the node's term at once:
 /// another node wrote it (a deposed leader's late publishes), and the
 /// follower phase sorts it out, where an alarm would refuse commands with
@@ -518,6 +544,8 @@ pub async fn watch(
         stream: stream_name,
         alarms,
         fence,
+        published,
+        lost,
     }: Watched,
     head: tokio_watch::Receiver<u64>,
     interval: Duration,
@@ -530,13 +558,27 @@ pub async fn watch(
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return,
         }
+        // Read before the stream's state: acknowledged, so on the stream
+        // then, unless the stream lost it since.
+        let acknowledged = *published.borrow();
         let check = inspect(&store, &js, &stream_name, || *head.borrow(), &alarms);
         match stop.run_until_cancelled(check).await {
             None => return,
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "stream check not done (NATS unavailable?)")
             }
-            Some(Ok(Inspection::Checked(Verdict::InStep { .. }) | Inspection::NoStream)) => {}
+            Some(Ok(Inspection::NoStream)) => {
+                if acknowledged > 0 {
+                    tracing::warn!(stream = %stream_name, published_seq = acknowledged, "the stream is gone: the relay publishes the log again");
+                    lost.notify_one();
+                }
+            }
+            Some(Ok(Inspection::Checked(Verdict::InStep { last }))) => {
+                if last < acknowledged {
+                    tracing::warn!(stream = %stream_name, stream_seq = last, published_seq = acknowledged, "the stream was cut back to a prefix of the log: the relay publishes the rest again");
+                    lost.notify_one();
+                }
+            }
             Some(Ok(Inspection::Checked(verdict))) => {
                 if let Some(fence) = &fence {
                     tracing::warn!(
@@ -729,9 +771,11 @@ mod tests {
         c.max_messages = 10;
         c.sealed = true;
         c.deny_purge = false;
+        c.max_message_size = 100;
         let d = drift(&c);
-        assert_eq!(d.len(), 3, "{d:?}");
+        assert_eq!(d.len(), 4, "{d:?}");
         assert!(d[0].starts_with("max_msgs 10"), "{d:?}");
+        assert!(d[1].starts_with("max_msg_size 100"), "{d:?}");
     }
 
     #[test]

@@ -274,45 +274,48 @@ impl Lease {
 
     /// Renew; `Err` says why not. A lapsed lease (a NATS outage longer than
     /// the TTL) is taken again when nobody else took it.
+    ///
+    /// The entry is read first and renewed at its revision only when it
+    /// names this holder: a revision alone does not say whose the entry is
+    /// (a bucket recreated after JetStream lost its store numbers its
+    /// entries from 1 again, and another holder's entry may then carry this
+    /// one's revision; updated blindly, it would be overwritten).
     pub(crate) async fn renew(&mut self) -> Result<(), Renewal> {
         let bytes: bytes::Bytes = serde_json::to_vec(&self.me).expect("holder").into();
         // The lease is renewed as of when the renewal was sent: the server
         // may have written it any time after.
         let sent = std::time::Instant::now();
-        match self
+        let unreachable = |e: &dyn std::fmt::Display| Renewal::Unreachable(e.to_string());
+        let entry = self
             .kv
-            .update(&self.key, bytes.clone(), self.revision)
+            .entry(&self.key)
             .await
-        {
-            Ok(revision) => {
-                self.revision = revision;
-                *self.renewed.lock().expect("lease clock") = sent;
-                return Ok(());
-            }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
-            Err(e) => return Err(Renewal::Unreachable(e.to_string())),
-        }
-        match self.kv.entry(&self.key).await {
-            Ok(Some(entry)) => match holder_of(&entry) {
+            .map_err(|e| unreachable(&e))?;
+        let written = match entry.filter(|e| e.operation == kv::Operation::Put) {
+            Some(entry) => match holder_of(&entry) {
                 Some(h) if h == self.me => {
-                    self.revision = entry.revision;
-                    Ok(())
+                    match self.kv.update(&self.key, bytes, entry.revision).await {
+                        Ok(revision) => revision,
+                        // Changed since it was read: the next renewal says by whom.
+                        Err(e) => return Err(unreachable(&e)),
+                    }
                 }
-                other => Err(Renewal::Lost(other.map_or_else(
-                    || "an unreadable lease entry".to_owned(),
-                    |h| h.describe(),
-                ))),
-            },
-            Ok(None) => match self.kv.create(&self.key, bytes).await {
-                Ok(revision) => {
-                    self.revision = revision;
-                    *self.renewed.lock().expect("lease clock") = sent;
-                    Ok(())
+                other => {
+                    return Err(Renewal::Lost(other.map_or_else(
+                        || "an unreadable lease entry".to_owned(),
+                        |h| h.describe(),
+                    )));
                 }
-                Err(e) => Err(Renewal::Unreachable(e.to_string())),
             },
-            Err(e) => Err(Renewal::Unreachable(e.to_string())),
-        }
+            None => self
+                .kv
+                .create(&self.key, bytes)
+                .await
+                .map_err(|e| unreachable(&e))?,
+        };
+        self.revision = written;
+        *self.renewed.lock().expect("lease clock") = sent;
+        Ok(())
     }
 
     /// Give the lease up (a clean stop), so the next process need not wait.

@@ -338,6 +338,8 @@ pub(crate) async fn term(
     };
     node.lease.send_replace(Some(lease.renewed()));
     let lease = tokio::spawn(lease::hold(lease, on_loss, end.clone()));
+    // The stream check wakes the relay when the stream lost what it published.
+    let lost = Arc::new(tokio::sync::Notify::new());
     let watcher = tokio::spawn(guard::watch(
         guard::Watched {
             store: node.store.clone(),
@@ -345,6 +347,8 @@ pub(crate) async fn term(
             stream: config.stream.clone(),
             alarms: node.alarms.clone(),
             fence: group.then(|| deposed.clone()),
+            published: node.published.subscribe(),
+            lost: lost.clone(),
         },
         node.head.subscribe(),
         config.stream_check_interval,
@@ -381,6 +385,7 @@ pub(crate) async fn term(
             replicas: config.stream_replicas,
             alarms: node.alarms.clone(),
             fence: group.then(|| deposed.clone()),
+            lost,
         },
         node.head.subscribe(),
         node.published.clone(),

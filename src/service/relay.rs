@@ -47,7 +47,7 @@
 //! it publishes nothing, and checks again until the cause is gone.
 
 use super::batch::{self, Batcher};
-use super::guard::{self, Alarms, Inspection, Verdict};
+use super::guard::{self, AlarmKind, Alarms, Inspection, Verdict};
 use crate::domain::envelope::{Route, Routing};
 use crate::domain::limits::{
     RELAY_ACK_TIMEOUT, RELAY_ATOMIC_BATCH_MAX, RELAY_BATCH_FLOW, RELAY_CHUNK_MAX, RELAY_OUTBOX_MAX,
@@ -66,7 +66,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub const SEQ_HEADER: &str = "Bcp-Seq";
+use crate::domain::envelope::SEQ_HEADER;
 
 /// bcp's JetStream context (the relay, the stream check, the lease). An
 /// ack or an API answer that has not come within `RELAY_ACK_TIMEOUT` was
@@ -93,6 +93,9 @@ pub struct Target {
     /// publish fenced by `Nats-Expected-Last-Sequence`, or a stream that
     /// is not this log): this node is no longer the leader.
     pub fence: Option<CancellationToken>,
+    /// Woken by the stream check when the stream lost published events
+    /// ([`guard::Watched::lost`]): reconcile with it again.
+    pub lost: Arc<tokio::sync::Notify>,
 }
 
 /// Committed events on their way to the relay, in seq order, without a
@@ -230,16 +233,9 @@ pub async fn run(
     let mut limits = AtomicLimits::default();
     let source = Source { store, outbox };
     loop {
-        match publish_until_drained(
-            &source,
-            &target,
-            &mut head,
-            &published,
-            &drain,
-            &mut backoff,
-            &mut limits,
-        )
-        .await
+        let before = *published.borrow();
+        match publish_until_drained(&source, &target, &mut head, &published, &drain, &mut limits)
+            .await
         {
             Ok(()) => return,
             Err(e) => {
@@ -254,6 +250,12 @@ pub async fn run(
                 }
                 if drain.is_cancelled() && head_reached(&head, &published) {
                     return;
+                }
+                // Back off further while nothing is acknowledged (a lasting
+                // failure: a full JetStream, a refused publish), from the
+                // start again once something was.
+                if *published.borrow() > before {
+                    backoff = Duration::from_millis(100);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -328,7 +330,6 @@ async fn publish_until_drained(
     head: &mut watch::Receiver<u64>,
     published: &watch::Sender<u64>,
     drain: &CancellationToken,
-    backoff: &mut Duration,
     limits: &mut AtomicLimits,
 ) -> Result<(), Interrupted> {
     let Target {
@@ -337,6 +338,7 @@ async fn publish_until_drained(
         replicas,
         alarms,
         fence,
+        lost,
     } = target;
     // In a group the follower phase made the stream; a leader finding it
     // gone steps down, and its follower phase says the stream was lost
@@ -370,13 +372,24 @@ async fn publish_until_drained(
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
         return Err(fenced(fence));
     };
+    if alarms.is_raised(AlarmKind::Publish) {
+        // Does the event that could not be published fit now (a server of
+        // a larger max_payload)?
+        let next = match last < committed {
+            true => source.events(last + 1, last + 1).await?,
+            false => Vec::new(),
+        };
+        let still = next
+            .first()
+            .and_then(|(seq, bytes, _)| too_large(js, *seq, bytes));
+        alarms.set(AlarmKind::Publish, still);
+    }
     if alarms.refusal().is_some() {
         return Err(Interrupted::Halted);
     }
     let mut sent = last;
     let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(RELAY_WINDOW_MAX);
     let mut writer_gone = false;
-    *backoff = Duration::from_millis(100);
     // The first publish is checked by the sequence alone: the check above
     // found the stream's last message to be the log's event at `last`.
     let mut prev_id: Option<String> = None;
@@ -396,7 +409,7 @@ async fn publish_until_drained(
         );
     }
     if batched {
-        return publish_batched(js, source, head, published, drain, alarms, last).await;
+        return publish_batched(target, source, head, published, drain, last).await;
     }
     let interrupted = |e| match e {
         Publish::Fenced(_) if fence.is_some() => fenced(fence),
@@ -409,7 +422,7 @@ async fn publish_until_drained(
             if alarms.refusal().is_some() {
                 return Err(Interrupted::Halted);
             }
-            let chunk = source.events(sent + 1, target).await?;
+            let chunk = fitting(js, source.events(sent + 1, target).await?, alarms)?;
             sent = publish_chunk(
                 js,
                 chunk,
@@ -441,34 +454,81 @@ async fn publish_until_drained(
             }
             continue;
         }
-        if wait_for_more(head, drain, &mut writer_gone).await {
+        if wait_for_more(head, drain, &mut writer_gone, lost).await? {
             return Ok(());
         }
     }
 }
 
+/// Bytes an event's subject and headers add to it on the wire, at most
+/// (about 250 used).
+const HEADERS_ALLOWANCE: usize = 1024;
+
+/// Why the event at `seq` cannot be published to the connected server
+/// (larger than its `max_payload` with its headers), if it cannot.
+fn too_large(js: &jetstream::Context, seq: u64, bytes: &[u8]) -> Option<String> {
+    let max = js.client().server_info().max_payload;
+    (max > 0 && bytes.len() + HEADERS_ALLOWANCE > max).then(|| {
+        format!(
+            "the event at seq {seq} is {} bytes, more than the NATS server's max_payload ({max} bytes) takes with its headers, so it cannot be published; raise max_payload in the nats-server configuration (bcp publishes it and takes commands again once connected to a server that takes it)",
+            bytes.len()
+        )
+    })
+}
+
+/// The events of `events` before the first one the server cannot take;
+/// when that is the first, the `Publish` alarm, and publishing halts.
+fn fitting(
+    js: &jetstream::Context,
+    mut events: Vec<Event>,
+    alarms: &Alarms,
+) -> Result<Vec<Event>, Interrupted> {
+    let refused = events
+        .iter()
+        .enumerate()
+        .find_map(|(i, (seq, bytes, _))| Some((i, too_large(js, *seq, bytes)?)));
+    match refused {
+        Some((0, why)) => {
+            alarms.raise(AlarmKind::Publish, why);
+            Err(Interrupted::Halted)
+        }
+        Some((i, _)) => {
+            events.truncate(i);
+            Ok(events)
+        }
+        None => Ok(events),
+    }
+}
+
 /// Everything committed is published: wait for more, unless draining.
-/// Returns whether the relay is done.
+/// Returns whether the relay is done; `Err` when the stream check found
+/// the stream lost published events (reconcile with it again).
 async fn wait_for_more(
     head: &mut watch::Receiver<u64>,
     drain: &CancellationToken,
     writer_gone: &mut bool,
-) -> bool {
+    lost: &tokio::sync::Notify,
+) -> Result<bool, Interrupted> {
     if drain.is_cancelled() {
-        return true;
+        return Ok(true);
     }
+    let gone = || Interrupted::Nats("the stream check found published events gone".into());
     if *writer_gone {
         // The head read last is final and is published. Wait for the
         // drain (not `changed()` again: it would return at once, forever,
         // and spin a core).
-        drain.cancelled().await;
-        return false;
+        tokio::select! {
+            _ = drain.cancelled() => {}
+            _ = lost.notified() => return Err(gone()),
+        }
+        return Ok(false);
     }
     tokio::select! {
         changed = head.changed() => *writer_gone = changed.is_err(),
         _ = drain.cancelled() => {}
+        _ = lost.notified() => return Err(gone()),
     }
-    false
+    Ok(false)
 }
 
 /// Single mode on a stream that allows fast batches ([`super::batch`]):
@@ -477,14 +537,16 @@ async fn wait_for_more(
 /// on by nats-server's answers, at most [`RELAY_WINDOW_MAX`] events
 /// unanswered.
 async fn publish_batched(
-    js: &jetstream::Context,
+    target: &Target,
     source: &Source,
     head: &mut watch::Receiver<u64>,
     published: &watch::Sender<u64>,
     drain: &CancellationToken,
-    alarms: &Alarms,
     last: u64,
 ) -> Result<(), Interrupted> {
+    let Target {
+        js, alarms, lost, ..
+    } = target;
     let mut batcher = Batcher::new(js.client(), RELAY_BATCH_FLOW).await?;
     let interrupted = |e: Publish| match e {
         Publish::Halted => Interrupted::Halted,
@@ -501,7 +563,8 @@ async fn publish_batched(
             if alarms.refusal().is_some() {
                 return Err(Interrupted::Halted);
             }
-            for (seq, bytes, route) in source.events(sent + 1, target).await? {
+            for (seq, bytes, route) in fitting(js, source.events(sent + 1, target).await?, alarms)?
+            {
                 if alarms.any() {
                     return Err(Interrupted::Halted);
                 }
@@ -547,7 +610,7 @@ async fn publish_batched(
             }
             continue;
         }
-        if wait_for_more(head, drain, &mut writer_gone).await {
+        if wait_for_more(head, drain, &mut writer_gone, lost).await? {
             return Ok(());
         }
     }

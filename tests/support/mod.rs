@@ -118,10 +118,20 @@ impl Nats {
     /// Start on `port` with its JetStream store in `store`; returns once it
     /// accepts TCP connections.
     pub async fn start(port: u16, store: &Path, log: &Path) -> Nats {
+        Nats::start_configured(port, store, log, "").await
+    }
+
+    /// [`Nats::start`] with `conf` as its configuration file's text (e.g.
+    /// `max_payload: 8192`), written beside the store.
+    pub async fn start_configured(port: u16, store: &Path, log: &Path, conf: &str) -> Nats {
         std::fs::create_dir_all(store).expect("create nats store dir");
+        let conf_path = store.with_extension("conf");
+        std::fs::write(&conf_path, conf).expect("write nats-server.conf");
         let out = append_log(log);
         let bin = nats_server_bin();
         let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf_path)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store)
             .stdin(Stdio::null())
@@ -221,14 +231,20 @@ impl Harness {
     /// As [`Harness::start`], with extra `bcp serve` arguments (kept for
     /// every restart), e.g. `["--sweep-interval", "1"]`.
     pub async fn start_with(serve_args: &[&str]) -> Harness {
+        Harness::start_configured("", serve_args).await
+    }
+
+    /// As [`Harness::start_with`], the nats-server configured by `nats_conf`.
+    pub async fn start_configured(nats_conf: &str, serve_args: &[&str]) -> Harness {
         let dir = tempfile::Builder::new()
             .prefix("bcp-nats-test")
             .tempdir()
             .expect("temp dir");
-        let nats = Nats::start(
+        let nats = Nats::start_configured(
             free_port(),
             &dir.path().join("nats-a"),
             &dir.path().join("nats.log"),
+            nats_conf,
         )
         .await;
         let client = connect(&nats.url()).await;
