@@ -175,6 +175,17 @@ impl Batcher {
                 break msg;
             }
         };
+        // A status with no payload: nats-server's 503 "no responders" when
+        // no stream takes the subject (it was removed).
+        if let Some(status) = msg.status.filter(|_| msg.payload.is_empty()) {
+            return Err(Refused::Other(match status {
+                async_nats::StatusCode::NO_RESPONDERS => {
+                    "no stream takes the batch's subjects (no responders): the stream is gone"
+                        .into()
+                }
+                status => format!("nats-server answered status {status} with no payload"),
+            }));
+        }
         let answer = parse(&msg.payload, b.base, b.sent)?;
         if let Answer::Committed(_) = answer {
             self.open = None;

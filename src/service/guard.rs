@@ -443,6 +443,17 @@ pub async fn check(
     }))
 }
 
+/// What a stream ahead of the log means to the caller of [`inspect`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behind {
+    /// Running: another process writes this log (the `Fork` alarm).
+    Alarm,
+    /// Starting: this store is empty or stale, and bcp serve refuses to
+    /// start saying so (no alarm, whose message would blame another
+    /// process).
+    Refusal,
+}
+
 /// What one inspection of the stream found.
 pub enum Inspection {
     /// No stream yet: nothing to compare (the relay creates it).
@@ -471,6 +482,7 @@ pub async fn inspect(
     stream_name: &str,
     head: impl Fn() -> u64,
     alarms: &Alarms,
+    behind: Behind,
 ) -> Result<Inspection, String> {
     let mut stream = match js.get_stream(stream_name).await {
         Ok(s) => s,
@@ -503,6 +515,7 @@ pub async fn inspect(
         AlarmKind::Fork,
         match &verdict {
             Verdict::InStep { .. } => None,
+            Verdict::Behind { .. } if behind == Behind::Refusal => None,
             Verdict::Behind { head, stream_last } => Some(format!(
                 "the stream {stream_name} goes on to seq {stream_last} past this log's head {head}: another bcp serve is writing this log"
             )),
@@ -561,7 +574,14 @@ pub async fn watch(
         // Read before the stream's state: acknowledged, so on the stream
         // then, unless the stream lost it since.
         let acknowledged = *published.borrow();
-        let check = inspect(&store, &js, &stream_name, || *head.borrow(), &alarms);
+        let check = inspect(
+            &store,
+            &js,
+            &stream_name,
+            || *head.borrow(),
+            &alarms,
+            Behind::Alarm,
+        );
         match stop.run_until_cancelled(check).await {
             None => return,
             Some(Err(e)) => {

@@ -511,7 +511,14 @@ async fn take_the_stream(
         Some(taken) => taken?,
     };
     let inspected = until_nats(stop, &waiting, || {
-        guard::inspect(store, js, &config.stream, || head, alarms)
+        guard::inspect(
+            store,
+            js,
+            &config.stream,
+            || head,
+            alarms,
+            guard::Behind::Refusal,
+        )
     })
     .await;
     match inspected {
@@ -521,7 +528,6 @@ async fn take_the_stream(
         }
         Some(guard::Inspection::Checked(guard::Verdict::Behind { head, stream_last })) => {
             lease.release().await;
-            alarms.clear(guard::AlarmKind::Fork);
             Err(ServeError::Behind {
                 stream: config.stream.clone(),
                 stream_last,

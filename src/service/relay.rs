@@ -368,7 +368,15 @@ async fn publish_until_drained(
     // In a group, a command's events whole, on a stream that allows it.
     let atomic = fence.is_some() && stream.cached_info().config.allow_atomic_publish;
     let committed = *head.borrow();
-    let inspection = guard::inspect(&source.store, js, stream_name, || committed, alarms).await?;
+    let inspection = guard::inspect(
+        &source.store,
+        js,
+        stream_name,
+        || committed,
+        alarms,
+        guard::Behind::Alarm,
+    )
+    .await?;
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
         return Err(fenced(fence));
     };
