@@ -393,6 +393,30 @@ async fn a_lease_renewal_never_overwrites_another_holders_entry_of_the_same_revi
     );
 }
 
+/// JetStream refuses bcp (its API denied) for longer than the writer
+/// lease's TTL: bcp cannot renew the lease, which another process could
+/// then take, so it takes no commands (the `writer` alarm says the lease
+/// lapsed) rather than acknowledge commands a second writer's stream would
+/// leave out. Once the lease is renewed it takes commands again.
+#[tokio::test]
+async fn a_lapsed_lease_stops_commands_until_it_is_renewed() {
+    let h = Harness::start_configured(&clients_may(""), &["--lease-ttl", "3"]).await;
+    let job = id();
+    assert_eq!(seqs(&h.cmd("p1", "create", &create(job)).await), [1]);
+    h.nats
+        .reconfigure(&clients_may(r#"publish: { deny: ["$JS.API.>"] }"#));
+    let what = alarm(&h, "writer").await;
+    assert!(what.contains("lapsed"), "{what}");
+    refused(&h, "start", &on(job)).await;
+
+    h.nats.reconfigure(&clients_may(""));
+    let r = h.cmd_until_ok("p1", "start", &on(job)).await;
+    assert_eq!(seqs(&r), [2]);
+    h.caught_up_stream(2).await;
+    let (code, s) = status(&h).await;
+    assert_eq!((code, &s["alarms"]), (Some(0), &json!([])), "{s}");
+}
+
 /// A stray message lands where the relay is about to publish: the relay's
 /// publish (Nats-Expected-Last-Sequence) fails, and bcp halts rather than
 /// take the stray for its own event and skip it. The command acknowledged

@@ -163,6 +163,20 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Its configuration replaced by `conf`, reloaded live
+    /// (`nats-server --signal reload`).
+    #[allow(dead_code)] // tests/onelog.rs's
+    pub fn reconfigure(&self, conf: &str) {
+        std::fs::write(self.store.with_extension("conf"), conf).expect("write nats-server.conf");
+        let pid = self.child.as_ref().expect("nats-server running").id();
+        let status = Command::new(nats_server_bin())
+            .arg("--signal")
+            .arg(format!("reload={pid}"))
+            .status()
+            .expect("nats-server --signal reload");
+        assert!(status.success(), "reload of nats-server {pid}: {status}");
+    }
+
     /// SIGKILL: no goodbye, as a crash.
     pub fn kill(&mut self) {
         kill_and_reap(&mut self.child);
