@@ -327,6 +327,8 @@ async fn an_event_larger_than_nats_takes_raises_an_alarm_until_it_can_be_publish
         204,
         "everything before it, nothing past"
     );
+    let (_, s) = status(&h).await;
+    assert_eq!(s["published_seq"], json!(204), "what the stream holds: {s}");
     let log = h.bcp_log_text();
     let connects = log.matches("relay connected").count();
     assert!(
@@ -393,11 +395,11 @@ async fn a_lease_renewal_never_overwrites_another_holders_entry_of_the_same_revi
     );
 }
 
-/// JetStream refuses bcp (its API denied) for longer than the writer
-/// lease's TTL: bcp cannot renew the lease, which another process could
-/// then take, so it takes no commands (the `writer` alarm says the lease
-/// lapsed) rather than acknowledge commands a second writer's stream would
-/// leave out. Once the lease is renewed it takes commands again.
+/// JetStream refuses bcp (its API denied) for half the writer lease's TTL
+/// and more: bcp cannot renew the lease, which another process could take
+/// once it lapses, so it takes no commands (the `writer` alarm says so)
+/// rather than acknowledge commands a second writer's stream would leave
+/// out. Once the lease is renewed it takes commands again.
 #[tokio::test]
 async fn a_lapsed_lease_stops_commands_until_it_is_renewed() {
     let h = Harness::start_configured(&clients_may(""), &["--lease-ttl", "3"]).await;
@@ -406,7 +408,10 @@ async fn a_lapsed_lease_stops_commands_until_it_is_renewed() {
     h.nats
         .reconfigure(&clients_may(r#"publish: { deny: ["$JS.API.>"] }"#));
     let what = alarm(&h, "writer").await;
-    assert!(what.contains("lapsed"), "{what}");
+    assert!(
+        what.contains("not renewed") && what.contains("lapses"),
+        "{what}"
+    );
     refused(&h, "start", &on(job)).await;
 
     h.nats.reconfigure(&clients_may(""));
@@ -1110,6 +1115,59 @@ async fn pages_fit_a_small_max_payload() {
     }
     assert_eq!(seen, (1..=400).collect::<Vec<u64>>());
     assert!(pages > 1, "{pages} pages");
+}
+
+/// In a group, an event larger than the NATS server takes that is not its
+/// command's first (a terminate's purge, after its JobTerminated): nothing
+/// of the command reaches the stream, which holds a command's events all
+/// or none, and the `publish` alarm says why. (Cutting before the large
+/// event alone published the JobTerminated without its purge, and a node
+/// that took over then had a terminated job with its snapshots.)
+#[tokio::test]
+async fn a_group_publishes_none_of_a_command_with_an_event_too_large_for_nats() {
+    let c = support::cluster::Cluster::start_with(1, "max_payload: 8192").await;
+    c.leader(1).await;
+    let job = id();
+    cmd_definitive(&c.client, "create", &create(job)).await;
+    cmd_definitive(&c.client, "start", &on(job)).await;
+    let taken = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    futures::future::join_all((0..200).map(|_| {
+        let mut body = on(job);
+        body["snapshot_id"] = json!(id());
+        body["taken_at"] = json!(taken);
+        body["size_bytes"] = json!(1);
+        let client = c.client.clone();
+        async move { cmd_definitive(&client, "record-snapshot", &body).await }
+    }))
+    .await;
+    assert_eq!(
+        seqs(&cmd_definitive(&c.client, "stop", &on(job)).await),
+        [203]
+    );
+    // Never answered: its events are not on the stream.
+    assert_eq!(try_cmd(&c.client, "terminate", &on(job)).await, None);
+    let deadline = Deadline::new("the publish alarm", Duration::from_secs(30));
+    let what = loop {
+        let alarms: Vec<Value> = (c.statuses().await.iter())
+            .flat_map(|s| s["alarms"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if let Some(a) = alarms.iter().find(|a| a["kind"] == json!("publish")) {
+            break a["message"].as_str().unwrap().to_owned();
+        }
+        deadline.tick().await;
+    };
+    assert!(what.contains("the event at seq 205"), "{what}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last =
+        c.js.get_stream(STREAM)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence;
+    assert_eq!(last, 203, "no part of the terminate");
 }
 
 /// Every client without credentials (the bcp nodes, the test's own) has

@@ -594,7 +594,9 @@ pub async fn watch(
                 }
             }
             Some(Ok(Inspection::Checked(Verdict::InStep { last }))) => {
-                if last < acknowledged {
+                // Unless the relay reconciled with the stream meanwhile
+                // (it moved `published` back to the stream's last sequence).
+                if last < acknowledged && *published.borrow() >= acknowledged {
                     tracing::warn!(stream = %stream_name, stream_seq = last, published_seq = acknowledged, "the stream was cut back to a prefix of the log: the relay publishes the rest again");
                     lost.notify_one();
                 }

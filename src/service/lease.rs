@@ -338,7 +338,7 @@ pub(crate) enum Renewal {
 /// What losing the lease means.
 pub enum OnLoss {
     /// Single mode: raise the `Writer` alarm (commands refused) until it
-    /// is ours again.
+    /// is ours again, also while it could not be renewed for half its TTL.
     Alarm(Arc<Alarms>),
     /// Group mode: this node's term ends (cancel the token), also when the
     /// lease could not be renewed for half its TTL: by the next check
@@ -363,56 +363,36 @@ pub async fn hold(mut lease: Lease, on_loss: OnLoss, stop: CancellationToken) ->
         let since = lease.renewed.lock().expect("lease clock").elapsed();
         let lost = match renewal {
             Ok(()) => None,
-            Err(Renewal::Lost(holder)) => Some(Lost::Taken(format!(
+            Err(Renewal::Lost(holder)) => Some(format!(
                 "another bcp serve took the writer lease of this stream: {holder}"
-            ))),
+            )),
             Err(Renewal::Unreachable(e)) => {
                 tracing::debug!(error = %e, "writer lease not renewed (NATS unavailable?)");
-                if since >= lease.ttl {
-                    Some(Lost::Lapsed(format!(
-                        "the writer lease lapsed (not renewed for {since:.1?}, its time to live is {:?}: {e}), so another bcp serve may hold it; commands are taken again once it is renewed",
+                // Checked every third of the TTL, each check bounded by a
+                // quarter: at half the TTL a single-mode server stops taking
+                // commands and a leader steps down, before the TTL is out,
+                // so before another process can take the lease.
+                (since >= lease.ttl / 2).then(|| {
+                    format!(
+                        "the writer lease was not renewed for {since:.1?} ({e}); it lapses {:?} after its last renewal, when another bcp serve may take it",
                         lease.ttl
-                    )))
-                } else if since >= lease.ttl / 2 {
-                    // Checked every third of the TTL, each check bounded by
-                    // a quarter: a leader steps down before the TTL is out,
-                    // so before another node can take the lease.
-                    Some(Lost::Late(format!(
-                        "the writer lease was not renewed for {since:?}: {e}"
-                    )))
-                } else {
-                    None
-                }
+                    )
+                })
             }
         };
         match (&on_loss, lost) {
             (OnLoss::Alarm(alarms), None) => alarms.clear(AlarmKind::Writer),
             // Single mode acknowledges a command once its store has it: it
             // takes none while another process could be writing the stream.
-            (OnLoss::Alarm(alarms), Some(Lost::Taken(why) | Lost::Lapsed(why))) => {
-                alarms.raise(AlarmKind::Writer, why)
-            }
-            (OnLoss::Alarm(_), Some(Lost::Late(_))) | (OnLoss::Depose(_), None) => {}
-            (
-                OnLoss::Depose(deposed),
-                Some(Lost::Taken(why) | Lost::Lapsed(why) | Lost::Late(why)),
-            ) => {
+            (OnLoss::Alarm(alarms), Some(why)) => alarms.raise(AlarmKind::Writer, why),
+            (OnLoss::Depose(_), None) => {}
+            (OnLoss::Depose(deposed), Some(why)) => {
                 tracing::warn!("stepping down: {why}");
                 deposed.cancel();
                 return lease;
             }
         }
     }
-}
-
-/// Why a lease is not (surely) this process's any more.
-enum Lost {
-    /// Another holder's entry is there.
-    Taken(String),
-    /// Not renewed for its whole TTL: another process may have taken it.
-    Lapsed(String),
-    /// Not renewed for half its TTL (a group node steps down then).
-    Late(String),
 }
 
 #[cfg(test)]

@@ -380,6 +380,9 @@ async fn publish_until_drained(
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
         return Err(fenced(fence));
     };
+    // The stream holds the log through `last`, whatever halts the relay
+    // below (`bcp status` reads this).
+    published.send_replace(last);
     if alarms.is_raised(AlarmKind::Publish) {
         // Does the event that could not be published fit now (a server of
         // a larger max_payload)?
@@ -401,7 +404,6 @@ async fn publish_until_drained(
     // The first publish is checked by the sequence alone: the check above
     // found the stream's last message to be the log's event at `last`.
     let mut prev_id: Option<String> = None;
-    published.send_replace(last);
     tracing::info!(
         stream_seq = last,
         head_seq = committed,
@@ -430,7 +432,9 @@ async fn publish_until_drained(
             if alarms.refusal().is_some() {
                 return Err(Interrupted::Halted);
             }
-            let chunk = fitting(js, source.events(sent + 1, target).await?, alarms)?;
+            let events = source.events(sent + 1, target).await?;
+            // In a group a command is published whole or not at all.
+            let chunk = fitting(js, events, fence.is_some(), alarms)?;
             sent = publish_chunk(
                 js,
                 chunk,
@@ -468,33 +472,44 @@ async fn publish_until_drained(
     }
 }
 
-/// Bytes an event's subject and headers add to it on the wire, at most
-/// (about 250 used).
-const HEADERS_ALLOWANCE: usize = 1024;
+/// The most bytes the relay's headers add to an event (`Nats-Msg-Id`,
+/// `Bcp-Seq`, the expected last sequence and message id, a batch's id,
+/// sequence and commit: about 400 at most); nats-server's `max_payload`
+/// bounds payload and headers together.
+const HEADERS_MAX: usize = 512;
 
 /// Why the event at `seq` cannot be published to the connected server
 /// (larger than its `max_payload` with its headers), if it cannot.
 fn too_large(js: &jetstream::Context, seq: u64, bytes: &[u8]) -> Option<String> {
     let max = js.client().server_info().max_payload;
-    (max > 0 && bytes.len() + HEADERS_ALLOWANCE > max).then(|| {
+    (max > 0 && bytes.len() + HEADERS_MAX > max).then(|| {
         format!(
-            "the event at seq {seq} is {} bytes, more than the NATS server's max_payload ({max} bytes) takes with its headers, so it cannot be published; raise max_payload in the nats-server configuration (bcp publishes it and takes commands again once connected to a server that takes it)",
+            "the event at seq {seq} is {} bytes, which with the relay's headers (up to {HEADERS_MAX} bytes) is more than the NATS server's max_payload ({max} bytes), so it cannot be published; raise max_payload in the nats-server configuration (bcp publishes it and takes commands again once connected to a server that takes it)",
             bytes.len()
         )
     })
 }
 
-/// The events of `events` before the first one the server cannot take;
-/// when that is the first, the `Publish` alarm, and publishing halts.
+/// The events of `events` before the first one the server cannot take
+/// (with `whole_commands`, before the command that holds it); when that is
+/// the first, the `Publish` alarm, and publishing halts.
 fn fitting(
     js: &jetstream::Context,
     mut events: Vec<Event>,
+    whole_commands: bool,
     alarms: &Alarms,
 ) -> Result<Vec<Event>, Interrupted> {
     let refused = events
         .iter()
         .enumerate()
         .find_map(|(i, (seq, bytes, _))| Some((i, too_large(js, *seq, bytes)?)));
+    let refused = refused.map(|(mut i, why)| {
+        let command = events[i].2.command_id;
+        while whole_commands && i > 0 && events[i - 1].2.command_id == command {
+            i -= 1;
+        }
+        (i, why)
+    });
     match refused {
         Some((0, why)) => {
             alarms.raise(AlarmKind::Publish, why);
@@ -571,7 +586,8 @@ async fn publish_batched(
             if alarms.refusal().is_some() {
                 return Err(Interrupted::Halted);
             }
-            for (seq, bytes, route) in fitting(js, source.events(sent + 1, target).await?, alarms)?
+            for (seq, bytes, route) in
+                fitting(js, source.events(sent + 1, target).await?, false, alarms)?
             {
                 if alarms.any() {
                     return Err(Interrupted::Halted);
