@@ -876,10 +876,10 @@ fn watch(url: &str, project: Option<&str>, job: Option<Uuid>, json: bool) -> Res
             note if note.is_empty() => Ok(()),
             note => Err(Unavailable(format!("cannot watch {subject}{note}"))),
         };
-        let mut check = tokio::time::interval(Duration::from_millis(200));
-        check.tick().await;
-        check.tick().await;
+        // The refusal comes a moment after the flush's answer.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         refused()?;
+        let mut check = tokio::time::interval(Duration::from_millis(200));
         eprintln!("watching {subject} (Ctrl-C stops)");
         let mut out = std::io::stdout().lock();
         loop {
