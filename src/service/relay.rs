@@ -392,7 +392,7 @@ async fn publish_until_drained(
         };
         let still = next
             .first()
-            .and_then(|(seq, bytes, _)| too_large(js, *seq, bytes));
+            .and_then(|(seq, bytes, _)| too_large(js.client().max_payload(), *seq, bytes));
         alarms.set(AlarmKind::Publish, still);
     }
     if alarms.refusal().is_some() {
@@ -478,10 +478,9 @@ async fn publish_until_drained(
 /// bounds payload and headers together.
 const HEADERS_MAX: usize = 512;
 
-/// Why the event at `seq` cannot be published to the connected server
-/// (larger than its `max_payload` with its headers), if it cannot.
-fn too_large(js: &jetstream::Context, seq: u64, bytes: &[u8]) -> Option<String> {
-    let max = js.client().server_info().max_payload;
+/// Why the event at `seq` cannot be published to a server of `max_payload`
+/// (with its headers), if it cannot.
+fn too_large(max: usize, seq: u64, bytes: &[u8]) -> Option<String> {
     (max > 0 && bytes.len() + HEADERS_MAX > max).then(|| {
         format!(
             "the event at seq {seq} is {} bytes, which with the relay's headers (up to {HEADERS_MAX} bytes) is more than the NATS server's max_payload ({max} bytes), so it cannot be published; raise max_payload in the nats-server configuration (bcp publishes it and takes commands again once connected to a server that takes it)",
@@ -499,10 +498,12 @@ fn fitting(
     whole_commands: bool,
     alarms: &Alarms,
 ) -> Result<Vec<Event>, Interrupted> {
+    // Once per chunk: the client keeps it current (a reconnection's INFO).
+    let max = js.client().max_payload();
     let refused = events
         .iter()
         .enumerate()
-        .find_map(|(i, (seq, bytes, _))| Some((i, too_large(js, *seq, bytes)?)));
+        .find_map(|(i, (seq, bytes, _))| Some((i, too_large(max, *seq, bytes)?)));
     let refused = refused.map(|(mut i, why)| {
         let command = events[i].2.command_id;
         while whole_commands && i > 0 && events[i - 1].2.command_id == command {
