@@ -30,6 +30,15 @@ fn on(job: Uuid) -> Value {
     json!({"command_id": id(), "job_id": job})
 }
 
+/// A `record-snapshot` body: a new snapshot of `job`, taken at `taken`.
+fn snapshot(job: Uuid, taken: chrono::DateTime<chrono::Utc>) -> Value {
+    let mut body = on(job);
+    body["snapshot_id"] = json!(id());
+    body["taken_at"] = json!(taken.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    body["size_bytes"] = json!(1);
+    body
+}
+
 fn seqs(reply: &Value) -> Vec<u64> {
     assert_eq!(reply["ok"], json!(true), "{reply}");
     reply["events"]
@@ -297,12 +306,9 @@ async fn an_event_larger_than_nats_takes_raises_an_alarm_until_it_can_be_publish
     let job = id();
     h.cmd("p1", "create", &create(job)).await;
     h.cmd("p1", "start", &on(job)).await;
-    let taken = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let taken = chrono::Utc::now();
     let recorded = futures::future::join_all((0..200).map(|_| {
-        let mut body = on(job);
-        body["snapshot_id"] = json!(id());
-        body["taken_at"] = json!(taken);
-        body["size_bytes"] = json!(1);
+        let body = snapshot(job, taken);
         let h = &h;
         async move { h.cmd("p1", "record-snapshot", &body).await }
     }))
@@ -794,15 +800,15 @@ async fn failover_keeps_every_acknowledged_command_exactly_once() {
                         .cycle(),
                 );
                 for (i, verb) in verbs.enumerate() {
-                    let mut body = if i == 0 { create(job) } else { on(job) };
-                    if verb == "record-snapshot" {
-                        body["snapshot_id"] = json!(id());
+                    let body = match verb {
+                        "create" => create(job),
                         // Recent, so that no sweep expires it during the test.
-                        let taken = chrono::Utc::now() - chrono::Duration::minutes(30 - i as i64);
-                        body["taken_at"] =
-                            json!(taken.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-                        body["size_bytes"] = json!(1);
-                    }
+                        "record-snapshot" => snapshot(
+                            job,
+                            chrono::Utc::now() - chrono::Duration::minutes(30 - i as i64),
+                        ),
+                        _ => on(job),
+                    };
                     let reply = cmd_definitive(&client, verb, &body).await;
                     assert_eq!(reply["ok"], json!(true), "{verb}: {reply}");
                     acked.lock().unwrap().push((body, reply));
@@ -1130,12 +1136,9 @@ async fn a_group_publishes_none_of_a_command_with_an_event_too_large_for_nats() 
     let job = id();
     cmd_definitive(&c.client, "create", &create(job)).await;
     cmd_definitive(&c.client, "start", &on(job)).await;
-    let taken = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let taken = chrono::Utc::now();
     futures::future::join_all((0..200).map(|_| {
-        let mut body = on(job);
-        body["snapshot_id"] = json!(id());
-        body["taken_at"] = json!(taken);
-        body["size_bytes"] = json!(1);
+        let body = snapshot(job, taken);
         let client = c.client.clone();
         async move { cmd_definitive(&client, "record-snapshot", &body).await }
     }))
