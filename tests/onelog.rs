@@ -428,6 +428,57 @@ async fn a_lapsed_lease_stops_commands_until_it_is_renewed() {
     assert_eq!((code, &s["alarms"]), (Some(0), &json!([])), "{s}");
 }
 
+/// JetStream's storage full (README, "What survives what"): the relay's
+/// publishes are refused, and so are the writer lease's renewals (its KV
+/// bucket is in the same storage), so the `writer` alarm names JetStream's
+/// refusal. Every command acknowledged meanwhile is in the log, and reaches
+/// the stream, in order, once the storage is raised; the alarm clears by
+/// itself.
+#[tokio::test]
+async fn a_full_jetstream_raises_the_writer_alarm_and_loses_nothing_acknowledged() {
+    let mut h =
+        Harness::start_configured("jetstream { max_file_store: 200KB }", &["--lease-ttl", "3"])
+            .await;
+    // A create's event is about 700 bytes: 200 KB holds a few hundred.
+    let mut acked = 0u64;
+    for _ in 0..600 {
+        let r = h.cmd("p1", "create", &create(id())).await;
+        if r["ok"] != json!(true) {
+            assert_eq!(r["error"]["code"], json!("unavailable"), "{r}");
+            break;
+        }
+        acked += 1;
+        assert_eq!(seqs(&r), [acked]);
+    }
+    let what = alarm(&h, "writer").await;
+    assert!(what.contains("insufficient resources"), "{what}");
+    let (_, s) = status(&h).await;
+    assert_eq!(s["head_seq"], json!(acked), "{s}");
+    assert!(
+        s["published_seq"].as_u64().expect("published_seq") < acked,
+        "the relay is stalled: {s}"
+    );
+
+    h.nats.reconfigure("jetstream { max_file_store: 64MB }");
+    let r = h.cmd_until_ok("p1", "create", &create(id())).await;
+    assert_eq!(seqs(&r), [acked + 1]);
+    h.caught_up_stream(acked + 1).await;
+    let deadline = Deadline::new("the writer alarm cleared", Duration::from_secs(30));
+    loop {
+        let (code, s) = status(&h).await;
+        if s["alarms"] == json!([]) {
+            assert_eq!(
+                (code, &s["taking_commands"]),
+                (Some(0), &json!(true)),
+                "{s}"
+            );
+            break;
+        }
+        deadline.tick().await;
+    }
+    h.stop_and_verify(acked + 1).await;
+}
+
 /// A stray message lands where the relay is about to publish: the relay's
 /// publish (Nats-Expected-Last-Sequence) fails, and bcp halts rather than
 /// take the stray for its own event and skip it. The command acknowledged
