@@ -1382,6 +1382,37 @@ fn export_import_round_trip_keeps_the_head_hash() {
         .unwrap();
     assert!(reply.duplicate && reply.ok, "{reply:?}");
     assert_eq!(reply.events[0].seq, 1);
+    // Its command_id reused for another command is a conflict, as it was
+    // before the records were rebuilt: the log says the verb, the project
+    // and the job it was for.
+    let conflicts = [
+        ("p1", "start", json!({"job_id": job(1)})),
+        (
+            "p2",
+            "create",
+            json!({"job_id": job(1), "deployment": {"kind": "replica_set", "name": "rs0"}}),
+        ),
+        (
+            "p1",
+            "create",
+            json!({"job_id": job(2), "deployment": {"kind": "replica_set", "name": "rs0"}}),
+        ),
+    ];
+    for (project, verb, mut body) in conflicts {
+        body["command_id"] = json!(Uuid::from_u128(0xc0de_0001));
+        let other = decode(project, verb, body.to_string().as_bytes(), None).unwrap();
+        let reply = ledger
+            .execute(&[Pending::new(other)], t0(), &mut ids)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let code = reply.error.as_ref().map(|e| e.code);
+        assert_eq!(
+            code,
+            Some(bcp::domain::ErrorCode::CommandIdConflict),
+            "{project} {verb}: {reply:?}"
+        );
+    }
     drop(ledger);
     // Importing again into a store that holds a log is refused, and so is
     // exporting over the store being read: both leave it byte for byte.

@@ -953,6 +953,23 @@ async fn failover_keeps_every_acknowledged_command_exactly_once() {
             "command {id} ({reply}) in the stream"
         );
     }
+    // A command_id reused for another command is a conflict on the leader
+    // now, whichever node decided it: a node that applied it from the
+    // stream rebuilt its record from the log (its verb, project and job).
+    for (body, _) in acked.iter().step_by(acked.len() / 20) {
+        let job = serde_json::from_value(body["job_id"].clone()).unwrap();
+        let (verb, mut other) = match body.get("deployment") {
+            Some(_) => ("start", on(job)),
+            None => ("create", create(job)),
+        };
+        other["command_id"] = body["command_id"].clone();
+        let reply = cmd_definitive(&c.client, verb, &other).await;
+        assert_eq!(
+            reply["error"]["code"],
+            json!("command_id_conflict"),
+            "{verb} {other}: {reply}"
+        );
+    }
 
     let mut periods: Vec<(String, String, usize)> = Vec::new();
     for i in 0..3 {

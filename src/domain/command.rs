@@ -7,6 +7,7 @@
 //! outside the allowed ranges and oversized bodies are a [`DecodeError`]
 //! (`bad_request` on the wire) and never reach the writer.
 
+use super::envelope::Envelope;
 use super::ids::{Name, ProjectId};
 use super::job::Deployment;
 use super::limits::{ACTOR_BYTES_MAX, PAYLOAD_BYTES_MAX, TIME_MAX, TIME_MIN};
@@ -144,9 +145,9 @@ enum Print {
 }
 
 impl Fingerprint {
-    /// The text of a record rebuilt from the log, where the command's body
-    /// is not known: a retry with its `command_id` gets the original reply
-    /// whatever its body.
+    /// The text of a record rebuilt from the log by an earlier version: a
+    /// retry with its `command_id` gets the original reply whatever its
+    /// body. Records rebuilt now hold [`Fingerprint::of_logged`].
     pub const ANY_BODY: &str = "*";
 
     /// [`Fingerprint::ANY_BODY`]'s fingerprint.
@@ -154,11 +155,46 @@ impl Fingerprint {
         Fingerprint::from(Fingerprint::ANY_BODY.to_owned())
     }
 
-    /// Whether a retry with fingerprint `retry` asks what this record
-    /// answered: the same command, or any command for a record rebuilt
-    /// from the log.
-    pub fn admits(&self, retry: &Fingerprint) -> bool {
-        self == retry || matches!(&self.0, Print::Text(t) if &**t == Fingerprint::ANY_BODY)
+    /// The fingerprint of a record rebuilt from the log (import, a group
+    /// follower) for the command whose first event is `first`. The log does
+    /// not hold the command's body, only what its events say of it: its
+    /// verb, its project and its job (but for `expire-snapshots`, whose
+    /// events name the jobs it expired, not whether the command named
+    /// one). A retry that names other ones is a `command_id_conflict`, as
+    /// it would have been before the records were rebuilt; one that differs
+    /// only in the rest of its body gets the original reply.
+    pub fn of_logged(first: &Envelope) -> Fingerprint {
+        match Verb::of_event(&first.event) {
+            Some(verb) => Fingerprint::logged(verb, &first.project_id, first.job_id),
+            // Never a command's first event in a log bcp verifies.
+            None => Fingerprint::any_body(),
+        }
+    }
+
+    /// What [`Fingerprint::of_logged`] keeps of a command, as a digest
+    /// (the size of a body's), domain-separated from bodies' digests.
+    fn logged(verb: Verb, project: &ProjectId, job: Option<Uuid>) -> Fingerprint {
+        let job = job.filter(|_| verb != Verb::ExpireSnapshots);
+        let mut h = blake3::Hasher::new();
+        h.update(b"bcp: a command as its events say it\0");
+        h.update(verb.as_str().as_bytes());
+        h.update(b"\0");
+        h.update(project.as_str().as_bytes());
+        h.update(b"\0");
+        if let Some(job) = job {
+            h.update(job.as_bytes());
+        }
+        Fingerprint::from_digest(*h.finalize().as_bytes())
+    }
+
+    /// Whether `retry` (whose fingerprint is `print`) asks what this record
+    /// answered: the same command; for a record rebuilt from the log, a
+    /// command of the same verb, project and job; for one an earlier
+    /// version rebuilt, any command.
+    pub fn admits(&self, retry: &CommandEnvelope, print: &Fingerprint) -> bool {
+        self == print
+            || matches!(&self.0, Print::Text(t) if &**t == Fingerprint::ANY_BODY)
+            || *self == Fingerprint::logged(retry.verb, &retry.project_id, retry.job_id)
     }
 
     /// The digest's 32 bytes, or the text of a fingerprint that is not one.
@@ -945,12 +981,112 @@ mod tests {
                 );
             }
         }
-        // A record rebuilt from the log admits any retry; any other, its own.
+        // A record an earlier version rebuilt from the log admits any
+        // retry; a command's own, that command alone.
+        let retry = decode("p1", "start", body.as_bytes(), None).unwrap();
         let other = Fingerprint::from(hex.to_uppercase());
-        assert!(Fingerprint::any_body().admits(&digest));
-        assert!(digest.admits(&digest));
-        assert!(!digest.admits(&other));
-        assert!(!digest.admits(&Fingerprint::any_body()));
+        assert!(Fingerprint::any_body().admits(&retry, &digest));
+        assert!(digest.admits(&retry, &digest));
+        assert!(!digest.admits(&retry, &other));
+        assert!(!digest.admits(&retry, &Fingerprint::any_body()));
+    }
+
+    /// A record rebuilt from the log knows its command's verb, project and
+    /// job from its first event: a retry naming other ones is a conflict,
+    /// one that differs in the rest of its body is not (the log does not
+    /// hold it).
+    #[test]
+    fn a_record_rebuilt_from_the_log_admits_the_verb_project_and_job_it_holds() {
+        use crate::domain::event::Event;
+        let logged = |project: &str, job: Option<Uuid>, event: Event| {
+            Fingerprint::of_logged(&Envelope {
+                seq: 7,
+                event_id: Uuid::from_u128(7),
+                schema_version: 1,
+                project_id: ProjectId::parse(project).unwrap(),
+                job_id: job,
+                job_version: None,
+                command_id: CID.parse().unwrap(),
+                actor: None,
+                actor_verified: false,
+                recorded_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+                prev_hash: String::new(),
+                event,
+                hash: String::new(),
+            })
+        };
+        let cmd = |project: &str, verb: &str, body: &str| {
+            decode(project, verb, body.replace("JID", JID).as_bytes(), None).unwrap()
+        };
+        let job: Uuid = JID.parse().unwrap();
+        let elsewhere = r#"{"command_id":"%","job_id":"00000000-0000-7000-8000-000000000009"}"#;
+        let on_job = format!(r#"{{"command_id":"{CID}","job_id":"JID"}}"#);
+        let elsewhere = elsewhere.replace('%', CID);
+        let started = logged(
+            "p1",
+            Some(job),
+            Event::JobStarted {
+                phase: crate::domain::job::Phase::InitialSync,
+                state: crate::domain::job::JobState::Active,
+                reason: None,
+            },
+        );
+        let admits = |print: &Fingerprint, c: &CommandEnvelope| print.admits(c, &c.fingerprint());
+        assert!(admits(&started, &cmd("p1", "start", &on_job)));
+        let with_version =
+            format!(r#"{{"command_id":"{CID}","job_id":"JID","expected_version":4}}"#);
+        assert!(
+            admits(&started, &cmd("p1", "start", &with_version)),
+            "the rest of the body is not in the log"
+        );
+        assert!(
+            !admits(&started, &cmd("p1", "stop", &on_job)),
+            "another verb"
+        );
+        assert!(
+            !admits(&started, &cmd("p2", "start", &on_job)),
+            "another project"
+        );
+        assert!(
+            !admits(&started, &cmd("p1", "start", &elsewhere)),
+            "another job"
+        );
+        // A rejection names its verb; the job is the command's own.
+        let rejected = logged(
+            "p1",
+            Some(job),
+            Event::CommandRejected {
+                verb: Verb::Stop,
+                code: crate::domain::rejection::RejectCode::InvalidTransition,
+                reason: "no".into(),
+                state: None,
+                expected_version: None,
+                current_version: None,
+            },
+        );
+        assert!(admits(&rejected, &cmd("p1", "stop", &on_job)));
+        assert!(!admits(&rejected, &cmd("p1", "start", &on_job)));
+        // expire-snapshots: its events name the jobs it expired, not
+        // whether the command named one, so any job is its own.
+        let expired = logged(
+            "p1",
+            Some(job),
+            Event::SnapshotExpired {
+                snapshot_id: Uuid::from_u128(3),
+                expires_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+            },
+        );
+        let project_wide = format!(r#"{{"command_id":"{CID}","now":"2026-01-01T00:00:00Z"}}"#);
+        assert!(admits(
+            &expired,
+            &cmd("p1", "expire-snapshots", &project_wide)
+        ));
+        assert!(!admits(
+            &expired,
+            &cmd("p2", "expire-snapshots", &project_wide)
+        ));
+        // Never equal to the digest of a body.
+        assert_ne!(started, cmd("p1", "start", &on_job).fingerprint());
     }
 
     #[test]

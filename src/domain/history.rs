@@ -110,30 +110,16 @@ fn verb_of(
     command_start: &mut impl FnMut(&Envelope) -> Option<String>,
 ) -> &'static str {
     use super::verb::Verb;
-    let verb = match &env.event {
-        Event::JobCreated { .. } => Verb::Create,
-        Event::JobStarted { .. } => Verb::Start,
-        Event::JobStopped {} => Verb::Stop,
-        Event::JobTerminated {} | Event::SnapshotsPurged { .. } => Verb::Terminate,
-        Event::RegionAssigned { .. } => Verb::AssignRegion,
-        Event::JobMisconfigured { .. } | Event::JobReconfigured { .. } => {
-            if after_region_assigned {
-                Verb::AssignRegion
-            } else {
-                match command_start(env).as_deref() {
-                    Some("RegionAssigned") => Verb::AssignRegion,
-                    Some("JobCreated") => Verb::Create,
-                    _ => Verb::ConfigureRegion,
-                }
+    let verb = Verb::of_event(&env.event).unwrap_or_else(|| {
+        if after_region_assigned {
+            Verb::AssignRegion
+        } else {
+            match command_start(env).as_deref() {
+                Some("RegionAssigned") => Verb::AssignRegion,
+                Some("JobCreated") => Verb::Create,
+                _ => Verb::ConfigureRegion,
             }
         }
-        Event::ScheduleChanged { .. } => Verb::ChangeSchedule,
-        Event::SnapshotRecorded { .. } => Verb::RecordSnapshot,
-        Event::SnapshotDeleted { .. } => Verb::DeleteSnapshot,
-        Event::SnapshotExpiryChanged { .. } => Verb::SetSnapshotExpiry,
-        Event::SnapshotExpired { .. } => Verb::ExpireSnapshots,
-        Event::RegionConfigured { .. } => Verb::ConfigureRegion,
-        Event::CommandRejected { verb, .. } => *verb,
-    };
+    });
     verb.as_str()
 }

@@ -1,6 +1,7 @@
 //! The verbs of the contract: the last token of a command's subject
 //! (`bcp.cmd.<project>.<verb>`), their wire names and parsing them.
 
+use super::event::Event;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -53,6 +54,28 @@ impl Verb {
 
     pub fn parse(s: &str) -> Option<Verb> {
         Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// The verb of the command an event was decided for, where the event
+    /// alone says it: every type but `JobMisconfigured` and
+    /// `JobReconfigured`, which assign-region, create and configure-region
+    /// all decide (never as a command's first event).
+    pub fn of_event(event: &Event) -> Option<Verb> {
+        Some(match event {
+            Event::JobCreated { .. } => Verb::Create,
+            Event::JobStarted { .. } => Verb::Start,
+            Event::JobStopped {} => Verb::Stop,
+            Event::JobTerminated {} | Event::SnapshotsPurged { .. } => Verb::Terminate,
+            Event::RegionAssigned { .. } => Verb::AssignRegion,
+            Event::JobMisconfigured { .. } | Event::JobReconfigured { .. } => return None,
+            Event::ScheduleChanged { .. } => Verb::ChangeSchedule,
+            Event::SnapshotRecorded { .. } => Verb::RecordSnapshot,
+            Event::SnapshotDeleted { .. } => Verb::DeleteSnapshot,
+            Event::SnapshotExpiryChanged { .. } => Verb::SetSnapshotExpiry,
+            Event::SnapshotExpired { .. } => Verb::ExpireSnapshots,
+            Event::RegionConfigured { .. } => Verb::ConfigureRegion,
+            Event::CommandRejected { verb, .. } => *verb,
+        })
     }
 }
 

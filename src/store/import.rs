@@ -74,7 +74,7 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
 /// Write `log` (verified, in seq order from 1, with each event's stored
 /// bytes) and its fold `world` into `txn`'s empty tables: the events, each
 /// job's event index, the projections and the idempotency records rebuilt
-/// from the log (fingerprint [`Fingerprint::ANY_BODY`]).
+/// from the log (fingerprint [`Fingerprint::of_logged`]).
 fn write_log(
     txn: &redb::WriteTransaction,
     log: &[(Envelope, Vec<u8>)],
@@ -148,7 +148,7 @@ impl<'t, 'e> RecordsFromLog<'t, 'e> {
             return Ok(());
         };
         let rec = CommandRecord {
-            fingerprint: Fingerprint::any_body(),
+            fingerprint: Fingerprint::of_logged(first),
             reply: Reply::from_events(&events),
         };
         let row = super::rows::record_row(&rec);

@@ -510,7 +510,7 @@ impl Ledger {
         let cmd = &p.cmd;
         let key = cmd.command_id.as_u128();
         if let Some(rec) = self.record(b, key, cmd.command_id)? {
-            if !rec.fingerprint.admits(&p.fingerprint) {
+            if !rec.fingerprint.admits(cmd, &p.fingerprint) {
                 return Ok(Reply::error(
                     ErrorCode::CommandIdConflict,
                     format!(
@@ -706,7 +706,7 @@ impl Ledger {
         b.rows.now = self.head_time.unwrap_or(b.rows.now);
         for (id, evs) in by_command {
             let rec = CommandRecord {
-                fingerprint: Fingerprint::any_body(),
+                fingerprint: Fingerprint::of_logged(&evs[0]),
                 reply: Reply::from_events(&evs.iter().collect::<Vec<_>>()),
             };
             let row = (id.as_u128(), super::rows::record_row(&rec));
