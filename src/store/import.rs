@@ -21,20 +21,19 @@ use uuid::Uuid;
 /// bytes) and its fold `world` as a new store at `path`. Refuses a path that
 /// holds a non-empty store.
 pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) -> Result<()> {
-    // An empty file (e.g. from mktemp) is no store yet: it is replaced.
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
-        // Read-only: a store this refuses is left exactly as it was (an
-        // open for writing would run redb's recovery or grow the file).
-        let existing = Store::open_read_only(path, 1 << 20)?;
-        if existing.event_count()? > 0 {
-            return Err(StoreError::Exists {
-                path: path.display().to_string(),
-            });
-        }
-    }
-    // A file of its own in the target's directory (so the rename stays on
-    // one file system), never one that exists already (the log being
-    // imported, say); removed when dropped, on any error.
+    refuse_a_log_at(path)?;
+    let tmp = write_beside(path, log, world)?;
+    put_in_place(tmp, path)
+}
+
+/// The store of `log` in a file of its own in `path`'s directory (so the
+/// rename stays on one file system), never one that exists already (the
+/// log being imported, say); removed when dropped, on any error.
+fn write_beside(
+    path: &Path,
+    log: &[(Envelope, Vec<u8>)],
+    world: &World,
+) -> Result<tempfile::NamedTempFile> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     let name = path
         .file_name()
@@ -59,8 +58,24 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
         txn.commit()?;
     }
     drop(store);
+    Ok(tmp)
+}
+
+/// Rename the written store to `path`. Checked again, as late as can be:
+/// another import (or a bcp serve) may have put a log there while this one
+/// was written. A path that held nothing is taken only if it still does.
+fn put_in_place(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
     let tmp_path = tmp.path().to_owned();
-    tmp.persist(path).map_err(|e| {
+    let persisted = match refuse_a_log_at(path)? {
+        true => tmp.persist(path),
+        false => tmp.persist_noclobber(path),
+    };
+    persisted.map_err(|e| {
+        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+            return StoreError::Exists {
+                path: path.display().to_string(),
+            };
+        }
         StoreError::Corrupt(format!(
             "rename {} to {}: {}",
             tmp_path.display(),
@@ -69,6 +84,26 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
         ))
     })?;
     Ok(())
+}
+
+/// Refuses a path that holds a non-empty store; whether it holds a file
+/// (an empty one, e.g. from mktemp, or a store with no events, which an
+/// import replaces).
+fn refuse_a_log_at(path: &Path) -> Result<bool> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(false);
+    };
+    if meta.len() > 0 {
+        // Read-only: a store this refuses is left exactly as it was (an
+        // open for writing would run redb's recovery or grow the file).
+        let existing = Store::open_read_only(path, 1 << 20)?;
+        if existing.event_count()? > 0 {
+            return Err(StoreError::Exists {
+                path: path.display().to_string(),
+            });
+        }
+    }
+    Ok(true)
 }
 
 /// Write `log` (verified, in seq order from 1, with each event's stored
@@ -258,5 +293,66 @@ impl Store {
         self.rows_rebuilt(keep, || txn.commit().map_err(StoreError::from))?;
         // Every record is in `COMMANDS` now.
         self.load_recent()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::command::decode;
+    use crate::store::ledger::Pending;
+    use crate::store::pipeline::Pipeline;
+
+    /// A log of one create of job `n`, and its fold.
+    fn log_of(dir: &Path, n: u128) -> (Vec<(Envelope, Vec<u8>)>, World) {
+        let path = dir.join(format!("source-{n}.redb"));
+        let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+        let body = serde_json::json!({"command_id": Uuid::from_u128(n), "job_id": Uuid::from_u128(n), "deployment": {"kind": "replica_set", "name": "rs0"}});
+        let cmd = decode("p1", "create", body.to_string().as_bytes(), None).unwrap();
+        let mut ids = || Uuid::from_u128(n);
+        p.execute(&[Pending::new(cmd)], chrono::Utc::now(), &mut ids)
+            .unwrap();
+        let world = p.world().clone();
+        let log = p
+            .store()
+            .raw_events(1, 1)
+            .unwrap()
+            .into_iter()
+            .map(|(_, bytes)| (Envelope::from_json(&bytes).unwrap(), bytes))
+            .collect();
+        (log, world)
+    }
+
+    /// Two imports into one path at once: the one that finishes second
+    /// finds the other's log there and is refused; the first one's stands.
+    /// Also when the path held an empty file both took for theirs.
+    #[test]
+    fn an_import_that_finds_a_log_put_there_meanwhile_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, world_a) = log_of(dir.path(), 1);
+        let (b, world_b) = log_of(dir.path(), 2);
+        for empty_file in [false, true] {
+            let target = dir.path().join(format!("target-{empty_file}.redb"));
+            if empty_file {
+                std::fs::write(&target, b"").unwrap();
+            }
+            refuse_a_log_at(&target).unwrap();
+            let slow = write_beside(&target, &a, &world_a).unwrap();
+            write_new_store(&target, &b, &world_b).unwrap();
+            let refused = put_in_place(slow, &target);
+            assert!(
+                matches!(refused, Err(StoreError::Exists { .. })),
+                "{refused:?}"
+            );
+            let kept = Store::open_read_only(&target, 1 << 20).unwrap();
+            let first = kept.raw_events(1, 1).unwrap();
+            assert_eq!(first[0].1, b[0].1, "the first import's log stands");
+            let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".importing"))
+                .collect();
+            assert!(leftovers.is_empty(), "{leftovers:?}");
+        }
     }
 }
