@@ -3319,3 +3319,136 @@ fn verify_finds_damaged_pages_and_passes_only_what_reads_back() {
         "no flip crashed bcp jobs: the hint went untested"
     );
 }
+
+/// A log cut inside a command (a file cut at a line: a terminate without
+/// its purge, a region configured without its jobs reconfigured) is
+/// refused by import, naming the event whose command is incomplete, and
+/// nothing is written; the whole log imports.
+#[test]
+fn a_log_cut_inside_a_command_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bcp.redb");
+    {
+        let mut ledger = Pipeline::open(Store::open_or_create(&db).unwrap()).unwrap();
+        let mut ids = {
+            let mut n = 0u128;
+            move || {
+                n += 1;
+                Uuid::from_u128(0xe000 + n)
+            }
+        };
+        let admin = |n: u128, body: serde_json::Value| {
+            let mut body = body;
+            body["command_id"] = json!(Uuid::from_u128(n));
+            Pending::new(
+                decode(
+                    "_admin",
+                    "configure-region",
+                    body.to_string().as_bytes(),
+                    None,
+                )
+                .unwrap(),
+            )
+        };
+        let commands = [
+            admin(
+                1,
+                json!({"region": "eu", "snapshot_store": "s", "oplog_store": "o"}),
+            ),
+            job1_command(
+                2,
+                "create",
+                json!({"deployment": {"kind": "replica_set", "name": "rs0"}}),
+            ),
+            job1_command(3, "assign-region", json!({"region": "eu"})),
+            job1_command(4, "start", json!({})),
+            // The region complete: job 1 reconfigured in the same command.
+            admin(5, json!({"region": "eu", "sync_store": "y"})),
+            job1_command(
+                6,
+                "record-snapshot",
+                json!({"snapshot_id": Uuid::from_u128(60), "taken_at": "2026-11-01T07:00:00Z", "size_bytes": 1}),
+            ),
+            job1_command(7, "stop", json!({})),
+            // A terminate purges the catalog in the same command.
+            job1_command(8, "terminate", json!({})),
+        ];
+        for (i, c) in commands.into_iter().enumerate() {
+            let now = t0() + chrono::Duration::minutes(i as i64);
+            let reply = ledger.execute(&[c], now, &mut ids).unwrap().pop().unwrap();
+            assert!(
+                reply.ok && !reply.events.is_empty(),
+                "command {}: {reply:?}",
+                i + 1
+            );
+        }
+    }
+    let (code, exported) = bcp(&["export", "--db", db.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{exported}");
+    let lines: Vec<&str> = exported.lines().filter(|l| l.starts_with('{')).collect();
+    let types: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let at = |t: &str| types.iter().position(|x| x == t).unwrap();
+    let (reconfigured, purged) = (at("JobReconfigured"), at("SnapshotsPurged"));
+    assert_eq!(types[reconfigured - 1], "RegionConfigured", "{types:?}");
+    assert_eq!(types[purged - 1], "JobTerminated", "{types:?}");
+    assert_eq!(purged, lines.len() - 1, "{types:?}");
+    // Cut before the event that completes the command: the seq named is
+    // the one before it (seqs count from 1), where the command stops.
+    for (cut, what) in [
+        (
+            purged,
+            format!(
+                "job {} is terminated and its 1 snapshots were not purged",
+                job(1)
+            ),
+        ),
+        (
+            reconfigured,
+            format!(
+                "job {} is left Misconfigured in region eu, which has every store",
+                job(1)
+            ),
+        ),
+    ] {
+        let named = cut;
+        let target = dir.path().join(format!("cut-{cut}.redb"));
+        let prefix = lines[..cut].join("\n") + "\n";
+        let (code, out) = bcp(
+            &["import", "--db", target.to_str().unwrap(), "-"],
+            Some(prefix.as_bytes()),
+        );
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains(&format!("seq {named}: the events of its command")),
+            "{out}"
+        );
+        assert!(out.contains(&what), "{out}");
+        assert!(!target.exists(), "nothing written");
+    }
+    // `audit verify` of a store cut there (as a group node drops a tail
+    // the stream never acknowledged) says the same.
+    Store::open_or_create(&db)
+        .unwrap()
+        .truncate_to(purged as u64)
+        .unwrap();
+    let (code, out) = bcp(&["audit", "verify", "--db", db.to_str().unwrap()], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("seq {purged}: the events of its command")),
+        "{out}"
+    );
+    let whole = dir.path().join("whole.redb");
+    let (code, out) = bcp(
+        &["import", "--db", whole.to_str().unwrap(), "-"],
+        Some((lines.join("\n") + "\n").as_bytes()),
+    );
+    assert_eq!(code, 0, "{out}");
+}

@@ -160,3 +160,94 @@ pub fn check_parsed<'p>(
     })?;
     Ok(env)
 }
+
+/// What a command's events must leave done by its last event, checked when
+/// the next command's first event comes and at the log's end: a terminated
+/// job's catalog purged, and after a region's stores changed, each of its
+/// running jobs Active exactly while the region has every store. The write
+/// path appends a command's events together, so a log cut inside one (a
+/// file cut at a line, a copy taken mid-command) leaves these undone, and
+/// its fold a state no decision makes; [`World::admits`] alone finds that
+/// only at a later event of the same job, and never at the log's end.
+#[derive(Default)]
+pub struct CommandEnds {
+    /// The command whose events are being read, and what they left to do:
+    /// (seq of the event that asks it, what).
+    command: Option<uuid::Uuid>,
+    owed: Vec<(u64, Owed)>,
+}
+
+enum Owed {
+    Purge(uuid::Uuid),
+    Region(crate::domain::ids::Name),
+}
+
+impl CommandEnds {
+    /// `env` is the next event, `world` the fold before it.
+    pub fn next(&mut self, env: &Envelope, world: &World) -> Result<(), VerifyError> {
+        if self.command != Some(env.command_id) {
+            self.end(world)?;
+            self.command = Some(env.command_id);
+        }
+        match &env.event {
+            crate::domain::Event::JobTerminated {} => {
+                let job = env.job_id.expect("admitted: a JobTerminated names its job");
+                self.owed.push((env.seq, Owed::Purge(job)));
+            }
+            crate::domain::Event::RegionConfigured { region, .. } => {
+                self.owed.push((env.seq, Owed::Region(region.clone())));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The command read last ends here: what it owed is done in `world`.
+    pub fn end(&mut self, world: &World) -> Result<(), VerifyError> {
+        use crate::domain::JobState::{Active, Misconfigured};
+        let command = self.command.take();
+        for (seq, owed) in self.owed.drain(..) {
+            let undone = match owed {
+                Owed::Purge(job) => world
+                    .catalogs
+                    .get(&job)
+                    .filter(|c| !c.snapshots.is_empty())
+                    .map(|c| {
+                        format!(
+                            "job {job} is terminated and its {} snapshots were not purged",
+                            c.snapshots.len()
+                        )
+                    }),
+                Owed::Region(region) => {
+                    let ready = world.region_ready(Some(&region));
+                    world
+                        .jobs
+                        .values()
+                        .find(|j| {
+                            j.region.as_ref() == Some(&region)
+                                && matches!(j.state, Active | Misconfigured)
+                                && (j.state == Active) != ready
+                        })
+                        .map(|j| {
+                            format!(
+                                "job {} is left {} in region {region}, which {} every store",
+                                j.job_id,
+                                j.state,
+                                if ready { "has" } else { "lacks" }
+                            )
+                        })
+                }
+            };
+            if let Some(what) = undone {
+                let command = command.map_or_else(String::new, |c| format!(" {c}"));
+                return Err(VerifyError::BadEvent {
+                    seq,
+                    what: format!(
+                        "the events of its command{command} end before it is complete ({what}): the log was cut inside a command"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}

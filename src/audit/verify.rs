@@ -7,7 +7,7 @@
 //! log ([`super::records`]). The per-event checks are [`super::chain`]'s.
 //! Reports the first bad seq, or the first row or record that differs.
 
-use super::chain::{Digest, Parsed, check_digest, check_key, check_parsed};
+use super::chain::{CommandEnds, Digest, Parsed, check_digest, check_key, check_parsed};
 use super::records::CommandLog;
 use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
@@ -81,6 +81,7 @@ pub fn verify(
     // the fold's thread.
     let events = usize::try_from(store.event_count()?).unwrap_or(0);
     let mut commands = CommandLog::with_capacity(events);
+    let mut ends = CommandEnds::default();
     scan::<_, VerifyError>(
         store,
         scan::workers(),
@@ -89,6 +90,7 @@ pub fn verify(
             seq += 1;
             check_key(seq, key)?;
             let env = check_parsed(seq, parsed, &prev_hash, &world)?;
+            ends.next(env, &world)?;
             world.evolve_unindexed(env);
             commands.add(env);
             if digest.is_some_and(|d| d.seq == seq) {
@@ -104,6 +106,7 @@ pub fn verify(
             Ok(true)
         },
     )?;
+    ends.end(&world)?;
     progress(seq);
     if let Some(d) = digest {
         check_digest(d, seq, |_| digest_hash.clone())?;
