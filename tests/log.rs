@@ -3452,3 +3452,38 @@ fn a_log_cut_inside_a_command_is_refused() {
     );
     assert_eq!(code, 0, "{out}");
 }
+
+/// A store damaged under its pages' checks (a byte of an event changed in
+/// the file) is not exported as a log that looks whole: export stops at
+/// the event whose hash no longer matches, exit 1, and removes `--out`.
+#[test]
+fn export_of_a_damaged_store_stops_at_the_damaged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bcp.redb");
+    few_hundred_events(&db);
+    let mut file = std::fs::read(&db).unwrap();
+    let needle = b"\"type\":\"JobStopped\"";
+    let at = file
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("a JobStopped in the file");
+    file[at + needle.len() - 2] ^= 0x20; // JobStopped -> JobStoppeD
+    std::fs::write(&db, &file).unwrap();
+    let out = dir.path().join("log.jsonl");
+    let (code, text) = bcp(
+        &[
+            "export",
+            "--db",
+            db.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("'s hash does not match its bytes and the event before it"),
+        "{text}"
+    );
+    assert!(!out.exists(), "no file that looks like a whole log");
+}

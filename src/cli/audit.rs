@@ -462,10 +462,24 @@ pub fn export(a: ExportArgs) -> Result<u8> {
     // write a file import would refuse (verify says the rest).
     let mut exported = 0u64;
     let mut gap = None;
+    // Each event's hash is checked against its bytes and the event before
+    // it: a damaged store is not exported as a log that looks whole.
+    let mut prev_hash = bcp::domain::envelope::GENESIS_HASH.to_owned();
+    let mut broken = None;
     store.for_each_event(|seq, bytes| {
         if seq != exported + 1 {
             gap = Some((exported + 1, seq));
             return Ok(false);
+        }
+        match bcp::domain::Envelope::stored_link(&prev_hash, bytes) {
+            Some(hash) => {
+                prev_hash.clear();
+                prev_hash.push_str(hash);
+            }
+            None => {
+                broken = Some(seq);
+                return Ok(false);
+            }
         }
         if let Err(e) = out.write_all(bytes).and_then(|_| out.write_all(b"\n")) {
             io_error = Some(e);
@@ -476,14 +490,23 @@ pub fn export(a: ExportArgs) -> Result<u8> {
         Ok(true)
     })?;
     bar.finish_and_clear();
-    if let Some((missing, next)) = gap {
+    let stopped = match (gap, broken) {
+        (Some((missing, next)), _) => Some(format!(
+            "seq {missing} is missing from the store (the next stored is {next})"
+        )),
+        (None, Some(seq)) => Some(format!(
+            "seq {seq}'s hash does not match its bytes and the event before it (the store is damaged or was edited)"
+        )),
+        (None, None) => None,
+    };
+    if let Some(why) = stopped {
         drop(out);
         if let Some(p) = &a.out {
             // Not a file that looks like a whole log.
             let _ = std::fs::remove_file(p);
         }
         bail!(
-            "seq {missing} is missing from the store (the next stored is {next}); {exported} events written before it; bcp audit verify --db {} says more",
+            "{why}; {exported} events written before it; bcp audit verify --db {} says more",
             a.db.display()
         );
     }

@@ -269,6 +269,24 @@ impl Envelope {
         Ok(())
     }
 
+    /// The hash a stored event ends with, if it is the hash of its bytes
+    /// chained to `prev_hash` (the previous event's): the link check of a
+    /// reader that copies events without parsing them (`bcp export`). A
+    /// byte changed anywhere in the event, or an event out of place, fails
+    /// it; whether the bytes are canonical is `audit verify`'s to say.
+    pub fn stored_link<'s>(prev_hash: &str, stored: &'s [u8]) -> Option<&'s str> {
+        const HEX: usize = 64;
+        let split = stored.len().checked_sub(HASH_FIELD.len() + HEX + 2)?;
+        let (head, suffix) = stored.split_at(split);
+        let (field, rest) = suffix.split_at(HASH_FIELD.len());
+        let (hash, end) = rest.split_at(HEX);
+        let hash = std::str::from_utf8(hash).ok()?;
+        (field == HASH_FIELD
+            && end == b"\"}"
+            && hash_of_parts(prev_hash, &[head, b"}"]).to_hex().as_str() == hash)
+            .then_some(hash)
+    }
+
     /// [`Self::check_stored`] by serializing into a buffer, hashing it and
     /// comparing: the definition the fast path must agree with.
     pub fn check_stored_slow(&mut self, stored: &[u8]) -> Result<(), &'static str> {
