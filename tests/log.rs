@@ -796,7 +796,11 @@ proptest! {
         if head == 0 {
             return Ok(());
         }
-        let keep = ((head as f64 * cut).ceil() as u64).clamp(1, head);
+        // At a command's end: a group publishes whole commands (a log cut
+        // inside one is refused by verify, `a_log_cut_inside_a_command_is_refused`).
+        let ends = |k: u64| k == head || log[k as usize].command_id != log[k as usize - 1].command_id;
+        let at = ((head as f64 * cut).ceil() as u64).clamp(1, head);
+        let keep = (1..=at).rev().find(|&k| ends(k)).unwrap_or_else(|| (at..=head).find(|&k| ends(k)).unwrap());
         drop(ledger);
         store.truncate_to(keep).unwrap();
         let prefix = &log[..keep as usize];
@@ -1707,6 +1711,7 @@ fn tampered_stores_are_caught_by_verify() {
         edit(&p, &|t| {
             let mut env: Envelope = serde_json::from_slice(&bytes(t, events)).unwrap();
             env.seq += 1;
+            env.event_id = Uuid::from_u128(0xf02_9ed);
             env.job_version = env.job_version.map(|v| v + 1);
             match &mut env.event {
                 bcp::domain::Event::SnapshotRecorded { snapshot_id, .. } if fresh_id => {
@@ -3486,4 +3491,78 @@ fn export_of_a_damaged_store_stops_at_the_damaged_event() {
         "{text}"
     );
     assert!(!out.exists(), "no file that looks like a whole log");
+}
+
+/// Logs forged and chained again (every hash recomputed, so the chain
+/// holds): what no single event's hash shows is still refused by import,
+/// naming the seq. An event id used twice (JetStream would drop the second
+/// event as a duplicate), a time earlier than the event before, a schema
+/// version this bcp does not read.
+#[test]
+fn rechained_forgeries_are_refused_naming_the_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bcp.redb");
+    let events = few_hundred_events(&db);
+    let (code, exported) = bcp(&["export", "--db", db.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{exported}");
+    let log: Vec<Envelope> = exported
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len() as u64, events);
+    let forge = |at: usize, edit: &dyn Fn(&mut Envelope, &Envelope)| -> String {
+        let mut prev = bcp::domain::envelope::GENESIS_HASH.to_owned();
+        let mut out = String::new();
+        for (i, env) in log.iter().enumerate() {
+            let mut env = env.clone();
+            if i == at {
+                edit(&mut env, &log[i - 1]);
+            }
+            let bytes = env.seal_to_json(&prev);
+            prev = env.hash.clone();
+            out += std::str::from_utf8(&bytes).unwrap();
+            out += "\n";
+        }
+        out
+    };
+    type Edit<'a> = &'a dyn Fn(&mut Envelope, &Envelope);
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            "an event id twice",
+            &|e, before| e.event_id = before.event_id,
+            "is an earlier event's",
+        ),
+        (
+            "time going back",
+            &|e, before| e.recorded_at = before.recorded_at - chrono::Duration::seconds(1),
+            "is earlier than the event before it",
+        ),
+        (
+            "a later schema",
+            &|e, _| e.schema_version = 99,
+            "schema_version 99 is not one this bcp reads",
+        ),
+    ];
+    // The unforged log, chained again, imports: the forging is faithful.
+    let same = forge(usize::MAX, &|_, _| {});
+    let target = dir.path().join("same.redb");
+    let (code, out) = bcp(
+        &["import", "--db", target.to_str().unwrap(), "-"],
+        Some(same.as_bytes()),
+    );
+    assert_eq!(code, 0, "{out}");
+    for (name, edit, why) in cases {
+        let target = dir.path().join(format!("{}.redb", name.replace(' ', "-")));
+        let (code, out) = bcp(
+            &["import", "--db", target.to_str().unwrap(), "-"],
+            Some(forge(100, edit).as_bytes()),
+        );
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(
+            out.contains("seq 101: ") && out.contains(why),
+            "{name}: {out}"
+        );
+        assert!(!target.exists(), "{name}: a store was written");
+    }
 }

@@ -10,6 +10,7 @@
 //! prefix the log must still hold.
 
 use super::verify::VerifyError;
+use crate::domain::event::SCHEMA_VERSION;
 use crate::domain::{Envelope, World};
 
 /// `SEQ:HASH`, as printed by `bcp audit digest`: the log must still hold
@@ -151,6 +152,12 @@ pub fn check_parsed<'p>(
         return Err(bad("prev_hash does not match the previous event's hash (an event before it was removed, reordered or edited)".into()));
     }
     stored.map_err(|what| bad(what.to_owned()))?;
+    if !(1..=SCHEMA_VERSION).contains(&env.schema_version) {
+        return Err(bad(format!(
+            "schema_version {} is not one this bcp reads (1 to {SCHEMA_VERSION}): written by a later bcp, or edited",
+            env.schema_version
+        )));
+    }
     check_version(env, world)?;
     world.admits(env).map_err(|why| {
         bad(format!(
@@ -161,16 +168,22 @@ pub fn check_parsed<'p>(
     Ok(env)
 }
 
-/// What a command's events must leave done by its last event, checked when
-/// the next command's first event comes and at the log's end: a terminated
-/// job's catalog purged, and after a region's stores changed, each of its
-/// running jobs Active exactly while the region has every store. The write
-/// path appends a command's events together, so a log cut inside one (a
-/// file cut at a line, a copy taken mid-command) leaves these undone, and
-/// its fold a state no decision makes; [`World::admits`] alone finds that
-/// only at a later event of the same job, and never at the log's end.
+/// What no single event shows, checked across them in seq order: no
+/// event id twice (the relay publishes each under its id, and JetStream
+/// drops a second one as a duplicate), `recorded_at` never earlier than the
+/// event before (so "as of a time" is a prefix), and what a command's events
+/// must leave done by its last one, checked when the next command's first
+/// event comes and at the log's end: a terminated job's catalog purged, and
+/// after a region's stores changed, each of its running jobs Active exactly
+/// while the region has every store. The write path appends a command's
+/// events together, so a log cut inside one (a file cut at a line, a copy
+/// taken mid-command) leaves these undone, and its fold a state no decision
+/// makes; [`World::admits`] alone finds that only at a later event of the
+/// same job, and never at the log's end.
 #[derive(Default)]
-pub struct CommandEnds {
+pub struct AcrossEvents {
+    event_ids: std::collections::HashSet<u128>,
+    recorded_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The command whose events are being read, and what they left to do:
     /// (seq of the event that asks it, what).
     command: Option<uuid::Uuid>,
@@ -182,9 +195,32 @@ enum Owed {
     Region(crate::domain::ids::Name),
 }
 
-impl CommandEnds {
+impl AcrossEvents {
+    /// Room for the ids of `events` events.
+    pub fn with_capacity(events: usize) -> AcrossEvents {
+        AcrossEvents {
+            event_ids: std::collections::HashSet::with_capacity(events),
+            ..Default::default()
+        }
+    }
+
     /// `env` is the next event, `world` the fold before it.
     pub fn next(&mut self, env: &Envelope, world: &World) -> Result<(), VerifyError> {
+        let bad = |what: String| VerifyError::BadEvent { seq: env.seq, what };
+        if !self.event_ids.insert(env.event_id.as_u128()) {
+            return Err(bad(format!(
+                "its event_id {} is an earlier event's",
+                env.event_id
+            )));
+        }
+        if let Some(before) = self.recorded_at.filter(|t| env.recorded_at < *t) {
+            return Err(bad(format!(
+                "recorded_at {} is earlier than the event before it ({})",
+                env.recorded_at.to_rfc3339(),
+                before.to_rfc3339()
+            )));
+        }
+        self.recorded_at = Some(env.recorded_at);
         if self.command != Some(env.command_id) {
             self.end(world)?;
             self.command = Some(env.command_id);

@@ -4,7 +4,7 @@
 //! [`check_event`] as `audit verify` ([`super::chain`]), and folded by the
 //! same pure code.
 
-use super::chain::{CommandEnds, Digest, check_digest, check_event};
+use super::chain::{AcrossEvents, Digest, check_digest, check_event};
 use super::verify::VerifyError;
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::{Envelope, World};
@@ -38,7 +38,7 @@ pub fn verify_stream(
     let mut world = World::default();
     let mut prev_hash = GENESIS_HASH.to_owned();
     let mut log = Vec::new();
-    let mut ends = CommandEnds::default();
+    let mut ends = AcrossEvents::default();
     for (i, bytes) in events.into_iter().enumerate() {
         let bytes = bytes?;
         let env = check_event(i as u64 + 1, &bytes, &prev_hash, &world)?;

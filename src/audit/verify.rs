@@ -7,7 +7,7 @@
 //! log ([`super::records`]). The per-event checks are [`super::chain`]'s.
 //! Reports the first bad seq, or the first row or record that differs.
 
-use super::chain::{CommandEnds, Digest, Parsed, check_digest, check_key, check_parsed};
+use super::chain::{AcrossEvents, Digest, Parsed, check_digest, check_key, check_parsed};
 use super::records::CommandLog;
 use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
@@ -81,7 +81,7 @@ pub fn verify(
     // the fold's thread.
     let events = usize::try_from(store.event_count()?).unwrap_or(0);
     let mut commands = CommandLog::with_capacity(events);
-    let mut ends = CommandEnds::default();
+    let mut ends = AcrossEvents::with_capacity(events);
     scan::<_, VerifyError>(
         store,
         scan::workers(),

@@ -824,7 +824,9 @@ mod tests {
     /// in each (an event-index row only), until the log holds `events`.
     fn workload(ledger: &mut Pipeline<()>, events: u64) {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let mut ids = 1u128 << 64;
+        // Event ids never used before in this log, however often it runs
+        // on one ledger (a next_id a command at most per event).
+        let mut ids = (1u128 << 64) + (u128::from(ledger.head_seq()) << 16);
         let mut cmd = 0u128;
         let mut round = 0i64;
         while ledger.head_seq() < events {
