@@ -182,7 +182,7 @@ pub fn check_parsed<'p>(
 /// same job, and never at the log's end.
 #[derive(Default)]
 pub struct AcrossEvents {
-    event_ids: std::collections::HashSet<u128>,
+    event_ids: std::collections::HashSet<u128, std::hash::BuildHasherDefault<IdHasher>>,
     recorded_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The command whose events are being read, and what they left to do:
     /// (seq of the event that asks it, what).
@@ -199,7 +199,10 @@ impl AcrossEvents {
     /// Room for the ids of `events` events.
     pub fn with_capacity(events: usize) -> AcrossEvents {
         AcrossEvents {
-            event_ids: std::collections::HashSet::with_capacity(events),
+            event_ids: std::collections::HashSet::with_capacity_and_hasher(
+                events,
+                Default::default(),
+            ),
             ..Default::default()
         }
     }
@@ -285,5 +288,29 @@ impl AcrossEvents {
             }
         }
         Ok(())
+    }
+}
+
+/// The hasher of [`AcrossEvents`]'s event ids: UUIDs, whose bits are
+/// mostly random already, so a multiply mixes them enough; SipHash's cost
+/// (a million ids in verify's fold) buys nothing here.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        let x = (n as u64) ^ ((n >> 64) as u64);
+        let h = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
