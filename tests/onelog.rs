@@ -798,6 +798,47 @@ async fn a_group_has_one_leader_and_followers_that_apply_the_stream() {
     assert_eq!(out.matches("leader").count(), 1, "{out}");
 }
 
+/// A node whose consumer delivers nothing must not keep the group without
+/// a leader. In a review, a nats-server restarted after kill -9 kept a
+/// broken copy of the stream, and a follower whose consumer it served
+/// applied nothing, took the lease as the others died and held it "catching
+/// up" for good. Here the node's NATS user may not pull. Behind and applying
+/// nothing for a lease TTL, it gives the lease up, and a node that can lead
+/// does.
+#[tokio::test]
+async fn a_node_that_cannot_catch_up_leaves_the_lease_to_one_that_can() {
+    let auth = r#"authorization { users = [
+  { user: app, password: app },
+  { user: stuck, password: stuck, permissions: { publish: { deny: ["$JS.API.CONSUMER.MSG.NEXT.>"] } } }
+] }
+no_auth_user: app"#;
+    let mut c = support::cluster::Cluster::start_with(2, auth).await;
+    let first = c.leader(2).await;
+    let stuck = c.add_node("b3", "b3");
+    c.spawn_node_as(stuck, Some(("stuck", "stuck")));
+    let deadline = Deadline::new("b3 answering bcp.status", Duration::from_secs(30));
+    while c.statuses().await.len() < 3 {
+        deadline.tick().await;
+    }
+    for seq in 1..=20 {
+        let r = cmd_definitive(&c.client, "create", &create(id())).await;
+        assert_eq!(seqs(&r), [seq], "{r}");
+    }
+    let healthy = 1 - first;
+    c.kill_node(first);
+    c.kill_node(healthy);
+    // Alone, b3 takes the lease once it lapses, and cannot catch up.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    c.spawn_node(healthy);
+    let r = cmd_definitive(&c.client, "create", &create(id())).await;
+    assert_eq!(seqs(&r), [21], "{r}");
+    let log = c.node_log_text(stuck);
+    assert!(
+        log.contains("no event applied for") && log.contains("giving the lease up"),
+        "{log}"
+    );
+}
+
 /// A leader's terms in a node's log: (start, end) of each, ends at a
 /// `term ended`, `bcp serve stopped` or `KILLED` line.
 fn terms(log: &str) -> Vec<(String, String)> {

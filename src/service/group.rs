@@ -173,6 +173,10 @@ async fn follow(
             .map(|i| i.state.last_sequence.saturating_sub(ledger.head_seq())),
     };
     let mut retry_at = tokio::time::Instant::now();
+    // The last time this node applied events, and until when it leaves the
+    // lease to the others after it could not catch up holding it.
+    let mut progressed_at = tokio::time::Instant::now();
+    let mut hold_off_until = tokio::time::Instant::now();
     let mut poll = tokio::time::interval(LEASE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -202,10 +206,13 @@ async fn follow(
                 return Ok(None);
             }
             _ = poll.tick() => {
-                if behind.is_none() {
-                    // Unknown (the first look failed, no message since):
-                    // look again, or an idle stream would never let this
-                    // node lead.
+                let now = tokio::time::Instant::now();
+                if behind.is_none() || now.duration_since(progressed_at) >= LEASE_POLL {
+                    // Nothing applied since the last look: how far behind
+                    // this node is comes from the stream itself. A consumer
+                    // that delivers nothing (its server's copy of the
+                    // stream broken) would otherwise leave the last count
+                    // standing, and a node far behind would lead.
                     match stop.run_until_cancelled(stream.get_info()).await {
                         None => return Ok(None),
                         Some(info) => {
@@ -215,7 +222,27 @@ async fn follow(
                         }
                     }
                 }
-                let near = behind.is_some_and(|b| b <= FOLLOW_BATCH_MAX as u64);
+                if behind.is_some_and(|b| b > 0) && now.duration_since(progressed_at) >= config.lease_ttl {
+                    // Behind and applying nothing for a lease TTL: read the
+                    // stream through a new consumer (NATS may place it on
+                    // another server), and leave the lease to a node that
+                    // can lead now rather than hold it while stuck.
+                    tracing::warn!(
+                        behind = behind.unwrap_or_default(),
+                        head_seq = ledger.head_seq(),
+                        lease_held = lease.is_some(),
+                        "follower: no event applied for {:?} while the stream is ahead; reading it again{}",
+                        now.duration_since(progressed_at),
+                        if lease.is_some() { ", and giving the lease up" } else { "" }
+                    );
+                    messages = None;
+                    progressed_at = now;
+                    if lease.is_some() {
+                        give_up(lease.take()).await;
+                        hold_off_until = now + 2 * config.lease_ttl;
+                    }
+                }
+                let near = behind.is_some_and(|b| b <= FOLLOW_BATCH_MAX as u64) && now >= hold_off_until;
                 let taking = async {
                     match lease.take() {
                         // A forked node must not lead: let another take it.
@@ -285,10 +312,19 @@ async fn follow(
                 tracing::info!(stream_last = last, head_seq = ledger.head_seq(), "lease taken; catching up before taking commands");
             }
             batch = next_batch(&mut messages), if messages.is_some() => {
-                let Some((batch, pending)) = batch else {
+                let Some((batch, pending, first)) = batch else {
                     messages = None; // the consumer ended: open another
                     continue;
                 };
+                if first <= ledger.head_seq() {
+                    // The consumer went back (async-nats recreates an
+                    // ordered consumer from the stream's start when it had
+                    // delivered nothing yet): events this node has, not a
+                    // fork. Read on from the head instead.
+                    tracing::debug!(stream_seq = first, head_seq = ledger.head_seq(), "follower: the consumer went back; reading from the head");
+                    messages = None;
+                    continue;
+                }
                 let (l, applied) = tokio::task::spawn_blocking(move || {
                     let applied = ledger.follow(batch);
                     (ledger, applied)
@@ -299,6 +335,7 @@ async fn follow(
                 match applied {
                     Ok(()) => {
                         behind = Some(pending);
+                        progressed_at = tokio::time::Instant::now();
                         node.head.send_replace(ledger.head_seq());
                         node.published.send_replace(ledger.head_seq());
                         node.alarms.clear(AlarmKind::Fork);
@@ -342,11 +379,14 @@ async fn ordered_from(stream: &Stream, from: u64) -> Result<Messages, String> {
 
 /// The next message and whatever else is already there, up to
 /// [`FOLLOW_BATCH_MAX`], with how many the stream held past the last of
-/// them; `None` when the consumer failed or ended.
-async fn next_batch(messages: &mut Option<Messages>) -> Option<(Vec<Vec<u8>>, u64)> {
+/// them and the stream sequence of the first; `None` when the consumer
+/// failed or ended.
+async fn next_batch(messages: &mut Option<Messages>) -> Option<(Vec<Vec<u8>>, u64, u64)> {
     let m = messages.as_mut()?;
     let first = m.next().await?.ok()?;
-    let mut pending = first.info().map_or(u64::MAX, |i| i.pending);
+    let (mut pending, stream_seq) = first
+        .info()
+        .map_or((u64::MAX, u64::MAX), |i| (i.pending, i.stream_sequence));
     let mut batch = vec![first.payload.to_vec()];
     while batch.len() < FOLLOW_BATCH_MAX {
         match m.next().now_or_never() {
@@ -357,7 +397,7 @@ async fn next_batch(messages: &mut Option<Messages>) -> Option<(Vec<Vec<u8>>, u6
             _ => break,
         }
     }
-    Some((batch, pending))
+    Some((batch, pending, stream_seq))
 }
 
 /// The stream, `None` when JetStream says it does not exist.

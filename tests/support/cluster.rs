@@ -145,10 +145,23 @@ impl Cluster {
 
     /// Start node `i` (`bcp serve --group`), not waiting for it.
     pub fn spawn_node(&mut self, i: usize) {
+        self.spawn_node_as(i, None);
+    }
+
+    /// Start node `i` as [`spawn_node`](Cluster::spawn_node), connecting
+    /// as `user` (name and password of a user of the servers'
+    /// `authorization`).
+    pub fn spawn_node_as(&mut self, i: usize, user: Option<(&str, &str)>) {
         assert!(self.nodes[i].1.is_none(), "node {i} is running");
         let out = append_log(&self.node_log(i));
         let bin = std::path::Path::new(env!("CARGO_BIN_EXE_bcp"));
-        let child = super::procs::serve_command(bin, &self.db(i), &self.urls())
+        let mut command = super::procs::serve_command(bin, &self.db(i), &self.urls());
+        if let Some((user, password)) = user {
+            command
+                .env("BCP_NATS_USER", user)
+                .env("BCP_NATS_PASSWORD", password);
+        }
+        let child = command
             .args(["--group", GROUP, "--node", &self.nodes[i].0])
             .args(["--stream-replicas", "3", "--stream-check-interval", "2"])
             .stdout(out.try_clone().expect("clone log handle"))
