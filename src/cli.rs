@@ -1096,8 +1096,15 @@ async fn connect(url: &str) -> Result<async_nats::Client> {
                 refused.get_or_insert(e);
             }
         });
+    // Each server in the order given, two seconds each: a frozen one
+    // (which accepts the connection and never answers) costs its two
+    // seconds, not the whole command.
     let servers: Vec<&str> = url.split(',').map(str::trim).collect();
-    let client = tokio::time::timeout(Duration::from_secs(5), options.connect(servers))
+    let options = options
+        .connection_timeout(Duration::from_secs(2))
+        .retain_servers_order();
+    let whole = Duration::from_secs(2 * servers.len() as u64 + 3);
+    let client = tokio::time::timeout(whole, options.connect(servers))
         .await
         .map_err(|_| Unavailable(format!("timed out connecting to NATS at {url}")))?
         .map_err(|e| Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;
@@ -1110,21 +1117,26 @@ fn request(url: &str, subject: &str, body: &Value, timeout_secs: u64) -> Result<
         let timeout = Duration::from_secs(timeout_secs);
         let client = connect(url).await?;
         let payload = serde_json::to_vec(body)?;
-        let msg = tokio::time::timeout(timeout, client.request(subject.to_owned(), payload.into()))
+        // The client's own request timeout (10 s by default) is this one:
+        // `--timeout 30` waits 30 s.
+        let asked = async_nats::Request::new()
+            .payload(payload.into())
+            .timeout(Some(timeout));
+        let timed_out = || {
+            Unavailable(format!(
+                "no reply on {subject} within {timeout_secs}s{}",
+                refused_note(subject)
+            ))
+        };
+        let msg = tokio::time::timeout(timeout, client.send_request(subject.to_owned(), asked))
             .await
-            .map_err(|_| {
-                Unavailable(format!(
-                    "no reply on {subject} within {timeout_secs}s{}",
-                    refused_note(subject)
-                ))
-            })?
-            .map_err(|e| {
-                Unavailable(match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => format!(
-                        "no reply on {subject}: nothing answers there (is bcp serve running? in a group, a failover takes a few seconds)"
-                    ),
-                    _ => format!("no reply on {subject}: {e}{}", refused_note(subject)),
-                })
+            .map_err(|_| timed_out())?
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::TimedOut => timed_out(),
+                async_nats::RequestErrorKind::NoResponders => Unavailable(format!(
+                    "no reply on {subject}: nothing answers there (is bcp serve running? in a group, a failover takes a few seconds)"
+                )),
+                _ => Unavailable(format!("no reply on {subject}: {e}{}", refused_note(subject))),
             })?;
         let v: Value = serde_json::from_slice(&msg.payload).context("reply is not JSON")?;
         Ok(v)

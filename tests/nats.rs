@@ -1176,7 +1176,9 @@ async fn send_cli_exit_codes() {
     let send = |args: &[&str]| {
         let mut all = vec!["send"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--timeout", "3"]);
+        if !args.contains(&"--timeout") {
+            all.extend_from_slice(&["--timeout", "3"]);
+        }
         let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
         async move {
             let refs: Vec<&str> = all.iter().map(String::as_str).collect();
@@ -1361,6 +1363,42 @@ async fn send_cli_exit_codes() {
     .await;
     assert_eq!(code, Some(3), "{out}{err}");
     assert!(err.contains("no reply"), "{err}");
+    // Something that takes the request and never answers: bcp send waits
+    // its whole --timeout, past the NATS client's own 10 s default.
+    let silent = async_nats::connect(lonely.url()).await.unwrap();
+    let _taken = silent.subscribe("bcp.cmd.p1.start").await.unwrap();
+    silent.flush().await.unwrap();
+    let asked = std::time::Instant::now();
+    let (code, out, err) = send(&[
+        "start",
+        "--project",
+        "p1",
+        "--job",
+        &job,
+        "--timeout",
+        "11",
+        "--nats",
+        &lonely.url(),
+    ])
+    .await;
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(
+        err.contains("no reply on bcp.cmd.p1.start within 11s"),
+        "{err}"
+    );
+    assert!(
+        asked.elapsed() >= std::time::Duration::from_secs(11),
+        "{:?}",
+        asked.elapsed()
+    );
+    // A frozen server listed first: the CLI gives it two seconds, then
+    // asks the next one, and a reachable bcp still answers.
+    lonely.freeze(true);
+    let both = format!("{},{url}", lonely.url());
+    let (code, out, err) = support::bcp_cli_text(&["status", "--nats", &both]).await;
+    lonely.freeze(false);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("single"), "{out}");
     drop(lonely);
 
     h.caught_up_stream(5).await;

@@ -181,6 +181,18 @@ impl Nats {
     pub fn kill(&mut self) {
         kill_and_reap(&mut self.child);
     }
+
+    /// SIGSTOP (`true`) or SIGCONT: a frozen server still accepts TCP
+    /// connections (the kernel's backlog) and never answers.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("nats-server running").id();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
 }
 
 impl Drop for Nats {
