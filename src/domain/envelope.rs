@@ -291,14 +291,18 @@ impl Envelope {
     /// comparing: the definition the fast path must agree with.
     pub fn check_stored_slow(&mut self, stored: &[u8]) -> Result<(), &'static str> {
         let hash = std::mem::take(&mut self.hash);
-        let mut bytes = serde_json::to_vec(self).expect("envelope serializes");
+        let canonical = serde_json::to_vec(self).expect("envelope serializes");
         self.hash = hash;
-        if hash_of(&self.prev_hash, &bytes) != self.hash {
-            return Err("hash does not match its content (edited)");
-        }
-        with_hash(&mut bytes, &self.hash);
-        if bytes != stored {
+        // The form first: bytes that are not the canonical form (a field
+        // bcp does not write, an escape it does not use) are named so, also
+        // when their hash was made over them.
+        let mut stored_form = canonical.clone();
+        with_hash(&mut stored_form, &self.hash);
+        if stored_form != stored {
             return Err("stored bytes are not the envelope's canonical form (edited)");
+        }
+        if hash_of(&self.prev_hash, &canonical) != self.hash {
+            return Err("hash does not match its content (edited)");
         }
         Ok(())
     }
@@ -365,9 +369,24 @@ mod tests {
         assert_eq!(env.compute_hash(), env.hash);
         let mut parsed: Envelope = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(parsed.check_stored(&bytes), Ok(()));
-        let mut edited = parsed.clone();
-        edited.actor = Some("mallory".into());
-        assert!(edited.check_stored(&bytes).unwrap_err().contains("hash"));
+        // A value edited in the bytes, its hash kept: canonical, not its hash.
+        let edited = String::from_utf8(bytes.clone())
+            .unwrap()
+            .replacen("quoted", "QUOTED", 1);
+        let mut reparsed: Envelope = serde_json::from_str(&edited).unwrap();
+        let why = reparsed.check_stored(edited.as_bytes()).unwrap_err();
+        assert!(why.contains("hash"), "{why}");
+        // Bytes not in the canonical form, hashed as they are: the form is
+        // what is named.
+        let mut rehashed: Envelope = serde_json::from_slice(&bytes).unwrap();
+        let loose = String::from_utf8(bytes.clone())
+            .unwrap()
+            .replacen(':', ": ", 1);
+        let head = &loose[..loose.rfind(",\"hash\"").unwrap()];
+        rehashed.hash = hash_of(GENESIS_HASH, format!("{head}}}").as_bytes());
+        let loose = format!("{head},\"hash\":\"{}\"}}", rehashed.hash);
+        let why = rehashed.check_stored(loose.as_bytes()).unwrap_err();
+        assert!(why.contains("canonical"), "{why}");
         let spaced = String::from_utf8(bytes.clone())
             .unwrap()
             .replacen(':', ": ", 1);
