@@ -3566,3 +3566,22 @@ fn rechained_forgeries_are_refused_naming_the_seq() {
         assert!(!target.exists(), "{name}: a store was written");
     }
 }
+
+/// A file that is not a log, one line of more than 64 MiB, is refused at
+/// that line, not held in memory whole first; nothing is written.
+#[test]
+fn import_refuses_a_line_longer_than_any_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("huge.redb");
+    let huge = vec![b'x'; (64 << 20) + 10];
+    let (code, out) = bcp(
+        &["import", "--db", target.to_str().unwrap(), "-"],
+        Some(&huge),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("line 1 is longer than 64 MiB: not an event"),
+        "{out}"
+    );
+    assert!(!target.exists());
+}

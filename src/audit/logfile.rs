@@ -8,7 +8,7 @@ use super::chain::{AcrossEvents, Digest, check_digest, check_event};
 use super::verify::VerifyError;
 use crate::domain::envelope::GENESIS_HASH;
 use crate::domain::{Envelope, World};
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 /// A whole log, verified, with its fold.
 pub struct Verified {
@@ -56,26 +56,55 @@ pub fn verify_stream(
     })
 }
 
+/// The longest line [`verify_json_lines`] reads: far above any event bcp
+/// writes (a terminate's purge of the 4,000 snapshots a catalog holds at
+/// most is about 160 KB), so that a file that is not a log (one line of
+/// hundreds of MB) is refused before it is held in memory.
+pub const LOG_LINE_BYTES_MAX: u64 = 64 << 20;
+
 /// Verify JSON Lines (one envelope per line, in seq order).
 pub fn verify_json_lines(
-    reader: impl BufRead,
+    mut reader: impl BufRead,
     progress: impl FnMut(u64),
 ) -> Result<Verified, VerifyError> {
     let mut n = 0u64;
-    let lines = reader.split(b'\n').filter_map(|line| {
-        n += 1;
-        match line {
-            Ok(l) if l.iter().all(u8::is_ascii_whitespace) => None,
-            Ok(mut l) => {
-                if l.last() == Some(&b'\r') {
-                    l.pop();
+    let lines = std::iter::from_fn(move || {
+        loop {
+            n += 1;
+            let mut line = Vec::new();
+            let read = (&mut reader)
+                .take(LOG_LINE_BYTES_MAX + 1)
+                .read_until(b'\n', &mut line);
+            match read {
+                Ok(0) => return None,
+                Ok(_) if line.len() as u64 > LOG_LINE_BYTES_MAX => {
+                    return Some(Err(VerifyError::BadEvent {
+                        seq: n,
+                        what: format!(
+                            "line {n} is longer than {} MiB: not an event",
+                            LOG_LINE_BYTES_MAX >> 20
+                        ),
+                    }));
                 }
-                Some(Ok(l))
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    return Some(Ok(line));
+                }
+                Err(e) => {
+                    return Some(Err(VerifyError::BadEvent {
+                        seq: n,
+                        what: format!("cannot read line {n}: {e}"),
+                    }));
+                }
             }
-            Err(e) => Some(Err(VerifyError::BadEvent {
-                seq: n,
-                what: format!("cannot read line {n}: {e}"),
-            })),
         }
     });
     verify_stream(lines, progress)
