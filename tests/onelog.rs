@@ -839,6 +839,54 @@ no_auth_user: app"#;
     );
 }
 
+/// A leader stopped by SIGTERM under load publishes what it committed and
+/// sends those replies before it gives the lease up: nothing it decided is
+/// dropped on its next start, and its producers are not left to time out.
+#[tokio::test]
+async fn a_leader_stopped_under_load_publishes_what_it_committed() {
+    let mut c = support::cluster::Cluster::start(3).await;
+    let leader = c.leader(3).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut producers = Vec::new();
+    for _ in 0..4 {
+        let (client, stop) = (c.producer().await, stop.clone());
+        producers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                cmd_definitive(&client, "create", &create(id())).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        c.stop_node(leader).await,
+        Some(0),
+        "the leader drains on SIGTERM"
+    );
+    stop.cancel();
+    for p in producers {
+        p.await.expect("a producer");
+    }
+    let log = c.node_log_text(leader);
+    let stopped = log
+        .lines()
+        .rfind(|l| l.contains("bcp serve stopped"))
+        .unwrap_or_else(|| panic!("no stop line:\n{log}"));
+    let field = |name: &str| {
+        let at = stopped
+            .find(&format!("{name}="))
+            .unwrap_or_else(|| panic!("{stopped}"));
+        stopped[at + name.len() + 1..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(field("head_seq") > 0, "{stopped}");
+    assert_eq!(field("head_seq"), field("published_seq"), "{stopped}");
+    assert!(!log.contains("replies withheld"), "{log}");
+}
+
 /// A leader's terms in a node's log: (start, end) of each, ends at a
 /// `term ended`, `bcp serve stopped` or `KILLED` line.
 fn terms(log: &str) -> Vec<(String, String)> {

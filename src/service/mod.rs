@@ -309,13 +309,25 @@ pub(crate) async fn term(
     // the relay publishes nothing and no reply leaves that JetStream had
     // not acknowledged; the next leader answers the retries.
     let deposed = CancellationToken::new();
+    // How long the lease is held (renewed): the term, and in a group that
+    // stops (SIGTERM) also its drain, so that what it committed is
+    // published, and its replies sent, while no other node may lead.
+    let lease_end = match group {
+        true => CancellationToken::new(),
+        false => end.clone(),
+    };
     let depose = {
-        let (deposed, end) = (deposed.clone(), end.clone());
+        let (deposed, end, lease_end) = (deposed.clone(), end.clone(), lease_end.clone());
+        let stopping = stop.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = deposed.cancelled() => end.cancel(),
-                _ = end.cancelled() => if group {
+                _ = deposed.cancelled() => {
+                    end.cancel();
+                    lease_end.cancel();
+                }
+                _ = end.cancelled() => if group && !stopping.is_cancelled() {
                     deposed.cancel();
+                    lease_end.cancel();
                 },
             }
         })
@@ -337,7 +349,7 @@ pub(crate) async fn term(
         false => lease::OnLoss::Alarm(node.alarms.clone()),
     };
     node.lease.send_replace(Some(lease.renewed()));
-    let lease = tokio::spawn(lease::hold(lease, on_loss, end.clone()));
+    let lease = tokio::spawn(lease::hold(lease, on_loss, lease_end.clone()));
     // The stream check wakes the relay when the stream lost what it published.
     let lost = Arc::new(tokio::sync::Notify::new());
     let watcher = tokio::spawn(guard::watch(
@@ -423,6 +435,8 @@ pub(crate) async fn term(
         true => node.drain_deadline(),
         false => tokio::time::Instant::now() + config.drain_timeout,
     };
+    // A group stopping is not deposed here: its drain publishes what it
+    // committed (a lease lost meanwhile deposes it through `lease::hold`).
     let _ = depose.await;
     if deposed.is_cancelled() {
         // Another node writes (or is about to write) the stream: publish
@@ -459,6 +473,10 @@ pub(crate) async fn term(
             config.drain_timeout
         );
     }
+    // A group's drain is over: nothing more is published or answered
+    // (a reply still waiting for its ack is withheld), then the lease goes.
+    deposed.cancel();
+    lease_end.cancel();
     node.metrics.set_queue(None);
     let ledger_head = writer_result?;
     let lease = lease
