@@ -3585,3 +3585,31 @@ fn import_refuses_a_line_longer_than_any_event() {
     );
     assert!(!target.exists());
 }
+
+/// A store file cut short is called damaged by the tools that read it,
+/// not "not closed cleanly" (which would send its owner to run bcp serve on
+/// it); verify names the damage too.
+#[test]
+fn a_store_file_cut_short_is_called_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bcp.redb");
+    few_hundred_events(&db);
+    let len = std::fs::metadata(&db).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    file.set_len(len / 2).unwrap();
+    drop(file);
+    let db = db.to_str().unwrap();
+    for args in [
+        vec!["replay", "--db", db],
+        vec!["export", "--db", db],
+        vec!["audit", "history", "--db", db, "--job", &job(1).to_string()],
+    ] {
+        let (code, out) = bcp(&args, None);
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(out.contains("is damaged"), "{args:?}: {out}");
+        assert!(!out.contains("not closed cleanly"), "{args:?}: {out}");
+    }
+    let (code, out) = bcp(&["audit", "verify", "--db", db], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("damaged"), "{out}");
+}

@@ -400,7 +400,18 @@ impl Store {
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .open_read_only(path)
-            .map_err(|e| open_error(path, e))?;
+            .map_err(|e| match open_error(path, e) {
+                // Needing recovery is also what a damaged file (one cut
+                // short, say) looks like to a read-only open: redb's check of
+                // its pages tells the two apart.
+                StoreError::NeedsRecovery { path: p } => match disk::check_pages(path) {
+                    Ok(Err(why)) => corrupt(format!(
+                        "the file {p} is damaged: {why}; bcp audit verify --db says more"
+                    )),
+                    _ => StoreError::NeedsRecovery { path: p },
+                },
+                e => e,
+            })?;
         let store = Store {
             inner: Inner::new(Db::ReadOnly(db)),
             fsync_seconds: disk::fsync_histogram(),
