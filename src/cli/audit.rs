@@ -541,6 +541,7 @@ fn parse_until(s: &str) -> std::result::Result<DateTime<Utc>, String> {
 }
 
 pub fn import(a: ImportArgs) -> Result<u8> {
+    remove_partial_on_signal();
     let verified = match (&a.file, &a.from_nats) {
         (_, Some(url)) => verified_from_nats(url, &a.stream)?,
         (Some(f), None) => {
@@ -586,4 +587,31 @@ pub fn import(a: ImportArgs) -> Result<u8> {
         verified.head_hash
     );
     Ok(EXIT_OK)
+}
+
+/// Ctrl-C or SIGTERM during an import: remove the store being written
+/// (a signal skips the temp file's own removal, which left a hidden
+/// `.NAME.*.importing` beside the target for each stopped import), then
+/// exit as the signal would have (130, 143).
+fn remove_partial_on_signal() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            let code = tokio::select! {
+                _ = tokio::signal::ctrl_c() => 130,
+                _ = term.recv() => 143,
+            };
+            bcp::store::import::remove_partial();
+            std::process::exit(code);
+        });
+    });
 }

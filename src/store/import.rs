@@ -26,6 +26,24 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
     put_in_place(tmp, path)
 }
 
+/// The file [`write_new_store`] is writing, until it is renamed into place
+/// or removed: what [`remove_partial`] removes.
+static WRITING: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// Remove the file an import is writing, if one is (its process is being
+/// stopped by a signal, which skips the temp file's own removal): no
+/// hidden partial store is left beside the target.
+pub fn remove_partial() {
+    let writing = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = writing.as_ref() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn writing(path: Option<&Path>) {
+    *WRITING.lock().unwrap_or_else(|e| e.into_inner()) = path.map(Path::to_path_buf);
+}
+
 /// The store of `log` in a file of its own in `path`'s directory (so the
 /// rename stays on one file system), never one that exists already (the
 /// log being imported, say); removed when dropped, on any error.
@@ -49,13 +67,23 @@ fn write_beside(
             let what = format!("a new file beside {}: {e}", path.display());
             StoreError::Redb(redb::Error::Io(std::io::Error::new(e.kind(), what)))
         })?;
-    let store = Store::open_or_create(tmp.path())?;
+    writing(Some(tmp.path()));
+    let store = match Store::open_or_create(tmp.path()) {
+        Ok(store) => store,
+        Err(e) => {
+            writing(None);
+            return Err(e);
+        }
+    };
     {
         let mut txn = store.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        write_log(&txn, log, world)?;
-        txn.commit()?;
+        let written = write_log(&txn, log, world).and_then(|()| Ok(txn.commit()?));
+        if let Err(e) = written {
+            writing(None);
+            return Err(e);
+        }
     }
     drop(store);
     Ok(tmp)
@@ -66,6 +94,8 @@ fn write_beside(
 /// was written. A path that held nothing is taken only if it still does.
 fn put_in_place(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
     let tmp_path = tmp.path().to_owned();
+    // Renamed or removed (when dropped) below: nothing to remove on a signal.
+    let _done = Finally(|| writing(None));
     let persisted = match refuse_a_log_at(path)? {
         true => tmp.persist(path),
         false => tmp.persist_noclobber(path),
@@ -296,12 +326,25 @@ impl Store {
     }
 }
 
+/// Runs its closure when dropped.
+struct Finally<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::command::decode;
     use crate::store::ledger::Pending;
     use crate::store::pipeline::Pipeline;
+
+    /// The tests that write stores beside a target, one at a time: the
+    /// file being written is one per process ([`remove_partial`]).
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// A log of one create of job `n`, and its fold.
     fn log_of(dir: &Path, n: u128) -> (Vec<(Envelope, Vec<u8>)>, World) {
@@ -323,11 +366,31 @@ mod tests {
         (log, world)
     }
 
+    /// While a store is written beside its target, [`remove_partial`] (what
+    /// a signal runs) removes it; once it is in place, nothing.
+    #[test]
+    fn remove_partial_removes_the_store_being_written_only() {
+        let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let (a, world) = log_of(dir.path(), 1);
+        let target = dir.path().join("target.redb");
+        let tmp = write_beside(&target, &a, &world).unwrap();
+        let partial = tmp.path().to_owned();
+        assert!(partial.exists());
+        remove_partial();
+        assert!(!partial.exists(), "the partial store is removed");
+        drop(tmp);
+        write_new_store(&target, &a, &world).unwrap();
+        remove_partial();
+        assert!(target.exists(), "a store in place is never removed");
+    }
+
     /// Two imports into one path at once: the one that finishes second
     /// finds the other's log there and is refused; the first one's stands.
     /// Also when the path held an empty file both took for theirs.
     #[test]
     fn an_import_that_finds_a_log_put_there_meanwhile_is_refused() {
+        let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let (a, world_a) = log_of(dir.path(), 1);
         let (b, world_b) = log_of(dir.path(), 2);
