@@ -479,6 +479,57 @@ async fn a_full_jetstream_raises_the_writer_alarm_and_loses_nothing_acknowledged
     h.stop_and_verify(acked + 1).await;
 }
 
+/// A single-mode bcp acknowledges a command once its store has it, before
+/// the stream does. Such a store started in a group must not drop what the
+/// stream lacks as "never acknowledged": the group node refuses it,
+/// changing nothing, until single mode has published it; then it joins.
+#[tokio::test]
+async fn a_group_node_never_drops_what_a_single_mode_serve_acknowledged() {
+    let mut h = Harness::start_configured(&clients_may(""), &[]).await;
+    let job = id();
+    assert_eq!(seqs(&h.cmd("p1", "create", &create(job)).await), [1]);
+    h.caught_up_stream(1).await;
+    h.nats
+        .reconfigure(&clients_may(r#"publish: { deny: ["bcp.evt.>"] }"#));
+    // Acknowledged (in the store), not published.
+    let started = h.cmd("p1", "start", &on(job)).await;
+    assert_eq!(seqs(&started), [2], "{started}");
+    h.kill_bcp();
+    assert_eq!(stream_last(&h).await, 1);
+
+    h.serve_args = ["--group", "g1", "--node", "n1", "--stream-replicas", "1"]
+        .map(str::to_owned)
+        .to_vec();
+    h.spawn_bcp();
+    let status = h.bcp_exit().await;
+    assert_eq!(status.code(), Some(1), "the group node refuses the store");
+    let log = h.bcp_log_text();
+    assert!(
+        log.contains("last served by a single-mode bcp serve") && log.contains("holds seqs 2..=2"),
+        "{log}"
+    );
+    let db = h.db();
+    let out = support::bcp_cli_ok(&["audit", "verify", "--db", db.to_str().unwrap()]).await;
+    assert!(
+        out.starts_with("ok: 2 events verified"),
+        "nothing was changed: {out}"
+    );
+
+    // Published by single mode, the store joins the group and leads it.
+    h.nats.reconfigure(&clients_may(""));
+    h.serve_args.clear();
+    h.start_bcp().await;
+    h.caught_up_stream(2).await;
+    h.stop_bcp().await;
+    h.serve_args = ["--group", "g1", "--node", "n1", "--stream-replicas", "1"]
+        .map(str::to_owned)
+        .to_vec();
+    h.start_bcp().await;
+    let r = h.cmd_until_ok("p1", "stop", &on(job)).await;
+    assert_eq!(seqs(&r), [3], "{r}");
+    h.caught_up_stream(3).await;
+}
+
 /// A stray message lands where the relay is about to publish: the relay's
 /// publish (Nats-Expected-Last-Sequence) fails, and bcp halts rather than
 /// take the stray for its own event and skip it. The command acknowledged

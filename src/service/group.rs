@@ -478,6 +478,18 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
             "this store holds another log than the stream {name} (their first events differ); nothing was changed"
         )));
     }
+    if keep < head && node.store.served_single()?.is_some() {
+        // A single-mode bcp serve acknowledges a command once its store has
+        // it, before the stream does: this tail may have been answered.
+        return Err(ServeError::Refused(format!(
+            "this store was last served by a single-mode bcp serve (without --group) and holds seqs {}..={head}, which the stream {name} lacks: that process may have acknowledged them. Start bcp serve on it once without --group until bcp status shows relay lag 0, stop it, then start the group; nothing was changed",
+            keep + 1
+        )));
+    }
+    if keep == head {
+        // Everything a single-mode serve acknowledged is in the stream.
+        node.store.clear_served_single()?;
+    }
     if keep < head {
         tracing::warn!(
             kept = keep,

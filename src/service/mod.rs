@@ -167,6 +167,10 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
             else {
                 return Ok(()); // stopped while waiting for NATS
             };
+            // Before the first command: a group node started on this store
+            // later must not take what this process acknowledges, and the
+            // stream does not have yet, for a tail it may drop.
+            store.mark_served_single()?;
             (lease.holder().clone(), Some(lease), api::Role::Single)
         }
     };

@@ -425,6 +425,53 @@ impl Store {
         store.caught_up()
     }
 
+    /// Record that a single-mode `bcp serve` takes this store's commands
+    /// ([`SERVED_SINGLE`]), before it takes any; once is enough.
+    pub fn mark_served_single(&self) -> Result<()> {
+        if self.served_single()?.is_some() {
+            return Ok(());
+        }
+        let head = self.head_seq()?;
+        self.write_checkpoint_key(SERVED_SINGLE, Some(head))
+    }
+
+    /// Whether a single-mode `bcp serve` took this store's commands since a
+    /// group node last found all of it in the stream: the head then.
+    pub fn served_single(&self) -> Result<Option<u64>> {
+        let txn = self.begin_read()?;
+        match txn.open_table(CHECKPOINT) {
+            Ok(t) => Ok(t.get(SERVED_SINGLE)?.map(|v| v.value())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A group node found every event of this store in the stream: what a
+    /// single-mode serve acknowledged is published.
+    pub fn clear_served_single(&self) -> Result<()> {
+        if self.served_single()?.is_none() {
+            return Ok(());
+        }
+        self.write_checkpoint_key(SERVED_SINGLE, None)
+    }
+
+    fn write_checkpoint_key(&self, key: &str, value: Option<u64>) -> Result<()> {
+        let db = self.writable()?;
+        let _one = self.inner.one_writer();
+        let mut txn = db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        {
+            let mut t = txn.open_table(CHECKPOINT)?;
+            match value {
+                Some(v) => t.insert(key, v)?,
+                None => t.remove(key)?,
+            };
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Seq of the last event (0 when empty).
     pub fn head_seq(&self) -> Result<u64> {
         let txn = self.begin_read()?;

@@ -39,6 +39,12 @@ pub const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions"
 pub const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
 /// The key of [`CHECKPOINT`] for the job rows.
 pub const ROWS_AT: &str = "rows_at";
+/// The key of [`CHECKPOINT`] present (its value: the head then) once a
+/// single-mode `bcp serve` took this store's commands, until a group node
+/// finds every event of it in the stream. A single-mode bcp acknowledges a
+/// command before the stream has it, so a group node must not drop a tail
+/// of such a store as "never acknowledged".
+pub const SERVED_SINGLE: &str = "served_in_single_mode";
 /// The key of [`CHECKPOINT`] for the records: the last ordinal of
 /// [`RECENT`] the sweep under way merges (absent: none runs).
 pub const SWEEP_TO: &str = "records_sweep_to";

@@ -243,7 +243,7 @@ pub struct Harness {
     pub js: jetstream::Context,
     bcp: Option<Bcp>,
     /// Extra `bcp serve` arguments, used at every (re)start.
-    serve_args: Vec<String>,
+    pub serve_args: Vec<String>,
     pub nats: Nats,
     dir: TempDir,
 }
@@ -322,6 +322,14 @@ impl Harness {
             }
             deadline.tick().await;
         }
+    }
+
+    /// Wait for `bcp serve` to exit by itself (a refusal at start).
+    #[allow(dead_code)] // tests/onelog.rs's
+    pub async fn bcp_exit(&mut self) -> ExitStatus {
+        let mut bcp = self.bcp.take().expect("bcp serve is running");
+        let child = bcp.child.as_mut().expect("bcp serve child");
+        wait_exit(child, "bcp serve", STARTUP).await
     }
 
     /// SIGTERM `bcp serve` and wait for it to drain and exit.
