@@ -3613,3 +3613,38 @@ fn a_store_file_cut_short_is_called_damaged() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("damaged"), "{out}");
 }
+
+/// A directory given as `--db` is named as such by every tool, and import
+/// says so before it reads its input; an export that cannot write its file
+/// (a full disk: /dev/full) fails and leaves no file that looks like a log,
+/// and never removes a device given as `--out`.
+#[test]
+fn a_directory_as_the_store_and_a_full_disk_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for args in [
+        vec!["replay", "--db", d],
+        vec!["export", "--db", d],
+        vec!["audit", "verify", "--db", d],
+        vec!["import", "--db", d, "-"],
+    ] {
+        let (code, out) = bcp(&args, Some(b"not read"));
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(
+            out.contains(&format!("{d} is a directory; give the store's file")),
+            "{args:?}: {out}"
+        );
+    }
+    let db = dir.path().join("bcp.redb");
+    few_hundred_events(&db);
+    let (code, out) = bcp(
+        &["export", "--db", db.to_str().unwrap(), "--out", "/dev/full"],
+        None,
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("writing the log to /dev/full; nothing kept"),
+        "{out}"
+    );
+    assert!(Path::new("/dev/full").exists(), "a device is never removed");
+}

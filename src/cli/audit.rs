@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 /// Where the log comes from: a stopped store, or the JetStream stream.
@@ -503,22 +503,34 @@ pub fn export(a: ExportArgs) -> Result<u8> {
         drop(out);
         if let Some(p) = &a.out {
             // Not a file that looks like a whole log.
-            let _ = std::fs::remove_file(p);
+            remove_written(p);
         }
         bail!(
             "{why}; {exported} events written before it; bcp audit verify --db {} says more",
             a.db.display()
         );
     }
-    match io_error {
+    let flushed = match io_error {
+        Some(e) => Err(e),
+        None => out.flush(),
+    };
+    match flushed {
         // A closed pipe (`| head`) is a normal end.
-        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(EXIT_OK),
-        Some(e) => return Err(e.into()),
-        None => {}
-    }
-    match out.flush() {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(EXIT_OK),
-        r => r?,
+        Err(e) => {
+            drop(out);
+            if let Some(p) = &a.out {
+                // A disk full, say: not a file that looks like a log.
+                remove_written(p);
+            }
+            return Err(anyhow::Error::from(e).context(format!(
+                "writing the log{}; nothing kept",
+                a.out
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" to {}", p.display()))
+            )));
+        }
+        Ok(()) => {}
     }
     // The summary goes to stderr: stdout may be the log itself.
     let head = store.head_seq()?;
@@ -542,6 +554,7 @@ fn parse_until(s: &str) -> std::result::Result<DateTime<Utc>, String> {
 
 pub fn import(a: ImportArgs) -> Result<u8> {
     remove_partial_on_signal();
+    bcp::store::import::check_target(&a.db)?;
     let verified = match (&a.file, &a.from_nats) {
         (_, Some(url)) => verified_from_nats(url, &a.stream)?,
         (Some(f), None) => {
@@ -614,4 +627,12 @@ fn remove_partial_on_signal() {
             std::process::exit(code);
         });
     });
+}
+
+/// Remove what an export wrote to `--out`: a regular file only (never
+/// `/dev/stdout` or a device given as `--out`).
+fn remove_written(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) {
+        let _ = std::fs::remove_file(path);
+    }
 }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 /// bytes) and its fold `world` as a new store at `path`. Refuses a path that
 /// holds a non-empty store.
 pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) -> Result<()> {
-    refuse_a_log_at(path)?;
+    check_target(path)?;
     let tmp = write_beside(path, log, world)?;
     put_in_place(tmp, path)
 }
@@ -114,6 +114,14 @@ fn put_in_place(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
         ))
     })?;
     Ok(())
+}
+
+/// What [`write_new_store`] checks of `path` first, for an import to call
+/// before it reads its input: a path that holds a log, or a directory, is
+/// refused at once, not after the whole log was verified.
+pub fn check_target(path: &Path) -> Result<()> {
+    super::not_a_directory(path)?;
+    refuse_a_log_at(path).map(|_| ())
 }
 
 /// Refuses a path that holds a non-empty store; whether it holds a file

@@ -30,6 +30,8 @@ pub enum StoreError {
     InUse { path: String },
     #[error("no store at {path}")]
     Missing { path: String },
+    #[error("{path} is a directory; give the store's file (e.g. {path}/bcp.redb)")]
+    Directory { path: String },
     #[error("{path} already holds a log; import only into a new store (or remove it first)")]
     Exists { path: String },
     #[error(
@@ -266,6 +268,7 @@ impl Store {
     }
 
     fn open(path: &Path, cache_bytes: usize) -> Result<Store> {
+        not_a_directory(path)?;
         // As redb's `Builder::create(path)` opens it, with the fsyncs timed.
         let fsync_seconds = disk::fsync_histogram();
         let db = disk::open_file(path)
@@ -818,6 +821,17 @@ impl Store {
 fn must_exist(path: &Path) -> Result<()> {
     if !path.exists() {
         return Err(StoreError::Missing {
+            path: path.display().to_string(),
+        });
+    }
+    not_a_directory(path)
+}
+
+/// A store is a file: a directory given for it is named as such, not
+/// left to an I/O error without its path.
+fn not_a_directory(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(StoreError::Directory {
             path: path.display().to_string(),
         });
     }
