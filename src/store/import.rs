@@ -21,6 +21,10 @@ use uuid::Uuid;
 /// bytes) and its fold `world` as a new store at `path`. Refuses a path that
 /// holds a non-empty store.
 pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) -> Result<()> {
+    // A symlink's target is written (beside it, then renamed over it), not
+    // the link replaced by a file.
+    let target = link_target(path);
+    let path = target.as_deref().unwrap_or(path);
     check_target(path)?;
     let tmp = write_beside(path, log, world)?;
     put_in_place(tmp, path)
@@ -114,6 +118,22 @@ fn put_in_place(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
         ))
     })?;
     Ok(())
+}
+
+/// Where `path` points when it is a symbolic link (followed to the end).
+fn link_target(path: &Path) -> Option<std::path::PathBuf> {
+    let mut at = path.to_path_buf();
+    for _ in 0..40 {
+        if !std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return (at != path).then_some(at);
+        }
+        let next = std::fs::read_link(&at).ok()?;
+        at = match at.parent() {
+            Some(dir) if next.is_relative() => dir.join(next),
+            _ => next,
+        };
+    }
+    None
 }
 
 /// What [`write_new_store`] checks of `path` first, for an import to call
@@ -391,6 +411,27 @@ mod tests {
         write_new_store(&target, &a, &world).unwrap();
         remove_partial();
         assert!(target.exists(), "a store in place is never removed");
+    }
+
+    /// An import into a symbolic link writes the store where it points
+    /// (also through a relative link), and the link stays a link.
+    #[test]
+    fn an_import_into_a_symlink_writes_its_target() {
+        let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let (a, world) = log_of(dir.path(), 1);
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let link = dir.path().join("bcp.redb");
+        std::os::unix::fs::symlink("data/real.redb", &link).unwrap();
+        write_new_store(&link, &a, &world).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let real = Store::open_read_only(&dir.path().join("data/real.redb"), 1 << 20).unwrap();
+        assert_eq!(real.head_seq().unwrap(), 1);
     }
 
     /// Two imports into one path at once: the one that finishes second
