@@ -42,6 +42,9 @@ const LEASE_POLL: Duration = Duration::from_millis(200);
 /// Events a follower applies in one transaction at most; a follower at
 /// most this far behind the stream tries for the lease.
 const FOLLOW_BATCH_MAX: usize = 1024;
+/// How often an idle follower reads the stream's info to know how far
+/// behind it is (a busy one knows from each message it applies).
+const BEHIND_LOOK: Duration = Duration::from_secs(1);
 /// How often a follower stopped by an event that does not continue its
 /// log reads the stream again.
 const FORK_RETRY: Duration = Duration::from_secs(2);
@@ -177,6 +180,9 @@ async fn follow(
     // lease to the others after it could not catch up holding it.
     let mut progressed_at = tokio::time::Instant::now();
     let mut hold_off_until = tokio::time::Instant::now();
+    // When the stream's info was last read for `behind` (idle, at most once
+    // a second: one JetStream request, not one per poll).
+    let mut looked_at: Option<tokio::time::Instant> = None;
     let mut poll = tokio::time::interval(LEASE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -207,7 +213,10 @@ async fn follow(
             }
             _ = poll.tick() => {
                 let now = tokio::time::Instant::now();
-                if behind.is_none() || now.duration_since(progressed_at) >= LEASE_POLL {
+                let stale = now.duration_since(progressed_at) >= LEASE_POLL
+                    && looked_at.is_none_or(|at| now.duration_since(at) >= BEHIND_LOOK);
+                if behind.is_none() || stale {
+                    looked_at = Some(now);
                     // Nothing applied since the last look: how far behind
                     // this node is comes from the stream itself. A consumer
                     // that delivers nothing (its server's copy of the
