@@ -821,8 +821,12 @@ pub fn status_table(replies: &[Value]) -> String {
             Value::Null => "-".to_owned(),
             v => v.to_string(),
         };
+        let behind = match &r["behind_stream"] {
+            Value::Number(n) => format!(" ({n} behind the stream)"),
+            _ => String::new(),
+        };
         out += &format!(
-            "{} {} pid {}  db {}  stream {}  head {}  published {}  lag {}  lease renewed {} ms ago  taking commands: {}\n  log id {}\n",
+            "{} {} pid {}  db {}  stream {}  head {}{behind}  published {}  lag {}  lease renewed {} ms ago  taking commands: {}\n  log id {}\n",
             field("role"),
             field("node"),
             field("pid"),

@@ -875,6 +875,21 @@ no_auth_user: app"#;
         let r = cmd_definitive(&c.client, "create", &create(id())).await;
         assert_eq!(seqs(&r), [seq], "{r}");
     }
+    // bcp status shows it: its head, and the stream 20 events past it.
+    let deadline = Deadline::new("b3 showing itself behind", Duration::from_secs(30));
+    loop {
+        let statuses = c.statuses().await;
+        let b3 = statuses.iter().find(|s| s["node"] == json!("b3"));
+        if let Some(s) = b3.filter(|s| s["behind_stream"] == json!(20)) {
+            assert_eq!(
+                (&s["head_seq"], &s["role"]),
+                (&json!(0), &json!("follower")),
+                "{s}"
+            );
+            break;
+        }
+        deadline.tick().await;
+    }
     let healthy = 1 - first;
     c.kill_node(first);
     c.kill_node(healthy);

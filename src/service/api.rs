@@ -61,6 +61,9 @@ pub struct Metrics {
     prom: super::http::Prom,
     /// The writer's queue while a term runs (its depth for `/metrics`).
     queue: Mutex<Option<tokio::sync::mpsc::WeakSender<super::writer::WriteRequest>>>,
+    /// A follower: how many events the stream holds past its head, as last
+    /// seen (`u64::MAX`: not known, or not following).
+    behind_stream: std::sync::atomic::AtomicU64,
 }
 
 /// Refusals and drops since the last log line about them.
@@ -90,7 +93,24 @@ impl Metrics {
             overload_log: Mutex::default(),
             prom: super::http::Prom::new(fsync_seconds),
             queue: Mutex::default(),
+            behind_stream: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// A follower saw the stream `behind` events past its head (`None`:
+    /// not known, or no longer following).
+    pub fn set_behind_stream(&self, behind: Option<u64>) {
+        self.behind_stream.store(
+            behind.unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn behind_stream(&self) -> Option<u64> {
+        let b = self
+            .behind_stream
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (b != u64::MAX).then_some(b)
     }
 
     /// A fire-and-forget command was not recorded, because `why`.
@@ -279,6 +299,10 @@ pub struct Status {
     /// Seq of the last event JetStream acknowledged.
     pub published_seq: u64,
     pub relay_lag: u64,
+    /// A follower: how many events the stream holds past its head, as it
+    /// last saw (a follower applying nothing while this grows is stuck: its
+    /// log says why). Null for the writer, and while not yet known.
+    pub behind_stream: Option<u64>,
     /// The writer lease's name for this process, while it holds it
     /// (single, leader); null for a follower.
     pub writer: Option<String>,
@@ -349,6 +373,9 @@ impl StatusSource {
             head_seq: *self.metrics.head.borrow(),
             published_seq: *self.metrics.published.borrow(),
             relay_lag: self.metrics.relay_lag(),
+            behind_stream: (role == Role::Follower)
+                .then(|| self.metrics.behind_stream())
+                .flatten(),
             writer: (role != Role::Follower).then(|| self.holder.store.clone()),
             lease_age_ms: self
                 .lease

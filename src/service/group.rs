@@ -231,6 +231,7 @@ async fn follow(
                         }
                     }
                 }
+                node.metrics.set_behind_stream(behind);
                 if behind.is_some_and(|b| b > 0) && now.duration_since(progressed_at) >= config.lease_ttl {
                     // Behind and applying nothing for a lease TTL: read the
                     // stream through a new consumer (NATS may place it on
