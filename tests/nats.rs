@@ -1351,16 +1351,21 @@ async fn send_cli_exit_codes() {
         &h.path("nats-lonely.log"),
     )
     .await;
-    let (code, out, err) = send(&[
-        "start",
-        "--project",
-        "p1",
-        "--job",
-        &job,
-        "--nats",
-        &lonely.url(),
-    ])
-    .await;
+    let lonely_url = lonely.url();
+    let start_on_lonely = |extra: &[&'static str]| {
+        let mut args = vec![
+            "start",
+            "--project",
+            "p1",
+            "--job",
+            &job,
+            "--nats",
+            &lonely_url,
+        ];
+        args.extend_from_slice(extra);
+        send(&args)
+    };
+    let (code, out, err) = start_on_lonely(&[]).await;
     assert_eq!(code, Some(3), "{out}{err}");
     assert!(err.contains("no reply"), "{err}");
     // Something that takes the request and never answers: bcp send waits
@@ -1369,18 +1374,7 @@ async fn send_cli_exit_codes() {
     let _taken = silent.subscribe("bcp.cmd.p1.start").await.unwrap();
     silent.flush().await.unwrap();
     let asked = std::time::Instant::now();
-    let (code, out, err) = send(&[
-        "start",
-        "--project",
-        "p1",
-        "--job",
-        &job,
-        "--timeout",
-        "11",
-        "--nats",
-        &lonely.url(),
-    ])
-    .await;
+    let (code, out, err) = start_on_lonely(&["--timeout", "11"]).await;
     assert_eq!(code, Some(3), "{out}{err}");
     assert!(
         err.contains("no reply on bcp.cmd.p1.start within 11s"),

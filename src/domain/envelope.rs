@@ -150,6 +150,18 @@ fn with_hash(bytes: &mut Vec<u8>, hash: &str) {
     bytes.extend_from_slice(b"\"}");
 }
 
+/// Stored bytes as [`with_hash`] lays them out, `head ++ ,"hash":" ++ hash
+/// ++ "}`: the canonical bytes without their closing brace, and the 64
+/// hex digits of the hash (`None`: not that layout).
+fn split_stored(stored: &[u8]) -> Option<(&[u8], &[u8])> {
+    const HEX: usize = 64;
+    let split = stored.len().checked_sub(HASH_FIELD.len() + HEX + 2)?;
+    let (head, suffix) = stored.split_at(split);
+    let (field, rest) = suffix.split_at(HASH_FIELD.len());
+    let (hash, end) = rest.split_at(HEX);
+    (field == HASH_FIELD && end == b"\"}").then_some((head, hash))
+}
+
 thread_local! {
     /// The serialization buffer of [`Envelope::seal_to_json`] and
     /// [`Envelope::check_stored`], reused.
@@ -236,19 +248,12 @@ impl Envelope {
     /// [`Self::check_stored_slow`], so the answer, and which of the two
     /// problems it names, is exactly the slow path's.
     pub fn check_stored(&mut self, stored: &[u8]) -> Result<(), &'static str> {
-        // stored = canonical[..len - 1] ++ `,"hash":"` ++ hash ++ `"}`.
-        let suffix_len = HASH_FIELD.len() + self.hash.len() + 2;
-        let Some(split) = stored.len().checked_sub(suffix_len) else {
+        let Some(head) = split_stored(stored)
+            .filter(|(_, hash)| *hash == self.hash.as_bytes())
+            .map(|(head, _)| head)
+        else {
             return self.check_stored_slow(stored);
         };
-        let (head, suffix) = stored.split_at(split);
-        if self.hash.is_empty()
-            || !suffix.starts_with(HASH_FIELD)
-            || &suffix[HASH_FIELD.len()..suffix_len - 2] != self.hash.as_bytes()
-            || &suffix[suffix_len - 2..] != b"\"}"
-        {
-            return self.check_stored_slow(stored);
-        }
         let hash = std::mem::take(&mut self.hash);
         let canonical = SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
@@ -275,16 +280,9 @@ impl Envelope {
     /// byte changed anywhere in the event, or an event out of place, fails
     /// it; whether the bytes are canonical is `audit verify`'s to say.
     pub fn stored_link<'s>(prev_hash: &str, stored: &'s [u8]) -> Option<&'s str> {
-        const HEX: usize = 64;
-        let split = stored.len().checked_sub(HASH_FIELD.len() + HEX + 2)?;
-        let (head, suffix) = stored.split_at(split);
-        let (field, rest) = suffix.split_at(HASH_FIELD.len());
-        let (hash, end) = rest.split_at(HEX);
+        let (head, hash) = split_stored(stored)?;
         let hash = std::str::from_utf8(hash).ok()?;
-        (field == HASH_FIELD
-            && end == b"\"}"
-            && hash_of_parts(prev_hash, &[head, b"}"]).to_hex().as_str() == hash)
-            .then_some(hash)
+        (hash_of_parts(prev_hash, &[head, b"}"]).to_hex().as_str() == hash).then_some(hash)
     }
 
     /// [`Self::check_stored`] by serializing into a buffer, hashing it and

@@ -30,8 +30,9 @@ pub fn write_new_store(path: &Path, log: &[(Envelope, Vec<u8>)], world: &World) 
     put_in_place(tmp, path)
 }
 
-/// The file [`write_new_store`] is writing, until it is renamed into place
-/// or removed: what [`remove_partial`] removes.
+/// The file [`write_new_store`] is writing: what [`remove_partial`]
+/// removes. It stays named after the file is renamed into place or removed
+/// (its name was random and is gone then, so removing it does nothing).
 static WRITING: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
 
 /// Remove the file an import is writing, if one is (its process is being
@@ -42,10 +43,6 @@ pub fn remove_partial() {
     if let Some(path) = writing.as_ref() {
         let _ = std::fs::remove_file(path);
     }
-}
-
-fn writing(path: Option<&Path>) {
-    *WRITING.lock().unwrap_or_else(|e| e.into_inner()) = path.map(Path::to_path_buf);
 }
 
 /// The store of `log` in a file of its own in `path`'s directory (so the
@@ -71,23 +68,14 @@ fn write_beside(
             let what = format!("a new file beside {}: {e}", path.display());
             StoreError::Redb(redb::Error::Io(std::io::Error::new(e.kind(), what)))
         })?;
-    writing(Some(tmp.path()));
-    let store = match Store::open_or_create(tmp.path()) {
-        Ok(store) => store,
-        Err(e) => {
-            writing(None);
-            return Err(e);
-        }
-    };
+    *WRITING.lock().unwrap_or_else(|e| e.into_inner()) = Some(tmp.path().to_path_buf());
+    let store = Store::open_or_create(tmp.path())?;
     {
         let mut txn = store.writable()?.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let written = write_log(&txn, log, world).and_then(|()| Ok(txn.commit()?));
-        if let Err(e) = written {
-            writing(None);
-            return Err(e);
-        }
+        write_log(&txn, log, world)?;
+        txn.commit()?;
     }
     drop(store);
     Ok(tmp)
@@ -98,8 +86,6 @@ fn write_beside(
 /// was written. A path that held nothing is taken only if it still does.
 fn put_in_place(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
     let tmp_path = tmp.path().to_owned();
-    // Renamed or removed (when dropped) below: nothing to remove on a signal.
-    let _done = Finally(|| writing(None));
     let persisted = match refuse_a_log_at(path)? {
         true => tmp.persist(path),
         false => tmp.persist_noclobber(path),
@@ -351,15 +337,6 @@ impl Store {
         self.rows_rebuilt(keep, || txn.commit().map_err(StoreError::from))?;
         // Every record is in `COMMANDS` now.
         self.load_recent()
-    }
-}
-
-/// Runs its closure when dropped.
-struct Finally<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Finally<F> {
-    fn drop(&mut self) {
-        (self.0)()
     }
 }
 
