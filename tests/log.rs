@@ -288,12 +288,14 @@ where
 }
 
 /// A store written before the compact row encoding (job views, snapshots
-/// and idempotency records as JSON) reads alike: it verifies, it serves
-/// (projections loaded, a retry answered from its JSON record), and rows
-/// written after it are compact, next to the JSON ones; it still verifies.
+/// and idempotency records as JSON; a row per snapshot, keyed by its id)
+/// reads alike: it verifies, it serves (projections loaded, a retry
+/// answered from its JSON record, its snapshots rewritten into rows of
+/// several), and rows written after it are compact, next to the JSON ones;
+/// it still verifies.
 #[test]
 fn a_store_with_json_rows_reads_verifies_and_serves() {
-    use bcp::store::tables::{COMMANDS, JOB_ROWS, JobRow, RECENT};
+    use bcp::store::tables::{CHECKPOINT, COMMANDS, JOB_ROWS, JobRow, RECENT, SNAPSHOT_ROWS};
     use bcp::store::{records, rows};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
@@ -320,7 +322,8 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
         assert!(replies.iter().all(|r| r.ok), "{replies:?}");
         replies[2].clone()
     };
-    // Rewrite every job view, snapshot and record as JSON.
+    // Rewrite every job view, snapshot and record as JSON, a row per
+    // snapshot.
     let mut rewritten = 0;
     {
         let db = redb::Database::create(&path).unwrap();
@@ -333,7 +336,17 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
                         serde_json::to_vec(&rows::read_job(&bytes).unwrap()).unwrap()
                     }
                     k if k == JobRow::Snapshot as u8 => {
-                        serde_json::to_vec(&rows::read_snapshot(&bytes).unwrap()).unwrap()
+                        t.remove(key).unwrap();
+                        for s in rows::read_snapshots(&bytes).unwrap() {
+                            let json = serde_json::to_vec(&s).unwrap();
+                            t.insert(
+                                JobRow::Snapshot.key(key.0, s.snapshot_id.as_u128()),
+                                json.as_slice(),
+                            )
+                            .unwrap();
+                            rewritten += 1;
+                        }
+                        continue;
                     }
                     _ => continue,
                 };
@@ -341,6 +354,8 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
                 t.insert(key, json.as_slice()).unwrap();
                 rewritten += 1;
             }
+            let mut c = txn.open_table(CHECKPOINT).unwrap();
+            assert!(c.remove(SNAPSHOT_ROWS).unwrap().is_some());
             // That layout kept every record in COMMANDS (no recent ones).
             let mut c = txn.open_table(COMMANDS).unwrap();
             for (key, bytes) in every_row(&c) {
@@ -366,9 +381,37 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
         1 + 2 + 4,
         "one view, two snapshots, four records"
     );
-    verify(&Store::open_existing(&path).unwrap()).unwrap();
-    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+    let read_only = Store::open_read_only(&path, 1 << 20).unwrap();
+    verify(&read_only).unwrap();
+    assert_eq!(
+        read_only.catalog(job(1)).unwrap().unwrap().snapshots.len(),
+        2
+    );
+    drop(read_only);
+    let p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
     assert_eq!(p.world().catalogs[&job(1)].snapshots.len(), 2);
+    let chunked = |path: &std::path::Path| {
+        let db = redb::Database::open(path).unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let t = txn.open_table(JOB_ROWS).unwrap();
+        let r = every_row(&t);
+        r.into_iter()
+            .filter(|(k, _)| k.1 == JobRow::Snapshot as u8)
+            .map(|(k, v)| (k.2, rows::read_snapshots(&v).unwrap().len()))
+            .collect::<Vec<_>>()
+    };
+    drop(p);
+    assert_eq!(
+        chunked(&path).iter().map(|r| r.1).sum::<usize>(),
+        2,
+        "each snapshot in one row"
+    );
+    assert!(
+        (chunked(&path).iter()).all(|r| r.0 == 0 || rows::starts_row(Uuid::from_u128(r.0))),
+        "rows keyed where the write path looks: {:?}",
+        chunked(&path)
+    );
+    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
     assert_eq!(
         p.world().jobs[&job(1)].deployment.cluster.as_deref(),
         Some("c1")

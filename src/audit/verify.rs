@@ -245,7 +245,8 @@ fn job_rows_differ(
 ) -> Result<Option<String>, StoreError> {
     // The rows the writer stores for these jobs, in key order: the layout
     // the write path and import use, from nothing, but the event index as
-    // one entry per seq (an index row's key with an empty value).
+    // one entry per seq (an index row's key with an empty value) and the
+    // snapshots as one entry each (keyed by its id), however rows hold them.
     let mut events = index.iter().peekable();
     let expected = ids.iter().flat_map(|&id| {
         let uuid = Uuid::from_u128(id);
@@ -257,9 +258,12 @@ fn job_rows_differ(
         let index: Vec<_> = seqs
             .map(|seq| (JobRow::Event.key(id, u128::from(seq)), Vec::new()))
             .collect();
+        let snapshots = snapshot_entries(id, all.catalog.map_or(vec![], |c| c.snapshots.clone()));
         rows::job_rows(uuid, rows::JobState::default(), all, &[])
             .into_iter()
+            .filter(|(k, _)| k.1 != JobRow::Snapshot as u8)
             .map(|(k, v)| (k, v.expect("rows from nothing only add")))
+            .chain(snapshots)
             .chain(index)
     });
     let mut expected = expected.peekable();
@@ -306,14 +310,32 @@ fn job_rows_differ(
 /// A stored row: its key and value (the value of an index entry: none).
 type Stored<'v> = (rows::JobKey, Option<RowRef<'v>>);
 
+/// One entry per snapshot of job `job`, keyed by its id, in key order:
+/// what verify compares of a catalog's snapshot rows, however many each
+/// holds (a store written before rows held several keeps one each).
+fn snapshot_entries(job: u128, mut snapshots: Vec<Snapshot>) -> Vec<(rows::JobKey, Vec<u8>)> {
+    snapshots.sort_by_key(|s| s.snapshot_id);
+    (snapshots.iter())
+        .map(|s| {
+            (
+                JobRow::Snapshot.key(job, s.snapshot_id.as_u128()),
+                rows::snapshot_row(s),
+            )
+        })
+        .collect()
+}
+
 /// Stored job rows with each event index row taken apart into one entry
 /// per seq (its key the row's, with that seq), in key order; an index row
 /// that does not decode, or that overlaps the row before it, is a
 /// difference (`Ok(Err(why))`).
 struct IndexEntries<'v> {
-    rows: Merged<'v>,
+    rows: std::iter::Peekable<Merged<'v>>,
     /// Seqs of the index row being taken apart, next first.
     seqs: std::vec::IntoIter<u64>,
+    /// The snapshots of the job's snapshot rows, one entry each
+    /// ([`snapshot_entries`]), next first.
+    snapshots: std::vec::IntoIter<(rows::JobKey, Vec<u8>)>,
     /// The job of that row, and the last index key given out.
     last: Option<rows::JobKey>,
 }
@@ -321,8 +343,9 @@ struct IndexEntries<'v> {
 impl<'v> IndexEntries<'v> {
     fn new(rows: Merged<'v>) -> Self {
         IndexEntries {
-            rows,
+            rows: rows.peekable(),
             seqs: Vec::new().into_iter(),
+            snapshots: Vec::new().into_iter(),
             last: None,
         }
     }
@@ -333,10 +356,16 @@ impl<'v> IndexEntries<'v> {
             self.last = Some(key);
             return Some(Ok(Ok((key, None))));
         }
+        if let Some((key, snapshot)) = self.snapshots.next() {
+            return Some(Ok(Ok((key, Some(RowRef::Owned(snapshot))))));
+        }
         let (key, row) = match self.rows.next()? {
             Ok(r) => r,
             Err(e) => return Some(Err(e)),
         };
+        if key.1 == JobRow::Snapshot as u8 {
+            return self.snapshots_of(key, row);
+        }
         if key.1 != JobRow::Event as u8 {
             return Some(Ok(Ok((key, Some(row)))));
         }
@@ -355,6 +384,35 @@ impl<'v> IndexEntries<'v> {
         self.seqs.next(); // the row's own key
         self.last = Some(key);
         Some(Ok(Ok((key, None))))
+    }
+
+    /// The first entry of the snapshots of the job's snapshot rows, the
+    /// first of which is `row` at `key` (the rest are read now).
+    fn snapshots_of(
+        &mut self,
+        key: rows::JobKey,
+        row: RowRef<'v>,
+    ) -> Option<Result<Result<Stored<'v>, String>, StoreError>> {
+        let mut snapshots = Vec::new();
+        let (mut key, mut row) = (key, row);
+        loop {
+            match rows::read_snapshots(row.value()) {
+                Ok(s) => snapshots.extend(s),
+                Err(e) => return Some(Ok(Err(format!("{} does not decode: {e}", describe(key))))),
+            }
+            let job = key.0;
+            match self.rows.next_if(|r| {
+                r.as_ref()
+                    .is_ok_and(|(k, _)| k.0 == job && k.1 == JobRow::Snapshot as u8)
+            }) {
+                Some(Ok(next)) => (key, row) = next,
+                Some(Err(e)) => return Some(Err(e)),
+                None => break,
+            }
+        }
+        self.snapshots = snapshot_entries(key.0, snapshots).into_iter();
+        let (key, snapshot) = self.snapshots.next()?;
+        Some(Ok(Ok((key, Some(RowRef::Owned(snapshot))))))
     }
 }
 
@@ -478,6 +536,43 @@ mod tests {
             txn.commit().unwrap();
         }
         world = both;
+        assert!(projections_match(&store, &world, 2).unwrap());
+        // Snapshot rows are compared snapshot by snapshot, however rows
+        // hold them: a row per snapshot (the layout before rows held
+        // several) matches; a copy in a second row, a changed one or a row
+        // of none does not.
+        let snapshot = world.catalogs[&job].snapshots[0].clone();
+        let write_snapshots = |rows: &[(u128, Vec<u8>)]| {
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                t.retain_in(JobRow::Snapshot.range(job.as_u128()), |_, _| false)
+                    .unwrap();
+                for (sub, row) in rows {
+                    t.insert(JobRow::Snapshot.key(job.as_u128(), *sub), row.as_slice())
+                        .unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        };
+        let (own, sub) = (
+            rows::snapshot_row(&snapshot),
+            snapshot.snapshot_id.as_u128(),
+        );
+        let chunk = rows::snapshots_row(std::slice::from_ref(&snapshot));
+        write_snapshots(&[(sub, own.clone())]);
+        assert!(projections_match(&store, &world, 2).unwrap());
+        write_snapshots(&[(0, chunk.clone()), (sub + 1, own.clone())]);
+        assert!(!projections_match(&store, &world, 2).unwrap());
+        let changed = crate::domain::Snapshot {
+            size_bytes: 3,
+            ..snapshot.clone()
+        };
+        write_snapshots(&[(0, rows::snapshots_row(&[changed]))]);
+        assert!(!projections_match(&store, &world, 2).unwrap());
+        write_snapshots(&[(0, chunk.clone()), (sub + 1, rows::snapshots_row(&[]))]);
+        assert!(!projections_match(&store, &world, 2).unwrap());
+        write_snapshots(&[(0, chunk)]);
         assert!(projections_match(&store, &world, 2).unwrap());
         world.catalogs.get_mut(&job).unwrap().snapshots[0].size_bytes = 2;
         assert!(!projections_match(&store, &world, 2).unwrap());

@@ -261,6 +261,9 @@ pub enum RowRef<'v> {
         std::ops::Range<usize>,
     ),
     Behind(&'v [u8]),
+    /// A value made from a stored row (`audit verify`'s one entry per
+    /// snapshot of a row of several).
+    Owned(Vec<u8>),
 }
 
 impl RowRef<'_> {
@@ -269,6 +272,7 @@ impl RowRef<'_> {
             RowRef::Table(g) => g.value(),
             RowRef::Packed(g, part) => &g.value()[part.clone()],
             RowRef::Behind(b) => b,
+            RowRef::Owned(v) => v,
         }
     }
 }
@@ -697,7 +701,7 @@ pub(super) fn catalog_of(rows: &JobRows<'_>, job_id: Uuid) -> Result<Option<Cata
     };
     let mut snapshots = Vec::new();
     for r in rows.range(JobRow::Snapshot.range(id))? {
-        snapshots.push(rows::read_snapshot(r?.1.value()));
+        snapshots.push(rows::read_snapshots(r?.1.value()));
     }
     rows::read_catalog(classes.value(), snapshots)
         .map(Some)

@@ -285,6 +285,7 @@ impl Store {
             fsync_seconds,
         };
         store.create_tables()?;
+        store.chunk_snapshot_rows()?;
         store.load_recent()?;
         store.caught_up()
     }
@@ -297,6 +298,7 @@ impl Store {
             fsync_seconds: disk::fsync_histogram(),
         };
         store.create_tables()?;
+        store.chunk_snapshot_rows()?;
         store.load_recent()?;
         store.caught_up()
     }
@@ -327,6 +329,77 @@ impl Store {
             txn.open_table(CHECKPOINT)?.insert(ROWS_AT, head)?;
         }
         txn.commit()?;
+        Ok(())
+    }
+
+    /// Rewrite a store's snapshot rows of one snapshot each (the layout
+    /// before rows held several, [`rows::snapshot_chunks`]) as rows of
+    /// several, once, before anything else writes them: the write path
+    /// writes a catalog's rows where that layout puts them, and a store
+    /// holding both would hold a snapshot twice. [`SNAPSHOT_ROWS`] in
+    /// [`CHECKPOINT`] says it is done (a new store: nothing to do). Read
+    /// only, such a store reads alike (`rows::read_snapshots`).
+    fn chunk_snapshot_rows(&self) -> Result<()> {
+        if self
+            .begin_read()?
+            .open_table(CHECKPOINT)?
+            .get(SNAPSHOT_ROWS)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let read = self.begin_read()?;
+        let stored = read.open_table(JOB_ROWS)?;
+        let txn = self.writable()?.begin_write()?;
+        let mut rewritten = 0usize;
+        {
+            let mut table = txn.open_table(JOB_ROWS)?;
+            let mut job: Option<(u128, Vec<u128>, Vec<crate::domain::Snapshot>)> = None;
+            let mut finish = |table: &mut redb::Table<rows::JobKey, &[u8]>,
+                              job: Option<(u128, Vec<u128>, Vec<_>)>|
+             -> Result<()> {
+                let Some((id, subs, mut snapshots)) = job else {
+                    return Ok(());
+                };
+                snapshots.sort_by_key(crate::domain::Snapshot::place);
+                for sub in subs {
+                    table.remove(JobRow::Snapshot.key(id, sub))?;
+                }
+                for (sub, range) in rows::snapshot_chunks(&snapshots) {
+                    let row = rows::snapshots_row(&snapshots[range]);
+                    table.insert(JobRow::Snapshot.key(id, sub), row.as_slice())?;
+                }
+                rewritten += 1;
+                Ok(())
+            };
+            for r in stored.iter()? {
+                let (k, v) = r?;
+                let (id, kind, sub) = k.value();
+                if kind != JobRow::Snapshot as u8 {
+                    continue;
+                }
+                if job.as_ref().is_none_or(|j| j.0 != id) {
+                    finish(&mut table, job.take())?;
+                    job = Some((id, Vec::new(), Vec::new()));
+                }
+                let snapshots = rows::read_snapshots(v.value()).map_err(|e| {
+                    corrupt(format!("job {}'s snapshot row: {e}", Uuid::from_u128(id)))
+                })?;
+                let (_, subs, all) = job.as_mut().expect("set above");
+                subs.push(sub);
+                all.extend(snapshots);
+            }
+            finish(&mut table, job.take())?;
+            let head = behind::last_seq(&txn.open_table(EVENTS)?)?;
+            txn.open_table(CHECKPOINT)?.insert(SNAPSHOT_ROWS, head)?;
+        }
+        txn.commit()?;
+        if rewritten > 0 {
+            tracing::info!(
+                jobs = rewritten,
+                "snapshot rows rewritten, several to a row"
+            );
+        }
         Ok(())
     }
 
@@ -800,7 +873,7 @@ impl Store {
                             Uuid::from_u128(id)
                         )));
                     }
-                    snapshots.push(rows::read_snapshot(v.value()));
+                    snapshots.push(rows::read_snapshots(v.value()));
                 }
                 _ => {}
             }

@@ -45,6 +45,11 @@ pub const ROWS_AT: &str = "rows_at";
 /// command before the stream has it, so a group node must not drop a tail
 /// of such a store as "never acknowledged".
 pub const SERVED_SINGLE: &str = "served_in_single_mode";
+/// The key of [`CHECKPOINT`] present (its value: the head then) once the
+/// store's snapshot rows hold several snapshots each (`rows.rs`); a store
+/// without it is rewritten so when opened for writing
+/// (`Store::chunk_snapshot_rows`).
+pub const SNAPSHOT_ROWS: &str = "snapshot_rows_chunked";
 /// The key of [`CHECKPOINT`] for the records: the last ordinal of
 /// [`RECENT`] the sweep under way merges (absent: none runs).
 pub const SWEEP_TO: &str = "records_sweep_to";
@@ -61,7 +66,10 @@ pub enum JobRow {
     /// sub 0 → which days/weeks/months had their daily/weekly/monthly: the
     /// class history of the snapshot catalog (`rows.rs`).
     Classes = 1,
-    /// sub snapshot_id → a retained snapshot (compact), one row each.
+    /// sub 0 or a snapshot's id → the retained snapshots from that one on
+    /// ([`rows::snapshot_chunks`](super::rows::snapshot_chunks)); in a
+    /// store written before (no [`SNAPSHOT_ROWS`]): sub snapshot_id → that
+    /// snapshot alone.
     Snapshot = 2,
     /// sub seq → the seqs from `sub` on that the row holds (`rows::index_row`;
     /// empty: `sub` alone): every event and rejection of the job, for
