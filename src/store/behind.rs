@@ -518,6 +518,14 @@ impl Store {
     fn catch_up(&self) -> Result<(u64, Option<Caught>)> {
         let txn = self.begin_read()?;
         let (head, at) = head_and_checkpoint(&txn)?;
+        // A writable store's snapshot rows were rewritten several to a row
+        // on open (`Store::chunk_snapshot_rows`); a read-only one's may
+        // still be one per snapshot.
+        let chunked = match txn.open_table(CHECKPOINT) {
+            Ok(t) => t.get(SNAPSHOT_ROWS)?.is_some(),
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
         if at.is_some() {
             return Ok((head, None));
         }
@@ -594,7 +602,27 @@ impl Store {
                 .filter(|seq| !indexed.contains(seq))
                 .copied()
                 .collect();
-            rows.extend(rows::job_rows(*id, before, after, &unindexed));
+            let mut changed = rows::job_rows(*id, before, after, &unindexed);
+            let snapshots = |(k, _): &Row<JobKey>| k.1 == JobRow::Snapshot as u8;
+            if !chunked && changed.iter().any(snapshots) {
+                // Rows of one snapshot each are replaced, not changed in
+                // place: every stored one removed, the catalog's rows laid
+                // out from nothing.
+                let mut replaced = BTreeMap::new();
+                for r in stored_rows.range(JobRow::Snapshot.range(id.as_u128()))? {
+                    replaced.insert(r?.0, None);
+                }
+                let nothing = JobState {
+                    job: after.job,
+                    catalog: None,
+                };
+                let all = rows::job_rows(*id, nothing, after, &[]);
+                replaced.extend(all.into_iter().filter(snapshots));
+                changed.retain(|r| !snapshots(r));
+                changed.extend(replaced);
+                changed.sort_unstable_by_key(|(k, _)| *k);
+            }
+            rows.extend(changed);
         }
         Ok((head, Some((from, rows))))
     }
@@ -973,6 +1001,30 @@ mod tests {
         // A crash: what was held behind is lost; the log has it.
         store.crash();
         drop((ledger, store));
+        // Of a bcp from before snapshot rows held several: one each.
+        {
+            let db = redb::Database::open(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                let chunks: Vec<_> = (t.iter().unwrap())
+                    .map(|r| r.unwrap())
+                    .filter(|(k, _)| k.value().1 == JobRow::Snapshot as u8)
+                    .map(|(k, v)| (k.value(), rows::read_snapshots(v.value()).unwrap()))
+                    .collect();
+                assert!(chunks.len() > 10, "catalogs stored");
+                for (key, snapshots) in chunks {
+                    t.remove(key).unwrap();
+                    for s in snapshots {
+                        let key = JobRow::Snapshot.key(key.0, s.snapshot_id.as_u128());
+                        t.insert(key, rows::snapshot_row(&s).as_slice()).unwrap();
+                    }
+                }
+                let mut c = txn.open_table(CHECKPOINT).unwrap();
+                assert!(c.remove(SNAPSHOT_ROWS).unwrap().is_some());
+            }
+            txn.commit().unwrap();
+        }
         let bytes = std::fs::read(&path).unwrap();
         let read_only = Store::open_read_only(&path, 0).unwrap();
         assert!(
