@@ -419,9 +419,6 @@ pub fn same_value<T: serde::de::DeserializeOwned + PartialEq>(want: &[u8], store
             && matches!((read::<T>(want), read::<T>(stored)), (Ok(x), Ok(y)) if x == y)
 }
 
-pub fn snapshot_key(job_id: Uuid, snapshot_id: Uuid) -> JobKey {
-    JobRow::Snapshot.key(job_id.as_u128(), snapshot_id.as_u128())
-}
 
 type ClassRuns = (Runs<NaiveDate>, Runs<Week>, Runs<Month>);
 
