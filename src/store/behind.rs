@@ -390,6 +390,17 @@ fn put(
     Ok(())
 }
 
+/// Whether a store's snapshot rows are in the layout of several a row
+/// ([`SNAPSHOT_ROWS`]): every store opened for writing; one written before,
+/// opened read-only, may hold one row per snapshot.
+pub(crate) fn snapshot_rows_chunked(txn: &redb::ReadTransaction) -> Result<bool> {
+    match txn.open_table(CHECKPOINT) {
+        Ok(t) => Ok(t.get(SNAPSHOT_ROWS)?.is_some()),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The log's head, and the seq the rows were checkpointed at (`None`: the
 /// store was being written when it stopped).
 fn head_and_checkpoint(txn: &redb::ReadTransaction) -> Result<(u64, Option<u64>)> {
@@ -521,11 +532,7 @@ impl Store {
         // A writable store's snapshot rows were rewritten several to a row
         // on open (`Store::chunk_snapshot_rows`); a read-only one's may
         // still be one per snapshot.
-        let chunked = match txn.open_table(CHECKPOINT) {
-            Ok(t) => t.get(SNAPSHOT_ROWS)?.is_some(),
-            Err(redb::TableError::TableDoesNotExist(_)) => false,
-            Err(e) => return Err(e.into()),
-        };
+        let chunked = snapshot_rows_chunked(&txn)?;
         if at.is_some() {
             return Ok((head, None));
         }

@@ -819,11 +819,12 @@ impl Store {
     /// The stored projections (jobs, catalogs and regions) as a [`World`].
     pub fn load_world(&self) -> Result<World> {
         let view = self.job_rows(..)?;
+        let chunked = behind::snapshot_rows_chunked(view.txn())?;
         let mut world = World::default();
         // Rows come grouped by job: its view, class row, snapshots, events.
         let mut job: Option<u128> = None;
         let mut classes: Option<Vec<u8>> = None;
-        let mut snapshots = Vec::new();
+        let mut snapshots: Vec<(u128, Vec<crate::domain::Snapshot>)> = Vec::new();
         let finish = |world: &mut World,
                       job: Option<u128>,
                       classes: Option<Vec<u8>>,
@@ -832,14 +833,20 @@ impl Store {
             let (Some(id), Some(classes)) = (job, classes) else {
                 return Ok(());
             };
-            let catalog = rows::read_catalog(&classes, snapshots.drain(..))
-                .map_err(|e| corrupt(format!("catalog of job {}: {e}", Uuid::from_u128(id))))?;
+            let fault = |e: String| corrupt(format!("catalog of job {}: {e}", Uuid::from_u128(id)));
+            // The write path changes rows where the layout puts them: a
+            // row elsewhere would hold snapshots long gone (verify names it).
+            if let Some(why) = rows::layout_fault(snapshots, chunked) {
+                return Err(fault(why));
+            }
+            let catalog = rows::read_catalog(&classes, snapshots.drain(..).map(|(_, s)| Ok(s)))
+                .map_err(fault)?;
             world.catalogs.insert(Uuid::from_u128(id), catalog);
             Ok(())
         };
         for r in view.rows()?.range(..)? {
             let (k, v) = r?;
-            let (id, kind, _) = k;
+            let (id, kind, sub) = k;
             if job != Some(id) {
                 finish(&mut world, job, classes.take(), &mut snapshots)?;
                 job = Some(id);
@@ -873,7 +880,10 @@ impl Store {
                             Uuid::from_u128(id)
                         )));
                     }
-                    snapshots.push(rows::read_snapshots(v.value()));
+                    let read = rows::read_snapshots(v.value()).map_err(|e| {
+                        corrupt(format!("catalog of job {}: {e}", Uuid::from_u128(id)))
+                    })?;
+                    snapshots.push((sub, read));
                 }
                 _ => {}
             }

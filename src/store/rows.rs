@@ -196,6 +196,45 @@ fn chunk_end(snapshots: &[Snapshot], start: usize) -> usize {
         .unwrap_or(snapshots.len())
 }
 
+/// What is wrong with the layout of one job's snapshot rows as stored
+/// (each row's `sub` and its snapshots, as read), if anything: in a store
+/// of several a row (`chunked`), each row must be where
+/// [`snapshot_chunks`] puts it and hold exactly its snapshots, in order,
+/// since the write path rewrites and removes rows there and nowhere else
+/// (a row elsewhere would outlive the snapshots it holds). A store written
+/// before may also hold one row per snapshot, keyed by its id.
+pub fn layout_fault(rows: &[(u128, Vec<Snapshot>)], chunked: bool) -> Option<String> {
+    let one_each = || {
+        (rows.iter()).all(|(sub, s)| matches!(&s[..], [one] if one.snapshot_id.as_u128() == *sub))
+    };
+    if !chunked && one_each() {
+        return None;
+    }
+    let mut all: Vec<&Snapshot> = rows.iter().flat_map(|(_, s)| s).collect();
+    all.sort_by_key(|s| s.place());
+    let all: Vec<Snapshot> = all.into_iter().cloned().collect();
+    let laid_out: std::collections::HashMap<u128, std::ops::Range<usize>> =
+        snapshot_chunks(&all).collect();
+    for (sub, snapshots) in rows {
+        match laid_out.get(sub) {
+            Some(range) if all[range.clone()] == snapshots[..] => {}
+            Some(_) => {
+                return Some(format!(
+                    "its snapshot row {} does not hold the snapshots bcp puts there",
+                    Uuid::from_u128(*sub)
+                ));
+            }
+            None => {
+                return Some(format!(
+                    "its snapshot row {} is where bcp puts no row",
+                    Uuid::from_u128(*sub)
+                ));
+            }
+        }
+    }
+    (laid_out.len() != rows.len()).then(|| "a row of its snapshots is missing".to_string())
+}
+
 /// The `sub` of the row that starts with `first`.
 fn chunk_sub(first: &Snapshot) -> u128 {
     match starts_row(first.snapshot_id) {
@@ -418,7 +457,6 @@ pub fn same_value<T: serde::de::DeserializeOwned + PartialEq>(want: &[u8], store
         || is_json(stored)
             && matches!((read::<T>(want), read::<T>(stored)), (Ok(x), Ok(y)) if x == y)
 }
-
 
 type ClassRuns = (Runs<NaiveDate>, Runs<Week>, Runs<Month>);
 
@@ -902,6 +940,73 @@ mod tests {
     }
 
     #[test]
+    fn rows_anywhere_but_where_the_layout_puts_them_are_a_fault() {
+        // a1 a2 | b1 a3 | b2: the lead row, then a row at each b.
+        let (a1, a2, a3) = (id(false, 1), id(false, 2), id(false, 3));
+        let (b1, b2) = (id(true, 1), id(true, 2));
+        let c = catalog(
+            &[
+                snap(a1, 1),
+                snap(a2, 2),
+                snap(b1, 3),
+                snap(a3, 4),
+                snap(b2, 5),
+            ],
+            &[],
+        );
+        let s = |i: usize| c.snapshots[i].clone();
+        let laid_out = vec![
+            (0, vec![s(0), s(1)]),
+            (b1, vec![s(2), s(3)]),
+            (b2, vec![s(4)]),
+        ];
+        assert_eq!(layout_fault(&laid_out, true), None);
+        assert_eq!(layout_fault(&laid_out, false), None);
+        let one_each: Vec<_> = (0..5)
+            .map(|i| (s(i).snapshot_id.as_u128(), vec![s(i)]))
+            .collect();
+        assert_eq!(
+            layout_fault(&one_each, false),
+            None,
+            "a store written before"
+        );
+        assert!(layout_fault(&one_each, true).is_some());
+        let faults = [
+            // keyed elsewhere
+            vec![
+                (0, vec![s(0), s(1)]),
+                (b1 + 1, vec![s(2), s(3)]),
+                (b2, vec![s(4)]),
+            ],
+            // split where no row starts
+            vec![
+                (0, vec![s(0)]),
+                (a2, vec![s(1)]),
+                (b1, vec![s(2), s(3)]),
+                (b2, vec![s(4)]),
+            ],
+            // two rows as one
+            vec![(0, vec![s(0), s(1), s(2), s(3)]), (b2, vec![s(4)])],
+            // a snapshot in the next row
+            vec![
+                (0, vec![s(0), s(1)]),
+                (b1, vec![s(2)]),
+                (b2, vec![s(3), s(4)]),
+            ],
+            // out of order
+            vec![
+                (0, vec![s(1), s(0)]),
+                (b1, vec![s(2), s(3)]),
+                (b2, vec![s(4)]),
+            ],
+        ];
+        for rows in faults {
+            assert!(layout_fault(&rows, true).is_some(), "{rows:?}");
+            assert!(layout_fault(&rows, false).is_some(), "{rows:?}");
+        }
+    }
+
+    #[test]
     fn a_snapshot_in_two_rows_is_refused() {
         let row = snapshots_row(&[snap(1, 1)]);
         let twice = [read_snapshots(&row), read_snapshots(&row)];
@@ -984,6 +1089,11 @@ mod tests {
                 read.extend(read_snapshots(v).unwrap());
             }
             proptest::prop_assert_eq!(sorted(read), is.snapshots);
+            let laid_out: Vec<_> = (new.iter())
+                .filter(|(k, _)| k.0 == JobRow::Snapshot as u8)
+                .map(|(k, v)| (k.1, read_snapshots(v).unwrap()))
+                .collect();
+            proptest::prop_assert_eq!(layout_fault(&laid_out, true), None);
         }
     }
 
