@@ -176,12 +176,12 @@ pub fn read_snapshots(bytes: &[u8]) -> Result<Vec<Snapshot>, String> {
 /// `sub` and the range of `snapshots` it holds. A row starts at each
 /// snapshot that [`starts_row`] (its `sub` that snapshot's id); the
 /// snapshots before the first such are the lead row (`sub` 0).
-pub fn snapshot_chunks(
-    snapshots: &[Snapshot],
+pub fn snapshot_chunks<S: std::borrow::Borrow<Snapshot>>(
+    snapshots: &[S],
 ) -> impl Iterator<Item = (u128, std::ops::Range<usize>)> + '_ {
     let mut start = 0;
     std::iter::from_fn(move || {
-        let first = snapshots.get(start)?;
+        let first = snapshots.get(start)?.borrow();
         let end = chunk_end(snapshots, start);
         let range = start..end;
         start = end;
@@ -190,9 +190,9 @@ pub fn snapshot_chunks(
 }
 
 /// Where the row that starts at `snapshots[start]` ends.
-fn chunk_end(snapshots: &[Snapshot], start: usize) -> usize {
+fn chunk_end<S: std::borrow::Borrow<Snapshot>>(snapshots: &[S], start: usize) -> usize {
     (start + 1..snapshots.len())
-        .find(|&i| starts_row(snapshots[i].snapshot_id))
+        .find(|&i| starts_row(snapshots[i].borrow().snapshot_id))
         .unwrap_or(snapshots.len())
 }
 
@@ -212,12 +212,11 @@ pub fn layout_fault(rows: &[(u128, Vec<Snapshot>)], chunked: bool) -> Option<Str
     }
     let mut all: Vec<&Snapshot> = rows.iter().flat_map(|(_, s)| s).collect();
     all.sort_by_key(|s| s.place());
-    let all: Vec<Snapshot> = all.into_iter().cloned().collect();
     let laid_out: std::collections::HashMap<u128, std::ops::Range<usize>> =
         snapshot_chunks(&all).collect();
     for (sub, snapshots) in rows {
         match laid_out.get(sub) {
-            Some(range) if all[range.clone()] == snapshots[..] => {}
+            Some(range) if all[range.clone()].iter().copied().eq(snapshots) => {}
             Some(_) => {
                 return Some(format!(
                     "its snapshot row {} does not hold the snapshots bcp puts there",
