@@ -619,12 +619,8 @@ impl Store {
                 for r in stored_rows.range(JobRow::Snapshot.range(id.as_u128()))? {
                     replaced.insert(r?.0, None);
                 }
-                let nothing = JobState {
-                    job: after.job,
-                    catalog: None,
-                };
-                let all = rows::job_rows(*id, nothing, after, &[]);
-                replaced.extend(all.into_iter().filter(snapshots));
+                let now = after.catalog.map_or(&[][..], |c| &c.snapshots[..]);
+                replaced.extend(rows::snapshot_rows(id.as_u128(), now));
                 changed.retain(|r| !snapshots(r));
                 changed.extend(replaced);
                 changed.sort_unstable_by_key(|(k, _)| *k);

@@ -365,9 +365,8 @@ impl Store {
                 for sub in subs {
                     table.remove(JobRow::Snapshot.key(id, sub))?;
                 }
-                for (sub, range) in rows::snapshot_chunks(&snapshots) {
-                    let row = rows::snapshots_row(&snapshots[range]);
-                    table.insert(JobRow::Snapshot.key(id, sub), row.as_slice())?;
+                for (key, row) in rows::snapshot_rows(id, &snapshots) {
+                    table.insert(key, row.expect("rows from nothing").as_slice())?;
                 }
                 rewritten += 1;
                 Ok(())

@@ -189,6 +189,17 @@ pub fn snapshot_chunks<S: std::borrow::Borrow<Snapshot>>(
     })
 }
 
+/// The rows of job `job`'s catalog `snapshots` (in catalog order), from
+/// nothing.
+pub fn snapshot_rows(job: u128, snapshots: &[Snapshot]) -> impl Iterator<Item = Row<JobKey>> + '_ {
+    (snapshot_chunks(snapshots)).map(move |(sub, range)| {
+        (
+            JobRow::Snapshot.key(job, sub),
+            Some(snapshots_row(&snapshots[range])),
+        )
+    })
+}
+
 /// Where the row that starts at `snapshots[start]` ends.
 fn chunk_end<S: std::borrow::Borrow<Snapshot>>(snapshots: &[S], start: usize) -> usize {
     (start + 1..snapshots.len())
