@@ -287,6 +287,149 @@ where
         .collect()
 }
 
+/// A class row as JSON runs, the layout before the compact one.
+fn classes_json(row: &[u8]) -> Vec<u8> {
+    let c = bcp::store::rows::read_catalog(row, []).unwrap();
+    let json = json!({
+        "daily_runs": c.daily_days,
+        "weekly_runs": c.weekly_weeks,
+        "monthly_runs": c.monthly_months,
+    });
+    serde_json::to_vec(&json).unwrap()
+}
+
+/// A store written by the bcp before times were stored as numbers (job
+/// views and snapshot rows in postcard with RFC 3339 texts for times,
+/// class rows as JSON) reads alike: it verifies read-only, serves, and the
+/// rows a later batch changes are written in the current encoding, next to
+/// the older rows, which stay as they are; it still verifies.
+#[test]
+fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
+    use bcp::store::rows;
+    use bcp::store::tables::{JOB_ROWS, JobRow};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let cmd = job1_command;
+    let snapshot = |n: u128, hours: i64| {
+        let taken_at = t0() + Duration::hours(hours) + Duration::microseconds(n as i64);
+        json!({"snapshot_id": Uuid::from_u128(0x5000 + n), "taken_at": taken_at, "size_bytes": n})
+    };
+    let mut next = 0u128;
+    let mut ids = || {
+        next += 1;
+        Uuid::from_u128(next)
+    };
+    let replica_set = json!({"deployment": {"kind": "replica_set", "name": "rs0"}});
+    let cmds = [
+        cmd(1, "create", replica_set),
+        cmd(2, "start", json!({})),
+        cmd(3, "record-snapshot", snapshot(1, 1)),
+        cmd(4, "record-snapshot", snapshot(2, 30)),
+    ];
+    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+    assert!(
+        p.execute(&cmds, t0(), &mut ids)
+            .unwrap()
+            .iter()
+            .all(|r| r.ok)
+    );
+    drop(p);
+    // The first byte of each of job 1's rows, by kind.
+    let first_bytes = |path: &Path| {
+        let db = redb::Database::open(path).unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let t = txn.open_table(JOB_ROWS).unwrap();
+        (every_row(&t).into_iter())
+            .filter(|(k, _)| k.0 == job(1).as_u128() && k.1 != JobRow::Event as u8)
+            .map(|(k, v)| (k.1, v[0]))
+            .collect::<Vec<_>>()
+    };
+    let (view, classes, snapshots) = (
+        JobRow::Job as u8,
+        JobRow::Classes as u8,
+        JobRow::Snapshot as u8,
+    );
+    assert_eq!(
+        first_bytes(&path),
+        [(view, 4), (classes, 1), (snapshots, 5)],
+        "times as numbers; one row of both snapshots"
+    );
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(JOB_ROWS).unwrap();
+            for (key, bytes) in every_row(&t) {
+                let mut older = match key.1 {
+                    k if k == view => vec![1],
+                    k if k == snapshots => vec![2],
+                    k if k == classes => {
+                        t.insert(key, classes_json(&bytes).as_slice()).unwrap();
+                        continue;
+                    }
+                    _ => continue,
+                };
+                older.extend(
+                    match key.1 == view {
+                        true => postcard::to_stdvec(&rows::read_job(&bytes).unwrap()),
+                        false => postcard::to_stdvec(&rows::read_snapshots(&bytes).unwrap()),
+                    }
+                    .unwrap(),
+                );
+                assert!(older.len() > bytes.len() + 20, "times as text are longer");
+                t.insert(key, older.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    assert_eq!(
+        first_bytes(&path),
+        [(view, 1), (classes, b'{'), (snapshots, 2)]
+    );
+    let read_only = Store::open_read_only(&path, 1 << 20).unwrap();
+    verify(&read_only).unwrap();
+    let catalog = read_only.catalog(job(1)).unwrap().unwrap();
+    assert_eq!(catalog.snapshots.len(), 2);
+    assert_eq!(
+        catalog.snapshots[1].taken_at,
+        t0() + Duration::hours(30) + Duration::microseconds(2)
+    );
+    drop(read_only);
+    // A change to the view only: the snapshot and class rows stay as they
+    // were, and verify compares them by value.
+    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+    let stopped = p
+        .execute(&[cmd(5, "stop", json!({}))], t0(), &mut ids)
+        .unwrap();
+    assert!(stopped[0].ok, "{stopped:?}");
+    drop(p);
+    assert_eq!(
+        first_bytes(&path),
+        [(view, 4), (classes, b'{'), (snapshots, 2)]
+    );
+    verify(&Store::open_existing(&path).unwrap()).unwrap();
+    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+    let more = p
+        .execute(
+            &[
+                cmd(6, "start", json!({})),
+                cmd(7, "record-snapshot", snapshot(3, 60)),
+            ],
+            t0(),
+            &mut ids,
+        )
+        .unwrap();
+    assert!(more.iter().all(|r| r.ok), "{more:?}");
+    drop(p);
+    assert_eq!(
+        first_bytes(&path),
+        [(view, 4), (classes, 1), (snapshots, 5)]
+    );
+    let store = Store::open_existing(&path).unwrap();
+    verify(&store).unwrap();
+    assert_eq!(store.catalog(job(1)).unwrap().unwrap().snapshots.len(), 3);
+}
+
 /// A store written before the compact row encoding (job views, snapshots
 /// and idempotency records as JSON; a row per snapshot, keyed by its id)
 /// reads alike: it verifies, it serves (projections loaded, a retry
@@ -335,6 +478,7 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
                     k if k == JobRow::Job as u8 => {
                         serde_json::to_vec(&rows::read_job(&bytes).unwrap()).unwrap()
                     }
+                    k if k == JobRow::Classes as u8 => classes_json(&bytes),
                     k if k == JobRow::Snapshot as u8 => {
                         t.remove(key).unwrap();
                         for s in rows::read_snapshots(&bytes).unwrap() {
@@ -378,8 +522,8 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
     }
     assert_eq!(
         rewritten,
-        1 + 2 + 4,
-        "one view, two snapshots, four records"
+        1 + 1 + 2 + 4,
+        "one view, one class row, two snapshots, four records"
     );
     let read_only = Store::open_read_only(&path, 1 << 20).unwrap();
     verify(&read_only).unwrap();

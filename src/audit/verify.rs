@@ -11,7 +11,7 @@ use super::chain::{AcrossEvents, Digest, Parsed, check_digest, check_key, check_
 use super::records::CommandLog;
 use super::scan::{self, scan};
 use crate::domain::envelope::GENESIS_HASH;
-use crate::domain::{Job, Snapshot, World};
+use crate::domain::{Snapshot, World};
 use crate::store::behind::{Merged, RowRef};
 use crate::store::rows;
 use crate::store::tables::{JobRow, REGIONS};
@@ -288,7 +288,7 @@ fn job_rows_differ(
             // A row of an earlier layout (JSON; class rows listing every
             // period): equal if it holds the same. (Snapshots are compared
             // re-encoded, one entry each: `snapshot_entries`.)
-            || key.1 == JobRow::Job as u8 && rows::same_value::<Job>(&want, v)
+            || key.1 == JobRow::Job as u8 && rows::same_job(&want, v)
             || key.1 == JobRow::Classes as u8
                 && world
                     .catalogs
@@ -490,23 +490,23 @@ mod tests {
         store.checkpoint().unwrap();
         assert!(projections_match(&store, &world, 2).unwrap());
         // A class row in the layout before runs is compared by what it holds.
-        let write_classes = |row: &str| {
+        let write_classes = |row: &[u8]| {
             let txn = store.writable().unwrap().begin_write().unwrap();
             txn.open_table(JOB_ROWS)
                 .unwrap()
-                .insert(JobRow::Classes.key(job.as_u128(), 0), row.as_bytes())
+                .insert(JobRow::Classes.key(job.as_u128(), 0), row)
                 .unwrap();
             txn.commit().unwrap();
         };
         write_classes(
-            r#"{"daily_days":["2026-11-01"],"weekly_weeks":[[2026,44]],"monthly_months":[[2026,11]]}"#,
+            br#"{"daily_days":["2026-11-01"],"weekly_weeks":[[2026,44]],"monthly_months":[[2026,11]]}"#,
         );
         assert!(projections_match(&store, &world, 2).unwrap());
         write_classes(
-            r#"{"daily_days":["2026-11-02"],"weekly_weeks":[[2026,44]],"monthly_months":[[2026,11]]}"#,
+            br#"{"daily_days":["2026-11-02"],"weekly_weeks":[[2026,44]],"monthly_months":[[2026,11]]}"#,
         );
         assert!(!projections_match(&store, &world, 2).unwrap());
-        write_classes(&String::from_utf8(rows::classes_row(&world.catalogs[&job])).unwrap());
+        write_classes(&rows::classes_row(&world.catalogs[&job]));
         assert!(projections_match(&store, &world, 2).unwrap());
         // Split into key ranges, a stored row of a job the fold does not
         // have is found wherever it falls: before, between or after them.

@@ -57,13 +57,16 @@ enum Classes {
     },
 }
 
+/// A job's class row ([`JobRow::Classes`]), compact (`COMPACT_V1`): its
+/// runs' periods as postcard writes them (a day as its ISO text, a week
+/// and a month as two varints), two fifths of the JSON before it. A JSON
+/// class row, of either layout, reads alike.
 pub fn classes_row(c: &Catalog) -> Vec<u8> {
-    serde_json::to_vec(&ClassesRef {
+    compact(&ClassesRef {
         daily_runs: &c.daily_days,
         weekly_runs: &c.weekly_weeks,
         monthly_runs: &c.monthly_months,
     })
-    .expect("catalog classes serialize")
 }
 
 /// The first byte of a row in bcp's compact encoding: postcard (serde's
@@ -95,15 +98,10 @@ fn postcard_row<T: Serialize>(first: u8, value: &T) -> Vec<u8> {
     })
 }
 
-/// A row in either encoding. A compact row must be exactly one value:
-/// trailing bytes are refused (postcard alone would ignore them).
+/// A row of [`COMPACT_V1`] or JSON.
 fn read<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match bytes.split_first() {
-        Some((&COMPACT_V1, rest)) => match postcard::take_from_bytes(rest) {
-            Ok((value, [])) => Ok(value),
-            Ok((_, extra)) => Err(format!("{} bytes after the row's value", extra.len())),
-            Err(e) => Err(e.to_string()),
-        },
+        Some((&COMPACT_V1, rest)) => one_value(rest),
         _ => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
     }
 }
@@ -113,21 +111,161 @@ pub fn is_json(bytes: &[u8]) -> bool {
     bytes.first() == Some(&b'{')
 }
 
+/// The first byte of a job's view row and of a row of one snapshot in the
+/// compact encoding with times as numbers ([`JobV2`], [`SnapshotV2`]):
+/// [`COMPACT_V1`] wrote each time as its RFC 3339 text, 25 bytes or so,
+/// where two varints take 6 to 10 and are written and read without
+/// formatting or parsing. Rows of [`COMPACT_V1`] read alike and are
+/// rewritten in this encoding the next time they change.
+const TIMES_V2: u8 = 4;
+// Records take 2 and 3 in their own table (`RECORD_V2`, packs), and job
+// rows 1, 2 and `{`: a later layout of either takes 6 or above.
+
+/// A time as two numbers, seconds since 1970 and the nanoseconds past
+/// them, as chrono holds it: every `DateTime<Utc>`, leap seconds included,
+/// reads back as it was.
+mod stamp {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        (t.timestamp(), t.timestamp_subsec_nanos()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let (secs, nanos) = <(i64, u32)>::deserialize(d)?;
+        DateTime::from_timestamp(secs, nanos)
+            .ok_or_else(|| D::Error::custom(format!("no time is {secs} s and {nanos} ns")))
+    }
+
+    /// [`stamp`](self) for an `Option<DateTime<Utc>>`.
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(
+            t: &Option<DateTime<Utc>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            t.map(|t| (t.timestamp(), t.timestamp_subsec_nanos()))
+                .serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            #[derive(Deserialize)]
+            struct Stamp(#[serde(with = "super")] DateTime<Utc>);
+            Ok(Option::<Stamp>::deserialize(d)?.map(|Stamp(t)| t))
+        }
+    }
+}
+
+/// A job's view as a row of [`TIMES_V2`]: [`Job`]'s fields in its order,
+/// times as [`stamp`]s. Serde's remote derive builds `Job` from it field by
+/// field, so a field added to `Job` and not here does not compile.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Job")]
+struct JobV2 {
+    job_id: Uuid,
+    project_id: crate::domain::ProjectId,
+    deployment: crate::domain::job::Deployment,
+    schedule: crate::domain::Schedule,
+    region: Option<crate::domain::ids::Name>,
+    state: crate::domain::job::JobState,
+    phase: Option<crate::domain::job::Phase>,
+    version: u64,
+    snapshot_count: u64,
+    #[serde(with = "stamp::option")]
+    latest_snapshot_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(with = "stamp")]
+    created_at: chrono::DateTime<chrono::Utc>,
+    #[serde(with = "stamp")]
+    last_transition_at: chrono::DateTime<chrono::Utc>,
+    #[serde(with = "stamp::option")]
+    stopped_at: Option<chrono::DateTime<chrono::Utc>>,
+    initial_sync_done: bool,
+}
+
+/// A snapshot as [`TIMES_V2`] and [`SNAPSHOTS_V2`] rows hold it (see
+/// [`JobV2`]).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Snapshot")]
+struct SnapshotV2 {
+    snapshot_id: Uuid,
+    #[serde(with = "stamp")]
+    taken_at: chrono::DateTime<chrono::Utc>,
+    size_bytes: u64,
+    classes: Vec<crate::domain::catalog::SnapshotClass>,
+    #[serde(with = "stamp")]
+    expires_at: chrono::DateTime<chrono::Utc>,
+    do_not_delete: bool,
+}
+
+/// A value in its row form ([`JobV2`], [`SnapshotV2`]), borrowed: serde's
+/// remote derive serializes the domain type itself in that layout.
+struct As<'a, T: ?Sized>(&'a T);
+
+impl Serialize for As<'_, Job> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        JobV2::serialize(self.0, s)
+    }
+}
+
+impl Serialize for As<'_, Snapshot> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        SnapshotV2::serialize(self.0, s)
+    }
+}
+
+impl Serialize for As<'_, [Snapshot]> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(As))
+    }
+}
+
+/// A job read from its row form.
+#[derive(Deserialize)]
+struct JobIn(#[serde(with = "JobV2")] Job);
+
+/// A snapshot read from its row form.
+#[derive(Deserialize)]
+struct SnapshotIn(#[serde(with = "SnapshotV2")] Snapshot);
+
+/// A compact row's value after its first byte: exactly one value
+/// (postcard alone would ignore trailing bytes).
+fn one_value<T: serde::de::DeserializeOwned>(rest: &[u8]) -> Result<T, String> {
+    match postcard::take_from_bytes(rest) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, extra)) => Err(format!("{} bytes after the row's value", extra.len())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A job's view row ([`JobRow::Job`]).
 pub fn job_row(j: &Job) -> Vec<u8> {
-    compact(j)
+    postcard_row(TIMES_V2, &As(j))
 }
 
+/// A job's view row of any layout: `TIMES_V2`, `COMPACT_V1` or JSON.
 pub fn read_job(bytes: &[u8]) -> Result<Job, String> {
-    read(bytes)
+    match bytes.split_first() {
+        Some((&TIMES_V2, rest)) => one_value(rest).map(|JobIn(j)| j),
+        _ => read(bytes),
+    }
 }
 
+/// A row of one snapshot, as verify compares a catalog's snapshots one by
+/// one (a store written before rows held several has one each).
 pub fn snapshot_row(s: &Snapshot) -> Vec<u8> {
-    compact(s)
+    postcard_row(TIMES_V2, &As(s))
 }
 
+/// A row of one snapshot of any layout: `TIMES_V2`, `COMPACT_V1` or JSON.
 pub fn read_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
-    read(bytes)
+    match bytes.split_first() {
+        Some((&TIMES_V2, rest)) => one_value(rest).map(|SnapshotIn(s)| s),
+        _ => read(bytes),
+    }
 }
 
 /// The first byte of a row of several snapshots ([`JobRow::Snapshot`]):
@@ -135,6 +273,10 @@ pub fn read_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
 /// by its id ([`snapshot_row`], compact or JSON: a store written before
 /// the rows held several), reads alike.
 const SNAPSHOTS_V1: u8 = 2;
+
+/// [`SNAPSHOTS_V1`] with times as numbers ([`SnapshotV2`]): what bcp
+/// writes now. Rows of [`SNAPSHOTS_V1`] read alike.
+const SNAPSHOTS_V2: u8 = 5;
 
 /// How many snapshots a row of a catalog holds on average
 /// ([`starts_row`]).
@@ -156,19 +298,20 @@ pub fn starts_row(id: Uuid) -> bool {
 
 /// A row of snapshots, in catalog order.
 pub fn snapshots_row(snapshots: &[Snapshot]) -> Vec<u8> {
-    postcard_row(SNAPSHOTS_V1, &snapshots)
+    postcard_row(SNAPSHOTS_V2, &As(snapshots))
 }
 
-/// The snapshots of a row of either layout (several, or one).
+/// The snapshots of a row of any layout (several, or one).
 pub fn read_snapshots(bytes: &[u8]) -> Result<Vec<Snapshot>, String> {
-    match bytes.split_first() {
-        Some((&SNAPSHOTS_V1, rest)) => match postcard::take_from_bytes::<Vec<_>>(rest) {
-            Ok((snapshots, [])) if snapshots.is_empty() => Err("a row of no snapshot".into()),
-            Ok((snapshots, [])) => Ok(snapshots),
-            Ok((_, extra)) => Err(format!("{} bytes after the row's snapshots", extra.len())),
-            Err(e) => Err(e.to_string()),
-        },
-        _ => read_snapshot(bytes).map(|s| vec![s]),
+    let snapshots = match bytes.split_first() {
+        Some((&SNAPSHOTS_V2, rest)) => one_value::<Vec<SnapshotIn>>(rest)
+            .map(|row| row.into_iter().map(|SnapshotIn(s)| s).collect::<Vec<_>>()),
+        Some((&SNAPSHOTS_V1, rest)) => one_value::<Vec<Snapshot>>(rest),
+        _ => return read_snapshot(bytes).map(|s| vec![s]),
+    }?;
+    match snapshots.is_empty() {
+        true => Err("a row of no snapshot".into()),
+        false => Ok(snapshots),
     }
 }
 
@@ -459,35 +602,42 @@ pub fn show(kind: u8, bytes: &[u8]) -> String {
     }
 }
 
-/// Whether a stored row of the JSON layout holds the value of the compact
-/// row `want`. A compact row is only ever equal byte for byte: its encoding
-/// is canonical, so any other bytes are an edit.
-pub fn same_value<T: serde::de::DeserializeOwned + PartialEq>(want: &[u8], stored: &[u8]) -> bool {
+/// Whether a stored job view row holds the value of the row `want` (as
+/// [`job_row`] writes it). A row of the encoding `want` is in is only ever
+/// equal byte for byte: that encoding is canonical, so any other bytes are
+/// an edit. A row of an earlier one (JSON, `COMPACT_V1`) is compared by
+/// value.
+pub fn same_job(want: &[u8], stored: &[u8]) -> bool {
     want == stored
-        || is_json(stored)
-            && matches!((read::<T>(want), read::<T>(stored)), (Ok(x), Ok(y)) if x == y)
+        || want.first() != stored.first()
+            && matches!((read_job(want), read_job(stored)), (Ok(x), Ok(y)) if x == y)
 }
 
 type ClassRuns = (Runs<NaiveDate>, Runs<Week>, Runs<Month>);
 
-/// A class row, in either layout, as runs.
-fn read_classes(classes: &[u8]) -> Result<ClassRuns, serde_json::Error> {
-    Ok(match serde_json::from_slice(classes)? {
-        Classes::Runs {
-            daily_runs,
-            weekly_runs,
-            monthly_runs,
-        } => (daily_runs, weekly_runs, monthly_runs),
-        Classes::Listed {
-            daily_days,
-            weekly_weeks,
-            monthly_months,
-        } => (
-            daily_days.into_iter().collect(),
-            weekly_weeks.into_iter().collect(),
-            monthly_months.into_iter().collect(),
-        ),
-    })
+/// A class row, of any layout, as runs.
+fn read_classes(classes: &[u8]) -> Result<ClassRuns, String> {
+    if let Some((&COMPACT_V1, rest)) = classes.split_first() {
+        return one_value(rest);
+    }
+    Ok(
+        match serde_json::from_slice(classes).map_err(|e| e.to_string())? {
+            Classes::Runs {
+                daily_runs,
+                weekly_runs,
+                monthly_runs,
+            } => (daily_runs, weekly_runs, monthly_runs),
+            Classes::Listed {
+                daily_days,
+                weekly_weeks,
+                monthly_months,
+            } => (
+                daily_days.into_iter().collect(),
+                weekly_weeks.into_iter().collect(),
+                monthly_months.into_iter().collect(),
+            ),
+        },
+    )
 }
 
 /// Whether a stored class row, in either layout, holds `c`'s classes.
@@ -502,8 +652,7 @@ pub fn read_catalog(
     classes: &[u8],
     rows: impl IntoIterator<Item = Result<Vec<Snapshot>, String>>,
 ) -> Result<Catalog, String> {
-    let (daily_days, weekly_weeks, monthly_months) =
-        read_classes(classes).map_err(|e| e.to_string())?;
+    let (daily_days, weekly_weeks, monthly_months) = read_classes(classes)?;
     let mut snapshots = Vec::new();
     for row in rows {
         snapshots.extend(row?);
@@ -1274,29 +1423,103 @@ mod tests {
         };
         for j in [job(Some("c1")), job(None)] {
             let row = job_row(&j);
-            assert_eq!(row[0], COMPACT_V1);
+            assert_eq!(row[0], TIMES_V2);
             assert_eq!(read_job(&row).unwrap(), j);
             let json = serde_json::to_vec(&j).unwrap();
             assert_eq!(read_job(&json).unwrap(), j, "a JSON row reads alike");
-            assert!(same_value::<Job>(&row, &json));
+            assert!(same_job(&row, &json));
+            let v1 = compact(&j);
+            assert_eq!(read_job(&v1).unwrap(), j, "a row of COMPACT_V1 reads alike");
+            assert!(same_job(&row, &v1));
             assert!(
-                row.len() * 2 < json.len(),
-                "{} vs {}",
+                row.len() * 2 < json.len() && row.len() + 30 < v1.len(),
+                "{} vs {} and {}",
                 row.len(),
-                json.len()
+                json.len(),
+                v1.len()
             );
+            // The current encoding is canonical: other bytes of the same
+            // value are an edit.
+            let mut longer = row.clone();
+            longer.push(0);
+            assert!(read_job(&longer).is_err() && !same_job(&row, &longer));
         }
         // JSON leaves an absent cluster out, as the contract's view does.
         let v = serde_json::to_value(job(None)).unwrap();
         assert!(v["deployment"].get("cluster").is_none(), "{v}");
-        assert!(!same_value::<Job>(
-            &job_row(&job(None)),
-            &job_row(&job(Some("c1")))
-        ));
+        for other in [job_row(&job(Some("c1"))), compact(&job(Some("c1")))] {
+            assert!(!same_job(&job_row(&job(None)), &other));
+        }
+
+        // Times as numbers hold every time chrono does, exactly.
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .unwrap()
+            .and_utc();
+        for at in [
+            t,
+            t + chrono::Duration::nanoseconds(123_456_789),
+            leap,
+            chrono::DateTime::<Utc>::MIN_UTC,
+            chrono::DateTime::<Utc>::MAX_UTC,
+            Utc.with_ymd_and_hms(-44, 3, 15, 12, 0, 0).unwrap(),
+        ] {
+            let mut j = job(None);
+            (j.created_at, j.stopped_at, j.latest_snapshot_at) = (at, Some(at), None);
+            assert_eq!(read_job(&job_row(&j)).unwrap(), j, "{at:?}");
+            let mut s = snap(3, 2);
+            (s.taken_at, s.expires_at) = (at, at);
+            assert_eq!(read_snapshot(&snapshot_row(&s)).unwrap(), s, "{at:?}");
+        }
+        // Numbers that are no time are refused, not wrapped.
+        let mut row = vec![TIMES_V2];
+        row.extend(postcard::to_stdvec(&(Uuid::from_u128(3), (i64::MAX, 0u32))).unwrap());
+        assert!(read_snapshot(&row).is_err());
 
         let s = snap(3, 2);
         assert_eq!(read_snapshot(&snapshot_row(&s)).unwrap(), s);
+        assert_eq!(read_snapshot(&compact(&s)).unwrap(), s);
         assert_eq!(read_snapshot(&serde_json::to_vec(&s).unwrap()).unwrap(), s);
+        let several = [snap(3, 2), snap(5, 2), snap(6, 3)];
+        let row = snapshots_row(&several);
+        assert_eq!(row[0], SNAPSHOTS_V2);
+        assert_eq!(read_snapshots(&row).unwrap(), several);
+        let v1 = postcard_row(SNAPSHOTS_V1, &&several[..]);
+        assert_eq!(
+            read_snapshots(&v1).unwrap(),
+            several,
+            "a SNAPSHOTS_V1 row reads alike"
+        );
+        assert!(
+            row.len() + 3 * 25 < v1.len(),
+            "{} vs {}",
+            row.len(),
+            v1.len()
+        );
+        assert!(read_snapshots(&postcard_row(SNAPSHOTS_V2, &As(&[][..]))).is_err());
+
+        let mut c = catalog(&[], &[1, 2, 9]);
+        c.weekly_weeks = [Week(2026, 44), Week(2026, 45)].into_iter().collect();
+        c.monthly_months = [Month(2026, 11)].into_iter().collect();
+        let row = classes_row(&c);
+        let json = serde_json::to_vec(&ClassesRef {
+            daily_runs: &c.daily_days,
+            weekly_runs: &c.weekly_weeks,
+            monthly_runs: &c.monthly_months,
+        })
+        .unwrap();
+        assert_eq!(row[0], COMPACT_V1);
+        assert!(
+            row.len() * 2 < json.len(),
+            "{} vs {}",
+            row.len(),
+            json.len()
+        );
+        for stored in [&row, &json] {
+            assert!(classes_match(stored, &c));
+            assert_eq!(read_catalog(stored, []).unwrap().classes(), c.classes());
+        }
+        assert!(!classes_match(&row, &Catalog::default()));
 
         let replies = [
             Reply::accepted(
@@ -1526,13 +1749,16 @@ mod tests {
             c.monthly_months.runs(),
             &[(Month(2026, 11), Month(2026, 11))]
         );
-        // Written back as runs, and read back the same.
+        // Written back as runs, compact, and read back the same; the JSON
+        // layout of runs (before the compact one) reads alike.
         let row = classes_row(&c);
-        assert_eq!(
-            String::from_utf8(row.clone()).unwrap(),
-            r#"{"daily_runs":[["2026-11-01","2026-11-02"],["2026-11-04","2026-11-04"]],"weekly_runs":[[[2026,44],[2026,45]]],"monthly_runs":[[[2026,11],[2026,11]]]}"#
-        );
+        assert_eq!(row[0], COMPACT_V1);
         assert_eq!(read_catalog(&row, []).unwrap(), c);
+        let runs = br#"{"daily_runs":[["2026-11-01","2026-11-02"],["2026-11-04","2026-11-04"]],"weekly_runs":[[[2026,44],[2026,45]]],"monthly_runs":[[[2026,11],[2026,11]]]}"#;
+        assert_eq!(read_catalog(runs, []).unwrap(), c);
+        let mut longer = row.clone();
+        longer.push(0);
+        assert!(read_catalog(&longer, []).is_err(), "one value a row");
         assert!(read_catalog(br#"{"daily_runs":[]}"#, []).is_err());
         let extra = br#"{"daily_runs":[],"weekly_runs":[],"monthly_runs":[],"x":1}"#;
         assert!(
