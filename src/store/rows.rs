@@ -128,8 +128,12 @@ mod stamp {
     use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
 
+    fn parts(t: &DateTime<Utc>) -> (i64, u32) {
+        (t.timestamp(), t.timestamp_subsec_nanos())
+    }
+
     pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        (t.timestamp(), t.timestamp_subsec_nanos()).serialize(s)
+        parts(t).serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
@@ -146,8 +150,7 @@ mod stamp {
             t: &Option<DateTime<Utc>>,
             s: S,
         ) -> Result<S::Ok, S::Error> {
-            t.map(|t| (t.timestamp(), t.timestamp_subsec_nanos()))
-                .serialize(s)
+            t.as_ref().map(parts).serialize(s)
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(
