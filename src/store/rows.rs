@@ -106,11 +106,6 @@ fn read<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     }
 }
 
-/// Whether a row is in the layout before the compact one (JSON).
-pub fn is_json(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&b'{')
-}
-
 /// The first byte of a job's view row and of a row of one snapshot in the
 /// compact encoding with times as numbers ([`JobV2`], [`SnapshotV2`]):
 /// [`COMPACT_V1`] wrote each time as its RFC 3339 text, 25 bytes or so,
