@@ -287,6 +287,23 @@ where
         .collect()
 }
 
+/// Every combined row taken apart, as a store written before combined
+/// rows held its jobs, and the mark that says the store combines them
+/// removed: how many there were.
+fn take_apart(txn: &redb::WriteTransaction) -> usize {
+    use bcp::store::tables::{CHECKPOINT, COMBINED_ROWS, JOB_ROWS};
+    let mut t = txn.open_table(JOB_ROWS).unwrap();
+    let apart: Vec<_> = (every_row(&t).into_iter())
+        .filter_map(|(k, v)| bcp::store::rows::apart(k.0, &v))
+        .collect();
+    for (key, row) in apart.iter().flatten() {
+        t.insert(*key, row.as_deref().unwrap()).unwrap();
+    }
+    let mut c = txn.open_table(CHECKPOINT).unwrap();
+    assert!(c.remove(COMBINED_ROWS).unwrap().is_some());
+    apart.len()
+}
+
 /// A class row as JSON runs, the layout before the compact one.
 fn classes_json(row: &[u8]) -> Vec<u8> {
     let c = bcp::store::rows::read_catalog(row, []).unwrap();
@@ -298,11 +315,112 @@ fn classes_json(row: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&json).unwrap()
 }
 
+/// A job's view and catalog share one row while the catalog holds at most
+/// `COMBINED_MAX` snapshots: a batch that takes it past that lays its rows
+/// out apart, one that brings it back combines them again and removes the
+/// rows apart; each state reads back as it is (held behind the table, and
+/// written to it), verifies, and loads the same after a reopen.
+#[test]
+fn a_job_moves_between_one_row_and_rows_apart_as_its_catalog_grows_and_shrinks() {
+    use bcp::store::rows;
+    use bcp::store::tables::JobRow;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let cmd = job1_command;
+    let max = rows::COMBINED_MAX as u128;
+    let snapshot_id = |n: u128| Uuid::from_u128(0x5000 + n);
+    let record = |n: u128| {
+        let taken_at = t0() + Duration::hours(7 * n as i64);
+        cmd(
+            0x100 + n,
+            "record-snapshot",
+            json!({"snapshot_id": snapshot_id(n), "taken_at": taken_at, "size_bytes": n}),
+        )
+    };
+    let mut next = 0u128;
+    let mut ids = || {
+        next += 1;
+        Uuid::from_u128(next)
+    };
+    // Kinds of job 1's stored rows but its event index: the table's rows
+    // under what is held behind it.
+    let kinds = |store: &Store| {
+        let id = job(1).as_u128();
+        let view = store
+            .job_rows((id, 0, 0)..=(id, u8::MAX, u128::MAX))
+            .unwrap();
+        let rows = view.rows().unwrap();
+        (rows.range(..).unwrap())
+            .map(|r| r.unwrap().0.1)
+            .filter(|k| *k != JobRow::Event as u8)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let one_row = std::collections::BTreeSet::from([JobRow::Job as u8]);
+    let apart = std::collections::BTreeSet::from([
+        JobRow::Job as u8,
+        JobRow::Classes as u8,
+        JobRow::Snapshot as u8,
+    ]);
+    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+    let store = p.store().clone();
+    let mut run = |p: &mut Pipeline<()>, cmds: Vec<Pending>| {
+        let replies = p.execute(&cmds, t0(), &mut ids).unwrap();
+        assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+    };
+    let created = [
+        cmd(
+            1,
+            "create",
+            json!({"deployment": {"kind": "replica_set", "name": "rs0"}}),
+        ),
+        cmd(2, "start", json!({})),
+    ];
+    run(
+        &mut p,
+        created.into_iter().chain((1..=max).map(record)).collect(),
+    );
+    let check =
+        |store: &Store, world: &bcp::domain::World, want: &std::collections::BTreeSet<u8>| {
+            assert_eq!(kinds(store), *want);
+            assert_eq!(
+                store.catalog(job(1)).unwrap().as_ref(),
+                world.catalogs.get(&job(1))
+            );
+            assert_eq!(store.job(job(1)).unwrap().as_ref(), world.jobs.get(&job(1)));
+            verify(store).unwrap();
+        };
+    check(&store, p.world(), &one_row);
+    run(&mut p, vec![record(max + 1), record(max + 2)]);
+    check(&store, p.world(), &apart);
+    store.checkpoint().unwrap();
+    check(&store, p.world(), &apart);
+    run(&mut p, vec![cmd(0x300, "stop", json!({}))]);
+    check(&store, p.world(), &apart);
+    let delete = |n: u128| {
+        cmd(
+            0x200 + n,
+            "delete-snapshot",
+            json!({"snapshot_id": snapshot_id(n)}),
+        )
+    };
+    run(&mut p, vec![delete(1), delete(2)]);
+    check(&store, p.world(), &one_row);
+    store.checkpoint().unwrap();
+    check(&store, p.world(), &one_row);
+    assert_eq!(p.world().catalogs[&job(1)].snapshots.len(), max as usize);
+    let world = p.world().clone();
+    drop((p, store));
+    let store = Store::open_existing(&path).unwrap();
+    assert_eq!(store.load_world().unwrap().catalogs, world.catalogs);
+    check(&store, &world, &one_row);
+}
+
 /// A store written by the bcp before times were stored as numbers (job
 /// views and snapshot rows in postcard with RFC 3339 texts for times,
 /// class rows as JSON) reads alike: it verifies read-only, serves, and the
 /// rows a later batch changes are written in the current encoding, next to
-/// the older rows, which stay as they are; it still verifies.
+/// the older rows, which stay as they are; it still verifies. (Its job's
+/// catalog is larger than `COMBINED_MAX`, so its rows stay apart.)
 #[test]
 fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
     use bcp::store::rows;
@@ -320,12 +438,11 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
         Uuid::from_u128(next)
     };
     let replica_set = json!({"deployment": {"kind": "replica_set", "name": "rs0"}});
-    let cmds = [
-        cmd(1, "create", replica_set),
-        cmd(2, "start", json!({})),
-        cmd(3, "record-snapshot", snapshot(1, 1)),
-        cmd(4, "record-snapshot", snapshot(2, 30)),
-    ];
+    let many = rows::COMBINED_MAX as u128 + 2;
+    let cmds: Vec<_> = [cmd(1, "create", replica_set), cmd(2, "start", json!({}))]
+        .into_iter()
+        .chain((1..=many).map(|n| cmd(2 + n, "record-snapshot", snapshot(n, 29 * n as i64))))
+        .collect();
     let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
     assert!(
         p.execute(&cmds, t0(), &mut ids)
@@ -334,7 +451,7 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
             .all(|r| r.ok)
     );
     drop(p);
-    // The first byte of each of job 1's rows, by kind.
+    // The first bytes of job 1's rows, by kind.
     let first_bytes = |path: &Path| {
         let db = redb::Database::open(path).unwrap();
         let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
@@ -342,6 +459,8 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
         (every_row(&t).into_iter())
             .filter(|(k, _)| k.0 == job(1).as_u128() && k.1 != JobRow::Event as u8)
             .map(|(k, v)| (k.1, v[0]))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect::<Vec<_>>()
     };
     let (view, classes, snapshots) = (
@@ -352,11 +471,12 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
     assert_eq!(
         first_bytes(&path),
         [(view, 4), (classes, 1), (snapshots, 5)],
-        "times as numbers; one row of both snapshots"
+        "times as numbers; its rows apart"
     );
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
+        assert_eq!(take_apart(&txn), 0, "its catalog is too large to combine");
         {
             let mut t = txn.open_table(JOB_ROWS).unwrap();
             for (key, bytes) in every_row(&t) {
@@ -389,17 +509,17 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
     let read_only = Store::open_read_only(&path, 1 << 20).unwrap();
     verify(&read_only).unwrap();
     let catalog = read_only.catalog(job(1)).unwrap().unwrap();
-    assert_eq!(catalog.snapshots.len(), 2);
+    assert_eq!(catalog.snapshots.len(), many as usize);
     assert_eq!(
         catalog.snapshots[1].taken_at,
-        t0() + Duration::hours(30) + Duration::microseconds(2)
+        t0() + Duration::hours(58) + Duration::microseconds(2)
     );
     drop(read_only);
     // A change to the view only: the snapshot and class rows stay as they
     // were, and verify compares them by value.
     let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
     let stopped = p
-        .execute(&[cmd(5, "stop", json!({}))], t0(), &mut ids)
+        .execute(&[cmd(101, "stop", json!({}))], t0(), &mut ids)
         .unwrap();
     assert!(stopped[0].ok, "{stopped:?}");
     drop(p);
@@ -412,8 +532,8 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
     let more = p
         .execute(
             &[
-                cmd(6, "start", json!({})),
-                cmd(7, "record-snapshot", snapshot(3, 60)),
+                cmd(102, "start", json!({})),
+                cmd(103, "record-snapshot", snapshot(99, 29 * 99)),
             ],
             t0(),
             &mut ids,
@@ -421,21 +541,28 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
         .unwrap();
     assert!(more.iter().all(|r| r.ok), "{more:?}");
     drop(p);
-    assert_eq!(
-        first_bytes(&path),
+    // The class row and the last snapshot row rewritten; any other
+    // snapshot row stays as it was.
+    let now = first_bytes(&path);
+    assert!(
         [(view, 4), (classes, 1), (snapshots, 5)]
+            .iter()
+            .all(|b| now.contains(b)),
+        "{now:?}"
     );
+    assert!(now.len() <= 4 && !now.contains(&(view, 1)), "{now:?}");
     let store = Store::open_existing(&path).unwrap();
     verify(&store).unwrap();
-    assert_eq!(store.catalog(job(1)).unwrap().unwrap().snapshots.len(), 3);
+    let catalog = store.catalog(job(1)).unwrap().unwrap();
+    assert_eq!(catalog.snapshots.len(), many as usize + 1);
 }
 
 /// A store written before the compact row encoding (job views, snapshots
 /// and idempotency records as JSON; a row per snapshot, keyed by its id)
 /// reads alike: it verifies, it serves (projections loaded, a retry
-/// answered from its JSON record, its snapshots rewritten into rows of
-/// several), and rows written after it are compact, next to the JSON ones;
-/// it still verifies.
+/// answered from its JSON record, its small catalog's rows rewritten as
+/// one row with its view), and rows written after it are compact, next to
+/// the JSON ones; it still verifies.
 #[test]
 fn a_store_with_json_rows_reads_verifies_and_serves() {
     use bcp::store::tables::{CHECKPOINT, COMMANDS, JOB_ROWS, JobRow, RECENT, SNAPSHOT_ROWS};
@@ -471,6 +598,11 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
+        assert_eq!(
+            take_apart(&txn),
+            1,
+            "job 1, its view and catalog in one row"
+        );
         {
             let mut t = txn.open_table(JOB_ROWS).unwrap();
             for (key, bytes) in every_row(&t) {
@@ -534,27 +666,18 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
     drop(read_only);
     let p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
     assert_eq!(p.world().catalogs[&job(1)].snapshots.len(), 2);
-    let chunked = |path: &std::path::Path| {
-        let db = redb::Database::open(path).unwrap();
+    drop(p);
+    {
+        let db = redb::Database::open(&path).unwrap();
         let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
         let t = txn.open_table(JOB_ROWS).unwrap();
-        let r = every_row(&t);
-        r.into_iter()
-            .filter(|(k, _)| k.1 == JobRow::Snapshot as u8)
-            .map(|(k, v)| (k.2, rows::read_snapshots(&v).unwrap().len()))
-            .collect::<Vec<_>>()
-    };
-    drop(p);
-    assert_eq!(
-        chunked(&path).iter().map(|r| r.1).sum::<usize>(),
-        2,
-        "each snapshot in one row"
-    );
-    assert!(
-        (chunked(&path).iter()).all(|r| r.0 == 0 || rows::starts_row(Uuid::from_u128(r.0))),
-        "rows keyed where the write path looks: {:?}",
-        chunked(&path)
-    );
+        let rows_of_job_1: Vec<_> = (every_row(&t).into_iter())
+            .filter(|(k, _)| k.0 == job(1).as_u128() && k.1 != JobRow::Event as u8)
+            .collect();
+        assert_eq!(rows_of_job_1.len(), 1, "view and catalog in one row");
+        let (_, catalog) = rows::read_combined(&rows_of_job_1[0].1).unwrap().unwrap();
+        assert_eq!(catalog.snapshots.len(), 2);
+    }
     let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
     assert_eq!(
         p.world().jobs[&job(1)].deployment.cluster.as_deref(),

@@ -137,7 +137,8 @@ const PROGRESS_EVERY: u64 = 4096;
 /// for `world` and the event index `index` ((job, seq), sorted), or `None`.
 ///
 /// Every row of JOB_ROWS is compared under its key, byte for byte: a job's
-/// view, class row and snapshot rows. A class row of the layout before
+/// view, class row and snapshot rows, or its combined row (view and
+/// catalog in one: `rows::Layout`, as the store's mark says). A class row of the layout before
 /// runs is compared by what it holds. A job's event index is compared seq
 /// by seq (every event about the job, rejections included): how its seqs
 /// are split into rows depends on when the writer wrote them, but each row
@@ -248,6 +249,7 @@ fn job_rows_differ(
     // one entry per seq (an index row's key with an empty value) and the
     // snapshots as one entry each (keyed by its id), however rows hold them.
     let mut events = index.iter().peekable();
+    let layout = crate::store::behind::row_layout(view.txn())?;
     let expected = ids.iter().flat_map(|&id| {
         let uuid = Uuid::from_u128(id);
         let all = rows::JobState {
@@ -258,8 +260,12 @@ fn job_rows_differ(
         let index: Vec<_> = seqs
             .map(|seq| (JobRow::Event.key(id, u128::from(seq)), Vec::new()))
             .collect();
-        let snapshots = snapshot_entries(id, all.catalog.map_or(vec![], |c| c.snapshots.clone()));
-        rows::job_rows(uuid, rows::JobState::default(), all, &[])
+        // A combined row holds its snapshots: compared with it, byte for byte.
+        let snapshots = match rows::is_combined(layout, all) {
+            true => Vec::new(),
+            false => snapshot_entries(id, all.catalog.map_or(vec![], |c| c.snapshots.clone())),
+        };
+        rows::job_rows(uuid, rows::JobState::default(), all, &[], layout)
             .into_iter()
             .filter(|(k, _)| k.1 != JobRow::Snapshot as u8)
             .map(|(k, v)| (k, v.expect("rows from nothing only add")))
@@ -489,6 +495,73 @@ mod tests {
         // are edited in the table.
         store.checkpoint().unwrap();
         assert!(projections_match(&store, &world, 2).unwrap());
+        let edit = |rows: &[(rows::JobKey, Option<Vec<u8>>)]| {
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            {
+                let mut t = txn.open_table(JOB_ROWS).unwrap();
+                for (key, row) in rows {
+                    match row {
+                        Some(row) => t.insert(*key, row.as_slice()).unwrap(),
+                        None => t.remove(*key).unwrap(),
+                    };
+                }
+            }
+            txn.commit().unwrap();
+        };
+        let mark = |key: &str, on: bool| {
+            let txn = store.writable().unwrap().begin_write().unwrap();
+            {
+                let mut t = txn.open_table(crate::store::tables::CHECKPOINT).unwrap();
+                match on {
+                    true => t.insert(key, 1).unwrap(),
+                    false => t.remove(key).unwrap(),
+                };
+            }
+            txn.commit().unwrap();
+        };
+        // A job of a small catalog is one combined row: compared byte for
+        // byte, so a change to its catalog, its catalog gone (a view alone
+        // in its place) or a catalog row beside it is a difference.
+        let (view_key, classes_key) = (
+            JobRow::Job.key(job.as_u128(), 0),
+            JobRow::Classes.key(job.as_u128(), 0),
+        );
+        let (job_now, catalog) = (&world.jobs[&job], &world.catalogs[&job]);
+        let combined = rows::combined_row(job_now, catalog);
+        let stored = store.job_rows(..).unwrap();
+        let stored_rows: Vec<_> = (stored.rows().unwrap().range(..).unwrap())
+            .map(|r| r.unwrap().0)
+            .filter(|k| k.0 == job.as_u128() && k.1 != JobRow::Event as u8)
+            .collect();
+        assert_eq!(stored_rows, [view_key], "one row of view and catalog");
+        drop(stored);
+        let mut bigger = catalog.clone();
+        bigger.snapshots[0].size_bytes = 3;
+        for (wrong, also) in [
+            (rows::combined_row(job_now, &bigger), None),
+            (rows::job_row(job_now), None),
+            (combined.clone(), Some(rows::classes_row(catalog))),
+        ] {
+            edit(&[(view_key, Some(wrong)), (classes_key, also)]);
+            assert!(!projections_match(&store, &world, 2).unwrap());
+        }
+        assert!(
+            store.load_world().is_err(),
+            "a catalog row beside a combined row"
+        );
+        edit(&[(view_key, Some(combined)), (classes_key, None)]);
+        assert!(projections_match(&store, &world, 2).unwrap());
+        assert_eq!(store.load_world().unwrap().catalogs[&job], *catalog);
+        // The same job's rows apart, as a store written before combined
+        // rows holds them (no mark): compared row by row, below.
+        edit(&[
+            (view_key, Some(rows::job_row(job_now))),
+            (classes_key, Some(rows::classes_row(catalog))),
+        ]);
+        edit(&rows::snapshot_rows(job.as_u128(), &catalog.snapshots).collect::<Vec<_>>());
+        assert!(!projections_match(&store, &world, 2).unwrap());
+        mark(crate::store::tables::COMBINED_ROWS, false);
+        assert!(projections_match(&store, &world, 2).unwrap());
         // A class row in the layout before runs is compared by what it holds.
         let write_classes = |row: &[u8]| {
             let txn = store.writable().unwrap().begin_write().unwrap();
@@ -572,17 +645,6 @@ mod tests {
             !rows::starts_row(snapshot.snapshot_id),
             "its row is the lead row"
         );
-        let mark = |on: bool| {
-            let txn = store.writable().unwrap().begin_write().unwrap();
-            {
-                let mut t = txn.open_table(crate::store::tables::CHECKPOINT).unwrap();
-                match on {
-                    true => t.insert(crate::store::tables::SNAPSHOT_ROWS, 1).unwrap(),
-                    false => t.remove(crate::store::tables::SNAPSHOT_ROWS).unwrap(),
-                };
-            }
-            txn.commit().unwrap();
-        };
         // A row per snapshot, keyed by its id: the layout of a store
         // written before (no mark); in one of rows of several, a row where
         // the write path would never look, so never remove.
@@ -590,10 +652,10 @@ mod tests {
         assert!(!projections_match(&store, &world, 2).unwrap());
         let err = store.load_world().unwrap_err().to_string();
         assert!(err.contains("where bcp puts no row"), "{err}");
-        mark(false);
+        mark(crate::store::tables::SNAPSHOT_ROWS, false);
         assert!(projections_match(&store, &world, 2).unwrap());
         assert!(store.load_world().is_ok());
-        mark(true);
+        mark(crate::store::tables::SNAPSHOT_ROWS, true);
         // The right snapshots under another key.
         write_snapshots(&[(sub + 1, chunk.clone())]);
         assert!(!projections_match(&store, &world, 2).unwrap());

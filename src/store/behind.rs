@@ -401,6 +401,17 @@ pub(crate) fn snapshot_rows_chunked(txn: &redb::ReadTransaction) -> Result<bool>
     }
 }
 
+/// How a store lays out its job rows ([`COMBINED_ROWS`]): combined in
+/// every store opened for writing; one written before, opened read-only,
+/// may hold them apart.
+pub(crate) fn row_layout(txn: &redb::ReadTransaction) -> Result<rows::Layout> {
+    match txn.open_table(CHECKPOINT) {
+        Ok(t) if t.get(COMBINED_ROWS)?.is_some() => Ok(rows::Layout::Combined),
+        Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => Ok(rows::Layout::Separate),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The log's head, and the seq the rows were checkpointed at (`None`: the
 /// store was being written when it stopped).
 fn head_and_checkpoint(txn: &redb::ReadTransaction) -> Result<(u64, Option<u64>)> {
@@ -533,6 +544,7 @@ impl Store {
         // on open (`Store::chunk_snapshot_rows`); a read-only one's may
         // still be one per snapshot.
         let chunked = snapshot_rows_chunked(&txn)?;
+        let layout = row_layout(&txn)?;
         if at.is_some() {
             return Ok((head, None));
         }
@@ -609,7 +621,7 @@ impl Store {
                 .filter(|seq| !indexed.contains(seq))
                 .copied()
                 .collect();
-            let mut changed = rows::job_rows(*id, before, after, &unindexed);
+            let mut changed = rows::job_rows(*id, before, after, &unindexed, layout);
             let snapshots = |(k, _): &Row<JobKey>| k.1 == JobRow::Snapshot as u8;
             if !chunked && changed.iter().any(snapshots) {
                 // Rows of one snapshot each are replaced, not changed in
@@ -727,6 +739,12 @@ pub(super) fn job_of(rows: &JobRows<'_>, job_id: Uuid) -> Result<Option<Job>> {
 /// A job's catalog, from `rows` (None: the job never had a snapshot).
 pub(super) fn catalog_of(rows: &JobRows<'_>, job_id: Uuid) -> Result<Option<Catalog>> {
     let id = job_id.as_u128();
+    let fault = |e: String| StoreError::Corrupt(format!("catalog {job_id}: {e}"));
+    if let Some(view) = rows.get(JobRow::Job.key(id, 0))?
+        && let Some((_, catalog)) = rows::read_combined(view.value()).map_err(fault)?
+    {
+        return Ok(Some(catalog));
+    }
     let Some(classes) = rows.get(JobRow::Classes.key(id, 0))? else {
         return Ok(None);
     };
@@ -1004,12 +1022,21 @@ mod tests {
         // A crash: what was held behind is lost; the log has it.
         store.crash();
         drop((ledger, store));
-        // Of a bcp from before snapshot rows held several: one each.
+        // Of a bcp from before snapshot rows held several (and before
+        // combined rows): one each.
         {
             let db = redb::Database::open(&path).unwrap();
             let txn = db.begin_write().unwrap();
             {
                 let mut t = txn.open_table(JOB_ROWS).unwrap();
+                let combined: Vec<_> = (t.iter().unwrap())
+                    .map(|r| r.unwrap())
+                    .filter_map(|(k, v)| rows::apart(k.value().0, v.value()))
+                    .collect();
+                assert!(combined.len() > 10, "catalogs combined");
+                for (key, row) in combined.into_iter().flatten() {
+                    t.insert(key, row.unwrap().as_slice()).unwrap();
+                }
                 let chunks: Vec<_> = (t.iter().unwrap())
                     .map(|r| r.unwrap())
                     .filter(|(k, _)| k.value().1 == JobRow::Snapshot as u8)
@@ -1025,6 +1052,7 @@ mod tests {
                 }
                 let mut c = txn.open_table(CHECKPOINT).unwrap();
                 assert!(c.remove(SNAPSHOT_ROWS).unwrap().is_some());
+                assert!(c.remove(COMBINED_ROWS).unwrap().is_some());
             }
             txn.commit().unwrap();
         }

@@ -267,7 +267,8 @@ fn write_rows(
             catalog: world.catalogs.get(&id),
         };
         let new_seqs = seqs.0.get(&id).map_or(&[][..], Vec::as_slice);
-        for (key, row) in job_rows_of(id, JobState::default(), after, new_seqs) {
+        let layout = super::rows::Layout::Combined; // a store opened for writing
+        for (key, row) in job_rows_of(id, JobState::default(), after, new_seqs, layout) {
             let row = row.expect("rows from nothing only add");
             job_rows.insert(key, row.as_slice())?;
         }

@@ -418,8 +418,9 @@ impl Ledger {
                 },
             };
             let new_seqs = seqs.get(&id).map_or(&[][..], Vec::as_slice);
-            rows.job_rows
-                .extend(super::rows::job_rows(id, before, after, new_seqs));
+            // A store opened for writing lays its rows out combined.
+            let layout = super::rows::Layout::Combined;
+            (rows.job_rows).extend(super::rows::job_rows(id, before, after, new_seqs, layout));
         }
         for name in decided.undo.regions.keys() {
             if let Some(r) = self.world.regions.get(name) {

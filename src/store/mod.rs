@@ -286,6 +286,7 @@ impl Store {
         };
         store.create_tables()?;
         store.chunk_snapshot_rows()?;
+        store.combine_job_rows()?;
         store.load_recent()?;
         store.caught_up()
     }
@@ -299,6 +300,7 @@ impl Store {
         };
         store.create_tables()?;
         store.chunk_snapshot_rows()?;
+        store.combine_job_rows()?;
         store.load_recent()?;
         store.caught_up()
     }
@@ -397,6 +399,79 @@ impl Store {
             tracing::info!(
                 jobs = rewritten,
                 "snapshot rows rewritten, several to a row"
+            );
+        }
+        Ok(())
+    }
+
+    /// Rewrite each job whose catalog holds at most [`rows::COMBINED_MAX`]
+    /// snapshots as one combined row (its view, class row and snapshots),
+    /// once, before anything else writes its rows: the write path writes a
+    /// job's rows where that layout puts them, and a store holding both
+    /// would hold a catalog twice. [`COMBINED_ROWS`] in [`CHECKPOINT`] says
+    /// it is done (a new store: nothing to do). Read only, such a store
+    /// reads alike. The table is rewritten as it stands (a store that
+    /// stopped without a checkpoint catches up after, on either layout).
+    fn combine_job_rows(&self) -> Result<()> {
+        let read = self.begin_read()?;
+        if behind::row_layout(&read)? == rows::Layout::Combined {
+            return Ok(());
+        }
+        let stored = read.open_table(JOB_ROWS)?;
+        let txn = self.writable()?.begin_write()?;
+        let mut combined = 0usize;
+        {
+            let mut table = txn.open_table(JOB_ROWS)?;
+            // One job's view, class row and snapshot rows (sub, value).
+            type Parts = (u128, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(u128, Vec<u8>)>);
+            let mut job: Option<Parts> = None;
+            let mut finish =
+                |table: &mut redb::Table<rows::JobKey, &[u8]>, job: Option<Parts>| -> Result<()> {
+                    let Some((id, Some(view), Some(classes), snapshot_rows)) = job else {
+                        return Ok(());
+                    };
+                    let fault = |e: String| corrupt(format!("job {}: {e}", Uuid::from_u128(id)));
+                    let read = snapshot_rows.iter().map(|(_, v)| rows::read_snapshots(v));
+                    let catalog = rows::read_catalog(&classes, read).map_err(fault)?;
+                    if catalog.snapshots.len() > rows::COMBINED_MAX {
+                        return Ok(());
+                    }
+                    let view = rows::read_job(&view).map_err(fault)?;
+                    table.insert(
+                        JobRow::Job.key(id, 0),
+                        rows::combined_row(&view, &catalog).as_slice(),
+                    )?;
+                    table.remove(JobRow::Classes.key(id, 0))?;
+                    for (sub, _) in snapshot_rows {
+                        table.remove(JobRow::Snapshot.key(id, sub))?;
+                    }
+                    combined += 1;
+                    Ok(())
+                };
+            for r in stored.iter()? {
+                let (k, v) = r?;
+                let (id, kind, sub) = k.value();
+                if job.as_ref().is_none_or(|j| j.0 != id) {
+                    finish(&mut table, job.take())?;
+                    job = Some((id, None, None, Vec::new()));
+                }
+                let (_, view, classes, snapshots) = job.as_mut().expect("set above");
+                match kind {
+                    k if k == JobRow::Job as u8 => *view = Some(v.value().to_vec()),
+                    k if k == JobRow::Classes as u8 => *classes = Some(v.value().to_vec()),
+                    k if k == JobRow::Snapshot as u8 => snapshots.push((sub, v.value().to_vec())),
+                    _ => {}
+                }
+            }
+            finish(&mut table, job.take())?;
+            let head = behind::last_seq(&txn.open_table(EVENTS)?)?;
+            txn.open_table(CHECKPOINT)?.insert(COMBINED_ROWS, head)?;
+        }
+        txn.commit()?;
+        if combined > 0 {
+            tracing::info!(
+                jobs = combined,
+                "job rows of small catalogs combined, one row a job"
             );
         }
         Ok(())
@@ -704,8 +779,7 @@ impl Store {
     /// A job's snapshot catalog (None: the job never had a snapshot).
     pub fn catalog(&self, job_id: Uuid) -> Result<Option<Catalog>> {
         let id = job_id.as_u128();
-        let view =
-            self.job_rows(JobRow::Classes.key(id, 0)..=JobRow::Snapshot.key(id, u128::MAX))?;
+        let view = self.job_rows(JobRow::Job.key(id, 0)..=JobRow::Snapshot.key(id, u128::MAX))?;
         behind::catalog_of(&view.rows()?, job_id)
     }
 
@@ -820,8 +894,10 @@ impl Store {
         let view = self.job_rows(..)?;
         let chunked = behind::snapshot_rows_chunked(view.txn())?;
         let mut world = World::default();
-        // Rows come grouped by job: its view, class row, snapshots, events.
+        // Rows come grouped by job: its view, class row, snapshots, events
+        // (or its combined row, then its events).
         let mut job: Option<u128> = None;
+        let mut combined = false;
         let mut classes: Option<Vec<u8>> = None;
         let mut snapshots: Vec<(u128, Vec<crate::domain::Snapshot>)> = Vec::new();
         let finish = |world: &mut World,
@@ -848,26 +924,34 @@ impl Store {
             let (id, kind, sub) = k;
             if job != Some(id) {
                 finish(&mut world, job, classes.take(), &mut snapshots)?;
-                job = Some(id);
+                (job, combined) = (Some(id), false);
             }
             // A job id that never existed has only rejections (event rows).
             let known = world.jobs.contains_key(&Uuid::from_u128(id));
-            if !known && (kind == JobRow::Classes as u8 || kind == JobRow::Snapshot as u8) {
+            let catalog_row = kind == JobRow::Classes as u8 || kind == JobRow::Snapshot as u8;
+            if catalog_row && (!known || combined) {
                 return Err(corrupt(format!(
-                    "catalog rows of job {} without the job",
+                    "catalog rows of job {} without the job, or beside its combined row",
                     Uuid::from_u128(id)
                 )));
             }
             match kind {
                 k if k == JobRow::Job as u8 => {
-                    let row: Job =
-                        rows::read_job(v.value()).map_err(|e| corrupt(format!("job row: {e}")))?;
+                    let fault = |e: String| corrupt(format!("job row: {e}"));
+                    let (row, catalog) = match rows::read_combined(v.value()).map_err(fault)? {
+                        Some((row, catalog)) => (row, Some(catalog)),
+                        None => (rows::read_job(v.value()).map_err(fault)?, None),
+                    };
                     if row.job_id.as_u128() != id {
                         return Err(corrupt(format!(
                             "job row keyed {} holds job {}",
                             Uuid::from_u128(id),
                             row.job_id
                         )));
+                    }
+                    if let Some(catalog) = catalog {
+                        combined = true;
+                        world.catalogs.insert(row.job_id, catalog);
                     }
                     world.jobs.insert(row.job_id, row);
                 }

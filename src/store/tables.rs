@@ -50,6 +50,11 @@ pub const SERVED_SINGLE: &str = "served_in_single_mode";
 /// without it is rewritten so when opened for writing
 /// (`Store::chunk_snapshot_rows`).
 pub const SNAPSHOT_ROWS: &str = "snapshot_rows_chunked";
+/// The key of [`CHECKPOINT`] present (its value: the head then) once the
+/// store keeps a job of a small catalog in one combined row
+/// (`rows::Layout::Combined`); a store without it is rewritten so when
+/// opened for writing (`Store::combine_job_rows`).
+pub const COMBINED_ROWS: &str = "job_rows_combined";
 /// The key of [`CHECKPOINT`] for the records: the last ordinal of
 /// [`RECENT`] the sweep under way merges (absent: none runs).
 pub const SWEEP_TO: &str = "records_sweep_to";
@@ -61,7 +66,9 @@ pub const SWEEP_TO: &str = "records_sweep_to";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum JobRow {
-    /// sub 0 → the job view (compact, `rows::job_row`): the job-state projection.
+    /// sub 0 → the job view (compact, `rows::job_row`): the job-state
+    /// projection; for a job of a small catalog, the view with its catalog
+    /// (`rows::combined_row`), and no class or snapshot rows.
     Job = 0,
     /// sub 0 → which days/weeks/months had their daily/weekly/monthly: the
     /// class history of the snapshot catalog (`rows.rs`).
