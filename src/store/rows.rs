@@ -1575,6 +1575,26 @@ mod tests {
         });
     }
 
+    /// Each op of `ops` that `decide` would allow, folded into job `id`
+    /// (at one version: a catalog may change under a view that does not);
+    /// what a batch of them keeps of the catalog before (`None`: none was).
+    fn run_ops(
+        world: &mut crate::domain::World,
+        id: Uuid,
+        ops: impl IntoIterator<Item = Op>,
+    ) -> Option<crate::domain::catalog::CatalogBefore> {
+        let mut before: Option<crate::domain::catalog::CatalogBefore> = None;
+        for op in ops {
+            if let Some(e) = event_of(world, id, &op) {
+                let now = world.catalogs.get(&id);
+                (before.get_or_insert_with(|| crate::domain::catalog::CatalogBefore::of(now)))
+                    .note(now, &e);
+                apply(world, id, e, 2);
+            }
+        }
+        before
+    }
+
     /// Ops that mostly record: catalogs that grow past [`COMBINED_MAX`]
     /// and shrink below it.
     fn growing_op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -1622,22 +1642,10 @@ mod tests {
             given in proptest::collection::vec(op(), 0..12),
             batch in proptest::collection::vec(op(), 1..10),
         ) {
-            use crate::domain::catalog::CatalogBefore;
             let (id, mut world) = one_job();
-            for op in &given {
-                if let Some(e) = event_of(&world, id, op) {
-                    apply(&mut world, id, e, 2);
-                }
-            }
+            run_ops(&mut world, id, given);
             let initial = world.catalogs.get(&id).cloned();
-            let mut before: Option<CatalogBefore> = None;
-            for op in &batch {
-                if let Some(e) = event_of(&world, id, op) {
-                    let now = world.catalogs.get(&id);
-                    before.get_or_insert_with(|| CatalogBefore::of(now)).note(now, &e);
-                    apply(&mut world, id, e, 2);
-                }
-            }
+            let before = run_ops(&mut world, id, batch);
             let after = world.catalogs.get(&id);
             let mut whole = catalog_rows(id, CatalogWas::Whole(initial.as_ref()), after);
             let mut changed = match &before {
@@ -1679,27 +1687,13 @@ mod tests {
                 proptest::collection::vec(growing_op(), 1..14),
             ],
         ) {
-            use crate::domain::catalog::CatalogBefore;
             let (id, mut world) = one_job();
             // A catalog of about `size` snapshots, around COMBINED_MAX.
             let first = (0..size).map(|i| Op::Record(i, 4 * i as i64, i % 3 == 0));
-            for op in first.chain(given) {
-                if let Some(e) = event_of(&world, id, &op) {
-                    apply(&mut world, id, e, 2);
-                }
-            }
+            run_ops(&mut world, id, first.chain(given));
             let (job0, initial) = (world.jobs[&id].clone(), world.catalogs.get(&id).cloned());
             let was = JobState { job: Some(&job0), catalog: initial.as_ref() };
-            let mut before: Option<CatalogBefore> = None;
-            for op in &batch {
-                if let Some(e) = event_of(&world, id, op) {
-                    let now = world.catalogs.get(&id);
-                    before.get_or_insert_with(|| CatalogBefore::of(now)).note(now, &e);
-                    // The same version: a catalog changed under a view
-                    // that did not (an expiry kept, say) is written too.
-                    apply(&mut world, id, e, 2);
-                }
-            }
+            let before = run_ops(&mut world, id, batch);
             let now = JobState { job: world.jobs.get(&id), catalog: world.catalogs.get(&id) };
             let from = stored_job(id, was, Layout::Combined);
             let want = stored_job(id, now, Layout::Combined);
