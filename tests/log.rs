@@ -415,6 +415,71 @@ fn a_job_moves_between_one_row_and_rows_apart_as_its_catalog_grows_and_shrinks()
     check(&store, &world, &one_row);
 }
 
+/// A store written before combined rows, with a snapshot row where bcp
+/// puts none (a row that would outlive its snapshots), is refused when
+/// opened for writing, as reading it is: its rows are not combined into a
+/// catalog the log does not hold.
+#[test]
+fn an_older_store_with_a_misplaced_snapshot_row_is_refused_not_combined() {
+    use bcp::store::rows;
+    use bcp::store::tables::{JOB_ROWS, JobRow};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bcp.redb");
+    let cmd = job1_command;
+    let mut next = 0u128;
+    let mut ids = || {
+        next += 1;
+        Uuid::from_u128(next)
+    };
+    let snapshot = |n: u128| {
+        let taken_at = t0() + Duration::hours(n as i64);
+        json!({"snapshot_id": Uuid::from_u128(0x5000 + n), "taken_at": taken_at, "size_bytes": n})
+    };
+    let cmds = [
+        cmd(
+            1,
+            "create",
+            json!({"deployment": {"kind": "replica_set", "name": "rs0"}}),
+        ),
+        cmd(2, "start", json!({})),
+        cmd(3, "record-snapshot", snapshot(1)),
+    ];
+    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
+    assert!(
+        p.execute(&cmds, t0(), &mut ids)
+            .unwrap()
+            .iter()
+            .all(|r| r.ok)
+    );
+    let stray = p.world().catalogs[&job(1)].snapshots[0].clone();
+    drop(p);
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert_eq!(take_apart(&txn), 1);
+        let sub = (2u128..)
+            .find(|n| !rows::starts_row(Uuid::from_u128(*n)))
+            .unwrap();
+        let row = rows::snapshots_row(&[bcp::domain::Snapshot {
+            snapshot_id: Uuid::from_u128(0x6000),
+            ..stray
+        }]);
+        (txn.open_table(JOB_ROWS).unwrap())
+            .insert(JobRow::Snapshot.key(job(1).as_u128(), sub), row.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let read_only = Store::open_read_only(&path, 1 << 20).unwrap();
+    let read = read_only.load_world().unwrap_err().to_string();
+    assert!(read.contains("bcp puts"), "{read}");
+    drop(read_only);
+    let err = Store::open_or_create(&path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("bcp puts"), "{err}");
+}
+
 /// A store written by the bcp before times were stored as numbers (job
 /// views and snapshot rows in postcard with RFC 3339 texts for times,
 /// class rows as JSON) reads alike: it verifies read-only, serves, and the

@@ -549,6 +549,27 @@ mod tests {
             store.load_world().is_err(),
             "a catalog row beside a combined row"
         );
+        // A combined row of more snapshots than bcp combines: the write
+        // path would take the job's rows for rows apart and lose its
+        // catalog, so opening the store refuses it.
+        let mut many = catalog.clone();
+        many.snapshots = (0..=rows::COMBINED_MAX as u128)
+            .map(|i| crate::domain::Snapshot {
+                snapshot_id: Uuid::from_u128(0x9000 + i),
+                taken_at: t0 + chrono::Duration::minutes(i as i64),
+                ..catalog.snapshots[0].clone()
+            })
+            .collect();
+        edit(&[
+            (view_key, Some(rows::combined_row(job_now, &many))),
+            (classes_key, None),
+        ]);
+        assert!(!projections_match(&store, &world, 2).unwrap());
+        let err = store.load_world().unwrap_err().to_string();
+        assert!(
+            err.contains("stored in one row, where bcp lays it out apart"),
+            "{err}"
+        );
         edit(&[(view_key, Some(combined)), (classes_key, None)]);
         assert!(projections_match(&store, &world, 2).unwrap());
         assert_eq!(store.load_world().unwrap().catalogs[&job], *catalog);
@@ -560,8 +581,14 @@ mod tests {
         ]);
         edit(&rows::snapshot_rows(job.as_u128(), &catalog.snapshots).collect::<Vec<_>>());
         assert!(!projections_match(&store, &world, 2).unwrap());
+        let err = store.load_world().unwrap_err().to_string();
+        assert!(
+            err.contains("stored apart, where bcp lays it out in one row"),
+            "{err}"
+        );
         mark(crate::store::tables::COMBINED_ROWS, false);
         assert!(projections_match(&store, &world, 2).unwrap());
+        assert_eq!(store.load_world().unwrap().catalogs[&job], *catalog);
         // A class row in the layout before runs is compared by what it holds.
         let write_classes = |row: &[u8]| {
             let txn = store.writable().unwrap().begin_write().unwrap();

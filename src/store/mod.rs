@@ -430,9 +430,23 @@ impl Store {
                     let Some((id, Some(view), Some(classes), snapshot_rows)) = job else {
                         return Ok(());
                     };
-                    let fault = |e: String| corrupt(format!("job {}: {e}", Uuid::from_u128(id)));
-                    let read = snapshot_rows.iter().map(|(_, v)| rows::read_snapshots(v));
-                    let catalog = rows::read_catalog(&classes, read).map_err(fault)?;
+                    let fault = |e: String| {
+                        corrupt(format!(
+                            "job {}: {e}; run `bcp audit verify`",
+                            Uuid::from_u128(id)
+                        ))
+                    };
+                    let read = (snapshot_rows.iter())
+                        .map(|(sub, v)| Ok((*sub, rows::read_snapshots(v)?)))
+                        .collect::<std::result::Result<Vec<_>, String>>()
+                        .map_err(fault)?;
+                    // A row where the write path puts none is refused, as
+                    // `load_world` would, not folded into the catalog.
+                    if let Some(why) = rows::layout_fault(&read, true) {
+                        return Err(fault(why));
+                    }
+                    let snapshots = read.into_iter().map(|(_, s)| Ok(s));
+                    let catalog = rows::read_catalog(&classes, snapshots).map_err(fault)?;
                     if catalog.snapshots.len() > rows::COMBINED_MAX {
                         return Ok(());
                     }
@@ -893,6 +907,23 @@ impl Store {
     pub fn load_world(&self) -> Result<World> {
         let view = self.job_rows(..)?;
         let chunked = behind::snapshot_rows_chunked(view.txn())?;
+        let layout = behind::row_layout(view.txn())?;
+        // A catalog stored in the other layout than bcp lays it out would
+        // be misread by the write path, which knows a job's rows from its
+        // state alone (a combined row of more than COMBINED_MAX, say,
+        // would be overwritten by a view and its catalog lost).
+        let misplaced = |id: u128, catalog: &Catalog, combined: bool| {
+            let laid_out = rows::combines(layout, catalog);
+            (laid_out != combined).then(|| {
+                corrupt(format!(
+                    "job {}'s catalog of {} snapshots is stored {}, where bcp lays it out {}; run `bcp audit verify`",
+                    Uuid::from_u128(id),
+                    catalog.snapshots.len(),
+                    if combined { "in one row" } else { "apart" },
+                    if laid_out { "in one row" } else { "apart" },
+                ))
+            })
+        };
         let mut world = World::default();
         // Rows come grouped by job: its view, class row, snapshots, events
         // (or its combined row, then its events).
@@ -916,6 +947,9 @@ impl Store {
             }
             let catalog = rows::read_catalog(&classes, snapshots.drain(..).map(|(_, s)| Ok(s)))
                 .map_err(fault)?;
+            if let Some(e) = misplaced(id, &catalog, false) {
+                return Err(e);
+            }
             world.catalogs.insert(Uuid::from_u128(id), catalog);
             Ok(())
         };
@@ -950,6 +984,9 @@ impl Store {
                         )));
                     }
                     if let Some(catalog) = catalog {
+                        if let Some(e) = misplaced(id, &catalog, true) {
+                            return Err(e);
+                        }
                         combined = true;
                         world.catalogs.insert(row.job_id, catalog);
                     }

@@ -144,11 +144,15 @@ pub enum Layout {
 
 /// Whether a job in `state` is stored in one combined row under `layout`.
 pub fn is_combined(layout: Layout, state: JobState<'_>) -> bool {
-    layout == Layout::Combined
-        && state.job.is_some()
-        && state
-            .catalog
-            .is_some_and(|c| c.snapshots.len() <= COMBINED_MAX)
+    state.job.is_some() && state.catalog.is_some_and(|c| combines(layout, c))
+}
+
+/// Whether `layout` keeps a job's catalog `c` in its combined row. Part of
+/// a store's layout, as [`starts_row`] is: the write path knows where a
+/// job's rows are from its state alone, so a change to [`COMBINED_MAX`]
+/// would have it misread every store written before.
+pub fn combines(layout: Layout, c: &Catalog) -> bool {
+    layout == Layout::Combined && c.snapshots.len() <= COMBINED_MAX
 }
 
 /// A job's combined row (first byte 6): its view, then its class row's
