@@ -36,6 +36,17 @@ fn job1_command(n: u128, verb: &str, extra: serde_json::Value) -> Pending {
     Pending::new(decode("p1", verb, body.to_string().as_bytes(), None).unwrap())
 }
 
+/// The id of snapshot `n` in the older-store and layout tests.
+fn snapshot_id(n: u128) -> Uuid {
+    Uuid::from_u128(0x5000 + n)
+}
+
+/// A record-snapshot body of snapshot `n` (its size `n` bytes), taken at
+/// `taken_at`.
+fn snapshot_body(n: u128, taken_at: DateTime<Utc>) -> serde_json::Value {
+    json!({"snapshot_id": snapshot_id(n), "taken_at": taken_at, "size_bytes": n})
+}
+
 /// Drives a ledger with a scripted clock and counter ids.
 struct Script {
     ledger: Pipeline<()>,
@@ -328,14 +339,9 @@ fn a_job_moves_between_one_row_and_rows_apart_as_its_catalog_grows_and_shrinks()
     let path = dir.path().join("bcp.redb");
     let cmd = job1_command;
     let max = rows::COMBINED_MAX as u128;
-    let snapshot_id = |n: u128| Uuid::from_u128(0x5000 + n);
     let record = |n: u128| {
         let taken_at = t0() + Duration::hours(7 * n as i64);
-        cmd(
-            0x100 + n,
-            "record-snapshot",
-            json!({"snapshot_id": snapshot_id(n), "taken_at": taken_at, "size_bytes": n}),
-        )
+        cmd(0x100 + n, "record-snapshot", snapshot_body(n, taken_at))
     };
     let mut next = 0u128;
     let mut ids = || {
@@ -431,10 +437,7 @@ fn an_older_store_with_a_misplaced_snapshot_row_is_refused_not_combined() {
         next += 1;
         Uuid::from_u128(next)
     };
-    let snapshot = |n: u128| {
-        let taken_at = t0() + Duration::hours(n as i64);
-        json!({"snapshot_id": Uuid::from_u128(0x5000 + n), "taken_at": taken_at, "size_bytes": n})
-    };
+    let snapshot = |n: u128| snapshot_body(n, t0() + Duration::hours(n as i64));
     let cmds = [
         cmd(
             1,
@@ -494,8 +497,10 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
     let path = dir.path().join("bcp.redb");
     let cmd = job1_command;
     let snapshot = |n: u128, hours: i64| {
-        let taken_at = t0() + Duration::hours(hours) + Duration::microseconds(n as i64);
-        json!({"snapshot_id": Uuid::from_u128(0x5000 + n), "taken_at": taken_at, "size_bytes": n})
+        snapshot_body(
+            n,
+            t0() + Duration::hours(hours) + Duration::microseconds(n as i64),
+        )
     };
     let mut next = 0u128;
     let mut ids = || {
@@ -635,10 +640,7 @@ fn a_store_with_json_rows_reads_verifies_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bcp.redb");
     let cmd = job1_command;
-    let snapshot = |n: u128, hours: i64| {
-        let taken_at = t0() + Duration::hours(hours);
-        json!({"snapshot_id": Uuid::from_u128(0x5000 + n), "taken_at": taken_at, "size_bytes": n})
-    };
+    let snapshot = |n: u128, hours: i64| snapshot_body(n, t0() + Duration::hours(hours));
     let shard = json!({"deployment": {"kind": "shard", "name": "s0", "cluster": "c1"}});
     let mut next = 0u128;
     let mut ids = || {
