@@ -1665,6 +1665,22 @@ async fn a_group_node_ends_when_its_forked_stream_is_deleted() {
     ends_on_a_lost_stream(&mut c, 0, "this store holds").await;
 }
 
+/// A follower reading the stream when it is deleted ends too, saying the
+/// stream was lost, rather than wait for it for good: its consumer would
+/// retry against the missing stream without end, and no lease is taken
+/// while how far behind the stream it is cannot be known.
+#[tokio::test]
+async fn a_follower_ends_when_the_stream_is_deleted_under_it() {
+    let mut c = support::cluster::Cluster::start(2).await;
+    let leader = c.leader(2).await;
+    let follower = 1 - leader;
+    cmd_definitive(&c.client, "create", &create(id())).await;
+    c.all_at(2, 1).await;
+    c.js.delete_stream(STREAM).await.expect("delete the stream");
+    ends_on_a_lost_stream(&mut c, follower, "this store holds 1 events").await;
+    ends_on_a_lost_stream(&mut c, leader, "this store holds").await;
+}
+
 /// Node `node` exits non-zero, saying its stream is missing (`holds`: what
 /// it says of its store), and no node made the stream again.
 async fn ends_on_a_lost_stream(c: &mut support::cluster::Cluster, node: usize, holds: &str) {

@@ -197,9 +197,7 @@ async fn follow(
                 Some(Ok(m)) => messages = Some(m),
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "follower: no consumer yet");
-                    // A stream deleted under a store with events was lost
-                    // (a fork alarm would otherwise stand for good).
-                    if ledger.head_seq() > 0 && matches!(existing_stream(node).await, Ok(None)) {
+                    if lost(node, ledger.head_seq()).await {
                         give_up(lease).await;
                         return Err(lost_stream(node));
                     }
@@ -224,10 +222,15 @@ async fn follow(
                     // standing, and a node far behind would lead.
                     match stop.run_until_cancelled(stream.get_info()).await {
                         None => return Ok(None),
-                        Some(info) => {
-                            behind = info
-                                .ok()
-                                .map(|i| i.state.last_sequence.saturating_sub(ledger.head_seq()));
+                        Some(Ok(info)) => {
+                            behind = Some(info.state.last_sequence.saturating_sub(ledger.head_seq()));
+                        }
+                        Some(Err(_)) => {
+                            behind = None;
+                            if lost(node, ledger.head_seq()).await {
+                                give_up(lease).await;
+                                return Err(lost_stream(node));
+                            }
                         }
                     }
                 }
@@ -417,6 +420,15 @@ async fn existing_stream(node: &Node) -> Result<Option<Stream>, String> {
         Err(e) if guard::no_such_stream(&e) => Ok(None),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Whether the stream was deleted under a store with events (`head` > 0):
+/// it was lost. Checked whenever reading the stream fails, as nothing else
+/// would end the wait: a fork alarm stands, an ordered consumer retries
+/// against the missing stream without end, and a node that cannot tell
+/// how far behind it is never tries for the lease.
+async fn lost(node: &Node, head: u64) -> bool {
+    head > 0 && matches!(existing_stream(node).await, Ok(None))
 }
 
 /// A store with events against a missing or empty stream (a lost stream).
