@@ -953,8 +953,11 @@ async fn a_leader_stopped_under_load_publishes_what_it_committed() {
     assert!(!log.contains("replies withheld"), "{log}");
 }
 
-/// A leader's terms in a node's log: (start, end) of each, ends at a
-/// `term ended`, `bcp serve stopped` or `KILLED` line.
+/// A leader's terms in a node's log: (start, end) of each, ends at the
+/// first `stepping down`, `term ended`, `bcp serve stopped` or `KILLED`
+/// line: from `stepping down` on a leader publishes and answers nothing,
+/// and it logs `term ended` only after its drain, which may outlast a
+/// lease it lost.
 fn terms(log: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut open: Option<String> = None;
@@ -964,7 +967,8 @@ fn terms(log: &str) -> Vec<(String, String)> {
         };
         if line.contains("leader: taking commands") {
             open = Some(time.to_owned());
-        } else if (line.contains("term ended")
+        } else if (line.contains("stepping down")
+            || line.contains("term ended")
             || line.contains("bcp serve stopped")
             || line.ends_with(" KILLED"))
             && let Some(start) = open.take()
@@ -1679,6 +1683,87 @@ async fn a_follower_ends_when_the_stream_is_deleted_under_it() {
     c.js.delete_stream(STREAM).await.expect("delete the stream");
     ends_on_a_lost_stream(&mut c, follower, "this store holds 1 events").await;
     ends_on_a_lost_stream(&mut c, leader, "this store holds").await;
+}
+
+/// A stream made again, empty, under a running group (by hand, or by a
+/// node of an empty store starting meanwhile) lost what it acknowledged:
+/// the leader does not publish the log into it again, which the other
+/// nodes would not follow, and every node of events ends saying the
+/// stream was lost; the stream stays empty.
+#[tokio::test]
+async fn a_group_ends_when_its_stream_is_made_again_empty() {
+    let mut c = support::cluster::Cluster::start(2).await;
+    let leader = c.leader(2).await;
+    cmd_definitive(&c.client, "create", &create(id())).await;
+    c.all_at(2, 1).await;
+    let version = c.client.server_info().version.clone();
+    c.js.delete_stream(STREAM).await.expect("delete the stream");
+    c.js.create_stream(bcp::service::guard::stream_config(STREAM, 3, &version))
+        .await
+        .expect("make the stream again");
+    for node in [1 - leader, leader] {
+        assert_ne!(c.exited(node).await, Some(0));
+        let log = c.node_log_text(node);
+        assert!(
+            log.contains("is missing or empty but this store holds 1 events"),
+            "{log}"
+        );
+    }
+    let stream = c.js.get_stream(STREAM).await.expect("the stream");
+    let state = stream.get_info().await.expect("stream info").state;
+    assert_eq!((state.messages, state.last_sequence), (0, 0));
+}
+
+/// A group's stream whose messages expired (a limit set, then taken away
+/// again) is not the gapless log: each node in turn finds it forked, and
+/// refuses to join it, rather than lead and step down without end.
+#[tokio::test]
+async fn a_group_refuses_a_stream_trimmed_under_it() {
+    let mut c = support::cluster::Cluster::start(2).await;
+    c.leader(2).await;
+    let job = id();
+    cmd_definitive(&c.client, "create", &create(job)).await;
+    cmd_definitive(&c.client, "start", &on(job)).await;
+    c.all_at(2, 2).await;
+    let stream = c.js.get_stream(STREAM).await.expect("the stream");
+    let config = stream.get_info().await.expect("stream info").config;
+    let mut trimmed = config.clone();
+    trimmed.max_age = Duration::from_secs(1);
+    trimmed.duplicate_window = Duration::from_secs(1);
+    c.js.update_stream(trimmed).await.expect("a message limit");
+    let deadline = Deadline::new("the messages to expire", Duration::from_secs(30));
+    while stream.get_info().await.expect("stream info").state.messages > 0 {
+        deadline.tick().await;
+    }
+    c.js.update_stream(config)
+        .await
+        .expect("the limit taken away");
+    for node in [0, 1] {
+        assert_ne!(c.exited(node).await, Some(0));
+        let log = c.node_log_text(node);
+        assert!(
+            log.contains("is not the gapless log from seq 1: it holds 0 messages up to seq 2"),
+            "{log}"
+        );
+    }
+}
+
+/// The lease bucket deleted while no node leads (the leader killed; an
+/// operator clearing a lease that seems stuck): the follower makes the
+/// bucket again, takes the lease, and takes commands.
+#[tokio::test]
+async fn a_follower_leads_after_the_lease_bucket_is_deleted() {
+    let mut c = support::cluster::Cluster::start(2).await;
+    let leader = c.leader(2).await;
+    cmd_definitive(&c.client, "create", &create(id())).await;
+    c.all_at(2, 1).await;
+    c.kill_node(leader);
+    c.js.delete_stream("KV_BCP_WRITERS")
+        .await
+        .expect("delete the lease bucket");
+    assert_eq!(c.leader(1).await, 1 - leader);
+    let reply = cmd_definitive(&c.client, "create", &create(id())).await;
+    assert_eq!(seqs(&reply), [2]);
 }
 
 /// Node `node` exits non-zero, saying its stream is missing (`holds`: what

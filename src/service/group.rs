@@ -183,6 +183,7 @@ async fn follow(
     // When the stream's info was last read for `behind` (idle, at most once
     // a second: one JetStream request, not one per poll).
     let mut looked_at: Option<tokio::time::Instant> = None;
+    let mut lost_for = LostWatch::default();
     let mut poll = tokio::time::interval(LEASE_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -195,13 +196,9 @@ async fn follow(
             match stop.run_until_cancelled(ordered_from(&stream, from)).await {
                 None => return Ok(None),
                 Some(Ok(m)) => messages = Some(m),
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "follower: no consumer yet");
-                    if lost(node, ledger.head_seq()).await {
-                        give_up(lease).await;
-                        return Err(lost_stream(node));
-                    }
-                }
+                // A stream deleted meanwhile is found by the next look at
+                // its info (below).
+                Some(Err(e)) => tracing::debug!(error = %e, "follower: no consumer yet"),
             }
         }
         tokio::select! {
@@ -220,18 +217,23 @@ async fn follow(
                     // that delivers nothing (its server's copy of the
                     // stream broken) would otherwise leave the last count
                     // standing, and a node far behind would lead.
-                    match stop.run_until_cancelled(stream.get_info()).await {
+                    let head = ledger.head_seq();
+                    let last = match stop.run_until_cancelled(stream.get_info()).await {
                         None => return Ok(None),
-                        Some(Ok(info)) => {
-                            behind = Some(info.state.last_sequence.saturating_sub(ledger.head_seq()));
-                        }
-                        Some(Err(_)) => {
-                            behind = None;
-                            if lost(node, ledger.head_seq()).await {
-                                give_up(lease).await;
-                                return Err(lost_stream(node));
-                            }
-                        }
+                        Some(Ok(info)) => Some(info.state.last_sequence),
+                        Some(Err(_)) => None,
+                    };
+                    behind = last.map(|last| last.saturating_sub(head));
+                    let lost = match last {
+                        Some(last) => last < head,
+                        None => missing(node, head).await,
+                    };
+                    if lost_for.saw(lost) {
+                        give_up(lease).await;
+                        return Err(match last {
+                            Some(last) if last > 0 => shorter_stream(node, last, head),
+                            _ => lost_stream(node),
+                        });
                     }
                 }
                 node.metrics.set_behind_stream(behind);
@@ -269,16 +271,26 @@ async fn follow(
                             if bucket.is_none() {
                                 bucket = lease::Bucket::open(&node.js, config.lease_ttl, config.stream_replicas).await.ok();
                             }
-                            match &bucket {
-                                Some(b) => match b.try_acquire(&config.stream, &node.holder).await {
-                                    Ok(Ok(lease)) => Some(lease),
-                                    Ok(Err(held)) if held.single_mode => {
+                            let tried = match &bucket {
+                                Some(b) => b.try_acquire(&config.stream, &node.holder).await,
+                                None => return None,
+                            };
+                            match tried {
+                                Ok(Ok(lease)) => Some(lease),
+                                Ok(Err(held)) => {
+                                    if held.single_mode {
                                         single_writer = Some(held.holder);
-                                        None
                                     }
-                                    _ => None,
-                                },
-                                None => None,
+                                    None
+                                }
+                                Err(e) => {
+                                    // Opened again next time: a bucket
+                                    // deleted (to clear a stuck lease) is
+                                    // made again, as at the start.
+                                    tracing::debug!(error = %e, "follower: the lease bucket did not answer; opening it again");
+                                    bucket = None;
+                                    None
+                                }
                             }
                         }
                     }
@@ -315,11 +327,7 @@ async fn follow(
                     // The stream lost events this store holds: not a
                     // stream this node may lead on; reconcile says why.
                     held.release().await;
-                    return Err(ServeError::Nats(format!(
-                        "the stream {} ends at seq {last}, before this store's head {}: it lost events (restart this node to check it)",
-                        config.stream,
-                        ledger.head_seq()
-                    )));
+                    return Err(shorter_stream(node, last, ledger.head_seq()));
                 }
                 lease = Some(held);
                 tracing::info!(stream_last = last, head_seq = ledger.head_seq(), "lease taken; catching up before taking commands");
@@ -422,13 +430,44 @@ async fn existing_stream(node: &Node) -> Result<Option<Stream>, String> {
     }
 }
 
-/// Whether the stream was deleted under a store with events (`head` > 0):
-/// it was lost. Checked whenever reading the stream fails, as nothing else
-/// would end the wait: a fork alarm stands, an ordered consumer retries
-/// against the missing stream without end, and a node that cannot tell
-/// how far behind it is never tries for the lease.
-async fn lost(node: &Node, head: u64) -> bool {
+/// Whether JetStream says the stream does not exist, under a store with
+/// events (`head` > 0). Asked whenever reading the stream's info fails.
+async fn missing(node: &Node, head: u64) -> bool {
     head > 0 && matches!(existing_stream(node).await, Ok(None))
+}
+
+/// How long a follower's stream must keep looking lost (missing, or ending
+/// before this store's head), look after look, before the node ends: one
+/// answer of a cluster that is restarting is not taken as final.
+const LOST_CONFIRM: Duration = Duration::from_secs(2);
+
+/// Since when the stream has looked lost. A lost stream must end a
+/// follower: nothing else would. A fork alarm stands, an ordered consumer
+/// retries against a missing stream without end, a node that cannot tell
+/// how far behind it is never tries for the lease, and one whose stream
+/// was made again empty waits for events that never come.
+#[derive(Default)]
+struct LostWatch(Option<tokio::time::Instant>);
+
+impl LostWatch {
+    /// One look at the stream (`lost`: whether it looked lost); true once
+    /// it has looked lost at every look for [`LOST_CONFIRM`].
+    fn saw(&mut self, lost: bool) -> bool {
+        if !lost {
+            self.0 = None;
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        now.duration_since(*self.0.get_or_insert(now)) >= LOST_CONFIRM
+    }
+}
+
+/// The stream ends at `last` (> 0), before this store's `head`.
+fn shorter_stream(node: &Node, last: u64, head: u64) -> ServeError {
+    ServeError::Nats(format!(
+        "the stream {} ends at seq {last}, before this store's head {head}: it lost events (restart this node to check it)",
+        node.config.stream
+    ))
 }
 
 /// A store with events against a missing or empty stream (a lost stream).
@@ -443,22 +482,32 @@ fn lost_stream(node: &Node) -> ServeError {
 /// Drop the tail of this store's log that the stream does not hold: the
 /// events after the longest prefix the two share (see the module doc for
 /// why that tail was never acknowledged). Refuses, changing nothing, a
-/// store of another log, and a non-empty store against an empty stream (a
-/// lost stream: republish it from one node in single mode first).
+/// store of another log, a non-empty store against an empty stream (a
+/// lost stream: republish it from one node in single mode first), and one
+/// against a stream trimmed or deleted from.
 async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
     let name = &node.config.stream;
     let head = node.store.head_seq()?;
-    let last = stream
+    let state = stream
         .get_info()
         .await
         .map_err(|e| ServeError::Nats(format!("stream {name}: {e}")))?
-        .state
-        .last_sequence;
+        .state;
+    let last = state.last_sequence;
     if head == 0 {
         return Ok(());
     }
     if last == 0 {
         return Err(lost_stream(node));
+    }
+    if state.first_sequence != 1 || state.messages != last {
+        // Its messages cannot all be read to compare (a read of one gone
+        // would be waited out as a NATS failure, for good), and a store
+        // is not matched against a log with holes.
+        return Err(ServeError::Refused(format!(
+            "the stream {name} is not the gapless log from seq 1: it holds {} messages up to seq {last} (trimmed or deleted from); nothing was changed: make a fresh stream from a verified log (see the README), with one node started without --group, then start the group again",
+            state.messages
+        )));
     }
     // Whether the stream's message at `seq` is this store's event there.
     let same = async |seq: u64| -> Result<bool, ServeError> {

@@ -587,9 +587,10 @@ pub async fn watch(
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "stream check not done (NATS unavailable?)")
             }
+            // In a group, the relay woken finds the loss and steps down.
             Some(Ok(Inspection::NoStream)) => {
                 if acknowledged > 0 {
-                    tracing::warn!(stream = %stream_name, published_seq = acknowledged, "the stream is gone: the relay publishes the log again");
+                    tracing::warn!(stream = %stream_name, published_seq = acknowledged, "the stream is gone{}", republish(&fence));
                     lost.notify_one();
                 }
             }
@@ -597,7 +598,7 @@ pub async fn watch(
                 // Unless the relay reconciled with the stream meanwhile
                 // (it moved `published` back to the stream's last sequence).
                 if last < acknowledged && *published.borrow() >= acknowledged {
-                    tracing::warn!(stream = %stream_name, stream_seq = last, published_seq = acknowledged, "the stream was cut back to a prefix of the log: the relay publishes the rest again");
+                    tracing::warn!(stream = %stream_name, stream_seq = last, published_seq = acknowledged, "the stream was cut back to a prefix of the log{}", republish(&fence));
                     lost.notify_one();
                 }
             }
@@ -612,6 +613,15 @@ pub async fn watch(
                 }
             }
         }
+    }
+}
+
+/// What the relay does about a stream that lost published events: a
+/// single-mode relay publishes them again; a group's leader steps down.
+fn republish(fence: &Option<CancellationToken>) -> &'static str {
+    match fence {
+        None => ": the relay publishes the log again from there",
+        Some(_) => ": stepping down",
     }
 }
 

@@ -380,6 +380,13 @@ async fn publish_until_drained(
     let Inspection::Checked(Verdict::InStep { last }) = inspection else {
         return Err(fenced(fence));
     };
+    if fence.is_some() && last < *published.borrow() {
+        // A group's stream lost events it acknowledged (made again empty,
+        // or cut back): not republished by one node, which the others
+        // would not follow; the follower phase refuses the stream.
+        tracing::warn!(stream = %stream_name, stream_seq = last, published_seq = *published.borrow(), "the stream lost acknowledged events: stepping down");
+        return Err(fenced(fence));
+    }
     // The stream holds the log through `last`, whatever halts the relay
     // below (`bcp status` reads this).
     published.send_replace(last);
