@@ -1766,6 +1766,51 @@ async fn a_follower_leads_after_the_lease_bucket_is_deleted() {
     assert_eq!(seqs(&reply), [2]);
 }
 
+/// A stream that lost events it had acknowledged (here restored, while the
+/// group was stopped, from a copy one event short) is not a tail to drop:
+/// each node refuses it, its store unchanged, naming the acknowledged
+/// events the stream lacks. The leader knows how far it was acknowledged
+/// from its term, the follower from the events it applied.
+#[tokio::test]
+async fn a_group_never_drops_events_the_stream_acknowledged_then_lost() {
+    let mut c = support::cluster::Cluster::start(2).await;
+    c.leader(2).await;
+    let job = id();
+    cmd_definitive(&c.client, "create", &create(job)).await;
+    cmd_definitive(&c.client, "start", &on(job)).await;
+    cmd_definitive(&c.client, "stop", &on(job)).await;
+    c.all_at(2, 3).await;
+    let stream = c.js.get_stream(STREAM).await.expect("the stream");
+    let config = stream.get_info().await.expect("stream info").config;
+    let mut copy = Vec::new();
+    for seq in 1..=2 {
+        copy.push(stream.get_raw_message(seq).await.expect("a message"));
+    }
+    for node in [0, 1] {
+        assert_eq!(c.stop_node(node).await, Some(0));
+    }
+    c.js.delete_stream(STREAM).await.expect("delete the stream");
+    c.js.create_stream(config).await.expect("make the stream again");
+    for m in copy {
+        let ack =
+            c.js.publish_with_headers(m.subject.to_string(), m.headers, m.payload)
+                .await
+                .expect("publish");
+        ack.await.expect("stored");
+    }
+    for node in [0, 1] {
+        c.spawn_node(node);
+        assert_ne!(c.exited(node).await, Some(0));
+        let log = c.node_log_text(node);
+        assert!(
+            log.contains("lacks seqs 3..=3 of this store's log, which it had acknowledged"),
+            "{log}"
+        );
+        let store = bcp::store::Store::open_existing(&c.db(node)).expect("open the store");
+        assert_eq!(store.head_seq().expect("head"), 3, "the store changed");
+    }
+}
+
 /// Node `node` exits non-zero, saying its stream is missing (`holds`: what
 /// it says of its store), and no node made the stream again.
 async fn ends_on_a_lost_stream(c: &mut support::cluster::Cluster, node: usize, holds: &str) {

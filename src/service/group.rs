@@ -20,7 +20,11 @@
 //! that command's last event, at that very seq (the relay checks the ack's
 //! sequence). The tail `reconcile` drops is what this store holds beyond
 //! the longest prefix it shares with the stream, so JetStream never
-//! acknowledged any of it, and no reply covered it.
+//! acknowledged any of it, and no reply covered it, unless the stream
+//! lost events it acknowledged: the store keeps how far it knows the
+//! stream acknowledged (`Store::acknowledged`: raised by every batch it
+//! applies from the stream, by `reconcile`, and at the end of a term), and
+//! `reconcile` refuses to drop below that.
 
 use super::api::{self, Role};
 use super::guard::{self, AlarmKind, Published};
@@ -549,6 +553,19 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
             "this store holds another log than the stream {name} (their first events differ); nothing was changed"
         )));
     }
+    let acknowledged = node.store.acknowledged()?;
+    if keep < acknowledged {
+        // Not a tail no reply covered: the stream had these, and lost them.
+        return Err(ServeError::Refused(format!(
+            "the stream {name} lacks seqs {}..={acknowledged} of this store's log, which it had acknowledged (it holds the log to seq {keep}{}): it lost acknowledged events, and this store may be the last place that holds them; nothing was changed: republish the log from the store that holds the most of it (bcp serve on it once without --group, until bcp status shows relay lag 0, or a fresh stream from a verified log), stop it, then start the group",
+            keep + 1,
+            if last > keep {
+                ", then goes on otherwise"
+            } else {
+                ""
+            }
+        )));
+    }
     if keep < head && node.store.served_single()?.is_some() {
         // A single-mode bcp serve acknowledges a command once its store has
         // it, before the stream does: this tail may have been answered.
@@ -561,6 +578,7 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         // Everything a single-mode serve acknowledged is in the stream.
         node.store.clear_served_single()?;
     }
+    node.store.note_acknowledged(keep)?;
     if keep < head {
         tracing::warn!(
             kept = keep,

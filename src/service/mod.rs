@@ -483,6 +483,19 @@ pub(crate) async fn term(
     lease_end.cancel();
     node.metrics.set_queue(None);
     let ledger_head = writer_result?;
+    if group {
+        // What JetStream acknowledged of this term: never dropped later as
+        // "never acknowledged" (`group::reconcile`).
+        let (store, acked) = (node.store.clone(), *node.published.borrow());
+        let noted = tokio::task::spawn_blocking(move || store.note_acknowledged(acked))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|noted| noted.map_err(|e| e.to_string()));
+        if let Err(e) = noted {
+            // A lower mark only weakens that check; nothing else reads it.
+            tracing::warn!(error = %e, "could not note how far the stream acknowledged this term");
+        }
+    }
     let lease = lease
         .await
         .map_err(|e| ServeError::Nats(format!("lease task: {e}")))?;

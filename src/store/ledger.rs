@@ -191,6 +191,9 @@ struct Rows {
     regions: Vec<(String, Vec<u8>)>,
     /// The batch's time: the records' UUIDv7 bound (`records::v7_bound_at`).
     now: DateTime<Utc>,
+    /// A group follower's batch: the stream acknowledged the log through
+    /// this seq (`ACKNOWLEDGED`, raised in the batch's own transaction).
+    acknowledged: Option<u64>,
 }
 
 impl Rows {
@@ -254,6 +257,9 @@ impl Store {
         let v7_bound = super::records::v7_bound_at(r.now);
         let plan = self.inner.recent().plan(records, rewritten, Some(v7_bound));
         plan.write(&txn)?;
+        if let Some(seq) = r.acknowledged {
+            txn.open_table(CHECKPOINT)?.insert(ACKNOWLEDGED, seq)?;
+        }
         let seqs = (r.events.first()).zip(r.events.last());
         self.commit_rows(txn, seqs.map(|(first, last)| first.0..=last.0), job_rows)?;
         self.inner.recent().committed(plan);
@@ -705,6 +711,8 @@ impl Ledger {
         // The records' UUIDv7 bound: the time of the last event followed
         // (a catch-up batch may span more than the bound's hour).
         b.rows.now = self.head_time.unwrap_or(b.rows.now);
+        // Read from the stream: acknowledged by it.
+        b.rows.acknowledged = Some(self.head_seq);
         for (id, evs) in by_command {
             let rec = CommandRecord {
                 fingerprint: Fingerprint::of_logged(&evs[0]),

@@ -619,6 +619,26 @@ impl Store {
         self.write_checkpoint_key(SERVED_SINGLE, None)
     }
 
+    /// The last seq this store knows the stream acknowledged
+    /// ([`ACKNOWLEDGED`]); 0 when none.
+    pub fn acknowledged(&self) -> Result<u64> {
+        let txn = self.begin_read()?;
+        match txn.open_table(CHECKPOINT) {
+            Ok(t) => Ok(t.get(ACKNOWLEDGED)?.map_or(0, |v| v.value())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The stream acknowledged the log through `seq`: raise
+    /// [`ACKNOWLEDGED`] to it (never lowered).
+    pub fn note_acknowledged(&self, seq: u64) -> Result<()> {
+        if seq <= self.acknowledged()? {
+            return Ok(());
+        }
+        self.write_checkpoint_key(ACKNOWLEDGED, Some(seq))
+    }
+
     fn write_checkpoint_key(&self, key: &str, value: Option<u64>) -> Result<()> {
         let db = self.writable()?;
         let _one = self.inner.one_writer();

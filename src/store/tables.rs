@@ -55,6 +55,12 @@ pub const SNAPSHOT_ROWS: &str = "snapshot_rows_chunked";
 /// (`rows::Layout::Combined`); a store without it is rewritten so when
 /// opened for writing (`Store::combine_job_rows`).
 pub const COMBINED_ROWS: &str = "job_rows_combined";
+/// The key of [`CHECKPOINT`] in a group node's store: the last seq it
+/// knows the stream acknowledged (it applied it from the stream, found it
+/// there, or had it acknowledged as leader). A group node never drops the
+/// events up to it as "never acknowledged": a stream without them lost
+/// them, and this store may be the last place that holds them.
+pub const ACKNOWLEDGED: &str = "stream_acknowledged";
 /// The key of [`CHECKPOINT`] for the records: the last ordinal of
 /// [`RECENT`] the sweep under way merges (absent: none runs).
 pub const SWEEP_TO: &str = "records_sweep_to";
