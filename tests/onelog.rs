@@ -849,6 +849,41 @@ async fn a_group_has_one_leader_and_followers_that_apply_the_stream() {
     assert_eq!(out.matches("leader").count(), 1, "{out}");
 }
 
+/// A leader that renews its lease but can publish nothing (here its NATS
+/// user may not publish events) must not keep the group from taking
+/// commands: once it has published nothing for three lease TTLs while
+/// events wait, it steps down, drops what it decided alone, and leaves
+/// the lease to the others for a while; a node that can publish leads and
+/// answers the producer's retry, and the first one follows it.
+#[tokio::test]
+async fn a_leader_that_cannot_publish_leaves_the_lease_to_one_that_can() {
+    let auth = r#"authorization { users = [
+  { user: app, password: app },
+  { user: mute, password: mute, permissions: { publish: { deny: ["bcp.evt.>"] } } }
+] }
+no_auth_user: app"#;
+    let mut c = support::cluster::Cluster::start_with(1, auth).await;
+    let able = c.leader(1).await;
+    let r = cmd_definitive(&c.client, "create", &create(id())).await;
+    assert_eq!(seqs(&r), [1], "{r}");
+    let mute = c.add_node("b2", "b2");
+    c.spawn_node_as(mute, Some(("mute", "mute")));
+    c.all_at(2, 1).await;
+    // The able node stops (its lease given up): the mute one leads.
+    assert_eq!(c.stop_node(able).await, Some(0));
+    assert_eq!(c.leader(1).await, mute);
+    c.spawn_node(able);
+    let r = cmd_definitive(&c.client, "create", &create(id())).await;
+    assert_eq!(seqs(&r), [2], "{r}");
+    assert_eq!(c.leader(2).await, able);
+    c.all_at(2, 2).await;
+    let log = c.node_log_text(mute);
+    assert!(
+        log.contains("stepping down: nothing published for") && log.contains("dropping seqs 2..=2"),
+        "{log}"
+    );
+}
+
 /// A node whose consumer delivers nothing must not keep the group without
 /// a leader. In a review, a nats-server restarted after kill -9 kept a
 /// broken copy of the stream, and a follower whose consumer it served
@@ -1525,9 +1560,7 @@ async fn a_group_node_refuses_a_store_it_cannot_join() {
     let before = log_of(&c.db(other));
     assert_eq!(before.len(), 1);
     c.spawn_node(other);
-    assert_ne!(c.exited(other).await, Some(0));
-    let log = c.node_log_text(other);
-    assert!(log.contains("holds another log than the stream"), "{log}");
+    ends_saying(&mut c, other, "holds another log than the stream").await;
     assert!(log_of(&c.db(other)) == before, "the store's log changed");
 
     assert_eq!(c.stop_node(0).await, Some(0));
@@ -1652,12 +1685,12 @@ async fn a_group_node_ends_when_its_forked_stream_is_deleted() {
     let (code, out, err) = bcp_cli_text(&["status", "--nats", &c.urls()]).await;
     assert_eq!(code, Some(1), "{out}{err}");
     c.js.delete_stream(STREAM).await.expect("delete the stream");
-    assert_ne!(c.exited(0).await, Some(0));
-    let log = c.node_log_text(0);
-    assert!(
-        log.contains("is missing or empty but this store holds 1 events"),
-        "{log}"
-    );
+    ends_saying(
+        &mut c,
+        0,
+        "is missing or empty but this store holds 1 events",
+    )
+    .await;
 
     // The same for a leader: it does not make the stream again (and
     // republish), it steps down and ends.
@@ -1702,12 +1735,12 @@ async fn a_group_ends_when_its_stream_is_made_again_empty() {
         .await
         .expect("make the stream again");
     for node in [1 - leader, leader] {
-        assert_ne!(c.exited(node).await, Some(0));
-        let log = c.node_log_text(node);
-        assert!(
-            log.contains("is missing or empty but this store holds 1 events"),
-            "{log}"
-        );
+        ends_saying(
+            &mut c,
+            node,
+            "is missing or empty but this store holds 1 events",
+        )
+        .await;
     }
     let stream = c.js.get_stream(STREAM).await.expect("the stream");
     let state = stream.get_info().await.expect("stream info").state;
@@ -1739,12 +1772,12 @@ async fn a_group_refuses_a_stream_trimmed_under_it() {
         .await
         .expect("the limit taken away");
     for node in [0, 1] {
-        assert_ne!(c.exited(node).await, Some(0));
-        let log = c.node_log_text(node);
-        assert!(
-            log.contains("is not the gapless log from seq 1: it holds 0 messages up to seq 2"),
-            "{log}"
-        );
+        ends_saying(
+            &mut c,
+            node,
+            "is not the gapless log from seq 1: it holds 0 messages up to seq 2",
+        )
+        .await;
     }
 }
 
@@ -1790,7 +1823,9 @@ async fn a_group_never_drops_events_the_stream_acknowledged_then_lost() {
         assert_eq!(c.stop_node(node).await, Some(0));
     }
     c.js.delete_stream(STREAM).await.expect("delete the stream");
-    c.js.create_stream(config).await.expect("make the stream again");
+    c.js.create_stream(config)
+        .await
+        .expect("make the stream again");
     for m in copy {
         let ack =
             c.js.publish_with_headers(m.subject.to_string(), m.headers, m.payload)
@@ -1800,26 +1835,28 @@ async fn a_group_never_drops_events_the_stream_acknowledged_then_lost() {
     }
     for node in [0, 1] {
         c.spawn_node(node);
-        assert_ne!(c.exited(node).await, Some(0));
-        let log = c.node_log_text(node);
-        assert!(
-            log.contains("lacks seqs 3..=3 of this store's log, which it had acknowledged"),
-            "{log}"
-        );
+        ends_saying(
+            &mut c,
+            node,
+            "lacks seqs 3..=3 of this store's log, which it had acknowledged",
+        )
+        .await;
         let store = bcp::store::Store::open_existing(&c.db(node)).expect("open the store");
         assert_eq!(store.head_seq().expect("head"), 3, "the store changed");
     }
 }
 
+/// Node `node` exits non-zero, its log saying `what`.
+async fn ends_saying(c: &mut support::cluster::Cluster, node: usize, what: &str) {
+    assert_ne!(c.exited(node).await, Some(0));
+    let log = c.node_log_text(node);
+    assert!(log.contains(what), "{log}");
+}
+
 /// Node `node` exits non-zero, saying its stream is missing (`holds`: what
 /// it says of its store), and no node made the stream again.
 async fn ends_on_a_lost_stream(c: &mut support::cluster::Cluster, node: usize, holds: &str) {
-    assert_ne!(c.exited(node).await, Some(0));
-    let log = c.node_log_text(node);
-    assert!(
-        log.contains(&format!("is missing or empty but {holds}")),
-        "{log}"
-    );
+    ends_saying(c, node, &format!("is missing or empty but {holds}")).await;
     assert!(
         c.js.get_stream(STREAM).await.is_err(),
         "the stream was made again"

@@ -184,6 +184,13 @@ async fn follow(
     // lease to the others after it could not catch up holding it.
     let mut progressed_at = tokio::time::Instant::now();
     let mut hold_off_until = tokio::time::Instant::now();
+    if node
+        .stalled
+        .swap(false, std::sync::atomic::Ordering::SeqCst)
+    {
+        // The last term could publish nothing: another node may.
+        hold_off_until += 2 * config.lease_ttl;
+    }
     // When the stream's info was last read for `behind` (idle, at most once
     // a second: one JetStream request, not one per poll).
     let mut looked_at: Option<tokio::time::Instant> = None;

@@ -36,6 +36,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The stream every event is published to.
 pub const STREAM: &str = "BCP_EVENTS";
+/// Group mode: a leader whose relay could publish nothing for this many
+/// lease TTLs while events wait steps down ([`relay::Target::stall`]).
+const RELAY_STALL_TTLS: u32 = 3;
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -123,6 +126,10 @@ pub(crate) struct Node {
     /// Set at the first call after `stop`: one drain budget for everything
     /// that needs NATS from then on.
     drain_deadline: std::sync::OnceLock<tokio::time::Instant>,
+    /// Group mode: set when a term ended because its relay could publish
+    /// nothing ([`relay::Target::stall`]): the next follower phase leaves
+    /// the lease to the other nodes for a while.
+    pub stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Node {
@@ -246,6 +253,7 @@ pub async fn serve(config: ServeConfig, stop: CancellationToken) -> Result<(), S
         holder,
         lease: lease_tx,
         drain_deadline: std::sync::OnceLock::new(),
+        stalled: Arc::default(),
     };
     let result = match (ledger, lease) {
         (Some(ledger), Some(lease)) => term(&node, ledger, lease, &stop).await.map(|_| ()),
@@ -402,6 +410,7 @@ pub(crate) async fn term(
             alarms: node.alarms.clone(),
             fence: group.then(|| deposed.clone()),
             lost,
+            stall: group.then(|| (RELAY_STALL_TTLS * config.lease_ttl, node.stalled.clone())),
         },
         node.head.subscribe(),
         node.published.clone(),

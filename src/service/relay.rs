@@ -96,6 +96,12 @@ pub struct Target {
     /// Woken by the stream check when the stream lost published events
     /// ([`guard::Watched::lost`]): reconcile with it again.
     pub lost: Arc<tokio::sync::Notify>,
+    /// Group mode: how long publishing may fail while events wait before
+    /// this node steps down (cancels `fence`), and the flag it sets then.
+    /// Its lease renews, so nothing else would end its term; another node
+    /// may be able to publish (this one's connection or credentials may be
+    /// what fails).
+    pub stall: Option<(Duration, Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 /// Committed events on their way to the relay, in seq order, without a
@@ -232,6 +238,8 @@ pub async fn run(
     // by the next attempt.
     let mut limits = AtomicLimits::default();
     let source = Source { store, outbox };
+    // Since when publishing has failed with nothing acknowledged.
+    let mut stalled_since: Option<tokio::time::Instant> = None;
     loop {
         let before = *published.borrow();
         match publish_until_drained(&source, &target, &mut head, &published, &drain, &mut limits)
@@ -256,6 +264,21 @@ pub async fn run(
                 // start again once something was.
                 if *published.borrow() > before {
                     backoff = Duration::from_millis(100);
+                    stalled_since = None;
+                }
+                if let (Some(fence), Some((limit, stalled))) = (&target.fence, &target.stall) {
+                    let since = *stalled_since.get_or_insert_with(tokio::time::Instant::now);
+                    if !head_reached(&head, &published) && since.elapsed() >= *limit {
+                        tracing::warn!(
+                            published_seq = *published.borrow(),
+                            head_seq = *head.borrow(),
+                            "stepping down: nothing published for {:?} while events wait; another node may be able to",
+                            since.elapsed()
+                        );
+                        stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+                        fence.cancel();
+                        return;
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -339,6 +362,7 @@ async fn publish_until_drained(
         alarms,
         fence,
         lost,
+        ..
     } = target;
     // In a group the follower phase made the stream; a leader finding it
     // gone steps down, and its follower phase says the stream was lost
