@@ -234,7 +234,9 @@ async fn follow(
                         Some(Ok(info)) => Some(info.state.last_sequence),
                         Some(Err(_)) => None,
                     };
-                    behind = last.map(|last| last.saturating_sub(head));
+                    // A stream that ends before the head is not near: no
+                    // lease is tried on it while it may be lost.
+                    behind = last.and_then(|last| last.checked_sub(head));
                     let lost = match last {
                         Some(last) => last < head,
                         None => missing(node, head).await,
@@ -335,10 +337,12 @@ async fn follow(
                     return Ok(Some((ledger.into_ledger(), held)));
                 }
                 if last < ledger.head_seq() {
-                    // The stream lost events this store holds: not a
-                    // stream this node may lead on; reconcile says why.
+                    // The stream lost events this store holds (since the
+                    // last look): not one to lead on. The looks above end
+                    // the node once it stays so.
                     held.release().await;
-                    return Err(shorter_stream(node, last, ledger.head_seq()));
+                    behind = None;
+                    continue;
                 }
                 lease = Some(held);
                 tracing::info!(stream_last = last, head_seq = ledger.head_seq(), "lease taken; catching up before taking commands");
@@ -486,7 +490,7 @@ fn lost_stream(node: &Node) -> ServeError {
     let name = &node.config.stream;
     let head = node.store.head_seq().unwrap_or_default();
     ServeError::Refused(format!(
-        "the stream {name} is missing or empty but this store holds {head} events (the stream was lost?); nothing was changed: start one node without --group on this store to republish the log, stop it, then start the group again"
+        "the stream {name} is missing or empty but this store holds {head} events (the stream was lost?); nothing was changed: republish the log from the node whose store holds the most of it (start it once without --group, until bcp status shows relay lag 0), stop it, then start the group again"
     ))
 }
 
@@ -516,7 +520,7 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         // would be waited out as a NATS failure, for good), and a store
         // is not matched against a log with holes.
         return Err(ServeError::Refused(format!(
-            "the stream {name} is not the gapless log from seq 1: it holds {} messages up to seq {last} (trimmed or deleted from); nothing was changed: make a fresh stream from a verified log (see the README), with one node started without --group, then start the group again",
+            "the stream {name} is not the gapless log from seq 1: it holds {} messages up to seq {last} (trimmed or deleted from); nothing was changed: make a fresh stream from the verified log of the node whose store holds the most of it (this one holds {head} events; see the README), started once without --group, then start the group again",
             state.messages
         )));
     }

@@ -238,8 +238,7 @@ pub async fn run(
     // by the next attempt.
     let mut limits = AtomicLimits::default();
     let source = Source { store, outbox };
-    // Since when publishing has failed with nothing acknowledged.
-    let mut stalled_since: Option<tokio::time::Instant> = None;
+    let mut stall = Stall::default();
     loop {
         let before = *published.borrow();
         match publish_until_drained(&source, &target, &mut head, &published, &drain, &mut limits)
@@ -247,6 +246,7 @@ pub async fn run(
         {
             Ok(()) => return,
             Err(e) => {
+                let nats_failed = matches!(e, Interrupted::Nats(_));
                 match e {
                     Interrupted::Nats(e) => {
                         tracing::warn!(error = %e, published_seq = *published.borrow(), "relay interrupted; reconciling with the stream")
@@ -264,21 +264,25 @@ pub async fn run(
                 // start again once something was.
                 if *published.borrow() > before {
                     backoff = Duration::from_millis(100);
-                    stalled_since = None;
                 }
-                if let (Some(fence), Some((limit, stalled))) = (&target.fence, &target.stall) {
-                    let since = *stalled_since.get_or_insert_with(tokio::time::Instant::now);
-                    if !head_reached(&head, &published) && since.elapsed() >= *limit {
-                        tracing::warn!(
-                            published_seq = *published.borrow(),
-                            head_seq = *head.borrow(),
-                            "stepping down: nothing published for {:?} while events wait; another node may be able to",
-                            since.elapsed()
-                        );
-                        stalled.store(true, std::sync::atomic::Ordering::SeqCst);
-                        fence.cancel();
-                        return;
-                    }
+                let stalled_for = stall.failed(
+                    tokio::time::Instant::now(),
+                    *published.borrow() > before,
+                    !head_reached(&head, &published),
+                    nats_failed,
+                );
+                if let (Some(stalled_for), Some(fence), Some((limit, stalled))) =
+                    (stalled_for, &target.fence, &target.stall)
+                    && stalled_for >= *limit
+                {
+                    tracing::warn!(
+                        published_seq = *published.borrow(),
+                        head_seq = *head.borrow(),
+                        "stepping down: nothing published for {stalled_for:?} while events wait; another node may be able to"
+                    );
+                    stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+                    fence.cancel();
+                    return;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -287,6 +291,33 @@ pub async fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+/// Since when publishing has failed with events waiting: a group's leader
+/// steps down once it lasts ([`Target::stall`]).
+#[derive(Default)]
+struct Stall(Option<tokio::time::Instant>);
+
+impl Stall {
+    /// After a failed attempt to publish, at `now`: whether anything was
+    /// acknowledged during it (`progressed`), whether events wait, and
+    /// whether it was NATS that failed (a halt by an alarm says why itself,
+    /// and another node would meet the same). How long publishing has
+    /// stalled, counted from the first failure that left events waiting
+    /// since the last progress; `None` while it has not.
+    fn failed(
+        &mut self,
+        now: tokio::time::Instant,
+        progressed: bool,
+        waiting: bool,
+        nats: bool,
+    ) -> Option<Duration> {
+        if progressed || !waiting || !nats {
+            self.0 = None;
+            return None;
+        }
+        Some(now.duration_since(*self.0.get_or_insert(now)))
     }
 }
 
@@ -1020,6 +1051,36 @@ fn fenced(fence: &Option<CancellationToken>) -> Interrupted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stall counts from the first failure that leaves events waiting,
+    /// not from an earlier one while idle, and starts again after any
+    /// progress or a halt by an alarm (review: a failure at a term's start,
+    /// then a long idle spell, made one later failure a step-down).
+    #[test]
+    fn a_stall_counts_from_the_first_failure_that_leaves_events_waiting() {
+        let t0 = tokio::time::Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut stall = Stall::default();
+        assert_eq!(stall.failed(at(0), false, false, true), None, "idle");
+        assert_eq!(
+            stall.failed(at(20), false, true, true),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            stall.failed(at(25), false, true, true),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(stall.failed(at(26), true, true, true), None, "progress");
+        assert_eq!(
+            stall.failed(at(27), false, true, true),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(stall.failed(at(28), false, true, false), None, "a halt");
+        assert_eq!(
+            stall.failed(at(40), false, true, true),
+            Some(Duration::ZERO)
+        );
+    }
 
     fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<Event> {
         let route = |s: u64| Route {
