@@ -849,6 +849,18 @@ async fn a_group_has_one_leader_and_followers_that_apply_the_stream() {
     assert_eq!(out.matches("leader").count(), 1, "{out}");
 }
 
+/// Servers whose clients are `app`, who may do anything, unless they log
+/// in as `user` (password the same), who may not publish on `deny`.
+fn a_user_denied(user: &str, deny: &str) -> String {
+    format!(
+        r#"authorization {{ users = [
+  {{ user: app, password: app }},
+  {{ user: {user}, password: {user}, permissions: {{ publish: {{ deny: ["{deny}"] }} }} }}
+] }}
+no_auth_user: app"#
+    )
+}
+
 /// A leader that renews its lease but can publish nothing (here its NATS
 /// user may not publish events) must not keep the group from taking
 /// commands: once it has published nothing for three lease TTLs while
@@ -857,12 +869,8 @@ async fn a_group_has_one_leader_and_followers_that_apply_the_stream() {
 /// answers the producer's retry, and the first one follows it.
 #[tokio::test]
 async fn a_leader_that_cannot_publish_leaves_the_lease_to_one_that_can() {
-    let auth = r#"authorization { users = [
-  { user: app, password: app },
-  { user: mute, password: mute, permissions: { publish: { deny: ["bcp.evt.>"] } } }
-] }
-no_auth_user: app"#;
-    let mut c = support::cluster::Cluster::start_with(1, auth).await;
+    let auth = a_user_denied("mute", "bcp.evt.>");
+    let mut c = support::cluster::Cluster::start_with(1, &auth).await;
     let able = c.leader(1).await;
     let r = cmd_definitive(&c.client, "create", &create(id())).await;
     assert_eq!(seqs(&r), [1], "{r}");
@@ -893,12 +901,8 @@ no_auth_user: app"#;
 /// does.
 #[tokio::test]
 async fn a_node_that_cannot_catch_up_leaves_the_lease_to_one_that_can() {
-    let auth = r#"authorization { users = [
-  { user: app, password: app },
-  { user: stuck, password: stuck, permissions: { publish: { deny: ["$JS.API.CONSUMER.MSG.NEXT.>"] } } }
-] }
-no_auth_user: app"#;
-    let mut c = support::cluster::Cluster::start_with(2, auth).await;
+    let auth = a_user_denied("stuck", "$JS.API.CONSUMER.MSG.NEXT.>");
+    let mut c = support::cluster::Cluster::start_with(2, &auth).await;
     let first = c.leader(2).await;
     let stuck = c.add_node("b3", "b3");
     c.spawn_node_as(stuck, Some(("stuck", "stuck")));
@@ -1708,11 +1712,8 @@ async fn a_group_node_ends_when_its_forked_stream_is_deleted() {
 /// while how far behind the stream it is cannot be known.
 #[tokio::test]
 async fn a_follower_ends_when_the_stream_is_deleted_under_it() {
-    let mut c = support::cluster::Cluster::start(2).await;
-    let leader = c.leader(2).await;
+    let (mut c, leader) = two_nodes_at(1).await;
     let follower = 1 - leader;
-    cmd_definitive(&c.client, "create", &create(id())).await;
-    c.all_at(2, 1).await;
     c.js.delete_stream(STREAM).await.expect("delete the stream");
     ends_on_a_lost_stream(&mut c, follower, "this store holds 1 events").await;
     ends_on_a_lost_stream(&mut c, leader, "this store holds").await;
@@ -1725,10 +1726,7 @@ async fn a_follower_ends_when_the_stream_is_deleted_under_it() {
 /// stream was lost; the stream stays empty.
 #[tokio::test]
 async fn a_group_ends_when_its_stream_is_made_again_empty() {
-    let mut c = support::cluster::Cluster::start(2).await;
-    let leader = c.leader(2).await;
-    cmd_definitive(&c.client, "create", &create(id())).await;
-    c.all_at(2, 1).await;
+    let (mut c, leader) = two_nodes_at(1).await;
     let version = c.client.server_info().version.clone();
     c.js.delete_stream(STREAM).await.expect("delete the stream");
     c.js.create_stream(bcp::service::guard::stream_config(STREAM, 3, &version))
@@ -1752,12 +1750,7 @@ async fn a_group_ends_when_its_stream_is_made_again_empty() {
 /// refuses to join it, rather than lead and step down without end.
 #[tokio::test]
 async fn a_group_refuses_a_stream_trimmed_under_it() {
-    let mut c = support::cluster::Cluster::start(2).await;
-    c.leader(2).await;
-    let job = id();
-    cmd_definitive(&c.client, "create", &create(job)).await;
-    cmd_definitive(&c.client, "start", &on(job)).await;
-    c.all_at(2, 2).await;
+    let (mut c, _) = two_nodes_at(2).await;
     let stream = c.js.get_stream(STREAM).await.expect("the stream");
     let config = stream.get_info().await.expect("stream info").config;
     let mut trimmed = config.clone();
@@ -1783,10 +1776,7 @@ async fn a_group_refuses_a_stream_trimmed_under_it() {
 /// bucket again, takes the lease, and takes commands.
 #[tokio::test]
 async fn a_follower_leads_after_the_lease_bucket_is_deleted() {
-    let mut c = support::cluster::Cluster::start(2).await;
-    let leader = c.leader(2).await;
-    cmd_definitive(&c.client, "create", &create(id())).await;
-    c.all_at(2, 1).await;
+    let (mut c, leader) = two_nodes_at(1).await;
     c.kill_node(leader);
     c.js.delete_stream("KV_BCP_WRITERS")
         .await
@@ -1803,13 +1793,7 @@ async fn a_follower_leads_after_the_lease_bucket_is_deleted() {
 /// from its term, the follower from the events it applied.
 #[tokio::test]
 async fn a_group_never_drops_events_the_stream_acknowledged_then_lost() {
-    let mut c = support::cluster::Cluster::start(2).await;
-    c.leader(2).await;
-    let job = id();
-    cmd_definitive(&c.client, "create", &create(job)).await;
-    cmd_definitive(&c.client, "start", &on(job)).await;
-    cmd_definitive(&c.client, "stop", &on(job)).await;
-    c.all_at(2, 3).await;
+    let (mut c, _) = two_nodes_at(3).await;
     let stream = c.js.get_stream(STREAM).await.expect("the stream");
     let config = stream.get_info().await.expect("stream info").config;
     let mut copy = Vec::new();
@@ -1841,6 +1825,20 @@ async fn a_group_never_drops_events_the_stream_acknowledged_then_lost() {
         let store = bcp::store::Store::open_existing(&c.db(node)).expect("open the store");
         assert_eq!(store.head_seq().expect("head"), 3, "the store changed");
     }
+}
+
+/// A group of two nodes, both at seq `n` (a job created, then started
+/// and stopped in turn); the leader's index.
+async fn two_nodes_at(n: u64) -> (support::cluster::Cluster, usize) {
+    let c = support::cluster::Cluster::start(2).await;
+    let leader = c.leader(2).await;
+    let job = id();
+    cmd_definitive(&c.client, "create", &create(job)).await;
+    for verb in ["start", "stop"].iter().cycle().take(n as usize - 1) {
+        cmd_definitive(&c.client, verb, &on(job)).await;
+    }
+    c.all_at(2, n).await;
+    (c, leader)
 }
 
 /// Node `node` exits non-zero, its log saying `what`.
