@@ -602,12 +602,7 @@ impl Store {
     /// Whether a single-mode `bcp serve` took this store's commands since a
     /// group node last found all of it in the stream: the head then.
     pub fn served_single(&self) -> Result<Option<u64>> {
-        let txn = self.begin_read()?;
-        match txn.open_table(CHECKPOINT) {
-            Ok(t) => Ok(t.get(SERVED_SINGLE)?.map(|v| v.value())),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        self.checkpoint_key(SERVED_SINGLE)
     }
 
     /// A group node found every event of this store in the stream: what a
@@ -622,12 +617,7 @@ impl Store {
     /// The last seq this store knows the stream acknowledged
     /// ([`ACKNOWLEDGED`]); 0 when none.
     pub fn acknowledged(&self) -> Result<u64> {
-        let txn = self.begin_read()?;
-        match txn.open_table(CHECKPOINT) {
-            Ok(t) => Ok(t.get(ACKNOWLEDGED)?.map_or(0, |v| v.value())),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.checkpoint_key(ACKNOWLEDGED)?.unwrap_or(0))
     }
 
     /// The stream acknowledged the log through `seq`: raise
@@ -637,6 +627,17 @@ impl Store {
             return Ok(());
         }
         self.write_checkpoint_key(ACKNOWLEDGED, Some(seq))
+    }
+
+    /// The value of `key` in [`CHECKPOINT`], if any (stores from before
+    /// the table lack it).
+    fn checkpoint_key(&self, key: &str) -> Result<Option<u64>> {
+        let txn = self.begin_read()?;
+        match txn.open_table(CHECKPOINT) {
+            Ok(t) => Ok(t.get(key)?.map(|v| v.value())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn write_checkpoint_key(&self, key: &str, value: Option<u64>) -> Result<()> {
