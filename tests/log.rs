@@ -42,6 +42,15 @@ fn snapshot_id(n: u128) -> Uuid {
 }
 
 /// A record-snapshot body of snapshot `n` (its size `n` bytes), taken at
+/// A pipeline on the store at `path` (made if missing), after `cmds` at
+/// [`t0`], every one of them answered ok.
+fn open_and_execute(path: &Path, cmds: &[Pending], ids: &mut dyn FnMut() -> Uuid) -> Pipeline<()> {
+    let mut p = Pipeline::open(Store::open_or_create(path).unwrap()).unwrap();
+    let replies = p.execute(cmds, t0(), ids).unwrap();
+    assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+    p
+}
+
 /// `taken_at`.
 fn snapshot_body(n: u128, taken_at: DateTime<Utc>) -> serde_json::Value {
     json!({"snapshot_id": snapshot_id(n), "taken_at": taken_at, "size_bytes": n})
@@ -447,13 +456,7 @@ fn an_older_store_with_a_misplaced_snapshot_row_is_refused_not_combined() {
         cmd(2, "start", json!({})),
         cmd(3, "record-snapshot", snapshot(1)),
     ];
-    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
-    assert!(
-        p.execute(&cmds, t0(), &mut ids)
-            .unwrap()
-            .iter()
-            .all(|r| r.ok)
-    );
+    let p = open_and_execute(&path, &cmds, &mut ids);
     let stray = p.world().catalogs[&job(1)].snapshots[0].clone();
     drop(p);
     {
@@ -513,13 +516,7 @@ fn a_store_with_rows_of_times_as_text_reads_verifies_and_serves() {
         .into_iter()
         .chain((1..=many).map(|n| cmd(2 + n, "record-snapshot", snapshot(n, 29 * n as i64))))
         .collect();
-    let mut p = Pipeline::open(Store::open_or_create(&path).unwrap()).unwrap();
-    assert!(
-        p.execute(&cmds, t0(), &mut ids)
-            .unwrap()
-            .iter()
-            .all(|r| r.ok)
-    );
+    let p = open_and_execute(&path, &cmds, &mut ids);
     drop(p);
     // The first bytes of job 1's rows, by kind.
     let first_bytes = |path: &Path| {
