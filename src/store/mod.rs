@@ -22,6 +22,10 @@ use std::sync::Arc;
 use tables::*;
 use uuid::Uuid;
 
+/// One job's stored rows, as the layout migrations read them: `(kind,
+/// sub, value)` in key order.
+type StoredJob = Vec<(u8, u128, Vec<u8>)>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -350,58 +354,30 @@ impl Store {
         {
             return Ok(());
         }
-        let read = self.begin_read()?;
-        let stored = read.open_table(JOB_ROWS)?;
-        let txn = self.writable()?.begin_write()?;
-        let mut rewritten = 0usize;
-        {
-            let mut table = txn.open_table(JOB_ROWS)?;
-            let mut job: Option<(u128, Vec<u128>, Vec<crate::domain::Snapshot>)> = None;
-            let mut finish = |table: &mut redb::Table<rows::JobKey, &[u8]>,
-                              job: Option<(u128, Vec<u128>, Vec<_>)>|
-             -> Result<()> {
-                let Some((id, subs, mut snapshots)) = job else {
-                    return Ok(());
-                };
-                snapshots.sort_by_key(crate::domain::Snapshot::place);
-                for sub in subs {
-                    table.remove(JobRow::Snapshot.key(id, sub))?;
-                }
-                for (key, row) in rows::snapshot_rows(id, &snapshots) {
-                    table.insert(key, row.expect("rows from nothing").as_slice())?;
-                }
-                rewritten += 1;
-                Ok(())
-            };
-            for r in stored.iter()? {
-                let (k, v) = r?;
-                let (id, kind, sub) = k.value();
+        let what = "snapshot rows rewritten, several to a row";
+        self.rewrite_job_rows(SNAPSHOT_ROWS, what, |table, id, stored| {
+            let (mut subs, mut snapshots) = (Vec::new(), Vec::new());
+            for (kind, sub, value) in stored {
                 if kind != JobRow::Snapshot as u8 {
                     continue;
                 }
-                if job.as_ref().is_none_or(|j| j.0 != id) {
-                    finish(&mut table, job.take())?;
-                    job = Some((id, Vec::new(), Vec::new()));
-                }
-                let snapshots = rows::read_snapshots(v.value()).map_err(|e| {
+                snapshots.extend(rows::read_snapshots(&value).map_err(|e| {
                     corrupt(format!("job {}'s snapshot row: {e}", Uuid::from_u128(id)))
-                })?;
-                let (_, subs, all) = job.as_mut().expect("set above");
+                })?);
                 subs.push(sub);
-                all.extend(snapshots);
             }
-            finish(&mut table, job.take())?;
-            let head = behind::last_seq(&txn.open_table(EVENTS)?)?;
-            txn.open_table(CHECKPOINT)?.insert(SNAPSHOT_ROWS, head)?;
-        }
-        txn.commit()?;
-        if rewritten > 0 {
-            tracing::info!(
-                jobs = rewritten,
-                "snapshot rows rewritten, several to a row"
-            );
-        }
-        Ok(())
+            if subs.is_empty() {
+                return Ok(false);
+            }
+            snapshots.sort_by_key(crate::domain::Snapshot::place);
+            for sub in subs {
+                table.remove(JobRow::Snapshot.key(id, sub))?;
+            }
+            for (key, row) in rows::snapshot_rows(id, &snapshots) {
+                table.insert(key, row.expect("rows from nothing").as_slice())?;
+            }
+            Ok(true)
+        })
     }
 
     /// Rewrite each job whose catalog holds at most [`rows::COMBINED_MAX`]
@@ -413,80 +389,96 @@ impl Store {
     /// reads alike. The table is rewritten as it stands (a store that
     /// stopped without a checkpoint catches up after, on either layout).
     fn combine_job_rows(&self) -> Result<()> {
-        let read = self.begin_read()?;
-        if behind::row_layout(&read)? == rows::Layout::Combined {
+        if behind::row_layout(&self.begin_read()?)? == rows::Layout::Combined {
             return Ok(());
         }
+        let what = "job rows of small catalogs combined, one row a job";
+        self.rewrite_job_rows(COMBINED_ROWS, what, |table, id, stored| {
+            // The job's view, class row and snapshot rows (sub, value).
+            let (mut view, mut classes, mut snapshot_rows) = (None, None, Vec::new());
+            for (kind, sub, value) in stored {
+                match kind {
+                    k if k == JobRow::Job as u8 => view = Some(value),
+                    k if k == JobRow::Classes as u8 => classes = Some(value),
+                    k if k == JobRow::Snapshot as u8 => snapshot_rows.push((sub, value)),
+                    _ => {}
+                }
+            }
+            let (Some(view), Some(classes)) = (view, classes) else {
+                return Ok(false);
+            };
+            let fault = |e: String| {
+                corrupt(format!(
+                    "job {}: {e}; run `bcp audit verify`",
+                    Uuid::from_u128(id)
+                ))
+            };
+            let read = (snapshot_rows.iter())
+                .map(|(sub, v)| Ok((*sub, rows::read_snapshots(v)?)))
+                .collect::<std::result::Result<Vec<_>, String>>()
+                .map_err(fault)?;
+            // A row where the write path puts none is refused, as
+            // `load_world` would, not folded into the catalog.
+            if let Some(why) = rows::layout_fault(&read, true) {
+                return Err(fault(why));
+            }
+            let snapshots = read.into_iter().map(|(_, s)| Ok(s));
+            let catalog = rows::read_catalog(&classes, snapshots).map_err(fault)?;
+            if catalog.snapshots.len() > rows::COMBINED_MAX {
+                return Ok(false);
+            }
+            let view = rows::read_job(&view).map_err(fault)?;
+            table.insert(
+                JobRow::Job.key(id, 0),
+                rows::combined_row(&view, &catalog).as_slice(),
+            )?;
+            table.remove(JobRow::Classes.key(id, 0))?;
+            for (sub, _) in snapshot_rows {
+                table.remove(JobRow::Snapshot.key(id, sub))?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// Rewrite the job rows once, job by job, in one transaction (the
+    /// layout migrations on open): `rewrite` gets each job's stored rows,
+    /// `(kind, sub, value)` in key order, and says whether it rewrote them;
+    /// then `mark` in [`CHECKPOINT`] holds the head, and `what` is logged
+    /// with how many jobs were rewritten, if any.
+    fn rewrite_job_rows(
+        &self,
+        mark: &str,
+        what: &str,
+        mut rewrite: impl FnMut(&mut redb::Table<rows::JobKey, &[u8]>, u128, StoredJob) -> Result<bool>,
+    ) -> Result<()> {
+        let read = self.begin_read()?;
         let stored = read.open_table(JOB_ROWS)?;
         let txn = self.writable()?.begin_write()?;
-        let mut combined = 0usize;
+        let mut rewritten = 0usize;
         {
             let mut table = txn.open_table(JOB_ROWS)?;
-            // One job's view, class row and snapshot rows (sub, value).
-            type Parts = (u128, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(u128, Vec<u8>)>);
-            let mut job: Option<Parts> = None;
-            let mut finish =
-                |table: &mut redb::Table<rows::JobKey, &[u8]>, job: Option<Parts>| -> Result<()> {
-                    let Some((id, Some(view), Some(classes), snapshot_rows)) = job else {
-                        return Ok(());
-                    };
-                    let fault = |e: String| {
-                        corrupt(format!(
-                            "job {}: {e}; run `bcp audit verify`",
-                            Uuid::from_u128(id)
-                        ))
-                    };
-                    let read = (snapshot_rows.iter())
-                        .map(|(sub, v)| Ok((*sub, rows::read_snapshots(v)?)))
-                        .collect::<std::result::Result<Vec<_>, String>>()
-                        .map_err(fault)?;
-                    // A row where the write path puts none is refused, as
-                    // `load_world` would, not folded into the catalog.
-                    if let Some(why) = rows::layout_fault(&read, true) {
-                        return Err(fault(why));
-                    }
-                    let snapshots = read.into_iter().map(|(_, s)| Ok(s));
-                    let catalog = rows::read_catalog(&classes, snapshots).map_err(fault)?;
-                    if catalog.snapshots.len() > rows::COMBINED_MAX {
-                        return Ok(());
-                    }
-                    let view = rows::read_job(&view).map_err(fault)?;
-                    table.insert(
-                        JobRow::Job.key(id, 0),
-                        rows::combined_row(&view, &catalog).as_slice(),
-                    )?;
-                    table.remove(JobRow::Classes.key(id, 0))?;
-                    for (sub, _) in snapshot_rows {
-                        table.remove(JobRow::Snapshot.key(id, sub))?;
-                    }
-                    combined += 1;
-                    Ok(())
-                };
+            let mut job: Option<(u128, StoredJob)> = None;
             for r in stored.iter()? {
                 let (k, v) = r?;
                 let (id, kind, sub) = k.value();
                 if job.as_ref().is_none_or(|j| j.0 != id) {
-                    finish(&mut table, job.take())?;
-                    job = Some((id, None, None, Vec::new()));
+                    if let Some((id, rows)) = job.take() {
+                        rewritten += usize::from(rewrite(&mut table, id, rows)?);
+                    }
+                    job = Some((id, Vec::new()));
                 }
-                let (_, view, classes, snapshots) = job.as_mut().expect("set above");
-                match kind {
-                    k if k == JobRow::Job as u8 => *view = Some(v.value().to_vec()),
-                    k if k == JobRow::Classes as u8 => *classes = Some(v.value().to_vec()),
-                    k if k == JobRow::Snapshot as u8 => snapshots.push((sub, v.value().to_vec())),
-                    _ => {}
-                }
+                let (_, rows) = job.as_mut().expect("set above");
+                rows.push((kind, sub, v.value().to_vec()));
             }
-            finish(&mut table, job.take())?;
+            if let Some((id, rows)) = job.take() {
+                rewritten += usize::from(rewrite(&mut table, id, rows)?);
+            }
             let head = behind::last_seq(&txn.open_table(EVENTS)?)?;
-            txn.open_table(CHECKPOINT)?.insert(COMBINED_ROWS, head)?;
+            txn.open_table(CHECKPOINT)?.insert(mark, head)?;
         }
         txn.commit()?;
-        if combined > 0 {
-            tracing::info!(
-                jobs = combined,
-                "job rows of small catalogs combined, one row a job"
-            );
+        if rewritten > 0 {
+            tracing::info!(jobs = rewritten, "{what}");
         }
         Ok(())
     }
