@@ -892,6 +892,44 @@ async fn a_leader_that_cannot_publish_leaves_the_lease_to_one_that_can() {
     );
 }
 
+/// A brand-new group whose first leader can publish nothing: its term
+/// decides a command, no reply leaves, and it steps down. Its store then
+/// holds an event the stream never acknowledged, against an empty stream,
+/// which a follower refuses as a lost stream, unless it knows that nothing
+/// of its log was ever acknowledged (every event decided by its own terms,
+/// each ended with nothing acknowledged). It drops that log and follows the
+/// node that can publish, which answers the producer's retry.
+#[tokio::test]
+async fn a_first_leader_that_published_nothing_drops_its_log_and_follows() {
+    let auth = a_user_denied("mute", "bcp.evt.>");
+    let mut c = support::cluster::Cluster::start_with(0, &auth).await;
+    let mute = c.add_node("b1", "b1");
+    c.spawn_node_as(mute, Some(("mute", "mute")));
+    assert_eq!(c.leader(1).await, mute);
+    let body = create(id());
+    assert_eq!(
+        try_cmd(&c.client, "create", &body).await,
+        None,
+        "no reply before an ack"
+    );
+    // Decided and fsynced by the mute leader, never published.
+    c.all_at(1, 1).await;
+    let able = c.add_node("b2", "b2");
+    c.spawn_node(able);
+    let r = cmd_definitive(&c.client, "create", &body).await;
+    assert_eq!(seqs(&r), [1], "{r}");
+    assert_eq!(c.leader(2).await, able);
+    // The mute node is still running, at the able leader's seq 1.
+    c.all_at(2, 1).await;
+    let log = c.node_log_text(mute);
+    assert!(
+        log.contains("stepping down: nothing published for")
+            && log.contains("dropping seqs 1..=1: this node's terms decided them"),
+        "{log}"
+    );
+    assert!(!log.contains("missing or empty"), "{log}");
+}
+
 /// A node whose consumer delivers nothing must not keep the group without
 /// a leader. In a review, a nats-server restarted after kill -9 kept a
 /// broken copy of the stream, and a follower whose consumer it served

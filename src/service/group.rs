@@ -25,6 +25,14 @@
 //! stream acknowledged (`Store::acknowledged`: raised by every batch it
 //! applies from the stream, by `reconcile`, and at the end of a term), and
 //! `reconcile` refuses to drop below that.
+//!
+//! That mark is exact unless a term is open (`Store::open_term`, written
+//! before a term decides anything, removed by `Store::close_term`): a node
+//! killed mid-term may have had more acknowledged. So a store whose every
+//! event its own terms decided, all ended with nothing acknowledged (a new
+//! group's first leader that could publish nothing), is dropped whole at
+//! the start of a follower phase (`Store::never_acknowledged`), where
+//! `reconcile` would refuse it as holding events the stream lost.
 
 use super::api::{self, Role};
 use super::guard::{self, AlarmKind, Published};
@@ -82,6 +90,16 @@ pub(crate) async fn run(node: &Node, stop: &CancellationToken) -> Result<(), Ser
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
+        // Durably, before the term decides anything: a node killed
+        // mid-term must not take its acknowledged mark as exact.
+        let store = node.store.clone();
+        let opened = tokio::task::spawn_blocking(move || store.open_term())
+            .await
+            .map_err(|e| ServeError::Nats(format!("open the term: {e}")));
+        if let Err(e) = opened.and_then(|o| o.map_err(ServeError::from)) {
+            give_up(Some(lease)).await;
+            break Err(e);
+        }
         node.role.send_replace(Role::Leader);
         tracing::info!(head_seq = ledger.head_seq(), "leader: taking commands");
         match super::term(node, ledger, lease, stop).await {
@@ -108,6 +126,19 @@ async fn follow(
     stop: &CancellationToken,
 ) -> Result<Option<(Ledger, Lease)>, ServeError> {
     let config = &node.config;
+    if let Some(head) = node.store.never_acknowledged()? {
+        // Whatever the stream holds now (missing, empty, another leader's
+        // log, or these very events with their acks lost), it is followed
+        // from seq 1: events it holds are applied again from it.
+        tracing::warn!(
+            dropped = head,
+            "dropping seqs 1..={head}: this node's terms decided them and the stream acknowledged none (no reply covered them)"
+        );
+        let store = node.store.clone();
+        tokio::task::spawn_blocking(move || store.truncate_to(0))
+            .await
+            .map_err(|e| ServeError::Refused(format!("truncate: {e}")))??;
+    }
     // A store with events never creates the stream: a missing one was lost
     // (reconcile refuses an empty one the same way).
     let has_events = node.store.head_seq()? > 0;

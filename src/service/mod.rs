@@ -494,14 +494,16 @@ pub(crate) async fn term(
     let ledger_head = writer_result?;
     if group {
         // What JetStream acknowledged of this term: never dropped later as
-        // "never acknowledged" (`group::reconcile`).
+        // "never acknowledged" (`group::reconcile`); and the term is over,
+        // so that mark is exact (`Store::never_acknowledged`).
         let (store, acked) = (node.store.clone(), *node.published.borrow());
-        let noted = tokio::task::spawn_blocking(move || store.note_acknowledged(acked))
+        let noted = tokio::task::spawn_blocking(move || store.close_term(acked))
             .await
             .map_err(|e| e.to_string())
             .and_then(|noted| noted.map_err(|e| e.to_string()));
         if let Err(e) = noted {
-            // A lower mark only weakens that check; nothing else reads it.
+            // A lower mark only weakens that check, and the term left
+            // open makes the next follower phase keep this store's tail.
             tracing::warn!(error = %e, "could not note how far the stream acknowledged this term");
         }
     }

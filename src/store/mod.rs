@@ -621,6 +621,41 @@ impl Store {
         self.write_checkpoint_key(ACKNOWLEDGED, Some(seq))
     }
 
+    /// A group term starts on this store ([`TERM_OPEN`], and
+    /// [`GROUP_BORN`] on an empty store), durably, before it decides
+    /// anything.
+    pub fn open_term(&self) -> Result<()> {
+        let head = self.head_seq()?;
+        let born = (head == 0).then_some((GROUP_BORN, Some(0)));
+        let keys: Vec<_> = [(TERM_OPEN, Some(head))].into_iter().chain(born).collect();
+        self.write_checkpoint_keys(&keys)
+    }
+
+    /// A group term ends, JetStream having acknowledged the log through
+    /// `acknowledged`: [`ACKNOWLEDGED`] raised to it (never lowered) and
+    /// [`TERM_OPEN`] removed, in one transaction.
+    pub fn close_term(&self, acknowledged: u64) -> Result<()> {
+        let mark = acknowledged.max(self.acknowledged()?);
+        self.write_checkpoint_keys(&[(ACKNOWLEDGED, Some(mark)), (TERM_OPEN, None)])
+    }
+
+    /// The head, when this store holds events and the stream is known to
+    /// have acknowledged none of them: every one was decided by this
+    /// node's group terms ([`GROUP_BORN`]), each of which ended (no
+    /// [`TERM_OPEN`]) with nothing acknowledged ([`ACKNOWLEDGED`] 0), and
+    /// no single-mode serve took its commands. No reply covered them, so a
+    /// follower may drop them, whatever the stream holds: a brand-new
+    /// group's first leader that could publish nothing.
+    pub fn never_acknowledged(&self) -> Result<Option<u64>> {
+        let head = self.head_seq()?;
+        let alone = head > 0
+            && self.checkpoint_key(GROUP_BORN)?.is_some()
+            && self.checkpoint_key(TERM_OPEN)?.is_none()
+            && self.acknowledged()? == 0
+            && self.served_single()?.is_none();
+        Ok(alone.then_some(head))
+    }
+
     /// The value of `key` in [`CHECKPOINT`], if any (stores from before
     /// the table lack it).
     fn checkpoint_key(&self, key: &str) -> Result<Option<u64>> {
@@ -633,6 +668,12 @@ impl Store {
     }
 
     fn write_checkpoint_key(&self, key: &str, value: Option<u64>) -> Result<()> {
+        self.write_checkpoint_keys(&[(key, value)])
+    }
+
+    /// Set (`Some`) or remove (`None`) keys of [`CHECKPOINT`], durably, in
+    /// one transaction.
+    fn write_checkpoint_keys(&self, keys: &[(&str, Option<u64>)]) -> Result<()> {
         let db = self.writable()?;
         let _one = self.inner.one_writer();
         let mut txn = db.begin_write()?;
@@ -640,10 +681,12 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         {
             let mut t = txn.open_table(CHECKPOINT)?;
-            match value {
-                Some(v) => t.insert(key, v)?,
-                None => t.remove(key)?,
-            };
+            for &(key, value) in keys {
+                match value {
+                    Some(v) => t.insert(key, v)?,
+                    None => t.remove(key)?,
+                };
+            }
         }
         txn.commit()?;
         Ok(())
