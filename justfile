@@ -62,7 +62,7 @@ run: nats-server
     fi
     url="nats://127.0.0.1:{{nats_port}}"
     echo "nats-server on $url (log: data/nats-server.log); starting bcp serve on data/bcp.redb"
-    echo "send a first command from another terminal:"
+    echo "send a first command from another terminal (README.md's Usage walk-through, whose seqs assume an empty data/, starts there instead):"
     echo "  ./target/release/bcp send create --nats $url --project demo --kind replica_set --name rs0"
     echo "  ./target/release/bcp jobs --nats $url"
     ./target/release/bcp serve --db data/bcp.redb --nats "$url" &

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Recompute bcp's hash chain from an exported log, from the README alone.
 
-    bcp export --db data/bcp.redb --out log.jsonl
-    pip install blake3 && python3 examples/verify_log.py log.jsonl
+    bcp export --db data/bcp.redb --out data/log.jsonl
+    pip install blake3 && python3 examples/verify_log.py data/log.jsonl
 
 Exit 0 and "ok: N events, head hash H", or exit 1 naming the first bad seq.
 """

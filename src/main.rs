@@ -18,10 +18,19 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // An empty BCP_* variable (`BCP_NATS_URL= bcp jobs`) counts as unset,
+    // as for most tools: clap would take the empty value (and connect to
+    // "" or open a store at "").
+    for (name, value) in std::env::vars_os() {
+        if value.is_empty() && name.to_str().is_some_and(|n| n.starts_with("BCP_")) {
+            // SAFETY: at the start of main, before any other thread exists.
+            unsafe { std::env::remove_var(name) };
+        }
+    }
     // NATS_URL is the NATS ecosystem's variable (the nats CLI, nats-py):
     // honoured where BCP_NATS_URL is not set.
     if std::env::var_os("BCP_NATS_URL").is_none()
-        && let Some(url) = std::env::var_os("NATS_URL")
+        && let Some(url) = std::env::var_os("NATS_URL").filter(|u| !u.is_empty())
     {
         // SAFETY: at the start of main, before any other thread exists.
         unsafe { std::env::set_var("BCP_NATS_URL", url) };

@@ -3583,6 +3583,19 @@ async fn job_history_and_watch_from_the_cli() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(&format!("no job {j}")), "{err}");
 
+    // An empty BCP_NATS_URL counts as unset: NATS_URL is used.
+    let jobs = tokio::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
+        .args(["jobs", "--project", "p1", "--format", "json"])
+        .env("BCP_NATS_URL", "")
+        .env("NATS_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    let listed = String::from_utf8_lossy(&jobs.stdout);
+    assert!(
+        jobs.status.success() && listed.contains(&j),
+        "{listed} {jobs:?}"
+    );
     let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_bcp"))
         .args(["watch", "--project", "p1"])
         .env_remove("BCP_NATS_URL")
