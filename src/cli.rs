@@ -806,6 +806,20 @@ fn status(url: &str, wait: Duration, format: Format) -> Result<u8> {
             "bcp: {n} of the processes that answered take the commands of stream {stream} (one should)"
         );
     }
+    // A group's node names tell its processes apart (in this table, the
+    // logs, the restart of "node N"): two under one name is a mistake.
+    let mut names: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+    for r in &replies {
+        if let (Some(group), Some(node)) = (r["group"].as_str(), r["node"].as_str()) {
+            *names.entry((group, node)).or_default() += 1;
+        }
+    }
+    for ((group, node), n) in names.iter().filter(|(_, n)| **n > 1) {
+        unserved = true;
+        eprintln!(
+            "bcp: {n} processes answer as node {node} of group {group}: give each its own --node (their stores, pids and dbs are above)"
+        );
+    }
     Ok(if alarmed || unserved {
         EXIT_REJECTED
     } else {

@@ -805,7 +805,7 @@ async fn cmd_definitive(client: &async_nats::Client, verb: &str, body: &Value) -
 /// three.
 #[tokio::test]
 async fn a_group_has_one_leader_and_followers_that_apply_the_stream() {
-    let c = support::cluster::Cluster::start(3).await;
+    let mut c = support::cluster::Cluster::start(3).await;
     let leader = c.leader(3).await;
     let job = id();
     assert_eq!(
@@ -846,6 +846,20 @@ async fn a_group_has_one_leader_and_followers_that_apply_the_stream() {
     let (code, out, err) = bcp_cli_text(&["status", "--nats", &c.urls()]).await;
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(out.matches("follower").count(), 2, "{out}");
+    assert_eq!(out.matches("leader").count(), 1, "{out}");
+
+    // A fourth process given the name of one of them, on its own store:
+    // it follows (another store, another lease holder), and bcp status
+    // says the name is taken twice.
+    let twin = c.add_node("b2", "b2-twin");
+    c.spawn_node(twin);
+    c.all_at(4, 2).await;
+    let (code, out, err) = bcp_cli_text(&["status", "--nats", &c.urls()]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("2 processes answer as node b2 of group"),
+        "{err}"
+    );
     assert_eq!(out.matches("leader").count(), 1, "{out}");
 }
 
@@ -894,11 +908,11 @@ async fn a_leader_that_cannot_publish_leaves_the_lease_to_one_that_can() {
 
 /// A brand-new group whose first leader can publish nothing: its term
 /// decides a command, no reply leaves, and it steps down. Its store then
-/// holds an event the stream never acknowledged, against an empty stream,
-/// which a follower refuses as a lost stream, unless it knows that nothing
-/// of its log was ever acknowledged (every event decided by its own terms,
-/// each ended with nothing acknowledged). It drops that log and follows the
-/// node that can publish, which answers the producer's retry.
+/// holds an event against an empty stream, which a follower refuses as a
+/// lost stream, unless none of its events can ever have been in that
+/// stream (its term began on the empty store against this very stream,
+/// and nothing acknowledged any). It drops that log and follows the node
+/// that can publish, which answers the producer's retry.
 #[tokio::test]
 async fn a_first_leader_that_published_nothing_drops_its_log_and_follows() {
     let auth = a_user_denied("mute", "bcp.evt.>");
@@ -924,7 +938,7 @@ async fn a_first_leader_that_published_nothing_drops_its_log_and_follows() {
     let log = c.node_log_text(mute);
     assert!(
         log.contains("stepping down: nothing published for")
-            && log.contains("dropping seqs 1..=1: this node's terms decided them"),
+            && log.contains("dropping seqs 1..=1: this node decided them against this stream"),
         "{log}"
     );
     assert!(!log.contains("missing or empty"), "{log}");
