@@ -4023,62 +4023,48 @@ fn a_directory_as_the_store_and_a_full_disk_are_named() {
     assert!(Path::new("/dev/full").exists(), "a device is never removed");
 }
 
-/// Which stores a group follower may empty as never acknowledged
-/// (`Store::never_acknowledged`): only one whose every event was decided
-/// by its node's group terms, each ended with nothing acknowledged. A term
-/// left open (its node killed mid-term), a term that had events
-/// acknowledged, events from before the store's first term (imported, or
-/// written before these marks) or a single-mode serve's commands keep the
-/// log.
+/// Which stores a group follower may empty, against a stream that lacks
+/// their first event (`Store::never_in_stream`): only one whose events a
+/// term decided that began on it empty against that very stream (its
+/// creation time), with nothing acknowledged since and no single-mode
+/// serve. Another stream (deleted and made again), an acknowledged event,
+/// a single-mode serve, or events from before the store's first term
+/// (imported, or written before these marks) keep the log, and the mark
+/// survives the store's reopening.
 #[test]
-fn only_a_log_the_stream_acknowledged_none_of_may_be_dropped() {
+fn only_a_log_never_in_the_stream_may_be_dropped() {
+    const STREAM: u64 = 1_764_000_000_000_000_000;
+    const AGAIN: u64 = STREAM + 1;
     let dir = tempfile::tempdir().unwrap();
     let mut ids = Uuid::new_v4;
-    let born = Store::open_or_create(&dir.path().join("born.redb")).unwrap();
-    born.open_term().unwrap();
+    let path = dir.path().join("born.redb");
+    let born = Store::open_or_create(&path).unwrap();
+    assert!(!born.never_in_stream(STREAM).unwrap(), "nothing to drop");
+    born.note_group_born(STREAM).unwrap();
+    assert!(!born.never_in_stream(STREAM).unwrap(), "nothing to drop");
     let mut p = Pipeline::open(born.clone()).unwrap();
     assert!(p.execute(&[create_command(1)], t0(), &mut ids).unwrap()[0].ok);
-    assert_eq!(born.never_acknowledged().unwrap(), None, "the term is open");
-    born.close_term(0).unwrap();
-    assert_eq!(born.never_acknowledged().unwrap(), Some(1));
-    born.open_term().unwrap();
     assert!(p.execute(&[create_command(2)], t0(), &mut ids).unwrap()[0].ok);
-    born.close_term(0).unwrap();
-    assert_eq!(
-        born.never_acknowledged().unwrap(),
-        Some(2),
-        "two terms, none acknowledged"
-    );
+    assert!(born.never_in_stream(STREAM).unwrap());
+    assert!(!born.never_in_stream(AGAIN).unwrap(), "another stream");
     born.mark_served_single().unwrap();
-    assert_eq!(
-        born.never_acknowledged().unwrap(),
-        None,
-        "a single-mode serve's commands"
+    assert!(
+        !born.never_in_stream(STREAM).unwrap(),
+        "a single-mode serve"
     );
     born.clear_served_single().unwrap();
-    assert_eq!(born.never_acknowledged().unwrap(), Some(2));
-    born.open_term().unwrap();
-    assert!(p.execute(&[create_command(3)], t0(), &mut ids).unwrap()[0].ok);
-    born.close_term(3).unwrap();
-    assert_eq!(born.never_acknowledged().unwrap(), None, "acknowledged");
-    born.open_term().unwrap();
-    born.close_term(0).unwrap();
-    assert_eq!(born.acknowledged().unwrap(), 3, "a mark is never lowered");
+    drop((p, born));
+    let born = Store::open_or_create(&path).unwrap();
+    assert!(born.never_in_stream(STREAM).unwrap(), "reopened");
+    born.note_acknowledged(1).unwrap();
+    assert!(!born.never_in_stream(STREAM).unwrap(), "acknowledged");
 
     let path = dir.path().join("before.redb");
     let before = open_and_execute(&path, &[create_command(1)], &mut ids)
         .store()
         .clone();
-    before.open_term().unwrap();
-    before.close_term(0).unwrap();
-    assert_eq!(
-        before.never_acknowledged().unwrap(),
-        None,
-        "events before the first term"
+    assert!(
+        !before.never_in_stream(STREAM).unwrap(),
+        "events before any term"
     );
-
-    let empty = Store::open_or_create(&dir.path().join("empty.redb")).unwrap();
-    empty.open_term().unwrap();
-    empty.close_term(0).unwrap();
-    assert_eq!(empty.never_acknowledged().unwrap(), None, "nothing to drop");
 }

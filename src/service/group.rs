@@ -26,13 +26,13 @@
 //! applies from the stream, by `reconcile`, and at the end of a term), and
 //! `reconcile` refuses to drop below that.
 //!
-//! That mark is exact unless a term is open (`Store::open_term`, written
-//! before a term decides anything, removed by `Store::close_term`): a node
-//! killed mid-term may have had more acknowledged. So a store whose every
-//! event its own terms decided, all ended with nothing acknowledged (a new
-//! group's first leader that could publish nothing), is dropped whole at
-//! the start of a follower phase (`Store::never_acknowledged`), where
-//! `reconcile` would refuse it as holding events the stream lost.
+//! A store whose first event the stream lacks (the stream empty, or
+//! another log) is refused as a lost stream or another log, except when
+//! none of its events can ever have been in that stream: a term that
+//! began on the empty store against this very stream (by its creation
+//! time) decided them, and nothing acknowledged any
+//! (`Store::never_in_stream`): a new group's first leader that could
+//! publish nothing. `reconcile` drops such a log whole.
 
 use super::api::{self, Role};
 use super::guard::{self, AlarmKind, Published};
@@ -90,16 +90,6 @@ pub(crate) async fn run(node: &Node, stop: &CancellationToken) -> Result<(), Ser
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        // Durably, before the term decides anything: a node killed
-        // mid-term must not take its acknowledged mark as exact.
-        let store = node.store.clone();
-        let opened = tokio::task::spawn_blocking(move || store.open_term())
-            .await
-            .map_err(|e| ServeError::Nats(format!("open the term: {e}")));
-        if let Err(e) = opened.and_then(|o| o.map_err(ServeError::from)) {
-            give_up(Some(lease)).await;
-            break Err(e);
-        }
         node.role.send_replace(Role::Leader);
         tracing::info!(head_seq = ledger.head_seq(), "leader: taking commands");
         match super::term(node, ledger, lease, stop).await {
@@ -126,19 +116,6 @@ async fn follow(
     stop: &CancellationToken,
 ) -> Result<Option<(Ledger, Lease)>, ServeError> {
     let config = &node.config;
-    if let Some(head) = node.store.never_acknowledged()? {
-        // Whatever the stream holds now (missing, empty, another leader's
-        // log, or these very events with their acks lost), it is followed
-        // from seq 1: events it holds are applied again from it.
-        tracing::warn!(
-            dropped = head,
-            "dropping seqs 1..={head}: this node's terms decided them and the stream acknowledged none (no reply covered them)"
-        );
-        let store = node.store.clone();
-        tokio::task::spawn_blocking(move || store.truncate_to(0))
-            .await
-            .map_err(|e| ServeError::Refused(format!("truncate: {e}")))??;
-    }
     // A store with events never creates the stream: a missing one was lost
     // (reconcile refuses an empty one the same way).
     let has_events = node.store.head_seq()? > 0;
@@ -353,18 +330,30 @@ async fn follow(
                     ));
                 }
                 let Some(held) = lease.take() else { continue };
-                let last = match stop.run_until_cancelled(stream.get_info()).await {
+                let (last, created) = match stop.run_until_cancelled(stream.get_info()).await {
                     None => {
                         give_up(Some(held)).await;
                         return Ok(None);
                     }
-                    Some(Ok(info)) => info.state.last_sequence,
+                    Some(Ok(info)) => (info.state.last_sequence, created_ns(&info)),
                     Some(Err(_)) => {
                         lease = Some(held);
                         continue;
                     }
                 };
                 if last == ledger.head_seq() {
+                    if last == 0 {
+                        // Before the term decides anything: which stream
+                        // its events can only ever be in (`reconcile`).
+                        let store = node.store.clone();
+                        let noted = tokio::task::spawn_blocking(move || store.note_group_born(created))
+                            .await
+                            .map_err(|e| ServeError::Nats(format!("note the term's stream: {e}")));
+                        if let Err(e) = noted.and_then(|n| n.map_err(ServeError::from)) {
+                            give_up(Some(held)).await;
+                            return Err(e);
+                        }
+                    }
                     return Ok(Some((ledger.into_ledger(), held)));
                 }
                 if last < ledger.head_seq() {
@@ -467,6 +456,26 @@ async fn next_batch(messages: &mut Option<Messages>) -> Option<(Vec<Vec<u8>>, u6
     Some((batch, pending, stream_seq))
 }
 
+/// Drop every event of a store none of whose events can ever have been in
+/// the stream (`Store::never_in_stream`), and follow the stream from seq 1.
+async fn drop_whole_log(node: &Node, head: u64) -> Result<(), ServeError> {
+    tracing::warn!(
+        dropped = head,
+        "dropping seqs 1..={head}: this node decided them against this stream, which never stored any (no reply covered them)"
+    );
+    let store = node.store.clone();
+    tokio::task::spawn_blocking(move || store.truncate_to(0))
+        .await
+        .map_err(|e| ServeError::Refused(format!("truncate: {e}")))??;
+    Ok(())
+}
+
+/// When the stream was made (Unix ns): the same on every server for the
+/// stream's life, and another for a stream deleted and made again.
+fn created_ns(info: &async_nats::jetstream::stream::Info) -> u64 {
+    u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0)
+}
+
 /// The stream, `None` when JetStream says it does not exist.
 async fn existing_stream(node: &Node) -> Result<Option<Stream>, String> {
     match node.js.get_stream(&node.config.stream).await {
@@ -534,16 +543,19 @@ fn lost_stream(node: &Node) -> ServeError {
 async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
     let name = &node.config.stream;
     let head = node.store.head_seq()?;
-    let state = stream
+    let info = stream
         .get_info()
         .await
-        .map_err(|e| ServeError::Nats(format!("stream {name}: {e}")))?
-        .state;
+        .map_err(|e| ServeError::Nats(format!("stream {name}: {e}")))?;
+    let (state, created) = (&info.state, created_ns(&info));
     let last = state.last_sequence;
     if head == 0 {
         return Ok(());
     }
     if last == 0 {
+        if node.store.never_in_stream(created)? {
+            return drop_whole_log(node, head).await;
+        }
         return Err(lost_stream(node));
     }
     if state.first_sequence != 1 || state.messages != last {
@@ -591,6 +603,9 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         agree
     };
     if keep == 0 {
+        if node.store.never_in_stream(created)? {
+            return drop_whole_log(node, head).await;
+        }
         return Err(ServeError::Refused(format!(
             "this store holds another log than the stream {name} (their first events differ); nothing was changed"
         )));
@@ -616,11 +631,13 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
             keep + 1
         )));
     }
+    // The mark first: a crash between the two leaves the single-mode mark,
+    // which only makes the next start more careful.
+    node.store.note_acknowledged(keep)?;
     if keep == head {
         // Everything a single-mode serve acknowledged is in the stream.
         node.store.clear_served_single()?;
     }
-    node.store.note_acknowledged(keep)?;
     if keep < head {
         tracing::warn!(
             kept = keep,

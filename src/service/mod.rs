@@ -480,7 +480,11 @@ pub(crate) async fn term(
         .map_err(|e| ServeError::Nats(format!("writer task: {e}")))?
         .map_err(|_| ServeError::Nats("writer thread panicked".into()))?;
     relay_drain.cancel();
-    if !deposed.is_cancelled() && tokio::time::timeout_at(deadline, relay).await.is_err() {
+    let mut relay = relay;
+    if !deposed.is_cancelled() && tokio::time::timeout_at(deadline, &mut relay).await.is_err() {
+        // Stopped here, not left running: nothing publishes or settles
+        // acks once the term is over.
+        relay.abort();
         tracing::warn!(
             "relay did not publish everything within {:?}; the rest is published on next start",
             config.drain_timeout
@@ -494,16 +498,14 @@ pub(crate) async fn term(
     let ledger_head = writer_result?;
     if group {
         // What JetStream acknowledged of this term: never dropped later as
-        // "never acknowledged" (`group::reconcile`); and the term is over,
-        // so that mark is exact (`Store::never_acknowledged`).
+        // "never acknowledged" (`group::reconcile`).
         let (store, acked) = (node.store.clone(), *node.published.borrow());
-        let noted = tokio::task::spawn_blocking(move || store.close_term(acked))
+        let noted = tokio::task::spawn_blocking(move || store.note_acknowledged(acked))
             .await
             .map_err(|e| e.to_string())
             .and_then(|noted| noted.map_err(|e| e.to_string()));
         if let Err(e) = noted {
-            // A lower mark only weakens that check, and the term left
-            // open makes the next follower phase keep this store's tail.
+            // A lower mark only weakens that check; nothing else reads it.
             tracing::warn!(error = %e, "could not note how far the stream acknowledged this term");
         }
     }

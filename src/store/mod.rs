@@ -621,39 +621,32 @@ impl Store {
         self.write_checkpoint_key(ACKNOWLEDGED, Some(seq))
     }
 
-    /// A group term starts on this store ([`TERM_OPEN`], and
-    /// [`GROUP_BORN`] on an empty store), durably, before it decides
-    /// anything.
-    pub fn open_term(&self) -> Result<()> {
-        let head = self.head_seq()?;
-        let born = (head == 0).then_some((GROUP_BORN, Some(0)));
-        let keys: Vec<_> = [(TERM_OPEN, Some(head))].into_iter().chain(born).collect();
-        self.write_checkpoint_keys(&keys)
+    /// A group term starts on this empty store against the empty stream
+    /// made at `stream_created` (Unix ns): [`GROUP_BORN`], durably, before
+    /// the term decides anything.
+    pub fn note_group_born(&self, stream_created: u64) -> Result<()> {
+        self.write_checkpoint_key(GROUP_BORN, Some(stream_created))
     }
 
-    /// A group term ends, JetStream having acknowledged the log through
-    /// `acknowledged`: [`ACKNOWLEDGED`] raised to it (never lowered) and
-    /// [`TERM_OPEN`] removed, in one transaction.
-    pub fn close_term(&self, acknowledged: u64) -> Result<()> {
-        let mark = acknowledged.max(self.acknowledged()?);
-        self.write_checkpoint_keys(&[(ACKNOWLEDGED, Some(mark)), (TERM_OPEN, None)])
-    }
-
-    /// The head, when this store holds events and the stream is known to
-    /// have acknowledged none of them: every one was decided by this
-    /// node's group terms ([`GROUP_BORN`]), each of which ended (no
-    /// [`TERM_OPEN`]) with nothing acknowledged ([`ACKNOWLEDGED`] 0), and
-    /// no single-mode serve took its commands. No reply covered them, so a
-    /// follower may drop them, whatever the stream holds: a brand-new
-    /// group's first leader that could publish nothing.
-    pub fn never_acknowledged(&self) -> Result<Option<u64>> {
-        let head = self.head_seq()?;
-        let alone = head > 0
-            && self.checkpoint_key(GROUP_BORN)?.is_some()
-            && self.checkpoint_key(TERM_OPEN)?.is_none()
+    /// Whether none of this store's events can ever have been in the
+    /// stream made at `stream_created`, given that the stream lacks its
+    /// first event (the stream is empty, or its seq 1 is another event).
+    ///
+    /// So when its events were decided by a term that began on this
+    /// store empty against that very stream ([`GROUP_BORN`]), which
+    /// nothing acknowledged since ([`ACKNOWLEDGED`] 0, no single-mode
+    /// serve): the relay publishes event 1 only where the stream's last
+    /// seq is 0, and each later one only after the event before it
+    /// (`Nats-Expected-Last-Sequence`, `Nats-Expected-Last-Msg-Id`), and
+    /// a stream never takes back a seq it stored. No reply covered them: a
+    /// brand-new group's first leader that could publish nothing. The
+    /// rule rests on the stream's identity, not on a mark this node keeps,
+    /// so a node killed mid-term, or acks lost on the way, change nothing.
+    pub fn never_in_stream(&self, stream_created: u64) -> Result<bool> {
+        Ok(self.head_seq()? > 0
+            && self.checkpoint_key(GROUP_BORN)? == Some(stream_created)
             && self.acknowledged()? == 0
-            && self.served_single()?.is_none();
-        Ok(alone.then_some(head))
+            && self.served_single()?.is_none())
     }
 
     /// The value of `key` in [`CHECKPOINT`], if any (stores from before
@@ -668,12 +661,6 @@ impl Store {
     }
 
     fn write_checkpoint_key(&self, key: &str, value: Option<u64>) -> Result<()> {
-        self.write_checkpoint_keys(&[(key, value)])
-    }
-
-    /// Set (`Some`) or remove (`None`) keys of [`CHECKPOINT`], durably, in
-    /// one transaction.
-    fn write_checkpoint_keys(&self, keys: &[(&str, Option<u64>)]) -> Result<()> {
         let db = self.writable()?;
         let _one = self.inner.one_writer();
         let mut txn = db.begin_write()?;
@@ -681,12 +668,10 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         {
             let mut t = txn.open_table(CHECKPOINT)?;
-            for &(key, value) in keys {
-                match value {
-                    Some(v) => t.insert(key, v)?,
-                    None => t.remove(key)?,
-                };
-            }
+            match value {
+                Some(v) => t.insert(key, v)?,
+                None => t.remove(key)?,
+            };
         }
         txn.commit()?;
         Ok(())

@@ -61,17 +61,11 @@ pub const COMBINED_ROWS: &str = "job_rows_combined";
 /// events up to it as "never acknowledged": a stream without them lost
 /// them, and this store may be the last place that holds them.
 pub const ACKNOWLEDGED: &str = "stream_acknowledged";
-/// The key of [`CHECKPOINT`] present (its value: the head then) while a
-/// group node leads a term: written before the term decides anything,
-/// removed at its end in the transaction that raises [`ACKNOWLEDGED`] to
-/// what JetStream acknowledged in it. Present at a start, the node was
-/// killed mid-term and [`ACKNOWLEDGED`] may lag what its term had
-/// acknowledged.
-pub const TERM_OPEN: &str = "group_term_open";
-/// The key of [`CHECKPOINT`] present (its value: 0) once a group term
-/// started on this store while it was empty: every event it holds was
-/// decided by its node's terms or applied from the stream, not imported
-/// or served by a single-mode bcp serve (that sets [`SERVED_SINGLE`]).
+/// The key of [`CHECKPOINT`] written when a group term starts on this
+/// store while it is empty (against an empty stream): its value, the
+/// stream's creation time (Unix ns), which JetStream keeps for the
+/// stream's life and every server reports alike. A stream deleted and made
+/// again has another.
 pub const GROUP_BORN: &str = "born_in_group_term";
 /// The key of [`CHECKPOINT`] for the records: the last ordinal of
 /// [`RECENT`] the sweep under way merges (absent: none runs).
