@@ -908,13 +908,14 @@ async fn a_leader_that_cannot_publish_leaves_the_lease_to_one_that_can() {
 
 /// A brand-new group whose first leader can publish nothing: its term
 /// decides a command, no reply leaves, and it steps down. Its store then
-/// holds an event against an empty stream, which a follower refuses as a
-/// lost stream, unless none of its events can ever have been in that
-/// stream (its term began on the empty store against this very stream,
-/// and nothing acknowledged any). It drops that log and follows the node
-/// that can publish, which answers the producer's retry.
+/// holds an event against an empty stream. The node cannot tell that from
+/// a stream that lost acknowledged events (a leader killed mid-term
+/// records no acknowledgement), so it refuses, changing nothing, and says
+/// that its store records none and what to do if it could not publish.
+/// Done (its store removed, the node restarted), it follows the node that
+/// can publish, which answered the producer's retry.
 #[tokio::test]
-async fn a_first_leader_that_published_nothing_drops_its_log_and_follows() {
+async fn a_first_leader_that_published_nothing_refuses_saying_how_to_rejoin() {
     let auth = a_user_denied("mute", "bcp.evt.>");
     let mut c = support::cluster::Cluster::start_with(0, &auth).await;
     let mute = c.add_node("b1", "b1");
@@ -928,20 +929,35 @@ async fn a_first_leader_that_published_nothing_drops_its_log_and_follows() {
     );
     // Decided and fsynced by the mute leader, never published.
     c.all_at(1, 1).await;
+    ends_saying(
+        &mut c,
+        mute,
+        "is missing or empty but this store holds 1 events",
+    )
+    .await;
+    let log = c.node_log_text(mute);
+    assert!(
+        log.contains("stepping down: nothing published for")
+            && log.contains("This store records no acknowledgement from the stream for any of its events: if this node led a new group first and could not publish"),
+        "{log}"
+    );
+    assert_eq!(
+        bcp::store::Store::open_read_only(&c.db(mute), 1 << 20)
+            .unwrap()
+            .head_seq()
+            .unwrap(),
+        1,
+        "nothing was changed"
+    );
     let able = c.add_node("b2", "b2");
     c.spawn_node(able);
     let r = cmd_definitive(&c.client, "create", &body).await;
     assert_eq!(seqs(&r), [1], "{r}");
-    assert_eq!(c.leader(2).await, able);
-    // The mute node is still running, at the able leader's seq 1.
-    c.all_at(2, 1).await;
-    let log = c.node_log_text(mute);
-    assert!(
-        log.contains("stepping down: nothing published for")
-            && log.contains("dropping seqs 1..=1: this node decided them against this stream"),
-        "{log}"
-    );
-    assert!(!log.contains("missing or empty"), "{log}");
+    // What the refusal says to do: remove the store, restart the node.
+    std::fs::remove_file(c.db(mute)).unwrap();
+    c.spawn_node_as(mute, Some(("mute", "mute")));
+    let at = c.all_at(2, 1).await;
+    assert_eq!(c.leader(2).await, able, "{at:?}");
 }
 
 /// A node whose consumer delivers nothing must not keep the group without

@@ -25,14 +25,6 @@
 //! stream acknowledged (`Store::acknowledged`: raised by every batch it
 //! applies from the stream, by `reconcile`, and at the end of a term), and
 //! `reconcile` refuses to drop below that.
-//!
-//! A store whose first event the stream lacks (the stream empty, or
-//! another log) is refused as a lost stream or another log, except when
-//! none of its events can ever have been in that stream: a term that
-//! began on the empty store against this very stream (by its creation
-//! time) decided them, and nothing acknowledged any
-//! (`Store::never_in_stream`): a new group's first leader that could
-//! publish nothing. `reconcile` drops such a log whole.
 
 use super::api::{self, Role};
 use super::guard::{self, AlarmKind, Published};
@@ -330,30 +322,18 @@ async fn follow(
                     ));
                 }
                 let Some(held) = lease.take() else { continue };
-                let (last, created) = match stop.run_until_cancelled(stream.get_info()).await {
+                let last = match stop.run_until_cancelled(stream.get_info()).await {
                     None => {
                         give_up(Some(held)).await;
                         return Ok(None);
                     }
-                    Some(Ok(info)) => (info.state.last_sequence, created_ns(&info)),
+                    Some(Ok(info)) => info.state.last_sequence,
                     Some(Err(_)) => {
                         lease = Some(held);
                         continue;
                     }
                 };
                 if last == ledger.head_seq() {
-                    if last == 0 {
-                        // Before the term decides anything: which stream
-                        // its events can only ever be in (`reconcile`).
-                        let store = node.store.clone();
-                        let noted = tokio::task::spawn_blocking(move || store.note_group_born(created))
-                            .await
-                            .map_err(|e| ServeError::Nats(format!("note the term's stream: {e}")));
-                        if let Err(e) = noted.and_then(|n| n.map_err(ServeError::from)) {
-                            give_up(Some(held)).await;
-                            return Err(e);
-                        }
-                    }
                     return Ok(Some((ledger.into_ledger(), held)));
                 }
                 if last < ledger.head_seq() {
@@ -456,26 +436,6 @@ async fn next_batch(messages: &mut Option<Messages>) -> Option<(Vec<Vec<u8>>, u6
     Some((batch, pending, stream_seq))
 }
 
-/// Drop every event of a store none of whose events can ever have been in
-/// the stream (`Store::never_in_stream`), and follow the stream from seq 1.
-async fn drop_whole_log(node: &Node, head: u64) -> Result<(), ServeError> {
-    tracing::warn!(
-        dropped = head,
-        "dropping seqs 1..={head}: this node decided them against this stream, which never stored any (no reply covered them)"
-    );
-    let store = node.store.clone();
-    tokio::task::spawn_blocking(move || store.truncate_to(0))
-        .await
-        .map_err(|e| ServeError::Refused(format!("truncate: {e}")))??;
-    Ok(())
-}
-
-/// When the stream was made (Unix ns): the same on every server for the
-/// stream's life, and another for a stream deleted and made again.
-fn created_ns(info: &async_nats::jetstream::stream::Info) -> u64 {
-    u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0)
-}
-
 /// The stream, `None` when JetStream says it does not exist.
 async fn existing_stream(node: &Node) -> Result<Option<Stream>, String> {
     match node.js.get_stream(&node.config.stream).await {
@@ -530,8 +490,26 @@ fn lost_stream(node: &Node) -> ServeError {
     let name = &node.config.stream;
     let head = node.store.head_seq().unwrap_or_default();
     ServeError::Refused(format!(
-        "the stream {name} is missing or empty but this store holds {head} events (the stream was lost?); nothing was changed: republish the log from the node whose store holds the most of it (start it once without --group, until bcp status shows relay lag 0), stop it, then start the group again"
+        "the stream {name} is missing or empty but this store holds {head} events (the stream was lost?); nothing was changed: republish the log from the node whose store holds the most of it (start it once without --group, until bcp status shows relay lag 0), stop it, then start the group again{}",
+        never_acknowledged_hint(node)
     ))
+}
+
+/// For a refusal of a store whose log the stream lacks from its first
+/// event: when the store records no acknowledgement at all, the other
+/// likely cause, a new group's first leader that could publish nothing.
+/// Said, not acted on: the mark is raised at a term's end, so a leader
+/// killed mid-term records none of what its term had acknowledged, and a
+/// stream can lose its data and keep its name; only an operator who knows
+/// which happened may remove the store.
+fn never_acknowledged_hint(node: &Node) -> &'static str {
+    let unmarked = node.store.acknowledged().is_ok_and(|a| a == 0)
+        && node.store.served_single().is_ok_and(|s| s.is_none());
+    if unmarked {
+        ". This store records no acknowledgement from the stream for any of its events: if this node led a new group first and could not publish (may its NATS user publish on bcp.evt.>?), no producer got a reply for them, and removing its store file and restarting the node makes it follow the stream; a node killed while leading records none, so check the other nodes' heads first (bcp status)"
+    } else {
+        ""
+    }
 }
 
 /// Drop the tail of this store's log that the stream does not hold: the
@@ -543,19 +521,16 @@ fn lost_stream(node: &Node) -> ServeError {
 async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
     let name = &node.config.stream;
     let head = node.store.head_seq()?;
-    let info = stream
+    let state = stream
         .get_info()
         .await
-        .map_err(|e| ServeError::Nats(format!("stream {name}: {e}")))?;
-    let (state, created) = (&info.state, created_ns(&info));
+        .map_err(|e| ServeError::Nats(format!("stream {name}: {e}")))?
+        .state;
     let last = state.last_sequence;
     if head == 0 {
         return Ok(());
     }
     if last == 0 {
-        if node.store.never_in_stream(created)? {
-            return drop_whole_log(node, head).await;
-        }
         return Err(lost_stream(node));
     }
     if state.first_sequence != 1 || state.messages != last {
@@ -603,11 +578,9 @@ async fn reconcile(node: &Node, stream: &Stream) -> Result<(), ServeError> {
         agree
     };
     if keep == 0 {
-        if node.store.never_in_stream(created)? {
-            return drop_whole_log(node, head).await;
-        }
         return Err(ServeError::Refused(format!(
-            "this store holds another log than the stream {name} (their first events differ); nothing was changed"
+            "this store holds another log than the stream {name} (their first events differ); nothing was changed{}",
+            never_acknowledged_hint(node)
         )));
     }
     let acknowledged = node.store.acknowledged()?;

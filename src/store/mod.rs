@@ -621,34 +621,6 @@ impl Store {
         self.write_checkpoint_key(ACKNOWLEDGED, Some(seq))
     }
 
-    /// A group term starts on this empty store against the empty stream
-    /// made at `stream_created` (Unix ns): [`GROUP_BORN`], durably, before
-    /// the term decides anything.
-    pub fn note_group_born(&self, stream_created: u64) -> Result<()> {
-        self.write_checkpoint_key(GROUP_BORN, Some(stream_created))
-    }
-
-    /// Whether none of this store's events can ever have been in the
-    /// stream made at `stream_created`, given that the stream lacks its
-    /// first event (the stream is empty, or its seq 1 is another event).
-    ///
-    /// So when its events were decided by a term that began on this
-    /// store empty against that very stream ([`GROUP_BORN`]), which
-    /// nothing acknowledged since ([`ACKNOWLEDGED`] 0, no single-mode
-    /// serve): the relay publishes event 1 only where the stream's last
-    /// seq is 0, and each later one only after the event before it
-    /// (`Nats-Expected-Last-Sequence`, `Nats-Expected-Last-Msg-Id`), and
-    /// a stream never takes back a seq it stored. No reply covered them: a
-    /// brand-new group's first leader that could publish nothing. The
-    /// rule rests on the stream's identity, not on a mark this node keeps,
-    /// so a node killed mid-term, or acks lost on the way, change nothing.
-    pub fn never_in_stream(&self, stream_created: u64) -> Result<bool> {
-        Ok(self.head_seq()? > 0
-            && self.checkpoint_key(GROUP_BORN)? == Some(stream_created)
-            && self.acknowledged()? == 0
-            && self.served_single()?.is_none())
-    }
-
     /// The value of `key` in [`CHECKPOINT`], if any (stores from before
     /// the table lack it).
     fn checkpoint_key(&self, key: &str) -> Result<Option<u64>> {

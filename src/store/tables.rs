@@ -61,12 +61,6 @@ pub const COMBINED_ROWS: &str = "job_rows_combined";
 /// events up to it as "never acknowledged": a stream without them lost
 /// them, and this store may be the last place that holds them.
 pub const ACKNOWLEDGED: &str = "stream_acknowledged";
-/// The key of [`CHECKPOINT`] written when a group term starts on this
-/// store while it is empty (against an empty stream): its value, the
-/// stream's creation time (Unix ns), which JetStream keeps for the
-/// stream's life and every server reports alike. A stream deleted and made
-/// again has another.
-pub const GROUP_BORN: &str = "born_in_group_term";
 /// The key of [`CHECKPOINT`] for the records: the last ordinal of
 /// [`RECENT`] the sweep under way merges (absent: none runs).
 pub const SWEEP_TO: &str = "records_sweep_to";
