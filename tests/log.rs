@@ -2537,6 +2537,7 @@ impl FaultyWriter {
             head,
             outbox.clone(),
             fatal.clone(),
+            None,
         );
         FaultyWriter {
             faults,

@@ -1895,6 +1895,55 @@ async fn a_group_never_drops_events_the_stream_acknowledged_then_lost() {
     }
 }
 
+/// A leader killed mid-term has marked in its store how far JetStream had
+/// acknowledged its log, as of each commit: the mark rides in every
+/// commit's transaction. So when the stream then turns out to have lost
+/// acknowledged events (restored from a copy of its first event only), the
+/// restarted node refuses the stream, its store unchanged, instead of
+/// dropping them as a tail no reply covered: they were answered, and this
+/// store is the last place that holds them.
+#[tokio::test]
+async fn a_leader_killed_mid_term_keeps_what_the_stream_acknowledged_then_lost() {
+    let mut c = support::cluster::Cluster::start(1).await;
+    c.leader(1).await;
+    let job = id();
+    let mut seq = 0;
+    for (verb, body) in [
+        ("create", create(job)),
+        ("start", on(job)),
+        ("stop", on(job)),
+    ]
+    .into_iter()
+    .chain(std::iter::once(("start", on(job))))
+    {
+        seq += 1;
+        assert_eq!(seqs(&cmd_definitive(&c.client, verb, &body).await), [seq]);
+    }
+    c.kill_node(0);
+    let stream = c.js.get_stream(STREAM).await.expect("the stream");
+    let config = stream.get_info().await.expect("stream info").config;
+    let first = stream.get_raw_message(1).await.expect("seq 1");
+    c.js.delete_stream(STREAM).await.expect("delete the stream");
+    c.js.create_stream(config)
+        .await
+        .expect("make the stream again");
+    let ack =
+        c.js.publish_with_headers(first.subject.to_string(), first.headers, first.payload)
+            .await
+            .expect("publish");
+    ack.await.expect("stored");
+    c.spawn_node(0);
+    ends_saying(&mut c, 0, "lacks seqs 2..=").await;
+    let log = c.node_log_text(0);
+    assert!(
+        log.contains("of this store's log, which it had acknowledged"),
+        "{log}"
+    );
+    assert!(!log.contains("dropping seqs"), "{log}");
+    let store = bcp::store::Store::open_existing(&c.db(0)).expect("open the store");
+    assert_eq!(store.head_seq().expect("head"), 4, "the store changed");
+}
+
 /// A group of two nodes, both at seq `n` (a job created, then started
 /// and stopped in turn); the leader's index.
 async fn two_nodes_at(n: u64) -> (support::cluster::Cluster, usize) {

@@ -23,8 +23,11 @@
 //! acknowledged any of it, and no reply covered it, unless the stream
 //! lost events it acknowledged: the store keeps how far it knows the
 //! stream acknowledged (`Store::acknowledged`: raised by every batch it
-//! applies from the stream, by `reconcile`, and at the end of a term), and
-//! `reconcile` refuses to drop below that.
+//! applies from the stream, by `reconcile`, by each commit of a leader's
+//! term to what JetStream had acknowledged when that commit began, and at
+//! the end of a term), and `reconcile` refuses to drop below that. A
+//! leader killed mid-term has marked all but what was acknowledged after
+//! its last commit.
 
 use super::api::{self, Role};
 use super::guard::{self, AlarmKind, Published};

@@ -388,6 +388,7 @@ pub(crate) async fn term(
         node.head.clone(),
         outbox.clone(),
         stop.clone(),
+        group.then(|| node.published.subscribe()),
     );
     let gate = group.then(|| reply::ReplyGate {
         published: node.published.subscribe(),

@@ -83,13 +83,28 @@ struct Committer {
 /// transaction, in the order given, hands a committed batch's events to
 /// the relay's `outbox`, and sends back the outcome; it ends (dropping its
 /// handle on the store) when the channel closes.
-fn spawn_committer(store: Store, outbox: Outbox) -> Committer {
+///
+/// A group leader's (`acked`: how far JetStream acknowledged the log)
+/// also raises the store's acknowledged mark in each transaction, to what
+/// was acknowledged when it began: a leader killed mid-term then keeps
+/// every event acknowledged before its last commit from `reconcile`'s
+/// tail drop, should the stream have lost them too (see `group`).
+fn spawn_committer(store: Store, outbox: Outbox, acked: Option<watch::Receiver<u64>>) -> Committer {
     let (jobs, rx) = std::sync::mpsc::channel::<CommitJob>();
     let thread = std::thread::Builder::new()
         .name("bcp-commit".into())
         .spawn(move || {
+            let mut marked = 0;
             for (mut prepared, done) in rx {
+                let acked = acked.as_ref().map_or(0, |a| *a.borrow());
+                if acked > marked {
+                    prepared.raise_acknowledged(acked);
+                }
+                let writes = prepared.has_rows();
                 let result = store.commit(&mut prepared);
+                if result.is_ok() && writes {
+                    marked = marked.max(acked);
+                }
                 let at = Instant::now();
                 if result.is_ok() {
                     // Before the writer announces the new head.
@@ -142,8 +157,9 @@ pub fn spawn(
     head: watch::Sender<u64>,
     outbox: Outbox,
     fatal: CancellationToken,
+    acked: Option<watch::Receiver<u64>>,
 ) -> JoinHandle<Result<u64, StoreError>> {
-    let committer = spawn_committer(ledger.store().clone(), outbox);
+    let committer = spawn_committer(ledger.store().clone(), outbox, acked);
     let writer = Writer {
         pipeline: Pipeline::new(ledger),
         queue,

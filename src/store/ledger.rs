@@ -191,8 +191,9 @@ struct Rows {
     regions: Vec<(String, Vec<u8>)>,
     /// The batch's time: the records' UUIDv7 bound (`records::v7_bound_at`).
     now: DateTime<Utc>,
-    /// A group follower's batch: the stream acknowledged the log through
-    /// this seq (`ACKNOWLEDGED`, raised in the batch's own transaction).
+    /// The stream acknowledged the log through this seq (`ACKNOWLEDGED`,
+    /// raised in the batch's own transaction): a group follower's batch,
+    /// or a group leader's (what was acknowledged when it was committed).
     acknowledged: Option<u64>,
 }
 
@@ -212,6 +213,17 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// A group leader's batch: JetStream has acknowledged the log through
+    /// `seq` (never lowers the mark: the store keeps the higher).
+    pub fn raise_acknowledged(&mut self, seq: u64) {
+        self.rows.acknowledged = self.rows.acknowledged.max(Some(seq));
+    }
+
+    /// Whether committing it writes anything (else no transaction runs).
+    pub fn has_rows(&self) -> bool {
+        !self.rows.is_empty()
+    }
+
     /// The batch's events, `(seq, stored bytes, route)` in seq order:
     /// once committed, what the relay publishes, where.
     pub fn into_events(self) -> Vec<(u64, Vec<u8>, Route)> {
@@ -258,7 +270,11 @@ impl Store {
         let plan = self.inner.recent().plan(records, rewritten, Some(v7_bound));
         plan.write(&txn)?;
         if let Some(seq) = r.acknowledged {
-            txn.open_table(CHECKPOINT)?.insert(ACKNOWLEDGED, seq)?;
+            let mut t = txn.open_table(CHECKPOINT)?;
+            // Raised, never lowered.
+            if t.get(ACKNOWLEDGED)?.is_none_or(|v| v.value() < seq) {
+                t.insert(ACKNOWLEDGED, seq)?;
+            }
         }
         let seqs = (r.events.first()).zip(r.events.last());
         self.commit_rows(txn, seqs.map(|(first, last)| first.0..=last.0), job_rows)?;
