@@ -501,15 +501,15 @@ fn lost_stream(node: &Node) -> ServeError {
 /// For a refusal of a store whose log the stream lacks from its first
 /// event: when the store records no acknowledgement at all, the other
 /// likely cause, a new group's first leader that could publish nothing.
-/// Said, not acted on: the mark is raised at a term's end, so a leader
-/// killed mid-term records none of what its term had acknowledged, and a
-/// stream can lose its data and keep its name; only an operator who knows
-/// which happened may remove the store.
+/// Said, not acted on: a leader killed mid-term has not marked the acks
+/// that came after its last commit (all of them, if they came after its
+/// only one), and a stream can lose its data and keep its name; only an
+/// operator who knows which happened may remove the store.
 fn never_acknowledged_hint(node: &Node) -> &'static str {
     let unmarked = node.store.acknowledged().is_ok_and(|a| a == 0)
         && node.store.served_single().is_ok_and(|s| s.is_none());
     if unmarked {
-        ". This store records no acknowledgement from the stream for any of its events: if this node led a new group first and could not publish (may its NATS user publish on bcp.evt.>?), no producer got a reply for them, and removing its store file and restarting the node makes it follow the stream; a node killed while leading records none, so check the other nodes' heads first (bcp status)"
+        ". This store records no acknowledgement from the stream for any of its events: if this node led a new group first and could not publish (may its NATS user publish on bcp.evt.>?), no producer got a reply for them, and removing its store file and restarting the node makes it follow the stream; a node killed while leading has not recorded the acknowledgements after its last commit, so check the other nodes' heads first (bcp status)"
     } else {
         ""
     }

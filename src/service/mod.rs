@@ -401,7 +401,7 @@ pub(crate) async fn term(
         gate,
     ));
     let relay_drain = CancellationToken::new();
-    let relay = tokio::spawn(relay::run(
+    let mut relay = tokio::spawn(relay::run(
         node.store.clone(),
         outbox,
         relay::Target {
@@ -481,7 +481,6 @@ pub(crate) async fn term(
         .map_err(|e| ServeError::Nats(format!("writer task: {e}")))?
         .map_err(|_| ServeError::Nats("writer thread panicked".into()))?;
     relay_drain.cancel();
-    let mut relay = relay;
     if !deposed.is_cancelled() && tokio::time::timeout_at(deadline, &mut relay).await.is_err() {
         // Stopped here, not left running: nothing publishes or settles
         // acks once the term is over.
