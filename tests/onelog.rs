@@ -909,8 +909,9 @@ async fn a_leader_that_cannot_publish_leaves_the_lease_to_one_that_can() {
 /// A brand-new group whose first leader can publish nothing: its term
 /// decides a command, no reply leaves, and it steps down. Its store then
 /// holds an event against an empty stream. The node cannot tell that from
-/// a stream that lost acknowledged events (a leader killed mid-term
-/// records no acknowledgement), so it refuses, changing nothing, and says
+/// a stream that lost acknowledged events (a leader killed mid-term has
+/// not marked the acks after its last commit, and a stream can lose its
+/// data and keep its name), so it refuses, changing nothing, and says
 /// that its store records none and what to do if it could not publish.
 /// Done (its store removed, the node restarted), it follows the node that
 /// can publish, which answered the producer's retry.
