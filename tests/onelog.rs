@@ -899,10 +899,13 @@ async fn a_leader_that_cannot_publish_leaves_the_lease_to_one_that_can() {
     assert_eq!(seqs(&r), [2], "{r}");
     assert_eq!(c.leader(2).await, able);
     c.all_at(2, 2).await;
-    let log = c.node_log_text(mute);
-    assert!(
-        log.contains("stepping down: nothing published for") && log.contains("dropping seqs 2..=2"),
-        "{log}"
+    logged(
+        &c,
+        mute,
+        &[
+            "stepping down: nothing published for",
+            "dropping seqs 2..=2",
+        ],
     );
 }
 
@@ -936,11 +939,13 @@ async fn a_first_leader_that_published_nothing_refuses_saying_how_to_rejoin() {
         "is missing or empty but this store holds 1 events",
     )
     .await;
-    let log = c.node_log_text(mute);
-    assert!(
-        log.contains("stepping down: nothing published for")
-            && log.contains("This store records no acknowledgement from the stream for any of its events: if this node led a new group first and could not publish"),
-        "{log}"
+    logged(
+        &c,
+        mute,
+        &[
+            "stepping down: nothing published for",
+            "This store records no acknowledgement from the stream for any of its events: if this node led a new group first and could not publish",
+        ],
     );
     assert_eq!(
         bcp::store::Store::open_read_only(&c.db(mute), 1 << 20)
@@ -1006,11 +1011,7 @@ async fn a_node_that_cannot_catch_up_leaves_the_lease_to_one_that_can() {
     c.spawn_node(healthy);
     let r = cmd_definitive(&c.client, "create", &create(id())).await;
     assert_eq!(seqs(&r), [21], "{r}");
-    let log = c.node_log_text(stuck);
-    assert!(
-        log.contains("no event applied for") && log.contains("giving the lease up"),
-        "{log}"
-    );
+    logged(&c, stuck, &["no event applied for", "giving the lease up"]);
 }
 
 /// A leader stopped by SIGTERM under load publishes what it committed and
@@ -1934,12 +1935,8 @@ async fn a_leader_killed_mid_term_keeps_what_the_stream_acknowledged_then_lost()
             .expect("publish");
     ack.await.expect("stored");
     c.spawn_node(0);
-    ends_saying(&mut c, 0, "lacks seqs 2..=").await;
-    let log = c.node_log_text(0);
-    assert!(
-        log.contains("of this store's log, which it had acknowledged"),
-        "{log}"
-    );
+    let log = ends_saying(&mut c, 0, "lacks seqs 2..=").await;
+    logged(&c, 0, &["of this store's log, which it had acknowledged"]);
     assert!(!log.contains("dropping seqs"), "{log}");
     let store = bcp::store::Store::open_existing(&c.db(0)).expect("open the store");
     assert_eq!(store.head_seq().expect("head"), 4, "the store changed");
@@ -1959,11 +1956,19 @@ async fn two_nodes_at(n: u64) -> (support::cluster::Cluster, usize) {
     (c, leader)
 }
 
-/// Node `node` exits non-zero, its log saying `what`.
-async fn ends_saying(c: &mut support::cluster::Cluster, node: usize, what: &str) {
+/// Node `node` exits non-zero, its log saying `what`; the log.
+async fn ends_saying(c: &mut support::cluster::Cluster, node: usize, what: &str) -> String {
     assert_ne!(c.exited(node).await, Some(0));
+    logged(c, node, &[what])
+}
+
+/// Node `node`'s log, which says each of `all`.
+fn logged(c: &support::cluster::Cluster, node: usize, all: &[&str]) -> String {
     let log = c.node_log_text(node);
-    assert!(log.contains(what), "{log}");
+    for what in all {
+        assert!(log.contains(what), "no {what:?} in:\n{log}");
+    }
+    log
 }
 
 /// Node `node` exits non-zero, saying its stream is missing (`holds`: what
