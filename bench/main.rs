@@ -37,13 +37,20 @@
 //!    request/reply service that publishes each command as an event to
 //!    JetStream and replies after the ack (no fsync of its own), driven by
 //!    the same producers with the same commands; bcp ÷ C is the headline.
+//!    Beside it, two floors (`peer.rs`), services that keep bcp's rule (the
+//!    reply leaves after its command is fsynced, commands group committed)
+//!    and do nothing else: **R**, raw redb appends with every command
+//!    published to JetStream after its reply (the floor of bcp's contract:
+//!    bcp ÷ R is what bcp's own work costs), and **F**, a flat file and no
+//!    JetStream (the floor of the sync on this disk).
 //! 4. **Fixed load**: open-loop pacing at 25/50/75 % of the rate of 3;
 //!    latency p50/p99 from each command's due time, and beside it bcp
 //!    serve's own share (its `bcp_command_seconds` over the run, read from
 //!    `--http` /metrics: intake queue to reply sent), so a missed latency
 //!    target shows whether the time went inside bcp or around it; then
-//!    peer C at the same offered rates (what a JetStream-backed service's
-//!    latency is at those rates on this machine).
+//!    peers C, R and F at the same offered rates (what a JetStream-backed
+//!    service's latency, and the floors', are at those rates on this
+//!    machine).
 //! 5. **Replay and verify**: the `bcp` CLI (`audit verify --db`, `replay --db
 //!    --format json`) on the log of 6 (`--events`, default 1 M), timed.
 //!    `--audit-only` builds a log of `--events` offline and runs just this.
@@ -71,8 +78,8 @@
 //! The disk's speed here drifts by ±30 % within minutes, so the figures a
 //! ratio or a target is read from are each the median of `--repeats` runs
 //! (default 3), and the runs whose rates are divided are interleaved:
-//! A and bcp's write path take turns at each batch size (1); B, B′, C and
-//! bcp end to end take turns (phases 2 and 3; bcp's later runs find the
+//! A and bcp's write path take turns at each batch size (1); B, B′, C, F, R
+//! and bcp end to end take turns (phases 2 and 3; bcp's later runs find the
 //! earlier runs' events in its log), as do verify and replay (5);
 //! each growth step (6) repeats its closed loop. Every run's rate is kept
 //! beside the median.
@@ -246,6 +253,16 @@ struct CommandLine {
     /// Run as peer C against this NATS URL (the bench starts it so).
     #[arg(long, hide = true, value_name = "NATS_URL")]
     serve_peer_c: Option<String>,
+    /// Run as a floor peer (F or R) against this NATS URL, its store in
+    /// `--peer-file`.
+    #[arg(long, hide = true, value_name = "NATS_URL", requires_all = ["peer_file", "floor"])]
+    serve_floor: Option<String>,
+    /// A floor peer's store.
+    #[arg(long, hide = true)]
+    peer_file: Option<PathBuf>,
+    /// Which floor peer.
+    #[arg(long, hide = true, value_enum)]
+    floor: Option<peer::Floor>,
 }
 
 impl Args {
@@ -442,13 +459,23 @@ pub struct Results {
     /// headline peer): the run of median rate, and every run's commands/s.
     pub peer_c: Run,
     pub peer_c_rates: Vec<f64>,
+    /// Peer F's closed loop (a service that fsyncs a flat file before it
+    /// replies and does nothing else: the floor of the sync on this disk).
+    pub peer_f: Run,
+    pub peer_f_rates: Vec<f64>,
+    /// Peer R's (the same with raw redb appends: the floor of bcp's
+    /// contract, a redb log fsynced before the reply).
+    pub peer_r: Run,
+    pub peer_r_rates: Vec<f64>,
     /// The closed loop's run of median rate, and every run's commands/s
     /// (each run after a B, a B′ and a C run).
     pub e2e: Run,
     pub e2e_rates: Vec<f64>,
     pub fixed_load: Vec<(f64, Run)>,
-    /// Peer C at the same offered rates as `fixed_load`.
+    /// Peers C, F and R at the same offered rates as `fixed_load`.
     pub peer_c_fixed_load: Vec<Run>,
+    pub peer_f_fixed_load: Vec<Run>,
+    pub peer_r_fixed_load: Vec<Run>,
     pub growth: Vec<Step>,
     pub verify: Cli,
     pub replay: Cli,
@@ -468,11 +495,17 @@ pub struct GroupAck {
 
 fn main() -> Result<()> {
     let cli = <CommandLine as clap::Parser>::parse();
-    if let Some(url) = cli.serve_peer_c {
+    if let Some(url) = &cli.serve_peer_c {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        return rt.block_on(peer::serve(&url));
+        return rt.block_on(peer::serve(url));
+    }
+    if let (Some(url), Some(file), Some(floor)) = (&cli.serve_floor, &cli.peer_file, cli.floor) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(peer::serve_floor(url, file, floor));
     }
     // `cargo test --all-targets` builds and runs this target too, without
     // `--bench`: that must not start a benchmark of several minutes.
@@ -632,55 +665,75 @@ async fn run(args: Args) -> Result<Option<Results>> {
         return Ok(None);
     }
     if b.args.e2e_only {
-        let EndToEnd {
-            e2e: (e2e, rates),
-            peer_c: (c, c_rates),
-            fixed_load,
-            peer_c_fixed_load,
-            ..
-        } = fresh_bcp(&mut b, None).await?;
+        let e = fresh_bcp(&mut b, None).await?;
+        let (e2e, rates) = &e.e2e;
         let cores = |r: &Run| r.cpu.as_ref().map_or(0.0, |c| c.others_cores);
-        println!(
-            "end to end: {:.0} commands/s{}, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
-            e2e.acked.per_sec,
-            report::of_runs(&rates),
-            e2e.latency.p50_us,
-            e2e.latency.p99_us,
-            cpu_per_command(&e2e, "bcp serve"),
-            cores(&e2e)
-        );
-        println!(
-            "peer C: {:.0} commands/s{}, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
-            c.acked.per_sec,
-            report::of_runs(&c_rates),
-            c.latency.p50_us,
-            c.latency.p99_us,
-            cpu_per_command(&c, "peer C"),
-            cores(&c)
-        );
-        println!(
-            "bcp ÷ C: {:.2}× (medians; runs {})",
-            e2e.acked.per_sec / c.acked.per_sec,
-            rates
-                .iter()
-                .zip(&c_rates)
-                .map(|(b, c)| format!("{:.2}×", b / c))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        for ((share, run), c) in fixed_load.iter().zip(&peer_c_fixed_load) {
+        let line = |name: &str, r: &Run, rates: &[f64]| {
             println!(
-                "{:.0} % load: p50/p99 {}/{} µs{}, {} (other processes {:.2} cores)\n  peer C at that rate: p50/p99 {}/{} µs, {}",
+                "{name}: {:.0} commands/s{}, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
+                r.acked.per_sec,
+                report::of_runs(rates),
+                r.latency.p50_us,
+                r.latency.p99_us,
+                cpu_per_command(
+                    r,
+                    if name == "end to end" {
+                        "bcp serve"
+                    } else {
+                        name
+                    }
+                ),
+                cores(r)
+            )
+        };
+        line("end to end", e2e, rates);
+        let peers = [
+            (Peer::C, &e.peer_c, &e.peer_c_fixed_load),
+            (Peer::F, &e.peer_f, &e.peer_f_fixed_load),
+            (Peer::R, &e.peer_r, &e.peer_r_fixed_load),
+        ];
+        for (peer, (run, runs), _) in peers {
+            line(peer.name(), run, runs);
+        }
+        let ratio =
+            |name: &str, (ours, our_runs): (&Run, &[f64]), (theirs, their_runs): (&Run, &[f64])| {
+                println!(
+                    "{name}: {:.2}× (medians; runs {})",
+                    ours.acked.per_sec / theirs.acked.per_sec,
+                    our_runs
+                        .iter()
+                        .zip(their_runs)
+                        .map(|(b, c)| format!("{:.2}×", b / c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+        let (c, f, r) = (&e.peer_c, &e.peer_f, &e.peer_r);
+        let bcp = (e2e, &rates[..]);
+        ratio("bcp ÷ C", bcp, (&c.0, &c.1));
+        ratio("bcp ÷ R", bcp, (&r.0, &r.1));
+        ratio("R ÷ C", (&r.0, &r.1), (&c.0, &c.1));
+        ratio("F ÷ C", (&f.0, &f.1), (&c.0, &c.1));
+        for (i, (share, run)) in e.fixed_load.iter().enumerate() {
+            println!(
+                "{:.0} % load: p50/p99 {}/{} µs{}, {} (other processes {:.2} cores)",
                 share * 100.0,
                 run.latency.p50_us,
                 run.latency.p99_us,
                 report::inside(run),
                 cpu_per_command(run, "bcp serve"),
                 cores(run),
-                c.latency.p50_us,
-                c.latency.p99_us,
-                cpu_per_command(c, "peer C"),
             );
+            for (peer, _, fixed) in peers {
+                let p = &fixed[i];
+                println!(
+                    "  {} at that rate: p50/p99 {}/{} µs, {}",
+                    peer.name(),
+                    p.latency.p50_us,
+                    p.latency.p99_us,
+                    cpu_per_command(p, peer.name()),
+                );
+            }
         }
         return Ok(None);
     }
@@ -702,10 +755,14 @@ async fn run(args: Args) -> Result<Option<Results>> {
     let EndToEnd {
         memory_empty,
         peer_c: (peer_c, peer_c_rates),
+        peer_f: (peer_f, peer_f_rates),
+        peer_r: (peer_r, peer_r_rates),
         e2e: (e2e, e2e_rates),
         baselines,
         fixed_load,
         peer_c_fixed_load,
+        peer_f_fixed_load,
+        peer_r_fixed_load,
     } = fresh_bcp(&mut b, Some(&samples)).await?;
     let ((baseline_b, baseline_b_rates), (baseline_b_sync, baseline_b_sync_rates)) =
         baselines.context("the baselines ran beside bcp")?;
@@ -728,10 +785,16 @@ async fn run(args: Args) -> Result<Option<Results>> {
         memory_empty,
         peer_c,
         peer_c_rates,
+        peer_f,
+        peer_f_rates,
+        peer_r,
+        peer_r_rates,
         e2e,
         e2e_rates,
         fixed_load,
         peer_c_fixed_load,
+        peer_f_fixed_load,
+        peer_r_fixed_load,
         growth,
         verify,
         replay,
@@ -915,42 +978,94 @@ async fn jetstream_baselines(
     Ok((default_sync, sync_always))
 }
 
-/// One closed loop against peer C (`peer.rs`) on a fresh default
-/// nats-server, whose files are deleted after it: the same commands, the
-/// same number in flight, as bcp's run it takes turns with.
-async fn peer_c(b: &mut Bench, run: usize, commands: u64) -> Result<Run> {
+/// The peers of bcp's end-to-end run (`peer.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    /// The headline peer: publish to JetStream, reply after its ack.
+    C,
+    /// The floor of the sync on this disk: a flat file fsynced, then reply.
+    F,
+    /// The floor of bcp's contract: raw redb appends, then reply.
+    R,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::C => "peer C",
+            Peer::F => "peer F",
+            Peer::R => "peer R",
+        }
+    }
+}
+
+/// One closed loop against `peer` on a fresh default nats-server, whose
+/// files are deleted after it: the same commands, the same number in
+/// flight, as bcp's run it takes turns with.
+async fn peer_closed(b: &mut Bench, peer: Peer, run: usize, commands: u64) -> Result<Run> {
     settle().await?;
-    let c = PeerC::start(b, &format!("{run}")).await?;
-    let js = jetstream::new(c.client.clone());
+    let p = PeerProcs::start(b, peer, &format!("{run}")).await?;
+    // Peer F publishes no stream to wait for.
+    let js = (peer != Peer::F).then(|| jetstream::new(p.client.clone()));
     let lanes = b.lanes.take(b.args.in_flight);
-    let result = closed(&c.client, &js, lanes, commands, &c.pids()).await?;
-    c.stop()?;
+    let result = closed(&p.client, js.as_ref(), lanes, commands, &p.pids()).await?;
+    p.stop()?;
     say(format!(
-        "peer C: {:.0} commands/s, p99 {} µs",
-        result.acked.per_sec, result.latency.p99_us
+        "{}: {:.0} commands/s, p99 {} µs",
+        peer.name(),
+        result.acked.per_sec,
+        result.latency.p99_us
     ));
     Ok(result)
 }
 
-/// Peer C on its own fresh nats-server, and a client to drive it.
-struct PeerC {
+/// A peer on its own fresh nats-server, and a client to drive it.
+struct PeerProcs {
+    peer: Peer,
     dir: PathBuf,
     nats: Nats,
-    peer: procs::Peer,
+    process: procs::Peer,
     client: async_nats::Client,
 }
 
-impl PeerC {
-    /// Start it; `name` tells its NATS store and log from other runs'.
-    async fn start(b: &Bench, name: &str) -> Result<PeerC> {
-        let dir = b.dir.join(format!("nats-c-{name}"));
-        let nats = Nats::start(&b.nats_bin, &dir, false)?;
-        let peer = procs::Peer::start(&nats.url(), &b.dir.join(format!("peer-c-{name}.log")))?;
+impl PeerProcs {
+    /// Start it; `name` tells its NATS store, file and log from other runs'.
+    async fn start(b: &Bench, peer: Peer, name: &str) -> Result<PeerProcs> {
+        let tag = match peer {
+            Peer::C => "c",
+            Peer::F => "f",
+            Peer::R => "r",
+        };
+        let dir = b.dir.join(format!("peer-{tag}-{name}"));
+        let nats = Nats::start(&b.nats_bin, &dir.join("nats"), false)?;
+        let (url, file) = (nats.url(), dir.join("floor"));
+        let file = file.to_str().context("a temp path in UTF-8")?;
+        let args: &[&str] = match peer {
+            Peer::C => &["--serve-peer-c", &url],
+            Peer::F => &[
+                "--serve-floor",
+                &url,
+                "--peer-file",
+                file,
+                "--floor",
+                "file",
+            ],
+            Peer::R => &[
+                "--serve-floor",
+                &url,
+                "--peer-file",
+                file,
+                "--floor",
+                "redb",
+            ],
+        };
+        let process = procs::Peer::start(args, &dir.join("peer.log"))?;
         let client = async_nats::connect(nats.url()).await?;
-        Ok(PeerC {
+        Ok(PeerProcs {
+            peer,
             dir,
             nats,
-            peer,
+            process,
             client,
         })
     }
@@ -958,21 +1073,22 @@ impl PeerC {
     /// The processes whose CPU a run of it counts.
     fn pids(&self) -> [(&'static str, u32); 3] {
         [
-            ("peer C", self.peer.pid()),
+            (self.peer.name(), self.process.pid()),
             ("nats-server", self.nats.pid()),
             ("producers (bench)", 0),
         ]
     }
 
-    /// Stop both processes and remove the NATS store.
+    /// Stop both processes and remove their files.
     fn stop(self) -> Result<()> {
-        let PeerC {
+        let PeerProcs {
             dir,
             nats,
-            peer,
+            process,
             client,
+            ..
         } = self;
-        drop((client, peer, nats));
+        drop((client, process, nats));
         std::fs::remove_dir_all(dir)?;
         Ok(())
     }
@@ -1064,20 +1180,25 @@ async fn publish_modes(b: &mut Bench) -> Result<()> {
 /// run's rate).
 struct EndToEnd {
     memory_empty: Memory,
-    /// Peer C's closed loops, each just before one of bcp's.
+    /// Peers C's, F's and R's closed loops, each just before one of bcp's.
     peer_c: (Run, Vec<f64>),
+    peer_f: (Run, Vec<f64>),
+    peer_r: (Run, Vec<f64>),
     e2e: (Run, Vec<f64>),
     baselines: Option<Baselines>,
     fixed_load: Vec<(f64, Run)>,
-    /// Peer C at each of `fixed_load`'s offered rates.
+    /// Peers C, F and R at each of `fixed_load`'s offered rates.
     peer_c_fixed_load: Vec<Run>,
+    peer_f_fixed_load: Vec<Run>,
+    peer_r_fixed_load: Vec<Run>,
 }
 
 /// B and B′.
 type Baselines = ((measure::Publish, Vec<f64>), (measure::Publish, Vec<f64>));
 
 /// Items 2, 3 and 4: a fresh `bcp serve` on an empty log; `--repeats`
-/// closed loops, each after a run of peer C, and of B and B′ before it
+/// closed loops, each after a run of peers C, F and R, and of B and B′
+/// before them
 /// when `samples` are given (bcp idles meanwhile); then the open loop at 25, 50 and 75 % of the
 /// median closed loop's rate.
 async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result<EndToEnd> {
@@ -1092,14 +1213,17 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
         ("nats-server", nats.pid()),
         ("producers (bench)", 0),
     ];
-    let (mut runs, mut bs, mut syncs, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut runs, mut bs, mut syncs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cs, mut fs, mut rs) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..b.args.repeats {
         if let Some(samples) = samples {
             let (default_sync, sync_always) = jetstream_baselines(b, samples, i).await?;
             bs.push(default_sync);
             syncs.push(sync_always);
         }
-        cs.push(peer_c(b, i, b.args.commands).await?);
+        cs.push(peer_closed(b, Peer::C, i, b.args.commands).await?);
+        fs.push(peer_closed(b, Peer::F, i, b.args.commands).await?);
+        rs.push(peer_closed(b, Peer::R, i, b.args.commands).await?);
         say(format!(
             "bcp end to end, run {} of {}: {} commands, {} in flight",
             i + 1,
@@ -1109,7 +1233,7 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
         ));
         let lanes = b.lanes.take(b.args.in_flight);
         settle().await?;
-        let run = closed(&client, &js, lanes, b.args.commands, &pids).await?;
+        let run = closed(&client, Some(&js), lanes, b.args.commands, &pids).await?;
         say(format!(
             "bcp end to end: {:.0} commands/s, p99 {} µs, stream {:.0} ms behind",
             run.acked.per_sec, run.latency.p99_us, run.stream_lag_after_last_ack_ms
@@ -1118,6 +1242,8 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
     }
     let e2e = median_by(runs, |r| r.acked.per_sec);
     let peer_c = median_by(cs, |r| r.acked.per_sec);
+    let peer_f = median_by(fs, |r| r.acked.per_sec);
+    let peer_r = median_by(rs, |r| r.acked.per_sec);
     let baselines = samples.map(|_| {
         (
             median_by(bs, |p| p.rate.per_sec),
@@ -1144,32 +1270,41 @@ async fn fresh_bcp(b: &mut Bench, samples: Option<&[(String, Bytes)]>) -> Result
         .iter()
         .map(|(_, r)| r.offered_per_sec.unwrap_or(0.0))
         .collect();
-    let peer_c_fixed_load = peer_c_open(b, &rates).await?;
+    let peer_c_fixed_load = peer_open(b, Peer::C, &rates).await?;
+    let peer_f_fixed_load = peer_open(b, Peer::F, &rates).await?;
+    let peer_r_fixed_load = peer_open(b, Peer::R, &rates).await?;
     Ok(EndToEnd {
         memory_empty,
         peer_c,
+        peer_f,
+        peer_r,
         e2e,
         baselines,
         fixed_load,
         peer_c_fixed_load,
+        peer_f_fixed_load,
+        peer_r_fixed_load,
     })
 }
 
-/// Peer C under the same offered loads as bcp's fixed loads (item 4), on
-/// a fresh nats-server: the latency a JetStream-backed service has at
-/// those rates on this machine, beside bcp's.
-async fn peer_c_open(b: &mut Bench, rates: &[f64]) -> Result<Vec<Run>> {
-    let c = PeerC::start(b, "open").await?;
+/// A peer under the same offered loads as bcp's fixed loads (item 4), on
+/// a fresh nats-server: the latency a JetStream-backed service (C), and a
+/// service that only fsyncs before it replies (F), have at those rates on
+/// this machine, beside bcp's.
+async fn peer_open(b: &mut Bench, peer: Peer, rates: &[f64]) -> Result<Vec<Run>> {
+    let p = PeerProcs::start(b, peer, "open").await?;
     let mut runs = Vec::new();
     for &rate in rates {
-        let run = fixed_rate(b, &c.client, rate, &c.pids(), None).await?;
+        let run = fixed_rate(b, &p.client, rate, &p.pids(), None).await?;
         say(format!(
-            "peer C at {rate:.0}/s offered: p50 {} µs, p99 {} µs",
-            run.latency.p50_us, run.latency.p99_us
+            "{} at {rate:.0}/s offered: p50 {} µs, p99 {} µs",
+            peer.name(),
+            run.latency.p50_us,
+            run.latency.p99_us
         ));
         runs.push(run);
     }
-    c.stop()?;
+    p.stop()?;
     Ok(runs)
 }
 
@@ -1243,7 +1378,7 @@ async fn growth(
         for _ in 0..b.args.repeats {
             let lanes = b.lanes.take(b.args.in_flight);
             settle().await?;
-            let run = closed(&client, &js, lanes, b.args.growth_commands, &pids).await?;
+            let run = closed(&client, Some(&js), lanes, b.args.growth_commands, &pids).await?;
             say(format!(
                 "  {:.0} commands/s, p99 {} µs",
                 run.acked.per_sec, run.latency.p99_us
@@ -1306,10 +1441,11 @@ async fn settle() -> Result<()> {
     Ok(())
 }
 
-/// The closed loop, then the wait until the stream holds its last event.
+/// The closed loop, then (given the stream's context) the wait until the
+/// stream holds its last event.
 async fn closed(
     client: &async_nats::Client,
-    js: &jetstream::Context,
+    js: Option<&jetstream::Context>,
     lanes: Vec<workload::Lane>,
     commands: u64,
     procs: &[(&str, u32)],
@@ -1320,8 +1456,11 @@ async fn closed(
     if run.failed > 0 {
         say(format!("warning: {} commands got no reply", run.failed));
     }
-    let lag = measure::wait_for_stream(js, STREAM, run.last_seq, Duration::from_secs(300)).await?;
-    run.stream_lag_after_last_ack_ms = lag.as_secs_f64() * 1e3;
+    if let Some(js) = js {
+        let lag =
+            measure::wait_for_stream(js, STREAM, run.last_seq, Duration::from_secs(300)).await?;
+        run.stream_lag_after_last_ack_ms = lag.as_secs_f64() * 1e3;
+    }
     Ok(run)
 }
 
@@ -1506,7 +1645,7 @@ async fn replicated_run(
     pids: &[(&str, u32)],
 ) -> Result<Run> {
     settle().await?;
-    let run = closed(client, js, lanes, commands, pids).await?;
+    let run = closed(client, Some(js), lanes, commands, pids).await?;
     say(format!(
         "{what}, run {}: {:.0} commands/s, p50 {} µs, p99 {} µs",
         i + 1,

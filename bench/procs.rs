@@ -194,30 +194,32 @@ impl Drop for Nats {
     }
 }
 
-/// A running peer C (`peer.rs`): this bench binary with `--serve-peer-c`.
+/// A running peer (`peer.rs`): this bench binary with `--serve-peer-c` or
+/// `--serve-peer-f`.
 pub struct Peer {
     child: Child,
 }
 
 impl Peer {
-    /// Start it against `url` and wait until it says it is ready.
-    pub fn start(url: &str, log: &Path) -> Result<Peer> {
+    /// Start it with `args` (which peer, against which NATS URL) and wait
+    /// until it says it is ready.
+    pub fn start(args: &[&str], log: &Path) -> Result<Peer> {
         use std::io::BufRead;
         let exe = std::env::current_exe().context("the bench binary's path")?;
         let err = File::create(log).with_context(|| format!("create {}", log.display()))?;
         let mut child = Command::new(exe)
-            .args(["--serve-peer-c", url])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(err)
             .spawn()
-            .context("start peer C")?;
+            .with_context(|| format!("start the peer: {args:?}"))?;
         let out = child.stdout.take().expect("piped");
         let mut line = String::new();
         std::io::BufReader::new(out).read_line(&mut line)?;
         if line.trim() != "ready" {
             let _ = child.kill();
-            bail!("peer C did not start:\n{}", tail(log));
+            bail!("the peer ({args:?}) did not start:\n{}", tail(log));
         }
         Ok(Peer { child })
     }

@@ -341,6 +341,41 @@ pub fn table(r: &Results) -> String {
             verdict(e2e >= c),
         ],
     );
+    // The floors: what bcp's contract costs with nothing of bcp's in it.
+    let floors = [
+        (
+            "R",
+            "raw redb fsynced before the reply, every command on JetStream after it: the floor of bcp's contract",
+            &r.peer_r,
+            &r.peer_r_rates,
+        ),
+        (
+            "F",
+            "a flat file fsynced before the reply, no JetStream: the floor of the sync",
+            &r.peer_f,
+            &r.peer_f_rates,
+        ),
+    ];
+    for (name, what, run, rates) in floors {
+        let floor = run.acked.per_sec;
+        row(
+            &mut t,
+            [
+                "3",
+                "",
+                "",
+                &format!(
+                    "{name}: {} commands/s ({what}{}; {name} ÷ C {})",
+                    int(floor),
+                    of_runs(rates),
+                    ratio(floor, c)
+                ),
+                &ratio(e2e, floor),
+                "–",
+                "",
+            ],
+        );
+    }
     row(
         &mut t,
         [
@@ -464,7 +499,8 @@ pub fn table(r: &Results) -> String {
             ],
         );
     }
-    for ((share, run), c) in r.fixed_load.iter().zip(&r.peer_c_fixed_load) {
+    let floors = r.peer_r_fixed_load.iter().zip(&r.peer_f_fixed_load);
+    for (((share, run), c), (fr, ff)) in r.fixed_load.iter().zip(&r.peer_c_fixed_load).zip(floors) {
         let p99 = run.latency.p99_us;
         let is_half = (*share - 0.5).abs() < 1e-9;
         row(
@@ -484,9 +520,13 @@ pub fn table(r: &Results) -> String {
                     run_counts(run)
                 ),
                 &format!(
-                    "C at that rate: {} / {} ms",
+                    "C at that rate: {} / {} ms; R: {} / {} ms; F: {} / {} ms",
                     ms(c.latency.p50_us),
-                    ms(c.latency.p99_us)
+                    ms(c.latency.p99_us),
+                    ms(fr.latency.p50_us),
+                    ms(fr.latency.p99_us),
+                    ms(ff.latency.p50_us),
+                    ms(ff.latency.p99_us)
                 ),
                 &format!("p99 {}", ratio(p99 as f64, c.latency.p99_us as f64)),
                 if is_half { "p99 < 5 ms" } else { "–" },
