@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod pipeline;
 pub mod records;
 pub mod rows;
+pub mod runway;
 pub mod tables;
 
 use crate::domain::history::{HistoryEntry, HistoryFold};
