@@ -1,10 +1,8 @@
 //! The store's file: redb's own file backend, with the time of every fsync
 //! observed (`bcp_fsync_seconds` on `/metrics`). Every acknowledged command
 //! waits for one, so the disk's fsync latency is the floor of bcp's; an
-//! operator sees it apart from bcp's own work (`bcp_commit_seconds`). The
-//! file is allocated ahead of redb's writes ([`super::runway`]).
+//! operator sees it apart from bcp's own work (`bcp_commit_seconds`).
 
-use super::runway::Runway;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
@@ -27,24 +25,18 @@ pub fn fsync_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
 }
 
-/// redb's [`FileBackend`], everything passed through; `sync_data` timed,
-/// writes and `set_len` told to the file's [`Runway`].
+/// redb's [`FileBackend`], everything passed through; `sync_data` timed.
 #[derive(Debug)]
 pub struct TimedFile {
     file: FileBackend,
     fsync_seconds: Histogram,
-    runway: Runway,
 }
 
 impl TimedFile {
     pub fn new(file: std::fs::File, fsync_seconds: Histogram) -> Result<Self, redb::DatabaseError> {
-        let handle = file.try_clone()?;
-        // Locked first: the runway writes to the file only once it is ours.
-        let file = FileBackend::new(file)?;
         Ok(TimedFile {
-            file,
+            file: FileBackend::new(file)?,
             fsync_seconds,
-            runway: Runway::start(&handle)?,
         })
     }
 }
@@ -64,10 +56,9 @@ impl StorageBackend for TimedFile {
         self.file.read(offset, out)
     }
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.runway.set_len(len, || self.file.set_len(len))
+        self.file.set_len(len)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        self.runway.before_write(offset, data.len() as u64);
         self.file.write(offset, data)
     }
     fn close(&self) -> Result<(), std::io::Error> {

@@ -11,7 +11,6 @@ pub mod ledger;
 pub mod pipeline;
 pub mod records;
 pub mod rows;
-pub mod runway;
 pub mod tables;
 
 use crate::domain::history::{HistoryEntry, HistoryFold};
