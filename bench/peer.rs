@@ -26,11 +26,9 @@ use std::path::Path;
 
 pub const STREAM: &str = "BCP_EVENTS";
 
-/// Serve until the connection ends. Prints `ready` on stdout once the
-/// stream exists and the subscription is in place.
-pub async fn serve(url: &str) -> Result<()> {
-    let client = async_nats::connect(url).await.context("connect")?;
-    let js = jetstream::new(client.clone());
+/// The peers' stream: `BCP_EVENTS` on `bcp.evt.>`, file storage,
+/// nats-server's defaults otherwise.
+async fn create_stream(js: &jetstream::Context) -> Result<()> {
     js.get_or_create_stream(stream::Config {
         name: STREAM.into(),
         subjects: vec!["bcp.evt.>".into()],
@@ -39,6 +37,15 @@ pub async fn serve(url: &str) -> Result<()> {
     })
     .await
     .context("create the stream")?;
+    Ok(())
+}
+
+/// Serve until the connection ends. Prints `ready` on stdout once the
+/// stream exists and the subscription is in place.
+pub async fn serve(url: &str) -> Result<()> {
+    let client = async_nats::connect(url).await.context("connect")?;
+    let js = jetstream::new(client.clone());
+    create_stream(&js).await?;
     let mut commands = client.subscribe("bcp.cmd.>").await?;
     client.flush().await?;
     println!("ready");
@@ -220,14 +227,7 @@ async fn relay(
     tokio::sync::mpsc::Sender<jetstream::context::PublishAckFuture>,
 )> {
     let js = jetstream::new(client.clone());
-    js.get_or_create_stream(stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["bcp.evt.>".into()],
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .context("create the stream")?;
+    create_stream(&js).await?;
     let (acks, mut pending) =
         tokio::sync::mpsc::channel::<jetstream::context::PublishAckFuture>(256);
     tokio::spawn(async move {
