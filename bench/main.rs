@@ -463,12 +463,12 @@ pub struct Results {
     /// replies and does nothing else: the floor of the sync on this disk).
     pub peer_f: Run,
     pub peer_f_rates: Vec<f64>,
-    /// Peer R's (the same with raw redb appends: the floor of bcp's
-    /// contract, a redb log fsynced before the reply).
+    /// Peer R's (the same with raw redb appends, each command published
+    /// to JetStream after its reply: the floor of bcp's contract).
     pub peer_r: Run,
     pub peer_r_rates: Vec<f64>,
     /// The closed loop's run of median rate, and every run's commands/s
-    /// (each run after a B, a B′ and a C run).
+    /// (each run after a B, a B′, a C, an F and an R run).
     pub e2e: Run,
     pub e2e_rates: Vec<f64>,
     pub fixed_load: Vec<(f64, Run)>,
@@ -668,32 +668,26 @@ async fn run(args: Args) -> Result<Option<Results>> {
         let e = fresh_bcp(&mut b, None).await?;
         let (e2e, rates) = &e.e2e;
         let cores = |r: &Run| r.cpu.as_ref().map_or(0.0, |c| c.others_cores);
-        let line = |name: &str, r: &Run, rates: &[f64]| {
+        // `server`: the process serving the loop, as `cpu_per_command` names it.
+        let line = |name: &str, server: &str, r: &Run, rates: &[f64]| {
             println!(
                 "{name}: {:.0} commands/s{}, p50/p99 {}/{} µs, {} (other processes {:.2} cores)",
                 r.acked.per_sec,
                 report::of_runs(rates),
                 r.latency.p50_us,
                 r.latency.p99_us,
-                cpu_per_command(
-                    r,
-                    if name == "end to end" {
-                        "bcp serve"
-                    } else {
-                        name
-                    }
-                ),
+                cpu_per_command(r, server),
                 cores(r)
             )
         };
-        line("end to end", e2e, rates);
+        line("end to end", "bcp serve", e2e, rates);
         let peers = [
             (Peer::C, &e.peer_c, &e.peer_c_fixed_load),
             (Peer::F, &e.peer_f, &e.peer_f_fixed_load),
             (Peer::R, &e.peer_r, &e.peer_r_fixed_load),
         ];
         for (peer, (run, runs), _) in peers {
-            line(peer.name(), run, runs);
+            line(peer.name(), peer.name(), run, runs);
         }
         let ratio =
             |name: &str, (ours, our_runs): (&Run, &[f64]), (theirs, their_runs): (&Run, &[f64])| {
@@ -985,7 +979,8 @@ enum Peer {
     C,
     /// The floor of the sync on this disk: a flat file fsynced, then reply.
     F,
-    /// The floor of bcp's contract: raw redb appends, then reply.
+    /// The floor of bcp's contract: raw redb appends fsynced, then reply,
+    /// then publish to JetStream.
     R,
 }
 
@@ -995,6 +990,15 @@ impl Peer {
             Peer::C => "peer C",
             Peer::F => "peer F",
             Peer::R => "peer R",
+        }
+    }
+
+    /// A floor peer's `--floor` (`peer::Floor`).
+    fn floor(self) -> Option<&'static str> {
+        match self {
+            Peer::C => None,
+            Peer::F => Some("file"),
+            Peer::R => Some("redb"),
         }
     }
 }
@@ -1031,35 +1035,17 @@ struct PeerProcs {
 impl PeerProcs {
     /// Start it; `name` tells its NATS store, file and log from other runs'.
     async fn start(b: &Bench, peer: Peer, name: &str) -> Result<PeerProcs> {
-        let tag = match peer {
-            Peer::C => "c",
-            Peer::F => "f",
-            Peer::R => "r",
-        };
-        let dir = b.dir.join(format!("peer-{tag}-{name}"));
+        let dir = b
+            .dir
+            .join(format!("{}-{name}", peer.name().replace(' ', "-")));
         let nats = Nats::start(&b.nats_bin, &dir.join("nats"), false)?;
         let (url, file) = (nats.url(), dir.join("floor"));
         let file = file.to_str().context("a temp path in UTF-8")?;
-        let args: &[&str] = match peer {
-            Peer::C => &["--serve-peer-c", &url],
-            Peer::F => &[
-                "--serve-floor",
-                &url,
-                "--peer-file",
-                file,
-                "--floor",
-                "file",
-            ],
-            Peer::R => &[
-                "--serve-floor",
-                &url,
-                "--peer-file",
-                file,
-                "--floor",
-                "redb",
-            ],
+        let args = match peer.floor() {
+            None => vec!["--serve-peer-c", &url],
+            Some(floor) => vec!["--serve-floor", &url, "--peer-file", file, "--floor", floor],
         };
-        let process = procs::Peer::start(args, &dir.join("peer.log"))?;
+        let process = procs::Peer::start(&args, &dir.join("peer.log"))?;
         let client = async_nats::connect(nats.url()).await?;
         Ok(PeerProcs {
             peer,
@@ -1180,7 +1166,7 @@ async fn publish_modes(b: &mut Bench) -> Result<()> {
 /// run's rate).
 struct EndToEnd {
     memory_empty: Memory,
-    /// Peers C's, F's and R's closed loops, each just before one of bcp's.
+    /// The closed loops of peers C, F and R, each just before one of bcp's.
     peer_c: (Run, Vec<f64>),
     peer_f: (Run, Vec<f64>),
     peer_r: (Run, Vec<f64>),

@@ -166,11 +166,13 @@ pub async fn serve_floor(url: &str, path: &Path, floor: Floor) -> Result<()> {
     let replier = client.clone();
     tokio::spawn(async move {
         while let Some(replies) = committed.recv().await {
-            for (reply_to, body, _) in &replies {
-                let _ = replier.publish(reply_to.clone(), body.clone().into()).await;
+            let mut events = Vec::with_capacity(replies.len());
+            for (reply_to, body, msg) in replies {
+                let _ = replier.publish(reply_to, body.into()).await;
+                events.push(msg);
             }
             if let Some((js, acks)) = &relay {
-                for (_, _, msg) in replies {
+                for msg in events {
                     let subject = event_subject(&msg);
                     match js.publish(subject, msg.payload).await {
                         Ok(ack) => {
